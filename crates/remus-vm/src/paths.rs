@@ -1,0 +1,61 @@
+//! Where a VM's files live: one directory per VM under the agent's state
+//! directory.
+
+use std::path::{Path, PathBuf};
+
+/// Longest unix socket path (`sun_path` is 108 bytes including the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The files of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: &Path) -> VmPaths {
+        VmPaths {
+            dir: dir.to_path_buf(),
+        }
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn disk_socket(&self, target: &str) -> PathBuf {
+        self.dir.join(format!("disk-{target}.sock"))
+    }
+    pub fn vif_socket(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("vif{index}.sock"))
+    }
+
+    /// Checks that the longest socket path fits in `sun_path`.
+    pub fn check_socket_len(&self) -> Result<(), String> {
+        let longest = self.disk_socket("vdz");
+        let n = longest.as_os_str().len();
+        if n > MAX_SOCKET_PATH {
+            return Err(format!(
+                "VM directory {} is too deep: socket paths would be {n} bytes, unix sockets allow {MAX_SOCKET_PATH}; use a shorter --state-dir",
+                self.dir.display()
+            ));
+        }
+        Ok(())
+    }
+}

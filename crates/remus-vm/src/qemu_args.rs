@@ -1,0 +1,218 @@
+//! The QEMU command line of a Remus-ready VM (DESIGN 3.1, 3.5, 3.6).
+//!
+//! Everything that checkpointing relies on is fixed here, in one place:
+//! guest RAM in a shared memory-backend-file (so the agent can read and
+//! write guest pages), QMP on a unix socket, the serial console on a unix
+//! socket with a log, no default devices, no VGA, no NIC option ROMs, disks
+//! from the agent's NBD server and NICs from the agent's frame relay.
+//! The function is pure so that tests can check the exact arguments.
+
+use std::path::PathBuf;
+
+use remus_config::{Machine, VmConfig};
+
+use crate::paths::VmPaths;
+
+/// The accelerator after `auto` has been resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedAccel {
+    Tcg,
+    Kvm,
+}
+
+impl ResolvedAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedAccel::Tcg => "tcg",
+            ResolvedAccel::Kvm => "kvm",
+        }
+    }
+}
+
+/// Everything needed to build the command line besides the config.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub config: &'a VmConfig,
+    pub paths: &'a VmPaths,
+    /// Guest RAM file (shared with the agent).
+    pub ram_file: PathBuf,
+    pub accel: ResolvedAccel,
+    /// Start with `-incoming defer` (a standby waiting for state).
+    pub incoming: bool,
+}
+
+/// Builds QEMU's argument list (without the program name).
+pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
+    let c = l.config;
+    let p = l.paths;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+    let mem = format!("{}M", c.memory);
+
+    push(&["-name", &format!("{},debug-threads=on", c.name)]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // Keep QEMU (and its state) when the guest powers off: `list` shows
+    // it as shut down (`s`) until it is destroyed, as xl does.
+    push(&["-no-shutdown"]);
+    push(&["-accel", l.accel.as_str()]);
+    let cpu = c.cpu.clone().unwrap_or_else(|| match l.accel {
+        ResolvedAccel::Tcg => "max".into(),
+        ResolvedAccel::Kvm => "host".into(),
+    });
+    push(&["-cpu", &cpu]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=ram0,size={mem},mem-path={},share=on",
+            l.ram_file.display()
+        ),
+    ]);
+    let machine = match c.machine {
+        Machine::Q35 => "q35",
+        Machine::Microvm => "microvm",
+    };
+    push(&["-machine", &format!("{machine},memory-backend=ram0")]);
+    push(&["-m", &mem, "-smp", &c.vcpus.to_string()]);
+
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            p.qmp_socket().display()
+        ),
+        "-mon",
+        "chardev=qmp0,mode=control",
+    ]);
+    // The console log is written by QEMU itself, so that it is complete
+    // even when no one is attached and even if the agent dies.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=con0,path={},server=on,wait=off,logfile={},logappend=on",
+            p.console_socket().display(),
+            p.console_log().display()
+        ),
+        "-serial",
+        "chardev:con0",
+    ]);
+
+    if let Some(k) = &c.kernel {
+        push(&["-kernel", &k.display().to_string()]);
+    }
+    if let Some(i) = &c.initrd {
+        push(&["-initrd", &i.display().to_string()]);
+    }
+    if !c.cmdline.is_empty() {
+        push(&["-append", &c.cmdline]);
+    }
+
+    let (blk, net) = match c.machine {
+        Machine::Q35 => ("virtio-blk-pci", "virtio-net-pci"),
+        Machine::Microvm => ("virtio-blk-device", "virtio-net-device"),
+    };
+    for d in c.disks_in_order() {
+        let node = format!("disk-{}", d.target);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=nbd,node-name={node},server.type=unix,server.path={},export={}{}",
+                p.disk_socket(&d.target).display(),
+                d.target,
+                if d.readonly { ",read-only=on" } else { "" }
+            ),
+            "-device",
+            &format!("{blk},drive={node},id=dev-{}", d.target),
+        ]);
+    }
+    for (i, _) in c.vifs.iter().enumerate() {
+        let id = format!("net{i}");
+        let rom = if c.machine == Machine::Q35 {
+            ",romfile="
+        } else {
+            ""
+        };
+        push(&[
+            "-netdev",
+            &format!(
+                "stream,id={id},server=off,addr.type=unix,addr.path={}",
+                p.vif_socket(i).display()
+            ),
+            "-device",
+            &format!("{net},netdev={id},mac={}{rom},id=dev-{id}", c.vif_mac(i)),
+        ]);
+    }
+    if l.incoming {
+        push(&["-incoming", "defer"]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> VmConfig {
+        VmConfig::from_toml_str(
+            &format!(
+                "name = \"t\"\nmemory = 256\nvcpus = 2\nkernel = \"/k\"\ninitrd = \"/i\"\ncmdline = \"console=ttyS0\"\n{extra}"
+            ),
+            Path::new("/"),
+        )
+        .unwrap()
+    }
+
+    fn joined(c: &VmConfig, accel: ResolvedAccel, incoming: bool) -> String {
+        let paths = VmPaths::new(Path::new("/s/vms/t"));
+        qemu_args(&Launch {
+            config: c,
+            paths: &paths,
+            ram_file: "/dev/shm/t.ram".into(),
+            accel,
+            incoming,
+        })
+        .join(" ")
+    }
+
+    #[test]
+    fn remus_layout_is_fixed() {
+        let c = cfg(
+            "[[disk]]\npath = \"/d.img\"\ntarget = \"vdb\"\n[[disk]]\npath = \"/c.img\"\ntarget = \"vda\"\nreadonly = true\n[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:00:00:01\"\n",
+        );
+        let a = joined(&c, ResolvedAccel::Tcg, false);
+        for want in [
+            "-nodefaults",
+            "-display none",
+            "memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/t.ram,share=on",
+            "-machine q35,memory-backend=ram0",
+            "-accel tcg",
+            "-cpu max",
+            "-smp 2",
+            "path=/s/vms/t/qmp.sock,server=on,wait=off",
+            "logfile=/s/vms/t/console.log",
+            "server.path=/s/vms/t/disk-vda.sock,export=vda,read-only=on",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
+            "addr.path=/s/vms/t/vif0.sock",
+        ] {
+            assert!(a.contains(want), "missing '{want}' in {a}");
+        }
+        // Disks are attached in target order, whatever the file order.
+        assert!(a.find("export=vda").unwrap() < a.find("export=vdb").unwrap());
+        assert!(!a.contains("-incoming"));
+        assert!(!a.contains("-vga") && !a.contains("-device VGA"));
+    }
+
+    #[test]
+    fn microvm_uses_mmio_devices_and_kvm_host_cpu() {
+        let c = cfg(
+            "machine = \"microvm\"\n[[disk]]\npath = \"/d.img\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\n",
+        );
+        let a = joined(&c, ResolvedAccel::Kvm, true);
+        assert!(a.contains("virtio-blk-device"), "{a}");
+        assert!(a.contains("virtio-net-device"), "{a}");
+        assert!(!a.contains("romfile"), "{a}");
+        assert!(a.contains("-accel kvm -cpu host"), "{a}");
+        assert!(a.ends_with("-incoming defer"), "{a}");
+    }
+}

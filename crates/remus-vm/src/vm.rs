@@ -1,0 +1,574 @@
+//! One running VM: its QEMU process, QMP session, disk servers and NIC
+//! relays, started together and torn down together.
+//!
+//! QEMU runs in the foreground as a child of the agent, its stdout and
+//! stderr captured to `qemu.log` (a daemonized QEMU would lose them, and
+//! with them the reason a VM failed to start). A waiter thread reaps the
+//! child and records its exit status, so the VM's state can tell "QEMU
+//! died" from "QEMU is running".
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use remus_config::VmConfig;
+use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle};
+use remus_net::{Relay, Tap};
+use remus_qmp::{Qmp, QmpError};
+use serde_json::json;
+
+use crate::paths::VmPaths;
+use crate::qemu_args::{Launch, ResolvedAccel, qemu_args};
+use crate::state::RunState;
+
+/// How long QEMU may take to open its QMP socket.
+const QMP_WAIT: Duration = Duration::from_secs(20);
+/// How long `quit` may take before QEMU is killed.
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors from the VM supervisor, with the VM's name.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VM '{vm}': {what}: {source}")]
+    Io {
+        vm: String,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("VM '{vm}': disk {target}: {reason}")]
+    Disk {
+        vm: String,
+        target: String,
+        reason: String,
+    },
+    #[error("VM '{vm}': vif {index} (bridge '{bridge}'): {reason}")]
+    Vif {
+        vm: String,
+        index: usize,
+        bridge: String,
+        reason: String,
+    },
+    #[error("VM '{vm}': QEMU failed to start: {reason}{log}")]
+    Start {
+        vm: String,
+        reason: String,
+        log: String,
+    },
+    #[error("VM '{vm}': {source}")]
+    Qmp { vm: String, source: QmpError },
+    #[error("VM '{vm}': {msg}")]
+    Invalid { vm: String, msg: String },
+    #[error("VM '{vm}' is not running (QEMU exited: {status})")]
+    Exited { vm: String, status: String },
+}
+
+/// Where QEMU lives and how to start it.
+#[derive(Debug, Clone)]
+pub struct QemuBinary {
+    pub path: PathBuf,
+    /// Extra environment for QEMU (e.g. the dirty-tracking preload).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for QemuBinary {
+    fn default() -> Self {
+        QemuBinary {
+            path: "qemu-system-x86_64".into(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// What the agent decides for a VM it starts.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub qemu: QemuBinary,
+    pub ram_file: PathBuf,
+    pub accel: ResolvedAccel,
+    /// Tap device names, one per vif.
+    pub tap_names: Vec<String>,
+    pub incoming: bool,
+}
+
+type ExitCell = Arc<(Mutex<Option<ExitStatus>>, Condvar)>;
+
+/// A running VM.
+pub struct Vm {
+    pub config: VmConfig,
+    pub paths: VmPaths,
+    pub accel: ResolvedAccel,
+    pub ram_file: PathBuf,
+    pub tap_names: Vec<String>,
+    pid: u32,
+    qmp: Qmp,
+    exit: ExitCell,
+    disks: Vec<(String, NbdServerHandle)>,
+    relays: Vec<Relay>,
+    vcpu_tids: Vec<u32>,
+    pub started_at: Instant,
+}
+
+fn io_err(vm: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let vm = vm.to_string();
+    let what = what.into();
+    move |source| VmError::Io { vm, what, source }
+}
+
+impl Vm {
+    /// Starts the disk servers, NIC relays and QEMU, and connects QMP.
+    /// On any failure everything started so far is stopped again.
+    pub fn start(config: VmConfig, paths: VmPaths, opts: StartOptions) -> Result<Vm, VmError> {
+        let name = config.name.clone();
+        paths.check_socket_len().map_err(|msg| VmError::Invalid {
+            vm: name.clone(),
+            msg,
+        })?;
+        std::fs::create_dir_all(paths.dir())
+            .map_err(io_err(&name, format!("create {}", paths.dir().display())))?;
+
+        let mut disks = Vec::new();
+        for d in config.disks_in_order() {
+            let backend = FileBackend::open(&d.path, d.readonly).map_err(|e| VmError::Disk {
+                vm: name.clone(),
+                target: d.target.clone(),
+                reason: e.to_string(),
+            })?;
+            let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+            let server = NbdServer::start(&paths.disk_socket(&d.target), &d.target, backend)
+                .map_err(|e| VmError::Disk {
+                    vm: name.clone(),
+                    target: d.target.clone(),
+                    reason: e.to_string(),
+                })?;
+            disks.push((d.target.clone(), server));
+        }
+
+        let mut relays = Vec::new();
+        for (i, vif) in config.vifs.iter().enumerate() {
+            let vif_err = |reason: String| VmError::Vif {
+                vm: name.clone(),
+                index: i,
+                bridge: vif.bridge.clone(),
+                reason,
+            };
+            let tap_name = opts
+                .tap_names
+                .get(i)
+                .cloned()
+                .ok_or_else(|| vif_err("no tap name assigned".into()))?;
+            let tap = Tap::create_on_bridge(Some(&tap_name), &vif.bridge)
+                .map_err(|e| vif_err(e.to_string()))?;
+            let relay =
+                Relay::start(&paths.vif_socket(i), tap).map_err(|e| vif_err(e.to_string()))?;
+            relays.push(relay);
+        }
+
+        let args = qemu_args(&Launch {
+            config: &config,
+            paths: &paths,
+            ram_file: opts.ram_file.clone(),
+            accel: opts.accel,
+            incoming: opts.incoming,
+        });
+        tracing::info!(vm = %name, qemu = %opts.qemu.path.display(), args = %args.join(" "), "starting QEMU");
+        let log = File::create(paths.qemu_log()).map_err(io_err(
+            &name,
+            format!("create {}", paths.qemu_log().display()),
+        ))?;
+        let log2 = log.try_clone().map_err(io_err(&name, "dup qemu.log"))?;
+        let mut cmd = Command::new(&opts.qemu.path);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .envs(opts.qemu.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut child = cmd.spawn().map_err(|e| VmError::Start {
+            vm: name.clone(),
+            reason: format!("cannot run {}: {e}", opts.qemu.path.display()),
+            log: String::new(),
+        })?;
+        let pid = child.id();
+        let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
+
+        let exit: ExitCell = Arc::new((Mutex::new(None), Condvar::new()));
+        let exit2 = exit.clone();
+        let vm_name = name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qemu-wait-{pid}"))
+            .spawn(move || {
+                let status = child.wait();
+                match &status {
+                    Ok(s) => tracing::info!(vm = %vm_name, pid, status = %describe_exit(s), "QEMU exited"),
+                    Err(e) => tracing::error!(vm = %vm_name, pid, error = %e, "waiting for QEMU failed"),
+                }
+                let (lock, cv) = &*exit2;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(status.unwrap_or_else(|_| ExitStatus::from_raw(0)));
+                cv.notify_all();
+            });
+        if let Err(e) = spawned {
+            kill_pid(pid);
+            return Err(io_err(&name, "spawn waiter thread")(e));
+        }
+
+        let fail = |reason: String, exit: &ExitCell| {
+            kill_pid(pid);
+            wait_exit(exit, QUIT_WAIT);
+            VmError::Start {
+                vm: name.clone(),
+                reason,
+                log: log_tail(&paths.qemu_log()),
+            }
+        };
+        let qmp = match connect_qmp(&paths.qmp_socket(), &exit) {
+            Ok(q) => q,
+            Err(reason) => return Err(fail(reason, &exit)),
+        };
+        let vcpu_tids = match vcpu_threads(&qmp) {
+            Ok(t) => t,
+            Err(e) => return Err(fail(format!("query-cpus-fast: {e}"), &exit)),
+        };
+        tracing::info!(vm = %name, pid, accel = opts.accel.as_str(), vcpu_threads = ?vcpu_tids, "QEMU running");
+        Ok(Vm {
+            config,
+            paths,
+            accel: opts.accel,
+            ram_file: opts.ram_file,
+            tap_names: opts.tap_names,
+            pid,
+            qmp,
+            exit,
+            disks,
+            relays,
+            vcpu_tids,
+            started_at: Instant::now(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The QMP session (for checkpointing and migration).
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    /// How QEMU exited, if it has.
+    pub fn exit_status(&self) -> Option<String> {
+        let (lock, _) = &*self.exit;
+        lock.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(describe_exit)
+    }
+
+    fn check_alive(&self) -> Result<(), VmError> {
+        match self.exit_status() {
+            Some(status) => Err(VmError::Exited {
+                vm: self.name().to_string(),
+                status,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn qmp_err(&self) -> impl FnOnce(QmpError) -> VmError {
+        let vm = self.name().to_string();
+        move |source| VmError::Qmp { vm, source }
+    }
+
+    /// The current run state.
+    pub fn run_state(&self) -> RunState {
+        if self.exit_status().is_some() {
+            return RunState::Crashed;
+        }
+        match self.qmp.status() {
+            Ok(s) => RunState::from_qemu(&s, self.vcpu_busy()),
+            // QMP broke but the process lives: it is on its way out.
+            Err(_) => RunState::Crashed,
+        }
+    }
+
+    /// Whether any vCPU thread is on a CPU right now (`r` vs `b`).
+    fn vcpu_busy(&self) -> bool {
+        self.vcpu_tids.iter().any(|tid| {
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", self.pid))
+                .ok()
+                .and_then(|s| proc_stat_state(&s))
+                == Some('R')
+        })
+    }
+
+    /// CPU time QEMU has used, in seconds (xl's `Time(s)`).
+    pub fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| proc_stat_cpu_ticks(&s))
+            .map(|ticks| {
+                // SAFETY: sysconf has no memory effects.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+                ticks as f64 / hz as f64
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Pauses the guest.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.check_alive()?;
+        self.qmp.execute("stop", None).map_err(self.qmp_err())?;
+        Ok(())
+    }
+
+    /// Resumes the guest.
+    pub fn unpause(&self) -> Result<(), VmError> {
+        self.check_alive()?;
+        let status = self.qmp.status().map_err(self.qmp_err())?;
+        if status == "shutdown" {
+            return Err(VmError::Invalid {
+                vm: self.name().into(),
+                msg: "the guest has shut down; destroy and create it again".into(),
+            });
+        }
+        self.qmp.execute("cont", None).map_err(self.qmp_err())?;
+        Ok(())
+    }
+
+    /// Pins vCPU `vcpu` to the given host CPUs.
+    pub fn pin_vcpu(&self, vcpu: u32, cpus: &[usize]) -> Result<(), VmError> {
+        self.check_alive()?;
+        let tid = *self
+            .vcpu_tids
+            .get(vcpu as usize)
+            .ok_or_else(|| VmError::Invalid {
+                vm: self.name().into(),
+                msg: format!("vCPU {vcpu} has no thread"),
+            })?;
+        set_affinity(tid, cpus).map_err(io_err(
+            self.name(),
+            format!("pin vCPU {vcpu} (thread {tid})"),
+        ))
+    }
+
+    /// The host CPUs vCPU `vcpu` may run on.
+    pub fn vcpu_affinity(&self, vcpu: u32) -> Result<Vec<usize>, VmError> {
+        let tid = *self
+            .vcpu_tids
+            .get(vcpu as usize)
+            .ok_or_else(|| VmError::Invalid {
+                vm: self.name().into(),
+                msg: format!("vCPU {vcpu} has no thread"),
+            })?;
+        get_affinity(tid).map_err(io_err(self.name(), format!("affinity of vCPU {vcpu}")))
+    }
+
+    /// Connects to the serial console (one client at a time, QEMU's rule).
+    pub fn console(&self) -> Result<UnixStream, VmError> {
+        self.check_alive()?;
+        UnixStream::connect(self.paths.console_socket())
+            .map_err(io_err(self.name(), "connect to the console"))
+    }
+
+    /// Disk server counters, per target.
+    pub fn disk_stats(&self) -> Vec<(String, remus_nbd::NbdStats)> {
+        self.disks
+            .iter()
+            .map(|(t, h)| (t.clone(), h.stats()))
+            .collect()
+    }
+
+    /// Stops QEMU (politely, then by force), its disk servers and relays,
+    /// and removes the RAM file.
+    pub fn destroy(self) {
+        let name = self.config.name.clone();
+        if self.exit_status().is_none() {
+            let quit = self
+                .qmp
+                .execute_timeout("quit", None, Duration::from_secs(2));
+            if let Err(e) = &quit {
+                tracing::debug!(vm = %name, error = %e, "quit failed; killing QEMU");
+            }
+            if quit.is_err() || !wait_exit(&self.exit, QUIT_WAIT) {
+                kill_pid(self.pid);
+                wait_exit(&self.exit, QUIT_WAIT);
+            }
+        }
+        drop(self.qmp);
+        for r in self.relays {
+            r.shutdown();
+        }
+        for (_, d) in self.disks {
+            d.shutdown();
+        }
+        if let Err(e) = std::fs::remove_file(&self.ram_file) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %name, file = %self.ram_file.display(), error = %e, "cannot remove RAM file");
+            }
+        }
+        let _ = std::fs::remove_file(self.paths.pid_file());
+        tracing::info!(vm = %name, "destroyed");
+    }
+}
+
+fn connect_qmp(path: &Path, exit: &ExitCell) -> Result<Qmp, String> {
+    let deadline = Instant::now() + QMP_WAIT;
+    loop {
+        if let Some(s) = exit.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Err(format!("QEMU exited ({})", describe_exit(s)));
+        }
+        match Qmp::connect(path, Duration::from_millis(200)) {
+            Ok(q) => return Ok(q),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("no QMP within {QMP_WAIT:?}: {e}"));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn vcpu_threads(qmp: &Qmp) -> Result<Vec<u32>, QmpError> {
+    let v = qmp.execute("query-cpus-fast", None)?;
+    let mut cpus: Vec<(u64, u32)> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| {
+                    Some((
+                        c.get("cpu-index")?.as_u64()?,
+                        u32::try_from(c.get("thread-id")?.as_u64()?).ok()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cpus.sort_unstable();
+    Ok(cpus.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Waits until QEMU has exited; false on timeout.
+fn wait_exit(exit: &ExitCell, timeout: Duration) -> bool {
+    let (lock, cv) = &**exit;
+    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let (guard, _) = cv
+        .wait_timeout_while(guard, timeout, |s| s.is_none())
+        .unwrap_or_else(|p| p.into_inner());
+    guard.is_some()
+}
+
+fn kill_pid(pid: u32) {
+    // SAFETY: signalling our own child, which has not been reaped while we
+    // hold its ExitCell empty, so the pid cannot have been reused.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
+
+fn describe_exit(s: &ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown".into(),
+    }
+}
+
+/// The last lines of QEMU's log, to explain a failed start.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(8).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("; QEMU said: ");
+    out.push_str(&lines.into_iter().rev().collect::<Vec<_>>().join(" | "));
+    out
+}
+
+/// The state letter of a `/proc/.../stat` line (after the `(comm)`).
+fn proc_stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// utime + stime from a `/proc/PID/stat` line.
+fn proc_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after comm start at field 3 (state); utime is 14, stime 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn set_affinity(tid: u32, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays within its bounds for
+    // cpu < CPU_SETSIZE, which we check.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            if c >= libc::CPU_SETSIZE as usize {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn get_affinity(tid: u32) -> std::io::Result<Vec<usize>> {
+    // SAFETY: as above.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
+}
+
+/// Reads a pid file written by [`Vm::start`].
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Used by tests and the agent to announce a VM's MAC after a move.
+pub fn announce_self(qmp: &Qmp) -> Result<(), QmpError> {
+    qmp.execute(
+        "announce-self",
+        Some(json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})),
+    )
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_parsing_handles_spaces_in_comm() {
+        let s = "1234 (CPU 0/TCG) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert_eq!(proc_stat_state(s), Some('S'));
+        assert_eq!(proc_stat_cpu_ticks(s), Some(300));
+        assert_eq!(proc_stat_state("garbage"), None);
+        assert_eq!(proc_stat_cpu_ticks("1 (x) R"), None);
+    }
+
+    #[test]
+    fn affinity_round_trip_on_this_thread() {
+        let tid = unsafe { libc::gettid() } as u32;
+        let before = get_affinity(tid).unwrap();
+        set_affinity(tid, &[0]).unwrap();
+        assert_eq!(get_affinity(tid).unwrap(), vec![0]);
+        set_affinity(tid, &before).unwrap();
+    }
+}

@@ -1,1 +1,142 @@
-//! remus-agent
+//! `remusd`, the per-host agent: owns this host's VMs (stock QEMU
+//! processes), serves their disks (NBD) and NICs (frame relay), and answers
+//! the `remus` CLI on a unix socket.
+//!
+//! - [`agent`]: VM registry and operations.
+//! - [`http`]: the local HTTP/JSON API.
+//!
+//! Stopping the agent (SIGTERM, SIGINT) stops its VMs: the agent carries
+//! their disk and network I/O, so a VM cannot outlive it usefully.
+
+pub mod agent;
+pub mod http;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+
+use agent::{Agent, AgentOptions};
+
+/// remusd: the remus host agent.
+#[derive(Debug, Parser)]
+#[command(name = "remusd", version, about, long_about = None)]
+pub struct Args {
+    /// Directory for VM state (one subdirectory per VM) and logs.
+    #[arg(long, default_value = "/var/lib/remus")]
+    pub state_dir: PathBuf,
+    /// Unix socket the CLI talks to.
+    #[arg(long, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Address for replication from peer agents (HOST:PORT).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where guest RAM files live; a tmpfs keeps them out of the page
+    /// cache's writeback.
+    #[arg(long, default_value = "/dev/shm")]
+    pub ram_dir: PathBuf,
+    /// QEMU system emulator to run.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Log filter (tracing syntax, e.g. `info`, `remus_vm=debug`); RUST_LOG
+    /// works too.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// The agent's `main`.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let state_dir = std::path::absolute(&args.state_dir)
+        .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    let agent = Arc::new(Agent::new(AgentOptions {
+        state_dir: state_dir.clone(),
+        ram_dir: args.ram_dir.clone(),
+        qemu: remus_vm::QemuBinary {
+            path: args.qemu.clone(),
+            env: Vec::new(),
+        },
+        replication_listen: args.listen.clone(),
+    })?);
+
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // A socket file nobody answers on is stale; one that answers belongs to
+    // a running agent, which we must not steal from.
+    if args.socket.exists() {
+        if std::os::unix::net::UnixStream::connect(&args.socket).is_ok() {
+            anyhow::bail!(
+                "another agent already listens on {}; give this one its own --socket and --state-dir",
+                args.socket.display()
+            );
+        }
+        std::fs::remove_file(&args.socket)
+            .with_context(|| format!("remove stale socket {}", args.socket.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("bind {}", args.socket.display()))?;
+
+    if let Some(addr) = &args.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind replication address {addr}"))?;
+        tracing::info!(%addr, "replication port bound");
+        tokio::spawn(replication_placeholder(l));
+    }
+
+    tracing::info!(socket = %args.socket.display(), state_dir = %state_dir.display(), "remusd ready");
+    let app = http::router(agent.clone());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("API server")?;
+    let a = agent.clone();
+    tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("remusd stopped");
+    Ok(())
+}
+
+/// Until the replication protocol lands, peers that connect are told so
+/// and disconnected, so that a misconfigured peer fails loudly.
+async fn replication_placeholder(l: tokio::net::TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        match l.accept().await {
+            Ok((mut s, peer)) => {
+                tracing::warn!(%peer, "replication connection refused: this agent does not speak the replication protocol yet");
+                let _ = s
+                    .write_all(b"remusd: replication not supported by this agent version\n")
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replication accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

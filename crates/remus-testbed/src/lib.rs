@@ -1,1 +1,402 @@
-//! remus-testbed
+//! Test and demo support: real agents, real guests, hosts as network
+//! namespaces, all cleaned up on drop, even when a test fails.
+//!
+//! Only processes this module started are ended, by their PID.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (from this crate's manifest location).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The guest image (kernel + initramfs) built by `scripts/build-guest.sh`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl GuestImage {
+    /// Finds the built image, or says how to build it.
+    pub fn find() -> Result<GuestImage> {
+        let dir = std::env::var_os("REMUS_GUEST_IMAGE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/guest-image"));
+        let img = GuestImage {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+        };
+        if !img.kernel.exists() || !img.initrd.exists() {
+            bail!(
+                "guest image not found in {} — build it with scripts/build-guest.sh (scripts/test.sh does this first)",
+                dir.display()
+            );
+        }
+        Ok(img)
+    }
+
+    /// A VM config (TOML) booting this image.
+    pub fn config(&self, name: &str, cmdline_extra: &str, extra_toml: &str) -> String {
+        format!(
+            "name = \"{name}\"\nmemory = 256\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet {cmdline_extra}\"\n{extra_toml}",
+            self.kernel.display(),
+            self.initrd.display()
+        )
+    }
+}
+
+/// A network namespace the test created; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `remus-<tag>-<pid>` with loopback up and no routes out.
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = format!("remus-{tag}-{}", std::process::id());
+        let _ = run("ip", &["netns", "del", &name]);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.exec_ok("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, prog: &str, args: &[&str]) -> Result<Output> {
+        let mut a = vec!["netns", "exec", &self.name, prog];
+        a.extend_from_slice(args);
+        Command::new("ip")
+            .args(&a)
+            .output()
+            .with_context(|| format!("ip netns exec {} {prog}", self.name))
+    }
+
+    /// Runs a command inside the namespace; an error unless it succeeds.
+    pub fn exec_ok(&self, prog: &str, args: &[&str]) -> Result<String> {
+        let out = self.exec(prog, args)?;
+        if !out.status.success() {
+            bail!(
+                "in {}: {prog} {}: {}",
+                self.name,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Adds a bridge with an address (from 198.18.0.0/15) inside.
+    pub fn add_bridge(&self, bridge: &str, cidr: &str) -> Result<()> {
+        self.exec_ok("ip", &["link", "add", bridge, "type", "bridge"])?;
+        self.exec_ok("ip", &["addr", "add", cidr, "dev", bridge])?;
+        self.exec_ok("ip", &["link", "set", bridge, "up"])?;
+        Ok(())
+    }
+
+    /// A `Command` that runs inside the namespace.
+    pub fn command(&self, prog: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(prog);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+fn run(prog: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {prog}"))?;
+    if !out.status.success() {
+        bail!(
+            "{prog} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Paths to the project's binaries (tests pass `env!("CARGO_BIN_EXE_…")`).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub remus: PathBuf,
+    pub remusd: PathBuf,
+}
+
+/// A running `remusd` with its own state dir and socket; stopped on drop,
+/// and any QEMU it started is killed by PID if it outlives it.
+pub struct Agent {
+    pub bins: Binaries,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent on this host (optionally inside `netns`), waiting
+    /// until it answers.
+    pub fn start(bins: &Binaries, netns: Option<&Netns>, extra: &[&str]) -> Result<Agent> {
+        let dir = tempfile::Builder::new()
+            .prefix("remus-t")
+            .tempdir_in("/tmp")?;
+        let socket = dir.path().join("a.sock");
+        let state_dir = dir.path().join("st");
+        let log = dir.path().join("remusd.log");
+        let mut cmd = match netns {
+            Some(ns) => ns.command(&bins.remusd),
+            None => Command::new(&bins.remusd),
+        };
+        cmd.arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--ram-dir")
+            .arg(dir.path())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let child = cmd.spawn().context("start remusd")?;
+        let mut agent = Agent {
+            bins: bins.clone(),
+            dir,
+            socket,
+            state_dir,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
+                break;
+            }
+            if let Some(c) = agent.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!("remusd exited at start ({st}): {}", agent.log_text());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("remusd did not answer within 20 s: {}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(agent)
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_stdin(args, None)
+    }
+
+    /// Runs the CLI with `input` on its standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: Option<&[u8]>) -> CliOutput {
+        cli(&self.bins.remus, &self.socket, args, input)
+    }
+
+    /// Writes a file in the agent's temp dir.
+    pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, contents).expect("write test file");
+        p
+    }
+
+    /// The console output of `vm` so far.
+    pub fn console(&self, vm: &str) -> String {
+        self.cli(&["console", "--dump", vm]).stdout
+    }
+
+    /// Waits until the console output satisfies `pred`.
+    pub fn wait_console(
+        &self,
+        vm: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console(vm);
+            if pred(&text) {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} on {vm}'s console; last lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            // The console log has no change notification over the API;
+            // poll it at a modest rate.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `list --json` as values.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["list", "--json"]);
+        serde_json::from_str(&out.stdout).unwrap_or_default()
+    }
+
+    /// The PIDs of QEMU processes this agent started and that still run.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.state_dir.join("vms")) {
+            for e in rd.flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
+                    if process_alive(pid) {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    /// Stops the agent (SIGTERM: it destroys its VMs), then kills by PID
+    /// anything it left.
+    pub fn stop(&mut self) {
+        let leftovers = self.qemu_pids();
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        for pid in leftovers {
+            if process_alive(pid) {
+                // SAFETY: a QEMU this agent started (pid from its own
+                // state dir, checked alive just now).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// The agent's own PID (when started directly, not via `ip netns exec`
+    /// which execs in place, so the PID is the same).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Output of one CLI run.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the CLI against `socket`.
+pub fn cli(remus: &Path, socket: &Path, args: &[&str], input: Option<&[u8]>) -> CliOutput {
+    use std::io::Write;
+    let mut cmd = Command::new(remus);
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return CliOutput {
+                ok: false,
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot run remus: {e}"),
+            };
+        }
+    };
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        let _ = stdin.write_all(data);
+    }
+    match child.wait_with_output() {
+        Ok(o) => CliOutput {
+            ok: o.status.success(),
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Err(e) => CliOutput {
+            ok: false,
+            code: None,
+            stdout: String::new(),
+            stderr: e.to_string(),
+        },
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next())
+            .is_some_and(|st| st != 'Z'),
+        Err(_) => false,
+    }
+}
+
+/// The numbers `tick N` on a console, in order.
+pub fn ticks(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The last `tick N` on a console.
+pub fn last_tick(console: &str) -> Option<u64> {
+    ticks(console).last().copied()
+}

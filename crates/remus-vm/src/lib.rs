@@ -8,6 +8,7 @@
 //! - [`kvm`]: whether KVM really works on this host.
 //! - [`cpuset`]: xl-style CPU lists for `vcpu-pin`.
 
+pub mod console;
 pub mod cpuset;
 pub mod kvm;
 pub mod paths;

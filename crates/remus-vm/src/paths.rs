@@ -30,6 +30,10 @@ impl VmPaths {
     pub fn console_socket(&self) -> PathBuf {
         self.dir.join("console.sock")
     }
+    /// Where console clients connect (the hub bridges them to QEMU).
+    pub fn console_attach_socket(&self) -> PathBuf {
+        self.dir.join("console-attach.sock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

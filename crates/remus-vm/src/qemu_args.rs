@@ -84,14 +84,13 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
         "-mon",
         "chardev=qmp0,mode=control",
     ]);
-    // The console log is written by QEMU itself, so that it is complete
-    // even when no one is attached and even if the agent dies.
+    // QEMU connects to the agent's console hub while it initialises (see
+    // console.rs: a server-side chardev would drop output nobody reads).
     push(&[
         "-chardev",
         &format!(
-            "socket,id=con0,path={},server=on,wait=off,logfile={},logappend=on",
+            "socket,id=con0,path={},server=off",
             p.console_socket().display(),
-            p.console_log().display()
         ),
         "-serial",
         "chardev:con0",
@@ -190,7 +189,7 @@ mod tests {
             "-cpu max",
             "-smp 2",
             "path=/s/vms/t/qmp.sock,server=on,wait=off",
-            "logfile=/s/vms/t/console.log",
+            "socket,id=con0,path=/s/vms/t/console.sock,server=off",
             "server.path=/s/vms/t/disk-vda.sock,export=vda,read-only=on",
             "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
             "addr.path=/s/vms/t/vif0.sock",

@@ -21,6 +21,7 @@ use remus_net::{Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
 use serde_json::json;
 
+use crate::console::ConsoleHub;
 use crate::paths::VmPaths;
 use crate::qemu_args::{Launch, ResolvedAccel, qemu_args};
 use crate::state::RunState;
@@ -106,8 +107,9 @@ pub struct Vm {
     pid: u32,
     qmp: Qmp,
     exit: ExitCell,
-    disks: Vec<(String, NbdServerHandle)>,
-    relays: Vec<Relay>,
+    disks: Mutex<Vec<(String, NbdServerHandle)>>,
+    relays: Mutex<Vec<Relay>>,
+    console: Mutex<Option<ConsoleHub>>,
     vcpu_tids: Vec<u32>,
     pub started_at: Instant,
 }
@@ -166,6 +168,13 @@ impl Vm {
                 Relay::start(&paths.vif_socket(i), tap).map_err(|e| vif_err(e.to_string()))?;
             relays.push(relay);
         }
+
+        let console = ConsoleHub::start(
+            &paths.console_socket(),
+            &paths.console_attach_socket(),
+            &paths.console_log(),
+        )
+        .map_err(io_err(&name, "start the console hub"))?;
 
         let args = qemu_args(&Launch {
             config: &config,
@@ -242,8 +251,9 @@ impl Vm {
             pid,
             qmp,
             exit,
-            disks,
-            relays,
+            disks: Mutex::new(disks),
+            relays: Mutex::new(relays),
+            console: Mutex::new(Some(console)),
             vcpu_tids,
             started_at: Instant::now(),
         })
@@ -359,6 +369,11 @@ impl Vm {
         ))
     }
 
+    /// The host thread of vCPU `vcpu`.
+    pub fn vcpu_thread(&self, vcpu: u32) -> Option<u32> {
+        self.vcpu_tids.get(vcpu as usize).copied()
+    }
+
     /// The host CPUs vCPU `vcpu` may run on.
     pub fn vcpu_affinity(&self, vcpu: u32) -> Result<Vec<usize>, VmError> {
         let tid = *self
@@ -374,21 +389,23 @@ impl Vm {
     /// Connects to the serial console (one client at a time, QEMU's rule).
     pub fn console(&self) -> Result<UnixStream, VmError> {
         self.check_alive()?;
-        UnixStream::connect(self.paths.console_socket())
+        UnixStream::connect(self.paths.console_attach_socket())
             .map_err(io_err(self.name(), "connect to the console"))
     }
 
     /// Disk server counters, per target.
     pub fn disk_stats(&self) -> Vec<(String, remus_nbd::NbdStats)> {
         self.disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(t, h)| (t.clone(), h.stats()))
             .collect()
     }
 
     /// Stops QEMU (politely, then by force), its disk servers and relays,
-    /// and removes the RAM file.
-    pub fn destroy(self) {
+    /// and removes the RAM file. Safe to call more than once.
+    pub fn destroy(&self) {
         let name = self.config.name.clone();
         if self.exit_status().is_none() {
             let quit = self
@@ -402,11 +419,20 @@ impl Vm {
                 wait_exit(&self.exit, QUIT_WAIT);
             }
         }
-        drop(self.qmp);
-        for r in self.relays {
+        let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in relays {
             r.shutdown();
         }
-        for (_, d) in self.disks {
+        if let Some(c) = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            c.shutdown();
+        }
+        let disks = std::mem::take(&mut *self.disks.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, d) in disks {
             d.shutdown();
         }
         if let Err(e) = std::fs::remove_file(&self.ram_file) {

@@ -1,0 +1,419 @@
+//! The agent's state: the VMs this host owns, and the operations on them.
+//!
+//! One map of VMs behind a mutex; QEMU and QMP work happens outside the
+//! lock (on blocking threads) so that a slow VM never stalls `list`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use remus_api::{HostInfo, VcpuInfo, VmInfo};
+use remus_config::VmConfig;
+use remus_vm::{QemuBinary, ResolvedAccel, Role, RunState, StartOptions, Vm, VmPaths};
+
+/// An error of an API operation, with its HTTP meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Agent settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub state_dir: PathBuf,
+    /// Where guest RAM files go (tmpfs is best).
+    pub ram_dir: PathBuf,
+    pub qemu: QemuBinary,
+    pub replication_listen: Option<String>,
+}
+
+/// One VM owned by this agent.
+pub struct VmSlot {
+    pub id: u32,
+    pub vm: Vm,
+    pub role: Mutex<Role>,
+    console_attached: AtomicBool,
+}
+
+impl VmSlot {
+    /// Marks the console attached; false when someone already is.
+    pub fn claim_console(&self) -> bool {
+        !self.console_attached.swap(true, Ordering::SeqCst)
+    }
+    pub fn release_console(&self) {
+        self.console_attached.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The agent.
+pub struct Agent {
+    pub opts: AgentOptions,
+    vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    /// Names being created right now (reserved against a second create).
+    creating: Mutex<HashSet<String>>,
+    next_id: AtomicU32,
+    /// A short tag unique to this agent, used in tap names so that two
+    /// agents in one network namespace never collide.
+    tag: String,
+    qemu_version: Result<String, String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Prepares the state directory and checks QEMU.
+    pub fn new(opts: AgentOptions) -> anyhow::Result<Agent> {
+        use anyhow::Context;
+        std::fs::create_dir_all(opts.state_dir.join("vms"))
+            .with_context(|| format!("create state dir {}", opts.state_dir.display()))?;
+        std::fs::create_dir_all(opts.state_dir.join("logs"))
+            .with_context(|| format!("create {}", opts.state_dir.join("logs").display()))?;
+        std::fs::create_dir_all(&opts.ram_dir)
+            .with_context(|| format!("create RAM dir {}", opts.ram_dir.display()))?;
+        let tag = agent_tag(&opts.state_dir)?;
+        let next_id = read_next_id(&opts.state_dir);
+        let qemu_version = match remus_vm::qemu_version(&opts.qemu.path) {
+            Ok(v) if v >= remus_vm::MIN_QEMU => Ok(format!("{}.{}", v.0, v.1)),
+            Ok(v) => Err(format!(
+                "QEMU {}.{} at {} is too old: remus needs QEMU {}.{} or newer (Debian: bookworm-backports; run scripts/install-deps.sh)",
+                v.0,
+                v.1,
+                opts.qemu.path.display(),
+                remus_vm::MIN_QEMU.0,
+                remus_vm::MIN_QEMU.1
+            )),
+            Err(e) => Err(e),
+        };
+        match &qemu_version {
+            Ok(v) => tracing::info!(qemu = %v, "QEMU found"),
+            Err(e) => tracing::error!(error = %e, "QEMU unusable; VMs cannot be created"),
+        }
+        for leftover in leftover_vm_dirs(&opts.state_dir) {
+            tracing::warn!(dir = %leftover.display(), "VM directory left by an earlier agent; it is cleaned up when a VM of that name is created");
+        }
+        Ok(Agent {
+            opts,
+            vms: Mutex::new(BTreeMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            next_id: AtomicU32::new(next_id),
+            tag,
+            qemu_version,
+        })
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let (kvm, kvm_reason) = match remus_vm::kvm::kvm_usable() {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        HostInfo {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            qemu: self.qemu_version.clone().unwrap_or_else(|e| e),
+            kvm,
+            kvm_reason,
+            state_dir: self.opts.state_dir.clone(),
+            replication_listen: self.opts.replication_listen.clone(),
+        }
+    }
+
+    pub fn slot(&self, name: &str) -> Result<Arc<VmSlot>, AgentError> {
+        lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))
+    }
+
+    pub fn slots(&self) -> Vec<Arc<VmSlot>> {
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    /// Creates and starts a VM. Blocking: call from a blocking thread.
+    pub fn create(&self, config: VmConfig) -> Result<VmInfo, AgentError> {
+        config
+            .validate()
+            .map_err(|e| AgentError::BadRequest(format!("invalid config: {e}")))?;
+        config
+            .check_host()
+            .map_err(|e| AgentError::BadRequest(format!("invalid config: {e}")))?;
+        let qemu_ok = self
+            .qemu_version
+            .as_ref()
+            .map_err(|e| AgentError::Internal(e.clone()))?;
+        let name = config.name.clone();
+        {
+            let vms = lock(&self.vms);
+            if let Some(s) = vms.get(&name) {
+                return Err(AgentError::Conflict(format!(
+                    "a VM named '{name}' already exists (id {}); destroy it first or choose another name",
+                    s.id
+                )));
+            }
+            if !lock(&self.creating).insert(name.clone()) {
+                return Err(AgentError::Conflict(format!(
+                    "a VM named '{name}' is being created right now"
+                )));
+            }
+        }
+        let result = self.start_vm(config, qemu_ok);
+        lock(&self.creating).remove(&name);
+        result
+    }
+
+    fn start_vm(&self, config: VmConfig, qemu: &str) -> Result<VmInfo, AgentError> {
+        let name = config.name.clone();
+        let accel = remus_vm::resolve_accel(config.accel).map_err(AgentError::BadRequest)?;
+        let dir = self.opts.state_dir.join("vms").join(&name);
+        self.clear_stale_dir(&name, &dir)?;
+        let paths = VmPaths::new(&dir);
+        paths.check_socket_len().map_err(AgentError::BadRequest)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Internal(format!("create {}: {e}", dir.display())))?;
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let _ = std::fs::write(self.opts.state_dir.join("next-id"), format!("{}\n", id + 1));
+        let config_json =
+            serde_json::to_vec_pretty(&config).map_err(|e| AgentError::Internal(e.to_string()))?;
+        std::fs::write(paths.config(), config_json).map_err(|e| {
+            AgentError::Internal(format!("write {}: {e}", paths.config().display()))
+        })?;
+        let opts = StartOptions {
+            qemu: self.opts.qemu.clone(),
+            ram_file: self
+                .opts
+                .ram_dir
+                .join(format!("remus-{}-{name}.ram", self.tag)),
+            accel,
+            tap_names: (0..config.vifs.len())
+                .map(|i| format!("rm{}v{id}n{i}", self.tag))
+                .collect(),
+            incoming: false,
+        };
+        tracing::info!(vm = %name, id, %qemu, accel = accel.as_str(), "creating VM");
+        let vm = Vm::start(config, paths, opts).map_err(|e| {
+            tracing::error!(vm = %name, error = %e, "create failed");
+            let _ = std::fs::remove_dir_all(&dir);
+            match e {
+                remus_vm::VmError::Vif { .. } | remus_vm::VmError::Disk { .. } => {
+                    AgentError::BadRequest(e.to_string())
+                }
+                _ => AgentError::Internal(e.to_string()),
+            }
+        })?;
+        let slot = Arc::new(VmSlot {
+            id,
+            vm,
+            role: Mutex::new(Role::Unprotected),
+            console_attached: AtomicBool::new(false),
+        });
+        lock(&self.vms).insert(name.clone(), slot.clone());
+        Ok(info(&slot))
+    }
+
+    /// A directory left by an earlier agent: refuse if its QEMU still runs,
+    /// else keep its logs and remove it.
+    fn clear_stale_dir(&self, name: &str, dir: &Path) -> Result<(), AgentError> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        let paths = VmPaths::new(dir);
+        if let Some(pid) = remus_vm::vm::read_pid_file(&paths.pid_file()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let needle = format!("{name},debug-threads=on");
+            if cmdline.split(|b| *b == 0).any(|a| a == needle.as_bytes()) {
+                return Err(AgentError::Conflict(format!(
+                    "QEMU of an earlier '{name}' still runs as pid {pid}; stop it before creating the VM again"
+                )));
+            }
+        }
+        self.archive_logs(name, &paths, "stale");
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| AgentError::Internal(format!("remove stale {}: {e}", dir.display())))
+    }
+
+    /// Keeps a VM's logs under `logs/` for debugging after it is gone.
+    fn archive_logs(&self, name: &str, paths: &VmPaths, label: &str) {
+        let logs = self.opts.state_dir.join("logs");
+        for (src, kind) in [(paths.console_log(), "console"), (paths.qemu_log(), "qemu")] {
+            if src.exists() {
+                let dst = logs.join(format!("{name}.{label}.{kind}.log"));
+                if let Err(e) = std::fs::rename(&src, &dst) {
+                    tracing::warn!(file = %src.display(), error = %e, "cannot keep log");
+                }
+            }
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let slot = self.slot(name)?;
+        Ok(info(&slot))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        self.slots().iter().map(|s| info(s)).collect()
+    }
+
+    pub fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let slot = self.slot(name)?;
+        if slot.vm.run_state() == RunState::Paused {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is already paused"
+            )));
+        }
+        slot.vm.pause().map_err(vm_err)?;
+        tracing::info!(vm = %name, "paused");
+        Ok(info(&slot))
+    }
+
+    pub fn unpause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let slot = self.slot(name)?;
+        match slot.vm.run_state() {
+            RunState::Running | RunState::Blocked => {
+                return Err(AgentError::Conflict(format!("VM '{name}' is not paused")));
+            }
+            _ => {}
+        }
+        slot.vm.unpause().map_err(vm_err)?;
+        tracing::info!(vm = %name, "unpaused");
+        Ok(info(&slot))
+    }
+
+    pub fn destroy(&self, name: &str) -> Result<(), AgentError> {
+        let slot = lock(&self.vms)
+            .remove(name)
+            .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))?;
+        tracing::info!(vm = %name, id = slot.id, "destroying");
+        slot.vm.destroy();
+        self.archive_logs(name, &slot.vm.paths, &slot.id.to_string());
+        if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {
+            tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
+        }
+        Ok(())
+    }
+
+    pub fn vcpu_pin(
+        &self,
+        name: &str,
+        vcpu: &str,
+        cpus: &str,
+    ) -> Result<Vec<VcpuInfo>, AgentError> {
+        let slot = self.slot(name)?;
+        let vcpus = remus_vm::cpuset::parse_vcpus(vcpu, slot.vm.config.vcpus)
+            .map_err(AgentError::BadRequest)?;
+        let ncpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .max(online_cpus());
+        let cpus = remus_vm::cpuset::parse_cpus(cpus, ncpus).map_err(AgentError::BadRequest)?;
+        for v in &vcpus {
+            slot.vm.pin_vcpu(*v, &cpus).map_err(vm_err)?;
+        }
+        tracing::info!(vm = %name, vcpus = ?vcpus, cpus = ?cpus, "vCPUs pinned");
+        self.vcpus(name)
+    }
+
+    pub fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>, AgentError> {
+        let slot = self.slot(name)?;
+        (0..slot.vm.config.vcpus)
+            .map(|v| {
+                Ok(VcpuInfo {
+                    vcpu: v,
+                    thread_id: slot.vm.vcpu_thread(v).unwrap_or(0),
+                    affinity: slot.vm.vcpu_affinity(v).map_err(vm_err)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stops every VM (agent shutdown).
+    pub fn shutdown(&self) {
+        let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        for n in names {
+            if let Err(e) = self.destroy(&n) {
+                tracing::warn!(vm = %n, error = %e, "destroy at shutdown failed");
+            }
+        }
+    }
+}
+
+fn vm_err(e: remus_vm::VmError) -> AgentError {
+    match e {
+        remus_vm::VmError::Exited { .. } | remus_vm::VmError::Invalid { .. } => {
+            AgentError::Conflict(e.to_string())
+        }
+        _ => AgentError::Internal(e.to_string()),
+    }
+}
+
+/// The API view of a VM.
+pub fn info(slot: &VmSlot) -> VmInfo {
+    let state = slot.vm.run_state();
+    let role = *lock(&slot.role);
+    VmInfo {
+        name: slot.vm.name().to_string(),
+        id: slot.id,
+        mem_mib: slot.vm.config.memory,
+        vcpus: slot.vm.config.vcpus,
+        state: state.letter().to_string(),
+        state_name: serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        role: serde_json::to_value(role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        time_s: (slot.vm.cpu_seconds() * 10.0).round() / 10.0,
+        accel: match slot.vm.accel {
+            ResolvedAccel::Tcg => "tcg".into(),
+            ResolvedAccel::Kvm => "kvm".into(),
+        },
+        pid: slot.vm.pid(),
+    }
+}
+
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    if n > 0 { n as usize } else { 1 }
+}
+
+/// A 4-hex-digit tag stored in the state dir (created once).
+fn agent_tag(state_dir: &Path) -> anyhow::Result<String> {
+    let path = state_dir.join("agent-tag");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim();
+        if t.len() == 4 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(t.to_string());
+        }
+    }
+    let mut buf = [0u8; 2];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .map_err(|e| anyhow::anyhow!("read /dev/urandom: {e}"))?;
+    let t = format!("{:02x}{:02x}", buf[0], buf[1]);
+    std::fs::write(&path, format!("{t}\n"))
+        .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+    Ok(t)
+}
+
+fn read_next_id(state_dir: &Path) -> u32 {
+    std::fs::read_to_string(state_dir.join("next-id"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1)
+}
+
+fn leftover_vm_dirs(state_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state_dir.join("vms"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}

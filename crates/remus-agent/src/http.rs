@@ -1,0 +1,205 @@
+//! The HTTP/JSON API on the agent's unix socket (routes in `remus_api`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use remus_api::{CONSOLE_UPGRADE, CreateRequest, ErrorBody, PinRequest};
+
+use crate::agent::{Agent, AgentError};
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+type AppState = Arc<Agent>;
+type ApiResult<T> = Result<Json<T>, AgentError>;
+
+/// Runs blocking agent work (QEMU, QMP, files) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("agent task failed: {e}")))?
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{name}", get(show).delete(destroy))
+        .route("/v1/vms/{name}/pause", post(pause))
+        .route("/v1/vms/{name}/unpause", post(unpause))
+        .route("/v1/vms/{name}/vcpu-pin", post(vcpu_pin))
+        .route("/v1/vms/{name}/vcpus", get(vcpus))
+        .route("/v1/vms/{name}/console/log", get(console_log))
+        .route("/v1/vms/{name}/console", get(console_attach))
+        .fallback(|| async {
+            AgentError::NotFound("no such API endpoint (see the remus-api docs)".into())
+        })
+        .with_state(agent)
+}
+
+async fn host(State(a): State<AppState>) -> ApiResult<remus_api::HostInfo> {
+    blocking(move || Ok(a.host_info())).await.map(Json)
+}
+
+async fn list(State(a): State<AppState>) -> ApiResult<Vec<remus_api::VmInfo>> {
+    blocking(move || Ok(a.list())).await.map(Json)
+}
+
+async fn show(State(a): State<AppState>, Path(name): Path<String>) -> ApiResult<remus_api::VmInfo> {
+    blocking(move || a.info(&name)).await.map(Json)
+}
+
+async fn create(
+    State(a): State<AppState>,
+    body: Result<Json<CreateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<remus_api::VmInfo>), AgentError> {
+    let Json(req) = body.map_err(|e| AgentError::BadRequest(format!("bad create request: {e}")))?;
+    let info = blocking(move || a.create(req.config)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn pause(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<remus_api::VmInfo> {
+    blocking(move || a.pause(&name)).await.map(Json)
+}
+
+async fn unpause(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<remus_api::VmInfo> {
+    blocking(move || a.unpause(&name)).await.map(Json)
+}
+
+async fn destroy(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, AgentError> {
+    blocking(move || a.destroy(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vcpu_pin(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Vec<remus_api::VcpuInfo>> {
+    let Json(req) =
+        body.map_err(|e| AgentError::BadRequest(format!("bad vcpu-pin request: {e}")))?;
+    blocking(move || a.vcpu_pin(&name, &req.vcpu, &req.cpus))
+        .await
+        .map(Json)
+}
+
+async fn vcpus(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<remus_api::VcpuInfo>> {
+    blocking(move || a.vcpus(&name)).await.map(Json)
+}
+
+async fn console_log(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    let slot = a.slot(&name)?;
+    let path = slot.vm.paths.console_log();
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(AgentError::Internal(format!(
+                "read {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// Interactive console: an HTTP upgrade to a raw byte stream, bridged to
+/// QEMU's console socket. One client at a time (QEMU's chardev serves one).
+async fn console_attach(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, AgentError> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONSOLE_UPGRADE));
+    if !wants {
+        return Err(AgentError::BadRequest(format!(
+            "the console needs 'Connection: upgrade' and 'Upgrade: {CONSOLE_UPGRADE}'; for the output so far use /console/log"
+        )));
+    }
+    let slot = a.slot(&name)?;
+    if !slot.claim_console() {
+        return Err(AgentError::Conflict(format!(
+            "the console of '{name}' is already attached elsewhere (one client at a time)"
+        )));
+    }
+    let path = slot.vm.paths.console_attach_socket();
+    let qemu_side = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) => {
+            slot.release_console();
+            return Err(AgentError::Conflict(format!("console of '{name}': {e}")));
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut client = TokioIo::new(upgraded);
+                let mut qemu_side = qemu_side;
+                let r = tokio::io::copy_bidirectional(&mut client, &mut qemu_side).await;
+                tracing::info!(vm = %name, result = ?r, "console detached");
+            }
+            Err(e) => tracing::warn!(vm = %name, error = %e, "console upgrade failed"),
+        }
+        slot.release_console();
+    });
+    tracing::info!(vm = %a_name(&path), "console attached");
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
+    Ok(resp)
+}
+
+fn a_name(console_path: &std::path::Path) -> String {
+    console_path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,328 @@
+//! The agent's local API: HTTP/1.1 with JSON bodies over the agent's unix
+//! socket, so that `curl --unix-socket /run/remus/remusd.sock
+//! http://remus/v1/vms` works as well as the `remus` CLI does.
+//!
+//! | method | path                              | body / answer                  |
+//! |--------|-----------------------------------|--------------------------------|
+//! | GET    | /v1/host                          | → [`HostInfo`]                 |
+//! | GET    | /v1/vms                           | → `[VmInfo]`                   |
+//! | POST   | /v1/vms                           | [`CreateRequest`] → [`VmInfo`] |
+//! | GET    | /v1/vms/NAME                      | → [`VmInfo`]                   |
+//! | POST   | /v1/vms/NAME/pause                | → [`VmInfo`]                   |
+//! | POST   | /v1/vms/NAME/unpause              | → [`VmInfo`]                   |
+//! | DELETE | /v1/vms/NAME                      | → 204                          |
+//! | POST   | /v1/vms/NAME/vcpu-pin             | [`PinRequest`] → `[VcpuInfo]`  |
+//! | GET    | /v1/vms/NAME/vcpus                | → `[VcpuInfo]`                 |
+//! | GET    | /v1/vms/NAME/console/log          | → the console output so far    |
+//! | GET    | /v1/vms/NAME/console (Upgrade)    | → 101, then raw console bytes  |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad input), 404 (no such VM),
+//! 409 (conflict: name taken, console attached, wrong state) or 500.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub use remus_config::VmConfig;
+
+/// Default agent socket.
+pub const DEFAULT_SOCKET: &str = "/run/remus/remusd.sock";
+/// The `Upgrade:` protocol name of an interactive console.
+pub const CONSOLE_UPGRADE: &str = "remus-console";
+
+/// One VM as `remus list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub id: u32,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    /// xl state letter: r b p s c d.
+    pub state: String,
+    /// Long form of the state (running, blocked, paused, ...).
+    pub state_name: String,
+    /// unprotected, primary or backup.
+    pub role: String,
+    /// CPU seconds used.
+    pub time_s: f64,
+    /// tcg or kvm.
+    pub accel: String,
+    /// QEMU's pid on this host.
+    pub pid: u32,
+}
+
+/// What the agent runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub agent_version: String,
+    pub qemu: String,
+    pub kvm: bool,
+    /// Why KVM is not used, when it is not.
+    pub kvm_reason: Option<String>,
+    pub state_dir: PathBuf,
+    pub replication_listen: Option<String>,
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateRequest {
+    pub config: VmConfig,
+}
+
+/// `POST /v1/vms/NAME/vcpu-pin`: `vcpu` is a number or `all`, `cpus` an
+/// xl CPU list (`0-2,5`, `all`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinRequest {
+    pub vcpu: String,
+    pub cpus: String,
+}
+
+/// One vCPU, as `remus vcpu-list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    pub vcpu: u32,
+    pub thread_id: u32,
+    pub affinity: Vec<usize>,
+}
+
+/// An error body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error(
+        "no remus agent at {}: {reason} (start one with `remusd --state-dir DIR --socket {}`, or point --socket / REMUS_SOCKET at it)",
+        .socket.display(),
+        .socket.display()
+    )]
+    NoAgent { socket: PathBuf, reason: String },
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("talking to the agent: {0}")]
+    Transport(String),
+}
+
+/// A client of one agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ClientError::NoAgent {
+                socket: self.socket.clone(),
+                reason: e.to_string(),
+            })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut sender = self.connect().await?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "remus");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok((status, bytes))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (_, bytes) = self.request(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Transport(format!("bad answer from the agent: {e}")))
+    }
+
+    fn body<T: Serialize>(v: &T) -> Result<Option<Vec<u8>>, ClientError> {
+        serde_json::to_vec(v)
+            .map(Some)
+            .map_err(|e| ClientError::Transport(e.to_string()))
+    }
+
+    pub async fn host(&self) -> Result<HostInfo, ClientError> {
+        self.json(Method::GET, "/v1/host", None).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
+        self.json(Method::GET, "/v1/vms", None).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.json(Method::GET, &vm_path(name, ""), None).await
+    }
+
+    pub async fn create(&self, config: VmConfig) -> Result<VmInfo, ClientError> {
+        let body = Self::body(&CreateRequest { config })?;
+        self.json(Method::POST, "/v1/vms", body).await
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.json(Method::POST, &vm_path(name, "/pause"), None)
+            .await
+    }
+
+    pub async fn unpause(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.json(Method::POST, &vm_path(name, "/unpause"), None)
+            .await
+    }
+
+    pub async fn destroy(&self, name: &str) -> Result<(), ClientError> {
+        self.request(Method::DELETE, &vm_path(name, ""), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn vcpu_pin(
+        &self,
+        name: &str,
+        vcpu: &str,
+        cpus: &str,
+    ) -> Result<Vec<VcpuInfo>, ClientError> {
+        let body = Self::body(&PinRequest {
+            vcpu: vcpu.into(),
+            cpus: cpus.into(),
+        })?;
+        self.json(Method::POST, &vm_path(name, "/vcpu-pin"), body)
+            .await
+    }
+
+    pub async fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>, ClientError> {
+        self.json(Method::GET, &vm_path(name, "/vcpus"), None).await
+    }
+
+    /// The console output so far.
+    pub async fn console_log(&self, name: &str) -> Result<Bytes, ClientError> {
+        self.request(Method::GET, &vm_path(name, "/console/log"), None)
+            .await
+            .map(|(_, b)| b)
+    }
+
+    /// Attaches to the console: the returned stream carries raw console
+    /// bytes both ways.
+    pub async fn console_attach(
+        &self,
+        name: &str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let mut sender = self.connect().await?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(vm_path(name, "/console"))
+            .header("host", "remus")
+            .header("connection", "upgrade")
+            .header("upgrade", CONSOLE_UPGRADE)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(TokioIo::new(upgraded))
+    }
+}
+
+/// `/v1/vms/NAME{suffix}`, with the name percent-encoded where needed.
+/// VM names are restricted to `[A-Za-z0-9_.-]`, but a user can type any
+/// name on the command line; encoding keeps the request well formed so
+/// the agent answers "no such VM" rather than "bad request".
+fn vm_path(name: &str, suffix: &str) -> String {
+    let mut out = String::from("/v1/vms/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.push_str(suffix);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_encoded_in_paths() {
+        assert_eq!(super::vm_path("demo-1", "/pause"), "/v1/vms/demo-1/pause");
+        assert_eq!(super::vm_path("a b/c", ""), "/v1/vms/a%20b%2Fc");
+    }
+}

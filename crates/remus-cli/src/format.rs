@@ -1,0 +1,98 @@
+//! Human output in xl's layout.
+
+use remus_api::{VcpuInfo, VmInfo};
+
+/// `xl list`'s table: Name, ID, Mem, VCPUs, State, Time(s).
+pub fn list_table(vms: &[VmInfo]) -> String {
+    let mut out = format!(
+        "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9}\n",
+        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)"
+    );
+    for v in vms {
+        let letter = v.state.chars().next().unwrap_or('-');
+        let pos = "rbpscd".find(letter).unwrap_or(usize::MAX);
+        let flags: String = (0..6)
+            .map(|i| if i == pos { letter } else { '-' })
+            .collect();
+        out.push_str(&format!(
+            "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9.1}\n",
+            v.name, v.id, v.mem_mib, v.vcpus, flags, v.time_s
+        ));
+    }
+    out
+}
+
+/// `xl vcpu-list`'s table.
+pub fn vcpu_table(vm: &str, vcpus: &[VcpuInfo]) -> String {
+    let mut out = format!(
+        "{:<32} {:>5} {:>8}  {}\n",
+        "Name", "VCPU", "Thread", "CPU Affinity"
+    );
+    for v in vcpus {
+        out.push_str(&format!(
+            "{:<32} {:>5} {:>8}  {}\n",
+            vm,
+            v.vcpu,
+            v.thread_id,
+            cpu_list(&v.affinity)
+        ));
+    }
+    out
+}
+
+/// `[0,1,2,5]` → `0-2,5`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_xl_columns_and_flags() {
+        let t = list_table(&[VmInfo {
+            name: "demo".into(),
+            id: 3,
+            mem_mib: 256,
+            vcpus: 1,
+            state: "p".into(),
+            state_name: "paused".into(),
+            role: "unprotected".into(),
+            time_s: 12.34,
+            accel: "tcg".into(),
+            pid: 1,
+        }]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("Name"));
+        for col in ["ID", "Mem", "VCPUs", "State", "Time(s)"] {
+            assert!(lines[0].contains(col), "{col}");
+        }
+        assert!(lines[1].starts_with("demo"));
+        assert!(lines[1].contains("--p---"), "{}", lines[1]);
+        assert!(lines[1].trim_end().ends_with("12.3"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn cpu_lists_compress() {
+        assert_eq!(cpu_list(&[0, 1, 2, 5]), "0-2,5");
+        assert_eq!(cpu_list(&[1]), "1");
+        assert_eq!(cpu_list(&[]), "");
+    }
+}

@@ -1,0 +1,199 @@
+//! The `remus` command line. It follows Xen's `xl`: the same verbs, the
+//! same `list` columns and state letters. It only ever talks to the local
+//! agent (`remusd`) over its unix socket.
+
+mod console;
+pub mod format;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use remus_api::{Client, ClientError};
+use remus_config::VmConfig;
+
+/// remus: keep VMs running when their host dies (Remus for QEMU).
+#[derive(Debug, Parser)]
+#[command(name = "remus", version, about, long_about = None)]
+pub struct Cli {
+    /// The local agent's socket.
+    #[arg(long, global = true, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and start a VM from a config file (TOML, like xl.cfg).
+    Create {
+        /// The VM config file.
+        config: PathBuf,
+        /// Only check the config; do not contact the agent.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Attach to the console once the VM runs.
+        #[arg(long, short = 'c')]
+        console: bool,
+    },
+    /// List VMs (Name, ID, Mem, VCPUs, State, Time(s)).
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Only these VMs.
+        vms: Vec<String>,
+    },
+    /// Attach to a VM's serial console (detach with Ctrl-]).
+    Console {
+        /// Print the console output so far and exit.
+        #[arg(long)]
+        dump: bool,
+        vm: String,
+    },
+    /// Pause a VM.
+    Pause { vm: String },
+    /// Unpause a paused VM.
+    Unpause { vm: String },
+    /// Stop a VM at once and remove it (no guest shutdown).
+    Destroy { vm: String },
+    /// Pin a vCPU (a number or `all`) to host CPUs (e.g. `0-1,3` or `all`).
+    VcpuPin {
+        vm: String,
+        vcpu: String,
+        cpus: String,
+    },
+    /// Show each vCPU's host thread and CPU affinity.
+    VcpuList {
+        #[arg(long)]
+        json: bool,
+        vm: String,
+    },
+    /// Show what the local agent runs on (QEMU version, KVM).
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The CLI's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("remus: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("remus: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Command::Create {
+            config,
+            dry_run,
+            console,
+        } => {
+            let cfg = VmConfig::load(&config)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            cfg.check_host()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            if dry_run {
+                println!("{}: config OK for VM '{}'", config.display(), cfg.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let name = cfg.name.clone();
+            let info = client.create(cfg).await.map_err(api)?;
+            eprintln!(
+                "Started VM '{}' (id {}, {} MiB, {} vCPUs, {})",
+                info.name, info.id, info.mem_mib, info.vcpus, info.accel
+            );
+            if console {
+                return console::attach(&client, &name).await;
+            }
+        }
+        Command::List { json, vms } => {
+            let mut all = client.list().await.map_err(api)?;
+            if !vms.is_empty() {
+                for v in &vms {
+                    if !all.iter().any(|i| &i.name == v) {
+                        anyhow::bail!("no VM named '{v}' on this host");
+                    }
+                }
+                all.retain(|i| vms.contains(&i.name));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", format::list_table(&all));
+            }
+        }
+        Command::Console { dump, vm } => {
+            if dump {
+                let bytes = client.console_log(&vm).await.map_err(api)?;
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.flush()?;
+            } else {
+                return console::attach(&client, &vm).await;
+            }
+        }
+        Command::Pause { vm } => {
+            client.pause(&vm).await.map_err(api)?;
+        }
+        Command::Unpause { vm } => {
+            client.unpause(&vm).await.map_err(api)?;
+        }
+        Command::Destroy { vm } => {
+            client.destroy(&vm).await.map_err(api)?;
+        }
+        Command::VcpuPin { vm, vcpu, cpus } => {
+            client.vcpu_pin(&vm, &vcpu, &cpus).await.map_err(api)?;
+        }
+        Command::VcpuList { json, vm } => {
+            let v = client.vcpus(&vm).await.map_err(api)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", format::vcpu_table(&vm, &v));
+            }
+        }
+        Command::Info { json } => {
+            let h = client.host().await.map_err(api)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                println!("agent      : remusd {}", h.agent_version);
+                println!("qemu       : {}", h.qemu);
+                match &h.kvm_reason {
+                    None => println!("accel      : kvm available"),
+                    Some(r) => println!("accel      : tcg only ({r})"),
+                }
+                println!("state dir  : {}", h.state_dir.display());
+                if let Some(l) = &h.replication_listen {
+                    println!("replication: {l}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Agent errors print as one line; the API message already says what
+/// went wrong and with what.
+fn api(e: ClientError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}

@@ -1,0 +1,158 @@
+//! CLI and agent behaviour that needs no guest: errors an operator meets.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use remus_testbed::{Agent, Binaries, cli};
+
+fn bins() -> Binaries {
+    Binaries {
+        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
+        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
+    }
+}
+
+#[test]
+fn no_agent_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = cli(&bins().remus, &sock, &["list"], None);
+    assert!(!out.ok);
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("no remus agent at"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(sock.to_str().unwrap()),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("unused.sock");
+    std::fs::write(dir.path().join("k"), b"kernel").unwrap();
+    let cases = [
+        ("memory = 4", "memory"),
+        ("memory = 256\nvcpus = 0", "vcpus"),
+        (
+            "memory = 256\n[[disk]]\npath = \"missing.img\"\ntarget = \"vda\"",
+            "disk[0].path",
+        ),
+        (
+            "memory = 256\n[[disk]]\npath = \"k\"\ntarget = \"hda\"",
+            "disk[0].target",
+        ),
+        (
+            "memory = 256\n[[vif]]\nbridge = \"br0\"\nmac = \"01:00:00:00:00:01\"",
+            "multicast",
+        ),
+        ("memory = 256\nbogus = 1", "bogus"),
+    ];
+    for (body, want) in cases {
+        let p = dir.path().join("vm.toml");
+        std::fs::write(&p, format!("name = \"x\"\nkernel = \"k\"\n{body}\n")).unwrap();
+        let out = cli(
+            &bins().remus,
+            &sock,
+            &["create", "--dry-run", p.to_str().unwrap()],
+            None,
+        );
+        assert!(!out.ok, "{body} should fail");
+        assert!(out.stderr.contains(want), "{body}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("vm.toml"),
+            "error names the file: {}",
+            out.stderr
+        );
+    }
+    let p = dir.path().join("ok.toml");
+    std::fs::write(&p, "name = \"x\"\nkernel = \"k\"\nmemory = 64\n").unwrap();
+    let out = cli(
+        &bins().remus,
+        &sock,
+        &["create", "-n", p.to_str().unwrap()],
+        None,
+    );
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("config OK"), "{}", out.stdout);
+}
+
+#[test]
+fn unknown_vm_names_and_bad_requests_are_clear() {
+    let agent = Agent::start(&bins(), None, &[]).unwrap();
+    for cmd in [
+        vec!["pause", "ghost"],
+        vec!["unpause", "ghost"],
+        vec!["destroy", "ghost"],
+        vec!["console", "--dump", "ghost"],
+        vec!["console", "ghost"],
+        vec!["vcpu-pin", "ghost", "0", "0"],
+        vec!["list", "ghost"],
+    ] {
+        let out = agent.cli(&cmd);
+        assert!(!out.ok, "{cmd:?} should fail");
+        assert!(
+            out.stderr.contains("no VM named 'ghost'"),
+            "{cmd:?}: {}",
+            out.stderr
+        );
+    }
+    // A weird name is still answered as "no such VM", not a transport error.
+    let out = agent.cli(&["pause", "a b/../c"]);
+    assert!(out.stderr.contains("no VM named"), "{}", out.stderr);
+
+    // The API is plain HTTP/JSON on the socket (curl --unix-socket works).
+    let answer = |req: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = answer("GET /v1/vms HTTP/1.1\r\nHost: remus\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.trim_end().ends_with("[]"), "{resp}");
+    let bad = "{\"config\": 5}";
+    let resp = answer(&format!(
+        "POST /v1/vms HTTP/1.1\r\nHost: remus\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{bad}",
+        bad.len()
+    ));
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("\"error\""), "{resp}");
+
+    // A config sent over the API is validated by the agent too.
+    let body = r#"{"config": {"name": "bad name", "memory": 256, "kernel": "/nonexistent"}}"#;
+    let resp = answer(&format!(
+        "POST /v1/vms HTTP/1.1\r\nHost: remus\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("name"), "{resp}");
+
+    // Missing kernel file: refused before QEMU starts, naming the field.
+    let cfg = agent.write_file(
+        "k.toml",
+        "name = \"nok\"\nmemory = 64\nkernel = \"/nonexistent/vmlinuz\"\n",
+    );
+    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(!out.ok && out.stderr.contains("kernel"), "{}", out.stderr);
+    assert!(agent.list().is_empty());
+}
+
+#[test]
+fn second_agent_on_same_socket_is_refused() {
+    let agent = Agent::start(&bins(), None, &[]).unwrap();
+    let out = std::process::Command::new(&bins().remusd)
+        .arg("--state-dir")
+        .arg(agent.dir.path().join("other"))
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another agent already listens"), "{err}");
+    // The first agent still answers.
+    assert!(agent.cli(&["list"]).ok);
+}

@@ -387,13 +387,28 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// The numbers `tick N` on a console, in order.
+/// The numbers `tick N` on a console, in order. A tick line may follow
+/// other output that lacked a newline (the shell's prompt), so `tick N` is
+/// taken from the end of each line.
 pub fn ticks(console: &str) -> Vec<u64> {
     console
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("tick "))
-        .filter_map(|n| n.trim().parse().ok())
+        .filter_map(|l| {
+            let l = l.trim_end();
+            let at = l.rfind("tick ")?;
+            l[at + 5..].parse().ok()
+        })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ticks_after_a_prompt_count() {
+        let c = "tick 1\r\ntick 2\nremus-guest# \x1b[6ntick 3\nnot a tick 4x\ntick 5\n";
+        assert_eq!(super::ticks(c), vec![1, 2, 3, 5]);
+        assert_eq!(super::last_tick(c), Some(5));
+    }
 }
 
 /// The last `tick N` on a console.

@@ -72,7 +72,8 @@ fn guest_lifecycle() {
     let all = ticks(&agent.console("life"));
     assert!(
         all.windows(2).all(|w| w[1] == w[0] + 1),
-        "ticks must increase by one: {all:?}"
+        "ticks must increase by one: {all:?}\n{}",
+        agent.console("life")
     );
     let st = state_of(&agent, "life");
     assert!(st == "r" || st == "b", "running VM shows r or b, got {st}");

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the whole remus test suite on a fresh Debian 12 machine (as root):
+# installs what is missing, builds the guest image, then runs every test,
+# including the ones that boot real QEMU guests and create network
+# namespaces. Safe to run again: each step skips what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+bash scripts/build-guest.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+# Tests that boot guests share the 2 cores; keep at most two at a time.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log
+# cargo test's own exit status is kept by pipefail.

@@ -63,7 +63,7 @@ qemu_ok() {
     [ -n "$v" ] && [ "$v" -ge 10 ]
 }
 
-base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc)
+base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

@@ -31,8 +31,15 @@ impl GuestImage {
         let dir = std::env::var_os("REMUS_GUEST_IMAGE")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("target/guest-image"));
+        // The uncompressed kernel boots much faster under TCG (QEMU's PVH
+        // entry, no decompression in emulated code).
+        let vmlinux = dir.join("vmlinux");
         let img = GuestImage {
-            kernel: dir.join("vmlinuz"),
+            kernel: if vmlinux.exists() {
+                vmlinux
+            } else {
+                dir.join("vmlinuz")
+            },
             initrd: dir.join("initrd.img"),
         };
         if !img.kernel.exists() || !img.initrd.exists() {

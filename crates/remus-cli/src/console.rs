@@ -77,12 +77,10 @@ pub async fn attach(client: &Client, vm: &str) -> anyhow::Result<ExitCode> {
                 wr.flush().await?;
                 return Ok::<bool, std::io::Error>(true);
             }
-            if interactive {
-                if let Some(i) = buf[..n].iter().position(|&b| b == DETACH) {
-                    wr.write_all(&buf[..i]).await?;
-                    wr.flush().await?;
-                    return Ok(true);
-                }
+            if interactive && let Some(i) = buf[..n].iter().position(|&b| b == DETACH) {
+                wr.write_all(&buf[..i]).await?;
+                wr.flush().await?;
+                return Ok(true);
             }
             wr.write_all(&buf[..n]).await?;
             wr.flush().await?;

@@ -345,10 +345,10 @@ impl VmConfig {
             }
             Some(_) => {}
         }
-        if let Some(i) = &self.initrd {
-            if i.as_os_str().is_empty() {
-                return Err(ConfigError::field("initrd", "empty path"));
-            }
+        if let Some(i) = &self.initrd
+            && i.as_os_str().is_empty()
+        {
+            return Err(ConfigError::field("initrd", "empty path"));
         }
         if self.cmdline.contains('\n') || self.cmdline.contains('\0') {
             return Err(ConfigError::field(
@@ -356,17 +356,16 @@ impl VmConfig {
                 "must be one line without NUL bytes",
             ));
         }
-        if let Some(cpu) = &self.cpu {
-            if cpu.is_empty()
+        if let Some(cpu) = &self.cpu
+            && (cpu.is_empty()
                 || !cpu
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(ConfigError::field(
-                    "cpu",
-                    format!("'{cpu}' is not a QEMU CPU model name (letters, digits, - _ .)"),
-                ));
-            }
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return Err(ConfigError::field(
+                "cpu",
+                format!("'{cpu}' is not a QEMU CPU model name (letters, digits, - _ .)"),
+            ));
         }
         let mut targets = HashSet::new();
         let mut paths = HashSet::new();

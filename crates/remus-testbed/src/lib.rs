@@ -195,10 +195,10 @@ impl Agent {
             if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
                 break;
             }
-            if let Some(c) = agent.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    bail!("remusd exited at start ({st}): {}", agent.log_text());
-                }
+            if let Some(c) = agent.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                bail!("remusd exited at start ({st}): {}", agent.log_text());
             }
             if Instant::now() > deadline {
                 bail!("remusd did not answer within 20 s: {}", agent.log_text());
@@ -276,10 +276,9 @@ impl Agent {
                 if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
+                    && process_alive(pid)
                 {
-                    if process_alive(pid) {
-                        pids.push(pid);
-                    }
+                    pids.push(pid);
                 }
             }
         }
@@ -408,6 +407,11 @@ pub fn ticks(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The last `tick N` on a console.
+pub fn last_tick(console: &str) -> Option<u64> {
+    ticks(console).last().copied()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -416,9 +420,4 @@ mod tests {
         assert_eq!(super::ticks(c), vec![1, 2, 3, 5]);
         assert_eq!(super::last_tick(c), Some(5));
     }
-}
-
-/// The last `tick N` on a console.
-pub fn last_tick(console: &str) -> Option<u64> {
-    ticks(console).last().copied()
 }

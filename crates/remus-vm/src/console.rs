@@ -137,11 +137,11 @@ fn output_loop(listener: UnixListener, mut log: File, shared: Arc<Shared>) {
                 tracing::warn!(error = %e, "console: cannot write the log");
             }
             let mut client = lock(&shared.client);
-            if let Some(c) = client.as_mut() {
-                if c.write_all(&buf[..n]).is_err() {
-                    let _ = c.shutdown(std::net::Shutdown::Both);
-                    *client = None;
-                }
+            if let Some(c) = client.as_mut()
+                && c.write_all(&buf[..n]).is_err()
+            {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                *client = None;
             }
         }
         *lock(&shared.qemu) = None;

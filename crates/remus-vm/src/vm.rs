@@ -165,7 +165,7 @@ impl Vm {
             let tap = Tap::create_on_bridge(Some(&tap_name), &vif.bridge)
                 .map_err(|e| vif_err(e.to_string()))?;
             let relay =
-                Relay::start(&paths.vif_socket(i), tap).map_err(|e| vif_err(e.to_string()))?;
+                Relay::start(paths.vif_socket(i), tap).map_err(|e| vif_err(e.to_string()))?;
             relays.push(relay);
         }
 
@@ -435,10 +435,10 @@ impl Vm {
         for (_, d) in disks {
             d.shutdown();
         }
-        if let Err(e) = std::fs::remove_file(&self.ram_file) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(vm = %name, file = %self.ram_file.display(), error = %e, "cannot remove RAM file");
-            }
+        if let Err(e) = std::fs::remove_file(&self.ram_file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(vm = %name, file = %self.ram_file.display(), error = %e, "cannot remove RAM file");
         }
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");

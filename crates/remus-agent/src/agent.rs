@@ -112,7 +112,12 @@ impl Agent {
     }
 
     pub fn host_info(&self) -> HostInfo {
-        let (kvm, kvm_reason) = match remus_vm::kvm::kvm_usable() {
+        let probe = remus_vm::kvm::qemu_kvm_usable(
+            &self.opts.qemu.path,
+            remus_vm::qemu_args::DEFAULT_KVM_CPU,
+            "q35",
+        );
+        let (kvm, kvm_reason) = match probe {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         };
@@ -171,7 +176,13 @@ impl Agent {
 
     fn start_vm(&self, config: VmConfig, qemu: &str) -> Result<VmInfo, AgentError> {
         let name = config.name.clone();
-        let accel = remus_vm::resolve_accel(config.accel).map_err(AgentError::BadRequest)?;
+        let accel = remus_vm::resolve_accel(
+            config.accel,
+            &self.opts.qemu.path,
+            config.cpu.as_deref(),
+            config.machine,
+        )
+        .map_err(AgentError::BadRequest)?;
         let dir = self.opts.state_dir.join("vms").join(&name);
         self.clear_stale_dir(&name, &dir)?;
         let paths = VmPaths::new(&dir);

@@ -54,7 +54,7 @@ impl GuestImage {
     /// A VM config (TOML) booting this image.
     pub fn config(&self, name: &str, cmdline_extra: &str, extra_toml: &str) -> String {
         format!(
-            "name = \"{name}\"\nmemory = 256\nvcpus = 1\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet {cmdline_extra}\"\n{extra_toml}",
+            "name = \"{name}\"\nmemory = 256\nvcpus = 1\naccel = \"auto\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 quiet {cmdline_extra}\"\n{extra_toml}",
             self.kernel.display(),
             self.initrd.display()
         )

@@ -146,3 +146,88 @@ fn probe() -> Result<(), String> {
         ))
     }
 }
+
+/// Whether QEMU itself can start a VM with KVM for this CPU model and
+/// machine. The ioctl probe above can pass on hosts where QEMU's KVM setup
+/// still fails (seen on nested hosts: QEMU aborts setting MSRs for the
+/// `host` and `max` models), so `auto` also starts QEMU once, stopped
+/// (`-S`), and waits for QMP: QEMU sets up the vCPUs before QMP answers.
+/// Results are cached per (QEMU binary, CPU model, machine).
+pub fn qemu_kvm_usable(qemu: &std::path::Path, cpu: &str, machine: &str) -> Result<(), String> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: OnceLock<
+        Mutex<HashMap<(std::path::PathBuf, String, String), Result<(), String>>>,
+    > = OnceLock::new();
+    let key = (qemu.to_path_buf(), cpu.to_string(), machine.to_string());
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(r) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return r.clone();
+    }
+    let r = kvm_usable().and_then(|()| qemu_probe(qemu, cpu, machine));
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, r.clone());
+    r
+}
+
+fn qemu_probe(qemu: &std::path::Path, cpu: &str, machine: &str) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "remus-kvm-probe-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("probe dir: {e}"))?;
+    let sock = dir.join("qmp.sock");
+    let log = dir.join("qemu.log");
+    let result = (|| {
+        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let mut child = Command::new(qemu)
+            .args(["-accel", "kvm", "-cpu", cpu, "-machine", machine])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-m",
+                "32",
+                "-S",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let verdict = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = said.lines().last().unwrap_or("").trim().to_string();
+                break Err(format!("QEMU with KVM (cpu {cpu}) exited ({st}): {last}"));
+            }
+            if let Ok(q) = remus_qmp::Qmp::connect(&sock, Duration::from_millis(100)) {
+                let alive = q.status().is_ok();
+                let _ = q.execute_timeout("quit", None, Duration::from_secs(2));
+                break if alive {
+                    Ok(())
+                } else {
+                    Err("QEMU with KVM did not answer query-status".to_string())
+                };
+            }
+            if std::time::Instant::now() > deadline {
+                break Err("QEMU with KVM did not start within 10 s".to_string());
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        verdict
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

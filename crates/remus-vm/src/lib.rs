@@ -23,14 +23,23 @@ pub use vm::{QemuBinary, StartOptions, Vm, VmError};
 
 use remus_config::Accel;
 
-/// Resolves the configured accelerator for this host.
-pub fn resolve_accel(accel: Accel) -> Result<ResolvedAccel, String> {
+/// Resolves the configured accelerator for this host: KVM only when both
+/// the kernel runs guest code and QEMU starts with KVM for this CPU model
+/// and machine.
+pub fn resolve_accel(
+    accel: Accel,
+    qemu: &std::path::Path,
+    cpu: Option<&str>,
+    machine: remus_config::Machine,
+) -> Result<ResolvedAccel, String> {
+    let cpu = cpu.unwrap_or(qemu_args::DEFAULT_KVM_CPU);
+    let machine = machine.to_string();
     match accel {
         Accel::Tcg => Ok(ResolvedAccel::Tcg),
-        Accel::Kvm => kvm::kvm_usable()
+        Accel::Kvm => kvm::qemu_kvm_usable(qemu, cpu, &machine)
             .map(|()| ResolvedAccel::Kvm)
             .map_err(|why| format!("accel = \"kvm\" but KVM does not work on this host: {why}")),
-        Accel::Auto => Ok(match kvm::kvm_usable() {
+        Accel::Auto => Ok(match kvm::qemu_kvm_usable(qemu, cpu, &machine) {
             Ok(()) => ResolvedAccel::Kvm,
             Err(why) => {
                 tracing::info!(reason = %why, "KVM not usable; using TCG");

@@ -30,6 +30,11 @@ impl ResolvedAccel {
     }
 }
 
+/// CPU model under TCG when the config names none.
+pub const DEFAULT_TCG_CPU: &str = "max";
+/// CPU model under KVM when the config names none.
+pub const DEFAULT_KVM_CPU: &str = "host";
+
 /// Everything needed to build the command line besides the config.
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
@@ -57,8 +62,8 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     push(&["-no-shutdown"]);
     push(&["-accel", l.accel.as_str()]);
     let cpu = c.cpu.clone().unwrap_or_else(|| match l.accel {
-        ResolvedAccel::Tcg => "max".into(),
-        ResolvedAccel::Kvm => "host".into(),
+        ResolvedAccel::Tcg => DEFAULT_TCG_CPU.into(),
+        ResolvedAccel::Kvm => DEFAULT_KVM_CPU.into(),
     });
     push(&["-cpu", &cpu]);
     push(&[

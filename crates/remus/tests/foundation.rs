@@ -177,6 +177,11 @@ fn guest_lifecycle() {
         assert!(vm.get(key).is_some(), "list --json lacks {key}: {vm}");
     }
     assert_eq!(vm["mem_mib"], 256);
+    // accel = "auto" booted with what the agent reports as usable here.
+    let host: serde_json::Value =
+        serde_json::from_str(&agent.cli(&["info", "--json"]).stdout).unwrap();
+    let want = if host["kvm"] == true { "kvm" } else { "tcg" };
+    assert_eq!(vm["accel"], want, "host: {host}");
     assert_eq!(vm["role"], "unprotected");
 
     // Destroy: QEMU is gone, the VM is no longer listed.

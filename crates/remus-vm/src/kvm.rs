@@ -147,6 +147,9 @@ fn probe() -> Result<(), String> {
     }
 }
 
+/// (QEMU binary, CPU model, machine).
+type ProbeKey = (std::path::PathBuf, String, String);
+
 /// Whether QEMU itself can start a VM with KVM for this CPU model and
 /// machine. The ioctl probe above can pass on hosts where QEMU's KVM setup
 /// still fails (seen on nested hosts: QEMU aborts setting MSRs for the
@@ -156,9 +159,7 @@ fn probe() -> Result<(), String> {
 pub fn qemu_kvm_usable(qemu: &std::path::Path, cpu: &str, machine: &str) -> Result<(), String> {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    static CACHE: OnceLock<
-        Mutex<HashMap<(std::path::PathBuf, String, String), Result<(), String>>>,
-    > = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<ProbeKey, Result<(), String>>>> = OnceLock::new();
     let key = (qemu.to_path_buf(), cpu.to_string(), machine.to_string());
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(r) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {

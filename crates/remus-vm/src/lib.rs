@@ -10,6 +10,7 @@
 
 pub mod console;
 pub mod cpuset;
+pub mod devstate;
 pub mod kvm;
 pub mod paths;
 pub mod qemu_args;

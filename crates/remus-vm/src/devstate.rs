@@ -1,0 +1,183 @@
+//! Device and CPU state through QEMU's migration stream (DESIGN 3.3, 3.4).
+//!
+//! Guest RAM lives in the shared file and is copied by the agent, so QEMU
+//! is told to skip it (`x-ignore-shared`): the stream then holds only CPU
+//! and device state plus the small RAM blocks outside the file (firmware,
+//! ACPI tables), a few hundred KB.
+//!
+//! Save (VM already stopped by the caller):
+//! ```text
+//! migrate {"uri": "file:PATH"} → MIGRATION completed → runstate leaves
+//! finish-migrate (postmigrate) → caller may `cont`
+//! ```
+//! Waiting for the runstate matters: the `completed` event can arrive
+//! while the runstate is still `finish-migrate`, and a `cont` then fails
+//! with "Migration is not finalized yet".
+//!
+//! Load (QEMU started with `-incoming defer`, RAM file already holding the
+//! checkpoint's pages):
+//! ```text
+//! migrate-incoming {"uri": "file:PATH"} → runstate leaves inmigrate
+//! (paused) → cont
+//! ```
+
+use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use remus_qmp::{Qmp, QmpError};
+use serde_json::json;
+
+/// How long a save or load may take.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors while saving or loading device state.
+#[derive(Debug, thiserror::Error)]
+pub enum DevStateError {
+    #[error("{op}: {source}")]
+    Qmp { op: &'static str, source: QmpError },
+    #[error("{op}: migration {status}{detail}")]
+    Failed {
+        op: &'static str,
+        status: String,
+        detail: String,
+    },
+    #[error("{op}: no result within {timeout:?} (runstate {runstate})")]
+    Timeout {
+        op: &'static str,
+        timeout: Duration,
+        runstate: String,
+    },
+}
+
+/// Sets the migration capabilities remus relies on. Idempotent; call
+/// once per QEMU, on both sides, before the first save or load.
+pub fn prepare(qmp: &Qmp) -> Result<(), DevStateError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true},
+            {"capability": "events", "state": true},
+        ]})),
+    )
+    .map_err(|source| DevStateError::Qmp {
+        op: "set migration capabilities",
+        source,
+    })?;
+    Ok(())
+}
+
+/// Saves device state to `path`. The VM must be stopped; it stays stopped
+/// (in `postmigrate`) and the caller resumes it with `cont`.
+pub fn save(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
+    const OP: &str = "save device state";
+    let events = qmp.subscribe();
+    qmp.execute(
+        "migrate",
+        Some(json!({"uri": format!("file:{}", path.display())})),
+    )
+    .map_err(|source| DevStateError::Qmp { op: OP, source })?;
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(ev) if ev.name == "MIGRATION" => {
+                let status = ev.data["status"].as_str().unwrap_or("").to_string();
+                match status.as_str() {
+                    "completed" => break,
+                    "failed" | "cancelled" => {
+                        return Err(DevStateError::Failed {
+                            op: OP,
+                            status,
+                            detail: migrate_error(qmp),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                return Err(DevStateError::Timeout {
+                    op: OP,
+                    timeout: STATE_TIMEOUT,
+                    runstate: qmp.status().unwrap_or_else(|e| e.to_string()),
+                });
+            }
+        }
+    }
+    wait_runstate_leaves(qmp, OP, "finish-migrate", deadline)
+}
+
+/// Loads device state from `path` into a QEMU started with
+/// `-incoming defer`; the VM is left paused for the caller to `cont`.
+pub fn load(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
+    const OP: &str = "load device state";
+    let events = qmp.subscribe();
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({"uri": format!("file:{}", path.display())})),
+    )
+    .map_err(|source| DevStateError::Qmp { op: OP, source })?;
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(ev) if ev.name == "MIGRATION" => {
+                let status = ev.data["status"].as_str().unwrap_or("").to_string();
+                match status.as_str() {
+                    "completed" => break,
+                    "failed" | "cancelled" => {
+                        return Err(DevStateError::Failed {
+                            op: OP,
+                            status,
+                            detail: migrate_error(qmp),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(DevStateError::Timeout {
+                    op: OP,
+                    timeout: STATE_TIMEOUT,
+                    runstate: qmp.status().unwrap_or_else(|e| e.to_string()),
+                });
+            }
+        }
+    }
+    wait_runstate_leaves(qmp, OP, "inmigrate", deadline)
+}
+
+/// Polls the runstate until it is no longer `state`. There is no event
+/// for the end of `finish-migrate`; the wait is short (a few ms).
+fn wait_runstate_leaves(
+    qmp: &Qmp,
+    op: &'static str,
+    state: &str,
+    deadline: Instant,
+) -> Result<(), DevStateError> {
+    loop {
+        let now = qmp
+            .status()
+            .map_err(|source| DevStateError::Qmp { op, source })?;
+        if now != state {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DevStateError::Timeout {
+                op,
+                timeout: STATE_TIMEOUT,
+                runstate: now,
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn migrate_error(qmp: &Qmp) -> String {
+    qmp.execute("query-migrate", None)
+        .ok()
+        .and_then(|v| v["error-desc"].as_str().map(|s| format!(": {s}")))
+        .unwrap_or_default()
+}

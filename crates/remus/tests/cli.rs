@@ -156,3 +156,31 @@ fn second_agent_on_same_socket_is_refused() {
     // The first agent still answers.
     assert!(agent.cli(&["list"]).ok);
 }
+
+#[test]
+fn two_agents_side_by_side_and_a_port_clash() {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (p1, p2) = (free_port(), free_port());
+    let l1 = format!("127.0.0.1:{p1}");
+    let l2 = format!("127.0.0.1:{p2}");
+    let a = Agent::start(&bins(), None, &["--listen", &l1]).unwrap();
+    let b = Agent::start(&bins(), None, &["--listen", &l2]).unwrap();
+    for (agent, listen) in [(&a, &l1), (&b, &l2)] {
+        let out = agent.cli(&["info", "--json"]);
+        assert!(out.ok, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["replication_listen"], listen.as_str());
+        assert_eq!(v["state_dir"], agent.state_dir.to_str().unwrap());
+    }
+    // A third agent on the first one's port fails at start, saying why.
+    let c = Agent::start(&bins(), None, &["--listen", &l1]);
+    let err = c.err().expect("port clash must fail").to_string();
+    assert!(err.contains("bind replication address"), "{err}");
+    assert!(a.cli(&["list"]).ok && b.cli(&["list"]).ok);
+}

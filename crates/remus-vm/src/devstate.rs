@@ -78,33 +78,7 @@ pub fn save(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
     )
     .map_err(|source| DevStateError::Qmp { op: OP, source })?;
     let deadline = Instant::now() + STATE_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(ev) if ev.name == "MIGRATION" => {
-                let status = ev.data["status"].as_str().unwrap_or("").to_string();
-                match status.as_str() {
-                    "completed" => break,
-                    "failed" | "cancelled" => {
-                        return Err(DevStateError::Failed {
-                            op: OP,
-                            status,
-                            detail: migrate_error(qmp),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                return Err(DevStateError::Timeout {
-                    op: OP,
-                    timeout: STATE_TIMEOUT,
-                    runstate: qmp.status().unwrap_or_else(|e| e.to_string()),
-                });
-            }
-        }
-    }
+    wait_completed(qmp, OP, &events, deadline)?;
     wait_runstate_leaves(qmp, OP, "finish-migrate", deadline)
 }
 
@@ -119,16 +93,28 @@ pub fn load(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
     )
     .map_err(|source| DevStateError::Qmp { op: OP, source })?;
     let deadline = Instant::now() + STATE_TIMEOUT;
+    wait_completed(qmp, OP, &events, deadline)?;
+    wait_runstate_leaves(qmp, OP, "inmigrate", deadline)
+}
+
+/// Waits for the MIGRATION event saying `completed`; `failed` or
+/// `cancelled` are errors with QEMU's reason.
+fn wait_completed(
+    qmp: &Qmp,
+    op: &'static str,
+    events: &std::sync::mpsc::Receiver<remus_qmp::Event>,
+    deadline: Instant,
+) -> Result<(), DevStateError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match events.recv_timeout(left) {
             Ok(ev) if ev.name == "MIGRATION" => {
                 let status = ev.data["status"].as_str().unwrap_or("").to_string();
                 match status.as_str() {
-                    "completed" => break,
+                    "completed" => return Ok(()),
                     "failed" | "cancelled" => {
                         return Err(DevStateError::Failed {
-                            op: OP,
+                            op,
                             status,
                             detail: migrate_error(qmp),
                         });
@@ -137,16 +123,15 @@ pub fn load(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
                 }
             }
             Ok(_) => {}
-            Err(_) => {
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                 return Err(DevStateError::Timeout {
-                    op: OP,
+                    op,
                     timeout: STATE_TIMEOUT,
                     runstate: qmp.status().unwrap_or_else(|e| e.to_string()),
                 });
             }
         }
     }
-    wait_runstate_leaves(qmp, OP, "inmigrate", deadline)
 }
 
 /// Polls the runstate until it is no longer `state`. There is no event

@@ -356,17 +356,18 @@ impl Vm {
     /// Pins vCPU `vcpu` to the given host CPUs.
     pub fn pin_vcpu(&self, vcpu: u32, cpus: &[usize]) -> Result<(), VmError> {
         self.check_alive()?;
-        let tid = *self
-            .vcpu_tids
-            .get(vcpu as usize)
-            .ok_or_else(|| VmError::Invalid {
-                vm: self.name().into(),
-                msg: format!("vCPU {vcpu} has no thread"),
-            })?;
+        let tid = self.vcpu_tid(vcpu)?;
         set_affinity(tid, cpus).map_err(io_err(
             self.name(),
             format!("pin vCPU {vcpu} (thread {tid})"),
         ))
+    }
+
+    fn vcpu_tid(&self, vcpu: u32) -> Result<u32, VmError> {
+        self.vcpu_thread(vcpu).ok_or_else(|| VmError::Invalid {
+            vm: self.name().into(),
+            msg: format!("vCPU {vcpu} has no thread"),
+        })
     }
 
     /// The host thread of vCPU `vcpu`.
@@ -376,13 +377,7 @@ impl Vm {
 
     /// The host CPUs vCPU `vcpu` may run on.
     pub fn vcpu_affinity(&self, vcpu: u32) -> Result<Vec<usize>, VmError> {
-        let tid = *self
-            .vcpu_tids
-            .get(vcpu as usize)
-            .ok_or_else(|| VmError::Invalid {
-                vm: self.name().into(),
-                msg: format!("vCPU {vcpu} has no thread"),
-            })?;
+        let tid = self.vcpu_tid(vcpu)?;
         get_affinity(tid).map_err(io_err(self.name(), format!("affinity of vCPU {vcpu}")))
     }
 

@@ -1,0 +1,428 @@
+//! Collecting written pages from QEMU with `PAGEMAP_SCAN`.
+//!
+//! One ioctl on `/proc/<pid>/pagemap` (Linux 6.7+) both reports the pages
+//! written since they were last protected and write-protects them again, so
+//! nothing written between "read the bits" and "reset the bits" is lost.
+//! Constants and `struct pm_scan_arg` follow the kernel's
+//! `include/uapi/linux/fs.h`; Debian 12's headers predate them.
+//!
+//! `PM_SCAN_CHECK_WPASYNC` is always passed: without it a range that is not
+//! registered for async write-protect silently scans as "nothing written".
+//!
+//! The masks of [`DirtyTracker::scan`] must stay exactly `category_mask =
+//! return_mask = PAGE_IS_WRITTEN` with no `anyof`/`inverted` masks: that
+//! selects the kernel's fast path, which reports every PTE that is not
+//! write-protected, *empty ones included*, and protects it. So a page written
+//! and then unmapped before the scan (`MADV_DONTNEED`, reclaim) is still
+//! reported; the general path would drop it (an empty PTE has no category).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::maps::{Segment, find_segments};
+use crate::{DirtyError, DirtySet, PageRange, page_size};
+
+/// Only pages that match are reported, and they are write-protected again.
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail (EPERM) unless the whole range is registered for async WP.
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+/// The page lies in a VMA registered for async write-protect.
+const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+/// The page was written since it was last write-protected.
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+
+/// Regions returned per ioctl. The kernel stops after about 512 regions
+/// anyway (hence the loop on `walk_end`); more room would be wasted.
+const REGIONS_PER_CALL: usize = 512;
+
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const _: () = assert!(size_of::<PmScanArg>() == 96);
+const _: () = assert!(size_of::<PageRegion>() == 24);
+
+/// Dirty-page tracker for one QEMU process and its RAM file.
+pub struct DirtyTracker {
+    pid: u32,
+    ram_file: PathBuf,
+    pagemap: File,
+    segments: Vec<Segment>,
+    page_size: u64,
+    regions: Vec<PageRegion>,
+}
+
+impl std::fmt::Debug for DirtyTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the region buffer: it is scratch space.
+        f.debug_struct("DirtyTracker")
+            .field("pid", &self.pid)
+            .field("ram_file", &self.ram_file)
+            .field("segments", &self.segments)
+            .finish()
+    }
+}
+
+impl DirtyTracker {
+    /// Attaches to QEMU `pid`, which must already have `ram_file` mapped
+    /// (i.e. QEMU has started; it maps RAM before the guest runs).
+    pub fn attach(pid: u32, ram_file: &Path) -> Result<Self, DirtyError> {
+        let segments = find_segments(pid, ram_file)?;
+        let pagemap_path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+        let pagemap = File::open(&pagemap_path).map_err(|source| DirtyError::Proc {
+            path: pagemap_path,
+            source,
+        })?;
+        Ok(DirtyTracker {
+            pid,
+            ram_file: ram_file.to_owned(),
+            pagemap,
+            segments,
+            page_size: page_size(),
+            regions: vec![PageRegion::default(); REGIONS_PER_CALL],
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Confirms that all of QEMU's mapping of the RAM file is registered for
+    /// async write-protect, i.e. that the preload did its job. Call before
+    /// treating the VM as protected; an error names the cause.
+    pub fn verify_tracking(&mut self) -> Result<(), DirtyError> {
+        let not_tracking = |pid, reason| DirtyError::NotTracking { pid, reason };
+        for segment in self.segments.clone() {
+            let mut covered: Vec<(u64, u64)> = Vec::new();
+            self.walk(
+                segment,
+                PM_SCAN_CHECK_WPASYNC,
+                PAGE_IS_WPALLOWED,
+                |start, end| match covered.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => covered.push((start, end)),
+                },
+            )
+            .map_err(|e| {
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    format!(
+                        " (the mapping is not registered for userfaultfd async write-protect: \
+                         was QEMU started with LD_PRELOAD={} and {}={}? its stderr says why not)",
+                        crate::PRELOAD_FILE_NAME,
+                        crate::TRACK_PATH_ENV,
+                        self.ram_file.display()
+                    )
+                } else {
+                    String::new()
+                };
+                not_tracking(
+                    self.pid,
+                    format!(
+                        "PAGEMAP_SCAN check of {:#x}..{:#x} failed: {e}{hint}",
+                        segment.start, segment.end
+                    ),
+                )
+            })?;
+            if covered != [(segment.start, segment.end)] {
+                return Err(not_tracking(
+                    self.pid,
+                    format!(
+                        "write-protect covers {covered:x?} of the RAM mapping {:#x}..{:#x}, \
+                         not all of it",
+                        segment.start, segment.end
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the pages written since the previous scan (or since tracking
+    /// began) and write-protects them again, atomically per page.
+    ///
+    /// A page written while the scan runs is reported now or by the next
+    /// scan, never lost. On error the written state is unknown: resend all.
+    pub fn scan(&mut self) -> Result<DirtySet, DirtyError> {
+        let page = self.page_size;
+        let mut ranges = Vec::new();
+        for segment in self.segments.clone() {
+            self.walk(
+                segment,
+                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                PAGE_IS_WRITTEN,
+                |start, end| {
+                    let first = (start - segment.start + segment.file_offset) / page;
+                    ranges.push(PageRange::new(first, (end - start) / page));
+                },
+            )
+            .map_err(|source| DirtyError::TrackingLost {
+                pid: self.pid,
+                start: segment.start,
+                end: segment.end,
+                source,
+            })?;
+        }
+        Ok(if self.segments.len() == 1 {
+            // One mapping: already sorted by address, hence by file page.
+            let mut set = DirtySet::new();
+            ranges.into_iter().for_each(|r| set.push(r));
+            set
+        } else {
+            DirtySet::from_unsorted(ranges)
+        })
+    }
+
+    /// Runs `PAGEMAP_SCAN` over `segment` until the kernel has walked all of
+    /// it, passing each returned region's address range to `found`.
+    fn walk(
+        &mut self,
+        segment: Segment,
+        flags: u64,
+        category: u64,
+        mut found: impl FnMut(u64, u64),
+    ) -> io::Result<()> {
+        let mut start = segment.start;
+        while start < segment.end {
+            let mut arg = PmScanArg {
+                size: size_of::<PmScanArg>() as u64,
+                flags,
+                start,
+                end: segment.end,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: category,
+                category_anyof_mask: 0,
+                return_mask: category,
+            };
+            // SAFETY: `arg` is a valid `struct pm_scan_arg` whose `vec` points
+            // at `vec_len` writable `struct page_region`s we own.
+            let count = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+            if count < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let count = (count as usize).min(self.regions.len());
+            for region in &self.regions[..count] {
+                found(region.start, region.end);
+            }
+            if arg.walk_end <= start || arg.walk_end > segment.end {
+                return Err(io::Error::other(format!(
+                    "PAGEMAP_SCAN made no progress (walk_end {:#x}, start {start:#x})",
+                    arg.walk_end
+                )));
+            }
+            start = arg.walk_end;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uffd::enable_wp_async;
+    use std::os::fd::RawFd;
+    use std::time::Instant;
+    use tempfile::NamedTempFile;
+
+    /// A tmpfs file mapped shared into this process, optionally tracked the
+    /// way the preload tracks QEMU's RAM.
+    struct MappedFile {
+        file: NamedTempFile,
+        addr: *mut u8,
+        len: usize,
+        uffd: Option<RawFd>,
+    }
+
+    impl MappedFile {
+        fn new(pages: u64, track: bool) -> Self {
+            let file = tempfile::Builder::new()
+                .prefix("remus-dirty-scan-")
+                .tempfile_in("/dev/shm")
+                .expect("tmpfs file");
+            let len = (pages * page_size()) as usize;
+            file.as_file().set_len(len as u64).expect("set_len");
+            // SAFETY: fresh shared mapping of our own file.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_file().as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(
+                addr,
+                libc::MAP_FAILED,
+                "mmap: {}",
+                io::Error::last_os_error()
+            );
+            let uffd = track.then(|| {
+                // SAFETY: the range is the mapping just made.
+                unsafe { enable_wp_async(addr, len) }.expect("enable WP async")
+            });
+            MappedFile {
+                file,
+                addr: addr.cast(),
+                len,
+                uffd,
+            }
+        }
+
+        fn write_page(&self, index: u64, byte: u8) {
+            let offset = (index * page_size()) as usize + 100;
+            assert!(offset < self.len);
+            // SAFETY: inside our mapping.
+            unsafe { self.addr.add(offset).write_volatile(byte) };
+        }
+
+        fn read_page(&self, index: u64) -> u8 {
+            // SAFETY: inside our mapping.
+            unsafe {
+                self.addr
+                    .add((index * page_size()) as usize)
+                    .read_volatile()
+            }
+        }
+
+        fn tracker(&self) -> DirtyTracker {
+            DirtyTracker::attach(std::process::id(), self.file.path()).expect("attach")
+        }
+    }
+
+    impl Drop for MappedFile {
+        fn drop(&mut self) {
+            // SAFETY: unmapping and closing what `new` created.
+            unsafe {
+                libc::munmap(self.addr.cast(), self.len);
+                if let Some(fd) = self.uffd {
+                    libc::close(fd);
+                }
+            }
+        }
+    }
+
+    fn pages(set: &DirtySet) -> Vec<(u64, u64)> {
+        set.iter().map(|r| (r.first, r.count)).collect()
+    }
+
+    #[test]
+    fn scan_reports_exactly_the_written_pages_once() {
+        let mapped = MappedFile::new(1024, true);
+        let mut tracker = mapped.tracker();
+        tracker.verify_tracking().expect("tracking verified");
+        assert!(
+            tracker.scan().expect("scan").is_empty(),
+            "nothing written yet"
+        );
+
+        for index in [3, 4, 5, 100, 1023] {
+            mapped.write_page(index, 0xaa);
+        }
+        assert_eq!(mapped.read_page(700), 0, "reads are not writes");
+        assert_eq!(
+            pages(&tracker.scan().expect("scan")),
+            vec![(3, 3), (100, 1), (1023, 1)]
+        );
+        assert!(tracker.scan().expect("scan").is_empty(), "re-protected");
+
+        mapped.write_page(4, 0xbb);
+        mapped.write_page(4, 0xcc);
+        assert_eq!(pages(&tracker.scan().expect("scan")), vec![(4, 1)]);
+    }
+
+    #[test]
+    fn scan_walks_past_the_kernels_region_limit() {
+        // Every other page written: 2,048 separate regions, four times the
+        // ~512 the kernel returns per call.
+        let total = 4096;
+        let mapped = MappedFile::new(total, true);
+        let mut tracker = mapped.tracker();
+        for index in (0..total).step_by(2) {
+            mapped.write_page(index, 1);
+        }
+        let started = Instant::now();
+        let set = tracker.scan().expect("scan");
+        let elapsed = started.elapsed();
+        assert_eq!(set.ranges().len(), 2048);
+        assert!(
+            set.iter()
+                .enumerate()
+                .all(|(i, r)| *r == PageRange::new(2 * i as u64, 1))
+        );
+        let started = Instant::now();
+        assert!(tracker.scan().expect("scan").is_empty());
+        eprintln!(
+            "scan of 16 MiB: 2048 regions {:?}, nothing written {:?}",
+            elapsed,
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn untracked_mapping_fails_loudly() {
+        let mapped = MappedFile::new(64, false);
+        mapped.write_page(1, 1);
+        let mut tracker = mapped.tracker();
+
+        let err = tracker.verify_tracking().expect_err("not tracked");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "dirty tracking is not active in QEMU pid {}",
+                std::process::id()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("LD_PRELOAD"), "{text}");
+
+        let err = tracker.scan().expect_err("scan of an unregistered range");
+        assert!(err.is_tracking_lost(), "{err}");
+        match err {
+            DirtyError::TrackingLost { source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc::EPERM))
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn unmapped_file_is_reported() {
+        let file = NamedTempFile::new_in("/dev/shm").expect("tmpfs file");
+        let err = DirtyTracker::attach(std::process::id(), file.path()).expect_err("not mapped");
+        assert!(matches!(err, DirtyError::NotMapped { .. }), "{err}");
+    }
+}

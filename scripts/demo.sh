@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build-guest.sh
 echo "== building remus"
-cargo build --release --quiet -p remus
+cargo build --release --quiet -p remus -p remus-dirty-preload
 BIN=$PWD/target/release
 
 WORK=$(mktemp -d /tmp/remus-demo.XXXXXX)

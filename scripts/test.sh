@@ -13,6 +13,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build"
+# Builds every member, including the dirty-tracking preload (a cdylib that
+# `cargo test` alone does not produce) that QEMU loads in the tests.
+cargo build --workspace --quiet
 echo "== cargo test"
 # Tests that boot guests share the 2 cores; keep at most two at a time.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"

@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub ram_dir: PathBuf,
     pub qemu: QemuBinary,
     pub replication_listen: Option<String>,
+    /// Shared key authenticating replication peers.
+    pub key: Option<remus_proto::Key>,
 }
 
 /// One VM owned by this agent.
@@ -41,9 +43,51 @@ pub struct VmSlot {
     pub vm: Vm,
     pub role: Mutex<Role>,
     console_attached: AtomicBool,
+    /// Replication progress, one JSON object per line; an empty line ends
+    /// a session.
+    events: tokio::sync::broadcast::Sender<String>,
+    /// The running protection session: its stop flag and peer.
+    protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
 }
 
 impl VmSlot {
+    fn new(id: u32, vm: Vm, role: Role) -> VmSlot {
+        VmSlot {
+            id,
+            vm,
+            role: Mutex::new(role),
+            console_attached: AtomicBool::new(false),
+            events: tokio::sync::broadcast::channel(256).0,
+            protection: Mutex::new(None),
+        }
+    }
+    /// Publishes a replication event (nobody listening is fine).
+    pub fn publish(&self, line: String) {
+        let _ = self.events.send(line);
+    }
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+    pub fn set_protection(&self, stop: Arc<AtomicBool>, peer: String) {
+        *lock(&self.protection) = Some((stop, peer));
+    }
+    pub fn clear_protection(&self) {
+        *lock(&self.protection) = None;
+    }
+    /// The backup this VM is protected to, if any.
+    pub fn protected_to(&self) -> Option<String> {
+        lock(&self.protection).as_ref().map(|(_, p)| p.clone())
+    }
+    /// Asks the protection session to stop; false if none runs.
+    pub fn stop_protection(&self) -> bool {
+        match lock(&self.protection).as_ref() {
+            Some((stop, _)) => {
+                stop.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
     /// Marks the console attached; false when someone already is.
     pub fn claim_console(&self) -> bool {
         !self.console_attached.swap(true, Ordering::SeqCst)
@@ -131,6 +175,10 @@ impl Agent {
         }
     }
 
+    pub fn key(&self) -> Option<remus_proto::Key> {
+        self.opts.key.clone()
+    }
+
     pub fn slot(&self, name: &str) -> Result<Arc<VmSlot>, AgentError> {
         lock(&self.vms)
             .get(name)
@@ -169,12 +217,49 @@ impl Agent {
                 )));
             }
         }
-        let result = self.start_vm(config, qemu_ok);
+        let result = self
+            .start_vm(config, qemu_ok, None)
+            .map(|(slot, _)| info(&slot));
         lock(&self.creating).remove(&name);
         result
     }
 
-    fn start_vm(&self, config: VmConfig, qemu: &str) -> Result<VmInfo, AgentError> {
+    /// Creates a standby copy (QEMU with `-incoming defer` on a RAM
+    /// replica) for a replication session; listed as paused, role backup.
+    pub fn create_standby(
+        &self,
+        config: VmConfig,
+        purpose: remus_proto::Purpose,
+    ) -> Result<(Arc<VmSlot>, remus_replication::replica::Replica), AgentError> {
+        let qemu = self
+            .qemu_version
+            .as_ref()
+            .map_err(|e| AgentError::Internal(e.clone()))?
+            .clone();
+        let name = config.name.clone();
+        {
+            let vms = lock(&self.vms);
+            if vms.contains_key(&name) || !lock(&self.creating).insert(name.clone()) {
+                return Err(AgentError::Conflict(format!(
+                    "a VM named '{name}' already exists on this host"
+                )));
+            }
+        }
+        let r = self.start_vm(config, &qemu, Some(purpose));
+        lock(&self.creating).remove(&name);
+        let (slot, replica) = r?;
+        Ok((
+            slot,
+            replica.ok_or_else(|| AgentError::Internal("no replica".into()))?,
+        ))
+    }
+
+    fn start_vm(
+        &self,
+        config: VmConfig,
+        qemu: &str,
+        standby: Option<remus_proto::Purpose>,
+    ) -> Result<(Arc<VmSlot>, Option<remus_replication::replica::Replica>), AgentError> {
         let name = config.name.clone();
         let accel = remus_vm::resolve_accel(
             config.accel,
@@ -196,17 +281,31 @@ impl Agent {
         std::fs::write(paths.config(), config_json).map_err(|e| {
             AgentError::Internal(format!("write {}: {e}", paths.config().display()))
         })?;
+        let ram_file = self
+            .opts
+            .ram_dir
+            .join(format!("remus-{}-{name}.ram", self.tag));
+        // A standby's RAM file is the replica checkpoints are committed to;
+        // it exists (at its full size) before QEMU maps it.
+        let replica = match standby {
+            Some(_) => Some(
+                remus_replication::replica::Replica::create(
+                    &ram_file,
+                    config.memory * 1024 * 1024,
+                    &dir,
+                )
+                .map_err(|e| AgentError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
         let opts = StartOptions {
             qemu: self.opts.qemu.clone(),
-            ram_file: self
-                .opts
-                .ram_dir
-                .join(format!("remus-{}-{name}.ram", self.tag)),
+            ram_file,
             accel,
             tap_names: (0..config.vifs.len())
                 .map(|i| format!("rm{}v{id}n{i}", self.tag))
                 .collect(),
-            incoming: false,
+            incoming: standby.is_some(),
         };
         tracing::info!(vm = %name, id, %qemu, accel = accel.as_str(), "creating VM");
         let vm = Vm::start(config, paths, opts).map_err(|e| {
@@ -219,14 +318,14 @@ impl Agent {
                 _ => AgentError::Internal(e.to_string()),
             }
         })?;
-        let slot = Arc::new(VmSlot {
-            id,
-            vm,
-            role: Mutex::new(Role::Unprotected),
-            console_attached: AtomicBool::new(false),
-        });
+        let role = if standby.is_some() {
+            Role::Backup
+        } else {
+            Role::Unprotected
+        };
+        let slot = Arc::new(VmSlot::new(id, vm, role));
         lock(&self.vms).insert(name.clone(), slot.clone());
-        Ok(info(&slot))
+        Ok((slot, replica))
     }
 
     /// A directory left by an earlier agent: refuse if its QEMU still runs,
@@ -302,6 +401,9 @@ impl Agent {
             .remove(name)
             .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))?;
         tracing::info!(vm = %name, id = slot.id, "destroying");
+        // A protected VM's destroy is a primary failure to its backup (the
+        // link drops without an orderly end), as in the Remus docs.
+        slot.publish(String::new());
         slot.vm.destroy();
         self.archive_logs(name, &slot.vm.paths, &slot.id.to_string());
         if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {

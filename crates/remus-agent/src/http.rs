@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use remus_api::{CONSOLE_UPGRADE, CreateRequest, ErrorBody, PinRequest};
 
 use crate::agent::{Agent, AgentError};
+use crate::replication::ProtectRequest;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -55,6 +56,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/vcpus", get(vcpus))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console_attach))
+        .route(
+            "/v1/vms/{name}/protection",
+            post(protect).get(protection_events).delete(unprotect),
+        )
         .fallback(|| async {
             AgentError::NotFound("no such API endpoint (see the remus-api docs)".into())
         })
@@ -202,4 +207,58 @@ fn a_name(console_path: &std::path::Path) -> String {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+async fn protect(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<ProtectRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<StatusCode, AgentError> {
+    let Json(req) =
+        body.map_err(|e| AgentError::BadRequest(format!("bad protect request: {e}")))?;
+    blocking(move || crate::replication::start_protect(&a, &name, req)).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Follows a VM's replication events: one JSON object per line, until the
+/// session ends.
+async fn protection_events(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    let slot = a.slot(&name)?;
+    if slot.protected_to().is_none() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is not being protected"
+        )));
+    }
+    let rx = slot.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if line.is_empty() => return None,
+                Ok(line) => return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn unprotect(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, AgentError> {
+    let slot = a.slot(&name)?;
+    if !slot.stop_protection() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is not being protected"
+        )));
+    }
+    Ok(StatusCode::ACCEPTED)
 }

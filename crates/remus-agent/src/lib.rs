@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod http;
+pub mod replication;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,9 +30,14 @@ pub struct Args {
     /// Unix socket the CLI talks to.
     #[arg(long, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Address for replication from peer agents (HOST:PORT).
+    /// Address for replication from peer agents (HOST:PORT); this agent
+    /// then serves as a backup or migration destination. Needs --key.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Shared key file authenticating replication peers (at least 32
+    /// bytes, the same file on both hosts: `head -c 32 /dev/urandom > KEY`).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// Where guest RAM files live; a tmpfs keeps them out of the page
     /// cache's writeback.
     #[arg(long, default_value = "/dev/shm")]
@@ -64,6 +70,18 @@ pub fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    let key = match &args.key {
+        Some(path) => Some(
+            remus_proto::Key::load(path)
+                .with_context(|| format!("replication key {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if args.listen.is_some() && key.is_none() {
+        anyhow::bail!(
+            "--listen needs --key FILE: replication peers must authenticate (the same key file on both hosts)"
+        );
+    }
     let agent = Arc::new(Agent::new(AgentOptions {
         state_dir: state_dir.clone(),
         ram_dir: args.ram_dir.clone(),
@@ -72,6 +90,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             env: Vec::new(),
         },
         replication_listen: args.listen.clone(),
+        key,
     })?);
 
     if let Some(dir) = args.socket.parent() {
@@ -93,11 +112,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("bind {}", args.socket.display()))?;
 
     if let Some(addr) = &args.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
+        let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("bind replication address {addr}"))?;
         tracing::info!(%addr, "replication port bound");
-        tokio::spawn(replication_placeholder(l));
+        let a = agent.clone();
+        std::thread::Builder::new()
+            .name("repl-listen".into())
+            .spawn(move || replication::serve(a, l))
+            .context("start the replication listener")?;
     }
 
     tracing::info!(socket = %args.socket.display(), state_dir = %state_dir.display(), "remusd ready");
@@ -119,24 +141,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("remusd stopped");
     Ok(())
-}
-
-/// Until the replication protocol lands, peers that connect are told so
-/// and disconnected, so that a misconfigured peer fails loudly.
-async fn replication_placeholder(l: tokio::net::TcpListener) {
-    use tokio::io::AsyncWriteExt;
-    loop {
-        match l.accept().await {
-            Ok((mut s, peer)) => {
-                tracing::warn!(%peer, "replication connection refused: this agent does not speak the replication protocol yet");
-                let _ = s
-                    .write_all(b"remusd: replication not supported by this agent version\n")
-                    .await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "replication accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
 }

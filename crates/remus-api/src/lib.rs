@@ -89,6 +89,29 @@ pub struct VcpuInfo {
     pub affinity: Vec<usize>,
 }
 
+/// `POST /v1/vms/NAME/protection`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectRequest {
+    /// The backup agent's replication address, HOST:PORT.
+    pub peer: String,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub no_net: bool,
+    #[serde(default)]
+    pub no_disk: bool,
+}
+
+fn default_interval_ms() -> u64 {
+    200
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
 /// An error body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -253,6 +276,71 @@ impl Client {
 
     pub async fn vcpus(&self, name: &str) -> Result<Vec<VcpuInfo>, ClientError> {
         self.json(Method::GET, &vm_path(name, "/vcpus"), None).await
+    }
+
+    /// Starts protecting a VM to the backup agent at `req.peer`.
+    pub async fn protect(&self, name: &str, req: &ProtectRequest) -> Result<(), ClientError> {
+        let body = Self::body(req)?;
+        self.request(Method::POST, &vm_path(name, "/protection"), body)
+            .await
+            .map(|_| ())
+    }
+
+    /// Stops protecting a VM (the backup discards its standby).
+    pub async fn unprotect(&self, name: &str) -> Result<(), ClientError> {
+        self.request(Method::DELETE, &vm_path(name, "/protection"), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Follows a VM's replication events, calling `each` per JSON line,
+    /// until the session ends.
+    pub async fn follow_protection(
+        &self,
+        name: &str,
+        mut each: impl FnMut(serde_json::Value),
+    ) -> Result<(), ClientError> {
+        let mut sender = self.connect().await?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(vm_path(name, "/protection"))
+            .header("host", "remus")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Transport(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    if let Ok(v) = serde_json::from_slice(&line[..line.len() - 1]) {
+                        each(v);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The console output so far.

@@ -22,6 +22,38 @@ pub fn list_table(vms: &[VmInfo]) -> String {
     out
 }
 
+/// One replication event as a line, in the spirit of `xl remus`.
+pub fn protect_event(ev: &serde_json::Value) -> String {
+    let f = |k: &str| ev[k].as_f64().unwrap_or(0.0);
+    let u = |k: &str| ev[k].as_u64().unwrap_or(0);
+    match ev["event"].as_str().unwrap_or("") {
+        "initial_sync" => format!(
+            "initial sync: {} pages ({:.1} MiB) in {:.0} ms",
+            u("pages"),
+            f("bytes") / 1048576.0,
+            f("ms")
+        ),
+        "checkpoint" => format!(
+            "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {:>8} B  ack {:>6.2} ms",
+            u("epoch"),
+            f("pause_ms"),
+            u("dirty_pages"),
+            u("bytes"),
+            f("ack_ms")
+        ),
+        "backup_lost" => format!(
+            "BACKUP LOST: {} — the VM runs on UNPROTECTED; run remus protect again",
+            ev["reason"].as_str().unwrap_or("?")
+        ),
+        "stopped" => format!("protection stopped after {} checkpoints", u("checkpoints")),
+        "failed" => format!(
+            "PROTECTION FAILED: {} — the VM runs on UNPROTECTED",
+            ev["reason"].as_str().unwrap_or("?")
+        ),
+        _ => ev.to_string(),
+    }
+}
+
 /// `xl vcpu-list`'s table.
 pub fn vcpu_table(vm: &str, vcpus: &[VcpuInfo]) -> String {
     let mut out = format!(

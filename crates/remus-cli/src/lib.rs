@@ -69,6 +69,39 @@ pub enum Command {
         json: bool,
         vm: String,
     },
+    /// Protect a VM: checkpoint it to the backup agent at HOST:PORT many
+    /// times a second; the backup resumes it if this host dies. Prints a
+    /// line per checkpoint; Ctrl-C stops following (protection goes on;
+    /// `remus protect --stop VM` ends it).
+    Protect {
+        /// Checkpoint interval in milliseconds.
+        #[arg(short = 'i', long = "interval", default_value_t = 200)]
+        interval_ms: u64,
+        /// Failover timeout in milliseconds: the backup resumes the VM when
+        /// it hears nothing from this host for this long.
+        #[arg(long = "timeout", default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Do not buffer network output until its checkpoint commits.
+        #[arg(long)]
+        no_net: bool,
+        /// Do not replicate disk writes (a failover may then corrupt the
+        /// guest's disk).
+        #[arg(long)]
+        no_disk: bool,
+        /// Stop protecting VM (the backup discards its standby copy).
+        #[arg(long)]
+        stop: bool,
+        /// Print events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Only start protection; do not follow it.
+        #[arg(long, short = 'd')]
+        detach: bool,
+        vm: String,
+        /// The backup agent's replication address (HOST:PORT).
+        #[arg(required_unless_present = "stop")]
+        host: Option<String>,
+    },
     /// Show what the local agent runs on (QEMU version, KVM).
     Info {
         #[arg(long)]
@@ -169,6 +202,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", format::vcpu_table(&vm, &v));
+            }
+        }
+        Command::Protect {
+            interval_ms,
+            timeout_ms,
+            no_net,
+            no_disk,
+            stop,
+            json,
+            detach,
+            vm,
+            host,
+        } => {
+            if stop {
+                client.unprotect(&vm).await.map_err(api)?;
+                eprintln!("Stopping protection of '{vm}'.");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let peer = host.unwrap_or_default();
+            if no_disk {
+                eprintln!(
+                    "remus: warning: --no-disk: disk writes are not replicated; after a failover the guest's disk may not match its memory"
+                );
+            }
+            let req = remus_api::ProtectRequest {
+                peer: peer.clone(),
+                interval_ms,
+                timeout_ms,
+                no_net,
+                no_disk,
+            };
+            client.protect(&vm, &req).await.map_err(api)?;
+            eprintln!(
+                "Protecting '{vm}' to {peer} every {interval_ms} ms (failover after {timeout_ms} ms of silence)."
+            );
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut n = 0u64;
+            let mut pause_sum = 0.0;
+            let mut pause_max: f64 = 0.0;
+            let follow = client.follow_protection(&vm, |ev| {
+                if json {
+                    println!("{ev}");
+                    return;
+                }
+                println!("{}", format::protect_event(&ev));
+                if ev["event"] == "checkpoint" {
+                    n += 1;
+                    let p = ev["pause_ms"].as_f64().unwrap_or(0.0);
+                    pause_sum += p;
+                    pause_max = pause_max.max(p);
+                }
+            });
+            tokio::select! {
+                r = follow => r.map_err(api)?,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("\nStopped following; protection of '{vm}' continues (remus protect --stop {vm} ends it).");
+                }
+            }
+            if n > 0 && !json {
+                eprintln!(
+                    "{n} checkpoints, pause mean {:.2} ms, max {:.2} ms",
+                    pause_sum / n as f64,
+                    pause_max
+                );
             }
         }
         Command::Info { json } => {

@@ -316,6 +316,20 @@ impl Agent {
         }
     }
 
+    /// Pulls the plug: SIGKILL of the agent and of every QEMU it started,
+    /// with no chance to say goodbye to a peer.
+    pub fn kill_hard(&mut self) {
+        let qemus = self.qemu_pids();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in qemus {
+            // SAFETY: a QEMU this agent started (pid from its state dir).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+
     /// The agent's own PID (when started directly, not via `ip netns exec`
     /// which execs in place, so the PID is the same).
     pub fn pid(&self) -> Option<u32> {
@@ -327,6 +341,27 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Writes a fresh 32-byte replication key into `dir` and returns its path.
+pub fn write_key(dir: &Path) -> PathBuf {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .expect("read /dev/urandom");
+    let path = dir.join("remus.key");
+    std::fs::write(&path, key).expect("write key");
+    let _ = std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    path
+}
+
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Output of one CLI run.

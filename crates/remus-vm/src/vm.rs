@@ -72,7 +72,7 @@ pub enum VmError {
 pub struct QemuBinary {
     pub path: PathBuf,
     /// Extra environment for QEMU (e.g. the dirty-tracking preload).
-    pub env: Vec<(String, String)>,
+    pub env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Default for QemuBinary {
@@ -111,6 +111,8 @@ pub struct Vm {
     relays: Mutex<Vec<Relay>>,
     console: Mutex<Option<ConsoleHub>>,
     vcpu_tids: Vec<u32>,
+    /// QEMU was started with the dirty-tracking preload.
+    dirty_tracking: bool,
     pub started_at: Instant,
 }
 
@@ -189,12 +191,24 @@ impl Vm {
             format!("create {}", paths.qemu_log().display()),
         ))?;
         let log2 = log.try_clone().map_err(io_err(&name, "dup qemu.log"))?;
+        let mut env = opts.qemu.env.clone();
+        let preload = remus_dirty::preload_path();
+        match &preload {
+            Some(lib) => env.extend(
+                remus_dirty::preload_env(lib, &opts.ram_file)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v)),
+            ),
+            None => {
+                tracing::warn!(vm = %name, "dirty-tracking preload not found: this VM can run but not be protected or migrated")
+            }
+        }
         let mut cmd = Command::new(&opts.qemu.path);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .envs(opts.qemu.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_os_str())));
         let mut child = cmd.spawn().map_err(|e| VmError::Start {
             vm: name.clone(),
             reason: format!("cannot run {}: {e}", opts.qemu.path.display()),
@@ -255,6 +269,7 @@ impl Vm {
             relays: Mutex::new(relays),
             console: Mutex::new(Some(console)),
             vcpu_tids,
+            dirty_tracking: preload.is_some(),
             started_at: Instant::now(),
         })
     }
@@ -386,6 +401,27 @@ impl Vm {
         self.check_alive()?;
         UnixStream::connect(self.paths.console_attach_socket())
             .map_err(io_err(self.name(), "connect to the console"))
+    }
+
+    /// Attaches the dirty-page tracker to this VM's QEMU and checks that
+    /// tracking is active (the preload library registered guest RAM). An
+    /// error says why protection or migration cannot run.
+    pub fn dirty_tracker(&self) -> Result<remus_dirty::DirtyTracker, VmError> {
+        let invalid = |msg: String| VmError::Invalid {
+            vm: self.name().to_string(),
+            msg,
+        };
+        if !self.dirty_tracking {
+            return Err(invalid(format!(
+                "dirty-page tracking is off: QEMU was started without the preload library ({} not found next to remusd; build it with `cargo build --release -p remus-dirty-preload`)",
+                remus_dirty::PRELOAD_FILE_NAME
+            )));
+        }
+        let mut t = remus_dirty::DirtyTracker::attach(self.pid, &self.ram_file)
+            .map_err(|e| invalid(format!("dirty-page tracking: {e}")))?;
+        t.verify_tracking()
+            .map_err(|e| invalid(format!("dirty-page tracking: {e}")))?;
+        Ok(t)
     }
 
     /// Disk server counters, per target.

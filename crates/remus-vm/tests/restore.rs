@@ -57,6 +57,10 @@ fn restore_continues_the_guest() {
     let log_a = VmPaths::new(&dir_a).console_log();
     wait_log(&log_a, "tick 5 on the source", |t| last_tick(t) >= Some(5));
 
+    // Every VM is started trackable (preload built by `cargo build`).
+    let mut tracker = a.dirty_tracker().expect("dirty tracking active");
+    let first = tracker.scan().unwrap();
+    assert!(first.page_count() > 0, "a booted guest has written pages");
     a.qmp().execute("stop", None).unwrap();
     devstate::prepare(a.qmp()).unwrap();
     devstate::save(a.qmp(), &dev).unwrap();

@@ -1,0 +1,379 @@
+//! Replication sessions of this agent, in both roles, and the failover
+//! policy.
+//!
+//! Primary: `POST /v1/vms/NAME/protect` connects to the backup agent,
+//! authenticates, sends the VM's config, waits for the standby to be
+//! ready, then runs the epoch loop (remus-replication) on a thread of its
+//! own. Events go to a broadcast channel the CLI follows.
+//!
+//! Backup: the `--listen` port accepts sessions; each one authenticates,
+//! receives the config, checks that this host can run it (same shape,
+//! disks present with the same sizes), starts a standby QEMU with
+//! `-incoming defer` on a RAM replica and receives checkpoints. When the
+//! session ends, [`decide_failover`] decides what happens to the standby —
+//! the one place where a future arbiter can veto a failover.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use remus_config::VmConfig;
+use remus_proto::{
+    DiskCompat, ErrorCode, HelloParams, Message, Purpose, VmCompat, client_handshake,
+    server_handshake,
+};
+use remus_replication::backup::{BackupConfig, BackupEnd};
+use remus_replication::primary::{ProtectConfig, ProtectEnd, ProtectEvent};
+use remus_replication::replica::Replica;
+use remus_vm::Role;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{Agent, AgentError, VmSlot};
+
+pub use remus_api::ProtectRequest;
+
+/// What the primary sends after the handshake (the `VmConfig` message's
+/// JSON): the VM's config and the session's parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSetup {
+    pub config: VmConfig,
+    /// No checkpoint or heartbeat for this long: the primary is lost.
+    pub timeout_ms: u64,
+}
+
+/// The replication-relevant shape of a VM on this host.
+pub fn compat_of(cfg: &VmConfig) -> Result<VmCompat, String> {
+    let mut disks = Vec::new();
+    for d in cfg.disks_in_order() {
+        let size = std::fs::metadata(&d.path)
+            .map_err(|e| format!("disk {}: {}: {e}", d.target, d.path.display()))?
+            .len();
+        disks.push(DiskCompat {
+            target: d.target.clone(),
+            size_bytes: size,
+        });
+    }
+    Ok(VmCompat {
+        memory_mib: cfg.memory,
+        vcpus: cfg.vcpus,
+        machine: cfg.machine.to_string(),
+        cpu_model: cfg.cpu.clone().unwrap_or_default(),
+        disks,
+        macs: (0..cfg.vifs.len()).map(|i| cfg.vif_mac(i).0).collect(),
+    })
+}
+
+/// Starts protecting `name` (blocking: connects, authenticates, waits for
+/// the standby). Returns once the session runs.
+pub fn start_protect(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: ProtectRequest,
+) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    let key = agent.key().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
+        )
+    })?;
+    {
+        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+        if role != Role::Unprotected {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is {} already; protect needs an unprotected running VM",
+                role_name(role)
+            )));
+        }
+    }
+    if !(5..=60_000).contains(&req.interval_ms) {
+        return Err(AgentError::BadRequest(format!(
+            "interval {} ms is out of range 5..=60000",
+            req.interval_ms
+        )));
+    }
+    if req.timeout_ms < 2 * req.interval_ms.max(50) {
+        return Err(AgentError::BadRequest(format!(
+            "timeout {} ms must be at least twice the interval ({} ms)",
+            req.timeout_ms, req.interval_ms
+        )));
+    }
+    slot.vm
+        .dirty_tracker()
+        .map_err(|e| AgentError::Conflict(e.to_string()))?;
+    let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
+
+    let mut stream = connect(&req.peer)?;
+    let session = client_handshake(
+        &mut stream,
+        &key,
+        &HelloParams::new(Purpose::Protect, name, compat),
+    )
+    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    // The config, then wait for the standby.
+    let config_json = serde_json::to_string(&SessionSetup {
+        config: slot.vm.config.clone(),
+        timeout_ms: req.timeout_ms,
+    })
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    Message::VmConfig { json: config_json }
+        .write_to(&mut stream)
+        .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
+    match Message::read_from(&mut stream) {
+        Ok(Message::Ready) => {}
+        Ok(Message::Error { code, message }) => {
+            return Err(AgentError::BadRequest(format!(
+                "backup {} refused: {code}: {message}",
+                session.peer
+            )));
+        }
+        Ok(other) => {
+            return Err(AgentError::Internal(format!(
+                "backup {} answered {:?} instead of Ready",
+                session.peer,
+                other.msg_type()
+            )));
+        }
+        Err(e) => {
+            return Err(AgentError::Internal(format!(
+                "backup {} did not prepare the standby: {e}",
+                session.peer
+            )));
+        }
+    }
+    if req.no_net {
+        tracing::warn!(vm = %name, "--no-net: network output is not buffered (output commit arrives with the network issue)");
+    }
+    if req.no_disk || !slot.vm.config.disks.is_empty() {
+        tracing::warn!(vm = %name, "disk writes are NOT replicated yet: after a failover the backup's disk may not match its memory");
+    }
+
+    *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
+    let stop = Arc::new(AtomicBool::new(false));
+    slot.set_protection(stop.clone(), req.peer.clone());
+    let cfg = ProtectConfig {
+        interval: Duration::from_millis(req.interval_ms),
+        heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
+        timeout: Duration::from_millis(req.timeout_ms),
+    };
+    let vm_name = name.to_string();
+    let slot2 = slot.clone();
+    let peer = req.peer.clone();
+    std::thread::Builder::new()
+        .name(format!("protect-{vm_name}"))
+        .spawn(move || {
+            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.interval.as_millis() as u64, "protection started");
+            let emit = |ev: ProtectEvent| {
+                if let ProtectEvent::Checkpoint(s) = &ev {
+                    tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
+                }
+                slot2.publish(serde_json::to_string(&ev).unwrap_or_default());
+            };
+            let end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
+            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            slot2.clear_protection();
+            match end {
+                Ok(ProtectEnd::Stopped) => {
+                    tracing::info!(vm = %vm_name, "protection stopped by the operator");
+                }
+                Ok(ProtectEnd::BackupLost(reason)) => {
+                    tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
+                }
+                Err(e) => {
+                    slot2.publish(
+                        serde_json::json!({"event": "failed", "reason": e.to_string()}).to_string(),
+                    );
+                    tracing::error!(vm = %vm_name, error = %e, "protection failed: the VM runs on UNPROTECTED");
+                }
+            }
+            slot2.publish(String::new());
+        })
+        .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
+    Ok(())
+}
+
+fn connect(peer: &str) -> Result<TcpStream, AgentError> {
+    let addrs: Vec<_> = peer
+        .to_socket_addrs()
+        .map_err(|e| AgentError::BadRequest(format!("peer '{peer}': {e} (want HOST:PORT)")))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(AgentError::BadRequest(format!(
+        "cannot reach the backup agent at {peer}: {}",
+        last.map(|e| e.to_string())
+            .unwrap_or_else(|| "no address".into())
+    )))
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Unprotected => "unprotected",
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+    }
+}
+
+/// Accepts replication sessions on the `--listen` port (blocking; runs on
+/// its own thread).
+pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let a = agent.clone();
+                let peer = stream
+                    .peer_addr()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let spawned = std::thread::Builder::new()
+                    .name("repl-session".into())
+                    .spawn(move || {
+                        if let Err(e) = backup_session(&a, stream) {
+                            tracing::warn!(%peer, error = %e, "replication session refused");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a session thread");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replication accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), String> {
+    let Some(key) = agent.key() else {
+        let _ = Message::Error {
+            code: ErrorCode::Internal,
+            message: "the backup agent has no replication key (--key)".into(),
+        }
+        .write_to(&mut stream);
+        return Err("no --key: replication refused".into());
+    };
+    let (session, hello) = server_handshake(&mut stream, &key, |vm, _purpose| {
+        if agent.slot(vm).is_ok() {
+            Err(format!("a VM named '{vm}' already exists on this host"))
+        } else {
+            Ok(None)
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let peer = session.peer.clone();
+    let refuse = |stream: &mut TcpStream, msg: String| {
+        let _ = Message::Error {
+            code: ErrorCode::Incompatible,
+            message: msg.clone(),
+        }
+        .write_to(stream);
+        msg
+    };
+    let setup = match Message::read_from(&mut stream) {
+        Ok(Message::VmConfig { json }) => serde_json::from_str::<SessionSetup>(&json)
+            .map_err(|e| refuse(&mut stream, format!("bad VM config from {peer}: {e}")))?,
+        Ok(other) => {
+            return Err(format!(
+                "{peer} sent {:?} instead of the VM config",
+                other.msg_type()
+            ));
+        }
+        Err(e) => return Err(format!("{peer}: {e}")),
+    };
+    let timeout = Duration::from_millis(setup.timeout_ms.clamp(100, 600_000));
+    let cfg = setup.config;
+    if cfg.name != hello.vm_name {
+        return Err(refuse(
+            &mut stream,
+            "config name differs from the Hello".into(),
+        ));
+    }
+    if let Err(e) = cfg.validate().and_then(|()| cfg.check_host()) {
+        return Err(refuse(
+            &mut stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    let local = compat_of(&cfg).map_err(|e| refuse(&mut stream, e))?;
+    if let Err(diffs) = hello.compat.check_sides(&local, "primary", "backup") {
+        return Err(refuse(&mut stream, diffs.join("; ")));
+    }
+    let name = cfg.name.clone();
+    let (slot, replica) = agent
+        .create_standby(cfg, session.purpose)
+        .map_err(|e| refuse(&mut stream, e.to_string()))?;
+    Message::Ready
+        .write_to(&mut stream)
+        .map_err(|e| format!("{peer}: {e}"))?;
+    tracing::info!(vm = %name, %peer, purpose = ?session.purpose, "standby ready; receiving checkpoints");
+    let mut replica = replica;
+    let cfg = BackupConfig {
+        timeout,
+        heartbeat: timeout / 4,
+    };
+    let vm_name = name.clone();
+    let end = remus_replication::backup::receive(stream, &mut replica, &cfg, &|ev| {
+        tracing::debug!(vm = %vm_name, event = ?ev, "backup");
+    });
+    decide_failover(agent, &slot, &replica, end);
+    Ok(())
+}
+
+/// The failover policy: the one place that decides whether the standby
+/// runs. Today it resumes whenever the primary is lost after at least one
+/// committed checkpoint; an arbiter (an etcd lease) will be consulted here.
+fn decide_failover(
+    agent: &Arc<Agent>,
+    slot: &Arc<VmSlot>,
+    replica: &Replica,
+    end: Result<BackupEnd, remus_replication::ReplError>,
+) {
+    let name = slot.vm.name().to_string();
+    let resume = |why: &str| match remus_replication::failover::resume(&slot.vm, replica) {
+        Ok(stats) => {
+            *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: {why}; resumed from the last committed checkpoint, epoch {}", stats.epoch);
+        }
+        Err(e) => {
+            tracing::error!(vm = %name, error = %e, "failover FAILED; the standby is destroyed");
+            let _ = agent.destroy(&name);
+        }
+    };
+    match end {
+        Ok(BackupEnd::Done) => {
+            tracing::info!(vm = %name, "the primary ended protection; standby discarded");
+            let _ = agent.destroy(&name);
+        }
+        Ok(BackupEnd::SwitchOver(epoch)) => {
+            resume(&format!("migration switch-over at epoch {}", epoch.0))
+        }
+        Ok(BackupEnd::PrimaryLost {
+            committed: Some(_),
+            reason,
+        }) => resume(&format!("primary lost ({reason})")),
+        Ok(BackupEnd::PrimaryLost {
+            committed: None,
+            reason,
+        }) => {
+            tracing::warn!(vm = %name, %reason, "primary lost before the first checkpoint committed: nothing to resume; standby discarded");
+            let _ = agent.destroy(&name);
+        }
+        Err(e) => {
+            tracing::error!(vm = %name, error = %e, "replication session failed");
+            if replica.committed().is_some() {
+                resume(&format!("session failed ({e})"));
+            } else {
+                let _ = agent.destroy(&name);
+            }
+        }
+    }
+}

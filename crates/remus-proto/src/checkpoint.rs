@@ -1,0 +1,726 @@
+//! The receiver's checkpoint state machine: pure logic, no I/O.
+//!
+//! ```text
+//!                 CheckpointBegin(e), e > last committed
+//!      ┌──────┐ ──────────────────────────────────────► ┌───────────┐
+//!      │ Idle │                                          │   Pages   │ ◄─┐ PageRun
+//!      └──────┘ ◄─────────────────────────────────────── └───────────┘ ──┘
+//!        ▲  ▲      CheckpointEnd(e): counts and digest       │ DeviceState
+//!        │  │      match → yields CompleteCheckpoint         ▼ (Checkpoint kind only)
+//!        │  │                                          ┌─────────────┐
+//!        │  └───────────────────────────────────────── │ DeviceState │ ◄─┐ DeviceState
+//!        │         CheckpointEnd(e): as above          └─────────────┘ ──┘
+//!        │
+//!        └── any error: the partial checkpoint is discarded, the assembler is
+//!            Idle again and the last committed epoch is unchanged
+//! ```
+//!
+//! Rejected (each a [`CheckpointError`], each discarding the open epoch):
+//! End, PageRun or DeviceState with no open epoch; Begin while an epoch is
+//! open; Begin of an epoch not above the last committed one; End of another
+//! epoch than the open one; a page run outside guest memory; more pages in one
+//! epoch than guest memory has; a page run after device state; device state
+//! in a kind that has none, or none in a Checkpoint; counts or digest that do
+//! not match End. On connection loss the caller drops the assembler (or calls
+//! [`CheckpointAssembler::discard`]): a partial checkpoint is never applied.
+//!
+//! Yielding a [`CompleteCheckpoint`] advances the last committed epoch: the
+//! caller applies it and acks. If the caller cannot apply it, the session is
+//! broken anyway and must be restarted with a full resync.
+
+use std::io::Write;
+
+use thiserror::Error;
+use xxhash_rust::xxh3::Xxh3Default;
+
+use crate::frame::WireError;
+use crate::message::{
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, Message, PAGE_SIZE, PageRun,
+    write_device_state, write_page_run,
+};
+
+/// Largest device state accepted in one checkpoint (512 MiB). QEMU's device
+/// state is normally well under a few MiB, since guest RAM travels as pages.
+pub const MAX_DEVICE_STATE: u64 = 512 << 20;
+
+/// XXH3-128 over an epoch's contents, computed the same way by sender and
+/// receiver. Pages are hashed one at a time with their page number, so the
+/// digest does not depend on how pages were grouped into runs or frames; the
+/// device state is hashed as one byte stream after all pages.
+pub struct CheckpointDigest {
+    hasher: Xxh3Default,
+}
+
+impl Default for CheckpointDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CheckpointDigest {
+    pub fn new() -> Self {
+        CheckpointDigest {
+            hasher: Xxh3Default::new(),
+        }
+    }
+
+    /// Adds the pages `first_page..` whose contents are `data` (whole pages).
+    pub fn add_pages(&mut self, first_page: u64, data: &[u8]) {
+        for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+            self.hasher.update(&(first_page + i as u64).to_be_bytes());
+            self.hasher.update(page);
+        }
+    }
+
+    /// Adds a chunk of device state; call after all pages.
+    pub fn add_device_state(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+    }
+
+    pub fn finish(&self) -> [u8; DIGEST_LEN] {
+        self.hasher.digest128().to_be_bytes()
+    }
+}
+
+/// The sender's side of one checkpoint: writes Begin, page runs, device
+/// state and an End whose counts and digest match what was written, so the
+/// sender cannot get the digest out of step with the stream.
+pub struct CheckpointWriter {
+    epoch: Epoch,
+    kind: CheckpointKind,
+    pages: u64,
+    device_state_len: u64,
+    device_state_started: bool,
+    digest: CheckpointDigest,
+}
+
+impl CheckpointWriter {
+    /// Writes CheckpointBegin.
+    pub fn begin(
+        w: &mut impl Write,
+        epoch: Epoch,
+        kind: CheckpointKind,
+    ) -> Result<Self, WireError> {
+        Message::CheckpointBegin { epoch, kind }.write_to(w)?;
+        Ok(CheckpointWriter {
+            epoch,
+            kind,
+            pages: 0,
+            device_state_len: 0,
+            device_state_started: false,
+            digest: CheckpointDigest::new(),
+        })
+    }
+
+    /// Writes the pages `first_page..` (whole pages, split into frames as
+    /// needed).
+    ///
+    /// # Panics
+    /// After device state, or if `data` is not whole pages: sender bugs.
+    pub fn pages(
+        &mut self,
+        w: &mut impl Write,
+        first_page: u64,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        assert!(!self.device_state_started, "page run after device state");
+        if data.is_empty() {
+            return Ok(());
+        }
+        write_page_run(w, first_page, data)?;
+        self.digest.add_pages(first_page, data);
+        self.pages += (data.len() / PAGE_SIZE) as u64;
+        Ok(())
+    }
+
+    /// Writes a chunk of device state (split into frames as needed).
+    ///
+    /// # Panics
+    /// If this kind carries no device state: a sender bug.
+    pub fn device_state(&mut self, w: &mut impl Write, data: &[u8]) -> Result<(), WireError> {
+        assert!(
+            self.kind.has_device_state(),
+            "device state in a {:?}",
+            self.kind
+        );
+        write_device_state(w, data)?;
+        self.device_state_started = true;
+        self.digest.add_device_state(data);
+        self.device_state_len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Writes CheckpointEnd and returns it. Does not flush.
+    pub fn end(self, w: &mut impl Write) -> Result<CheckpointEnd, WireError> {
+        let end = CheckpointEnd {
+            epoch: self.epoch,
+            page_count: self.pages,
+            device_state_len: self.device_state_len,
+            digest: self.digest.finish(),
+        };
+        Message::CheckpointEnd(end.clone()).write_to(w)?;
+        Ok(end)
+    }
+}
+
+/// A verified checkpoint, ready to be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompleteCheckpoint {
+    pub epoch: Epoch,
+    pub kind: CheckpointKind,
+    /// Page runs in the order received; later runs win if they overlap.
+    pub runs: Vec<PageRun>,
+    /// The device state (empty unless `kind` is `Checkpoint`).
+    pub device_state: Vec<u8>,
+}
+
+/// Why a checkpoint was rejected. The open epoch, if any, was discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CheckpointError {
+    #[error("{what} arrived with no checkpoint open")]
+    NotOpen { what: &'static str },
+    #[error("CheckpointBegin of {new} while {open} was still open; {open} was discarded")]
+    BeginWhileOpen { open: Epoch, new: Epoch },
+    #[error("CheckpointBegin of {epoch} is not after the last committed {last_committed}")]
+    StaleEpoch { epoch: Epoch, last_committed: Epoch },
+    #[error("CheckpointEnd of {end} while {open} was open; {open} was discarded")]
+    EpochMismatch { open: Epoch, end: Epoch },
+    #[error(
+        "{epoch}: page run {first_page}+{page_count} lies beyond guest memory ({guest_pages} pages); discarded"
+    )]
+    PageOutOfRange {
+        epoch: Epoch,
+        first_page: u64,
+        page_count: u32,
+        guest_pages: u64,
+    },
+    #[error("{epoch}: more pages than guest memory holds ({guest_pages}); discarded")]
+    TooManyPages { epoch: Epoch, guest_pages: u64 },
+    #[error("{epoch}: page run after device state; discarded")]
+    PageRunAfterDeviceState { epoch: Epoch },
+    #[error("{epoch}: device state in a {kind:?}, which carries none; discarded")]
+    UnexpectedDeviceState { epoch: Epoch, kind: CheckpointKind },
+    #[error("{epoch}: device state larger than {max} bytes; discarded")]
+    DeviceStateTooLarge { epoch: Epoch, max: u64 },
+    #[error("{epoch}: checkpoint ended without device state; discarded")]
+    MissingDeviceState { epoch: Epoch },
+    #[error("{epoch}: End announces {announced} {what}, {received} arrived; discarded")]
+    CountMismatch {
+        epoch: Epoch,
+        what: &'static str,
+        announced: u64,
+        received: u64,
+    },
+    #[error(
+        "{epoch}: digest mismatch (End announces {announced:032x}, contents give {computed:032x}); discarded"
+    )]
+    DigestMismatch {
+        epoch: Epoch,
+        announced: u128,
+        computed: u128,
+    },
+}
+
+/// What [`CheckpointAssembler::accept`] did with a message.
+#[derive(Debug)]
+pub enum Accepted {
+    /// Part of an open checkpoint, stored.
+    Pending,
+    /// The End of a checkpoint that verified.
+    Complete(CompleteCheckpoint),
+    /// Not a checkpoint message: handed back for the caller to handle.
+    Other(Message),
+}
+
+struct Open {
+    epoch: Epoch,
+    kind: CheckpointKind,
+    runs: Vec<PageRun>,
+    pages: u64,
+    device_state: Option<Vec<u8>>,
+    digest: CheckpointDigest,
+}
+
+/// Receives the checkpoint messages of one connection and yields only whole,
+/// verified checkpoints. See the module documentation for the state diagram.
+pub struct CheckpointAssembler {
+    guest_pages: u64,
+    last_committed: Option<Epoch>,
+    open: Option<Open>,
+}
+
+impl CheckpointAssembler {
+    /// `guest_pages` is the VM's memory size in pages; `last_committed` is
+    /// the newest epoch the receiver already holds, if any.
+    pub fn new(guest_pages: u64, last_committed: Option<Epoch>) -> Self {
+        CheckpointAssembler {
+            guest_pages,
+            last_committed,
+            open: None,
+        }
+    }
+
+    pub fn last_committed(&self) -> Option<Epoch> {
+        self.last_committed
+    }
+
+    /// The epoch being received, if one is open.
+    pub fn open_epoch(&self) -> Option<Epoch> {
+        self.open.as_ref().map(|o| o.epoch)
+    }
+
+    /// Drops the partial checkpoint, if any (connection lost).
+    pub fn discard(&mut self) {
+        self.open = None;
+    }
+
+    /// Feeds one message. On error the open checkpoint is discarded.
+    pub fn accept(&mut self, msg: Message) -> Result<Accepted, CheckpointError> {
+        let r = self.step(msg);
+        if r.is_err() {
+            self.open = None;
+        }
+        r
+    }
+
+    fn step(&mut self, msg: Message) -> Result<Accepted, CheckpointError> {
+        match msg {
+            Message::CheckpointBegin { epoch, kind } => {
+                if let Some(open) = &self.open {
+                    return Err(CheckpointError::BeginWhileOpen {
+                        open: open.epoch,
+                        new: epoch,
+                    });
+                }
+                match self.last_committed {
+                    Some(last) if epoch <= last => {
+                        return Err(CheckpointError::StaleEpoch {
+                            epoch,
+                            last_committed: last,
+                        });
+                    }
+                    _ => {}
+                }
+                self.open = Some(Open {
+                    epoch,
+                    kind,
+                    runs: Vec::new(),
+                    pages: 0,
+                    device_state: None,
+                    digest: CheckpointDigest::new(),
+                });
+                Ok(Accepted::Pending)
+            }
+            Message::PageRun(run) => {
+                let guest_pages = self.guest_pages;
+                let open = self
+                    .open
+                    .as_mut()
+                    .ok_or(CheckpointError::NotOpen { what: "PageRun" })?;
+                let epoch = open.epoch;
+                if open.device_state.is_some() {
+                    return Err(CheckpointError::PageRunAfterDeviceState { epoch });
+                }
+                let count = u64::from(run.page_count());
+                if run
+                    .first_page
+                    .checked_add(count)
+                    .is_none_or(|end| end > guest_pages)
+                {
+                    return Err(CheckpointError::PageOutOfRange {
+                        epoch,
+                        first_page: run.first_page,
+                        page_count: run.page_count(),
+                        guest_pages,
+                    });
+                }
+                open.pages += count;
+                if open.pages > guest_pages {
+                    return Err(CheckpointError::TooManyPages { epoch, guest_pages });
+                }
+                open.digest.add_pages(run.first_page, &run.data);
+                open.runs.push(run);
+                Ok(Accepted::Pending)
+            }
+            Message::DeviceState { data } => {
+                let open = self.open.as_mut().ok_or(CheckpointError::NotOpen {
+                    what: "DeviceState",
+                })?;
+                let epoch = open.epoch;
+                if !open.kind.has_device_state() {
+                    return Err(CheckpointError::UnexpectedDeviceState {
+                        epoch,
+                        kind: open.kind,
+                    });
+                }
+                let state = open.device_state.get_or_insert_with(Vec::new);
+                if (state.len() + data.len()) as u64 > MAX_DEVICE_STATE {
+                    return Err(CheckpointError::DeviceStateTooLarge {
+                        epoch,
+                        max: MAX_DEVICE_STATE,
+                    });
+                }
+                open.digest.add_device_state(&data);
+                state.extend_from_slice(&data);
+                Ok(Accepted::Pending)
+            }
+            Message::CheckpointEnd(end) => self.finish(end).map(Accepted::Complete),
+            other => Ok(Accepted::Other(other)),
+        }
+    }
+
+    fn finish(&mut self, end: CheckpointEnd) -> Result<CompleteCheckpoint, CheckpointError> {
+        let open = self.open.take().ok_or(CheckpointError::NotOpen {
+            what: "CheckpointEnd",
+        })?;
+        let epoch = open.epoch;
+        if end.epoch != epoch {
+            return Err(CheckpointError::EpochMismatch {
+                open: epoch,
+                end: end.epoch,
+            });
+        }
+        if open.kind.has_device_state() && open.device_state.is_none() {
+            return Err(CheckpointError::MissingDeviceState { epoch });
+        }
+        if end.page_count != open.pages {
+            return Err(CheckpointError::CountMismatch {
+                epoch,
+                what: "pages",
+                announced: end.page_count,
+                received: open.pages,
+            });
+        }
+        let device_state = open.device_state.unwrap_or_default();
+        if end.device_state_len != device_state.len() as u64 {
+            return Err(CheckpointError::CountMismatch {
+                epoch,
+                what: "device-state bytes",
+                announced: end.device_state_len,
+                received: device_state.len() as u64,
+            });
+        }
+        let computed = open.digest.finish();
+        if computed != end.digest {
+            return Err(CheckpointError::DigestMismatch {
+                epoch,
+                announced: u128::from_be_bytes(end.digest),
+                computed: u128::from_be_bytes(computed),
+            });
+        }
+        self.last_committed = Some(epoch);
+        Ok(CompleteCheckpoint {
+            epoch,
+            kind: open.kind,
+            runs: open.runs,
+            device_state,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUEST_PAGES: u64 = 64;
+
+    fn run(first_page: u64, pages: usize, fill: u8) -> PageRun {
+        PageRun {
+            first_page,
+            data: vec![fill; pages * PAGE_SIZE],
+        }
+    }
+
+    /// The messages a correct sender emits for one checkpoint.
+    fn stream(epoch: u64, kind: CheckpointKind, runs: &[PageRun], dev: &[u8]) -> Vec<Message> {
+        let mut d = CheckpointDigest::new();
+        let mut msgs = vec![Message::CheckpointBegin {
+            epoch: Epoch(epoch),
+            kind,
+        }];
+        let mut pages = 0;
+        for r in runs {
+            d.add_pages(r.first_page, &r.data);
+            pages += u64::from(r.page_count());
+            msgs.push(Message::PageRun(r.clone()));
+        }
+        if kind.has_device_state() {
+            d.add_device_state(dev);
+            msgs.push(Message::DeviceState { data: dev.to_vec() });
+        }
+        msgs.push(Message::CheckpointEnd(CheckpointEnd {
+            epoch: Epoch(epoch),
+            page_count: pages,
+            device_state_len: if kind.has_device_state() {
+                dev.len() as u64
+            } else {
+                0
+            },
+            digest: d.finish(),
+        }));
+        msgs
+    }
+
+    fn feed(
+        a: &mut CheckpointAssembler,
+        msgs: Vec<Message>,
+    ) -> Result<Option<CompleteCheckpoint>, CheckpointError> {
+        let mut out = None;
+        for m in msgs {
+            match a.accept(m)? {
+                Accepted::Complete(c) => out = Some(c),
+                Accepted::Pending => {}
+                Accepted::Other(m) => panic!("unexpected handback {m:?}"),
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn happy_path_yields_the_checkpoint_and_advances_the_epoch() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let runs = [run(0, 2, 1), run(10, 1, 2)];
+        let c = feed(&mut a, stream(1, CheckpointKind::Checkpoint, &runs, b"dev"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.epoch, Epoch(1));
+        assert_eq!(c.runs, runs);
+        assert_eq!(c.device_state, b"dev");
+        assert_eq!(a.last_committed(), Some(Epoch(1)));
+        assert_eq!(a.open_epoch(), None);
+        // Rounds carry no device state.
+        let c = feed(&mut a, stream(2, CheckpointKind::Round, &runs, b""))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.kind, CheckpointKind::Round);
+        assert!(c.device_state.is_empty());
+    }
+
+    #[test]
+    fn device_state_may_come_in_chunks() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[run(0, 1, 3)], b"abcdef");
+        msgs.splice(
+            2..3,
+            [
+                Message::DeviceState {
+                    data: b"abc".to_vec(),
+                },
+                Message::DeviceState {
+                    data: b"def".to_vec(),
+                },
+            ],
+        );
+        let c = feed(&mut a, msgs).unwrap().unwrap();
+        assert_eq!(c.device_state, b"abcdef");
+    }
+
+    #[test]
+    fn corrupt_digest_is_rejected_and_nothing_committed() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, Some(Epoch(4)));
+        let mut msgs = stream(5, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"dev");
+        if let Some(Message::CheckpointEnd(e)) = msgs.last_mut() {
+            e.digest[0] ^= 1;
+        }
+        let err = feed(&mut a, msgs).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CheckpointError::DigestMismatch {
+                    epoch: Epoch(5),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(a.last_committed(), Some(Epoch(4)));
+        assert_eq!(a.open_epoch(), None);
+    }
+
+    #[test]
+    fn changed_page_contents_fail_the_digest() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"dev");
+        if let Message::PageRun(r) = &mut msgs[1] {
+            r.data[100] ^= 0x40;
+        }
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(CheckpointError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_device_state_is_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"");
+        msgs.remove(2);
+        let err = feed(&mut a, msgs).unwrap_err();
+        assert_eq!(err, CheckpointError::MissingDeviceState { epoch: Epoch(1) });
+        assert_eq!(a.last_committed(), None);
+    }
+
+    #[test]
+    fn device_state_in_a_round_is_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        a.accept(Message::CheckpointBegin {
+            epoch: Epoch(1),
+            kind: CheckpointKind::Round,
+        })
+        .unwrap();
+        let err = a
+            .accept(Message::DeviceState { data: vec![1] })
+            .unwrap_err();
+        assert!(matches!(err, CheckpointError::UnexpectedDeviceState { .. }));
+    }
+
+    #[test]
+    fn new_begin_while_open_discards_the_partial_checkpoint() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let mut first = stream(1, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"d");
+        first.truncate(2); // Begin + one page run, no End
+        feed(&mut a, first).unwrap();
+        assert_eq!(a.open_epoch(), Some(Epoch(1)));
+        let err = a
+            .accept(Message::CheckpointBegin {
+                epoch: Epoch(2),
+                kind: CheckpointKind::Checkpoint,
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            CheckpointError::BeginWhileOpen {
+                open: Epoch(1),
+                new: Epoch(2)
+            }
+        );
+        assert_eq!(a.open_epoch(), None);
+        assert_eq!(a.last_committed(), None);
+        // The sender (after reconnecting) starts over cleanly.
+        let c = feed(
+            &mut a,
+            stream(2, CheckpointKind::Checkpoint, &[run(1, 1, 9)], b"d"),
+        )
+        .unwrap();
+        assert_eq!(c.unwrap().epoch, Epoch(2));
+    }
+
+    #[test]
+    fn stale_epoch_is_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, Some(Epoch(7)));
+        for e in [0, 6, 7] {
+            let err = feed(&mut a, stream(e, CheckpointKind::Checkpoint, &[], b"")).unwrap_err();
+            assert_eq!(
+                err,
+                CheckpointError::StaleEpoch {
+                    epoch: Epoch(e),
+                    last_committed: Epoch(7)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn end_without_begin_and_mismatched_end_are_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let msgs = stream(1, CheckpointKind::Checkpoint, &[], b"x");
+        let end = msgs.last().unwrap().clone();
+        assert_eq!(
+            a.accept(end).unwrap_err(),
+            CheckpointError::NotOpen {
+                what: "CheckpointEnd"
+            }
+        );
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[], b"x");
+        if let Some(Message::CheckpointEnd(e)) = msgs.last_mut() {
+            e.epoch = Epoch(2);
+        }
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(CheckpointError::EpochMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn page_runs_beyond_guest_memory_are_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let msgs = stream(
+            1,
+            CheckpointKind::Checkpoint,
+            &[run(GUEST_PAGES - 1, 2, 0)],
+            b"",
+        );
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(CheckpointError::PageOutOfRange { .. })
+        ));
+        let many: Vec<PageRun> = (0..5).map(|_| run(0, 16, 0)).collect();
+        let msgs = stream(2, CheckpointKind::Round, &many, b"");
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(CheckpointError::TooManyPages { .. })
+        ));
+    }
+
+    #[test]
+    fn count_mismatch_is_rejected() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"dev");
+        if let Some(Message::CheckpointEnd(e)) = msgs.last_mut() {
+            e.page_count = 2;
+        }
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(CheckpointError::CountMismatch { what: "pages", .. })
+        ));
+    }
+
+    #[test]
+    fn other_messages_are_handed_back() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let hb = Message::Heartbeat {
+            seq: 1,
+            sent_at_us: 2,
+        };
+        assert!(matches!(a.accept(hb.clone()), Ok(Accepted::Other(m)) if m == hb));
+    }
+
+    #[test]
+    fn writer_output_is_accepted_by_the_assembler() {
+        let mut wire = Vec::new();
+        let mut cw =
+            CheckpointWriter::begin(&mut wire, Epoch(3), CheckpointKind::Checkpoint).unwrap();
+        let pages: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        cw.pages(&mut wire, 7, &pages).unwrap();
+        cw.pages(&mut wire, 20, &pages[..PAGE_SIZE]).unwrap();
+        cw.device_state(&mut wire, b"cpu").unwrap();
+        cw.device_state(&mut wire, b"+devices").unwrap();
+        let end = cw.end(&mut wire).unwrap();
+        assert_eq!((end.page_count, end.device_state_len), (4, 11));
+
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, Some(Epoch(2)));
+        let mut r = &wire[..];
+        let mut done = None;
+        while !r.is_empty() {
+            if let Accepted::Complete(c) = a.accept(crate::read_frame(&mut r).unwrap()).unwrap() {
+                done = Some(c);
+            }
+        }
+        let c = done.unwrap();
+        assert_eq!(c.epoch, Epoch(3));
+        assert_eq!(c.device_state, b"cpu+devices");
+        assert_eq!(c.runs.len(), 2);
+        assert_eq!(c.runs[0].data, pages);
+    }
+
+    #[test]
+    fn digest_does_not_depend_on_run_grouping() {
+        let data: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| i as u8).collect();
+        let mut one = CheckpointDigest::new();
+        one.add_pages(5, &data);
+        let mut split = CheckpointDigest::new();
+        split.add_pages(5, &data[..PAGE_SIZE]);
+        split.add_pages(6, &data[PAGE_SIZE..]);
+        assert_eq!(one.finish(), split.finish());
+    }
+}

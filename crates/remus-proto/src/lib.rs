@@ -1,0 +1,187 @@
+//! # The remus replication protocol
+//!
+//! One TCP connection between two remus agents carries one VM's state: from
+//! the *client* (the primary, or a migration source) to the *server* (the
+//! backup, or a migration destination). This comment is the specification;
+//! `docs/protocol.md` mirrors it for operators.
+//!
+//! ## Frames
+//!
+//! Every message travels in one frame: a 16-byte header, then the payload.
+//! All integers are big-endian (network order).
+//!
+//! ```text
+//!  0       4       6       8              12             16
+//!  ┌───────┬───────┬───────┬──────────────┬──────────────┬───────────────┐
+//!  │ magic │ type  │ flags │ payload len  │   CRC32C     │ payload ...   │
+//!  │"RMS1" │  u16  │  u16  │     u32      │     u32      │ (len bytes)   │
+//!  └───────┴───────┴───────┴──────────────┴──────────────┴───────────────┘
+//! ```
+//!
+//! - `payload len` is at most 64 MiB ([`MAX_PAYLOAD`]); a receiver rejects a
+//!   larger value before allocating anything.
+//! - `CRC32C` (Castagnoli, hardware-accelerated) covers header bytes 0..12
+//!   and the payload. It catches corruption, not forgery (see Security).
+//! - `flags`: none are defined in version 1 and senders send 0. Bits 8..15
+//!   are *critical*: a receiver rejects a frame with a critical bit it does
+//!   not know. Bits 0..7 are advisory and may be ignored.
+//! - Receivers first check that a whole frame is buffered, then verify magic,
+//!   length, CRC, flags and type, and only then parse the payload; nothing is
+//!   consumed from a buffer until a whole frame has verified ([`decode`]).
+//!
+//! ## Messages
+//!
+//! | type | name            | payload (big-endian)                                              |
+//! |-----:|-----------------|-------------------------------------------------------------------|
+//! |    0 | (invalid)       | never sent                                                        |
+//! |    1 | Hello           | max_version u16, min_version u16, purpose u8 (1 protect, 2 migrate), client_nonce `[32]`, vm_name str, compat |
+//! |    2 | HelloAck        | chosen_version u16, server_nonce `[32]`, server_proof `[32]`          |
+//! |    3 | AuthProof       | client_proof `[32]`                                                 |
+//! |    4 | Ready           | —                                                                 |
+//! |    5 | Error           | code u16, message str                                             |
+//! |    6 | Heartbeat       | seq u64, sent_at_us u64 (sender's clock, µs since the Unix epoch) |
+//! |    7 | Ack             | epoch u64                                                         |
+//! |   16 | CheckpointBegin | epoch u64, kind u8 (1 initial sync, 2 round, 3 checkpoint)        |
+//! |   17 | PageRun         | first_page u64, page_count u32 (≥ 1), page_count × 4096 bytes     |
+//! |   18 | DeviceState     | bytes (a chunk of QEMU's device state; chunks concatenate)        |
+//! |   19 | CheckpointEnd   | epoch u64, page_count u64, device_state_len u64, digest `[16]`      |
+//! |   20 | SwitchOver      | epoch u64                                                         |
+//! |   21 | Done            | —                                                                 |
+//! | 32–34| DiskWrite, DiskTrim, DiskFlush | reserved for disk replication (protocol D)         |
+//!
+//! `str` is a u16 byte length then UTF-8. `compat` ([`VmCompat`]) is
+//! memory_mib u64, vcpus u32, machine str, cpu_model str, a u16 count of
+//! disks each (target str, size_bytes u64), a u16 count of MACs each `[6]`.
+//! Payloads have exactly this length: trailing bytes are an error.
+//! Type ranges: 1–15 session control, 16–31 checkpoint stream, 32–47 disk.
+//!
+//! ## Handshake
+//!
+//! ```text
+//!  client (primary / source)                         server (backup / destination)
+//!    │── Hello(versions, purpose, vm, compat, Nc) ──────►│ pick version v
+//!    │◄──────────── HelloAck(v, Ns, Ps) ─────────────────│ Ps = HMAC(K, "server" ‖ Hello ‖ v ‖ Ns)
+//!    │ verify Ps                                         │
+//!    │── AuthProof(Pc) ─────────────────────────────────►│ Pc = HMAC(K, "client" ‖ Hello ‖ v ‖ Ns)
+//!    │                                                   │ verify Pc, look up vm, check compat
+//!    │◄──────────── Ready  (or Error(code, why)) ────────│
+//! ```
+//!
+//! Any failure is answered with an Error frame (when the peer can still
+//! read one) and the connection is closed. A compatibility mismatch lists
+//! every differing field, one per line, on both sides. The server sends
+//! nothing about its VMs before `Pc` verifies and treats any other message
+//! in its place — a checkpoint in particular — as a protocol error.
+//!
+//! ## Protect: the checkpoint stream
+//!
+//! ```text
+//!  primary                                               backup
+//!    │── CheckpointBegin(e, InitialSync) ─────────────────►│
+//!    │── PageRun* ────────────────────────────────────────►│ (all non-zero pages)
+//!    │── CheckpointEnd(e, pages, 0, digest) ──────────────►│ verify, commit
+//!    │◄─────────────────────────────────────── Ack(e) ─────│
+//!    │── CheckpointBegin(e+1, Checkpoint) ────────────────►│  every interval:
+//!    │── PageRun* ── DeviceState+ ────────────────────────►│  dirty pages,
+//!    │── CheckpointEnd(e+1, pages, len, digest) ──────────►│  then device state
+//!    │◄─────────────────────────────────────── Ack(e+1) ───│ (primary releases
+//!    │        ... Heartbeat both ways when idle ...        │  e+1's network output)
+//!    │── Done ────────────────────────────────────────────►│ (orderly stop: no failover)
+//! ```
+//!
+//! The backup fails over when neither a checkpoint message nor a Heartbeat
+//! has arrived within its timeout, and never after Done. It acks each epoch
+//! once committed; the primary releases an epoch's buffered output on that
+//! Ack. A Checkpoint carries at least one DeviceState frame; InitialSync and
+//! Round carry none. The digest is XXH3-128 over (page number u64 ‖ page)
+//! for every page in stream order, then the device state bytes
+//! ([`CheckpointDigest`]); it does not depend on how pages were grouped into
+//! runs. XXH3-128 rather than SHA-256: it detects lost, repeated or
+//! misplaced frames as well and is an order of magnitude faster (the backup
+//! verifies every byte on the hot path); with no per-frame MAC a
+//! cryptographic digest would add no authenticity.
+//!
+//! ## Migrate
+//!
+//! ```text
+//!  source                                                destination
+//!    │── Begin(1, InitialSync) … End(1) ──────────────────►│── Ack(1)
+//!    │── Begin(n, Round) PageRun* End(n) ─────────────────►│── Ack(n)   (pre-copy rounds)
+//!    │── Begin(m, Checkpoint) PageRun* DeviceState+ End(m)►│── Ack(m)   (source paused)
+//!    │── SwitchOver(m) ───────────────────────────────────►│ resume the VM from m
+//!    │── Done ────────────────────────────────────────────►│
+//! ```
+//!
+//! ## Receiver state machine
+//!
+//! [`CheckpointAssembler`] implements it; its module documentation has the
+//! diagram. A checkpoint is yielded only at a CheckpointEnd whose epoch,
+//! page count, device-state length and digest all match what arrived since
+//! its Begin. Anything else discards the partial epoch: End without Begin,
+//! Begin while open, epoch not above the last committed one, pages beyond
+//! guest memory, device state in the wrong place or missing. A partial or
+//! corrupt checkpoint is never applied; a lost connection drops it.
+//!
+//! ## Versioning
+//!
+//! [`PROTOCOL_VERSION`] is bumped only for breaking changes: a changed
+//! payload layout, a changed meaning, a new critical flag. Additive changes
+//! do not bump it: a new message type gets a new number (numbers are never
+//! reused), and a receiver that meets a type it does not know reports
+//! "unknown message type N" by name and ends the session cleanly — so a
+//! sender uses a new type only when the peer's version or the purpose
+//! implies the peer knows it. Each build accepts the current and the
+//! previous version ([`supported_versions`]); the server picks the highest
+//! version both sides speak.
+//!
+//! ## Security
+//!
+//! Both agents hold the same secret key file (32 to 4096 bytes, no access
+//! for other users: `head -c 32 /dev/urandom > /etc/remus/key; chmod 600
+//! /etc/remus/key`, then copy it to the peer). The handshake is a mutual
+//! HMAC-SHA256 challenge-response bound to both nonces, the version, the VM
+//! name and shape, so a host without the key can neither push VM state to a
+//! backup nor receive a primary's VM state. The link is **authenticated, not
+//! encrypted** (like DRBD's `cram-hmac-alg`), and frames after the handshake
+//! carry a CRC, not a MAC: an attacker who can modify traffic on the wire
+//! can still tamper with it. Run replication on a private link, or under
+//! WireGuard or IPsec when confidentiality or integrity against an active
+//! attacker matters.
+
+mod auth;
+mod checkpoint;
+mod compat;
+mod frame;
+mod handshake;
+mod message;
+
+pub use auth::{Key, KeyError};
+pub use checkpoint::{
+    Accepted, CheckpointAssembler, CheckpointDigest, CheckpointError, CheckpointWriter,
+    CompleteCheckpoint, MAX_DEVICE_STATE,
+};
+pub use compat::{DiskCompat, VmCompat};
+pub use frame::{
+    CRITICAL_FLAGS, DecodeError, Decoded, FrameHeader, HEADER_LEN, MAGIC, MAX_PAYLOAD, TypeCode,
+    WireError, decode, encode_raw, read_frame, write_frame,
+};
+pub use handshake::{
+    HANDSHAKE_TIMEOUT, HandshakeError, HandshakeFailure, HelloParams, ServerOptions, Session,
+    client_handshake, client_handshake_on, server_handshake, server_handshake_on,
+    server_handshake_with, supported_versions,
+};
+pub use message::{
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, ErrorCode, Hello, HelloAck,
+    MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageRun, Purpose,
+    write_device_state, write_page_run,
+};
+
+/// The protocol version this build speaks by preference.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest version this build still accepts: the previous one, once there
+/// is one (version 0 does not exist).
+pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
+    PROTOCOL_VERSION - 1
+} else {
+    1
+};

@@ -1,0 +1,220 @@
+//! The backup side: receive checkpoints, commit only whole verified ones,
+//! ack them, and notice when the primary is gone.
+//!
+//! This module only receives and commits. Whether to resume the standby
+//! when the primary goes silent is decided by the caller (the agent's
+//! failover policy), in one place, so that a tie-breaker can later veto a
+//! failover when only the link failed.
+
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use remus_proto::{Accepted, CheckpointAssembler, CheckpointKind, Epoch, ErrorCode, Message};
+
+use crate::ReplError;
+use crate::replica::Replica;
+
+/// Settings of the receiving side.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// No frame from the primary for this long: it is declared lost.
+    pub timeout: Duration,
+    /// How often the backup says it is alive.
+    pub heartbeat: Duration,
+}
+
+/// What the receiver tells its owner.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum BackupEvent {
+    Committed {
+        epoch: u64,
+        pages: u64,
+        device_state_bytes: u64,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// How a receiving session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupEnd {
+    /// The primary ended protection on purpose: do not fail over.
+    Done,
+    /// Migration: the source stopped after `epoch`; resume it here.
+    SwitchOver(Epoch),
+    /// The primary (or the link) failed. `committed` is what can be
+    /// resumed, if anything.
+    PrimaryLost {
+        committed: Option<Epoch>,
+        reason: String,
+    },
+}
+
+/// Receives until the session ends. Pages of the initial sync are written
+/// at once (nothing resumable exists yet); after the first committed
+/// checkpoint, only whole checkpoints touch the replica.
+pub fn receive(
+    stream: TcpStream,
+    replica: &mut Replica,
+    cfg: &BackupConfig,
+    events: &(dyn Fn(BackupEvent) + Sync),
+) -> Result<BackupEnd, ReplError> {
+    stream
+        .set_read_timeout(Some(cfg.timeout))
+        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
+    stream.set_nodelay(true).ok();
+    let writer = Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .map_err(|e| ReplError::Io("clone stream".into(), e))?,
+    ));
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut asm = CheckpointAssembler::new(replica.page_count(), None);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+
+    std::thread::scope(|s| {
+        // Heartbeats from the backup, so the primary can tell a dead backup
+        // from a busy link.
+        let hb_writer = writer.clone();
+        let stop_ref = &stop;
+        s.spawn(move || {
+            let mut seq = 0u64;
+            let mut next = Instant::now();
+            while !stop_ref.load(std::sync::atomic::Ordering::SeqCst) {
+                next += cfg.heartbeat;
+                std::thread::sleep(
+                    next.saturating_duration_since(Instant::now())
+                        .min(cfg.heartbeat),
+                );
+                seq += 1;
+                let hb = Message::Heartbeat {
+                    seq,
+                    sent_at_us: crate::now_us(),
+                };
+                let mut w = hb_writer.lock().unwrap_or_else(|p| p.into_inner());
+                if hb.write_to(&mut *w).is_err() {
+                    break;
+                }
+            }
+        });
+        let end = receive_loop(&mut reader, &writer, replica, &mut asm, events);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(std::net::Shutdown::Both);
+        end
+    })
+}
+
+fn receive_loop(
+    reader: &mut BufReader<TcpStream>,
+    writer: &Mutex<TcpStream>,
+    replica: &mut Replica,
+    asm: &mut CheckpointAssembler,
+    events: &(dyn Fn(BackupEvent) + Sync),
+) -> Result<BackupEnd, ReplError> {
+    let send = |m: Message| -> Result<(), ReplError> {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        m.write_to(&mut *w)?;
+        w.flush().map_err(|e| ReplError::Io("flush".into(), e))
+    };
+    loop {
+        let msg = match Message::read_from(reader) {
+            Ok(m) => m,
+            Err(e) => {
+                asm.discard();
+                let reason = if e.is_timeout() {
+                    "no checkpoint or heartbeat within the timeout".to_string()
+                } else {
+                    format!("replication stream: {e}")
+                };
+                return Ok(BackupEnd::PrimaryLost {
+                    committed: replica.committed(),
+                    reason,
+                });
+            }
+        };
+        match asm.accept(msg) {
+            Ok(Accepted::Pending) => {}
+            Ok(Accepted::Complete(cp)) => {
+                let pages: u64 = cp.runs.iter().map(|r| u64::from(r.page_count())).sum();
+                match cp.kind {
+                    CheckpointKind::InitialSync | CheckpointKind::Round => {
+                        if replica.committed().is_some() {
+                            let _ = send(Message::Error {
+                                code: ErrorCode::Protocol,
+                                message: "pre-copy pages after a committed checkpoint".into(),
+                            });
+                            return Err(ReplError::Protocol(format!(
+                                "{:?} after committed {:?}",
+                                cp.kind,
+                                replica.committed()
+                            )));
+                        }
+                        for r in &cp.runs {
+                            replica.write_run(r)?;
+                        }
+                    }
+                    CheckpointKind::Checkpoint => {
+                        replica.commit(cp.epoch, &cp.runs, &cp.device_state)?;
+                        events(BackupEvent::Committed {
+                            epoch: cp.epoch.0,
+                            pages,
+                            device_state_bytes: cp.device_state.len() as u64,
+                        });
+                    }
+                }
+                send(Message::Ack { epoch: cp.epoch })?;
+            }
+            Ok(Accepted::Other(m)) => match m {
+                Message::Heartbeat { .. } => {}
+                Message::Done => return Ok(BackupEnd::Done),
+                Message::SwitchOver { epoch } => {
+                    if replica.committed() != Some(epoch) {
+                        return Err(ReplError::Protocol(format!(
+                            "switch-over at {epoch} but {:?} is committed here",
+                            replica.committed()
+                        )));
+                    }
+                    return Ok(BackupEnd::SwitchOver(epoch));
+                }
+                Message::Error { code, message } => {
+                    // The primary stopped on purpose (it says why): no
+                    // failover.
+                    tracing::warn!(%code, %message, "primary ended the session with an error");
+                    return Ok(BackupEnd::Done);
+                }
+                other => {
+                    let what = format!("{:?}", other.msg_type());
+                    let _ = send(Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: format!("unexpected {what}"),
+                    });
+                    return Err(ReplError::Protocol(format!(
+                        "unexpected {what} from the primary"
+                    )));
+                }
+            },
+            Err(e) => {
+                // A corrupt or inconsistent checkpoint: never applied. The
+                // session cannot continue (later epochs build on it).
+                events(BackupEvent::Rejected {
+                    reason: e.to_string(),
+                });
+                let _ = send(Message::Error {
+                    code: ErrorCode::CheckpointRejected,
+                    message: e.to_string(),
+                });
+                return Ok(BackupEnd::PrimaryLost {
+                    committed: replica.committed(),
+                    reason: format!("checkpoint rejected: {e}"),
+                });
+            }
+        }
+    }
+}

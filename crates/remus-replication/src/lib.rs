@@ -1,0 +1,42 @@
+//! Checkpoint replication between two agents (Remus for QEMU).
+//!
+//! - [`primary`]: the epoch loop on the protected VM's host.
+//! - [`backup`]: receive, verify, commit, ack; report a lost primary.
+//! - [`replica`]: the backup's RAM replica and committed device state.
+//! - [`staging`]: copying guest pages into page runs.
+//! - [`failover`]: resuming the standby from the last committed checkpoint.
+//!
+//! The wire format and handshake live in `remus-proto`.
+
+pub mod backup;
+pub mod failover;
+pub mod primary;
+pub mod replica;
+pub mod staging;
+
+/// Replication errors, naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    #[error("cannot start replication: {0}")]
+    Setup(String),
+    #[error("dirty-page tracking lost ({0}); protection stops, the VM runs on unprotected")]
+    TrackingLost(String),
+    #[error("VM: {0}")]
+    Vm(String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("peer lost: {0}")]
+    PeerLost(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Wire(#[from] remus_proto::WireError),
+}
+
+/// Microseconds since the Unix epoch (heartbeat timestamps).
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,424 @@
+//! The primary side: live initial sync, then one checkpoint per epoch.
+//!
+//! Per epoch, only this happens while the guest is paused (DESIGN 1.2):
+//! `stop` → dirty scan → copy the dirty pages into a staging buffer →
+//! device state saved through QMP → `cont`. The staged checkpoint then goes
+//! to a sender thread and is transmitted while the guest runs the next
+//! epoch; an ack reader thread matches the backup's acks to epochs.
+//!
+//! The timer runs at a fixed rate (epoch k starts at start + k·interval),
+//! not "interval after the last commit" as Xen's did, so the checkpoint
+//! rate is what the operator asked for. When the link cannot keep up, the
+//! bounded hand-off to the sender makes the epoch loop wait: checkpoints
+//! are delayed, never dropped or merged silently.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use remus_dirty::{DirtySet, DirtyTracker, RamFile};
+use remus_proto::{CheckpointDigest, CheckpointEnd, CheckpointKind, Epoch, Message, PageRun};
+use remus_vm::{Vm, devstate};
+
+use crate::{ReplError, staging};
+
+/// Settings of a protection session.
+#[derive(Debug, Clone)]
+pub struct ProtectConfig {
+    /// Checkpoint interval.
+    pub interval: Duration,
+    /// Heartbeat period when there is nothing else to send.
+    pub heartbeat: Duration,
+    /// How long without any frame from the backup before it is declared
+    /// lost.
+    pub timeout: Duration,
+}
+
+/// One committed checkpoint, as reported to the operator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpochStats {
+    pub epoch: u64,
+    /// When the guest was paused for this checkpoint (Unix ms).
+    pub taken_at_ms: u64,
+    /// Guest paused for this long (stop → cont acknowledged).
+    pub pause_ms: f64,
+    pub dirty_pages: u64,
+    /// Bytes of page data and device state sent.
+    pub bytes: u64,
+    /// End frame sent → ack received.
+    pub ack_ms: f64,
+}
+
+/// Progress of a protection session.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProtectEvent {
+    InitialSync { pages: u64, bytes: u64, ms: f64 },
+    Checkpoint(EpochStats),
+    BackupLost { reason: String },
+    Stopped { checkpoints: u64 },
+}
+
+/// How a protection session ended.
+#[derive(Debug, Clone)]
+pub enum ProtectEnd {
+    /// The operator stopped it; the backup was told (it does not fail over).
+    Stopped,
+    /// The backup or the link failed; the VM runs on unprotected.
+    BackupLost(String),
+}
+
+/// What the epoch loop hands to the sender.
+enum Outgoing {
+    Checkpoint(Staged),
+    /// The operator stopped protection: tell the backup not to fail over.
+    Done,
+}
+
+pub(crate) struct Staged {
+    epoch: Epoch,
+    kind: CheckpointKind,
+    runs: Vec<PageRun>,
+    device_state: Vec<u8>,
+    pause_ms: f64,
+    taken_at_ms: u64,
+}
+
+#[derive(Default)]
+struct InFlight {
+    /// epoch → (stats so far, End sent at)
+    sent: HashMap<u64, (EpochStats, Instant)>,
+    pending_meta: HashMap<u64, EpochStats>,
+}
+
+/// Runs protection until `stop` is set or the backup is lost. `stream` is
+/// an authenticated session to the backup.
+pub fn protect(
+    vm: &Vm,
+    stream: TcpStream,
+    cfg: &ProtectConfig,
+    stop: &AtomicBool,
+    events: &(dyn Fn(ProtectEvent) + Sync),
+) -> Result<ProtectEnd, ReplError> {
+    let name = vm.name().to_string();
+    let mut tracker = vm
+        .dirty_tracker()
+        .map_err(|e| ReplError::Setup(e.to_string()))?;
+    let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+    devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
+    let dev_file = vm.paths.dir().join("dev.out");
+
+    stream.set_nodelay(true).ok();
+    stream
+        .set_read_timeout(Some(cfg.timeout))
+        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
+    let reader = stream
+        .try_clone()
+        .map_err(|e| ReplError::Io("clone stream".into(), e))?;
+    let closer = stream
+        .try_clone()
+        .map_err(|e| ReplError::Io("clone stream".into(), e))?;
+
+    let lost: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let flight = Arc::new(Mutex::new(InFlight::default()));
+    let (tx, rx) = sync_channel::<Outgoing>(1);
+    let committed = std::sync::atomic::AtomicU64::new(0);
+
+    std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
+        let lost_s = lost.clone();
+        let flight_s = flight.clone();
+        let hb = cfg.heartbeat;
+        let sender = s.spawn(move || sender_loop(stream, rx, hb, flight_s, lost_s));
+        let lost_r = lost.clone();
+        let flight_r = flight.clone();
+        let committed_r = &committed;
+        let ack_reader = s.spawn(move || {
+            ack_loop(reader, flight_r, lost_r, events, committed_r);
+        });
+
+        // Initial sync: reset the dirty bits, then copy every page holding
+        // data while the guest runs; pages written meanwhile are caught by
+        // the first checkpoint's scan.
+        let t = Instant::now();
+        let result = (|| -> Result<ProtectEnd, ReplError> {
+            tracker
+                .scan()
+                .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+            let runs = staging::stage_data_ranges(&ram)?;
+            let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+            let bytes = pages * remus_proto::PAGE_SIZE as u64;
+            send(
+                &tx,
+                Staged {
+                    epoch: Epoch(0),
+                    kind: CheckpointKind::InitialSync,
+                    runs,
+                    device_state: Vec::new(),
+                    pause_ms: 0.0,
+                    taken_at_ms: crate::now_us() / 1000,
+                },
+                &lost,
+            )?;
+            events(ProtectEvent::InitialSync {
+                pages,
+                bytes,
+                ms: t.elapsed().as_secs_f64() * 1e3,
+            });
+            tracing::info!(vm = %name, pages, "initial sync staged");
+
+            let start = Instant::now();
+            let mut epoch = 0u64;
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(ProtectEnd::Stopped);
+                }
+                if let Some(reason) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                    return Ok(ProtectEnd::BackupLost(reason));
+                }
+                epoch += 1;
+                let due = start + cfg.interval * epoch as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let staged = checkpoint(vm, &mut tracker, &ram, &dev_file, Epoch(epoch))?;
+                flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending_meta
+                    .insert(
+                        epoch,
+                        EpochStats {
+                            epoch,
+                            taken_at_ms: staged.taken_at_ms,
+                            pause_ms: staged.pause_ms,
+                            dirty_pages: dirty_pages(&staged.runs),
+                            bytes: 0,
+                            ack_ms: 0.0,
+                        },
+                    );
+                send(&tx, staged, &lost)?;
+            }
+        })();
+        if matches!(result, Ok(ProtectEnd::Stopped)) {
+            let _ = tx.send(Outgoing::Done);
+        }
+        // Any other end (VM destroyed or failed, tracking lost) just drops
+        // the link: to the backup that is a failed primary, and it fails
+        // over, as the Remus docs specify for `destroy` on the primary.
+        drop(tx);
+        let _ = sender.join();
+        // Wake the ack reader (it may be waiting on a backup that already
+        // said goodbye or died).
+        let _ = closer.shutdown(std::net::Shutdown::Read);
+        let _ = ack_reader.join();
+        let result = match result {
+            Err(ReplError::PeerLost(r)) => Ok(ProtectEnd::BackupLost(r)),
+            other => other,
+        };
+        match &result {
+            Ok(ProtectEnd::Stopped) => events(ProtectEvent::Stopped {
+                checkpoints: committed.load(Ordering::SeqCst),
+            }),
+            Ok(ProtectEnd::BackupLost(r)) => events(ProtectEvent::BackupLost { reason: r.clone() }),
+            Err(_) => {}
+        }
+        result
+    })
+}
+
+fn dirty_pages(runs: &[PageRun]) -> u64 {
+    runs.iter().map(|r| u64::from(r.page_count())).sum()
+}
+
+fn send(
+    tx: &SyncSender<Outgoing>,
+    s: Staged,
+    lost: &Mutex<Option<String>>,
+) -> Result<(), ReplError> {
+    tx.send(Outgoing::Checkpoint(s)).map_err(|_| {
+        ReplError::PeerLost(
+            lost.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "sender stopped".into()),
+        )
+    })
+}
+
+/// Takes one checkpoint: the only part that runs with the guest paused.
+fn checkpoint(
+    vm: &Vm,
+    tracker: &mut DirtyTracker,
+    ram: &RamFile,
+    dev_file: &std::path::Path,
+    epoch: Epoch,
+) -> Result<Staged, ReplError> {
+    let qmp = vm.qmp();
+    let taken_at_ms = crate::now_us() / 1000;
+    let t0 = Instant::now();
+    qmp.execute("stop", None)
+        .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
+    let staged = (|| -> Result<(Vec<PageRun>, Vec<u8>), ReplError> {
+        let dirty: DirtySet = tracker
+            .scan()
+            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        let runs = staging::stage(ram, &dirty)?;
+        devstate::save(qmp, dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
+        let device_state = std::fs::read(dev_file)
+            .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
+        Ok((runs, device_state))
+    })();
+    // Resume whatever happened: a failed checkpoint must not leave the
+    // guest paused.
+    let cont = qmp.execute("cont", None);
+    let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (runs, device_state) = staged?;
+    cont.map_err(|e| ReplError::Vm(format!("cont after checkpoint: {e}")))?;
+    Ok(Staged {
+        epoch,
+        kind: CheckpointKind::Checkpoint,
+        runs,
+        device_state,
+        pause_ms,
+        taken_at_ms,
+    })
+}
+
+fn sender_loop(
+    stream: TcpStream,
+    rx: Receiver<Outgoing>,
+    heartbeat: Duration,
+    flight: Arc<Mutex<InFlight>>,
+    lost: Arc<Mutex<Option<String>>>,
+) {
+    let mut w = BufWriter::with_capacity(1 << 20, stream);
+    let mut seq = 0u64;
+    let fail = |e: String| {
+        tracing::warn!(error = %e, "replication send failed");
+        lost.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    };
+    loop {
+        match rx.recv_timeout(heartbeat) {
+            Ok(Outgoing::Done) => {
+                let _ = Message::Done.write_to(&mut w);
+                let _ = w.flush();
+                let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(Outgoing::Checkpoint(staged)) => {
+                let epoch = staged.epoch.0;
+                match send_checkpoint(&mut w, &staged) {
+                    Ok(bytes) => {
+                        let mut f = flight.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(mut stats) = f.pending_meta.remove(&epoch) {
+                            stats.bytes = bytes;
+                            f.sent.insert(epoch, (stats, Instant::now()));
+                        }
+                    }
+                    Err(e) => return fail(format!("sending epoch {epoch}: {e}")),
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                seq += 1;
+                let hb = Message::Heartbeat {
+                    seq,
+                    sent_at_us: crate::now_us(),
+                };
+                if let Err(e) = hb
+                    .write_to(&mut w)
+                    .and_then(|()| w.flush().map_err(Into::into))
+                {
+                    return fail(format!("heartbeat: {e}"));
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = w.flush();
+                let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Writes Begin, the page runs, the device state and End; returns bytes.
+pub(crate) fn send_checkpoint(w: &mut impl Write, s: &Staged) -> Result<u64, ReplError> {
+    let mut digest = CheckpointDigest::new();
+    let mut bytes = 0u64;
+    let mut pages = 0u64;
+    Message::CheckpointBegin {
+        epoch: s.epoch,
+        kind: s.kind,
+    }
+    .write_to(w)?;
+    for run in &s.runs {
+        digest.add_pages(run.first_page, &run.data);
+        bytes += run.data.len() as u64;
+        pages += u64::from(run.page_count());
+        remus_proto::write_page_run(w, run.first_page, &run.data)?;
+    }
+    if s.kind.has_device_state() {
+        digest.add_device_state(&s.device_state);
+        for chunk in s.device_state.chunks(remus_proto::MAX_PAYLOAD as usize / 2) {
+            Message::DeviceState {
+                data: chunk.to_vec(),
+            }
+            .write_to(w)?;
+        }
+        bytes += s.device_state.len() as u64;
+    }
+    Message::CheckpointEnd(CheckpointEnd {
+        epoch: s.epoch,
+        page_count: pages,
+        device_state_len: s.device_state.len() as u64,
+        digest: digest.finish(),
+    })
+    .write_to(w)?;
+    w.flush()
+        .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
+    Ok(bytes)
+}
+
+fn ack_loop(
+    mut r: TcpStream,
+    flight: Arc<Mutex<InFlight>>,
+    lost: Arc<Mutex<Option<String>>>,
+    events: &(dyn Fn(ProtectEvent) + Sync),
+    committed: &std::sync::atomic::AtomicU64,
+) {
+    let reason = loop {
+        match Message::read_from(&mut r) {
+            Ok(Message::Ack { epoch }) => {
+                let entry = flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sent
+                    .remove(&epoch.0);
+                if epoch.0 == 0 {
+                    continue; // the initial sync
+                }
+                committed.fetch_add(1, Ordering::SeqCst);
+                if let Some((mut stats, at)) = entry {
+                    stats.ack_ms = at.elapsed().as_secs_f64() * 1e3;
+                    events(ProtectEvent::Checkpoint(stats));
+                }
+            }
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::Error { code, message }) => {
+                break format!("backup reported {code}: {message}");
+            }
+            Ok(other) => break format!("unexpected {:?} from the backup", other.msg_type()),
+            Err(e) if e.is_timeout() => break "no word from the backup within the timeout".into(),
+            Err(e) => break format!("backup connection: {e}"),
+        }
+    };
+    let mut l = lost.lock().unwrap_or_else(|p| p.into_inner());
+    if l.is_none() {
+        *l = Some(reason);
+    }
+}

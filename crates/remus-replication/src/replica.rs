@@ -1,0 +1,107 @@
+//! The backup's copy of guest RAM and device state.
+//!
+//! Pages are written into the replica file only when their checkpoint is
+//! complete and verified (or, before the first commit, as initial sync:
+//! there is no resumable state yet to spoil). Device state is written to a
+//! temporary file and renamed over `dev.committed`, so the committed state
+//! is always whole: the pages of epoch N plus the device state of epoch N.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use remus_proto::{Epoch, PAGE_SIZE, PageRun};
+
+use crate::ReplError;
+
+/// The RAM replica and the committed device state of one standby VM.
+pub struct Replica {
+    file: File,
+    path: PathBuf,
+    pages: u64,
+    dev_committed: PathBuf,
+    committed: Option<Epoch>,
+}
+
+impl Replica {
+    /// Creates (or resizes) the replica file for `size` bytes of guest RAM.
+    pub fn create(path: &Path, size: u64, dev_dir: &Path) -> Result<Replica, ReplError> {
+        let io = |op: &str| {
+            let what = format!("{op} {}", path.display());
+            move |e: std::io::Error| ReplError::Io(what, e)
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io("open RAM replica"))?;
+        file.set_len(size).map_err(io("size RAM replica"))?;
+        Ok(Replica {
+            file,
+            path: path.to_path_buf(),
+            pages: size / PAGE_SIZE as u64,
+            dev_committed: dev_dir.join("dev.committed"),
+            committed: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Guest pages in the replica.
+    pub fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    /// The last committed epoch, if any.
+    pub fn committed(&self) -> Option<Epoch> {
+        self.committed
+    }
+
+    /// The committed device state file (valid once an epoch committed).
+    pub fn device_state_path(&self) -> &Path {
+        &self.dev_committed
+    }
+
+    /// Writes one run of pages. Bounds were checked by the assembler; they
+    /// are checked again here because a wrong write corrupts the standby.
+    pub fn write_run(&self, run: &PageRun) -> Result<(), ReplError> {
+        let count = run.data.len() as u64 / PAGE_SIZE as u64;
+        if run
+            .first_page
+            .checked_add(count)
+            .is_none_or(|end| end > self.pages)
+        {
+            return Err(ReplError::Protocol(format!(
+                "page run {}+{count} is outside guest RAM ({} pages)",
+                run.first_page, self.pages
+            )));
+        }
+        self.file
+            .write_all_at(&run.data, run.first_page * PAGE_SIZE as u64)
+            .map_err(|e| ReplError::Io(format!("write RAM replica {}", self.path.display()), e))
+    }
+
+    /// Commits a complete checkpoint: its pages, then its device state
+    /// (atomically replacing the previous one).
+    pub fn commit(
+        &mut self,
+        epoch: Epoch,
+        runs: &[PageRun],
+        device_state: &[u8],
+    ) -> Result<(), ReplError> {
+        for r in runs {
+            self.write_run(r)?;
+        }
+        let tmp = self.dev_committed.with_extension("tmp");
+        std::fs::write(&tmp, device_state)
+            .map_err(|e| ReplError::Io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &self.dev_committed)
+            .map_err(|e| ReplError::Io(format!("commit {}", self.dev_committed.display()), e))?;
+        self.committed = Some(epoch);
+        Ok(())
+    }
+}

@@ -56,6 +56,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/vcpus", get(vcpus))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console_attach))
+        .route("/v1/vms/{name}/migrate", post(migrate))
         .route(
             "/v1/vms/{name}/protection",
             post(protect).get(protection_events).delete(unprotect),
@@ -220,6 +221,41 @@ async fn protect(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// `{"peer": "HOST:PORT"}`; answers with the migration's progress as
+/// JSON lines until it ends.
+async fn migrate(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<remus_api::MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AgentError> {
+    let Json(req) =
+        body.map_err(|e| AgentError::BadRequest(format!("bad migrate request: {e}")))?;
+    let slot = a.slot(&name)?;
+    let rx = slot.subscribe();
+    blocking(move || crate::replication::start_migrate(&a, &name, &req.peer)).await?;
+    Ok(ndjson(rx))
+}
+
+/// A response streaming the event channel as JSON lines until an empty
+/// line (the end of the session).
+fn ndjson(rx: tokio::sync::broadcast::Receiver<String>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if line.is_empty() => return None,
+                Ok(line) => return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 /// Follows a VM's replication events: one JSON object per line, until the
 /// session ends.
 async fn protection_events(
@@ -232,22 +268,7 @@ async fn protection_events(
             "VM '{name}' is not being protected"
         )));
     }
-    let rx = slot.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(line) if line.is_empty() => return None,
-                Ok(line) => return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(ndjson(slot.subscribe()))
 }
 
 async fn unprotect(

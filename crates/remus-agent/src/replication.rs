@@ -101,49 +101,7 @@ pub fn start_protect(
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
-    let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
-
-    let mut stream = connect(&req.peer)?;
-    let session = client_handshake(
-        &mut stream,
-        &key,
-        &HelloParams::new(Purpose::Protect, name, compat),
-    )
-    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-    // The config, then wait for the standby.
-    let config_json = serde_json::to_string(&SessionSetup {
-        config: slot.vm.config.clone(),
-        timeout_ms: req.timeout_ms,
-    })
-    .map_err(|e| AgentError::Internal(e.to_string()))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(|e| AgentError::Internal(e.to_string()))?;
-    Message::VmConfig { json: config_json }
-        .write_to(&mut stream)
-        .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
-    match Message::read_from(&mut stream) {
-        Ok(Message::Ready) => {}
-        Ok(Message::Error { code, message }) => {
-            return Err(AgentError::BadRequest(format!(
-                "backup {} refused: {code}: {message}",
-                session.peer
-            )));
-        }
-        Ok(other) => {
-            return Err(AgentError::Internal(format!(
-                "backup {} answered {:?} instead of Ready",
-                session.peer,
-                other.msg_type()
-            )));
-        }
-        Err(e) => {
-            return Err(AgentError::Internal(format!(
-                "backup {} did not prepare the standby: {e}",
-                session.peer
-            )));
-        }
-    }
+    let stream = open_session(&slot, &key, &req.peer, Purpose::Protect, req.timeout_ms)?;
     if req.no_net {
         tracing::warn!(vm = %name, "--no-net: network output is not buffered (output commit arrives with the network issue)");
     }
@@ -192,6 +150,110 @@ pub fn start_protect(
             slot2.publish(String::new());
         })
         .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
+    Ok(())
+}
+
+/// Connects to a peer agent, authenticates, sends the VM's config and
+/// waits until the peer has prepared its copy (standby or destination).
+fn open_session(
+    slot: &VmSlot,
+    key: &remus_proto::Key,
+    peer: &str,
+    purpose: Purpose,
+    timeout_ms: u64,
+) -> Result<TcpStream, AgentError> {
+    let name = slot.vm.name();
+    let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
+    let mut stream = connect(peer)?;
+    let session = client_handshake(&mut stream, key, &HelloParams::new(purpose, name, compat))
+        .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    let setup = serde_json::to_string(&SessionSetup {
+        config: slot.vm.config.clone(),
+        timeout_ms,
+    })
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    Message::VmConfig { json: setup }
+        .write_to(&mut stream)
+        .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
+    let (_, theirs) = purpose.side_names();
+    match Message::read_from(&mut stream) {
+        Ok(Message::Ready) => Ok(stream),
+        Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
+            "{theirs} {} refused: {code}: {message}",
+            session.peer
+        ))),
+        Ok(other) => Err(AgentError::Internal(format!(
+            "{theirs} {} answered {:?} instead of Ready",
+            session.peer,
+            other.msg_type()
+        ))),
+        Err(e) => Err(AgentError::Internal(format!(
+            "{theirs} {} did not prepare the VM: {e}",
+            session.peer
+        ))),
+    }
+}
+
+/// Starts migrating `name` to the agent at `peer`; progress goes to the
+/// VM's event channel (subscribe first). On success the VM is destroyed
+/// here.
+pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    let key = agent.key().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
+        )
+    })?;
+    {
+        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+        if role != Role::Unprotected || slot.protected_to().is_some() {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is {} or busy; migrate needs an unprotected running VM (stop protection first)",
+                role_name(role)
+            )));
+        }
+    }
+    slot.vm
+        .dirty_tracker()
+        .map_err(|e| AgentError::Conflict(e.to_string()))?;
+    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000)?;
+    slot.set_protection(Arc::new(AtomicBool::new(false)), peer.to_string());
+    let agent = agent.clone();
+    let vm_name = name.to_string();
+    let peer = peer.to_string();
+    std::thread::Builder::new()
+        .name(format!("migrate-{vm_name}"))
+        .spawn(move || {
+            tracing::info!(vm = %vm_name, %peer, "migration started");
+            let emit = |ev: remus_replication::migrate::MigrateEvent| {
+                slot.publish(serde_json::to_string(&ev).unwrap_or_default());
+            };
+            let r = remus_replication::migrate::migrate(
+                &slot.vm,
+                stream,
+                &remus_replication::migrate::MigrateConfig::default(),
+                &emit,
+            );
+            slot.clear_protection();
+            match r {
+                Ok(stats) => {
+                    tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");
+                    slot.publish(String::new());
+                    let _ = agent.destroy(&vm_name);
+                }
+                Err(e) => {
+                    tracing::error!(vm = %vm_name, %peer, error = %e, "migration failed");
+                    slot.publish(
+                        serde_json::json!({"event": "failed", "reason": e.to_string()}).to_string(),
+                    );
+                    slot.publish(String::new());
+                }
+            }
+        })
+        .map_err(|e| AgentError::Internal(format!("spawn migrate thread: {e}")))?;
     Ok(())
 }
 
@@ -321,9 +383,22 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         heartbeat: timeout / 4,
     };
     let vm_name = name.clone();
-    let end = remus_replication::backup::receive(stream, &mut replica, &cfg, &|ev| {
-        tracing::debug!(vm = %vm_name, event = ?ev, "backup");
-    });
+    let slot2 = slot.clone();
+    let end = remus_replication::backup::receive(
+        stream,
+        &mut replica,
+        &cfg,
+        &|ev| {
+            tracing::debug!(vm = %vm_name, event = ?ev, "backup");
+        },
+        &|replica| {
+            let stats = remus_replication::failover::resume(&slot2.vm, replica)
+                .map_err(|e| e.to_string())?;
+            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "migration: VM resumed here");
+            Ok(())
+        },
+    );
     decide_failover(agent, &slot, &replica, end);
     Ok(())
 }

@@ -112,6 +112,13 @@ fn default_timeout_ms() -> u64 {
     2000
 }
 
+/// `POST /v1/vms/NAME/migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// The destination agent's replication address, HOST:PORT.
+    pub peer: String,
+}
+
 /// An error body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -298,14 +305,42 @@ impl Client {
     pub async fn follow_protection(
         &self,
         name: &str,
+        each: impl FnMut(serde_json::Value),
+    ) -> Result<(), ClientError> {
+        self.stream_lines(Method::GET, &vm_path(name, "/protection"), None, each)
+            .await
+    }
+
+    /// Migrates a VM to the agent at `peer`, calling `each` per progress
+    /// event until it ends.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        peer: &str,
+        each: impl FnMut(serde_json::Value),
+    ) -> Result<(), ClientError> {
+        let body = Self::body(&MigrateRequest { peer: peer.into() })?;
+        self.stream_lines(Method::POST, &vm_path(name, "/migrate"), body, each)
+            .await
+    }
+
+    async fn stream_lines(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
         mut each: impl FnMut(serde_json::Value),
     ) -> Result<(), ClientError> {
         let mut sender = self.connect().await?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(vm_path(name, "/protection"))
-            .header("host", "remus")
-            .body(Full::new(Bytes::new()))
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "remus");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let resp = sender
             .send_request(req)

@@ -69,6 +69,17 @@ pub enum Command {
         json: bool,
         vm: String,
     },
+    /// Live-migrate a VM to the agent at HOST:PORT (pre-copy): it keeps
+    /// running during the copy, pauses briefly for the last pages and its
+    /// device state, and ends running there and gone from here.
+    Migrate {
+        /// Print progress as JSON lines.
+        #[arg(long)]
+        json: bool,
+        vm: String,
+        /// The destination agent's replication address (HOST:PORT).
+        host: String,
+    },
     /// Protect a VM: checkpoint it to the backup agent at HOST:PORT many
     /// times a second; the backup resumes it if this host dies. Prints a
     /// line per checkpoint; Ctrl-C stops following (protection goes on;
@@ -204,6 +215,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", format::vcpu_table(&vm, &v));
             }
         }
+        Command::Migrate { json, vm, host } => {
+            return migrate(&client, &vm, &host, json).await;
+        }
         Command::Protect {
             interval_ms,
             timeout_ms,
@@ -287,6 +301,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::Result<ExitCode> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0);
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:18} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("initial copy");
+    let mut done: Option<serde_json::Value> = None;
+    let mut failed: Option<String> = None;
+    client
+        .migrate(vm, host, |ev| {
+            if json {
+                println!("{ev}");
+            }
+            match ev["event"].as_str().unwrap_or("") {
+                "start" => bar.set_length(ev["bytes"].as_u64().unwrap_or(0)),
+                "round" => {
+                    let sent = ev["bytes"].as_u64().unwrap_or(0);
+                    if sent > bar.length().unwrap_or(0) {
+                        bar.set_length(sent);
+                    }
+                    bar.set_position(sent);
+                    bar.set_message(format!("round {}", ev["round"].as_u64().unwrap_or(0) + 1));
+                }
+                "done" => done = Some(ev),
+                "failed" => failed = Some(ev["reason"].as_str().unwrap_or("?").to_string()),
+                _ => {}
+            }
+        })
+        .await
+        .map_err(api)?;
+    bar.finish_and_clear();
+    if let Some(reason) = failed {
+        anyhow::bail!("migration of '{vm}' failed: {reason}");
+    }
+    let Some(d) = done else {
+        anyhow::bail!("migration of '{vm}' ended without a result; check both agents' logs");
+    };
+    if !json {
+        eprintln!(
+            "Migrated '{vm}' to {host} in {:.2} s: downtime {:.1} ms, {:.1} MiB sent in {} pre-copy rounds (last copy {} pages).",
+            d["total_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            d["downtime_ms"].as_f64().unwrap_or(0.0),
+            d["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            d["rounds"].as_u64().unwrap_or(0),
+            d["final_pages"].as_u64().unwrap_or(0)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -104,6 +104,10 @@ mod tests {
             workloads("remus.workload=tick:--interval-ms:50").unwrap(),
             v(&[&["tick", "--interval-ms", "50"]])
         );
+        assert_eq!(
+            workloads("remus.workload=tick,dirty:--mb-per-s:50").unwrap(),
+            v(&[&["tick"], &["dirty", "--mb-per-s", "50"]])
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! plus one entry in [`COMMANDS`].
 
 mod cmdline;
+mod dirty;
 mod disk_probe;
 mod tick;
 
@@ -24,6 +25,11 @@ pub const COMMANDS: &[Command] = &[
         name: "tick",
         usage: "tick [--interval-ms N]        print 'tick N' every N ms (default 100)",
         run: tick::run,
+    },
+    Command {
+        name: "dirty",
+        usage: "dirty [--mb-per-s 50] [--working-set-mb 64]\n                               dirty N MiB/s of distinct 4 KiB pages, print 'dirty: N MB/s' each second",
+        run: dirty::run,
     },
     Command {
         name: "disk-probe",

@@ -44,7 +44,8 @@ pub enum BackupEvent {
 pub enum BackupEnd {
     /// The primary ended protection on purpose: do not fail over.
     Done,
-    /// Migration: the source stopped after `epoch`; resume it here.
+    /// Migration: the source stopped after `epoch` and the VM was resumed
+    /// here by the switch-over callback.
     SwitchOver(Epoch),
     /// The primary (or the link) failed. `committed` is what can be
     /// resumed, if anything.
@@ -57,11 +58,14 @@ pub enum BackupEnd {
 /// Receives until the session ends. Pages of the initial sync are written
 /// at once (nothing resumable exists yet); after the first committed
 /// checkpoint, only whole checkpoints touch the replica.
+/// `on_switchover` resumes the VM at a migration's switch-over; the source
+/// is told the outcome (Done, or an Error so that it resumes itself).
 pub fn receive(
     stream: TcpStream,
     replica: &mut Replica,
     cfg: &BackupConfig,
     events: &(dyn Fn(BackupEvent) + Sync),
+    on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
 ) -> Result<BackupEnd, ReplError> {
     stream
         .set_read_timeout(Some(cfg.timeout))
@@ -101,7 +105,14 @@ pub fn receive(
                 }
             }
         });
-        let end = receive_loop(&mut reader, &writer, replica, &mut asm, events);
+        let end = receive_loop(
+            &mut reader,
+            &writer,
+            replica,
+            &mut asm,
+            events,
+            on_switchover,
+        );
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = writer
             .lock()
@@ -117,6 +128,7 @@ fn receive_loop(
     replica: &mut Replica,
     asm: &mut CheckpointAssembler,
     events: &(dyn Fn(BackupEvent) + Sync),
+    on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
 ) -> Result<BackupEnd, ReplError> {
     let send = |m: Message| -> Result<(), ReplError> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,7 +193,19 @@ fn receive_loop(
                             replica.committed()
                         )));
                     }
-                    return Ok(BackupEnd::SwitchOver(epoch));
+                    return match on_switchover(replica) {
+                        Ok(()) => {
+                            send(Message::Done)?;
+                            Ok(BackupEnd::SwitchOver(epoch))
+                        }
+                        Err(why) => {
+                            let _ = send(Message::Error {
+                                code: ErrorCode::Internal,
+                                message: why.clone(),
+                            });
+                            Err(ReplError::Vm(format!("resume at switch-over: {why}")))
+                        }
+                    };
                 }
                 Message::Error { code, message } => {
                     // The primary stopped on purpose (it says why): no

@@ -33,9 +33,10 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
         .map_err(|e| ReplError::Vm(format!("cont: {e}")))?;
     let cont_ms = t.elapsed().as_secs_f64() * 1e3;
     if !standby.config.vifs.is_empty()
-        && let Err(e) = remus_vm::vm::announce_self(standby.qmp()) {
-            tracing::warn!(vm = %standby.name(), error = %e, "announce-self failed");
-        }
+        && let Err(e) = remus_vm::vm::announce_self(standby.qmp())
+    {
+        tracing::warn!(vm = %standby.name(), error = %e, "announce-self failed");
+    }
     Ok(FailoverStats {
         epoch: epoch.0,
         load_ms,

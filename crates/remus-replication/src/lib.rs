@@ -5,11 +5,13 @@
 //! - [`replica`]: the backup's RAM replica and committed device state.
 //! - [`staging`]: copying guest pages into page runs.
 //! - [`failover`]: resuming the standby from the last committed checkpoint.
+//! - [`migrate`]: live migration (pre-copy), source side.
 //!
 //! The wire format and handshake live in `remus-proto`.
 
 pub mod backup;
 pub mod failover;
+pub mod migrate;
 pub mod primary;
 pub mod replica;
 pub mod staging;

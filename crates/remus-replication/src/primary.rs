@@ -80,12 +80,12 @@ enum Outgoing {
 }
 
 pub(crate) struct Staged {
-    epoch: Epoch,
-    kind: CheckpointKind,
-    runs: Vec<PageRun>,
-    device_state: Vec<u8>,
-    pause_ms: f64,
-    taken_at_ms: u64,
+    pub(crate) epoch: Epoch,
+    pub(crate) kind: CheckpointKind,
+    pub(crate) runs: Vec<PageRun>,
+    pub(crate) device_state: Vec<u8>,
+    pub(crate) pause_ms: f64,
+    pub(crate) taken_at_ms: u64,
 }
 
 #[derive(Default)]

@@ -364,6 +364,83 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// `remus protect --json` running in the background, read event by event.
+pub struct ProtectFollower {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl ProtectFollower {
+    /// Starts protecting `vm` on `agent` to `peer` with extra `args`
+    /// (e.g. `-i 100 --timeout 1000`), following the events.
+    pub fn start(agent: &Agent, vm: &str, peer: &str, args: &[&str]) -> Result<ProtectFollower> {
+        use std::io::BufRead;
+        let mut child = Command::new(&agent.bins.remus)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("protect")
+            .args(args)
+            .args(["--json", vm, peer])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run remus protect")?;
+        let out = child.stdout.take().context("protect stdout")?;
+        Ok(ProtectFollower {
+            child,
+            lines: std::io::BufReader::new(out).lines(),
+        })
+    }
+
+    /// The next event; an error when the stream ends (with the CLI's
+    /// stderr, which says why).
+    pub fn next_event(&mut self) -> Result<serde_json::Value> {
+        use std::io::Read;
+        match self.lines.next() {
+            Some(Ok(line)) => {
+                serde_json::from_str(&line).with_context(|| format!("bad event line: {line}"))
+            }
+            _ => {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("protect output ended: {}", err.trim())
+            }
+        }
+    }
+
+    /// Waits for a committed checkpoint whose pause began after `after_ms`
+    /// (Unix ms); fails on `backup_lost`.
+    pub fn checkpoint_after(&mut self, after_ms: u64) -> Result<serde_json::Value> {
+        loop {
+            let ev = self.next_event()?;
+            if ev["event"] == "backup_lost" || ev["event"] == "failed" {
+                bail!("protection ended: {ev}");
+            }
+            if ev["event"] == "checkpoint" && ev["taken_at_ms"].as_u64() > Some(after_ms) {
+                return Ok(ev);
+            }
+        }
+    }
+}
+
+impl Drop for ProtectFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Output of one CLI run.
 #[derive(Debug, Clone)]
 pub struct CliOutput {

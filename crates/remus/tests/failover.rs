@@ -3,25 +3,18 @@
 //! at random moments, and check that the backup resumes the guest from at
 //! least the last acknowledged state, never from boot.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, ticks, write_key};
+use remus_testbed::{
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+};
 
 fn bins() -> Binaries {
     Binaries {
         remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
         remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 fn vm_info(agent: &Agent, vm: &str) -> Option<serde_json::Value> {
@@ -51,47 +44,19 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
         })
         .unwrap();
 
-    // Protect, following the events as JSON lines.
+    // Protect, following the events as JSON lines; the first checkpoints
+    // commit.
     let peer = format!("127.0.0.1:{port}");
-    let mut follow = Command::new(&bins().remus)
-        .arg("--socket")
-        .arg(&primary.socket)
-        .args([
-            "protect",
-            "-i",
-            "100",
-            "--timeout",
-            "1000",
-            "--json",
-            &vm,
-            &peer,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
-    let mut next_event = || -> serde_json::Value {
-        let line = lines
-            .next()
-            .expect("protect output ended")
-            .expect("read protect output");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
-    };
-    // The first checkpoints commit.
-    loop {
-        let ev = next_event();
-        if ev["event"] == "checkpoint" && ev["epoch"].as_u64() >= Some(2) {
-            break;
-        }
-        assert_ne!(
-            ev["event"],
-            "backup_lost",
-            "{ev}\nbackup log:\n{}\nprimary log:\n{}",
+    let mut follow =
+        ProtectFollower::start(&primary, &vm, &peer, &["-i", "100", "--timeout", "1000"])
+            .unwrap_or_else(|e| panic!("{e}\nbackup log:\n{}", backup.log_text()));
+    follow.checkpoint_after(0).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nbackup log:\n{}\nprimary log:\n{}",
             backup.log_text(),
             primary.log_text()
-        );
-    }
+        )
+    });
     let b = vm_info(backup, &vm).expect("standby listed on the backup");
     assert_eq!(b["state"], "p", "standby is shown paused: {b}");
     assert_eq!(b["role"], "backup");
@@ -103,27 +68,23 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
     std::thread::sleep(Duration::from_millis(jitter(n, 1500)));
     let seen_at = now_ms();
     let seen = last_tick(&primary.console(&vm)).unwrap();
-    loop {
-        let ev = next_event();
-        if ev["event"] == "checkpoint" && ev["taken_at_ms"].as_u64().unwrap() > seen_at {
-            break;
-        }
-    }
+    follow.checkpoint_after(seen_at).unwrap();
     // Kill at a random point of the following epoch (mid-checkpoint or
     // mid-transmission as it falls).
     std::thread::sleep(Duration::from_millis(jitter(n + 7, 100)));
     let killed = Instant::now();
     primary.kill_hard();
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
 
     // The backup resumes the guest.
     let deadline = Instant::now() + Duration::from_secs(30);
     let failover_ms = loop {
         if let Some(v) = vm_info(backup, &vm)
-            && v["role"] == "unprotected" && (v["state"] == "r" || v["state"] == "b") {
-                break killed.elapsed().as_millis() as u64;
-            }
+            && v["role"] == "unprotected"
+            && (v["state"] == "r" || v["state"] == "b")
+        {
+            break killed.elapsed().as_millis() as u64;
+        }
         assert!(
             Instant::now() < deadline,
             "backup did not fail over: {:?}\n{}",

@@ -1,0 +1,245 @@
+//! Live migration (pre-copy), the source side.
+//!
+//! ```text
+//! source                                         destination
+//!   InitialSync(0): every page with data  ───►   written to the replica
+//!   Round(1..k): pages dirtied meanwhile  ───►   written to the replica
+//!   stop; Checkpoint(k+1): last dirty pages
+//!         + device state                  ───►   committed
+//!                                         ◄───   Ack(k+1)
+//!   SwitchOver(k+1)                       ───►   load device state, cont
+//!                                         ◄───   Done
+//!   (caller destroys the source)
+//! ```
+//!
+//! Rounds stop when few pages are dirty or after a bounded number of
+//! rounds (a guest dirtying faster than the link cannot converge; the
+//! final pause then grows, which the summary reports as downtime).
+//! Failure before SwitchOver: the source resumes and nothing changed.
+//! No confirmation after SwitchOver: the destination may be running, so
+//! the source stays paused and the error says so (two running copies are
+//! worse than one paused one).
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use remus_dirty::RamFile;
+use remus_proto::{CheckpointKind, Epoch, Message};
+use remus_vm::{Vm, devstate};
+
+use crate::primary::{Staged, send_checkpoint};
+use crate::{ReplError, staging};
+
+/// Migration settings.
+#[derive(Debug, Clone)]
+pub struct MigrateConfig {
+    /// Stop pre-copy when a round has fewer dirty pages than this.
+    pub converge_pages: u64,
+    /// At most this many pre-copy rounds after the initial copy.
+    pub max_rounds: u64,
+    /// How long to wait for each acknowledgement.
+    pub timeout: Duration,
+}
+
+impl Default for MigrateConfig {
+    fn default() -> Self {
+        MigrateConfig {
+            converge_pages: 256,
+            max_rounds: 30,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Progress of a migration.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum MigrateEvent {
+    /// Before the initial copy: how much there is to send.
+    Start { pages: u64, bytes: u64 },
+    /// A pre-copy round was sent (round 0 is the initial copy).
+    Round {
+        round: u64,
+        pages: u64,
+        bytes: u64,
+        ms: f64,
+    },
+    /// The destination runs the VM.
+    Done(MigrateStats),
+}
+
+/// What a migration cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrateStats {
+    pub total_ms: f64,
+    /// Guest paused at the source → running at the destination.
+    pub downtime_ms: f64,
+    pub bytes: u64,
+    pub rounds: u64,
+    pub final_pages: u64,
+}
+
+/// Migrates `vm` over an authenticated session. On success the caller
+/// destroys the source; on error the source is running again unless the
+/// error says otherwise.
+pub fn migrate(
+    vm: &Vm,
+    stream: TcpStream,
+    cfg: &MigrateConfig,
+    events: &dyn Fn(MigrateEvent),
+) -> Result<MigrateStats, ReplError> {
+    let t_start = Instant::now();
+    let mut tracker = vm
+        .dirty_tracker()
+        .map_err(|e| ReplError::Setup(e.to_string()))?;
+    let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+    devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
+    let dev_file = vm.paths.dir().join("dev.migrate");
+    stream.set_nodelay(true).ok();
+    stream
+        .set_read_timeout(Some(cfg.timeout))
+        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
+    let mut reader = stream
+        .try_clone()
+        .map_err(|e| ReplError::Io("clone stream".into(), e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, stream);
+    let mut bytes = 0u64;
+
+    // Pre-copy while the guest runs.
+    tracker
+        .scan()
+        .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+    let mut runs = staging::stage_data_ranges(&ram)?;
+    let initial_pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+    events(MigrateEvent::Start {
+        pages: initial_pages,
+        bytes: initial_pages * remus_proto::PAGE_SIZE as u64,
+    });
+    let mut round = 0u64;
+    let mut kind = CheckpointKind::InitialSync;
+    loop {
+        let t = Instant::now();
+        let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+        let staged = Staged {
+            epoch: Epoch(round),
+            kind,
+            runs,
+            device_state: Vec::new(),
+            pause_ms: 0.0,
+            taken_at_ms: crate::now_us() / 1000,
+        };
+        bytes += send_checkpoint(&mut w, &staged)?;
+        wait_ack(&mut reader, Epoch(round))?;
+        events(MigrateEvent::Round {
+            round,
+            pages,
+            bytes,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        });
+        let dirty = tracker
+            .scan()
+            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        round += 1;
+        if dirty.page_count() < cfg.converge_pages || round > cfg.max_rounds {
+            // Put back what was scanned: it belongs to the final copy.
+            runs = staging::stage(&ram, &dirty)?;
+            break;
+        }
+        runs = staging::stage(&ram, &dirty)?;
+        kind = CheckpointKind::Round;
+    }
+
+    // Stop and copy. The pages scanned just above were dirtied while the
+    // guest ran; the final scan under pause adds what changed since.
+    let t_down = Instant::now();
+    vm.qmp()
+        .execute("stop", None)
+        .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
+    let result = (|| -> Result<(u64, Epoch), ReplError> {
+        let last = tracker
+            .scan()
+            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        runs.extend(staging::stage(&ram, &last)?);
+        let final_pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+        devstate::save(vm.qmp(), &dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
+        let device_state = std::fs::read(&dev_file)
+            .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
+        let epoch = Epoch(round);
+        let staged = Staged {
+            epoch,
+            kind: CheckpointKind::Checkpoint,
+            runs,
+            device_state,
+            pause_ms: 0.0,
+            taken_at_ms: crate::now_us() / 1000,
+        };
+        bytes += send_checkpoint(&mut w, &staged)?;
+        wait_ack(&mut reader, epoch)?;
+        Ok((final_pages, epoch))
+    })();
+    let (final_pages, epoch) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // Nothing switched: the source carries on.
+            let _ = vm.qmp().execute("cont", None);
+            return Err(e);
+        }
+    };
+    Message::SwitchOver { epoch }.write_to(&mut w)?;
+    w.flush()
+        .map_err(|e| ReplError::Io("flush switch-over".into(), e))?;
+    match Message::read_from(&mut reader) {
+        Ok(Message::Done) => {}
+        Ok(Message::Error { code, message }) => {
+            // The destination refused to resume: it does not run the VM.
+            let _ = vm.qmp().execute("cont", None);
+            return Err(ReplError::PeerLost(format!(
+                "destination could not resume the VM ({code}: {message}); it runs here again"
+            )));
+        }
+        other => {
+            return Err(ReplError::PeerLost(format!(
+                "no confirmation from the destination after switch-over ({}); it may be running the VM, so the source stays PAUSED — check the destination, then destroy one copy",
+                match other {
+                    Ok(m) => format!("got {:?}", m.msg_type()),
+                    Err(e) => e.to_string(),
+                }
+            )));
+        }
+    }
+    let stats = MigrateStats {
+        total_ms: t_start.elapsed().as_secs_f64() * 1e3,
+        downtime_ms: t_down.elapsed().as_secs_f64() * 1e3,
+        bytes,
+        rounds: round,
+        final_pages,
+    };
+    events(MigrateEvent::Done(stats.clone()));
+    Ok(stats)
+}
+
+fn wait_ack(r: &mut TcpStream, epoch: Epoch) -> Result<(), ReplError> {
+    loop {
+        match Message::read_from(r) {
+            Ok(Message::Ack { epoch: e }) if e == epoch => return Ok(()),
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::Error { code, message }) => {
+                return Err(ReplError::PeerLost(format!(
+                    "destination: {code}: {message}"
+                )));
+            }
+            Ok(other) => {
+                return Err(ReplError::Protocol(format!(
+                    "expected Ack of {epoch}, got {:?}",
+                    other.msg_type()
+                )));
+            }
+            Err(e) => {
+                return Err(ReplError::PeerLost(format!(
+                    "waiting for Ack of {epoch}: {e}"
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Migration, rejections on the replication port, loss of the backup and
+//! `destroy` on the primary, through the real CLI and agents.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use remus_testbed::{
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+};
+
+fn bins() -> Binaries {
+    Binaries {
+        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
+        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
+    }
+}
+
+const BOOT: Duration = Duration::from_secs(90);
+
+/// An agent with a replication port and key.
+fn agent_with_port(key: &Path) -> (Agent, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let a = Agent::start(
+        &bins(),
+        None,
+        &["--listen", &listen, "--key", key.to_str().unwrap()],
+    )
+    .expect("agent");
+    (a, listen)
+}
+
+fn info(agent: &Agent, vm: &str) -> Option<serde_json::Value> {
+    agent.list().into_iter().find(|v| v["name"] == vm)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        // Agent state has no change notification; poll the API.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn boot(agent: &Agent, vm: &str, img: &GuestImage) {
+    let cfg = agent.write_file(
+        &format!("{vm}.toml"),
+        &img.config(vm, "remus.workload=tick", ""),
+    );
+    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    agent
+        .wait_console(vm, BOOT, "tick 3", |c| last_tick(c) >= Some(3))
+        .unwrap();
+}
+
+#[test]
+fn migration_there_and_back() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let (a, a_listen) = agent_with_port(&key);
+    let (b, b_listen) = agent_with_port(&key);
+    boot(&a, "mig", &img);
+
+    for (from, to, to_listen) in [(&a, &b, &b_listen), (&b, &a, &a_listen)] {
+        let before = last_tick(&from.console("mig")).unwrap();
+        let out = from.cli(&["migrate", "--json", "mig", to_listen]);
+        assert!(out.ok, "migrate: {}\n{}", out.stderr, from.log_text());
+        let done: serde_json::Value = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "done")
+            .unwrap_or_else(|| panic!("no done event: {}", out.stdout));
+        for k in ["total_ms", "downtime_ms", "bytes"] {
+            assert!(done[k].as_f64().unwrap() > 0.0, "{k}: {done}");
+        }
+        // Gone from the source, running at the destination.
+        assert!(info(from, "mig").is_none(), "source still lists the VM");
+        let v = info(to, "mig").expect("destination lists the VM");
+        assert_eq!(v["role"], "unprotected");
+        assert!(v["state"] == "r" || v["state"] == "b", "{v}");
+        // And it goes on counting from where it was.
+        let text = to
+            .wait_console("mig", BOOT, "ticks after migration", |c| {
+                ticks(c).len() >= 3
+            })
+            .unwrap();
+        let got = ticks(&text);
+        assert!(
+            got[0] >= before,
+            "resumed at {} after {before}: {got:?}",
+            got[0]
+        );
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    }
+}
+
+#[test]
+fn bad_peers_are_rejected_and_the_agent_carries_on() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let (backup, listen) = agent_with_port(&key);
+
+    // Garbage bytes on the replication port: refused, agent unharmed.
+    {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff garbage")
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // A peer offering only a protocol version from the future.
+    {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        let k = remus_proto::Key::load(&key).unwrap();
+        let mut params = remus_proto::HelloParams::new(
+            remus_proto::Purpose::Protect,
+            "x",
+            remus_proto::VmCompat::default(),
+        );
+        params.versions = 90..=99;
+        let e = remus_proto::client_handshake_on(&mut s, listen.clone(), &k, &params)
+            .expect_err("a version from the future must be refused");
+        assert!(e.to_string().contains("version"), "{e}");
+    }
+
+    // A primary with another key.
+    let kd2 = tempfile::tempdir().unwrap();
+    let other_key = write_key(kd2.path());
+    let stranger = Agent::start(&bins(), None, &["--key", other_key.to_str().unwrap()]).unwrap();
+    boot(&stranger, "vm1", &img);
+    let out = stranger.cli(&["protect", "-d", "vm1", &listen]);
+    assert!(!out.ok, "a wrong key must be refused");
+    assert!(
+        out.stderr.contains("could not prove") || out.stderr.contains("authenticat"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(info(&stranger, "vm1").unwrap()["role"], "unprotected");
+
+    // No key at all on the primary: a clear error before any connection.
+    let keyless = Agent::start(&bins(), None, &[]).unwrap();
+    let cfg = keyless.write_file("k.toml", &img.config("vm2", "remus.workload=tick", ""));
+    assert!(keyless.cli(&["create", cfg.to_str().unwrap()]).ok);
+    let out = keyless.cli(&["protect", "-d", "vm2", &listen]);
+    assert!(!out.ok && out.stderr.contains("--key"), "{}", out.stderr);
+
+    // A name the backup already runs.
+    let cfg = backup.write_file("b.toml", &img.config("vm1", "remus.workload=tick", ""));
+    assert!(backup.cli(&["create", cfg.to_str().unwrap()]).ok);
+    let friend = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let cfg = friend.write_file("f.toml", &img.config("vm1", "remus.workload=tick", ""));
+    assert!(friend.cli(&["create", cfg.to_str().unwrap()]).ok);
+    let out = friend.cli(&["protect", "-d", "vm1", &listen]);
+    assert!(
+        !out.ok && out.stderr.contains("already exists"),
+        "{}",
+        out.stderr
+    );
+
+    // Through all of it the backup agent kept serving, with only its own VM.
+    let list = backup.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["role"], "unprotected");
+    assert!(backup.cli(&["info"]).ok);
+}
+
+#[test]
+fn backup_loss_then_reprotect_then_destroy_fails_over() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let (mut b1, l1) = agent_with_port(&key);
+    boot(&primary, "vm", &img);
+
+    let out = primary.cli(&["protect", "-d", "-i", "100", "--timeout", "1000", "vm", &l1]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_for("standby on b1", Duration::from_secs(30), || {
+        info(&b1, "vm").is_some_and(|v| v["role"] == "backup")
+    });
+    assert_eq!(info(&primary, "vm").unwrap()["role"], "primary");
+
+    // The backup dies: the primary runs on, unprotected, and says so.
+    b1.kill_hard();
+    wait_for("primary to notice", Duration::from_secs(30), || {
+        info(&primary, "vm").is_some_and(|v| v["role"] == "unprotected")
+    });
+    let log = primary.log_text();
+    assert!(log.contains("BACKUP LOST"), "{log}");
+    let t = last_tick(&primary.console("vm")).unwrap();
+    primary
+        .wait_console("vm", BOOT, "ticks after backup loss", |c| {
+            last_tick(c) >= Some(t + 3)
+        })
+        .unwrap();
+
+    // Protect again, to a new backup, following the checkpoints.
+    let (b2, l2) = agent_with_port(&key);
+    let mut follow =
+        ProtectFollower::start(&primary, "vm", &l2, &["-i", "100", "--timeout", "1000"]).unwrap();
+    let first = follow.next_event().unwrap();
+    assert_eq!(first["event"], "initial_sync", "{first}");
+    let v = info(&b2, "vm").expect("standby on b2");
+    assert_eq!(
+        (v["role"].as_str(), v["state"].as_str()),
+        (Some("backup"), Some("p"))
+    );
+    // A checkpoint taken after we saw tick `seen` is acknowledged: the
+    // backup holds at least that state.
+    let seen_at = now_ms();
+    let seen = last_tick(&primary.console("vm")).unwrap();
+    follow.checkpoint_after(seen_at).unwrap();
+
+    // `destroy` on the primary is a primary failure to the backup.
+    let out = primary.cli(&["destroy", "vm"]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_for("failover on b2", Duration::from_secs(30), || {
+        info(&b2, "vm").is_some_and(|v| v["role"] == "unprotected")
+    });
+    let text = b2
+        .wait_console("vm", BOOT, "ticks on b2", |c| ticks(c).len() >= 2)
+        .unwrap();
+    let got = ticks(&text);
+    assert!(
+        got[0] >= seen,
+        "resumed at {} but {seen} was acknowledged: {got:?}",
+        got[0]
+    );
+    assert!(b2.log_text().contains("FAILOVER"));
+}

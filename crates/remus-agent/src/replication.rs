@@ -98,17 +98,30 @@ pub fn start_protect(
             req.timeout_ms, req.interval_ms
         )));
     }
+    // Refuse rather than pretend: until disk replication and network
+    // output commit exist, protecting a VM that has them needs the
+    // operator to say so explicitly.
+    let cfg = &slot.vm.config;
+    if cfg.disks.iter().any(|d| d.replicate && !d.readonly) && !req.no_disk {
+        return Err(AgentError::BadRequest(format!(
+            "VM '{name}' has disks marked replicate, and this version does not replicate disk writes yet; protect with --no-disk to accept that after a failover the backup's disk may not match its memory"
+        )));
+    }
+    if !cfg.vifs.is_empty() && !req.no_net {
+        return Err(AgentError::BadRequest(format!(
+            "VM '{name}' has NICs, and this version does not hold network output until its checkpoint commits yet; protect with --no-net to accept that clients may see output the backup loses"
+        )));
+    }
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
     let stream = open_session(&slot, &key, &req.peer, Purpose::Protect, req.timeout_ms)?;
-    if req.no_net {
-        tracing::warn!(vm = %name, "--no-net: network output is not buffered (output commit arrives with the network issue)");
+    if req.no_disk && !cfg.disks.is_empty() {
+        tracing::warn!(vm = %name, "--no-disk: disk writes are not replicated; after a failover the backup's disk may not match its memory");
     }
-    if req.no_disk || !slot.vm.config.disks.is_empty() {
-        tracing::warn!(vm = %name, "disk writes are NOT replicated yet: after a failover the backup's disk may not match its memory");
+    if req.no_net && !cfg.vifs.is_empty() {
+        tracing::warn!(vm = %name, "--no-net: network output is not held for its checkpoint");
     }
-
     *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
     let stop = Arc::new(AtomicBool::new(false));
     slot.set_protection(stop.clone(), req.peer.clone());

@@ -160,16 +160,40 @@ impl Agent {
     /// Starts an agent on this host (optionally inside `netns`), waiting
     /// until it answers.
     pub fn start(bins: &Binaries, netns: Option<&Netns>, extra: &[&str]) -> Result<Agent> {
+        let cmd = match netns {
+            Some(ns) => ns.command(&bins.remusd),
+            None => Command::new(&bins.remusd),
+        };
+        Self::start_with(bins, cmd, extra)
+    }
+
+    /// Starts an agent in a mount namespace of its own in which `over` is
+    /// bind-mounted on `path`: the agent sees another file there, as a
+    /// second host would. (`unshare` and `sh` exec in place, so the PID is
+    /// the agent's.)
+    pub fn start_seeing(
+        bins: &Binaries,
+        path: &Path,
+        over: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+            .arg("sh")
+            .arg(over)
+            .arg(path)
+            .arg(&bins.remusd);
+        Self::start_with(bins, cmd, extra)
+    }
+
+    fn start_with(bins: &Binaries, mut cmd: Command, extra: &[&str]) -> Result<Agent> {
         let dir = tempfile::Builder::new()
             .prefix("remus-t")
             .tempdir_in("/tmp")?;
         let socket = dir.path().join("a.sock");
         let state_dir = dir.path().join("st");
         let log = dir.path().join("remusd.log");
-        let mut cmd = match netns {
-            Some(ns) => ns.command(&bins.remusd),
-            None => Command::new(&bins.remusd),
-        };
         cmd.arg("--state-dir")
             .arg(&state_dir)
             .arg("--socket")

@@ -258,3 +258,52 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     );
     assert!(b2.log_text().contains("FAILOVER"));
 }
+
+/// The backup cannot run the primary's VM as configured (its disk has
+/// another size there): protect is refused, listing the mismatch, and
+/// nothing is left on the backup.
+#[test]
+fn incompatible_backup_is_refused_with_the_mismatch() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let files = tempfile::tempdir_in("/tmp").unwrap();
+    let disk = files.path().join("disk.img");
+    let other = files.path().join("other.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&other, vec![0u8; 2 << 20]).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let backup = Agent::start_seeing(
+        &bins(),
+        &disk,
+        &other,
+        &["--listen", &listen, "--key", key.to_str().unwrap()],
+    )
+    .expect("backup agent in its own mount namespace");
+    let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let cfg = primary.write_file(
+        "vm.toml",
+        &img.config(
+            "inc",
+            "remus.workload=tick",
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\nreplicate = false\n",
+                disk.display()
+            ),
+        ),
+    );
+    let out = primary.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "{}", out.stderr);
+    let out = primary.cli(&["protect", "-d", "inc", &listen]);
+    assert!(!out.ok, "an incompatible backup must refuse");
+    assert!(
+        out.stderr.contains("vda")
+            && out.stderr.contains("1048576")
+            && out.stderr.contains("2097152"),
+        "the error names the disk and both sizes: {}",
+        out.stderr
+    );
+    assert!(backup.list().is_empty(), "nothing left on the backup");
+    assert_eq!(info(&primary, "inc").unwrap()["role"], "unprotected");
+}

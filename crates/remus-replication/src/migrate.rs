@@ -128,6 +128,7 @@ pub fn migrate(
             device_state: Vec::new(),
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
+            phases: Default::default(),
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, Epoch(round))?;
@@ -173,6 +174,7 @@ pub fn migrate(
             device_state,
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
+            phases: Default::default(),
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, epoch)?;

@@ -51,6 +51,19 @@ pub struct EpochStats {
     pub bytes: u64,
     /// End frame sent → ack received.
     pub ack_ms: f64,
+    /// Where the pause went: QMP stop, dirty scan, page copy, device
+    /// state save, QMP cont (ms).
+    pub phases: PausePhases,
+}
+
+/// The parts of one checkpoint pause, in ms.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PausePhases {
+    pub stop: f64,
+    pub scan: f64,
+    pub copy: f64,
+    pub devstate: f64,
+    pub cont: f64,
 }
 
 /// Progress of a protection session.
@@ -86,6 +99,7 @@ pub(crate) struct Staged {
     pub(crate) device_state: Vec<u8>,
     pub(crate) pause_ms: f64,
     pub(crate) taken_at_ms: u64,
+    pub(crate) phases: PausePhases,
 }
 
 #[derive(Default)]
@@ -109,6 +123,7 @@ pub fn protect(
         .dirty_tracker()
         .map_err(|e| ReplError::Setup(e.to_string()))?;
     let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+    let map = staging::RamMap::open(&vm.ram_file)?;
     devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
     let dev_file = vm.paths.dir().join("dev.out");
 
@@ -160,6 +175,7 @@ pub fn protect(
                     device_state: Vec::new(),
                     pause_ms: 0.0,
                     taken_at_ms: crate::now_us() / 1000,
+                    phases: PausePhases::default(),
                 },
                 &lost,
             )?;
@@ -184,7 +200,7 @@ pub fn protect(
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                let staged = checkpoint(vm, &mut tracker, &ram, &dev_file, Epoch(epoch))?;
+                let staged = checkpoint(vm, &mut tracker, &map, &dev_file, Epoch(epoch))?;
                 flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -198,6 +214,7 @@ pub fn protect(
                             dirty_pages: dirty_pages(&staged.runs),
                             bytes: 0,
                             ack_ms: 0.0,
+                            phases: staged.phases.clone(),
                         },
                     );
                 send(&tx, staged, &lost)?;
@@ -253,31 +270,43 @@ fn send(
 fn checkpoint(
     vm: &Vm,
     tracker: &mut DirtyTracker,
-    ram: &RamFile,
+    map: &staging::RamMap,
     dev_file: &std::path::Path,
     epoch: Epoch,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
     let taken_at_ms = crate::now_us() / 1000;
+    let mut phases = PausePhases::default();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let t0 = Instant::now();
     qmp.execute("stop", None)
         .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
-    let staged = (|| -> Result<(Vec<PageRun>, Vec<u8>), ReplError> {
+    phases.stop = ms(t0);
+    let staged = (|| -> Result<Vec<PageRun>, ReplError> {
+        let t = Instant::now();
         let dirty: DirtySet = tracker
             .scan()
             .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-        let runs = staging::stage(ram, &dirty)?;
+        phases.scan = ms(t);
+        let t = Instant::now();
+        let runs = map.stage(&dirty)?;
+        phases.copy = ms(t);
+        let t = Instant::now();
         devstate::save(qmp, dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
-        let device_state = std::fs::read(dev_file)
-            .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
-        Ok((runs, device_state))
+        phases.devstate = ms(t);
+        Ok(runs)
     })();
     // Resume whatever happened: a failed checkpoint must not leave the
     // guest paused.
+    let t = Instant::now();
     let cont = qmp.execute("cont", None);
-    let pause_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (runs, device_state) = staged?;
+    phases.cont = ms(t);
+    let pause_ms = ms(t0);
+    let runs = staged?;
     cont.map_err(|e| ReplError::Vm(format!("cont after checkpoint: {e}")))?;
+    // The device state file is read after the guest runs again.
+    let device_state = std::fs::read(dev_file)
+        .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
     Ok(Staged {
         epoch,
         kind: CheckpointKind::Checkpoint,
@@ -285,6 +314,7 @@ fn checkpoint(
         device_state,
         pause_ms,
         taken_at_ms,
+        phases,
     })
 }
 

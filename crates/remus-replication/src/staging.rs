@@ -10,7 +10,54 @@ use crate::ReplError;
 /// of waiting for one huge run to be hashed.
 const RUN_PAGES: u64 = 256;
 
-/// Copies the dirty pages (guest paused) into runs.
+/// A read-only shared mapping of the guest RAM file, for copying dirty
+/// pages while the guest is paused: a memcpy from the page cache, with no
+/// syscall per run and no zero-filled buffer, is several times faster
+/// than `pread` (DESIGN 5). Only pages the scanner reported as written are
+/// read through it: reading a hole through a mapping would allocate it.
+pub struct RamMap {
+    map: memmap2::Mmap,
+}
+
+impl RamMap {
+    pub fn open(path: &std::path::Path) -> Result<RamMap, ReplError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| ReplError::Io(format!("open {}", path.display()), e))?;
+        // SAFETY: the mapping is read-only; QEMU writes the file
+        // concurrently, which only changes the bytes we copy (the guest is
+        // paused while we copy a checkpoint's pages).
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| ReplError::Io(format!("map {}", path.display()), e))?;
+        Ok(RamMap { map })
+    }
+
+    /// Copies the dirty pages into runs.
+    pub fn stage(&self, dirty: &DirtySet) -> Result<Vec<PageRun>, ReplError> {
+        let mut runs = Vec::new();
+        for range in dirty.iter() {
+            let mut first = range.first;
+            let end = range.end();
+            while first < end {
+                let count = (end - first).min(RUN_PAGES);
+                let start = first as usize * PAGE_SIZE;
+                let stop = (first + count) as usize * PAGE_SIZE;
+                let bytes = self.map.get(start..stop).ok_or_else(|| {
+                    ReplError::TrackingLost(format!(
+                        "dirty pages {first}+{count} lie beyond the RAM file"
+                    ))
+                })?;
+                runs.push(PageRun {
+                    first_page: first,
+                    data: bytes.to_vec(),
+                });
+                first += count;
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// Copies the dirty pages into runs (with `pread`).
 pub fn stage(ram: &RamFile, dirty: &DirtySet) -> Result<Vec<PageRun>, ReplError> {
     stage_ranges(ram, dirty.iter().copied())
 }

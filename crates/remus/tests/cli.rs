@@ -169,8 +169,17 @@ fn two_agents_side_by_side_and_a_port_clash() {
     let (p1, p2) = (free_port(), free_port());
     let l1 = format!("127.0.0.1:{p1}");
     let l2 = format!("127.0.0.1:{p2}");
-    let a = Agent::start(&bins(), None, &["--listen", &l1]).unwrap();
-    let b = Agent::start(&bins(), None, &["--listen", &l2]).unwrap();
+    // Replication peers must authenticate: --listen without --key is refused.
+    let e = Agent::start(&bins(), None, &["--listen", &l1])
+        .err()
+        .expect("--listen without --key must fail")
+        .to_string();
+    assert!(e.contains("--listen needs --key"), "{e}");
+    let kd = tempfile::tempdir().unwrap();
+    let key = remus_testbed::write_key(kd.path());
+    let key = key.to_str().unwrap();
+    let a = Agent::start(&bins(), None, &["--listen", &l1, "--key", key]).unwrap();
+    let b = Agent::start(&bins(), None, &["--listen", &l2, "--key", key]).unwrap();
     for (agent, listen) in [(&a, &l1), (&b, &l2)] {
         let out = agent.cli(&["info", "--json"]);
         assert!(out.ok, "{}", out.stderr);
@@ -179,7 +188,7 @@ fn two_agents_side_by_side_and_a_port_clash() {
         assert_eq!(v["state_dir"], agent.state_dir.to_str().unwrap());
     }
     // A third agent on the first one's port fails at start, saying why.
-    let c = Agent::start(&bins(), None, &["--listen", &l1]);
+    let c = Agent::start(&bins(), None, &["--listen", &l1, "--key", key]);
     let err = c.err().expect("port clash must fail").to_string();
     assert!(err.contains("bind replication address"), "{err}");
     assert!(a.cli(&["list"]).ok && b.cli(&["list"]).ok);

@@ -199,6 +199,13 @@ struct CaseResult {
     dirty: Vec<f64>,
     bytes: Vec<f64>,
     ack: Vec<f64>,
+    /// Pause phases (ms): QMP stop, dirty scan, page copy, device state
+    /// save, QMP cont.
+    ph_stop: Vec<f64>,
+    ph_scan: Vec<f64>,
+    ph_copy: Vec<f64>,
+    ph_devstate: Vec<f64>,
+    ph_cont: Vec<f64>,
     /// Mean time between the measured checkpoints, ms.
     achieved_interval_ms: f64,
     initial_sync: Value,
@@ -365,6 +372,11 @@ fn run_case(
             .map(|e| e[k].as_f64().unwrap_or(f64::NAN))
             .collect()
     };
+    let phase = |k: &str| -> Vec<f64> {
+        cps.iter()
+            .map(|e| e["phases"][k].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
     let times: Vec<f64> = col("taken_at_ms");
     let achieved_interval_ms = if times.len() > 1 {
         (times[times.len() - 1] - times[0]) / (times.len() - 1) as f64
@@ -383,6 +395,11 @@ fn run_case(
         dirty: col("dirty_pages"),
         bytes: col("bytes"),
         ack: col("ack_ms"),
+        ph_stop: phase("stop"),
+        ph_scan: phase("scan"),
+        ph_copy: phase("copy"),
+        ph_devstate: phase("devstate"),
+        ph_cont: phase("cont"),
         achieved_interval_ms,
         initial_sync,
         guest_mb_per_s: rates.get(rates.len() / 2).copied(),
@@ -544,8 +561,13 @@ fn render_md(date: &str, m: &Machine, profile: &str, o: &Opts, all: &[CaseResult
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
         let idle = idle_of(all, c);
         type Column = fn(&CaseResult) -> &Vec<f64>;
-        let rows: [(&str, Column); 4] = [
+        let rows: [(&str, Column); 9] = [
             ("pause (ms)", |x| &x.pause),
+            ("… QMP stop (ms)", |x| &x.ph_stop),
+            ("… dirty scan (ms)", |x| &x.ph_scan),
+            ("… page copy (ms)", |x| &x.ph_copy),
+            ("… device state (ms)", |x| &x.ph_devstate),
+            ("… QMP cont (ms)", |x| &x.ph_cont),
             ("dirty pages", |x| &x.dirty),
             ("bytes sent", |x| &x.bytes),
             ("ack (ms)", |x| &x.ack),
@@ -606,6 +628,13 @@ fn case_json(all: &[CaseResult], c: &CaseResult) -> Value {
         "dirty_pages": stats(&c.dirty).json(),
         "bytes": stats(&c.bytes).json(),
         "ack_ms": stats(&c.ack).json(),
+        "pause_phases_ms": {
+            "stop": stats(&c.ph_stop).json(),
+            "scan": stats(&c.ph_scan).json(),
+            "copy": stats(&c.ph_copy).json(),
+            "devstate": stats(&c.ph_devstate).json(),
+            "cont": stats(&c.ph_cont).json(),
+        },
         "pause_vs_idle": vs_idle,
         "targets": {
             "p50_ms": TARGET_P50_MS,

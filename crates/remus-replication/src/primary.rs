@@ -124,6 +124,9 @@ pub fn protect(
         .map_err(|e| ReplError::Setup(e.to_string()))?;
     let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
     let map = staging::RamMap::open(&vm.ram_file)?;
+    // 64 MiB of recycled staging buffers: a checkpoint of up to 16k dirty
+    // pages copies into memory that is already backed.
+    let pool = Arc::new(staging::BufferPool::new(64));
     devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
     let dev_file = vm.paths.dir().join("dev.out");
 
@@ -147,7 +150,8 @@ pub fn protect(
         let lost_s = lost.clone();
         let flight_s = flight.clone();
         let hb = cfg.heartbeat;
-        let sender = s.spawn(move || sender_loop(stream, rx, hb, flight_s, lost_s));
+        let pool_s = pool.clone();
+        let sender = s.spawn(move || sender_loop(stream, rx, hb, flight_s, lost_s, &pool_s));
         let lost_r = lost.clone();
         let flight_r = flight.clone();
         let committed_r = &committed;
@@ -200,7 +204,7 @@ pub fn protect(
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                let staged = checkpoint(vm, &mut tracker, &map, &dev_file, Epoch(epoch))?;
+                let staged = checkpoint(vm, &mut tracker, &map, &pool, &dev_file, Epoch(epoch))?;
                 flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -271,6 +275,7 @@ fn checkpoint(
     vm: &Vm,
     tracker: &mut DirtyTracker,
     map: &staging::RamMap,
+    pool: &staging::BufferPool,
     dev_file: &std::path::Path,
     epoch: Epoch,
 ) -> Result<Staged, ReplError> {
@@ -289,7 +294,7 @@ fn checkpoint(
             .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
         phases.scan = ms(t);
         let t = Instant::now();
-        let runs = map.stage(&dirty)?;
+        let runs = map.stage(&dirty, pool)?;
         phases.copy = ms(t);
         let t = Instant::now();
         devstate::save(qmp, dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
@@ -324,6 +329,7 @@ fn sender_loop(
     heartbeat: Duration,
     flight: Arc<Mutex<InFlight>>,
     lost: Arc<Mutex<Option<String>>>,
+    pool: &staging::BufferPool,
 ) {
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut seq = 0u64;
@@ -343,7 +349,11 @@ fn sender_loop(
             }
             Ok(Outgoing::Checkpoint(staged)) => {
                 let epoch = staged.epoch.0;
-                match send_checkpoint(&mut w, &staged) {
+                let sent = send_checkpoint(&mut w, &staged);
+                for run in staged.runs {
+                    pool.give(run.data);
+                }
+                match sent {
                     Ok(bytes) => {
                         let mut f = flight.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(mut stats) = f.pending_meta.remove(&epoch) {

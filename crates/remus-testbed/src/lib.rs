@@ -354,6 +354,18 @@ impl Agent {
         }
     }
 
+    /// Freezes the host: SIGSTOP of the agent and its QEMUs. Their sockets
+    /// stay open but say nothing, as with a hung host or a silent link.
+    /// `kill_hard` (or drop) ends them later.
+    pub fn freeze(&mut self) {
+        let mut pids = self.qemu_pids();
+        pids.extend(self.child.as_ref().map(Child::id));
+        for pid in pids {
+            // SAFETY: processes this agent (or this test) started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        }
+    }
+
     /// The agent's own PID (when started directly, not via `ip netns exec`
     /// which execs in place, so the PID is the same).
     pub fn pid(&self) -> Option<u32> {

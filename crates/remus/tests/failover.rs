@@ -69,11 +69,18 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
     let seen_at = now_ms();
     let seen = last_tick(&primary.console(&vm)).unwrap();
     follow.checkpoint_after(seen_at).unwrap();
-    // Kill at a random point of the following epoch (mid-checkpoint or
-    // mid-transmission as it falls).
+    // Pull the plug at a random point of the following epoch
+    // (mid-checkpoint or mid-transmission as it falls). Every fourth round
+    // freezes the primary instead (SIGSTOP): its sockets stay open and
+    // silent, so the backup must notice by its timeout, not by a reset.
     std::thread::sleep(Duration::from_millis(jitter(n + 7, 100)));
     let killed = Instant::now();
-    primary.kill_hard();
+    let frozen = n % 4 == 3;
+    if frozen {
+        primary.freeze();
+    } else {
+        primary.kill_hard();
+    }
     drop(follow);
 
     // The backup resumes the guest.
@@ -93,6 +100,13 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    if frozen {
+        assert!(
+            failover_ms >= 1000,
+            "round {n}: a silent primary must be given the whole timeout (1000 ms), failover came after {failover_ms} ms"
+        );
+        primary.kill_hard();
+    }
     let text = backup
         .wait_console(&vm, Duration::from_secs(30), "ticks after failover", |c| {
             ticks(c).len() >= 3
@@ -129,15 +143,26 @@ fn failover_at_random_moments() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let mut times = Vec::new();
+    let (mut killed, mut frozen) = (Vec::new(), Vec::new());
     for n in 0..rounds {
-        times.push(round(&img, &backup, port, &key, n));
+        let t = round(&img, &backup, port, &key, n);
+        if n % 4 == 3 {
+            frozen.push(t)
+        } else {
+            killed.push(t)
+        }
     }
-    times.sort_unstable();
-    eprintln!(
-        "failover (kill → resumed, timeout 1000 ms) over {rounds} rounds: min {} ms, median {} ms, max {} ms",
-        times[0],
-        times[times.len() / 2],
-        times[times.len() - 1]
-    );
+    for (what, times) in [
+        ("killed (connection reset)", &mut killed),
+        ("frozen (silence, timeout 1000 ms)", &mut frozen),
+    ] {
+        times.sort_unstable();
+        if let (Some(min), Some(max)) = (times.first(), times.last()) {
+            eprintln!(
+                "failover, primary {what}: {} rounds, min {min} ms, median {} ms, max {max} ms",
+                times.len(),
+                times[times.len() / 2]
+            );
+        }
+    }
 }

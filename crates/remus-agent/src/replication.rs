@@ -72,11 +72,7 @@ pub fn start_protect(
     req: ProtectRequest,
 ) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
-    let key = agent.key().ok_or_else(|| {
-        AgentError::BadRequest(
-            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
-        )
-    })?;
+    let key = require_key(agent)?;
     {
         let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
         if role != Role::Unprotected {
@@ -215,11 +211,7 @@ fn open_session(
 /// here.
 pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
-    let key = agent.key().ok_or_else(|| {
-        AgentError::BadRequest(
-            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
-        )
-    })?;
+    let key = require_key(agent)?;
     {
         let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
         if role != Role::Unprotected || slot.protected_to().is_some() {
@@ -287,6 +279,15 @@ fn connect(peer: &str) -> Result<TcpStream, AgentError> {
         last.map(|e| e.to_string())
             .unwrap_or_else(|| "no address".into())
     )))
+}
+
+/// The replication key, or the error telling the operator how to set one.
+fn require_key(agent: &Agent) -> Result<remus_proto::Key, AgentError> {
+    agent.key().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
+        )
+    })
 }
 
 pub fn role_name(r: Role) -> &'static str {

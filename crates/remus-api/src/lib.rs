@@ -177,12 +177,14 @@ impl Client {
         Ok(sender)
     }
 
-    async fn request(
+    /// Sends one request on a fresh connection (with upgrades enabled).
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+        headers: &[(&str, &str)],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let mut sender = self.connect().await?;
         let mut req = Request::builder()
             .method(method)
@@ -191,13 +193,25 @@ impl Client {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| ClientError::Transport(e.to_string()))
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send(method, path, body, &[]).await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -206,13 +220,7 @@ impl Client {
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status, &bytes));
         }
         Ok((status, bytes))
     }
@@ -331,21 +339,7 @@ impl Client {
         body: Option<Vec<u8>>,
         mut each: impl FnMut(serde_json::Value),
     ) -> Result<(), ClientError> {
-        let mut sender = self.connect().await?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "remus");
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = self.send(method, path, body, &[]).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
@@ -354,13 +348,7 @@ impl Client {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
+            return Err(api_error(status, &bytes));
         }
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -391,36 +379,40 @@ impl Client {
         &self,
         name: &str,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
-        let mut sender = self.connect().await?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(vm_path(name, "/console"))
-            .header("host", "remus")
-            .header("connection", "upgrade")
-            .header("upgrade", CONSOLE_UPGRADE)
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status().as_u16();
+        let resp = self
+            .send(
+                Method::GET,
+                &vm_path(name, "/console"),
+                None,
+                &[("connection", "upgrade"), ("upgrade", CONSOLE_UPGRADE)],
+            )
+            .await?;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
             let bytes = resp
                 .into_body()
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status, message });
+            return Err(api_error(status, &bytes));
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(TokioIo::new(upgraded))
+    }
+}
+
+/// The agent's error answer as a client error (its JSON `error`, or the
+/// body as text if it is not JSON).
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
     }
 }
 

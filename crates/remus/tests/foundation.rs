@@ -90,10 +90,14 @@ fn guest_lifecycle() {
         console.contains(&format!("disk-probe read: {marker}")),
         "guest should read the host's marker: {console}"
     );
+    // The line may follow the shell's prompt on the same console line.
     let wrote = console
         .lines()
-        .find_map(|l| l.trim().strip_prefix("disk-probe wrote: "))
-        .expect("probe reports what it wrote")
+        .find_map(|l| {
+            let at = l.find("disk-probe wrote: ")?;
+            Some(l[at + "disk-probe wrote: ".len()..].trim())
+        })
+        .unwrap_or_else(|| panic!("probe reports what it wrote: {console}"))
         .to_string();
     let image = std::fs::read(&disk).unwrap();
     let block = &image[1 << 20..(1 << 20) + 4096];

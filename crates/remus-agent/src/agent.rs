@@ -373,7 +373,10 @@ impl Agent {
 
     pub fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
         let slot = self.slot(name)?;
-        if slot.vm.run_state() == RunState::Paused {
+        refuse_standby(&slot, "paused")?;
+        // The operator's own flag, not the live run state: a checkpoint
+        // stops the guest for a few ms many times a second.
+        if slot.vm.is_operator_paused() {
             return Err(AgentError::Conflict(format!(
                 "VM '{name}' is already paused"
             )));
@@ -385,11 +388,11 @@ impl Agent {
 
     pub fn unpause(&self, name: &str) -> Result<VmInfo, AgentError> {
         let slot = self.slot(name)?;
-        match slot.vm.run_state() {
-            RunState::Running | RunState::Blocked => {
-                return Err(AgentError::Conflict(format!("VM '{name}' is not paused")));
-            }
-            _ => {}
+        refuse_standby(&slot, "unpaused")?;
+        if !slot.vm.is_operator_paused()
+            && matches!(slot.vm.run_state(), RunState::Running | RunState::Blocked)
+        {
+            return Err(AgentError::Conflict(format!("VM '{name}' is not paused")));
         }
         slot.vm.unpause().map_err(vm_err)?;
         tracing::info!(vm = %name, "unpaused");
@@ -457,6 +460,17 @@ impl Agent {
     }
 }
 
+/// A standby copy is paused by design; only a failover resumes it.
+fn refuse_standby(slot: &VmSlot, what: &str) -> Result<(), AgentError> {
+    if *lock(&slot.role) == Role::Backup {
+        return Err(AgentError::Conflict(format!(
+            "VM '{}' is a standby copy (role backup): it cannot be {what}; it runs only after a failover",
+            slot.vm.name()
+        )));
+    }
+    Ok(())
+}
+
 fn vm_err(e: remus_vm::VmError) -> AgentError {
     match e {
         remus_vm::VmError::Exited { .. } | remus_vm::VmError::Invalid { .. } => {
@@ -468,8 +482,13 @@ fn vm_err(e: remus_vm::VmError) -> AgentError {
 
 /// The API view of a VM.
 pub fn info(slot: &VmSlot) -> VmInfo {
-    let state = slot.vm.run_state();
     let role = *lock(&slot.role);
+    let mut state = slot.vm.run_state();
+    // A checkpoint pauses a protected VM for a few ms many times a second;
+    // that is not the operator's pause, so do not show it as one.
+    if role == Role::Primary && state == RunState::Paused && !slot.vm.is_operator_paused() {
+        state = RunState::Running;
+    }
     VmInfo {
         name: slot.vm.name().to_string(),
         id: slot.id,

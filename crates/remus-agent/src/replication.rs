@@ -221,6 +221,11 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
             )));
         }
     }
+    if slot.vm.is_operator_paused() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is paused; unpause it before migrating"
+        )));
+    }
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;

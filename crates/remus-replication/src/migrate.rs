@@ -129,6 +129,7 @@ pub fn migrate(
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
             phases: Default::default(),
+            operator_paused: false,
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, Epoch(round))?;
@@ -154,6 +155,8 @@ pub fn migrate(
     // Stop and copy. The pages scanned just above were dirtied while the
     // guest ran; the final scan under pause adds what changed since.
     let t_down = Instant::now();
+    // No operator pause/unpause may interleave with the final copy.
+    let _run_state = vm.checkpoint_guard();
     vm.qmp()
         .execute("stop", None)
         .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
@@ -175,6 +178,7 @@ pub fn migrate(
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
             phases: Default::default(),
+            operator_paused: false,
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, epoch)?;

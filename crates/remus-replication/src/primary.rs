@@ -100,6 +100,8 @@ pub(crate) struct Staged {
     pub(crate) pause_ms: f64,
     pub(crate) taken_at_ms: u64,
     pub(crate) phases: PausePhases,
+    /// Taken while the operator had the guest paused.
+    pub(crate) operator_paused: bool,
 }
 
 #[derive(Default)]
@@ -180,6 +182,7 @@ pub fn protect(
                     pause_ms: 0.0,
                     taken_at_ms: crate::now_us() / 1000,
                     phases: PausePhases::default(),
+                    operator_paused: false,
                 },
                 &lost,
             )?;
@@ -192,6 +195,12 @@ pub fn protect(
 
             let start = Instant::now();
             let mut epoch = 0u64;
+            let mut slot = 0u64;
+            // Set once a checkpoint has captured an operator-paused guest:
+            // its state cannot change until it is unpaused, and QEMU will
+            // not save it twice (it stays in `postmigrate`), so further
+            // checkpoints wait for the unpause; heartbeats go on.
+            let mut captured_paused = false;
             loop {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(ProtectEnd::Stopped);
@@ -199,12 +208,17 @@ pub fn protect(
                 if let Some(reason) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                     return Ok(ProtectEnd::BackupLost(reason));
                 }
-                epoch += 1;
-                let due = start + cfg.interval * epoch as u32;
+                slot += 1;
+                let due = start + cfg.interval * slot as u32;
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
+                if captured_paused && vm.is_operator_paused() {
+                    continue;
+                }
+                epoch += 1;
                 let staged = checkpoint(vm, &mut tracker, &map, &pool, &dev_file, Epoch(epoch))?;
+                captured_paused = staged.operator_paused;
                 flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -283,9 +297,14 @@ fn checkpoint(
     let taken_at_ms = crate::now_us() / 1000;
     let mut phases = PausePhases::default();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    // An operator's pause stands: the checkpoint then neither stops nor
+    // resumes the guest (it is already stopped).
+    let (_guard, operator_paused) = vm.checkpoint_guard();
     let t0 = Instant::now();
-    qmp.execute("stop", None)
-        .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
+    if !operator_paused {
+        qmp.execute("stop", None)
+            .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
+    }
     phases.stop = ms(t0);
     let staged = (|| -> Result<Vec<PageRun>, ReplError> {
         let t = Instant::now();
@@ -304,7 +323,11 @@ fn checkpoint(
     // Resume whatever happened: a failed checkpoint must not leave the
     // guest paused.
     let t = Instant::now();
-    let cont = qmp.execute("cont", None);
+    let cont = if operator_paused {
+        Ok(serde_json::Value::Null)
+    } else {
+        qmp.execute("cont", None)
+    };
     phases.cont = ms(t);
     let pause_ms = ms(t0);
     let runs = staged?;
@@ -320,6 +343,7 @@ fn checkpoint(
         pause_ms,
         taken_at_ms,
         phases,
+        operator_paused,
     })
 }
 

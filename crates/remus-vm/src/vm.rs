@@ -113,6 +113,10 @@ pub struct Vm {
     vcpu_tids: Vec<u32>,
     /// QEMU was started with the dirty-tracking preload.
     dirty_tracking: bool,
+    /// Serialises run-state changes (operator pause/unpause, checkpoint
+    /// stop/cont).
+    run_lock: Mutex<()>,
+    operator_paused: std::sync::atomic::AtomicBool,
     pub started_at: Instant,
 }
 
@@ -270,6 +274,8 @@ impl Vm {
             console: Mutex::new(Some(console)),
             vcpu_tids,
             dirty_tracking: preload.is_some(),
+            run_lock: Mutex::new(()),
+            operator_paused: std::sync::atomic::AtomicBool::new(false),
             started_at: Instant::now(),
         })
     }
@@ -347,16 +353,32 @@ impl Vm {
             .unwrap_or(0.0)
     }
 
-    /// Pauses the guest.
+    /// Pauses the guest (an operator's pause: checkpoints leave it paused).
     pub fn pause(&self) -> Result<(), VmError> {
         self.check_alive()?;
+        let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.qmp.execute("stop", None).map_err(self.qmp_err())?;
+        self.operator_paused
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// For a checkpoint: holds the run-state lock (so an operator's pause
+    /// or unpause cannot interleave with the checkpoint's stop/cont) and
+    /// says whether the operator has paused the guest (then the checkpoint
+    /// must neither stop nor resume it).
+    pub fn checkpoint_guard(&self) -> (std::sync::MutexGuard<'_, ()>, bool) {
+        let g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let paused = self
+            .operator_paused
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (g, paused)
     }
 
     /// Resumes the guest.
     pub fn unpause(&self) -> Result<(), VmError> {
         self.check_alive()?;
+        let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
         let status = self.qmp.status().map_err(self.qmp_err())?;
         if status == "shutdown" {
             return Err(VmError::Invalid {
@@ -365,7 +387,15 @@ impl Vm {
             });
         }
         self.qmp.execute("cont", None).map_err(self.qmp_err())?;
+        self.operator_paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether the operator has paused the guest.
+    pub fn is_operator_paused(&self) -> bool {
+        self.operator_paused
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Pins vCPU `vcpu` to the given host CPUs.

@@ -237,6 +237,29 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     );
     // A checkpoint taken after we saw tick `seen` is acknowledged: the
     // backup holds at least that state.
+    follow.checkpoint_after(now_ms()).unwrap();
+
+    // An operator's pause holds across checkpoints (which stop and resume
+    // the guest themselves): ticks stop while checkpoints go on.
+    assert!(primary.cli(&["pause", "vm"]).ok);
+    let paused_at = now_ms();
+    let at_pause = last_tick(&primary.console("vm")).unwrap();
+    let captured = follow.checkpoint_after(paused_at).unwrap();
+    // The paused state is captured once; the session stays alive (the
+    // backup does not fail over) and the guest stays paused.
+    assert_eq!(
+        info(&primary, "vm").unwrap()["state"],
+        "p",
+        "after {captured}"
+    );
+    assert_eq!(info(&b2, "vm").unwrap()["role"], "backup");
+    assert_eq!(last_tick(&primary.console("vm")).unwrap(), at_pause);
+    assert!(primary.cli(&["unpause", "vm"]).ok);
+    primary
+        .wait_console("vm", BOOT, "ticks after unpause", |c| {
+            last_tick(c) > Some(at_pause)
+        })
+        .unwrap();
     let seen_at = now_ms();
     let seen = last_tick(&primary.console("vm")).unwrap();
     follow.checkpoint_after(seen_at).unwrap();

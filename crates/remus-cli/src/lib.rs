@@ -69,21 +69,28 @@ pub enum Command {
         json: bool,
         vm: String,
     },
-    /// Live-migrate a VM to the agent at HOST:PORT (pre-copy): it keeps
-    /// running during the copy, pauses briefly for the last pages and its
-    /// device state, and ends running there and gone from here.
+    /// Live-migrate a VM to another host's agent.
+    ///
+    /// Pre-copy: the VM keeps running while its memory is copied, pauses
+    /// briefly for the last pages and its device state, and ends running
+    /// there and gone from here. Disks must be on storage both hosts see.
     Migrate {
         /// Print progress as JSON lines.
         #[arg(long)]
         json: bool,
+        /// The VM's name.
         vm: String,
         /// The destination agent's replication address (HOST:PORT).
         host: String,
     },
-    /// Protect a VM: checkpoint it to the backup agent at HOST:PORT many
-    /// times a second; the backup resumes it if this host dies. Prints a
-    /// line per checkpoint; Ctrl-C stops following (protection goes on;
-    /// `remus protect --stop VM` ends it).
+    /// Protect a VM: checkpoint it to a backup host, which resumes it if
+    /// this host dies.
+    ///
+    /// Checkpoints the VM's memory and device state to the backup agent at
+    /// HOST:PORT every interval and prints a line per committed checkpoint
+    /// (epoch, pause, dirty pages, bytes, ack latency). Ctrl-C stops
+    /// following; protection goes on in the agent until `remus protect
+    /// --stop VM`.
     Protect {
         /// Checkpoint interval in milliseconds.
         #[arg(short = 'i', long = "interval", default_value_t = 200)]
@@ -108,6 +115,7 @@ pub enum Command {
         /// Only start protection; do not follow it.
         #[arg(long, short = 'd')]
         detach: bool,
+        /// The VM's name.
         vm: String,
         /// The backup agent's replication address (HOST:PORT).
         #[arg(required_unless_present = "stop")]

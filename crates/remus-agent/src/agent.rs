@@ -68,8 +68,15 @@ impl VmSlot {
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.events.subscribe()
     }
-    pub fn set_protection(&self, stop: Arc<AtomicBool>, peer: String) {
-        *lock(&self.protection) = Some((stop, peer));
+    /// Claims the VM for a protection or migration session; false if one
+    /// already has it.
+    pub fn try_claim(&self, stop: Arc<AtomicBool>, peer: String) -> bool {
+        let mut p = lock(&self.protection);
+        if p.is_some() {
+            return false;
+        }
+        *p = Some((stop, peer));
+        true
     }
     pub fn clear_protection(&self) {
         *lock(&self.protection) = None;
@@ -399,10 +406,32 @@ impl Agent {
         Ok(info(&slot))
     }
 
+    /// Destroys this very VM, if it is still registered (not another VM
+    /// that has taken its name since).
+    pub fn destroy_slot(&self, slot: &Arc<VmSlot>) {
+        let name = slot.vm.name().to_string();
+        let ours = {
+            let mut vms = lock(&self.vms);
+            match vms.get(&name) {
+                Some(s) if Arc::ptr_eq(s, slot) => vms.remove(&name),
+                _ => None,
+            }
+        };
+        match ours {
+            Some(s) => self.teardown(&name, &s),
+            None => slot.vm.destroy(),
+        }
+    }
+
     pub fn destroy(&self, name: &str) -> Result<(), AgentError> {
         let slot = lock(&self.vms)
             .remove(name)
             .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))?;
+        self.teardown(name, &slot);
+        Ok(())
+    }
+
+    fn teardown(&self, name: &str, slot: &Arc<VmSlot>) {
         tracing::info!(vm = %name, id = slot.id, "destroying");
         // A protected VM's destroy is a primary failure to its backup (the
         // link drops without an orderly end), as in the Remus docs.
@@ -412,7 +441,6 @@ impl Agent {
         if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {
             tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
         }
-        Ok(())
     }
 
     pub fn vcpu_pin(

@@ -82,6 +82,15 @@ pub fn start_protect(
             )));
         }
     }
+    // Claimed before connecting (which takes seconds): two sessions on one
+    // VM would each clear the other's dirty bits and both miss pages.
+    let stop = Arc::new(AtomicBool::new(false));
+    if !slot.try_claim(stop.clone(), req.peer.clone()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is already being protected or migrated"
+        )));
+    }
+    let claimed = Claim(&slot);
     if !(5..=60_000).contains(&req.interval_ms) {
         return Err(AgentError::BadRequest(format!(
             "interval {} ms is out of range 5..=60000",
@@ -119,8 +128,7 @@ pub fn start_protect(
         tracing::warn!(vm = %name, "--no-net: network output is not held for its checkpoint");
     }
     *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
-    let stop = Arc::new(AtomicBool::new(false));
-    slot.set_protection(stop.clone(), req.peer.clone());
+    claimed.keep();
     let cfg = ProtectConfig {
         interval: Duration::from_millis(req.interval_ms),
         heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
@@ -226,11 +234,17 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
             "VM '{name}' is paused; unpause it before migrating"
         )));
     }
+    if !slot.try_claim(Arc::new(AtomicBool::new(false)), peer.to_string()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is already being protected or migrated"
+        )));
+    }
+    let claimed = Claim(&slot);
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
     let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000)?;
-    slot.set_protection(Arc::new(AtomicBool::new(false)), peer.to_string());
+    claimed.keep();
     let agent = agent.clone();
     let vm_name = name.to_string();
     let peer = peer.to_string();
@@ -252,7 +266,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
                 Ok(stats) => {
                     tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");
                     slot.publish(String::new());
-                    let _ = agent.destroy(&vm_name);
+                    agent.destroy_slot(&slot);
                 }
                 Err(e) => {
                     tracing::error!(vm = %vm_name, %peer, error = %e, "migration failed");
@@ -284,6 +298,22 @@ fn connect(peer: &str) -> Result<TcpStream, AgentError> {
         last.map(|e| e.to_string())
             .unwrap_or_else(|| "no address".into())
     )))
+}
+
+/// A claim on a VM for a session being set up: released on drop (any
+/// early return) unless kept.
+struct Claim<'a>(&'a VmSlot);
+
+impl Claim<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.clear_protection();
+    }
 }
 
 /// The replication key, or the error telling the operator how to set one.
@@ -403,6 +433,7 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
     };
     let vm_name = name.clone();
     let slot2 = slot.clone();
+    let slot3 = slot.clone();
     let end = remus_replication::backup::receive(
         stream,
         &mut replica,
@@ -417,57 +448,63 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
             tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "migration: VM resumed here");
             Ok(())
         },
+        &|| slot3.vm.exit_status().is_none(),
     );
-    decide_failover(agent, &slot, &replica, end);
+    decide_failover(agent, &slot, session.purpose, &replica, end);
     Ok(())
 }
 
 /// The failover policy: the one place that decides whether the standby
-/// runs. Today it resumes whenever the primary is lost after at least one
-/// committed checkpoint; an arbiter (an etcd lease) will be consulted here.
+/// runs. It resumes only when a protected VM's primary went silent or its
+/// connection closed after at least one committed checkpoint. A migration
+/// resumes only at its switch-over (done in the session already). In every
+/// other case (orderly end, an aborted session whose primary was told and
+/// runs on, a local failure) the copy is discarded: never two running
+/// copies. An arbiter (an etcd lease) will be consulted here.
 fn decide_failover(
     agent: &Arc<Agent>,
     slot: &Arc<VmSlot>,
+    purpose: Purpose,
     replica: &Replica,
     end: Result<BackupEnd, remus_replication::ReplError>,
 ) {
     let name = slot.vm.name().to_string();
-    let resume = |why: &str| match remus_replication::failover::resume(&slot.vm, replica) {
-        Ok(stats) => {
-            *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
-            tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: {why}; resumed from the last committed checkpoint, epoch {}", stats.epoch);
-        }
-        Err(e) => {
-            tracing::error!(vm = %name, error = %e, "failover FAILED; the standby is destroyed");
-            let _ = agent.destroy(&name);
-        }
+    let discard = |why: &str| {
+        tracing::warn!(vm = %name, "{why}; the copy here is discarded");
+        agent.destroy_slot(slot);
     };
     match end {
-        Ok(BackupEnd::Done) => {
-            tracing::info!(vm = %name, "the primary ended protection; standby discarded");
-            let _ = agent.destroy(&name);
-        }
         Ok(BackupEnd::SwitchOver(epoch)) => {
-            resume(&format!("migration switch-over at epoch {}", epoch.0))
+            tracing::info!(vm = %name, epoch = epoch.0, "migration complete: the VM runs on this host");
         }
         Ok(BackupEnd::PrimaryLost {
             committed: Some(_),
             reason,
-        }) => resume(&format!("primary lost ({reason})")),
+        }) if purpose == Purpose::Protect => {
+            match remus_replication::failover::resume(&slot.vm, replica) {
+                Ok(stats) => {
+                    *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                    tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: primary lost ({reason}); resumed from the last committed checkpoint, epoch {}", stats.epoch);
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "failover FAILED");
+                    agent.destroy_slot(slot);
+                }
+            }
+        }
         Ok(BackupEnd::PrimaryLost {
             committed: None,
             reason,
-        }) => {
-            tracing::warn!(vm = %name, %reason, "primary lost before the first checkpoint committed: nothing to resume; standby discarded");
-            let _ = agent.destroy(&name);
-        }
-        Err(e) => {
-            tracing::error!(vm = %name, error = %e, "replication session failed");
-            if replica.committed().is_some() {
-                resume(&format!("session failed ({e})"));
-            } else {
-                let _ = agent.destroy(&name);
-            }
-        }
+        }) => discard(&format!(
+            "primary lost ({reason}) before the first checkpoint committed: nothing to resume"
+        )),
+        Ok(BackupEnd::PrimaryLost { reason, .. }) => discard(&format!(
+            "migration source lost before the switch-over ({reason}); the VM stays where it was"
+        )),
+        Ok(BackupEnd::Done) => discard("the primary ended the session on purpose"),
+        Ok(BackupEnd::Aborted { reason }) => discard(&format!(
+            "session aborted while the primary was alive ({reason})"
+        )),
+        Err(e) => discard(&format!("replication session failed here ({e})")),
     }
 }

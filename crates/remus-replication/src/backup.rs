@@ -47,12 +47,17 @@ pub enum BackupEnd {
     /// Migration: the source stopped after `epoch` and the VM was resumed
     /// here by the switch-over callback.
     SwitchOver(Epoch),
-    /// The primary (or the link) failed. `committed` is what can be
-    /// resumed, if anything.
+    /// The primary went silent or its connection closed: it (or the link)
+    /// failed. `committed` is what can be resumed, if anything.
     PrimaryLost {
         committed: Option<Epoch>,
         reason: String,
     },
+    /// The session broke while the primary was demonstrably alive (a
+    /// corrupt or rejected checkpoint, a protocol violation, the standby
+    /// died): the primary was told and runs on, so the standby must not
+    /// resume.
+    Aborted { reason: String },
 }
 
 /// Receives until the session ends. Pages of the initial sync are written
@@ -66,6 +71,7 @@ pub fn receive(
     cfg: &BackupConfig,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
+    standby_alive: &dyn Fn() -> bool,
 ) -> Result<BackupEnd, ReplError> {
     stream
         .set_read_timeout(Some(cfg.timeout))
@@ -112,6 +118,7 @@ pub fn receive(
             &mut asm,
             events,
             on_switchover,
+            standby_alive,
         );
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = writer
@@ -129,6 +136,7 @@ fn receive_loop(
     asm: &mut CheckpointAssembler,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
+    standby_alive: &dyn Fn() -> bool,
 ) -> Result<BackupEnd, ReplError> {
     let send = |m: Message| -> Result<(), ReplError> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,6 +148,17 @@ fn receive_loop(
             Ok(m) => m,
             Err(e) => {
                 asm.discard();
+                // Only silence or a closed connection say "the primary is
+                // gone". Garbled frames come from a live sender.
+                if let remus_proto::WireError::Decode(d) = &e {
+                    let _ = send(Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: d.to_string(),
+                    });
+                    return Ok(BackupEnd::Aborted {
+                        reason: format!("bad frame from the primary: {d}"),
+                    });
+                }
                 let reason = if e.is_timeout() {
                     "no checkpoint or heartbeat within the timeout".to_string()
                 } else {
@@ -151,6 +170,15 @@ fn receive_loop(
                 });
             }
         };
+        if !standby_alive() {
+            let _ = send(Message::Error {
+                code: ErrorCode::Internal,
+                message: "the standby QEMU on the backup died".into(),
+            });
+            return Ok(BackupEnd::Aborted {
+                reason: "the standby QEMU died".into(),
+            });
+        }
         match asm.accept(msg) {
             Ok(Accepted::Pending) => {}
             Ok(Accepted::Complete(cp)) => {
@@ -234,8 +262,7 @@ fn receive_loop(
                     code: ErrorCode::CheckpointRejected,
                     message: e.to_string(),
                 });
-                return Ok(BackupEnd::PrimaryLost {
-                    committed: replica.committed(),
+                return Ok(BackupEnd::Aborted {
                     reason: format!("checkpoint rejected: {e}"),
                 });
             }

@@ -129,7 +129,7 @@ pub fn migrate(
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
             phases: Default::default(),
-            operator_paused: false,
+            operator_paused: None,
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, Epoch(round))?;
@@ -178,7 +178,7 @@ pub fn migrate(
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
             phases: Default::default(),
-            operator_paused: false,
+            operator_paused: None,
         };
         bytes += send_checkpoint(&mut w, &staged)?;
         wait_ack(&mut reader, epoch)?;
@@ -192,9 +192,16 @@ pub fn migrate(
             return Err(e);
         }
     };
-    Message::SwitchOver { epoch }.write_to(&mut w)?;
+    let paused_msg = |what: String| {
+        ReplError::PeerLost(format!(
+            "{what} at switch-over; the destination may be running the VM, so the source stays PAUSED — check the destination, then destroy one copy"
+        ))
+    };
+    Message::SwitchOver { epoch }
+        .write_to(&mut w)
+        .map_err(|e| paused_msg(format!("sending SwitchOver failed ({e})")))?;
     w.flush()
-        .map_err(|e| ReplError::Io("flush switch-over".into(), e))?;
+        .map_err(|e| paused_msg(format!("sending SwitchOver failed ({e})")))?;
     match Message::read_from(&mut reader) {
         Ok(Message::Done) => {}
         Ok(Message::Error { code, message }) => {

@@ -90,6 +90,9 @@ enum Outgoing {
     Checkpoint(Staged),
     /// The operator stopped protection: tell the backup not to fail over.
     Done,
+    /// Protection failed while the VM runs on here: tell the backup why,
+    /// so that it discards its copy instead of resuming a second one.
+    Abort(String),
 }
 
 pub(crate) struct Staged {
@@ -100,8 +103,9 @@ pub(crate) struct Staged {
     pub(crate) pause_ms: f64,
     pub(crate) taken_at_ms: u64,
     pub(crate) phases: PausePhases,
-    /// Taken while the operator had the guest paused.
-    pub(crate) operator_paused: bool,
+    /// Taken while the operator had the guest paused: that pause's
+    /// generation.
+    pub(crate) operator_paused: Option<u64>,
 }
 
 #[derive(Default)]
@@ -133,8 +137,11 @@ pub fn protect(
     let dev_file = vm.paths.dir().join("dev.out");
 
     stream.set_nodelay(true).ok();
+    // Both directions time out: a backup that stops reading must not
+    // block the sender (and with it the epoch loop) for TCP's minutes.
     stream
         .set_read_timeout(Some(cfg.timeout))
+        .and_then(|()| stream.set_write_timeout(Some(cfg.timeout)))
         .map_err(|e| ReplError::Io("set timeout".into(), e))?;
     let reader = stream
         .try_clone()
@@ -182,7 +189,7 @@ pub fn protect(
                     pause_ms: 0.0,
                     taken_at_ms: crate::now_us() / 1000,
                     phases: PausePhases::default(),
-                    operator_paused: false,
+                    operator_paused: None,
                 },
                 &lost,
             )?;
@@ -193,14 +200,13 @@ pub fn protect(
             });
             tracing::info!(vm = %name, pages, "initial sync staged");
 
-            let start = Instant::now();
+            let mut next_due = Instant::now();
             let mut epoch = 0u64;
-            let mut slot = 0u64;
             // Set once a checkpoint has captured an operator-paused guest:
             // its state cannot change until it is unpaused, and QEMU will
             // not save it twice (it stays in `postmigrate`), so further
             // checkpoints wait for the unpause; heartbeats go on.
-            let mut captured_paused = false;
+            let mut captured_paused: Option<u64> = None;
             loop {
                 if stop.load(Ordering::SeqCst) {
                     return Ok(ProtectEnd::Stopped);
@@ -208,12 +214,16 @@ pub fn protect(
                 if let Some(reason) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                     return Ok(ProtectEnd::BackupLost(reason));
                 }
-                slot += 1;
-                let due = start + cfg.interval * slot as u32;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
+                // Fixed rate: the next slot of the schedule; slots missed
+                // while the link was slow are skipped, not caught up in a
+                // burst.
+                next_due += cfg.interval;
+                let now = Instant::now();
+                match next_due.checked_duration_since(now) {
+                    Some(wait) => std::thread::sleep(wait),
+                    None => next_due = now,
                 }
-                if captured_paused && vm.is_operator_paused() {
+                if captured_paused.is_some() && captured_paused == vm.operator_pause_generation() {
                     continue;
                 }
                 epoch += 1;
@@ -238,8 +248,17 @@ pub fn protect(
                 send(&tx, staged, &lost)?;
             }
         })();
-        if matches!(result, Ok(ProtectEnd::Stopped)) {
-            let _ = tx.send(Outgoing::Done);
+        match &result {
+            Ok(ProtectEnd::Stopped) => {
+                let _ = tx.send(Outgoing::Done);
+            }
+            // Protection failed but the guest runs on here: the backup
+            // must hear it, or it would take the silence for a dead
+            // primary and resume a second copy.
+            Err(e) if vm.exit_status().is_none() => {
+                let _ = tx.send(Outgoing::Abort(e.to_string()));
+            }
+            _ => {}
         }
         // Any other end (VM destroyed or failed, tracking lost) just drops
         // the link: to the backup that is a failed primary, and it fails
@@ -269,19 +288,33 @@ fn dirty_pages(runs: &[PageRun]) -> u64 {
     runs.iter().map(|r| u64::from(r.page_count())).sum()
 }
 
+/// Hands a checkpoint to the sender, waiting while it is busy (the
+/// back-pressure that delays the next epoch) but giving up as soon as the
+/// backup is lost.
 fn send(
     tx: &SyncSender<Outgoing>,
     s: Staged,
     lost: &Mutex<Option<String>>,
 ) -> Result<(), ReplError> {
-    tx.send(Outgoing::Checkpoint(s)).map_err(|_| {
-        ReplError::PeerLost(
-            lost.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "sender stopped".into()),
-        )
-    })
+    let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut item = Outgoing::Checkpoint(s);
+    loop {
+        match tx.try_send(item) {
+            Ok(()) => return Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                if let Some(r) = lost_reason() {
+                    return Err(ReplError::PeerLost(r));
+                }
+                item = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(ReplError::PeerLost(
+                    lost_reason().unwrap_or_else(|| "sender stopped".into()),
+                ));
+            }
+        }
+    }
 }
 
 /// Takes one checkpoint: the only part that runs with the guest paused.
@@ -343,7 +376,9 @@ fn checkpoint(
         pause_ms,
         taken_at_ms,
         phases,
-        operator_paused,
+        operator_paused: operator_paused
+            .then(|| vm.operator_pause_generation())
+            .flatten(),
     })
 }
 
@@ -367,6 +402,16 @@ fn sender_loop(
         match rx.recv_timeout(heartbeat) {
             Ok(Outgoing::Done) => {
                 let _ = Message::Done.write_to(&mut w);
+                let _ = w.flush();
+                let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(Outgoing::Abort(reason)) => {
+                let _ = Message::Error {
+                    code: remus_proto::ErrorCode::Internal,
+                    message: format!("the primary stopped protecting and runs on: {reason}"),
+                }
+                .write_to(&mut w);
                 let _ = w.flush();
                 let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
                 return;
@@ -481,8 +526,12 @@ fn ack_loop(
             Err(e) => break format!("backup connection: {e}"),
         }
     };
-    let mut l = lost.lock().unwrap_or_else(|p| p.into_inner());
-    if l.is_none() {
-        *l = Some(reason);
+    {
+        let mut l = lost.lock().unwrap_or_else(|p| p.into_inner());
+        if l.is_none() {
+            *l = Some(reason);
+        }
     }
+    // Unblock a sender stuck writing to a backup that is gone.
+    let _ = r.shutdown(std::net::Shutdown::Both);
 }

@@ -34,9 +34,11 @@ impl Replica {
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
+            .truncate(true)
             .open(path)
             .map_err(io("open RAM replica"))?;
+        // Truncated first: a leftover file's pages must not survive where
+        // the primary sends nothing (its holes are zero).
         file.set_len(size).map_err(io("size RAM replica"))?;
         Ok(Replica {
             file,

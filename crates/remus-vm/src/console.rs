@@ -159,6 +159,9 @@ fn attach_loop(listener: UnixListener, shared: Arc<Shared>) {
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }
+        // A client that stops reading is dropped after a second rather than
+        // stalling QEMU's serial output (and with it the guest).
+        let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
         match client.try_clone() {
             Ok(w) => *lock(&shared.client) = Some(w),
             Err(_) => continue,

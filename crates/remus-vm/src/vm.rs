@@ -117,6 +117,7 @@ pub struct Vm {
     /// stop/cont).
     run_lock: Mutex<()>,
     operator_paused: std::sync::atomic::AtomicBool,
+    pause_generation: std::sync::atomic::AtomicU64,
     pub started_at: Instant,
 }
 
@@ -276,6 +277,7 @@ impl Vm {
             dirty_tracking: preload.is_some(),
             run_lock: Mutex::new(()),
             operator_paused: std::sync::atomic::AtomicBool::new(false),
+            pause_generation: std::sync::atomic::AtomicU64::new(0),
             started_at: Instant::now(),
         })
     }
@@ -390,6 +392,15 @@ impl Vm {
         self.operator_paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// While the operator has the guest paused: which pause this is (each
+    /// pause gets a new number), else None.
+    pub fn operator_pause_generation(&self) -> Option<u64> {
+        self.is_operator_paused().then(|| {
+            self.pause_generation
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
     }
 
     /// Whether the operator has paused the guest.

@@ -96,6 +96,19 @@ fn migration_there_and_back() {
             got[0]
         );
         assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+        // The switch-over resumed it once; once the destination's failover
+        // decision has run, nothing has tried to resume it again.
+        wait_for(
+            "the destination's decision",
+            Duration::from_secs(30),
+            || to.log_text().matches("migration complete").count() >= 1,
+        );
+        let log = to.log_text();
+        assert!(!log.contains("FAILED"), "{log}");
+        assert!(
+            info(to, "mig").is_some(),
+            "still there after the session ended"
+        );
     }
 }
 

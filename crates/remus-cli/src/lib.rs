@@ -130,6 +130,13 @@ pub enum Command {
 
 /// The CLI's `main`.
 pub fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes
+    // away (`remus list | head`), instead of failing to print (Rust
+    // ignores SIGPIPE by default, which turns that into a panic).
+    // SAFETY: setting a signal disposition at start, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -193,3 +193,21 @@ fn two_agents_side_by_side_and_a_port_clash() {
     assert!(err.contains("bind replication address"), "{err}");
     assert!(a.cli(&["list"]).ok && b.cli(&["list"]).ok);
 }
+
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    let agent = Agent::start(&bins(), None, &[]).unwrap();
+    // `remus info` prints several lines; the reader closes at once.
+    let mut child = std::process::Command::new(&bins().remus)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

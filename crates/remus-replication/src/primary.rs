@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remus_dirty::{DirtySet, DirtyTracker, RamFile};
-use remus_proto::{CheckpointDigest, CheckpointEnd, CheckpointKind, Epoch, Message, PageRun};
+use remus_proto::{CheckpointKind, CheckpointWriter, Epoch, Message, PageRun};
 use remus_vm::{Vm, devstate};
 
 use crate::{ReplError, staging};
@@ -457,37 +457,19 @@ fn sender_loop(
 
 /// Writes Begin, the page runs, the device state and End; returns bytes.
 pub(crate) fn send_checkpoint(w: &mut impl Write, s: &Staged) -> Result<u64, ReplError> {
-    let mut digest = CheckpointDigest::new();
+    // The protocol's writer keeps the End's counts and digest in step with
+    // what was written.
+    let mut cp = CheckpointWriter::begin(w, s.epoch, s.kind)?;
     let mut bytes = 0u64;
-    let mut pages = 0u64;
-    Message::CheckpointBegin {
-        epoch: s.epoch,
-        kind: s.kind,
-    }
-    .write_to(w)?;
     for run in &s.runs {
-        digest.add_pages(run.first_page, &run.data);
+        cp.pages(w, run.first_page, &run.data)?;
         bytes += run.data.len() as u64;
-        pages += u64::from(run.page_count());
-        remus_proto::write_page_run(w, run.first_page, &run.data)?;
     }
     if s.kind.has_device_state() {
-        digest.add_device_state(&s.device_state);
-        for chunk in s.device_state.chunks(remus_proto::MAX_PAYLOAD as usize / 2) {
-            Message::DeviceState {
-                data: chunk.to_vec(),
-            }
-            .write_to(w)?;
-        }
+        cp.device_state(w, &s.device_state)?;
         bytes += s.device_state.len() as u64;
     }
-    Message::CheckpointEnd(CheckpointEnd {
-        epoch: s.epoch,
-        page_count: pages,
-        device_state_len: s.device_state.len() as u64,
-        digest: digest.finish(),
-    })
-    .write_to(w)?;
+    cp.end(w)?;
     w.flush()
         .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
     Ok(bytes)

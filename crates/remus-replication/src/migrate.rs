@@ -94,6 +94,8 @@ pub fn migrate(
         .dirty_tracker()
         .map_err(|e| ReplError::Setup(e.to_string()))?;
     let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+    let map = staging::RamMap::open(&vm.ram_file)?;
+    let pool = staging::BufferPool::new(64);
     devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
     let dev_file = vm.paths.dir().join("dev.migrate");
     stream.set_nodelay(true).ok();
@@ -132,6 +134,9 @@ pub fn migrate(
             operator_paused: None,
         };
         bytes += send_checkpoint(&mut w, &staged)?;
+        for run in staged.runs {
+            pool.give(run.data);
+        }
         wait_ack(&mut reader, Epoch(round))?;
         events(MigrateEvent::Round {
             round,
@@ -145,10 +150,10 @@ pub fn migrate(
         round += 1;
         if dirty.page_count() < cfg.converge_pages || round > cfg.max_rounds {
             // Put back what was scanned: it belongs to the final copy.
-            runs = staging::stage(&ram, &dirty)?;
+            runs = map.stage(&dirty, &pool)?;
             break;
         }
-        runs = staging::stage(&ram, &dirty)?;
+        runs = map.stage(&dirty, &pool)?;
         kind = CheckpointKind::Round;
     }
 
@@ -164,7 +169,7 @@ pub fn migrate(
         let last = tracker
             .scan()
             .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-        runs.extend(staging::stage(&ram, &last)?);
+        runs.extend(map.stage(&last, &pool)?);
         let final_pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
         devstate::save(vm.qmp(), &dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
         let device_state = std::fs::read(&dev_file)

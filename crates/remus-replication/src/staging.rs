@@ -9,6 +9,15 @@ use crate::ReplError;
 /// bytes keep flowing to the backup (whose silence timeout counts) instead
 /// of waiting for one huge run to be hashed.
 const RUN_PAGES: u64 = 256;
+const _: () = assert!(RUN_PAGES <= MAX_PAGES_PER_RUN as u64);
+
+/// `range` cut into runs of at most [`RUN_PAGES`] pages.
+fn pieces(range: PageRange) -> impl Iterator<Item = PageRange> {
+    let end = range.end();
+    (range.first..end)
+        .step_by(RUN_PAGES as usize)
+        .map(move |first| PageRange::new(first, (end - first).min(RUN_PAGES)))
+}
 
 /// A read-only shared mapping of the guest RAM file, for copying dirty
 /// pages while the guest is paused: a memcpy from the page cache, with no
@@ -34,26 +43,21 @@ impl RamMap {
     /// Copies the dirty pages into runs, in buffers from `pool`.
     pub fn stage(&self, dirty: &DirtySet, pool: &BufferPool) -> Result<Vec<PageRun>, ReplError> {
         let mut runs = Vec::new();
-        for range in dirty.iter() {
-            let mut first = range.first;
-            let end = range.end();
-            while first < end {
-                let count = (end - first).min(RUN_PAGES);
-                let start = first as usize * PAGE_SIZE;
-                let stop = (first + count) as usize * PAGE_SIZE;
-                let bytes = self.map.get(start..stop).ok_or_else(|| {
-                    ReplError::TrackingLost(format!(
-                        "dirty pages {first}+{count} lie beyond the RAM file"
-                    ))
-                })?;
-                let mut data = pool.take();
-                data.extend_from_slice(bytes);
-                runs.push(PageRun {
-                    first_page: first,
-                    data,
-                });
-                first += count;
-            }
+        for piece in dirty.iter().flat_map(|r| pieces(*r)) {
+            let start = piece.first as usize * PAGE_SIZE;
+            let stop = piece.end() as usize * PAGE_SIZE;
+            let bytes = self.map.get(start..stop).ok_or_else(|| {
+                ReplError::TrackingLost(format!(
+                    "dirty pages {}+{} lie beyond the RAM file",
+                    piece.first, piece.count
+                ))
+            })?;
+            let mut data = pool.take();
+            data.extend_from_slice(bytes);
+            runs.push(PageRun {
+                first_page: piece.first,
+                data,
+            });
         }
         Ok(runs)
     }
@@ -97,47 +101,44 @@ impl BufferPool {
     }
 }
 
-/// Copies the dirty pages into runs (with `pread`).
-pub fn stage(ram: &RamFile, dirty: &DirtySet) -> Result<Vec<PageRun>, ReplError> {
-    stage_ranges(ram, dirty.iter().copied())
-}
-
-/// Copies every page that holds data (holes skipped), for the initial sync
-/// while the guest runs.
+/// Copies every page that holds data (holes skipped), for the initial
+/// copy while the guest runs. With `pread`, not the mapping: reading a hole
+/// through a mapping would allocate it.
 pub fn stage_data_ranges(ram: &RamFile) -> Result<Vec<PageRun>, ReplError> {
-    let ranges: Vec<PageRange> = ram
-        .data_ranges()
-        .collect::<Result<_, _>>()
-        .map_err(|e| ReplError::Setup(format!("scan RAM file for data: {e}")))?;
-    stage_ranges(ram, ranges.into_iter())
-}
-
-fn stage_ranges(
-    ram: &RamFile,
-    ranges: impl Iterator<Item = PageRange>,
-) -> Result<Vec<PageRun>, ReplError> {
     if ram.page_size() != PAGE_SIZE as u64 {
         return Err(ReplError::Setup(format!(
             "host page size {} is not the protocol's {PAGE_SIZE}",
             ram.page_size()
         )));
     }
+    let ranges: Vec<PageRange> = ram
+        .data_ranges()
+        .collect::<Result<_, _>>()
+        .map_err(|e| ReplError::Setup(format!("scan RAM file for data: {e}")))?;
     let mut runs = Vec::new();
-    for range in ranges {
-        let mut first = range.first;
-        let end = range.end();
-        while first < end {
-            let count = (end - first).min(RUN_PAGES.min(u64::from(MAX_PAGES_PER_RUN)));
-            let piece = PageRange::new(first, count);
-            let mut data = vec![0u8; ram.range_len(piece)];
-            ram.read_pages(piece, &mut data)
-                .map_err(|e| ReplError::Setup(format!("read guest RAM: {e}")))?;
-            runs.push(PageRun {
-                first_page: first,
-                data,
-            });
-            first += count;
-        }
+    for piece in ranges.into_iter().flat_map(pieces) {
+        let mut data = vec![0u8; ram.range_len(piece)];
+        ram.read_pages(piece, &mut data)
+            .map_err(|e| ReplError::Setup(format!("read guest RAM: {e}")))?;
+        runs.push(PageRun {
+            first_page: piece.first,
+            data,
+        });
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_a_range_in_runs_of_at_most_run_pages() {
+        let got: Vec<(u64, u64)> = pieces(PageRange::new(10, 600))
+            .map(|p| (p.first, p.count))
+            .collect();
+        assert_eq!(got, vec![(10, 256), (266, 256), (522, 88)]);
+        assert_eq!(pieces(PageRange::new(5, 1)).count(), 1);
+        assert_eq!(pieces(PageRange::new(5, 0)).count(), 0);
+    }
 }

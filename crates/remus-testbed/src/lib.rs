@@ -292,6 +292,11 @@ impl Agent {
         serde_json::from_str(&out.stdout).unwrap_or_default()
     }
 
+    /// One VM's entry in `list --json`, if listed.
+    pub fn vm(&self, name: &str) -> Option<serde_json::Value> {
+        self.list().into_iter().find(|v| v["name"] == name)
+    }
+
     /// The PIDs of QEMU processes this agent started and that still run.
     pub fn qemu_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();

@@ -17,10 +17,6 @@ fn bins() -> Binaries {
     }
 }
 
-fn vm_info(agent: &Agent, vm: &str) -> Option<serde_json::Value> {
-    agent.list().into_iter().find(|v| v["name"] == vm)
-}
-
 /// A cheap pseudo-random number (no extra crate for a test's jitter).
 fn jitter(seed: u64, max_ms: u64) -> u64 {
     let x = seed
@@ -57,10 +53,10 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
             primary.log_text()
         )
     });
-    let b = vm_info(backup, &vm).expect("standby listed on the backup");
+    let b = backup.vm(&vm).expect("standby listed on the backup");
     assert_eq!(b["state"], "p", "standby is shown paused: {b}");
     assert_eq!(b["role"], "backup");
-    assert_eq!(vm_info(&primary, &vm).unwrap()["role"], "primary");
+    assert_eq!(primary.vm(&vm).unwrap()["role"], "primary");
 
     // Let the guest run a random while (0–1.5 s), note its last tick and
     // when, then wait for a checkpoint taken after that moment to be
@@ -86,7 +82,7 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
     // The backup resumes the guest.
     let deadline = Instant::now() + Duration::from_secs(30);
     let failover_ms = loop {
-        if let Some(v) = vm_info(backup, &vm)
+        if let Some(v) = backup.vm(&vm)
             && v["role"] == "unprotected"
             && (v["state"] == "r" || v["state"] == "b")
         {
@@ -95,7 +91,7 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
         assert!(
             Instant::now() < deadline,
             "backup did not fail over: {:?}\n{}",
-            vm_info(backup, &vm),
+            backup.vm(&vm),
             backup.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));

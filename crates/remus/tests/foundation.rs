@@ -22,15 +22,6 @@ fn bins() -> Binaries {
 
 const BOOT: Duration = Duration::from_secs(90);
 
-fn state_of(agent: &Agent, vm: &str) -> String {
-    agent
-        .list()
-        .iter()
-        .find(|v| v["name"] == vm)
-        .and_then(|v| v["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 #[test]
 fn guest_lifecycle() {
     let img = GuestImage::find().expect("guest image");
@@ -75,7 +66,7 @@ fn guest_lifecycle() {
         "ticks must increase by one: {all:?}\n{}",
         agent.console("life")
     );
-    let st = state_of(&agent, "life");
+    let st = agent.vm("life").expect("listed")["state"].clone();
     assert!(st == "r" || st == "b", "running VM shows r or b, got {st}");
 
     // The disk probe: the guest read the host's marker through NBD and
@@ -111,7 +102,7 @@ fn guest_lifecycle() {
     // Pause: state p, and the counter stops.
     let out = agent.cli(&["pause", "life"]);
     assert!(out.ok, "{}", out.stderr);
-    assert_eq!(state_of(&agent, "life"), "p");
+    assert_eq!(agent.vm("life").expect("listed")["state"], "p");
     let table = agent.cli(&["list"]).stdout;
     assert!(
         table

@@ -31,10 +31,6 @@ fn agent_with_port(key: &Path) -> (Agent, String) {
     (a, listen)
 }
 
-fn info(agent: &Agent, vm: &str) -> Option<serde_json::Value> {
-    agent.list().into_iter().find(|v| v["name"] == vm)
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -79,8 +75,8 @@ fn migration_there_and_back() {
             assert!(done[k].as_f64().unwrap() > 0.0, "{k}: {done}");
         }
         // Gone from the source, running at the destination.
-        assert!(info(from, "mig").is_none(), "source still lists the VM");
-        let v = info(to, "mig").expect("destination lists the VM");
+        assert!(from.vm("mig").is_none(), "source still lists the VM");
+        let v = to.vm("mig").expect("destination lists the VM");
         assert_eq!(v["role"], "unprotected");
         assert!(v["state"] == "r" || v["state"] == "b", "{v}");
         // And it goes on counting from where it was.
@@ -106,7 +102,7 @@ fn migration_there_and_back() {
         let log = to.log_text();
         assert!(!log.contains("FAILED"), "{log}");
         assert!(
-            info(to, "mig").is_some(),
+            to.vm("mig").is_some(),
             "still there after the session ended"
         );
     }
@@ -155,7 +151,7 @@ fn bad_peers_are_rejected_and_the_agent_carries_on() {
         "{}",
         out.stderr
     );
-    assert_eq!(info(&stranger, "vm1").unwrap()["role"], "unprotected");
+    assert_eq!(stranger.vm("vm1").unwrap()["role"], "unprotected");
 
     // A VM with a replicated disk: refused until disk replication exists,
     // unless the operator accepts it with --no-disk.
@@ -219,14 +215,14 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let out = primary.cli(&["protect", "-d", "-i", "100", "--timeout", "1000", "vm", &l1]);
     assert!(out.ok, "{}", out.stderr);
     wait_for("standby on b1", Duration::from_secs(30), || {
-        info(&b1, "vm").is_some_and(|v| v["role"] == "backup")
+        b1.vm("vm").is_some_and(|v| v["role"] == "backup")
     });
-    assert_eq!(info(&primary, "vm").unwrap()["role"], "primary");
+    assert_eq!(primary.vm("vm").unwrap()["role"], "primary");
 
     // The backup dies: the primary runs on, unprotected, and says so.
     b1.kill_hard();
     wait_for("primary to notice", Duration::from_secs(30), || {
-        info(&primary, "vm").is_some_and(|v| v["role"] == "unprotected")
+        primary.vm("vm").is_some_and(|v| v["role"] == "unprotected")
     });
     let log = primary.log_text();
     assert!(log.contains("BACKUP LOST"), "{log}");
@@ -243,7 +239,7 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
         ProtectFollower::start(&primary, "vm", &l2, &["-i", "100", "--timeout", "1000"]).unwrap();
     let first = follow.next_event().unwrap();
     assert_eq!(first["event"], "initial_sync", "{first}");
-    let v = info(&b2, "vm").expect("standby on b2");
+    let v = b2.vm("vm").expect("standby on b2");
     assert_eq!(
         (v["role"].as_str(), v["state"].as_str()),
         (Some("backup"), Some("p"))
@@ -260,12 +256,8 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let captured = follow.checkpoint_after(paused_at).unwrap();
     // The paused state is captured once; the session stays alive (the
     // backup does not fail over) and the guest stays paused.
-    assert_eq!(
-        info(&primary, "vm").unwrap()["state"],
-        "p",
-        "after {captured}"
-    );
-    assert_eq!(info(&b2, "vm").unwrap()["role"], "backup");
+    assert_eq!(primary.vm("vm").unwrap()["state"], "p", "after {captured}");
+    assert_eq!(b2.vm("vm").unwrap()["role"], "backup");
     assert_eq!(last_tick(&primary.console("vm")).unwrap(), at_pause);
     assert!(primary.cli(&["unpause", "vm"]).ok);
     primary
@@ -281,7 +273,7 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let out = primary.cli(&["destroy", "vm"]);
     assert!(out.ok, "{}", out.stderr);
     wait_for("failover on b2", Duration::from_secs(30), || {
-        info(&b2, "vm").is_some_and(|v| v["role"] == "unprotected")
+        b2.vm("vm").is_some_and(|v| v["role"] == "unprotected")
     });
     let text = b2
         .wait_console("vm", BOOT, "ticks on b2", |c| ticks(c).len() >= 2)
@@ -341,5 +333,5 @@ fn incompatible_backup_is_refused_with_the_mismatch() {
         out.stderr
     );
     assert!(backup.list().is_empty(), "nothing left on the backup");
-    assert_eq!(info(&primary, "inc").unwrap()["role"], "unprotected");
+    assert_eq!(primary.vm("inc").unwrap()["role"], "unprotected");
 }

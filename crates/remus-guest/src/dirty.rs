@@ -127,24 +127,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         mb_per_s: 50,
         working_set_mb: 64,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (key, val) = match arg.split_once('=') {
-            Some((k, v)) => (k, v),
-            None => (
-                arg.as_str(),
-                it.next()
-                    .ok_or_else(|| format!("{arg} needs a value"))?
-                    .as_str(),
-            ),
-        };
-        let slot = match key {
-            "--mb-per-s" => &mut a.mb_per_s,
-            "--working-set-mb" => &mut a.working_set_mb,
-            _ => return Err(format!("unexpected argument '{arg}'")),
-        };
-        *slot = val.parse().map_err(|_| format!("bad {key} '{val}'"))?;
-    }
+    crate::options::parse_u64(
+        args,
+        &mut [
+            ("--mb-per-s", &mut a.mb_per_s),
+            ("--working-set-mb", &mut a.working_set_mb),
+        ],
+    )?;
     if a.working_set_mb == 0 {
         return Err("--working-set-mb must be > 0".into());
     }

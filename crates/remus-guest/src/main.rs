@@ -9,6 +9,7 @@
 mod cmdline;
 mod dirty;
 mod disk_probe;
+mod options;
 mod tick;
 
 use std::process::ExitCode;

@@ -31,19 +31,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 fn parse_args(args: &[String]) -> Result<u64, String> {
     let mut interval_ms = 100u64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let val = if a == "--interval-ms" {
-            it.next().ok_or("--interval-ms needs a value")?.as_str()
-        } else if let Some(v) = a.strip_prefix("--interval-ms=") {
-            v
-        } else {
-            return Err(format!("unexpected argument '{a}'"));
-        };
-        interval_ms = val
-            .parse()
-            .map_err(|_| format!("bad --interval-ms '{val}'"))?;
-    }
+    crate::options::parse_u64(args, &mut [("--interval-ms", &mut interval_ms)])?;
     if interval_ms == 0 {
         return Err("--interval-ms must be > 0".into());
     }

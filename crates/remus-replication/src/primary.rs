@@ -112,7 +112,6 @@ pub(crate) struct Staged {
 struct InFlight {
     /// epoch → (stats so far, End sent at)
     sent: HashMap<u64, (EpochStats, Instant)>,
-    pending_meta: HashMap<u64, EpochStats>,
 }
 
 /// Runs protection until `stop` is set or the backup is lost. `stream` is
@@ -229,22 +228,6 @@ pub fn protect(
                 epoch += 1;
                 let staged = checkpoint(vm, &mut tracker, &map, &pool, &dev_file, Epoch(epoch))?;
                 captured_paused = staged.operator_paused;
-                flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pending_meta
-                    .insert(
-                        epoch,
-                        EpochStats {
-                            epoch,
-                            taken_at_ms: staged.taken_at_ms,
-                            pause_ms: staged.pause_ms,
-                            dirty_pages: dirty_pages(&staged.runs),
-                            bytes: 0,
-                            ack_ms: 0.0,
-                            phases: staged.phases.clone(),
-                        },
-                    );
                 send(&tx, staged, &lost)?;
             }
         })();
@@ -419,17 +402,27 @@ fn sender_loop(
             Ok(Outgoing::Checkpoint(staged)) => {
                 let epoch = staged.epoch.0;
                 let sent = send_checkpoint(&mut w, &staged);
+                let stats = EpochStats {
+                    epoch,
+                    taken_at_ms: staged.taken_at_ms,
+                    pause_ms: staged.pause_ms,
+                    dirty_pages: dirty_pages(&staged.runs),
+                    bytes: 0,
+                    ack_ms: 0.0,
+                    phases: staged.phases,
+                };
                 for run in staged.runs {
                     pool.give(run.data);
                 }
                 match sent {
-                    Ok(bytes) => {
-                        let mut f = flight.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(mut stats) = f.pending_meta.remove(&epoch) {
-                            stats.bytes = bytes;
-                            f.sent.insert(epoch, (stats, Instant::now()));
-                        }
+                    // Only checkpoints are reported (the initial sync's
+                    // ack is not a checkpoint).
+                    Ok(bytes) if staged.kind == CheckpointKind::Checkpoint => {
+                        let f = &mut flight.lock().unwrap_or_else(|p| p.into_inner());
+                        f.sent
+                            .insert(epoch, (EpochStats { bytes, ..stats }, Instant::now()));
                     }
+                    Ok(_) => {}
                     Err(e) => return fail(format!("sending epoch {epoch}: {e}")),
                 }
             }

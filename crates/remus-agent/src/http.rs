@@ -179,6 +179,7 @@ async fn console_attach(
             return Err(AgentError::Conflict(format!("console of '{name}': {e}")));
         }
     };
+    tracing::info!(vm = %name, "console attached");
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -192,7 +193,7 @@ async fn console_attach(
         }
         slot.release_console();
     });
-    tracing::info!(vm = %a_name(&path), "console attached");
+
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     resp.headers_mut()
@@ -200,14 +201,6 @@ async fn console_attach(
     resp.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
     Ok(resp)
-}
-
-fn a_name(console_path: &std::path::Path) -> String {
-    console_path
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 async fn protect(

@@ -47,7 +47,9 @@ A_PID=${PIDS[0]}
 
 echo "== host A: remus create examples/guest.toml"
 A create examples/guest.toml
-for _ in $(seq 600); do A console --dump demo | grep -q 'tick 5' && break; sleep 0.1; done
+# (Output is captured before matching: with pipefail, `cmd | grep -q` can
+# fail when grep exits at its first match and cmd gets SIGPIPE.)
+for _ in $(seq 600); do [[ $(A console --dump demo) == *"tick 5"* ]] && break; sleep 0.1; done
 A list
 echo "   console: $(last_tick A)"
 
@@ -66,8 +68,9 @@ QEMU_A=$(A list --json | grep -o '"pid": [0-9]*' | grep -o '[0-9]*')
 kill -KILL "$A_PID" "$QEMU_A"
 SECONDS_BEFORE=$(date +%s%N)
 for _ in $(seq 300); do
-    B list --json | grep -q '"role": "unprotected"' && break
-    B list --json | grep -q '"demo"' || { echo "demo: B has no copy to resume"; grep -h "WARN\|ERROR" "$WORK/B.log"; exit 1; }
+    LIST=$(B list --json)
+    [[ $LIST == *'"role": "unprotected"'* ]] && break
+    [[ $LIST == *'"demo"'* ]] || { echo "demo: B has no copy to resume; its log says:"; sed 's/\x1b\[[0-9;]*m//g' "$WORK/B.log" | tail -8 | cut -c1-300; exit 1; }
     sleep 0.02
 done
 echo "   B resumed the VM after $(( ($(date +%s%N) - SECONDS_BEFORE) / 1000000 )) ms"

@@ -54,12 +54,14 @@ SRC
     need_update=1
 fi
 
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed'; }
+# Commands' output is captured before it is matched: under pipefail,
+# `cmd | grep -q` or `cmd | head` can fail when the reader exits early.
+have_pkg() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed"* ]]; }
 
 qemu_ok() {
     command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
     local v
-    v=$(qemu-system-x86_64 --version | head -n1 | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
+    v=$(qemu-system-x86_64 --version | sed -n '1s/.*version \([0-9]*\)\..*/\1/p')
     [ -n "$v" ] && [ "$v" -ge 10 ]
 }
 

@@ -74,8 +74,6 @@ pub enum DecodeError {
         "unknown message type {0} (sent by a newer peer? additive types need a peer that knows them)"
     )]
     UnknownType(u16),
-    #[error("message type {0:?} is reserved for a later extension and not supported by this build")]
-    Reserved(MsgType),
     #[error("malformed {msg_type:?} payload: {what}")]
     Malformed { msg_type: MsgType, what: String },
 }

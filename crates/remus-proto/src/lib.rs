@@ -171,13 +171,15 @@ pub use handshake::{
     server_handshake_with, supported_versions,
 };
 pub use message::{
-    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, ErrorCode, Hello, HelloAck,
-    MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageRun, Purpose,
-    write_device_state, write_page_run,
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, DiskDigests, DiskLogDigest, DiskOp, DiskRecord,
+    DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN,
+    PAGE_SIZE, PROOF_LEN, PageRun, Purpose, write_device_state, write_page_run,
 };
 
 /// The protocol version this build speaks by preference.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first version with disk replication (messages 32–36).
+pub const DISK_PROTOCOL_VERSION: u16 = 2;
 /// The oldest version this build still accepts: the previous one, once there
 /// is one (version 0 does not exist).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

@@ -51,10 +51,18 @@ pub enum MsgType {
     CheckpointEnd = 19,
     SwitchOver = 20,
     Done = 21,
-    // Disk replication (protocol D), reserved for a later issue: 32..=47.
+    // Disk replication (protocol D), version 2: 32..=47.
+    /// Data the guest wrote, tagged with its epoch.
     DiskWrite = 32,
-    DiskTrim = 33,
+    /// A range the guest trimmed or wrote zeroes to: it reads as zero.
+    DiskZero = 33,
+    /// The guest asked for everything written so far to be durable.
     DiskFlush = 34,
+    /// Closes one epoch's disk log: counts and digest of its records.
+    DiskSeal = 35,
+    /// Backup → primary at the start of a session: digests of the backup's
+    /// copy of a disk, so the initial sync sends only differing chunks.
+    DiskDigests = 36,
 }
 
 impl MsgType {
@@ -78,8 +86,10 @@ impl MsgType {
             20 => SwitchOver,
             21 => Done,
             32 => DiskWrite,
-            33 => DiskTrim,
+            33 => DiskZero,
             34 => DiskFlush,
+            35 => DiskSeal,
+            36 => DiskDigests,
             _ => return None,
         })
     }
@@ -96,8 +106,10 @@ impl MsgType {
                 | CheckpointEnd
                 | SwitchOver
                 | DiskWrite
-                | DiskTrim
+                | DiskZero
                 | DiskFlush
+                | DiskSeal
+                | DiskDigests
         )
     }
 }
@@ -275,6 +287,193 @@ pub struct CheckpointEnd {
     pub digest: [u8; DIGEST_LEN],
 }
 
+/// One disk operation of protocol D, tagged with the epoch whose checkpoint
+/// it belongs to. Epoch 0 is the initial sync: applied on arrival, allowed
+/// only before anything is committed. Any later epoch is buffered by the
+/// backup and applied only when that epoch's checkpoint commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub epoch: Epoch,
+    /// Index of the disk in the VM's replicated disks, in target order.
+    pub disk: u16,
+    pub op: DiskOp,
+}
+
+/// What a [`DiskRecord`] does.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DiskOp {
+    /// Write `data` (at least one byte) at `offset`; `fua`: the guest asked
+    /// for it to be durable before completion.
+    Write {
+        offset: u64,
+        fua: bool,
+        data: Vec<u8>,
+    },
+    /// The range reads as zero afterwards; `trim`: it may be deallocated
+    /// (a trim, or write-zeroes without NO_HOLE).
+    Zero {
+        offset: u64,
+        len: u64,
+        trim: bool,
+        fua: bool,
+    },
+    /// Everything this disk wrote before must be durable.
+    Flush,
+}
+
+impl DiskRecord {
+    /// Bytes of guest data this record carries or zeroes.
+    pub fn data_len(&self) -> u64 {
+        match &self.op {
+            DiskOp::Write { data, .. } => data.len() as u64,
+            DiskOp::Zero { len, .. } => *len,
+            DiskOp::Flush => 0,
+        }
+    }
+
+    /// Whether applying it asks for durability (a flush or FUA).
+    pub fn wants_durability(&self) -> bool {
+        match &self.op {
+            DiskOp::Write { fua, .. } | DiskOp::Zero { fua, .. } => *fua,
+            DiskOp::Flush => true,
+        }
+    }
+
+    fn msg_type(&self) -> MsgType {
+        match self.op {
+            DiskOp::Write { .. } => MsgType::DiskWrite,
+            DiskOp::Zero { .. } => MsgType::DiskZero,
+            DiskOp::Flush => MsgType::DiskFlush,
+        }
+    }
+
+    /// The payload up to (not including) a write's data.
+    fn payload_head(&self) -> Vec<u8> {
+        let mut p = Vec::with_capacity(32);
+        put_u64(&mut p, self.epoch.0);
+        put_u16(&mut p, self.disk);
+        match &self.op {
+            DiskOp::Write { offset, fua, .. } => {
+                put_u64(&mut p, *offset);
+                p.push(u8::from(*fua));
+            }
+            DiskOp::Zero {
+                offset,
+                len,
+                trim,
+                fua,
+            } => {
+                put_u64(&mut p, *offset);
+                put_u64(&mut p, *len);
+                p.push(u8::from(*fua) | (u8::from(*trim) << 1));
+            }
+            DiskOp::Flush => {}
+        }
+        p
+    }
+
+    /// Writes this record as one frame, its data from where it lies.
+    pub fn write_to(&self, w: &mut impl Write) -> Result<(), WireError> {
+        let head = self.payload_head();
+        let data: &[u8] = match &self.op {
+            DiskOp::Write { data, .. } => data,
+            _ => &[],
+        };
+        let header = frame::raw_header(self.msg_type() as u16, &[&head, data]);
+        w.write_all(&header)?;
+        w.write_all(&head)?;
+        w.write_all(data)?;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DiskOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskOp::Write { offset, fua, data } => f
+                .debug_struct("Write")
+                .field("offset", offset)
+                .field("len", &data.len())
+                .field("fua", fua)
+                .finish(),
+            DiskOp::Zero {
+                offset,
+                len,
+                trim,
+                fua,
+            } => f
+                .debug_struct("Zero")
+                .field("offset", offset)
+                .field("len", len)
+                .field("trim", trim)
+                .field("fua", fua)
+                .finish(),
+            DiskOp::Flush => f.write_str("Flush"),
+        }
+    }
+}
+
+/// XXH3-128 over an epoch's disk records in stream order (each record's
+/// whole payload), computed the same way by primary and backup.
+pub struct DiskLogDigest {
+    hasher: xxhash_rust::xxh3::Xxh3Default,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Default for DiskLogDigest {
+    fn default() -> Self {
+        DiskLogDigest {
+            hasher: xxhash_rust::xxh3::Xxh3Default::new(),
+            records: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl DiskLogDigest {
+    pub fn add(&mut self, r: &DiskRecord) {
+        self.hasher.update(&(r.msg_type() as u16).to_be_bytes());
+        self.hasher.update(&r.payload_head());
+        if let DiskOp::Write { data, .. } = &r.op {
+            self.hasher.update(data);
+        }
+        self.records += 1;
+        self.bytes += r.data_len();
+    }
+
+    /// The seal for `epoch` closing what was added.
+    pub fn seal(&self, epoch: Epoch) -> DiskSeal {
+        DiskSeal {
+            epoch,
+            records: self.records,
+            bytes: self.bytes,
+            digest: self.hasher.digest128().to_be_bytes(),
+        }
+    }
+}
+
+/// Closes an epoch's disk log: sent after the epoch's last disk record and
+/// before its CheckpointEnd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSeal {
+    pub epoch: Epoch,
+    pub records: u64,
+    /// Bytes written or zeroed by the records.
+    pub bytes: u64,
+    pub digest: [u8; DIGEST_LEN],
+}
+
+/// Digests of consecutive chunks of one disk (initial sync).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDigests {
+    pub disk: u16,
+    /// Bytes per chunk (the last chunk of a disk may be shorter).
+    pub chunk_size: u32,
+    pub first_chunk: u64,
+    pub digests: Vec<[u8; DIGEST_LEN]>,
+}
+
 /// One protocol message, one variant per [`MsgType`] (reserved types excepted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -322,6 +521,10 @@ pub enum Message {
     /// Orderly end of the session: the sender stops on purpose. A backup that
     /// receives Done must not fail over.
     Done,
+    /// DiskWrite, DiskZero or DiskFlush.
+    Disk(DiskRecord),
+    DiskSeal(DiskSeal),
+    DiskDigests(DiskDigests),
 }
 
 impl Message {
@@ -341,6 +544,9 @@ impl Message {
             Message::CheckpointEnd(_) => MsgType::CheckpointEnd,
             Message::SwitchOver { .. } => MsgType::SwitchOver,
             Message::Done => MsgType::Done,
+            Message::Disk(r) => r.msg_type(),
+            Message::DiskSeal(_) => MsgType::DiskSeal,
+            Message::DiskDigests(_) => MsgType::DiskDigests,
         }
     }
 
@@ -388,6 +594,26 @@ impl Message {
                 put_u64(&mut p, e.device_state_len);
                 p.extend_from_slice(&e.digest);
             }
+            Message::Disk(r) => {
+                p = r.payload_head();
+                if let DiskOp::Write { data, .. } = &r.op {
+                    p.extend_from_slice(data);
+                }
+            }
+            Message::DiskSeal(s) => {
+                put_u64(&mut p, s.epoch.0);
+                put_u64(&mut p, s.records);
+                put_u64(&mut p, s.bytes);
+                p.extend_from_slice(&s.digest);
+            }
+            Message::DiskDigests(d) => {
+                put_u16(&mut p, d.disk);
+                put_u32(&mut p, d.chunk_size);
+                put_u64(&mut p, d.first_chunk);
+                for x in &d.digests {
+                    p.extend_from_slice(x);
+                }
+            }
         }
         p
     }
@@ -408,6 +634,7 @@ impl Message {
                 w.write_all(data)?;
                 Ok(())
             }
+            Message::Disk(r) => r.write_to(w),
             _ => {
                 let mut buf = Vec::new();
                 self.encode(&mut buf);
@@ -427,9 +654,6 @@ impl Message {
         let t = match MsgType::from_u16(msg_type) {
             None => return Err(DecodeError::UnknownType(msg_type)),
             Some(MsgType::Invalid) => return Err(DecodeError::InvalidType),
-            Some(t @ (MsgType::DiskWrite | MsgType::DiskTrim | MsgType::DiskFlush)) => {
-                return Err(DecodeError::Reserved(t));
-            }
             Some(t) => t,
         };
         let mut c = Cursor::new(t, payload);
@@ -529,9 +753,95 @@ impl Message {
                 device_state_len: c.u64("device_state_len")?,
                 digest: c.array("digest")?,
             }),
-            MsgType::Invalid | MsgType::DiskWrite | MsgType::DiskTrim | MsgType::DiskFlush => {
-                unreachable!("filtered above")
+            MsgType::DiskWrite => {
+                let epoch = Epoch(c.u64("epoch")?);
+                let disk = c.u16("disk")?;
+                let offset = c.u64("offset")?;
+                let flags = c.u8("flags")?;
+                if flags & !1 != 0 {
+                    return Err(c.bad(format!("unknown write flags {flags:#x}")));
+                }
+                let data = c.rest().to_vec();
+                if data.is_empty() {
+                    return Err(c.bad("write of 0 bytes".into()));
+                }
+                if offset.checked_add(data.len() as u64).is_none() {
+                    return Err(c.bad(format!("write at {offset} overflows the offsets")));
+                }
+                Message::Disk(DiskRecord {
+                    epoch,
+                    disk,
+                    op: DiskOp::Write {
+                        offset,
+                        fua: flags & 1 != 0,
+                        data,
+                    },
+                })
             }
+            MsgType::DiskZero => {
+                let epoch = Epoch(c.u64("epoch")?);
+                let disk = c.u16("disk")?;
+                let offset = c.u64("offset")?;
+                let len = c.u64("len")?;
+                let flags = c.u8("flags")?;
+                if flags & !3 != 0 {
+                    return Err(c.bad(format!("unknown zero flags {flags:#x}")));
+                }
+                if len == 0 || offset.checked_add(len).is_none() {
+                    return Err(c.bad(format!("bad zero range {offset}+{len}")));
+                }
+                Message::Disk(DiskRecord {
+                    epoch,
+                    disk,
+                    op: DiskOp::Zero {
+                        offset,
+                        len,
+                        fua: flags & 1 != 0,
+                        trim: flags & 2 != 0,
+                    },
+                })
+            }
+            MsgType::DiskFlush => Message::Disk(DiskRecord {
+                epoch: Epoch(c.u64("epoch")?),
+                disk: c.u16("disk")?,
+                op: DiskOp::Flush,
+            }),
+            MsgType::DiskSeal => Message::DiskSeal(DiskSeal {
+                epoch: Epoch(c.u64("epoch")?),
+                records: c.u64("records")?,
+                bytes: c.u64("bytes")?,
+                digest: c.array("digest")?,
+            }),
+            MsgType::DiskDigests => {
+                let disk = c.u16("disk")?;
+                let chunk_size = c.u32("chunk_size")?;
+                let first_chunk = c.u64("first_chunk")?;
+                if chunk_size == 0 {
+                    return Err(c.bad("chunk_size is 0".into()));
+                }
+                let rest = c.rest();
+                if rest.is_empty() || rest.len() % DIGEST_LEN != 0 {
+                    return Err(c.bad(format!(
+                        "{} digest bytes is not a positive multiple of {DIGEST_LEN}",
+                        rest.len()
+                    )));
+                }
+                let digests = rest
+                    .chunks_exact(DIGEST_LEN)
+                    .map(|d| {
+                        let mut a = [0u8; DIGEST_LEN];
+                        a.copy_from_slice(d);
+                        a
+                    })
+                    .collect();
+                Message::DiskDigests(DiskDigests {
+                    disk,
+                    chunk_size,
+                    first_chunk,
+                    digests,
+                })
+            }
+            MsgType::Invalid => unreachable!("filtered above"),
         };
         c.finish()?;
         Ok(msg)

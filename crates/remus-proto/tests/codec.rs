@@ -4,9 +4,9 @@
 
 use proptest::prelude::*;
 use remus_proto::{
-    CheckpointEnd, CheckpointKind, DecodeError, Decoded, DiskCompat, Epoch, ErrorCode, Hello,
-    HelloAck, Message, MsgType, PAGE_SIZE, PageRun, Purpose, VmCompat, WireError, decode,
-    encode_raw, read_frame, write_page_run,
+    CheckpointEnd, CheckpointKind, DecodeError, Decoded, DiskCompat, DiskDigests, DiskOp,
+    DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, Message, MsgType, PAGE_SIZE, PageRun,
+    Purpose, VmCompat, WireError, decode, encode_raw, read_frame, write_page_run,
 };
 
 fn arb_compat() -> impl Strategy<Value = VmCompat> {
@@ -109,7 +109,59 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 })
             }
         ),
+        arb_disk_record().prop_map(Message::Disk),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<[u8; 16]>()).prop_map(
+            |(e, records, bytes, digest)| Message::DiskSeal(DiskSeal {
+                epoch: Epoch(e),
+                records,
+                bytes,
+                digest
+            })
+        ),
+        (
+            any::<u16>(),
+            1u32..,
+            any::<u64>(),
+            prop::collection::vec(any::<[u8; 16]>(), 1..5)
+        )
+            .prop_map(|(disk, chunk_size, first_chunk, digests)| {
+                Message::DiskDigests(DiskDigests {
+                    disk,
+                    chunk_size,
+                    first_chunk,
+                    digests,
+                })
+            }),
     ]
+}
+
+fn arb_disk_record() -> impl Strategy<Value = DiskRecord> {
+    let op = prop_oneof![
+        (
+            0u64..u64::MAX / 2,
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 1..300)
+        )
+            .prop_map(|(offset, fua, data)| DiskOp::Write { offset, fua, data }),
+        (
+            0u64..u64::MAX / 2,
+            1u64..u64::MAX / 2,
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(offset, len, trim, fua)| DiskOp::Zero {
+                offset,
+                len,
+                trim,
+                fua
+            }),
+        Just(DiskOp::Flush),
+    ];
+    (any::<u64>(), any::<u16>(), op).prop_map(|(e, disk, op)| DiskRecord {
+        epoch: Epoch(e),
+        disk,
+        op,
+    })
 }
 
 fn encoded(m: &Message) -> Vec<u8> {
@@ -194,9 +246,15 @@ fn errors_name_what_failed() {
             .contains("unknown message type 999")
     );
 
+    // A disk write must carry data; a zero range must not be empty.
     let mut buf = Vec::new();
-    encode_raw(MsgType::DiskWrite as u16, b"x", &mut buf);
-    assert_eq!(decode(&buf), Err(DecodeError::Reserved(MsgType::DiskWrite)));
+    encode_raw(MsgType::DiskWrite as u16, &[0; 19], &mut buf);
+    let e = decode(&buf).unwrap_err().to_string();
+    assert!(e.contains("write of 0 bytes"), "{e}");
+    let mut buf = Vec::new();
+    encode_raw(MsgType::DiskZero as u16, &[0; 27], &mut buf);
+    let e = decode(&buf).unwrap_err().to_string();
+    assert!(e.contains("bad zero range"), "{e}");
 
     let mut buf = Vec::new();
     encode_raw(0, b"", &mut buf);

@@ -255,13 +255,13 @@ fn versions_too_new_or_too_old_are_refused_by_name() {
     );
     assert!(
         e.to_string()
-            .contains("no common protocol version: we speak 1..=1, the peer 5..=7"),
+            .contains("no common protocol version: we speak 1..=2, the peer 5..=7"),
         "{e}"
     );
 
-    // Client too old for a server that only speaks 2..=3.
+    // Client too old for a server that only speaks 3..=4.
     let opts = ServerOptions {
-        versions: 2..=3,
+        versions: 3..=4,
         ..quick_opts()
     };
     let (addr, server) = serve(key(1), opts, vm());

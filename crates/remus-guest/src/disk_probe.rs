@@ -93,7 +93,7 @@ pub fn first_line(buf: &[u8]) -> String {
     }
 }
 
-fn random_value() -> u64 {
+pub fn random_value() -> u64 {
     let mut b = [0u8; 8];
     if File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
@@ -109,14 +109,14 @@ fn random_value() -> u64 {
     t ^ ((std::process::id() as u64) << 32)
 }
 
-/// A page-aligned buffer, as O_DIRECT requires.
-struct Aligned {
+/// A page-aligned buffer, as O_DIRECT requires (a multiple of [`BLOCK`] long).
+pub struct Aligned {
     ptr: *mut u8,
     layout: Layout,
 }
 
 impl Aligned {
-    fn new(len: usize) -> Aligned {
+    pub fn new(len: usize) -> Aligned {
         let layout = Layout::from_size_align(len, BLOCK).expect("layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
@@ -125,9 +125,13 @@ impl Aligned {
         }
         Aligned { ptr, layout }
     }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for layout.size() bytes, zero-initialised, owned.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`, shared.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
     }
 }
 

@@ -9,6 +9,8 @@
 mod cmdline;
 mod dirty;
 mod disk_probe;
+mod diskload;
+mod fsload;
 mod options;
 mod tick;
 
@@ -36,6 +38,16 @@ pub const COMMANDS: &[Command] = &[
         name: "disk-probe",
         usage: "disk-probe DEVICE             read 4 KiB at 0, write+verify 4 KiB at 1 MiB",
         run: disk_probe::run,
+    },
+    Command {
+        name: "diskload",
+        usage: "diskload DEVICE [--region-mb 48] [--offset-mb 1]\n                               write checksummed 4 KiB records with O_DIRECT; touch /run/diskload.verify to verify",
+        run: diskload::run,
+    },
+    Command {
+        name: "fsload",
+        usage: "fsload DEVICE [--dir /mnt]     mount ext4 DEVICE at DIR and churn files; touch /run/fsload.stop to unmount",
+        run: fsload::run,
     },
     Command {
         name: "start-workloads",

@@ -1,6 +1,6 @@
 //! remus-image: builds the guest image used by the remus demo and tests — a
-//! Debian kernel plus a busybox initramfs holding the virtio modules and the
-//! static `remus-guest` binary.
+//! Debian kernel plus a busybox initramfs holding the virtio and ext4 modules
+//! and the static `remus-guest` binary.
 //!
 //! Offline after one download: the kernel package (named by
 //! `linux-image-amd64`'s dependency) and `busybox-static` are fetched with
@@ -40,7 +40,7 @@ use std::process::Command;
 
 /// Bump when the recipe (layout, script, module set, ...) changes in a way
 /// the cache key would not otherwise see.
-pub const RECIPE_VERSION: u32 = 2;
+pub const RECIPE_VERSION: u32 = 3;
 
 pub const VMLINUZ_FILE: &str = "vmlinuz";
 pub const INITRD_FILE: &str = "initrd.img";

@@ -45,6 +45,10 @@ fn virtio_modules_in_dependency_order() {
     assert!(pos("net_failover") < pos("virtio_net"));
     assert!(pos("virtio") < pos("virtio_blk"));
     assert!(pos("virtio") < pos("virtio_mmio"));
+    // ext4's depends= (jbd2, mbcache, crc16) first; crc32c (a softdep) before it.
+    for dep in ["jbd2", "mbcache", "crc16", "crc32c_generic"] {
+        assert!(pos(dep) < pos("ext4"), "{dep} after ext4");
+    }
     // Every module's dependencies come before it, and each appears once.
     for (i, m) in mods.iter().enumerate() {
         assert_eq!(names.iter().filter(|n| **n == m.info.name).count(), 1);

@@ -46,6 +46,10 @@ pub struct VmSlot {
     /// Replication progress, one JSON object per line; an empty line ends
     /// a session.
     events: tokio::sync::broadcast::Sender<String>,
+    /// The current session's milestone events (everything but the
+    /// per-checkpoint and progress lines), replayed to a follower that
+    /// subscribes late, so that it never misses how the session started.
+    history: Mutex<Vec<String>>,
     /// The running protection session: its stop flag and peer.
     protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
 }
@@ -58,15 +62,29 @@ impl VmSlot {
             role: Mutex::new(role),
             console_attached: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(256).0,
+            history: Mutex::new(Vec::new()),
             protection: Mutex::new(None),
         }
     }
     /// Publishes a replication event (nobody listening is fine).
     pub fn publish(&self, line: String) {
+        let mut h = lock(&self.history);
+        let progress = ["\"event\":\"checkpoint\"", "\"event\":\"disk_sync\""]
+            .iter()
+            .any(|k| line.contains(k));
+        if !line.is_empty() && !progress && h.len() < 64 {
+            h.push(line.clone());
+        }
         let _ = self.events.send(line);
     }
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.events.subscribe()
+    }
+    /// The session's milestones so far and a subscription to what follows
+    /// (taken together: nothing is missed or repeated).
+    pub fn follow(&self) -> (Vec<String>, tokio::sync::broadcast::Receiver<String>) {
+        let h = lock(&self.history);
+        (h.clone(), self.events.subscribe())
     }
     /// Claims the VM for a protection or migration session; false if one
     /// already has it.
@@ -76,6 +94,7 @@ impl VmSlot {
             return false;
         }
         *p = Some((stop, peer));
+        lock(&self.history).clear();
         true
     }
     pub fn clear_protection(&self) {

@@ -232,7 +232,17 @@ async fn migrate(
 /// A response streaming the event channel as JSON lines until an empty
 /// line (the end of the session).
 fn ndjson(rx: tokio::sync::broadcast::Receiver<String>) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    ndjson_replay(Vec::new(), rx)
+}
+
+/// `replay` first, then what arrives on `rx`.
+fn ndjson_replay(replay: Vec<String>, rx: tokio::sync::broadcast::Receiver<String>) -> Response {
+    let replay = futures_util::stream::iter(
+        replay
+            .into_iter()
+            .map(|l| Ok::<_, std::convert::Infallible>(l + "\n")),
+    );
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
                 Ok(line) if line.is_empty() => return None,
@@ -242,6 +252,7 @@ fn ndjson(rx: tokio::sync::broadcast::Receiver<String>) -> Response {
             }
         }
     });
+    let stream = futures_util::StreamExt::chain(replay, live);
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),
@@ -261,7 +272,8 @@ async fn protection_events(
             "VM '{name}' is not being protected"
         )));
     }
-    Ok(ndjson(slot.subscribe()))
+    let (replay, rx) = slot.follow();
+    Ok(ndjson_replay(replay, rx))
 }
 
 async fn unprotect(

@@ -40,7 +40,16 @@ pub struct SessionSetup {
     pub config: VmConfig,
     /// No checkpoint or heartbeat for this long: the primary is lost.
     pub timeout_ms: u64,
+    /// The VM's replicated disks are replicated in this session (protocol
+    /// D): the backup syncs and buffers them. False for `--no-disk`, for
+    /// VMs without replicated disks, and from agents that predate it.
+    #[serde(default)]
+    pub replicate_disks: bool,
 }
+
+/// Backup memory for buffered disk writes of uncommitted epochs before
+/// they spill to a file in the VM's state directory.
+const DISK_BUFFER_MEMORY: u64 = 128 << 20;
 
 /// The replication-relevant shape of a VM on this host.
 pub fn compat_of(cfg: &VmConfig) -> Result<VmCompat, String> {
@@ -103,15 +112,10 @@ pub fn start_protect(
             req.timeout_ms, req.interval_ms
         )));
     }
-    // Refuse rather than pretend: until disk replication and network
-    // output commit exist, protecting a VM that has them needs the
-    // operator to say so explicitly.
+    // Refuse rather than pretend: until network output commit exists,
+    // protecting a VM with NICs needs the operator to say so explicitly.
     let cfg = &slot.vm.config;
-    if cfg.disks.iter().any(|d| d.replicate && !d.readonly) && !req.no_disk {
-        return Err(AgentError::BadRequest(format!(
-            "VM '{name}' has disks marked replicate, and this version does not replicate disk writes yet; protect with --no-disk to accept that after a failover the backup's disk may not match its memory"
-        )));
-    }
+    let replicate_disks = !req.no_disk && !slot.vm.replicated_disks().is_empty();
     if !cfg.vifs.is_empty() && !req.no_net {
         return Err(AgentError::BadRequest(format!(
             "VM '{name}' has NICs, and this version does not hold network output until its checkpoint commits yet; protect with --no-net to accept that clients may see output the backup loses"
@@ -120,7 +124,14 @@ pub fn start_protect(
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
-    let stream = open_session(&slot, &key, &req.peer, Purpose::Protect, req.timeout_ms)?;
+    let stream = open_session(
+        &slot,
+        &key,
+        &req.peer,
+        Purpose::Protect,
+        req.timeout_ms,
+        replicate_disks,
+    )?;
     if req.no_disk && !cfg.disks.is_empty() {
         tracing::warn!(vm = %name, "--no-disk: disk writes are not replicated; after a failover the backup's disk may not match its memory");
     }
@@ -133,6 +144,7 @@ pub fn start_protect(
         interval: Duration::from_millis(req.interval_ms),
         heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
         timeout: Duration::from_millis(req.timeout_ms),
+        replicate_disks,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -178,15 +190,29 @@ fn open_session(
     peer: &str,
     purpose: Purpose,
     timeout_ms: u64,
+    replicate_disks: bool,
 ) -> Result<TcpStream, AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let mut stream = connect(peer)?;
     let session = client_handshake(&mut stream, key, &HelloParams::new(purpose, name, compat))
         .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    if replicate_disks && session.version < remus_proto::DISK_PROTOCOL_VERSION {
+        let _ = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: "disk replication needs protocol version 2".into(),
+        }
+        .write_to(&mut stream);
+        return Err(AgentError::BadRequest(format!(
+            "the agent at {peer} speaks replication protocol {}, which cannot replicate disks (version {} can): upgrade it, or protect with --no-disk",
+            session.version,
+            remus_proto::DISK_PROTOCOL_VERSION
+        )));
+    }
     let setup = serde_json::to_string(&SessionSetup {
         config: slot.vm.config.clone(),
         timeout_ms,
+        replicate_disks,
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -243,7 +269,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
-    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000)?;
+    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000, false)?;
     claimed.keep();
     let agent = agent.clone();
     let vm_name = name.to_string();
@@ -408,7 +434,18 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
             "config name differs from the Hello".into(),
         ));
     }
-    if let Err(e) = cfg.validate().and_then(|()| cfg.check_host()) {
+    if let Err(e) = cfg.validate() {
+        return Err(refuse(
+            &mut stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    // A replicated disk missing here is created (and filled by the
+    // initial sync) before the host check, which wants every disk present.
+    if setup.replicate_disks {
+        create_missing_images(&cfg, &hello.compat).map_err(|e| refuse(&mut stream, e))?;
+    }
+    if let Err(e) = cfg.check_host() {
         return Err(refuse(
             &mut stream,
             format!("this host cannot run '{}': {e}", cfg.name),
@@ -431,17 +468,37 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         timeout,
         heartbeat: timeout / 4,
     };
+    // Disk replication: the standby's replicated disks, written only when
+    // an epoch commits.
+    let mut disks = setup.replicate_disks.then(|| {
+        remus_disk::EpochBuffer::new(
+            slot.vm
+                .replicated_disks()
+                .iter()
+                .map(|p| (p.target().to_string(), p.local().clone()))
+                .collect(),
+            DISK_BUFFER_MEMORY,
+            &slot.vm.paths.dir().join("disk-epochs.spill"),
+        )
+    });
     let vm_name = name.clone();
     let slot2 = slot.clone();
     let slot3 = slot.clone();
     let end = remus_replication::backup::receive(
         stream,
         &mut replica,
+        disks.as_mut(),
         &cfg,
         &|ev| {
             tracing::debug!(vm = %vm_name, event = ?ev, "backup");
         },
         &|replica| {
+            // Every epoch up to the switch-over committed: make it durable.
+            for p in slot2.vm.replicated_disks() {
+                p.local()
+                    .flush()
+                    .map_err(|e| format!("sync disk {}: {e}", p.target()))?;
+            }
             let stats = remus_replication::failover::resume(&slot2.vm, replica)
                 .map_err(|e| e.to_string())?;
             *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
@@ -450,7 +507,39 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         },
         &|| slot3.vm.exit_status().is_none(),
     );
-    decide_failover(agent, &slot, session.purpose, &replica, end);
+    decide_failover(agent, &slot, session.purpose, &replica, disks.as_mut(), end);
+    Ok(())
+}
+
+/// Creates each replicated disk image that does not exist here yet, as a
+/// sparse file of the primary's size; the initial sync then sends only
+/// the primary's non-zero chunks. The directory must exist.
+fn create_missing_images(cfg: &VmConfig, theirs: &VmCompat) -> Result<(), String> {
+    for d in cfg.disks_in_order() {
+        if !d.replicate || d.readonly || d.path.exists() {
+            continue;
+        }
+        let size = theirs
+            .disks
+            .iter()
+            .find(|c| c.target == d.target)
+            .map(|c| c.size_bytes)
+            .ok_or_else(|| format!("disk {}: the primary did not say its size", d.target))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&d.path)
+            .map_err(|e| {
+                format!(
+                    "disk {}: cannot create the missing image {}: {e}",
+                    d.target,
+                    d.path.display()
+                )
+            })?;
+        f.set_len(size)
+            .map_err(|e| format!("disk {}: size {}: {e}", d.target, d.path.display()))?;
+        tracing::info!(disk = %d.target, path = %d.path.display(), size, "created the missing disk image (sparse); the initial sync fills it");
+    }
     Ok(())
 }
 
@@ -466,6 +555,7 @@ fn decide_failover(
     slot: &Arc<VmSlot>,
     purpose: Purpose,
     replica: &Replica,
+    disks: Option<&mut remus_disk::EpochBuffer>,
     end: Result<BackupEnd, remus_replication::ReplError>,
 ) {
     let name = slot.vm.name().to_string();
@@ -481,6 +571,20 @@ fn decide_failover(
             committed: Some(_),
             reason,
         }) if purpose == Purpose::Protect => {
+            // The disks first: drop what never committed, make the rest
+            // durable, and record what changes from now on.
+            if let Some(d) = disks {
+                match remus_replication::failover::take_over_disks(&slot.vm, d) {
+                    Ok(t) => {
+                        tracing::info!(vm = %name, discarded_records = t.discarded_records, discarded_bytes = t.discarded_bytes, change_maps = ?t.change_maps, "failover: uncommitted disk writes discarded; changes from now on are recorded");
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %name, error = %e, "failover FAILED: the disks cannot take over");
+                        agent.destroy_slot(slot);
+                        return;
+                    }
+                }
+            }
             match remus_replication::failover::resume(&slot.vm, replica) {
                 Ok(stats) => {
                     *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;

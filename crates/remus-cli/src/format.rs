@@ -33,13 +33,40 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
             f("bytes") / 1048576.0,
             f("ms")
         ),
-        "checkpoint" => format!(
-            "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {:>8} B  ack {:>6.2} ms",
-            u("epoch"),
-            f("pause_ms"),
-            u("dirty_pages"),
-            u("bytes"),
-            f("ack_ms")
+        "checkpoint" => {
+            let mut line = format!(
+                "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {:>8} B  ack {:>6.2} ms",
+                u("epoch"),
+                f("pause_ms"),
+                u("dirty_pages"),
+                u("bytes"),
+                f("ack_ms")
+            );
+            if u("disk_records") > 0 {
+                line.push_str(&format!(
+                    "  disk {:>4} ops {:>8} B",
+                    u("disk_records"),
+                    u("disk_bytes")
+                ));
+            }
+            line
+        }
+        "disk_sync" => format!(
+            "disk sync {}: {:.1}/{:.1} MiB compared, {} chunks differ, {:.1} MiB to send",
+            ev["disk"].as_str().unwrap_or("?"),
+            f("compared_bytes") / 1048576.0,
+            f("disk_bytes") / 1048576.0,
+            u("differing_chunks"),
+            f("sent_bytes") / 1048576.0
+        ),
+        "disk_synced" => format!(
+            "disk sync: {} of {} chunks ({} KiB each) differed from the backup's copy; {:.1} MiB of data sent, {} chunks zeroed, in {:.0} ms",
+            u("differing_chunks"),
+            u("chunks"),
+            u("chunk_size") / 1024,
+            f("sent_bytes") / 1048576.0,
+            u("zeroed_chunks"),
+            f("ms")
         ),
         "backup_lost" => format!(
             "BACKUP LOST: {} — the VM runs on UNPROTECTED; run remus protect again",

@@ -272,10 +272,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut n = 0u64;
             let mut pause_sum = 0.0;
             let mut pause_max: f64 = 0.0;
+            // The initial disk sync as a progress bar on a terminal.
+            let bar = indicatif::ProgressBar::new(0);
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if json || !tty {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "disk sync {msg:6} [{bar:40}] {binary_bytes}/{binary_total_bytes} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
             let follow = client.follow_protection(&vm, |ev| {
                 if json {
                     println!("{ev}");
                     return;
+                }
+                if ev["event"] == "disk_sync" && tty {
+                    bar.set_message(ev["disk"].as_str().unwrap_or("").to_string());
+                    bar.set_length(ev["disk_bytes"].as_u64().unwrap_or(0));
+                    bar.set_position(ev["compared_bytes"].as_u64().unwrap_or(0));
+                    return;
+                }
+                if ev["event"] == "disk_synced" {
+                    bar.finish_and_clear();
                 }
                 println!("{}", format::protect_event(&ev));
                 if ev["event"] == "checkpoint" {

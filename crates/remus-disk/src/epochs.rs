@@ -72,6 +72,7 @@ pub struct EpochBuffer {
     pending: BTreeMap<u64, Pending>,
     sync: DiskLogDigest,
     sync_wrote: bool,
+    sync_sealed: bool,
     /// Bytes ever spilled (for logs and tests).
     spilled_total: u64,
 }
@@ -97,8 +98,14 @@ impl EpochBuffer {
             pending: BTreeMap::new(),
             sync: DiskLogDigest::default(),
             sync_wrote: false,
+            sync_sealed: false,
             spilled_total: 0,
         }
+    }
+
+    /// Whether the initial sync's seal (epoch 0) has arrived and matched.
+    pub fn sync_sealed(&self) -> bool {
+        self.sync_sealed
     }
 
     /// Number of replicated disks.
@@ -163,6 +170,11 @@ impl EpochBuffer {
                 return Err(DiskError::Protocol(format!(
                     "initial-sync data after {c} committed: refused"
                 )));
+            }
+            if self.sync_sealed {
+                return Err(DiskError::Protocol(
+                    "initial-sync data after the initial sync was sealed".into(),
+                ));
             }
             self.sync.add(&rec);
             self.sync_wrote = true;
@@ -271,9 +283,13 @@ impl EpochBuffer {
                     "initial-sync seal after a commit".into(),
                 ));
             }
+            if self.sync_sealed {
+                return Err(DiskError::Protocol("initial sync sealed twice".into()));
+            }
             if self.sync.seal(seal.epoch) != *seal {
                 return Err(mismatch(&self.sync));
             }
+            self.sync_sealed = true;
             if self.sync_wrote {
                 for (i, d) in self.disks.iter().enumerate() {
                     d.flush().map_err(DiskError::io(format!(

@@ -11,7 +11,10 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use remus_proto::{Accepted, CheckpointAssembler, CheckpointKind, Epoch, ErrorCode, Message};
+use remus_disk::{DiskError, EpochBuffer};
+use remus_proto::{
+    Accepted, CheckpointAssembler, CheckpointKind, DiskDigests, Epoch, ErrorCode, Message,
+};
 
 use crate::ReplError;
 use crate::replica::Replica;
@@ -33,6 +36,9 @@ pub enum BackupEvent {
         epoch: u64,
         pages: u64,
         device_state_bytes: u64,
+        /// Disk records applied with it, and whether the disks were synced.
+        disk_records: u64,
+        disk_synced: bool,
     },
     Rejected {
         reason: String,
@@ -65,9 +71,17 @@ pub enum BackupEnd {
 /// checkpoint, only whole checkpoints touch the replica.
 /// `on_switchover` resumes the VM at a migration's switch-over; the source
 /// is told the outcome (Done, or an Error so that it resumes itself).
+///
+/// With `disks` (disk replication on), the backup first sends the digests
+/// of its copy of each replicated disk, then buffers disk records per
+/// epoch and applies an epoch's records when its checkpoint commits,
+/// before the RAM and device state (see `remus_disk::epochs`). What is
+/// still buffered when the session ends was never committed: the caller
+/// discards it.
 pub fn receive(
     stream: TcpStream,
     replica: &mut Replica,
+    mut disks: Option<&mut EpochBuffer>,
     cfg: &BackupConfig,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
@@ -111,15 +125,19 @@ pub fn receive(
                 }
             }
         });
-        let end = receive_loop(
-            &mut reader,
-            &writer,
-            replica,
-            &mut asm,
-            events,
-            on_switchover,
-            standby_alive,
-        );
+        let end = match disks.as_deref_mut().map(|d| send_digests(d, &writer)) {
+            Some(Err(e)) => Err(e),
+            _ => receive_loop(
+                &mut reader,
+                &writer,
+                replica,
+                disks,
+                &mut asm,
+                events,
+                on_switchover,
+                standby_alive,
+            ),
+        };
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = writer
             .lock()
@@ -129,10 +147,40 @@ pub fn receive(
     })
 }
 
+/// Sends the digests of every replicated disk (initial sync), in order.
+fn send_digests(disks: &EpochBuffer, writer: &Mutex<TcpStream>) -> Result<(), ReplError> {
+    use remus_disk::sync::{CHUNK_SIZE, DIGESTS_PER_FRAME, chunk_count, digest_chunks};
+    for i in 0..disks.disk_count() {
+        let Some(d) = disks.disk(i) else { break };
+        let total = chunk_count(d.size());
+        let mut first = 0u64;
+        while first < total {
+            let digests = digest_chunks(&**d, first, DIGESTS_PER_FRAME).map_err(|e| {
+                ReplError::Io(format!("read replicated disk {i} for its digests"), e)
+            })?;
+            let n = digests.len() as u64;
+            let m = Message::DiskDigests(DiskDigests {
+                disk: i as u16,
+                chunk_size: CHUNK_SIZE,
+                first_chunk: first,
+                digests,
+            });
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            m.write_to(&mut *w)?;
+            w.flush()
+                .map_err(|e| ReplError::Io("send disk digests".into(), e))?;
+            first += n;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn receive_loop(
     reader: &mut BufReader<TcpStream>,
     writer: &Mutex<TcpStream>,
     replica: &mut Replica,
+    mut disks: Option<&mut EpochBuffer>,
     asm: &mut CheckpointAssembler,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
@@ -142,6 +190,20 @@ fn receive_loop(
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
         m.write_to(&mut *w)?;
         w.flush().map_err(|e| ReplError::Io("flush".into(), e))
+    };
+    // A disk record or seal that cannot be taken ends the session: the
+    // primary is told why and runs on; this copy is never resumed.
+    let disk_failed = |e: DiskError, what: &str| {
+        let (code, reason) = match &e {
+            DiskError::Protocol(_) => (ErrorCode::Protocol, format!("{what}: {e}")),
+            DiskError::Io { .. } => (ErrorCode::Internal, format!("backup disk: {what}: {e}")),
+        };
+        tracing::error!(%reason, "disk replication failed on the backup");
+        let _ = send(Message::Error {
+            code,
+            message: reason.clone(),
+        });
+        Ok(BackupEnd::Aborted { reason })
     };
     loop {
         let msg = match Message::read_from(reader) {
@@ -185,6 +247,15 @@ fn receive_loop(
                 let pages: u64 = cp.runs.iter().map(|r| u64::from(r.page_count())).sum();
                 match cp.kind {
                     CheckpointKind::InitialSync | CheckpointKind::Round => {
+                        if let Some(d) = disks.as_deref()
+                            && cp.kind == CheckpointKind::InitialSync
+                            && !d.sync_sealed()
+                        {
+                            return disk_failed(
+                                DiskError::Protocol("no disk seal before the initial sync".into()),
+                                "initial sync",
+                            );
+                        }
                         if replica.committed().is_some() {
                             let _ = send(Message::Error {
                                 code: ErrorCode::Protocol,
@@ -201,11 +272,24 @@ fn receive_loop(
                         }
                     }
                     CheckpointKind::Checkpoint => {
+                        // The disk first: once the RAM commit names this
+                        // epoch, its disk must be there too.
+                        let mut applied = remus_disk::ApplyStats::default();
+                        if let Some(d) = disks.as_deref_mut() {
+                            match d.commit(cp.epoch) {
+                                Ok(st) => applied = st,
+                                Err(e) => {
+                                    return disk_failed(e, &format!("commit {}", cp.epoch));
+                                }
+                            }
+                        }
                         replica.commit(cp.epoch, &cp.runs, &cp.device_state)?;
                         events(BackupEvent::Committed {
                             epoch: cp.epoch.0,
                             pages,
                             device_state_bytes: cp.device_state.len() as u64,
+                            disk_records: applied.records,
+                            disk_synced: applied.synced,
                         });
                     }
                 }
@@ -213,6 +297,32 @@ fn receive_loop(
             }
             Ok(Accepted::Other(m)) => match m {
                 Message::Heartbeat { .. } => {}
+                Message::Disk(rec) => {
+                    let Some(d) = disks.as_deref_mut() else {
+                        return disk_failed(
+                            DiskError::Protocol(
+                                "a disk record, but this session does not replicate disks".into(),
+                            ),
+                            "disk record",
+                        );
+                    };
+                    if let Err(e) = d.accept(rec, replica.committed()) {
+                        return disk_failed(e, "disk record");
+                    }
+                }
+                Message::DiskSeal(seal) => {
+                    let Some(d) = disks.as_deref_mut() else {
+                        return disk_failed(
+                            DiskError::Protocol(
+                                "a disk seal, but this session does not replicate disks".into(),
+                            ),
+                            "disk seal",
+                        );
+                    };
+                    if let Err(e) = d.seal(&seal, replica.committed()) {
+                        return disk_failed(e, "disk seal");
+                    }
+                }
                 Message::Done => return Ok(BackupEnd::Done),
                 Message::SwitchOver { epoch } => {
                     if replica.committed() != Some(epoch) {

@@ -43,3 +43,45 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
         cont_ms,
     })
 }
+
+/// What happened to the disks at a failover.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskTakeover {
+    /// Records (and their bytes) of epochs that never committed, dropped.
+    pub discarded_records: u64,
+    pub discarded_bytes: u64,
+    /// Where each replicated disk now records its changed chunks.
+    pub change_maps: Vec<std::path::PathBuf>,
+}
+
+/// Prepares the standby's disks for running the VM: drops what never
+/// committed, makes what did durable, and from now on records which chunks
+/// the VM changes, in a persistent map per replicated disk (in the VM's
+/// state directory: `disk-TARGET.changed`), for a later resync. Call before
+/// [`resume`].
+pub fn take_over_disks(
+    standby: &Vm,
+    buffer: &mut remus_disk::EpochBuffer,
+) -> Result<DiskTakeover, ReplError> {
+    let (discarded_records, discarded_bytes) = buffer.discard();
+    buffer
+        .sync_all()
+        .map_err(|e| ReplError::Vm(format!("make the committed disk state durable: {e}")))?;
+    let mut change_maps = Vec::new();
+    for port in standby.replicated_disks() {
+        let path = standby
+            .paths
+            .dir()
+            .join(format!("disk-{}.changed", port.target()));
+        let map =
+            remus_disk::ChangeMap::open(&path, port.local().size(), remus_disk::sync::CHUNK_SIZE)
+                .map_err(|e| ReplError::Io(format!("change map {}", path.display()), e))?;
+        port.track_changes(std::sync::Arc::new(map));
+        change_maps.push(path);
+    }
+    Ok(DiskTakeover {
+        discarded_records,
+        discarded_bytes,
+        change_maps,
+    })
+}

@@ -16,14 +16,16 @@ use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remus_dirty::{DirtySet, DirtyTracker, RamFile};
-use remus_proto::{CheckpointKind, CheckpointWriter, Epoch, Message, PageRun};
+use remus_disk::Journal;
+use remus_proto::{CheckpointKind, CheckpointWriter, DiskDigests, Epoch, Message, PageRun};
 use remus_vm::{Vm, devstate};
 
+use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
 use crate::{ReplError, staging};
 
 /// Settings of a protection session.
@@ -36,6 +38,9 @@ pub struct ProtectConfig {
     /// How long without any frame from the backup before it is declared
     /// lost.
     pub timeout: Duration,
+    /// Replicate the writes of the VM's replicated disks (protocol D);
+    /// false for `--no-disk`.
+    pub replicate_disks: bool,
 }
 
 /// One committed checkpoint, as reported to the operator.
@@ -51,6 +56,9 @@ pub struct EpochStats {
     pub bytes: u64,
     /// End frame sent → ack received.
     pub ack_ms: f64,
+    /// Disk records of this epoch and the bytes they wrote or zeroed.
+    pub disk_records: u64,
+    pub disk_bytes: u64,
     /// Where the pause went: QMP stop, dirty scan, page copy, device
     /// state save, QMP cont (ms).
     pub phases: PausePhases,
@@ -70,10 +78,22 @@ pub struct PausePhases {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProtectEvent {
-    InitialSync { pages: u64, bytes: u64, ms: f64 },
+    /// Initial disk sync: one more batch of chunks compared.
+    DiskSync(DiskSyncProgress),
+    /// Initial disk sync finished (queued for sending).
+    DiskSynced(DiskSyncStats),
+    InitialSync {
+        pages: u64,
+        bytes: u64,
+        ms: f64,
+    },
     Checkpoint(EpochStats),
-    BackupLost { reason: String },
-    Stopped { checkpoints: u64 },
+    BackupLost {
+        reason: String,
+    },
+    Stopped {
+        checkpoints: u64,
+    },
 }
 
 /// How a protection session ended.
@@ -152,26 +172,88 @@ pub fn protect(
     let lost: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let flight = Arc::new(Mutex::new(InFlight::default()));
     let (tx, rx) = sync_channel::<Outgoing>(1);
+    let (dig_tx, dig_rx) = std::sync::mpsc::channel::<DiskDigests>();
     let committed = std::sync::atomic::AtomicU64::new(0);
+    // From here on the guest's disk writes are journaled (epoch 1 on).
+    let disks = PrimaryDisks::start(vm, cfg.replicate_disks);
+    let journal = &*disks.journal;
+    let disk_on = disks.active();
 
-    std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
+    let result = std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
         let lost_s = lost.clone();
         let flight_s = flight.clone();
         let hb = cfg.heartbeat;
         let pool_s = pool.clone();
-        let sender = s.spawn(move || sender_loop(stream, rx, hb, flight_s, lost_s, &pool_s));
+        let sender = s.spawn(move || {
+            sender_loop(stream, rx, hb, flight_s, lost_s, &pool_s, journal, disk_on)
+        });
         let lost_r = lost.clone();
         let flight_r = flight.clone();
         let committed_r = &committed;
         let ack_reader = s.spawn(move || {
-            ack_loop(reader, flight_r, lost_r, events, committed_r);
+            ack_loop(
+                reader,
+                flight_r,
+                lost_r,
+                events,
+                committed_r,
+                dig_tx,
+                journal,
+            );
         });
 
-        // Initial sync: reset the dirty bits, then copy every page holding
-        // data while the guest runs; pages written meanwhile are caught by
-        // the first checkpoint's scan.
         let t = Instant::now();
         let result = (|| -> Result<ProtectEnd, ReplError> {
+            // Disks first: only the chunks that differ from the backup's
+            // copy are sent; guest writes meanwhile are journaled for
+            // epoch 1 and applied after them.
+            if disk_on {
+                let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let stats = crate::disks::initial_sync(
+                    &disks,
+                    &mut || {
+                        let since = Instant::now();
+                        loop {
+                            if stop.load(Ordering::SeqCst) {
+                                return Err(ReplError::Setup(
+                                    "stopped by the operator during the initial disk sync".into(),
+                                ));
+                            }
+                            if let Some(r) = lost_reason() {
+                                return Err(ReplError::PeerLost(r));
+                            }
+                            match dig_rx.recv_timeout(Duration::from_millis(100)) {
+                                Ok(d) => return Ok(d),
+                                Err(RecvTimeoutError::Timeout) if since.elapsed() < cfg.timeout => {
+                                }
+                                Err(_) => {
+                                    return Err(ReplError::PeerLost(lost_reason().unwrap_or_else(
+                                        || {
+                                            "no disk digests from the backup within the timeout"
+                                                .into()
+                                        },
+                                    )));
+                                }
+                            }
+                        }
+                    },
+                    &mut |rec| {
+                        if journal.push_sync(rec) {
+                            Ok(())
+                        } else {
+                            Err(ReplError::PeerLost(
+                                lost_reason().unwrap_or_else(|| "disk journal closed".into()),
+                            ))
+                        }
+                    },
+                    &mut |p| events(ProtectEvent::DiskSync(p)),
+                )?;
+                tracing::info!(vm = %name, chunks = stats.chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
+                events(ProtectEvent::DiskSynced(stats));
+            }
+            // Initial sync: reset the dirty bits, then copy every page holding
+            // data while the guest runs; pages written meanwhile are caught by
+            // the first checkpoint's scan.
             tracker
                 .scan()
                 .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
@@ -180,6 +262,7 @@ pub fn protect(
             let bytes = pages * remus_proto::PAGE_SIZE as u64;
             send(
                 &tx,
+                journal,
                 Staged {
                     epoch: Epoch(0),
                     kind: CheckpointKind::InitialSync,
@@ -226,9 +309,17 @@ pub fn protect(
                     continue;
                 }
                 epoch += 1;
-                let staged = checkpoint(vm, &mut tracker, &map, &pool, &dev_file, Epoch(epoch))?;
+                let staged = checkpoint(
+                    vm,
+                    &mut tracker,
+                    &map,
+                    &pool,
+                    &dev_file,
+                    journal,
+                    Epoch(epoch),
+                )?;
                 captured_paused = staged.operator_paused;
-                send(&tx, staged, &lost)?;
+                send(&tx, journal, staged, &lost)?;
             }
         })();
         match &result {
@@ -247,6 +338,7 @@ pub fn protect(
         // the link: to the backup that is a failed primary, and it fails
         // over, as the Remus docs specify for `destroy` on the primary.
         drop(tx);
+        journal.notify();
         let _ = sender.join();
         // Wake the ack reader (it may be waiting on a backup that already
         // said goodbye or died).
@@ -264,7 +356,10 @@ pub fn protect(
             Err(_) => {}
         }
         result
-    })
+    });
+    // Journal closed, disks back to local-only.
+    drop(disks);
+    result
 }
 
 fn dirty_pages(runs: &[PageRun]) -> u64 {
@@ -276,6 +371,7 @@ fn dirty_pages(runs: &[PageRun]) -> u64 {
 /// backup is lost.
 fn send(
     tx: &SyncSender<Outgoing>,
+    journal: &Journal,
     s: Staged,
     lost: &Mutex<Option<String>>,
 ) -> Result<(), ReplError> {
@@ -283,7 +379,10 @@ fn send(
     let mut item = Outgoing::Checkpoint(s);
     loop {
         match tx.try_send(item) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                journal.notify();
+                return Ok(());
+            }
             Err(std::sync::mpsc::TrySendError::Full(back)) => {
                 if let Some(r) = lost_reason() {
                     return Err(ReplError::PeerLost(r));
@@ -307,6 +406,7 @@ fn checkpoint(
     map: &staging::RamMap,
     pool: &staging::BufferPool,
     dev_file: &std::path::Path,
+    journal: &Journal,
     epoch: Epoch,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
@@ -323,6 +423,9 @@ fn checkpoint(
     }
     phases.stop = ms(t0);
     let staged = (|| -> Result<Vec<PageRun>, ReplError> {
+        // `stop` drained the guest's disk I/O: every write it has seen
+        // complete belongs to this epoch; later ones to the next.
+        journal.cut(epoch).map_err(ReplError::Protocol)?;
         let t = Instant::now();
         let dirty: DirtySet = tracker
             .scan()
@@ -365,6 +468,7 @@ fn checkpoint(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sender_loop(
     stream: TcpStream,
     rx: Receiver<Outgoing>,
@@ -372,36 +476,71 @@ fn sender_loop(
     flight: Arc<Mutex<InFlight>>,
     lost: Arc<Mutex<Option<String>>>,
     pool: &staging::BufferPool,
+    journal: &Journal,
+    disk_on: bool,
 ) {
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut seq = 0u64;
+    let mut sealer = Sealer::default();
+    let mut last_sent = Instant::now();
+    // Any end of the sender ends the journal: a guest write waiting for
+    // room must not wait for a sender that is gone.
     let fail = |e: String| {
         tracing::warn!(error = %e, "replication send failed");
         lost.lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(e);
+        journal.close();
+    };
+    let goodbye = |w: &mut BufWriter<TcpStream>, m: Option<Message>| {
+        if let Some(m) = m {
+            let _ = m.write_to(w);
+        }
+        let _ = w.flush();
+        let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
+        journal.close();
     };
     loop {
-        match rx.recv_timeout(heartbeat) {
-            Ok(Outgoing::Done) => {
-                let _ = Message::Done.write_to(&mut w);
-                let _ = w.flush();
-                let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
-                return;
+        let generation = journal.generation();
+        // Disk records travel as soon as they are queued, while the guest
+        // runs; they only have to be there before their epoch's seal.
+        let records = journal.take();
+        if !records.is_empty() {
+            let r = sealer.write_records(&mut w, &records).and_then(|_| {
+                w.flush()
+                    .map_err(|e| ReplError::Io("send disk records".into(), e))
+            });
+            if let Err(e) = r {
+                return fail(format!("sending disk records: {e}"));
             }
+            last_sent = Instant::now();
+        }
+        match rx.try_recv() {
+            Ok(Outgoing::Done) => return goodbye(&mut w, Some(Message::Done)),
             Ok(Outgoing::Abort(reason)) => {
-                let _ = Message::Error {
+                let m = Message::Error {
                     code: remus_proto::ErrorCode::Internal,
                     message: format!("the primary stopped protecting and runs on: {reason}"),
-                }
-                .write_to(&mut w);
-                let _ = w.flush();
-                let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
-                return;
+                };
+                return goodbye(&mut w, Some(m));
             }
             Ok(Outgoing::Checkpoint(staged)) => {
                 let epoch = staged.epoch.0;
-                let sent = send_checkpoint(&mut w, &staged);
+                // Every record of this epoch was queued before the
+                // checkpoint was handed over: send them, seal, then the
+                // checkpoint itself.
+                let records = journal.take();
+                let sent = (|| -> Result<(u64, u64, u64), ReplError> {
+                    sealer.write_records(&mut w, &records)?;
+                    let (recs, disk_bytes) = if disk_on {
+                        let seal = sealer.seal(&mut w, staged.epoch)?;
+                        (seal.records, seal.bytes)
+                    } else {
+                        (0, 0)
+                    };
+                    Ok((send_checkpoint(&mut w, &staged)?, recs, disk_bytes))
+                })();
+                last_sent = Instant::now();
                 let stats = EpochStats {
                     epoch,
                     taken_at_ms: staged.taken_at_ms,
@@ -409,6 +548,8 @@ fn sender_loop(
                     dirty_pages: dirty_pages(&staged.runs),
                     bytes: 0,
                     ack_ms: 0.0,
+                    disk_records: 0,
+                    disk_bytes: 0,
                     phases: staged.phases,
                 };
                 for run in staged.runs {
@@ -417,31 +558,45 @@ fn sender_loop(
                 match sent {
                     // Only checkpoints are reported (the initial sync's
                     // ack is not a checkpoint).
-                    Ok(bytes) if staged.kind == CheckpointKind::Checkpoint => {
+                    Ok((bytes, disk_records, disk_bytes))
+                        if staged.kind == CheckpointKind::Checkpoint =>
+                    {
+                        let stats = EpochStats {
+                            bytes,
+                            disk_records,
+                            disk_bytes,
+                            ..stats
+                        };
                         let f = &mut flight.lock().unwrap_or_else(|p| p.into_inner());
-                        f.sent
-                            .insert(epoch, (EpochStats { bytes, ..stats }, Instant::now()));
+                        f.sent.insert(epoch, (stats, Instant::now()));
                     }
                     Ok(_) => {}
                     Err(e) => return fail(format!("sending epoch {epoch}: {e}")),
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                seq += 1;
-                let hb = Message::Heartbeat {
-                    seq,
-                    sent_at_us: crate::now_us(),
-                };
-                if let Err(e) = hb
-                    .write_to(&mut w)
-                    .and_then(|()| w.flush().map_err(Into::into))
-                {
-                    return fail(format!("heartbeat: {e}"));
+            Err(TryRecvError::Empty) => {
+                let idle = last_sent.elapsed();
+                if idle >= heartbeat {
+                    seq += 1;
+                    let hb = Message::Heartbeat {
+                        seq,
+                        sent_at_us: crate::now_us(),
+                    };
+                    if let Err(e) = hb
+                        .write_to(&mut w)
+                        .and_then(|()| w.flush().map_err(Into::into))
+                    {
+                        return fail(format!("heartbeat: {e}"));
+                    }
+                    last_sent = Instant::now();
+                } else {
+                    journal.wait(generation, heartbeat - idle);
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => {
+            Err(TryRecvError::Disconnected) => {
                 let _ = w.flush();
                 let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
+                journal.close();
                 return;
             }
         }
@@ -474,6 +629,8 @@ fn ack_loop(
     lost: Arc<Mutex<Option<String>>>,
     events: &(dyn Fn(ProtectEvent) + Sync),
     committed: &std::sync::atomic::AtomicU64,
+    digests: Sender<DiskDigests>,
+    journal: &Journal,
 ) {
     let reason = loop {
         match Message::read_from(&mut r) {
@@ -493,6 +650,9 @@ fn ack_loop(
                 }
             }
             Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::DiskDigests(d)) => {
+                let _ = digests.send(d);
+            }
             Ok(Message::Error { code, message }) => {
                 break format!("backup reported {code}: {message}");
             }
@@ -507,6 +667,8 @@ fn ack_loop(
             *l = Some(reason);
         }
     }
-    // Unblock a sender stuck writing to a backup that is gone.
+    // Unblock a sender stuck writing to a backup that is gone, and guest
+    // writes waiting for room in the journal.
     let _ = r.shutdown(std::net::Shutdown::Both);
+    journal.close();
 }

@@ -3,6 +3,7 @@
 //!
 //! Only processes this module started are ended, by their PID.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -177,12 +178,40 @@ impl Agent {
         over: &Path,
         extra: &[&str],
     ) -> Result<Agent> {
+        let (mount, bind) = (OsStr::new("mount"), OsStr::new("--bind"));
+        Self::start_in_mount_ns(
+            bins,
+            &[&[mount, bind, over.as_os_str(), path.as_os_str()]],
+            extra,
+        )
+    }
+
+    /// Starts an agent in a mount namespace of its own after running each
+    /// command of `mounts` there (e.g. `mount -t tmpfs -o size=8m tmpfs
+    /// DIR`, or a read-only bind): the agent sees the storage a second host
+    /// would.
+    pub fn start_in_mount_ns(
+        bins: &Binaries,
+        mounts: &[&[&OsStr]],
+        extra: &[&str],
+    ) -> Result<Agent> {
+        // sh -c '"$1" "$2" ... && ... && shift N && exec "$@"': every word is
+        // passed positionally, never spliced into the script.
+        let mut script = String::new();
+        let mut args: Vec<&OsStr> = Vec::new();
+        for command in mounts {
+            for w in *command {
+                args.push(w);
+                script.push_str(&format!("\"${{{}}}\" ", args.len()));
+            }
+            script.push_str("&& ");
+        }
+        script.push_str(&format!("shift {} && exec \"$@\"", args.len()));
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+            .arg(&script)
             .arg("sh")
-            .arg(over)
-            .arg(path)
+            .args(&args)
             .arg(&bins.remusd);
         Self::start_with(bins, cmd, extra)
     }
@@ -448,6 +477,20 @@ impl ProtectFollower {
                     let _ = e.read_to_string(&mut err);
                 }
                 bail!("protect output ended: {}", err.trim())
+            }
+        }
+    }
+
+    /// Waits for the next event named `name` (failing on `backup_lost` or
+    /// `failed` unless that is the one asked for).
+    pub fn event(&mut self, name: &str) -> Result<serde_json::Value> {
+        loop {
+            let ev = self.next_event()?;
+            if ev["event"] == name {
+                return Ok(ev);
+            }
+            if ev["event"] == "backup_lost" || ev["event"] == "failed" {
+                bail!("protection ended while waiting for {name}: {ev}");
             }
         }
     }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use remus_config::VmConfig;
+use remus_disk::DiskPort;
 use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle};
 use remus_net::{Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
@@ -108,6 +109,9 @@ pub struct Vm {
     qmp: Qmp,
     exit: ExitCell,
     disks: Mutex<Vec<(String, NbdServerHandle)>>,
+    /// The backend of every disk, in target order; the replicated ones
+    /// journal their writes while the VM is protected.
+    ports: Vec<Arc<DiskPort>>,
     relays: Mutex<Vec<Relay>>,
     console: Mutex<Option<ConsoleHub>>,
     vcpu_tids: Vec<u32>,
@@ -140,13 +144,16 @@ impl Vm {
             .map_err(io_err(&name, format!("create {}", paths.dir().display())))?;
 
         let mut disks = Vec::new();
+        let mut ports = Vec::new();
         for d in config.disks_in_order() {
             let backend = FileBackend::open(&d.path, d.readonly).map_err(|e| VmError::Disk {
                 vm: name.clone(),
                 target: d.target.clone(),
                 reason: e.to_string(),
             })?;
-            let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+            let port = Arc::new(DiskPort::new(&d.target, Arc::new(backend)));
+            ports.push(port.clone());
+            let backend: Arc<dyn BlockBackend> = port;
             let server = NbdServer::start(&paths.disk_socket(&d.target), &d.target, backend)
                 .map_err(|e| VmError::Disk {
                     vm: name.clone(),
@@ -271,6 +278,7 @@ impl Vm {
             qmp,
             exit,
             disks: Mutex::new(disks),
+            ports,
             relays: Mutex::new(relays),
             console: Mutex::new(Some(console)),
             vcpu_tids,
@@ -463,6 +471,19 @@ impl Vm {
         t.verify_tracking()
             .map_err(|e| invalid(format!("dirty-page tracking: {e}")))?;
         Ok(t)
+    }
+
+    /// The disks whose writes are replicated while protected (`replicate`
+    /// and not read-only), in target order: replicated disk number `i` on
+    /// the wire is element `i`.
+    pub fn replicated_disks(&self) -> Vec<Arc<DiskPort>> {
+        let cfg = self.config.disks_in_order();
+        self.ports
+            .iter()
+            .zip(cfg)
+            .filter(|(_, c)| c.replicate && !c.readonly)
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 
     /// Disk server counters, per target.

@@ -1,14 +1,81 @@
-//! Remus core through the real CLI and agents: protect a running guest to
-//! a backup agent, pull the primary's plug (SIGKILL of its agent and QEMU)
-//! at random moments, and check that the backup resumes the guest from at
-//! least the last acknowledged state, never from boot.
+//! Remus core and disk replication through the real CLI and agents:
+//! protect a running guest that writes to two disks (raw records on one,
+//! an ext4 filesystem on the other) to a backup agent, pull the primary's
+//! plug (SIGKILL of its agent and QEMU, or a freeze) at random moments,
+//! and check that the backup resumes the guest from at least the last
+//! acknowledged state, never from boot, with a disk that matches its
+//! memory exactly: the guest verifies its records 1..N (N from its own
+//! memory) and that nothing beyond N reached the disk, and the
+//! filesystem passes a forced fsck.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
     Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
 };
+
+/// Where diskload starts on its disk, and its record size.
+const DISKLOAD_OFFSET: u64 = 1 << 20;
+const RECORD: u64 = 4096;
+/// The change map's chunk size (remus_disk::sync::CHUNK_SIZE).
+const CHUNK: u64 = 64 * 1024;
+
+/// The last `diskload: done K` on a console.
+fn last_done(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
+        .last()
+}
+
+/// `diskload verify ok: N records` → N; a FAILED line → the line.
+fn verify_result(console: &str) -> Option<Result<u64, String>> {
+    console.lines().find_map(|l| {
+        if let Some((_, rest)) = l.split_once("diskload verify ok: ") {
+            return rest.split_whitespace().next()?.parse().ok().map(Ok);
+        }
+        l.contains("diskload verify FAILED")
+            .then(|| Err(l.to_string()))
+    })
+}
+
+/// Marked chunks of a change map file (layout in remus_disk::changes).
+fn marked_chunks(map: &Path) -> Vec<u64> {
+    let raw = std::fs::read(map).unwrap_or_default();
+    assert!(
+        raw.len() > 4096 && &raw[..8] == b"RMSCHG01",
+        "{}",
+        map.display()
+    );
+    let mut out = Vec::new();
+    for (i, b) in raw[4096..].iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                out.push(i as u64 * 8 + bit);
+            }
+        }
+    }
+    out
+}
+
+fn run_ok(prog: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}\n{text}",
+        out.status
+    );
+    text
+}
 
 fn bins() -> Binaries {
     Binaries {
@@ -25,19 +92,54 @@ fn jitter(seed: u64, max_ms: u64) -> u64 {
     (x >> 33) % max_ms.max(1)
 }
 
+/// The two hosts' views of the disk directory: the primary's images are
+/// in `primary`; the backup agent sees `backup` at that same path.
+struct DiskDirs {
+    primary: PathBuf,
+    backup: PathBuf,
+}
+
 /// One round: boot on a fresh primary, protect, kill at a random moment,
 /// check the backup. Returns the failover time in ms.
-fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: u64) -> u64 {
+fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Path, n: u64) -> u64 {
     let key_s = key.to_str().unwrap();
     let mut primary = Agent::start(&bins(), None, &["--key", key_s]).expect("primary agent");
     let vm = format!("ha{n}");
-    let cfg = primary.write_file("vm.toml", &img.config(&vm, "remus.workload=tick", ""));
+    // Fresh images each round, missing on the backup (created there and
+    // filled by the initial sync): raw records and an ext4 filesystem.
+    let raw = dirs.primary.join(format!("r{n}-records.img"));
+    let fs = dirs.primary.join(format!("r{n}-ext4.img"));
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    std::fs::File::create(&fs)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", fs.to_str().unwrap()]);
+    let disks = format!(
+        "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[disk]]\npath = \"{}\"\ntarget = \"vdb\"\n",
+        raw.display(),
+        fs.display()
+    );
+    let cfg = primary.write_file(
+        "vm.toml",
+        &img.config(
+            &vm,
+            "remus.workload=tick,diskload:/dev/vda:--region-mb:90,fsload:/dev/vdb",
+            &disks,
+        ),
+    );
     let out = primary.cli(&["create", cfg.to_str().unwrap()]);
     assert!(out.ok, "create: {}", out.stderr);
     primary
-        .wait_console(&vm, Duration::from_secs(90), "tick 2", |c| {
-            last_tick(c) >= Some(2)
-        })
+        .wait_console(
+            &vm,
+            Duration::from_secs(90),
+            "tick 2, diskload and fsload",
+            |c| last_tick(c) >= Some(2) && last_done(c).is_some() && c.contains("fsload: mounted"),
+        )
         .unwrap();
 
     // Protect, following the events as JSON lines; the first checkpoints
@@ -63,7 +165,11 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
     // acknowledged: the backup then holds at least that tick.
     std::thread::sleep(Duration::from_millis(jitter(n, 1500)));
     let seen_at = now_ms();
-    let seen = last_tick(&primary.console(&vm)).unwrap();
+    let console = primary.console(&vm);
+    let seen = last_tick(&console).unwrap();
+    // The guest said it had completed this many records: once a later
+    // checkpoint is acknowledged, the backup must have all of them.
+    let seen_done = last_done(&console).unwrap();
     follow.checkpoint_after(seen_at).unwrap();
     // Pull the plug at a random point of the following epoch
     // (mid-checkpoint or mid-transmission as it falls). Every fourth round
@@ -121,8 +227,67 @@ fn round(img: &GuestImage, backup: &Agent, port: u16, key: &std::path::Path, n: 
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
     let log = backup.log_text();
     assert!(log.contains("FAILOVER"), "{log}");
+
+    // The guest checks its own records against the backup's disk.
+    let out = backup.cli_stdin(&["console", &vm], Some(b"\ntouch /run/diskload.verify\n"));
+    assert!(out.ok, "{}", out.stderr);
+    let text = backup
+        .wait_console(&vm, Duration::from_secs(60), "diskload verify", |c| {
+            verify_result(c).is_some()
+        })
+        .unwrap();
+    let verified = match verify_result(&text) {
+        Some(Ok(v)) => v,
+        other => panic!("round {n}: the guest's records do not match its disk: {other:?}\n{text}"),
+    };
+    assert!(
+        verified >= seen_done,
+        "round {n}: record {seen_done} was complete before an acknowledged checkpoint, but the backup's guest knows only {verified}"
+    );
+    // After failover the backup records which chunks change: the records
+    // diskload writes next are marked.
+    let maps = backup.state_dir.join("vms").join(&vm);
+    let next_chunk = (DISKLOAD_OFFSET + verified * RECORD) / CHUNK;
+    backup
+        .wait_console(&vm, Duration::from_secs(30), "diskload after verify", |c| {
+            last_done(c).is_some_and(|d| d > verified + 1)
+        })
+        .unwrap();
+    let marked = marked_chunks(&maps.join("disk-vda.changed"));
+    assert!(
+        marked.contains(&next_chunk),
+        "round {n}: chunk {next_chunk} (record {}) written after failover is not in the change map {marked:?}",
+        verified + 1
+    );
+
+    // The filesystem: unmounted cleanly by the guest, then checked from
+    // the backup host's copy.
+    let out = backup.cli_stdin(&["console", &vm], Some(b"\ntouch /run/fsload.stop\n"));
+    assert!(out.ok, "{}", out.stderr);
+    let text = backup
+        .wait_console(&vm, Duration::from_secs(60), "fsload unmount", |c| {
+            c.contains("fsload: unmounted")
+                || c.contains("fsload: umount failed")
+                || c.contains("fsload: error")
+        })
+        .unwrap();
+    assert!(
+        text.contains("fsload: unmounted") && !text.contains("fsload: error"),
+        "round {n}: {text}"
+    );
+    assert!(!marked_chunks(&maps.join("disk-vdb.changed")).is_empty());
     let out = backup.cli(&["destroy", &vm]);
     assert!(out.ok, "{}", out.stderr);
+    let backup_fs = dirs.backup.join(format!("r{n}-ext4.img"));
+    run_ok("e2fsck", &["-fn", backup_fs.to_str().unwrap()]);
+    eprintln!(
+        "round {n}: failover {failover_ms} ms{}, guest verified {verified} records ({seen_done} seen before the acknowledged checkpoint), fsck clean",
+        if frozen { " (frozen primary)" } else { "" }
+    );
+    for f in [&raw, &fs] {
+        let _ = std::fs::remove_file(f);
+        let _ = std::fs::remove_file(dirs.backup.join(f.file_name().unwrap()));
+    }
     failover_ms
 }
 
@@ -133,19 +298,26 @@ fn failover_at_random_moments() {
     let key = write_key(keydir.path());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let backup = Agent::start(
+    let pdir = tempfile::tempdir_in("/tmp").unwrap();
+    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let dirs = DiskDirs {
+        primary: pdir.path().to_path_buf(),
+        backup: bdir.path().to_path_buf(),
+    };
+    let backup = Agent::start_seeing(
         &bins(),
-        None,
+        &dirs.primary,
+        &dirs.backup,
         &["--listen", &listen, "--key", key.to_str().unwrap()],
     )
-    .expect("backup agent");
+    .expect("backup agent in its own mount namespace");
     let rounds: u64 = std::env::var("REMUS_FAILOVER_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let (mut killed, mut frozen) = (Vec::new(), Vec::new());
     for n in 0..rounds {
-        let t = round(&img, &backup, port, &key, n);
+        let t = round(&img, &backup, &dirs, port, &key, n);
         if n % 4 == 3 {
             frozen.push(t)
         } else {

@@ -1,0 +1,146 @@
+//! The backup's receive loop with disk replication, driven over a real TCP
+//! connection by a scripted primary: epochs apply to the disk only at
+//! their commit, in order; a record for an epoch that already committed
+//! ends the session with a clear error and nothing of it is applied; the
+//! initial sync's digests and data do what the protocol says.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use remus_disk::EpochBuffer;
+use remus_nbd::{BlockBackend, FileBackend};
+use remus_proto::{
+    CheckpointKind, CheckpointWriter, DiskLogDigest, DiskOp, DiskRecord, Epoch, ErrorCode, Message,
+};
+use remus_replication::backup::{BackupConfig, BackupEnd, receive};
+use remus_replication::replica::Replica;
+
+const DISK: usize = 1 << 20;
+
+fn next(r: &mut TcpStream) -> Message {
+    loop {
+        match Message::read_from(r).expect("frame from the backup") {
+            Message::Heartbeat { .. } => continue,
+            m => return m,
+        }
+    }
+}
+
+fn record(epoch: u64, offset: u64, byte: u8) -> DiskRecord {
+    DiskRecord {
+        epoch: Epoch(epoch),
+        disk: 0,
+        op: DiskOp::Write {
+            offset,
+            fua: false,
+            data: vec![byte; 512],
+        },
+    }
+}
+
+/// Sends records, their seal and a checkpoint of `epoch`.
+fn send_epoch(w: &mut TcpStream, epoch: u64, kind: CheckpointKind, recs: &[DiskRecord]) {
+    let mut d = DiskLogDigest::default();
+    for r in recs {
+        r.write_to(w).unwrap();
+        d.add(r);
+    }
+    Message::DiskSeal(d.seal(Epoch(epoch))).write_to(w).unwrap();
+    let mut cp = CheckpointWriter::begin(w, Epoch(epoch), kind).unwrap();
+    if kind == CheckpointKind::Checkpoint {
+        cp.device_state(w, b"device state").unwrap();
+    }
+    cp.end(w).unwrap();
+    w.flush().unwrap();
+}
+
+#[test]
+fn epochs_commit_in_order_and_a_record_for_a_committed_epoch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    // The backup's copy differs from the primary's (all 0x11) in chunk 3.
+    let mut theirs = vec![0x11u8; DISK];
+    theirs[3 * 65536] = 0x99;
+    std::fs::write(&img, &theirs).unwrap();
+    let disk: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img, false).unwrap());
+    let mut buf = EpochBuffer::new(
+        vec![("vda".into(), disk)],
+        1 << 20,
+        &dir.path().join("spill"),
+    );
+    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let primary = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = s.try_clone().unwrap();
+        // 1. The backup opens with the digests of its copy: 16 chunks.
+        let Message::DiskDigests(d) = next(&mut r) else {
+            panic!("digests first")
+        };
+        assert_eq!((d.disk, d.first_chunk, d.digests.len()), (0, 0, 16));
+        let ours = remus_disk::sync::digest(&[0x11u8; 65536]);
+        let differing: Vec<usize> = (0..16).filter(|&i| d.digests[i] != ours).collect();
+        assert_eq!(differing, vec![3], "only the chunk that differs");
+        // 2. Initial sync: that chunk, applied on arrival.
+        let sync = vec![DiskRecord {
+            epoch: Epoch(0),
+            disk: 0,
+            op: DiskOp::Write {
+                offset: 3 * 65536,
+                fua: false,
+                data: vec![0x11; 65536],
+            },
+        }];
+        send_epoch(&mut s, 0, CheckpointKind::InitialSync, &sync);
+        assert_eq!(next(&mut r), Message::Ack { epoch: Epoch(0) });
+        // 3. Epoch 1 writes 0xAA at 0; epoch 2's record (0xBB at 4096)
+        //    travels before epoch 1 commits, as the sender streams it.
+        record(2, 4096, 0xBB).write_to(&mut s).unwrap();
+        send_epoch(&mut s, 1, CheckpointKind::Checkpoint, &[record(1, 0, 0xAA)]);
+        assert_eq!(next(&mut r), Message::Ack { epoch: Epoch(1) });
+        // 4. A record for epoch 1, which has committed: refused.
+        record(1, 8192, 0xCC).write_to(&mut s).unwrap();
+        s.flush().unwrap();
+        match next(&mut r) {
+            Message::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Protocol);
+                assert!(message.contains("already committed"), "{message}");
+            }
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    });
+
+    let (stream, _) = listener.accept().unwrap();
+    let cfg = BackupConfig {
+        timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_millis(200),
+    };
+    let end = receive(
+        stream,
+        &mut replica,
+        Some(&mut buf),
+        &cfg,
+        &|_| {},
+        &|_| Err("no switch-over here".into()),
+        &|| true,
+    )
+    .unwrap();
+    primary.join().unwrap();
+    match end {
+        BackupEnd::Aborted { reason } => assert!(reason.contains("already committed"), "{reason}"),
+        other => panic!("expected Aborted, got {other:?}"),
+    }
+    assert_eq!(replica.committed(), Some(Epoch(1)));
+    let disk = std::fs::read(&img).unwrap();
+    assert_eq!(disk[3 * 65536], 0x11, "initial sync applied");
+    assert_eq!(disk[0], 0xAA, "epoch 1 committed");
+    assert_eq!(disk[4096], 0x11, "epoch 2 never committed: not applied");
+    assert_eq!(disk[8192], 0x11, "the refused record is not applied");
+    // What never committed is dropped at the end of the session.
+    assert_eq!(buf.discard(), (1, 512));
+}

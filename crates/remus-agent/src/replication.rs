@@ -269,7 +269,10 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
-    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000, false)?;
+    // Replicated disks travel with the VM; disks marked `replicate =
+    // false` are taken to be shared storage both hosts see.
+    let replicate_disks = !slot.vm.replicated_disks().is_empty();
+    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000, replicate_disks)?;
     claimed.keep();
     let agent = agent.clone();
     let vm_name = name.to_string();

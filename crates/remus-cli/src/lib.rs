@@ -364,7 +364,19 @@ async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::R
                 println!("{ev}");
             }
             match ev["event"].as_str().unwrap_or("") {
-                "start" => bar.set_length(ev["bytes"].as_u64().unwrap_or(0)),
+                "disk_sync" => {
+                    bar.set_message(format!("disk sync {}", ev["disk"].as_str().unwrap_or("")));
+                    bar.set_length(ev["disk_bytes"].as_u64().unwrap_or(0));
+                    bar.set_position(ev["compared_bytes"].as_u64().unwrap_or(0));
+                }
+                "disk_synced" if !json => {
+                    bar.suspend(|| eprintln!("{}", format::protect_event(&ev)));
+                }
+                "start" => {
+                    bar.set_message("initial copy");
+                    bar.set_position(0);
+                    bar.set_length(ev["bytes"].as_u64().unwrap_or(0));
+                }
                 "round" => {
                     let sent = ev["bytes"].as_u64().unwrap_or(0);
                     if sent > bar.length().unwrap_or(0) {

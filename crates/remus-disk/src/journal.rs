@@ -22,7 +22,7 @@ const RECORD_OVERHEAD: u64 = 64;
 pub struct Journal {
     state: Mutex<State>,
     cv: Condvar,
-    limit: u64,
+    limit: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -60,7 +60,7 @@ impl Journal {
                 blocked: Duration::ZERO,
             }),
             cv: Condvar::new(),
-            limit: limit_bytes.max(1),
+            limit: std::sync::atomic::AtomicU64::new(limit_bytes.max(1)),
         }
     }
 
@@ -92,7 +92,11 @@ impl Journal {
         let waited = Instant::now();
         let mut blocked = false;
         // A record larger than the bound still goes through an empty queue.
-        while !st.closed && st.queued_bytes > 0 && st.queued_bytes + c > self.limit {
+        while !st.closed
+            && st.queued_bytes > 0
+            && st.queued_bytes.saturating_add(c)
+                > self.limit.load(std::sync::atomic::Ordering::SeqCst)
+        {
             blocked = true;
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -165,6 +169,14 @@ impl Journal {
         st.closed = true;
         st.queue.clear();
         st.queued_bytes = 0;
+        self.cv.notify_all();
+    }
+
+    /// Changes the bound (`u64::MAX`: writers never wait).
+    pub fn set_limit(&self, limit_bytes: u64) {
+        let _st = self.lock();
+        self.limit
+            .store(limit_bytes.max(1), std::sync::atomic::Ordering::SeqCst);
         self.cv.notify_all();
     }
 

@@ -12,6 +12,11 @@
 //!   (caller destroys the source)
 //! ```
 //!
+//! Replicated disks travel too (protocol D, as in protection): first the
+//! chunks that differ from the destination's copy (epoch 0, before the
+//! initial copy), then every guest write since, journaled and sent at each
+//! round, applied by the destination only with the final checkpoint.
+//!
 //! Rounds stop when few pages are dirty or after a bounded number of
 //! rounds (a guest dirtying faster than the link cannot converge; the
 //! final pause then grows, which the summary reports as downtime).
@@ -25,9 +30,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use remus_dirty::RamFile;
-use remus_proto::{CheckpointKind, Epoch, Message};
+use remus_proto::{CheckpointKind, DiskDigests, Epoch, Message};
 use remus_vm::{Vm, devstate};
 
+use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
 use crate::primary::{Staged, send_checkpoint};
 use crate::{ReplError, staging};
 
@@ -56,6 +62,10 @@ impl Default for MigrateConfig {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum MigrateEvent {
+    /// Initial disk sync: one more batch of chunks compared.
+    DiskSync(DiskSyncProgress),
+    /// Initial disk sync finished.
+    DiskSynced(DiskSyncStats),
     /// Before the initial copy: how much there is to send.
     Start { pages: u64, bytes: u64 },
     /// A pre-copy round was sent (round 0 is the initial copy).
@@ -107,6 +117,27 @@ pub fn migrate(
         .map_err(|e| ReplError::Io("clone stream".into(), e))?;
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut bytes = 0u64;
+    // Guest disk writes are journaled from here on (all of them belong to
+    // the final checkpoint, epoch 1 of the journal).
+    let disks = PrimaryDisks::start(vm, true);
+    let mut sealer = Sealer::default();
+    if disks.active() {
+        let journal = disks.journal.clone();
+        let stats = crate::disks::initial_sync(
+            &disks,
+            &mut || next_digests(&mut reader),
+            &mut |rec| {
+                // The guest's writes meanwhile go along, so the journal
+                // never holds up the guest for long.
+                let mut recs = journal.take();
+                recs.push(rec);
+                bytes += sealer.write_records(&mut w, &recs)?;
+                Ok(())
+            },
+            &mut |p| events(MigrateEvent::DiskSync(p)),
+        )?;
+        events(MigrateEvent::DiskSynced(stats));
+    }
 
     // Pre-copy while the guest runs.
     tracker
@@ -133,6 +164,12 @@ pub fn migrate(
             phases: Default::default(),
             operator_paused: None,
         };
+        if disks.active() {
+            bytes += sealer.write_records(&mut w, &disks.journal.take())?;
+            if kind == CheckpointKind::InitialSync {
+                sealer.seal(&mut w, Epoch(0))?;
+            }
+        }
         bytes += send_checkpoint(&mut w, &staged)?;
         for run in staged.runs {
             pool.give(run.data);
@@ -162,6 +199,9 @@ pub fn migrate(
     let t_down = Instant::now();
     // No operator pause/unpause may interleave with the final copy.
     let _run_state = vm.checkpoint_guard();
+    // `stop` waits for the guest's disk writes in flight: none may wait
+    // for room in the journal now, as nothing drains it until after stop.
+    disks.journal.set_limit(u64::MAX);
     vm.qmp()
         .execute("stop", None)
         .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
@@ -175,6 +215,16 @@ pub fn migrate(
         let device_state = std::fs::read(&dev_file)
             .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
         let epoch = Epoch(round);
+        if disks.active() {
+            // Every guest write since the sync, then the seals: the
+            // destination applies them with this checkpoint.
+            disks.journal.cut(Epoch(1)).map_err(ReplError::Protocol)?;
+            bytes += sealer.write_records(&mut w, &disks.journal.take())?;
+            sealer.seal(&mut w, Epoch(1))?;
+            if epoch != Epoch(1) {
+                sealer.seal(&mut w, epoch)?;
+            }
+        }
         let staged = Staged {
             epoch,
             kind: CheckpointKind::Checkpoint,
@@ -235,6 +285,32 @@ pub fn migrate(
     };
     events(MigrateEvent::Done(stats.clone()));
     Ok(stats)
+}
+
+/// The destination's next disk digests (initial disk sync).
+fn next_digests(r: &mut TcpStream) -> Result<DiskDigests, ReplError> {
+    loop {
+        match Message::read_from(r) {
+            Ok(Message::DiskDigests(d)) => return Ok(d),
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::Error { code, message }) => {
+                return Err(ReplError::PeerLost(format!(
+                    "destination: {code}: {message}"
+                )));
+            }
+            Ok(other) => {
+                return Err(ReplError::Protocol(format!(
+                    "expected disk digests, got {:?}",
+                    other.msg_type()
+                )));
+            }
+            Err(e) => {
+                return Err(ReplError::PeerLost(format!(
+                    "waiting for disk digests: {e}"
+                )));
+            }
+        }
+    }
 }
 
 fn wait_ack(r: &mut TcpStream, epoch: Epoch) -> Result<(), ReplError> {

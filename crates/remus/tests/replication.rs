@@ -57,9 +57,42 @@ fn migration_there_and_back() {
     let img = GuestImage::find().expect("guest image");
     let kd = tempfile::tempdir().unwrap();
     let key = write_key(kd.path());
+    // The VM's disk is local to each host: B sees its own directory where
+    // A has the image (and starts without one).
+    let adir = tempfile::tempdir_in("/tmp").unwrap();
+    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let disk = adir.path().join("mig.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let (a, a_listen) = agent_with_port(&key);
-    let (b, b_listen) = agent_with_port(&key);
-    boot(&a, "mig", &img);
+    let b_port = free_port();
+    let b_listen = format!("127.0.0.1:{b_port}");
+    let b = Agent::start_seeing(
+        &bins(),
+        adir.path(),
+        bdir.path(),
+        &["--listen", &b_listen, "--key", key.to_str().unwrap()],
+    )
+    .expect("agent B in its own mount namespace");
+    let cfg = a.write_file(
+        "mig.toml",
+        &img.config(
+            "mig",
+            "remus.workload=tick,diskload:/dev/vda:--region-mb:60",
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n",
+                disk.display()
+            ),
+        ),
+    );
+    let out = a.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    a.wait_console("mig", BOOT, "tick 3 and diskload", |c| {
+        last_tick(c) >= Some(3) && c.contains("diskload: done")
+    })
+    .unwrap();
 
     for (from, to, to_listen) in [(&a, &b, &b_listen), (&b, &a, &a_listen)] {
         let before = last_tick(&from.console("mig")).unwrap();
@@ -105,6 +138,25 @@ fn migration_there_and_back() {
             to.vm("mig").is_some(),
             "still there after the session ended"
         );
+        // The disk came along: the chunks that differed (all of them the
+        // first time, where B had no image; only what B wrote since, on
+        // the way back) and every write made during the migration. The
+        // guest checks its records against the disk it now runs on.
+        let synced: serde_json::Value = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "disk_synced")
+            .unwrap_or_else(|| panic!("no disk_synced event: {}", out.stdout));
+        assert!(synced["differing_chunks"].as_u64().unwrap() > 0, "{synced}");
+        let out = to.cli_stdin(&["console", "mig"], Some(b"\ntouch /run/diskload.verify\n"));
+        assert!(out.ok, "{}", out.stderr);
+        let text = to
+            .wait_console("mig", BOOT, "diskload verify", |c| {
+                c.contains("diskload verify ok") || c.contains("diskload verify FAILED")
+            })
+            .unwrap();
+        assert!(text.contains("diskload verify ok"), "{text}");
     }
 }
 

@@ -25,8 +25,8 @@ const CHUNK: u64 = 64 * 1024;
 fn last_done(console: &str) -> Option<u64> {
     console
         .lines()
-        .filter_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
 }
 
 /// `diskload verify ok: N records` → N; a FAILED line → the line.

@@ -47,7 +47,16 @@
 //! |   19 | CheckpointEnd   | epoch u64, page_count u64, device_state_len u64, digest `[16]`      |
 //! |   20 | SwitchOver      | epoch u64                                                         |
 //! |   21 | Done            | —                                                                 |
-//! | 32–34| DiskWrite, DiskTrim, DiskFlush | reserved for disk replication (protocol D)         |
+//! |   32 | DiskWrite       | epoch u64, disk u16, offset u64, flags u8 (bit 0 FUA), data (≥ 1 byte) |
+//! |   33 | DiskZero        | epoch u64, disk u16, offset u64, len u64 (≥ 1), flags u8 (bit 0 FUA, bit 1 may deallocate) |
+//! |   34 | DiskFlush       | epoch u64, disk u16                                               |
+//! |   35 | DiskSeal        | epoch u64, records u64, bytes u64, digest `[16]`                    |
+//! |   36 | DiskDigests     | disk u16, chunk_size u32, first_chunk u64, n × digest `[16]` (n ≥ 1) |
+//!
+//! Types 32–36 exist from version 2 on (disk replication, protocol D;
+//! `docs/protocol.md` describes the flow: digests from the backup, the
+//! epoch-0 sync, records tagged with their epoch, a [`DiskSeal`] before
+//! each checkpoint, applied by the backup only at that commit).
 //!
 //! `str` is a u16 byte length then UTF-8. `compat` ([`VmCompat`]) is
 //! memory_mib u64, vcpus u32, machine str, cpu_model str, a u16 count of

@@ -205,29 +205,6 @@ fn bad_peers_are_rejected_and_the_agent_carries_on() {
     );
     assert_eq!(stranger.vm("vm1").unwrap()["role"], "unprotected");
 
-    // A VM with a replicated disk: refused until disk replication exists,
-    // unless the operator accepts it with --no-disk.
-    let disk = stranger.dir.path().join("d.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let cfg = stranger.write_file(
-        "d.toml",
-        &img.config(
-            "vmd",
-            "remus.workload=tick",
-            &format!(
-                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n",
-                disk.display()
-            ),
-        ),
-    );
-    assert!(stranger.cli(&["create", cfg.to_str().unwrap()]).ok);
-    let out = stranger.cli(&["protect", "-d", "vmd", &listen]);
-    assert!(
-        !out.ok && out.stderr.contains("--no-disk"),
-        "{}",
-        out.stderr
-    );
-
     // No key at all on the primary: a clear error before any connection.
     let keyless = Agent::start(&bins(), None, &[]).unwrap();
     let cfg = keyless.write_file("k.toml", &img.config("vm2", "remus.workload=tick", ""));

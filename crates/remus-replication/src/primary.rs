@@ -212,7 +212,9 @@ pub fn protect(
                 let stats = crate::disks::initial_sync(
                     &disks,
                     &mut || {
-                        let since = Instant::now();
+                        // No deadline of its own: hashing a large disk
+                        // takes the backup a while, and its heartbeats
+                        // (watched by the ack reader) say it is alive.
                         loop {
                             if stop.load(Ordering::SeqCst) {
                                 return Err(ReplError::Setup(
@@ -224,12 +226,11 @@ pub fn protect(
                             }
                             match dig_rx.recv_timeout(Duration::from_millis(100)) {
                                 Ok(d) => return Ok(d),
-                                Err(RecvTimeoutError::Timeout) if since.elapsed() < cfg.timeout => {
-                                }
-                                Err(_) => {
+                                Err(RecvTimeoutError::Timeout) => {}
+                                Err(RecvTimeoutError::Disconnected) => {
                                     return Err(ReplError::PeerLost(lost_reason().unwrap_or_else(
                                         || {
-                                            "no disk digests from the backup within the timeout"
+                                            "the backup connection closed during the disk sync"
                                                 .into()
                                         },
                                     )));

@@ -4,6 +4,8 @@
 # bench/results.md and a run to bench/results.json. Takes a few minutes
 # (four cases: -i 100 / -i 200 × idle / 50 MB/s, one VM at a time).
 # Arguments go to remus-bench (`--help`), e.g. --seconds 5 --no-write.
+# `--disk`: instead, guest disk write throughput and fsync latency,
+# unprotected vs protected on one VM (target >= 0.7x at -i 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace

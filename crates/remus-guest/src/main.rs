@@ -9,6 +9,7 @@
 mod cmdline;
 mod dirty;
 mod disk_probe;
+mod diskbench;
 mod diskload;
 mod fsload;
 mod options;
@@ -43,6 +44,11 @@ pub const COMMANDS: &[Command] = &[
         name: "diskload",
         usage: "diskload DEVICE [--region-mb 48] [--offset-mb 1]\n                               write checksummed 4 KiB records with O_DIRECT; touch /run/diskload.verify to verify",
         run: diskload::run,
+    },
+    Command {
+        name: "diskbench",
+        usage: "diskbench DEVICE [--block-kb 256] [--fsync-every 16] [--region-mb 256]\n                               sequential O_DIRECT writes, fdatasync every N blocks; print MB/s and fsync ms each second",
+        run: diskbench::run,
     },
     Command {
         name: "fsload",

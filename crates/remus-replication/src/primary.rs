@@ -59,6 +59,9 @@ pub struct EpochStats {
     /// Disk records of this epoch and the bytes they wrote or zeroed.
     pub disk_records: u64,
     pub disk_bytes: u64,
+    /// Time guest disk writes spent waiting for room in the journal since
+    /// the previous checkpoint (the link or the backup fell behind).
+    pub disk_wait_ms: f64,
     /// Where the pause went: QMP stop, dirty scan, page copy, device
     /// state save, QMP cont (ms).
     pub phases: PausePhases,
@@ -484,6 +487,7 @@ fn sender_loop(
     let mut seq = 0u64;
     let mut sealer = Sealer::default();
     let mut last_sent = Instant::now();
+    let mut waited = journal.blocked();
     // Any end of the sender ends the journal: a guest write waiting for
     // room must not wait for a sender that is gone.
     let fail = |e: String| {
@@ -551,6 +555,12 @@ fn sender_loop(
                     ack_ms: 0.0,
                     disk_records: 0,
                     disk_bytes: 0,
+                    disk_wait_ms: {
+                        let now = journal.blocked();
+                        let d = now.saturating_sub(waited);
+                        waited = now;
+                        d.as_secs_f64() * 1e3
+                    },
                     phases: staged.phases,
                 };
                 for run in staged.runs {

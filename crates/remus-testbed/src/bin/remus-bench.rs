@@ -829,6 +829,20 @@ impl DiskCase {
             f64::NAN
         }
     }
+    /// Share of the window (%) guest writes spent waiting for room in the
+    /// primary's disk journal (replication falling behind).
+    fn journal_wait_pct(&self) -> f64 {
+        let total: f64 = self
+            .col("disk_wait_ms")
+            .iter()
+            .filter(|x| x.is_finite())
+            .sum();
+        if self.window_ms > 0.0 && !self.cps.is_empty() {
+            100.0 * total / self.window_ms
+        } else {
+            f64::NAN
+        }
+    }
     fn achieved_interval_ms(&self) -> f64 {
         let t = self.col("taken_at_ms");
         if t.len() > 1 {
@@ -1185,13 +1199,16 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
          stopped in between; per case {} s of the guest's lines after {DISK_WARMUP_LINES} warm-up lines. \
          Write MB/s: median (min–max) of the per-second rates; fsync p50: median of the per-second medians, \
          max: the largest; checkpoint columns over the checkpoints taken in the window; replicated MB/s = \
-         the window's `disk_bytes` per second\n\
+         the window's `disk_bytes` per second; journal wait = share of the window guest writes waited for room \
+         in the primary's 64 MiB disk journal\n\
          - target (issue): protected throughput ≥ {DISK_TARGET_RATIO}× unprotected at -i {DISK_TARGET_INTERVAL_MS}\n\n",
         m.kernel, m.nproc, m.cpu, m.loadavg, m.qemu, run.accel, o.timeout_ms, o.seconds,
     );
     let ratios = disk_ratios(run);
-    s.push_str("| case | write MB/s p50 | min–max | ×unprotected | fsync p50 ms | fsync max ms | fsyncs | checkpoints | pause p50 ms | p99 | disk records/cp p50 | disk MiB/cp p50 | replicated MB/s | ack p50 ms | interval achieved ms |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| case | write MB/s p50 | min–max | ×unprotected | fsync p50 ms | fsync max ms | fsyncs | checkpoints | pause p50 ms | p99 | disk records/cp p50 | disk MiB/cp p50 | replicated MB/s | journal wait % | ack p50 ms | interval achieved ms |\n");
+    s.push_str(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     let dash = || "—".to_string();
     for c in &run.cases {
         let d = summarize_disk(&c.samples);
@@ -1202,7 +1219,7 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
             .unwrap_or_else(|| "1.00".into());
         let cp = |f: &dyn Fn() -> String| if c.interval_ms.is_some() { f() } else { dash() };
         s.push_str(&format!(
-            "| {} | {:.1} | {:.1}–{:.1} | {r} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.1} | {:.1}–{:.1} | {r} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             c.name(),
             d.mb_s.p50,
             d.mb_s_min,
@@ -1216,6 +1233,7 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
             cp(&|| format!("{:.0}", stats(&c.col("disk_records")).p50)),
             cp(&|| format!("{:.2}", stats(&c.col("disk_bytes")).p50 / 1048576.0)),
             cp(&|| format!("{:.1}", c.replicated_mb_s())),
+            cp(&|| format!("{:.1}", c.journal_wait_pct())),
             cp(&|| format!("{:.2}", stats(&c.col("ack_ms")).p50)),
             cp(&|| format!("{:.1}", c.achieved_interval_ms())),
         ));
@@ -1313,6 +1331,7 @@ fn disk_case_json(run: &DiskRun, c: &DiskCase) -> Value {
             "disk_records": stats(&c.col("disk_records")).json(),
             "disk_bytes": stats(&c.col("disk_bytes")).json(),
             "replicated_mb_s": r3(c.replicated_mb_s()),
+            "journal_wait_pct": r3(c.journal_wait_pct()),
             "dirty_pages": stats(&c.col("dirty_pages")).json(),
             "bytes": stats(&c.col("bytes")).json(),
             "ack_ms": stats(&c.col("ack_ms")).json(),

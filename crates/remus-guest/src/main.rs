@@ -13,6 +13,7 @@ mod diskbench;
 mod diskload;
 mod fsload;
 mod options;
+mod seqserver;
 mod tick;
 
 use std::process::ExitCode;
@@ -54,6 +55,11 @@ pub const COMMANDS: &[Command] = &[
         name: "fsload",
         usage: "fsload DEVICE [--dir /mnt]     mount ext4 DEVICE at DIR and churn files; touch /run/fsload.stop to unmount",
         run: fsload::run,
+    },
+    Command {
+        name: "seqserver",
+        usage: "seqserver [--port 7000] [--bulk-port 7001] [--interval-ms 5]\n                               TCP services: lines 1,2,3... both ways, checked (port); bulk send/recv (bulk port)",
+        run: seqserver::run,
     },
     Command {
         name: "start-workloads",

@@ -11,10 +11,12 @@
 //!
 //! Everything is synchronous: two std threads per relay, no async runtime.
 
+pub mod commit;
 pub mod frame;
 pub mod relay;
 pub mod tap;
 
+pub use commit::{CommitEgress, OutputCommit, OutputStats};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use relay::{DropCounts, Egress, PassThrough, Relay, RelayError, RelayStats, TapSink};
 pub use tap::{Tap, TapError};

@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod lan;
+pub mod seqclient;
+
+pub use lan::{HostKind, HostSpec, Lan};
+pub use seqclient::SeqClient;
+
 /// The workspace root (from this crate's manifest location).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -112,15 +112,9 @@ pub fn start_protect(
             req.timeout_ms, req.interval_ms
         )));
     }
-    // Refuse rather than pretend: until network output commit exists,
-    // protecting a VM with NICs needs the operator to say so explicitly.
     let cfg = &slot.vm.config;
     let replicate_disks = !req.no_disk && !slot.vm.replicated_disks().is_empty();
-    if !cfg.vifs.is_empty() && !req.no_net {
-        return Err(AgentError::BadRequest(format!(
-            "VM '{name}' has NICs, and this version does not hold network output until its checkpoint commits yet; protect with --no-net to accept that clients may see output the backup loses"
-        )));
-    }
+    let buffer_net = !req.no_net && !cfg.vifs.is_empty();
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
@@ -145,6 +139,7 @@ pub fn start_protect(
         heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
         timeout: Duration::from_millis(req.timeout_ms),
         replicate_disks,
+        buffer_net,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();

@@ -99,7 +99,9 @@ pub enum Command {
         /// it hears nothing from this host for this long.
         #[arg(long = "timeout", default_value_t = 2000)]
         timeout_ms: u64,
-        /// Do not buffer network output until its checkpoint commits.
+        /// Do not hold network output until its checkpoint commits (lower
+        /// latency; after a failover clients may have seen output the
+        /// backup never had, and TCP sessions may break).
         #[arg(long)]
         no_net: bool,
         /// Do not replicate disk writes (a failover may then corrupt the
@@ -250,6 +252,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let peer = host.unwrap_or_default();
+            if no_net {
+                eprintln!(
+                    "remus: warning: --no-net: network output is not held until its checkpoint commits; after a failover clients may have seen output the backup never had, and TCP sessions may stall or reset"
+                );
+            }
             if no_disk {
                 eprintln!(
                     "remus: warning: --no-disk: disk writes are not replicated; after a failover the guest's disk may not match its memory"

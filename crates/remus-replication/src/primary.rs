@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use remus_dirty::{DirtySet, DirtyTracker, RamFile};
 use remus_disk::Journal;
+use remus_net::OutputCommit;
 use remus_proto::{CheckpointKind, CheckpointWriter, DiskDigests, Epoch, Message, PageRun};
 use remus_vm::{Vm, devstate};
 
@@ -41,6 +42,9 @@ pub struct ProtectConfig {
     /// Replicate the writes of the VM's replicated disks (protocol D);
     /// false for `--no-disk`.
     pub replicate_disks: bool,
+    /// Hold the VM's network output until its checkpoint is acknowledged
+    /// (output commit); false for `--no-net`.
+    pub buffer_net: bool,
 }
 
 /// One committed checkpoint, as reported to the operator.
@@ -181,6 +185,16 @@ pub fn protect(
     let disks = PrimaryDisks::start(vm, cfg.replicate_disks);
     let journal = &*disks.journal;
     let disk_on = disks.active();
+    // Network output: held per epoch from the first checkpoint on.
+    let nets: Vec<Arc<OutputCommit>> = if cfg.buffer_net {
+        vm.output_commits().to_vec()
+    } else {
+        Vec::new()
+    };
+    for n in &nets {
+        n.arm();
+    }
+    let nets = &nets[..];
 
     let result = std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
         let lost_s = lost.clone();
@@ -202,6 +216,7 @@ pub fn protect(
                 committed_r,
                 dig_tx,
                 journal,
+                nets,
             );
         });
 
@@ -320,6 +335,7 @@ pub fn protect(
                     &pool,
                     &dev_file,
                     journal,
+                    nets,
                     Epoch(epoch),
                 )?;
                 captured_paused = staged.operator_paused;
@@ -361,8 +377,12 @@ pub fn protect(
         }
         result
     });
-    // Journal closed, disks back to local-only.
+    // Journal closed, disks back to local-only; held output released
+    // (the VM runs on alone).
     drop(disks);
+    for n in nets {
+        n.go_live();
+    }
     result
 }
 
@@ -411,6 +431,7 @@ fn checkpoint(
     pool: &staging::BufferPool,
     dev_file: &std::path::Path,
     journal: &Journal,
+    nets: &[Arc<OutputCommit>],
     epoch: Epoch,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
@@ -430,6 +451,11 @@ fn checkpoint(
         // `stop` drained the guest's disk I/O: every write it has seen
         // complete belongs to this epoch; later ones to the next.
         journal.cut(epoch).map_err(ReplError::Protocol)?;
+        // Likewise the network: frames the guest sends from now on are
+        // held until the next epoch is acknowledged.
+        for n in nets {
+            n.cut(epoch.0);
+        }
         let t = Instant::now();
         let dirty: DirtySet = tracker
             .scan()
@@ -642,10 +668,16 @@ fn ack_loop(
     committed: &std::sync::atomic::AtomicU64,
     digests: Sender<DiskDigests>,
     journal: &Journal,
+    nets: &[Arc<OutputCommit>],
 ) {
     let reason = loop {
         match Message::read_from(&mut r) {
             Ok(Message::Ack { epoch }) => {
+                // Output commit: the backup holds the state that sent
+                // these frames.
+                for n in nets {
+                    n.release(epoch.0);
+                }
                 let entry = flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -682,4 +714,8 @@ fn ack_loop(
     // writes waiting for room in the journal.
     let _ = r.shutdown(std::net::Shutdown::Both);
     journal.close();
+    // No backup will acknowledge anything more: the VM runs on alone.
+    for n in nets {
+        n.go_live();
+    }
 }

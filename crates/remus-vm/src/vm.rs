@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use remus_config::VmConfig;
 use remus_disk::DiskPort;
 use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle};
-use remus_net::{Relay, Tap};
+use remus_net::{CommitEgress, OutputCommit, Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
 use serde_json::json;
 
@@ -113,6 +113,8 @@ pub struct Vm {
     /// journal their writes while the VM is protected.
     ports: Vec<Arc<DiskPort>>,
     relays: Mutex<Vec<Relay>>,
+    /// Each NIC's output commit buffer, in NIC order.
+    commits: Vec<Arc<OutputCommit>>,
     console: Mutex<Option<ConsoleHub>>,
     vcpu_tids: Vec<u32>,
     /// QEMU was started with the dirty-tracking preload.
@@ -164,6 +166,7 @@ impl Vm {
         }
 
         let mut relays = Vec::new();
+        let mut commits = Vec::new();
         for (i, vif) in config.vifs.iter().enumerate() {
             let vif_err = |reason: String| VmError::Vif {
                 vm: name.clone(),
@@ -178,8 +181,17 @@ impl Vm {
                 .ok_or_else(|| vif_err("no tap name assigned".into()))?;
             let tap = Tap::create_on_bridge(Some(&tap_name), &vif.bridge)
                 .map_err(|e| vif_err(e.to_string()))?;
-            let relay =
-                Relay::start(paths.vif_socket(i), tap).map_err(|e| vif_err(e.to_string()))?;
+            // Output passes through a commit buffer: live until the VM is
+            // protected, then held per checkpoint epoch.
+            let commit = Arc::new(OutputCommit::new(remus_net::commit::DEFAULT_LIMIT));
+            let relay = Relay::start_with_egress(
+                paths.vif_socket(i),
+                tap,
+                Box::new(CommitEgress(commit.clone())),
+            )
+            .map_err(|e| vif_err(e.to_string()))?;
+            commit.set_sink(Arc::new(relay.tap_sink()));
+            commits.push(commit);
             relays.push(relay);
         }
 
@@ -280,6 +292,7 @@ impl Vm {
             disks: Mutex::new(disks),
             ports,
             relays: Mutex::new(relays),
+            commits,
             console: Mutex::new(Some(console)),
             vcpu_tids,
             dirty_tracking: preload.is_some(),
@@ -486,6 +499,12 @@ impl Vm {
             .collect()
     }
 
+    /// Each NIC's output commit buffer, in NIC order (live unless the VM
+    /// is protected with output buffering).
+    pub fn output_commits(&self) -> &[Arc<OutputCommit>] {
+        &self.commits
+    }
+
     /// Disk server counters, per target.
     pub fn disk_stats(&self) -> Vec<(String, remus_nbd::NbdStats)> {
         self.disks
@@ -511,6 +530,11 @@ impl Vm {
                 kill_pid(self.pid);
                 wait_exit(&self.exit, QUIT_WAIT);
             }
+        }
+        // A relay waiting for room in its output buffer must not hold up
+        // its shutdown.
+        for c in &self.commits {
+            c.close();
         }
         let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|p| p.into_inner()));
         for r in relays {

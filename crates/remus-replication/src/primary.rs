@@ -135,6 +135,42 @@ pub(crate) struct Staged {
     pub(crate) operator_paused: Option<u64>,
 }
 
+/// What a checkpoint closes while the guest is stopped and an ack
+/// releases: the disk journal's epoch and the NICs' held output.
+#[derive(Clone, Copy)]
+struct Edges<'a> {
+    journal: &'a Journal,
+    nets: &'a [Arc<OutputCommit>],
+}
+
+impl Edges<'_> {
+    /// With the guest stopped for checkpoint `epoch`: later disk writes
+    /// and frames belong to the next epoch.
+    fn cut(&self, epoch: Epoch) -> Result<(), ReplError> {
+        self.journal.cut(epoch).map_err(ReplError::Protocol)?;
+        for n in self.nets {
+            n.cut(epoch.0);
+        }
+        Ok(())
+    }
+
+    /// The backup holds `epoch`: its output may leave.
+    fn acked(&self, epoch: Epoch) {
+        for n in self.nets {
+            n.release(epoch.0);
+        }
+    }
+
+    /// The session is over: guest writes stop waiting for the journal and
+    /// held output leaves (the VM runs on alone).
+    fn end(&self) {
+        self.journal.close();
+        for n in self.nets {
+            n.go_live();
+        }
+    }
+}
+
 #[derive(Default)]
 struct InFlight {
     /// epoch → (stats so far, End sent at)
@@ -194,7 +230,10 @@ pub fn protect(
     for n in &nets {
         n.arm();
     }
-    let nets = &nets[..];
+    let edges = Edges {
+        journal,
+        nets: &nets[..],
+    };
 
     let result = std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
         let lost_s = lost.clone();
@@ -208,16 +247,7 @@ pub fn protect(
         let flight_r = flight.clone();
         let committed_r = &committed;
         let ack_reader = s.spawn(move || {
-            ack_loop(
-                reader,
-                flight_r,
-                lost_r,
-                events,
-                committed_r,
-                dig_tx,
-                journal,
-                nets,
-            );
+            ack_loop(reader, flight_r, lost_r, events, committed_r, dig_tx, edges);
         });
 
         let t = Instant::now();
@@ -334,8 +364,7 @@ pub fn protect(
                     &map,
                     &pool,
                     &dev_file,
-                    journal,
-                    nets,
+                    edges,
                     Epoch(epoch),
                 )?;
                 captured_paused = staged.operator_paused;
@@ -379,10 +408,8 @@ pub fn protect(
     });
     // Journal closed, disks back to local-only; held output released
     // (the VM runs on alone).
+    edges.end();
     drop(disks);
-    for n in nets {
-        n.go_live();
-    }
     result
 }
 
@@ -430,8 +457,7 @@ fn checkpoint(
     map: &staging::RamMap,
     pool: &staging::BufferPool,
     dev_file: &std::path::Path,
-    journal: &Journal,
-    nets: &[Arc<OutputCommit>],
+    edges: Edges<'_>,
     epoch: Epoch,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
@@ -450,12 +476,9 @@ fn checkpoint(
     let staged = (|| -> Result<Vec<PageRun>, ReplError> {
         // `stop` drained the guest's disk I/O: every write it has seen
         // complete belongs to this epoch; later ones to the next.
-        journal.cut(epoch).map_err(ReplError::Protocol)?;
         // Likewise the network: frames the guest sends from now on are
         // held until the next epoch is acknowledged.
-        for n in nets {
-            n.cut(epoch.0);
-        }
+        edges.cut(epoch)?;
         let t = Instant::now();
         let dirty: DirtySet = tracker
             .scan()
@@ -667,17 +690,14 @@ fn ack_loop(
     events: &(dyn Fn(ProtectEvent) + Sync),
     committed: &std::sync::atomic::AtomicU64,
     digests: Sender<DiskDigests>,
-    journal: &Journal,
-    nets: &[Arc<OutputCommit>],
+    edges: Edges<'_>,
 ) {
     let reason = loop {
         match Message::read_from(&mut r) {
             Ok(Message::Ack { epoch }) => {
                 // Output commit: the backup holds the state that sent
                 // these frames.
-                for n in nets {
-                    n.release(epoch.0);
-                }
+                edges.acked(epoch);
                 let entry = flight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -713,9 +733,6 @@ fn ack_loop(
     // Unblock a sender stuck writing to a backup that is gone, and guest
     // writes waiting for room in the journal.
     let _ = r.shutdown(std::net::Shutdown::Both);
-    journal.close();
     // No backup will acknowledge anything more: the VM runs on alone.
-    for n in nets {
-        n.go_live();
-    }
+    edges.end();
 }

@@ -1,8 +1,10 @@
 //! Output commit through the real CLI, agents, QEMU and network: three
 //! hosts as network namespaces on one LAN (primary a, backup b, client c).
 //! A client on c holds a TCP session with the protected guest that streams
-//! sequence numbers both ways; the primary's plug is pulled (SIGKILL of
-//! its agent and QEMU) at random moments; every time, the session carries
+//! sequence numbers both ways; the primary's plug is pulled at random
+//! moments (SIGKILL of its agent and QEMU; every third round its network
+//! cable instead, so the backup must notice silence, and the isolated
+//! primary is killed afterwards); every time, the session carries
 //! on from the backup with no gap, no duplicate and no reset, because the
 //! guest's output (its data and its ACKs) never left before the backup
 //! held the state that sent it.
@@ -75,8 +77,12 @@ fn round(img: &GuestImage, lan: &Lan, backup: &Agent, key: &str, n: u64) -> (u64
     std::thread::sleep(Duration::from_millis(200 + jitter(n, 1500)));
     std::thread::sleep(Duration::from_millis(jitter(n + 3, 100)));
     let killed = Instant::now();
-    primary.kill_hard();
-    drop(follow);
+    let cable = n % 3 == 2;
+    if cable {
+        lan.cut("a").unwrap();
+    } else {
+        primary.kill_hard();
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let failover_ms = loop {
         if let Some(v) = backup.vm(&vm)
@@ -92,6 +98,14 @@ fn round(img: &GuestImage, lan: &Lan, backup: &Agent, key: &str, n: u64) -> (u64
         );
         std::thread::sleep(Duration::from_millis(20));
     };
+    drop(follow);
+    if cable {
+        // Silence, not a reset: the backup waited for its timeout (1 s).
+        assert!(
+            (850..=2500).contains(&failover_ms),
+            "round {n}: a cut cable must be given the timeout, failover came after {failover_ms} ms"
+        );
+    }
     // The same session goes on from the backup: 200 more lines, none
     // missing, none twice, no reset.
     let at_kill = client.received();
@@ -119,6 +133,12 @@ fn round(img: &GuestImage, lan: &Lan, backup: &Agent, key: &str, n: u64) -> (u64
     drop(client);
     let out = backup.cli(&["destroy", &vm]);
     assert!(out.ok, "{}", out.stderr);
+    if cable {
+        // The isolated primary ran on (no arbiter yet): end it before
+        // its cable goes back in.
+        primary.kill_hard();
+        lan.restore("a").unwrap();
+    }
     (failover_ms, pause)
 }
 

@@ -152,6 +152,28 @@ pub struct Binaries {
     pub remusd: PathBuf,
 }
 
+impl Binaries {
+    /// `remus` and `remusd` next to the running executable (a tool built
+    /// in the same profile, e.g. target/release), or a clear error.
+    pub fn next_to_exe() -> Result<Binaries> {
+        let exe = std::env::current_exe().context("current_exe")?;
+        let dir = exe.parent().context("executable has no directory")?;
+        let bins = Binaries {
+            remus: dir.join("remus"),
+            remusd: dir.join("remusd"),
+        };
+        for p in [&bins.remus, &bins.remusd] {
+            if !p.exists() {
+                bail!(
+                    "{} not found: build the workspace in the same profile first (cargo build --release --workspace)",
+                    p.display()
+                );
+            }
+        }
+        Ok(bins)
+    }
+}
+
 /// A running `remusd` with its own state dir and socket; stopped on drop,
 /// and any QEMU it started is killed by PID if it outlives it.
 pub struct Agent {
@@ -201,6 +223,17 @@ impl Agent {
         mounts: &[&[&OsStr]],
         extra: &[&str],
     ) -> Result<Agent> {
+        Self::start_in(bins, None, mounts, extra)
+    }
+
+    /// [`start_in_mount_ns`](Self::start_in_mount_ns), inside `netns` when
+    /// given: a host with both its own network and its own storage.
+    pub fn start_in(
+        bins: &Binaries,
+        netns: Option<&Netns>,
+        mounts: &[&[&OsStr]],
+        extra: &[&str],
+    ) -> Result<Agent> {
         // sh -c '"$1" "$2" ... && ... && shift N && exec "$@"': every word is
         // passed positionally, never spliced into the script.
         let mut script = String::new();
@@ -213,7 +246,14 @@ impl Agent {
             script.push_str("&& ");
         }
         script.push_str(&format!("shift {} && exec \"$@\"", args.len()));
-        let mut cmd = Command::new("unshare");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
         cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(&script)
             .arg("sh")

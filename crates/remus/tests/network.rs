@@ -2,9 +2,10 @@
 //! hosts as network namespaces on one LAN (primary a, backup b, client c).
 //! A client on c holds a TCP session with the protected guest that streams
 //! sequence numbers both ways; the primary's plug is pulled at random
-//! moments (SIGKILL of its agent and QEMU; every third round its network
-//! cable instead, so the backup must notice silence, and the isolated
-//! primary is killed afterwards); every time, the session carries
+//! moments (SIGKILL of its agent and QEMU: 10 rounds; every third round
+//! its network cable instead, 4 rounds, so the backup must notice
+//! silence, and the isolated primary is killed afterwards); every time,
+//! the session carries
 //! on from the backup with no gap, no duplicate and no reset, because the
 //! guest's output (its data and its ACKs) never left before the backup
 //! held the state that sent it.
@@ -160,7 +161,7 @@ fn tcp_session_survives_primary_kills() {
     let rounds: u64 = std::env::var("REMUS_NET_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(14);
     let mut pauses = Vec::new();
     for n in 0..rounds {
         let (ms, gap) = round(&img, &lan, &backup, key_s, n);

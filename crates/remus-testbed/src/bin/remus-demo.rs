@@ -33,6 +33,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Bytes of the lines `1\n` ..= `n\n`.
+fn seq_bytes(n: u64) -> u64 {
+    let mut total = 0;
+    let (mut lo, mut digits) = (1u64, 1u64);
+    while lo <= n {
+        let hi = (lo * 10 - 1).min(n);
+        total += (hi - lo + 1) * (digits + 1);
+        lo *= 10;
+        digits += 1;
+    }
+    total
+}
+
 fn say(s: &str) {
     println!("{s}");
 }
@@ -232,8 +245,9 @@ fn run() -> Result<()> {
         "   failover: {failover_ms} ms from the kill to the VM running on b"
     ));
     say(&format!(
-        "   client: {} lines received in order across the failover, longest pause {} ms",
+        "   client: {} lines ({} bytes) received in order across the failover, longest pause {} ms",
         client.received(),
+        seq_bytes(client.received()),
         client.longest_gap().as_millis()
     ));
     let ok = client.error().is_none() && verdict.contains("verify ok");
@@ -244,4 +258,15 @@ fn run() -> Result<()> {
     }
     say("demo: done");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn seq_bytes_counts_digits_and_newlines() {
+        assert_eq!(super::seq_bytes(0), 0);
+        assert_eq!(super::seq_bytes(9), 18);
+        assert_eq!(super::seq_bytes(10), 21);
+        assert_eq!(super::seq_bytes(1000), 9 * 2 + 90 * 3 + 900 * 4 + 5);
+    }
 }

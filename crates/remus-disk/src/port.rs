@@ -140,6 +140,10 @@ impl BlockBackend for DiskPort {
         self.inner.read_at(buf, offset)
     }
 
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.inner.may_hold_data(offset, len)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         if buf.is_empty() {
             return self.inner.write_at(buf, offset, fua);

@@ -46,6 +46,12 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// Makes `len` bytes at `offset` read as zero. With `may_trim` the range
     /// may be deallocated; with `fua` it must be durable before returning.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()>;
+    /// Whether `len` bytes at `offset` may hold data: `false` only when the
+    /// range is known to be a hole (reads as zero without being stored).
+    /// The default, `true`, is always correct; it only costs reads.
+    fn may_hold_data(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(true)
+    }
 }
 
 /// Largest buffer used when zeroes have to be written out by hand.
@@ -172,6 +178,28 @@ fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+/// The first offset at or after `offset` holding data (`SEEK_DATA`), or
+/// None when only a hole follows. Filesystems without hole reporting say
+/// "data everywhere", which is correct, only slower for the caller.
+fn next_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek only reads its integer arguments; the fd is owned by
+    // `file`, which outlives the call. It moves the file offset, which no
+    // caller uses (all I/O is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset)),
+        _ => Err(err),
+    }
+}
+
 #[cfg(not(target_os = "linux"))]
 fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
@@ -223,6 +251,13 @@ impl BlockBackend for FileBackend {
         }
     }
 
+    fn may_hold_data(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(false);
+        }
+        next_data(&self.file, offset).map(|d| d.is_some_and(|d| d < offset.saturating_add(len)))
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         self.check_writable()?;
         if len > 0 {
@@ -271,6 +306,29 @@ mod tests {
             let inside = (off..off + len).contains(&(i as u64));
             assert_eq!(x, if inside { 0 } else { 0x77 }, "byte {i}");
         }
+    }
+
+    #[test]
+    fn holes_are_reported_and_data_is_not_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"x", 10 << 20).unwrap();
+        f.sync_all().unwrap();
+        let b = FileBackend::open(&path, false).unwrap();
+        assert!(b.may_hold_data(10 << 20, 1).unwrap());
+        assert!(
+            b.may_hold_data(9 << 20, 2 << 20).unwrap(),
+            "a range around the data"
+        );
+        // Filesystems report holes at their own granularity; far from the
+        // byte written the image is a hole (ext4 and tmpfs, where tests
+        // run, report holes).
+        assert!(!b.may_hold_data(40 << 20, 1 << 20).unwrap());
+        assert!(!b.may_hold_data(60 << 20, 4 << 20).unwrap(), "the tail");
+        assert!(!b.may_hold_data(5, 0).unwrap());
     }
 
     #[test]

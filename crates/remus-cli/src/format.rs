@@ -49,6 +49,10 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
                     u("disk_bytes")
                 ));
             }
+            if f("disk_wait_ms") > 0.0 {
+                // Guest writes waited for the link: replication is behind.
+                line.push_str(&format!("  disk wait {:.1} ms", f("disk_wait_ms")));
+            }
             line
         }
         "disk_sync" => format!(
@@ -146,6 +150,29 @@ mod tests {
         assert!(lines[1].starts_with("demo"));
         assert!(lines[1].contains("--p---"), "{}", lines[1]);
         assert!(lines[1].trim_end().ends_with("12.3"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn checkpoint_lines_show_disk_work_only_when_there_is_some() {
+        let mut ev = serde_json::json!({"event": "checkpoint", "epoch": 7, "pause_ms": 4.5,
+            "dirty_pages": 12, "bytes": 1000, "ack_ms": 1.25, "disk_records": 0, "disk_bytes": 0,
+            "disk_wait_ms": 0.0});
+        let line = protect_event(&ev);
+        assert!(line.starts_with("epoch      7  pause   4.50 ms"), "{line}");
+        assert!(!line.contains("disk"), "{line}");
+        ev["disk_records"] = 3.into();
+        ev["disk_bytes"] = 8192.into();
+        ev["disk_wait_ms"] = 2.5.into();
+        let line = protect_event(&ev);
+        assert!(line.contains("disk    3 ops     8192 B"), "{line}");
+        assert!(line.contains("disk wait 2.5 ms"), "{line}");
+        let sync = serde_json::json!({"event": "disk_synced", "differing_chunks": 8, "chunks": 320,
+            "chunk_size": 65536, "sent_bytes": 458752, "zeroed_chunks": 1, "ms": 35.0});
+        let line = protect_event(&sync);
+        assert!(
+            line.starts_with("disk sync: 8 of 320 chunks (64 KiB each)"),
+            "{line}"
+        );
     }
 
     #[test]

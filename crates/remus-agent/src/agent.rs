@@ -50,6 +50,8 @@ pub struct VmSlot {
     /// per-checkpoint and progress lines), replayed to a follower that
     /// subscribes late, so that it never misses how the session started.
     history: Mutex<Vec<String>>,
+    /// The current session's last checkpoint event.
+    last_checkpoint: Mutex<Option<String>>,
     /// The running protection session: its stop flag and peer.
     protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
 }
@@ -63,6 +65,7 @@ impl VmSlot {
             console_attached: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(256).0,
             history: Mutex::new(Vec::new()),
+            last_checkpoint: Mutex::new(None),
             protection: Mutex::new(None),
         }
     }
@@ -74,6 +77,9 @@ impl VmSlot {
             .any(|k| line.contains(k));
         if !line.is_empty() && !progress && h.len() < 64 {
             h.push(line.clone());
+        }
+        if line.contains("\"event\":\"checkpoint\"") {
+            *lock(&self.last_checkpoint) = Some(line.clone());
         }
         let _ = self.events.send(line);
     }
@@ -95,6 +101,7 @@ impl VmSlot {
         }
         *p = Some((stop, peer));
         lock(&self.history).clear();
+        *lock(&self.last_checkpoint) = None;
         true
     }
     pub fn clear_protection(&self) {
@@ -556,6 +563,24 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             ResolvedAccel::Kvm => "kvm".into(),
         },
         pid: slot.vm.pid(),
+        protection: slot.protected_to().map(|peer| remus_api::ProtectionInfo {
+            peer,
+            last_checkpoint: lock(&slot.last_checkpoint)
+                .as_deref()
+                .and_then(|l| serde_json::from_str(l).ok()),
+            held_frames: slot
+                .vm
+                .output_commits()
+                .iter()
+                .map(|c| c.held() as u64)
+                .sum(),
+        }),
+        changed_chunks: slot
+            .vm
+            .replicated_disks()
+            .iter()
+            .filter_map(|p| Some((p.target().to_string(), p.change_map()?.count())))
+            .collect(),
     }
 }
 

@@ -53,6 +53,27 @@ pub struct VmInfo {
     pub accel: String,
     /// QEMU's pid on this host.
     pub pid: u32,
+    /// The protection or migration session, while one runs here (as
+    /// primary or source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<ProtectionInfo>,
+    /// Disks recording changed chunks since a failover here: target →
+    /// chunks (64 KiB) changed so far.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub changed_chunks: std::collections::BTreeMap<String, u64>,
+}
+
+/// A running protection session, seen from the primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProtectionInfo {
+    /// The backup (or migration destination) address.
+    pub peer: String,
+    /// The last committed checkpoint's event (epoch, taken_at_ms,
+    /// pause_ms, dirty_pages, bytes, ack_ms, disk_*), if any yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<serde_json::Value>,
+    /// Network frames held right now, waiting for their checkpoint.
+    pub held_frames: u64,
 }
 
 /// What the agent runs on.

@@ -141,6 +141,8 @@ mod tests {
             time_s: 12.34,
             accel: "tcg".into(),
             pid: 1,
+            protection: None,
+            changed_chunks: Default::default(),
         }]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("Name"));

@@ -158,7 +158,14 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     let b = backup.vm(&vm).expect("standby listed on the backup");
     assert_eq!(b["state"], "p", "standby is shown paused: {b}");
     assert_eq!(b["role"], "backup");
-    assert_eq!(primary.vm(&vm).unwrap()["role"], "primary");
+    let p = primary.vm(&vm).unwrap();
+    assert_eq!(p["role"], "primary");
+    // `list --json` says where it is protected to and how far it got.
+    assert_eq!(p["protection"]["peer"], peer.as_str(), "{p}");
+    assert!(
+        p["protection"]["last_checkpoint"]["epoch"].as_u64() >= Some(1),
+        "{p}"
+    );
 
     // Let the guest run a random while (0–1.5 s), note its last tick and
     // when, then wait for a checkpoint taken after that moment to be
@@ -254,6 +261,11 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
         })
         .unwrap();
     let marked = marked_chunks(&maps.join("disk-vda.changed"));
+    let listed = &backup.vm(&vm).unwrap()["changed_chunks"];
+    assert!(
+        listed["vda"].as_u64().unwrap_or(0) >= marked.len() as u64 && listed["vdb"].is_u64(),
+        "list --json reports the changed chunks: {listed}"
+    );
     assert!(
         marked.contains(&next_chunk),
         "round {n}: chunk {next_chunk} (record {}) written after failover is not in the change map {marked:?}",

@@ -199,11 +199,16 @@ pub fn protect(
     let dev_file = vm.paths.dir().join("dev.out");
 
     stream.set_nodelay(true).ok();
-    // Both directions time out: a backup that stops reading must not
-    // block the sender (and with it the epoch loop) for TCP's minutes.
+    // Liveness is the backup's heartbeats: the ack reader declares it lost
+    // after `timeout` of silence and shuts the socket down, which also
+    // frees a sender blocked in a write. A backup that is alive but busy
+    // (applying a large epoch to a slow disk) is waited for; only one that
+    // stops reading for much longer while still sending heartbeats (a
+    // stuck receiver) is given up by the write timeout.
+    let write_timeout = (cfg.timeout * 15).max(Duration::from_secs(30));
     stream
         .set_read_timeout(Some(cfg.timeout))
-        .and_then(|()| stream.set_write_timeout(Some(cfg.timeout)))
+        .and_then(|()| stream.set_write_timeout(Some(write_timeout)))
         .map_err(|e| ReplError::Io("set timeout".into(), e))?;
     let reader = stream
         .try_clone()

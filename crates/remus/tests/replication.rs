@@ -248,11 +248,20 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     });
     assert_eq!(primary.vm("vm").unwrap()["role"], "primary");
 
-    // The backup dies: the primary runs on, unprotected, and says so.
-    b1.kill_hard();
+    // The backup hangs (frozen: its socket stays open and silent): the
+    // primary notices by the missing heartbeats within about the timeout
+    // (1 s), runs on, unprotected, and says so.
+    b1.freeze();
+    let frozen = Instant::now();
     wait_for("primary to notice", Duration::from_secs(30), || {
         primary.vm("vm").is_some_and(|v| v["role"] == "unprotected")
     });
+    assert!(
+        frozen.elapsed() < Duration::from_secs(5),
+        "a silent backup must be noticed by its missing heartbeats, took {:?}",
+        frozen.elapsed()
+    );
+    b1.kill_hard();
     let log = primary.log_text();
     assert!(log.contains("BACKUP LOST"), "{log}");
     let t = last_tick(&primary.console("vm")).unwrap();

@@ -330,7 +330,10 @@ impl EpochBuffer {
                 "{epoch} commits without a disk seal"
             )));
         }
-        let later = self.pending.split_off(&(epoch.0 + 1));
+        let later = match epoch.0.checked_add(1) {
+            Some(next) => self.pending.split_off(&next),
+            None => std::collections::BTreeMap::new(),
+        };
         let now = std::mem::replace(&mut self.pending, later);
         let mut stats = ApplyStats::default();
         let mut flush = vec![false; self.disks.len()];
@@ -342,7 +345,12 @@ impl EpochBuffer {
             }
             for item in p.items {
                 let (rec, at) = match item {
-                    Item::Mem(r) => (r, None),
+                    Item::Mem(r) => {
+                        if let DiskOp::Write { data, .. } = &r.op {
+                            self.mem_used = self.mem_used.saturating_sub(data.len() as u64);
+                        }
+                        (r, None)
+                    }
                     Item::Spilled { rec, at, len } => (rec, Some((at, len))),
                 };
                 if rec.wants_durability() {
@@ -392,9 +400,6 @@ impl EpochBuffer {
                         &buf
                     }
                 };
-                if spilled.is_none() {
-                    self.mem_used = self.mem_used.saturating_sub(bytes.len() as u64);
-                }
                 d.write_at(bytes, *offset, false)
                     .map_err(DiskError::io(format!(
                         "apply {} ({} bytes at {offset}) to disk {name}",

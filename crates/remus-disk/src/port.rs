@@ -1,17 +1,17 @@
 //! [`DiskPort`]: the block backend behind each VM disk's NBD export.
 //!
-//! It always applies operations to the local image first. What else it
-//! does depends on its mode, switched by the agent:
+//! It always applies operations to the local image first. Besides:
 //!
-//! - *plain*: nothing else (unprotected VMs, standbys, `--no-disk`);
-//! - *journal*: after the local operation succeeded, a copy goes to the
-//!   primary's [`Journal`] (protected VM, replicated disk);
-//! - *track*: before the local operation, the blocks it touches are
-//!   marked in a persistent [`ChangeMap`] (a VM that failed over, until a
-//!   resynchronisation).
+//! - *journal* (switched on and off by the agent): after the local
+//!   operation succeeded, a copy goes to the primary's [`Journal`]
+//!   (protected VM, replicated disk);
+//! - *track* (once set, kept): before the local operation, the blocks it
+//!   touches are marked in a persistent [`ChangeMap`] (a VM that failed
+//!   over, until a resynchronisation), whether or not it is journaled
+//!   too (a VM protected again after its failover).
 //!
-//! The mode lock is held for the whole operation, so a mode switch waits
-//! for the operation in progress and no write is half in one mode.
+//! The mode lock is held for the whole operation, so a switch waits for
+//! the operation in progress and no write is half in one mode.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +25,6 @@ use crate::journal::Journal;
 enum Mode {
     Plain,
     Journal { journal: Arc<Journal>, index: u16 },
-    Track(Arc<ChangeMap>),
 }
 
 /// See the module documentation.
@@ -33,6 +32,8 @@ pub struct DiskPort {
     target: String,
     inner: Arc<dyn BlockBackend>,
     mode: Mutex<Mode>,
+    /// Apart from the mode: reading it never waits for a write.
+    changes: Mutex<Option<Arc<ChangeMap>>>,
 }
 
 impl std::fmt::Debug for DiskPort {
@@ -50,6 +51,7 @@ impl DiskPort {
             target: target.to_string(),
             inner,
             mode: Mutex::new(Mode::Plain),
+            changes: Mutex::new(None),
         }
     }
 
@@ -76,30 +78,34 @@ impl DiskPort {
 
     /// From now on, blocks written are marked in `map` before the write.
     pub fn track_changes(&self, map: Arc<ChangeMap>) {
-        *self.lock() = Mode::Track(map);
+        // Taken with the mode lock so no write in progress is missed.
+        let _mode = self.lock();
+        *self.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
     }
 
-    /// Back to local operations only. Close the journal first: a write
-    /// waiting for room in it holds the mode lock.
+    /// Stops journaling (change tracking, if set, goes on). Close the
+    /// journal first: a write waiting for room in it holds the mode lock.
     pub fn plain(&self) {
         *self.lock() = Mode::Plain;
     }
 
-    /// `plain`, `journal` or `track`.
+    /// `plain`, `journal`, `track` or `journal+track`.
     pub fn mode_name(&self) -> &'static str {
-        match *self.lock() {
-            Mode::Plain => "plain",
-            Mode::Journal { .. } => "journal",
-            Mode::Track(_) => "track",
+        let tracking = self.change_map().is_some();
+        match (&*self.lock(), tracking) {
+            (Mode::Plain, false) => "plain",
+            (Mode::Journal { .. }, false) => "journal",
+            (Mode::Plain, true) => "track",
+            (Mode::Journal { .. }, true) => "journal+track",
         }
     }
 
     /// The change map, while tracking.
     pub fn change_map(&self) -> Option<Arc<ChangeMap>> {
-        match &*self.lock() {
-            Mode::Track(m) => Some(m.clone()),
-            _ => None,
-        }
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Runs `local` under the mode lock: marks first when tracking, queues
@@ -112,7 +118,7 @@ impl DiskPort {
         op: impl FnOnce() -> DiskOp,
     ) -> io::Result<()> {
         let mode = self.lock();
-        if let Mode::Track(map) = &*mode {
+        if let Some(map) = self.change_map() {
             map.mark(offset, len)?;
         }
         local(&*self.inner)?;
@@ -281,5 +287,15 @@ mod tests {
         assert_eq!(map.marked_chunks(), vec![0, 1, 3]);
         let again = ChangeMap::open(&dir.path().join("map"), 1 << 20, 65536).unwrap();
         assert_eq!(again.marked_chunks(), vec![0, 1, 3], "persistent");
+        // Protected again after the failover: tracking goes on alongside
+        // the journal, and after it.
+        let j = Arc::new(Journal::new(Epoch(1), 1 << 20));
+        p.journal_to(j.clone(), 0);
+        assert_eq!(p.mode_name(), "journal+track");
+        p.write_at(&[2u8; 10], 65536 * 7, false).unwrap();
+        assert_eq!(j.take().len(), 1);
+        p.plain();
+        assert_eq!(p.mode_name(), "track");
+        assert_eq!(map.marked_chunks(), vec![0, 1, 3, 7]);
     }
 }

@@ -81,7 +81,7 @@ pub enum BackupEnd {
 pub fn receive(
     stream: TcpStream,
     replica: &mut Replica,
-    mut disks: Option<&mut EpochBuffer>,
+    disks: Option<&mut EpochBuffer>,
     cfg: &BackupConfig,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
@@ -99,6 +99,7 @@ pub fn receive(
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let mut asm = CheckpointAssembler::new(replica.page_count(), None);
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let digest_error: Mutex<Option<String>> = Mutex::new(None);
 
     std::thread::scope(|s| {
         // Heartbeats from the backup, so the primary can tell a dead backup
@@ -125,18 +126,43 @@ pub fn receive(
                 }
             }
         });
-        let end = match disks.as_deref_mut().map(|d| send_digests(d, &writer)) {
-            Some(Err(e)) => Err(e),
-            _ => receive_loop(
-                &mut reader,
-                &writer,
-                replica,
-                disks,
-                &mut asm,
-                events,
-                on_switchover,
-                standby_alive,
-            ),
+        // The digests of the disks go out from a thread of their own while
+        // this one reads: the primary answers each batch with the chunks
+        // that differ, and neither side may wait for the other to read.
+        if let Some(d) = disks.as_deref() {
+            let backends: Vec<_> = (0..d.disk_count())
+                .filter_map(|i| d.disk(i).cloned())
+                .collect();
+            let (w, err, stop_ref) = (&writer, &digest_error, &stop);
+            s.spawn(move || {
+                if let Err(e) = send_digests(&backends, w, stop_ref) {
+                    tracing::error!(error = %e, "sending disk digests failed");
+                    *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    // Ends the receive loop below.
+                    let _ = w
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .shutdown(std::net::Shutdown::Both);
+                }
+            });
+        }
+        let end = receive_loop(
+            &mut reader,
+            &writer,
+            replica,
+            disks,
+            &mut asm,
+            events,
+            on_switchover,
+            standby_alive,
+        );
+        let end = match digest_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(e) => Err(ReplError::Setup(format!("disk digests: {e}"))),
+            None => end,
         };
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = writer
@@ -148,13 +174,19 @@ pub fn receive(
 }
 
 /// Sends the digests of every replicated disk (initial sync), in order.
-fn send_digests(disks: &EpochBuffer, writer: &Mutex<TcpStream>) -> Result<(), ReplError> {
+fn send_digests(
+    disks: &[std::sync::Arc<dyn remus_nbd::BlockBackend>],
+    writer: &Mutex<TcpStream>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), ReplError> {
     use remus_disk::sync::{CHUNK_SIZE, DIGESTS_PER_FRAME, chunk_count, digest_chunks};
-    for i in 0..disks.disk_count() {
-        let Some(d) = disks.disk(i) else { break };
+    for (i, d) in disks.iter().enumerate() {
         let total = chunk_count(d.size());
         let mut first = 0u64;
         while first < total {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
             let digests = digest_chunks(&**d, first, DIGESTS_PER_FRAME).map_err(|e| {
                 ReplError::Io(format!("read replicated disk {i} for its digests"), e)
             })?;
@@ -293,7 +325,15 @@ fn receive_loop(
                         });
                     }
                 }
-                send(Message::Ack { epoch: cp.epoch })?;
+                if let Err(e) = send(Message::Ack { epoch: cp.epoch }) {
+                    // The epoch is committed here; the primary is gone
+                    // (its connection broke while we committed): this
+                    // copy can be resumed.
+                    return Ok(BackupEnd::PrimaryLost {
+                        committed: replica.committed(),
+                        reason: format!("replication stream while acking {}: {e}", cp.epoch),
+                    });
+                }
             }
             Ok(Accepted::Other(m)) => match m {
                 Message::Heartbeat { .. } => {}

@@ -474,8 +474,17 @@ fn checkpoint(
     let (_guard, operator_paused) = vm.checkpoint_guard();
     let t0 = Instant::now();
     if !operator_paused {
-        qmp.execute("stop", None)
-            .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
+        // `stop` waits for the guest's disk writes in flight; none of them
+        // may wait for room in the journal meanwhile (the sender could be
+        // stuck on a slow backup): the bound is lifted for the stop.
+        edges.journal.set_limit(u64::MAX);
+        let stopped = qmp.execute("stop", None);
+        edges.journal.set_limit(crate::disks::JOURNAL_LIMIT);
+        if let Err(e) = stopped {
+            // Whatever state QEMU got to, the guest must not stay paused.
+            let _ = qmp.execute("cont", None);
+            return Err(ReplError::Vm(format!("stop: {e}")));
+        }
     }
     phases.stop = ms(t0);
     let staged = (|| -> Result<Vec<PageRun>, ReplError> {

@@ -173,6 +173,36 @@ pub fn receive(
     })
 }
 
+/// The Ack could not be sent: reads what the primary sent before its
+/// connection closed, to tell an orderly end (Done or Error queued before
+/// the close) from a lost primary.
+fn after_broken_ack(
+    reader: &mut BufReader<TcpStream>,
+    committed: Option<Epoch>,
+    ack_error: ReplError,
+) -> BackupEnd {
+    loop {
+        match Message::read_from(reader) {
+            Ok(Message::Done) => return BackupEnd::Done,
+            Ok(Message::Error { code, message }) => {
+                tracing::warn!(%code, %message, "primary ended the session with an error");
+                return BackupEnd::Done;
+            }
+            // Anything else it sent before closing cannot be committed
+            // any more (no Ack can reach it); keep looking for a Done.
+            Ok(_) => {}
+            Err(e) => {
+                return BackupEnd::PrimaryLost {
+                    committed,
+                    reason: format!(
+                        "replication stream broke (ack: {ack_error}; then: {e}) with no orderly end from the primary"
+                    ),
+                };
+            }
+        }
+    }
+}
+
 /// Sends the digests of every replicated disk (initial sync), in order.
 fn send_digests(
     disks: &[std::sync::Arc<dyn remus_nbd::BlockBackend>],
@@ -326,13 +356,12 @@ fn receive_loop(
                     }
                 }
                 if let Err(e) = send(Message::Ack { epoch: cp.epoch }) {
-                    // The epoch is committed here; the primary is gone
-                    // (its connection broke while we committed): this
-                    // copy can be resumed.
-                    return Ok(BackupEnd::PrimaryLost {
-                        committed: replica.committed(),
-                        reason: format!("replication stream while acking {}: {e}", cp.epoch),
-                    });
+                    // The epoch is committed here, but the primary closed
+                    // its end while we committed. If it ended on purpose,
+                    // its Done (or Error) was sent before its close and is
+                    // still readable; only without one is it lost, and
+                    // this copy resumable.
+                    return Ok(after_broken_ack(reader, replica.committed(), e));
                 }
             }
             Ok(Accepted::Other(m)) => match m {

@@ -170,7 +170,12 @@ pub fn migrate(
                 sealer.seal(&mut w, Epoch(0))?;
             }
         }
-        bytes += send_checkpoint(&mut w, &staged)?;
+        let mut extra = 0u64;
+        bytes += send_checkpoint(&mut w, &staged, &mut |w| {
+            extra += sealer.write_records(w, &disks.journal.take())?;
+            Ok(())
+        })?;
+        bytes += extra;
         for run in staged.runs {
             pool.give(run.data);
         }
@@ -235,7 +240,12 @@ pub fn migrate(
             phases: Default::default(),
             operator_paused: None,
         };
-        bytes += send_checkpoint(&mut w, &staged)?;
+        let mut extra = 0u64;
+        bytes += send_checkpoint(&mut w, &staged, &mut |w| {
+            extra += sealer.write_records(w, &disks.journal.take())?;
+            Ok(())
+        })?;
+        bytes += extra;
         wait_ack(&mut reader, epoch)?;
         Ok((final_pages, epoch))
     })();

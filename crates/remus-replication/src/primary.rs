@@ -606,7 +606,10 @@ fn sender_loop(
                     } else {
                         (0, 0)
                     };
-                    Ok((send_checkpoint(&mut w, &staged)?, recs, disk_bytes))
+                    let sent = send_checkpoint(&mut w, &staged, &mut |w| {
+                        sealer.write_records(w, &journal.take()).map(|_| ())
+                    })?;
+                    Ok((sent, recs, disk_bytes))
                 })();
                 last_sent = Instant::now();
                 let stats = EpochStats {
@@ -678,7 +681,15 @@ fn sender_loop(
 }
 
 /// Writes Begin, the page runs, the device state and End; returns bytes.
-pub(crate) fn send_checkpoint(w: &mut impl Write, s: &Staged) -> Result<u64, ReplError> {
+/// `between` runs after each page run: the sender passes on the disk
+/// records queued meanwhile (they may travel inside an open checkpoint;
+/// the backup sets them aside by their own epoch), so a long initial copy
+/// does not leave guest disk writes waiting for room in the journal.
+pub(crate) fn send_checkpoint<W: Write>(
+    w: &mut W,
+    s: &Staged,
+    between: &mut dyn FnMut(&mut W) -> Result<(), ReplError>,
+) -> Result<u64, ReplError> {
     // The protocol's writer keeps the End's counts and digest in step with
     // what was written.
     let mut cp = CheckpointWriter::begin(w, s.epoch, s.kind)?;
@@ -686,6 +697,7 @@ pub(crate) fn send_checkpoint(w: &mut impl Write, s: &Staged) -> Result<u64, Rep
     for run in &s.runs {
         cp.pages(w, run.first_page, &run.data)?;
         bytes += run.data.len() as u64;
+        between(w)?;
     }
     if s.kind.has_device_state() {
         cp.device_state(w, &s.device_state)?;

@@ -152,6 +152,8 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     );
     let log = backup.log_text();
     assert!(log.contains("created the missing disk image"), "{log}");
+    // An orderly stop is never taken for a lost primary.
+    assert!(!log.contains("FAILOVER"), "{log}");
 }
 
 /// The backup's disk cannot hold what the guest writes: the commit fails

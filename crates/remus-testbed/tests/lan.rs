@@ -247,9 +247,9 @@ fn set_linger_zero(s: &TcpStream) {
 #[test]
 fn specs_are_checked_before_anything_is_made() {
     for (specs, what) in [
-        (vec![HostSpec::vm("a", "10.0.0.1/24")], "198.18.0.0/15"),
+        (vec![HostSpec::vm("a", "203.0.113.1/24")], "198.18.0.0/15"),
         (
-            vec![HostSpec::client("c", "192.168.0.3/24")],
+            vec![HostSpec::client("c", "198.51.100.3/24")],
             "198.18.0.0/15",
         ),
         (vec![HostSpec::vm("a", "198.18.0.1")], "ADDRESS/PREFIX"),

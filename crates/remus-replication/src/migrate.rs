@@ -170,12 +170,7 @@ pub fn migrate(
                 sealer.seal(&mut w, Epoch(0))?;
             }
         }
-        let mut extra = 0u64;
-        bytes += send_checkpoint(&mut w, &staged, &mut |w| {
-            extra += sealer.write_records(w, &disks.journal.take())?;
-            Ok(())
-        })?;
-        bytes += extra;
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks)?;
         for run in staged.runs {
             pool.give(run.data);
         }
@@ -240,12 +235,7 @@ pub fn migrate(
             phases: Default::default(),
             operator_paused: None,
         };
-        let mut extra = 0u64;
-        bytes += send_checkpoint(&mut w, &staged, &mut |w| {
-            extra += sealer.write_records(w, &disks.journal.take())?;
-            Ok(())
-        })?;
-        bytes += extra;
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks)?;
         wait_ack(&mut reader, epoch)?;
         Ok((final_pages, epoch))
     })();
@@ -297,53 +287,59 @@ pub fn migrate(
     Ok(stats)
 }
 
+/// Sends a checkpoint, passing on the guest's disk writes queued while
+/// it goes out; returns the bytes of both.
+fn send_with_records(
+    w: &mut impl Write,
+    staged: &Staged,
+    sealer: &mut Sealer,
+    disks: &PrimaryDisks,
+) -> Result<u64, ReplError> {
+    let mut records = 0u64;
+    let sent = send_checkpoint(w, staged, &mut |w| {
+        records += sealer.write_records(w, &disks.journal.take())?;
+        Ok(())
+    })?;
+    Ok(sent + records)
+}
+
 /// The destination's next disk digests (initial disk sync).
 fn next_digests(r: &mut TcpStream) -> Result<DiskDigests, ReplError> {
-    loop {
-        match Message::read_from(r) {
-            Ok(Message::DiskDigests(d)) => return Ok(d),
-            Ok(Message::Heartbeat { .. }) => {}
-            Ok(Message::Error { code, message }) => {
-                return Err(ReplError::PeerLost(format!(
-                    "destination: {code}: {message}"
-                )));
-            }
-            Ok(other) => {
-                return Err(ReplError::Protocol(format!(
-                    "expected disk digests, got {:?}",
-                    other.msg_type()
-                )));
-            }
-            Err(e) => {
-                return Err(ReplError::PeerLost(format!(
-                    "waiting for disk digests: {e}"
-                )));
-            }
-        }
-    }
+    read_expected(r, "disk digests", |m| match m {
+        Message::DiskDigests(d) => Some(d),
+        _ => None,
+    })
 }
 
 fn wait_ack(r: &mut TcpStream, epoch: Epoch) -> Result<(), ReplError> {
+    read_expected(r, &format!("Ack of {epoch}"), |m| match m {
+        Message::Ack { epoch: e } if e == epoch => Some(()),
+        _ => None,
+    })
+}
+
+/// Reads from the destination, skipping heartbeats, until `want` takes a
+/// message; an Error from the destination, any other message or a broken
+/// stream ends the wait with an error naming `what` was awaited.
+fn read_expected<T>(
+    r: &mut TcpStream,
+    what: &str,
+    want: impl Fn(Message) -> Option<T>,
+) -> Result<T, ReplError> {
     loop {
         match Message::read_from(r) {
-            Ok(Message::Ack { epoch: e }) if e == epoch => return Ok(()),
             Ok(Message::Heartbeat { .. }) => {}
             Ok(Message::Error { code, message }) => {
                 return Err(ReplError::PeerLost(format!(
                     "destination: {code}: {message}"
                 )));
             }
-            Ok(other) => {
-                return Err(ReplError::Protocol(format!(
-                    "expected Ack of {epoch}, got {:?}",
-                    other.msg_type()
-                )));
+            Ok(m) => {
+                let got = m.msg_type();
+                return want(m)
+                    .ok_or_else(|| ReplError::Protocol(format!("expected {what}, got {got:?}")));
             }
-            Err(e) => {
-                return Err(ReplError::PeerLost(format!(
-                    "waiting for Ack of {epoch}: {e}"
-                )));
-            }
+            Err(e) => return Err(ReplError::PeerLost(format!("waiting for {what}: {e}"))),
         }
     }
 }

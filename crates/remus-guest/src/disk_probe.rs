@@ -93,6 +93,26 @@ pub fn first_line(buf: &[u8]) -> String {
     }
 }
 
+/// Opens `path` read-write with O_DIRECT; where the filesystem refuses
+/// O_DIRECT at open (tmpfs files in host tests), with `fallback_flags`
+/// instead. Returns the file and whether it is O_DIRECT.
+pub fn open_direct(path: &str, fallback_flags: i32) -> Result<(File, bool), String> {
+    let open = |flags| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(fallback_flags)
+            .map(|f| (f, false))
+            .map_err(|e| format!("open {path}: {e}")),
+        Err(e) => Err(format!("open {path} with O_DIRECT: {e}")),
+    }
+}
+
 pub fn random_value() -> u64 {
     let mut b = [0u8; 8];
     if File::open("/dev/urandom")

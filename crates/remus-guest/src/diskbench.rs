@@ -20,10 +20,10 @@
 //!   completed in the second (with K = 0, Y and Z are `-`);
 //! * `diskbench: error: ...` on a write or fsync error (then it exits).
 
-use crate::disk_probe::{Aligned, random_value};
-use std::fs::{File, OpenOptions};
+use crate::disk_probe::{Aligned, open_direct, random_value};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 const KIB: u64 = 1 << 10;
@@ -162,21 +162,7 @@ struct Bench {
 impl Bench {
     fn open(a: &Args) -> Result<Bench, String> {
         let path = &a.device;
-        let open = |flags| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let (mut file, direct) = match open(libc::O_DIRECT) {
-            Ok(f) => (f, true),
-            // Filesystems without O_DIRECT (tmpfs) refuse it at open.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (open(0).map_err(|e| format!("open {path}: {e}"))?, false)
-            }
-            Err(e) => return Err(format!("open {path} with O_DIRECT: {e}")),
-        };
+        let (mut file, direct) = open_direct(path, 0)?;
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| format!("size of {path}: {e}"))?;

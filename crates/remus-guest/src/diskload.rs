@@ -26,10 +26,10 @@
 //! slots after `done` (within the region) holds a record of this run, i.e.
 //! no write beyond what the writer saw complete reached the disk.
 
-use crate::disk_probe::{Aligned, random_value};
-use std::fs::{File, OpenOptions};
+use crate::disk_probe::{Aligned, open_direct, random_value};
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -171,22 +171,8 @@ struct Device {
 
 impl Device {
     fn open(path: &str, offset: u64) -> Result<Device, String> {
-        let open = |flags| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let (file, direct) = match open(libc::O_DIRECT) {
-            Ok(f) => (f, true),
-            // Filesystems without O_DIRECT (tmpfs files in tests) refuse it at open.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                open(libc::O_DSYNC).map_err(|e| format!("open {path}: {e}"))?,
-                false,
-            ),
-            Err(e) => return Err(format!("open {path} with O_DIRECT: {e}")),
-        };
+        // Without O_DIRECT, O_DSYNC keeps every record durable when written.
+        let (file, direct) = open_direct(path, libc::O_DSYNC)?;
         Ok(Device {
             file,
             offset,

@@ -169,20 +169,7 @@ impl Lan {
         };
         let switch = lan.switch.insert(switch);
         quiet(switch)?;
-        ip(
-            switch,
-            &[
-                "link",
-                "add",
-                LAN_BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ],
-        )?;
+        add_bridge(switch, LAN_BRIDGE, None)?;
         ip(switch, &["link", "set", LAN_BRIDGE, "up"])?;
 
         for (i, (name, kind, addr, prefix)) in parsed.into_iter().enumerate() {
@@ -213,22 +200,7 @@ impl Lan {
                 HostKind::Vm => {
                     // Locally administered, fixed per host index.
                     let mac = format!("02:72:65:6d:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
-                    ip(
-                        host,
-                        &[
-                            "link",
-                            "add",
-                            HOST_BRIDGE,
-                            "address",
-                            &mac,
-                            "type",
-                            "bridge",
-                            "stp_state",
-                            "0",
-                            "forward_delay",
-                            "0",
-                        ],
-                    )?;
+                    add_bridge(host, HOST_BRIDGE, Some(&mac))?;
                     ip(host, &["link", "set", UPLINK, "master", HOST_BRIDGE])?;
                     ip(host, &["link", "set", UPLINK, "up"])?;
                     ip(host, &["addr", "add", &cidr, "dev", HOST_BRIDGE])?;
@@ -482,6 +454,17 @@ fn quiet(ns: &Netns) -> Result<()> {
 }
 
 /// `ip -n NS ARGS`, an error with ip's message unless it succeeds.
+/// Adds bridge `name` in `ns` (with MAC `mac` if given), STP off and no
+/// forward delay: its ports forward as soon as they are up.
+fn add_bridge(ns: &Netns, name: &str, mac: Option<&str>) -> Result<()> {
+    let mut args = vec!["link", "add", name];
+    if let Some(mac) = mac {
+        args.extend(["address", mac]);
+    }
+    args.extend(["type", "bridge", "stp_state", "0", "forward_delay", "0"]);
+    ip(ns, &args)
+}
+
 fn ip(ns: &Netns, args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .arg("-n")

@@ -372,6 +372,30 @@ impl Agent {
         self.list().into_iter().find(|v| v["name"] == name)
     }
 
+    /// Waits until this agent (a backup) runs `vm` as its own copy (role
+    /// `unprotected`, state `r` or `b`), i.e. has failed over; returns the
+    /// ms since `since` (when the primary was killed). An error after
+    /// `timeout` gives the last listing and the agent's log.
+    pub fn wait_failover(&self, vm: &str, since: Instant, timeout: Duration) -> Result<u64> {
+        loop {
+            let v = self.vm(vm);
+            if let Some(v) = &v
+                && v["role"] == "unprotected"
+                && (v["state"] == "r" || v["state"] == "b")
+            {
+                return Ok(since.elapsed().as_millis() as u64);
+            }
+            if since.elapsed() > timeout {
+                bail!(
+                    "no failover of {vm} within {timeout:?}: {v:?}\n{}",
+                    self.log_text()
+                );
+            }
+            // Agent state has no change notification; poll the API.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The PIDs of QEMU processes this agent started and that still run.
     pub fn qemu_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();

@@ -193,22 +193,9 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     drop(follow);
 
     // The backup resumes the guest.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let failover_ms = loop {
-        if let Some(v) = backup.vm(&vm)
-            && v["role"] == "unprotected"
-            && (v["state"] == "r" || v["state"] == "b")
-        {
-            break killed.elapsed().as_millis() as u64;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backup did not fail over: {:?}\n{}",
-            backup.vm(&vm),
-            backup.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let failover_ms = backup
+        .wait_failover(&vm, killed, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("round {n}: {e}"));
     if frozen {
         // The backup's clock runs from the last frame it received, which
         // can precede the freeze by up to an interval (100 ms) plus a

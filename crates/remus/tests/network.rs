@@ -84,21 +84,9 @@ fn round(img: &GuestImage, lan: &Lan, backup: &Agent, key: &str, n: u64) -> (u64
     } else {
         primary.kill_hard();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let failover_ms = loop {
-        if let Some(v) = backup.vm(&vm)
-            && v["role"] == "unprotected"
-            && (v["state"] == "r" || v["state"] == "b")
-        {
-            break killed.elapsed().as_millis() as u64;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "round {n}: backup did not fail over: {}",
-            backup.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let failover_ms = backup
+        .wait_failover(&vm, killed, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("round {n}: {e}"));
     drop(follow);
     if cable {
         // Silence, not a reset: the backup waited for its timeout (1 s).

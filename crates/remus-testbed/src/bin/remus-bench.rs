@@ -193,22 +193,9 @@ fn find_bins() -> Result<(Binaries, String)> {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "?".into());
-    let bins = Binaries {
-        remus: dir.join("remus"),
-        remusd: dir.join("remusd"),
-    };
-    let missing: Vec<String> = [&bins.remus, &bins.remusd]
-        .iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "missing {} (remus-bench uses the binaries next to itself in {}); build them with `cargo build --release --workspace` (scripts/bench.sh does)",
-            missing.join(" and "),
-            dir.display()
-        );
-    }
+    // Next to this executable, in the same profile (scripts/bench.sh
+    // builds them).
+    let bins = Binaries::next_to_exe()?;
     if !dir.join("libremus_dirty_preload.so").exists() {
         eprintln!(
             "remus-bench: warning: no libremus_dirty_preload.so in {}; remusd looks elsewhere in target/, and protect fails if it finds none",

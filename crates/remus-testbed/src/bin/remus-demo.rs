@@ -189,17 +189,9 @@ fn run() -> Result<()> {
     let killed = Instant::now();
     a.kill_hard();
     drop(follow);
-    let failover_ms = loop {
-        if let Some(v) = b.vm(VM)
-            && v["role"] == "unprotected"
-        {
-            break killed.elapsed().as_millis();
-        }
-        if killed.elapsed() > Duration::from_secs(30) {
-            bail!("b did not resume the VM; its log:\n{}", b.log_text());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let failover_ms = b
+        .wait_failover(VM, killed, Duration::from_secs(30))
+        .context("b did not resume the VM")?;
     say(&format!("   b resumed the VM after {failover_ms} ms"));
     client
         .wait_received(at_kill + 200, Duration::from_secs(60))

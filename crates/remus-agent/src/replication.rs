@@ -118,7 +118,7 @@ pub fn start_protect(
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
-    let stream = open_session(
+    let (stream, version) = open_session(
         &slot,
         &key,
         &req.peer,
@@ -126,6 +126,7 @@ pub fn start_protect(
         req.timeout_ms,
         replicate_disks,
     )?;
+    let compress = compression(&req.peer, version, !req.no_compress);
     if req.no_disk && !cfg.disks.is_empty() {
         tracing::warn!(vm = %name, "--no-disk: disk writes are not replicated; after a failover the backup's disk may not match its memory");
     }
@@ -140,6 +141,7 @@ pub fn start_protect(
         timeout: Duration::from_millis(req.timeout_ms),
         replicate_disks,
         buffer_net,
+        compress,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -177,6 +179,19 @@ pub fn start_protect(
     Ok(())
 }
 
+/// The page cache for checkpoint compression, when wanted and the peer
+/// speaks a version that has it.
+fn compression(peer: &str, version: u16, wanted: bool) -> Option<u64> {
+    if !wanted {
+        return None;
+    }
+    if version < remus_proto::COMPRESSION_PROTOCOL_VERSION {
+        tracing::warn!(%peer, version, "the peer speaks a protocol version without checkpoint compression: checkpoints travel uncompressed");
+        return None;
+    }
+    Some(remus_proto::delta::DEFAULT_CACHE_BYTES)
+}
+
 /// Connects to a peer agent, authenticates, sends the VM's config and
 /// waits until the peer has prepared its copy (standby or destination).
 fn open_session(
@@ -186,7 +201,7 @@ fn open_session(
     purpose: Purpose,
     timeout_ms: u64,
     replicate_disks: bool,
-) -> Result<TcpStream, AgentError> {
+) -> Result<(TcpStream, u16), AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let mut stream = connect(peer)?;
@@ -218,7 +233,7 @@ fn open_session(
         .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
     let (_, theirs) = purpose.side_names();
     match Message::read_from(&mut stream) {
-        Ok(Message::Ready) => Ok(stream),
+        Ok(Message::Ready) => Ok((stream, session.version)),
         Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
             "{theirs} {} refused: {code}: {message}",
             session.peer
@@ -267,7 +282,12 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     // Replicated disks travel with the VM; disks marked `replicate =
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
-    let stream = open_session(&slot, &key, peer, Purpose::Migrate, 30_000, replicate_disks)?;
+    let (stream, version) =
+        open_session(&slot, &key, peer, Purpose::Migrate, 30_000, replicate_disks)?;
+    let mcfg = remus_replication::migrate::MigrateConfig {
+        compress: compression(peer, version, true),
+        ..Default::default()
+    };
     claimed.keep();
     let agent = agent.clone();
     let vm_name = name.to_string();
@@ -282,7 +302,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
             let r = remus_replication::migrate::migrate(
                 &slot.vm,
                 stream,
-                &remus_replication::migrate::MigrateConfig::default(),
+                &mcfg,
                 &emit,
             );
             slot.clear_protection();

@@ -123,6 +123,9 @@ pub struct ProtectRequest {
     pub no_net: bool,
     #[serde(default)]
     pub no_disk: bool,
+    /// Send checkpoints uncompressed (`remus protect -u`).
+    #[serde(default)]
+    pub no_compress: bool,
 }
 
 fn default_interval_ms() -> u64 {

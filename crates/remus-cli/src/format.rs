@@ -34,12 +34,20 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
             f("ms")
         ),
         "checkpoint" => {
+            let mut sent = format!("{:>8} B", u("bytes"));
+            if u("raw_bytes") > u("bytes") {
+                // Compressed: how much of the raw checkpoint went out.
+                sent.push_str(&format!(
+                    " ({:.0}% of {} B)",
+                    f("bytes") * 100.0 / f("raw_bytes"),
+                    u("raw_bytes")
+                ));
+            }
             let mut line = format!(
-                "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {:>8} B  ack {:>6.2} ms",
+                "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {sent}  ack {:>6.2} ms",
                 u("epoch"),
                 f("pause_ms"),
                 u("dirty_pages"),
-                u("bytes"),
                 f("ack_ms")
             );
             if u("disk_records") > 0 {
@@ -162,6 +170,10 @@ mod tests {
         let line = protect_event(&ev);
         assert!(line.starts_with("epoch      7  pause   4.50 ms"), "{line}");
         assert!(!line.contains("disk"), "{line}");
+        assert!(!line.contains('%'), "uncompressed: no ratio: {line}");
+        ev["raw_bytes"] = 53248.into();
+        let line = protect_event(&ev);
+        assert!(line.contains("sent     1000 B (2% of 53248 B)"), "{line}");
         ev["disk_records"] = 3.into();
         ev["disk_bytes"] = 8192.into();
         ev["disk_wait_ms"] = 2.5.into();

@@ -108,6 +108,12 @@ pub enum Command {
         /// guest's disk).
         #[arg(long)]
         no_disk: bool,
+        /// Send checkpoints uncompressed. By default each dirty page
+        /// travels as the XOR against the copy the backup already holds,
+        /// LZ4-compressed (as `xl remus` does unless `-u`): less bandwidth
+        /// for some CPU on this host.
+        #[arg(short = 'u', long)]
+        no_compress: bool,
         /// Stop protecting VM (the backup discards its standby copy).
         #[arg(long)]
         stop: bool,
@@ -240,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout_ms,
             no_net,
             no_disk,
+            no_compress,
             stop,
             json,
             detach,
@@ -268,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout_ms,
                 no_net,
                 no_disk,
+                no_compress,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

@@ -33,10 +33,11 @@ use std::io::Write;
 use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3Default;
 
-use crate::frame::WireError;
+use crate::delta::DeltaEncoder;
+use crate::frame::{HEADER_LEN, MAX_PAYLOAD, WireError};
 use crate::message::{
-    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, Message, PAGE_SIZE, PageRun,
-    write_device_state, write_page_run,
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, MAX_PAGES_PER_RUN, Message, PAGE_SIZE,
+    PageRun, write_device_state, write_page_run,
 };
 
 /// Largest device state accepted in one checkpoint (512 MiB). QEMU's device
@@ -113,7 +114,9 @@ impl CheckpointWriter {
     }
 
     /// Writes the pages `first_page..` (whole pages, split into frames as
-    /// needed).
+    /// needed): as PageRun frames, or as PageDelta frames through `enc`
+    /// (peer version 3 or later). Returns the bytes put on the wire,
+    /// frame headers included.
     ///
     /// # Panics
     /// After device state, or if `data` is not whole pages: sender bugs.
@@ -122,32 +125,71 @@ impl CheckpointWriter {
         w: &mut impl Write,
         first_page: u64,
         data: &[u8],
-    ) -> Result<(), WireError> {
+        enc: Option<&mut DeltaEncoder>,
+    ) -> Result<u64, WireError> {
         assert!(!self.device_state_started, "page run after device state");
         if data.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        write_page_run(w, first_page, data)?;
+        let wire = match enc {
+            None => {
+                write_page_run(w, first_page, data)?;
+                let frames = data.len().div_ceil(MAX_PAGES_PER_RUN as usize * PAGE_SIZE);
+                (data.len() + frames * (HEADER_LEN + 12)) as u64
+            }
+            Some(enc) => {
+                let mut wire = 0u64;
+                for d in enc.encode_pages(first_page, data) {
+                    let m = Message::PageDelta(d);
+                    wire += m.wire_len();
+                    m.write_to(w)?;
+                }
+                wire
+            }
+        };
         self.digest.add_pages(first_page, data);
         self.pages += (data.len() / PAGE_SIZE) as u64;
-        Ok(())
+        Ok(wire)
     }
 
-    /// Writes a chunk of device state (split into frames as needed).
+    /// Writes a chunk of device state (split into frames as needed), plain
+    /// or through `enc` (a checkpoint's whole device state in one call,
+    /// then: the encoder XORs it with the previous checkpoint's). Returns
+    /// the bytes put on the wire.
     ///
     /// # Panics
     /// If this kind carries no device state: a sender bug.
-    pub fn device_state(&mut self, w: &mut impl Write, data: &[u8]) -> Result<(), WireError> {
+    pub fn device_state(
+        &mut self,
+        w: &mut impl Write,
+        data: &[u8],
+        enc: Option<&mut DeltaEncoder>,
+    ) -> Result<u64, WireError> {
         assert!(
             self.kind.has_device_state(),
             "device state in a {:?}",
             self.kind
         );
-        write_device_state(w, data)?;
+        let wire = match enc {
+            Some(enc) if !data.is_empty() => {
+                let mut wire = 0u64;
+                for d in enc.encode_device_state(data) {
+                    let m = Message::DeviceStateDelta(d);
+                    wire += m.wire_len();
+                    m.write_to(w)?;
+                }
+                wire
+            }
+            _ => {
+                write_device_state(w, data)?;
+                let frames = data.len().div_ceil(MAX_PAYLOAD as usize).max(1);
+                (data.len() + frames * HEADER_LEN) as u64
+            }
+        };
         self.device_state_started = true;
         self.digest.add_device_state(data);
         self.device_state_len += data.len() as u64;
-        Ok(())
+        Ok(wire)
     }
 
     /// Writes CheckpointEnd and returns it. Does not flush.
@@ -691,11 +733,22 @@ mod tests {
         let mut cw =
             CheckpointWriter::begin(&mut wire, Epoch(3), CheckpointKind::Checkpoint).unwrap();
         let pages: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
-        cw.pages(&mut wire, 7, &pages).unwrap();
-        cw.pages(&mut wire, 20, &pages[..PAGE_SIZE]).unwrap();
-        cw.device_state(&mut wire, b"cpu").unwrap();
-        cw.device_state(&mut wire, b"+devices").unwrap();
+        let w1 = cw.pages(&mut wire, 7, &pages, None).unwrap();
+        cw.pages(&mut wire, 20, &pages[..PAGE_SIZE], None).unwrap();
+        cw.device_state(&mut wire, b"cpu", None).unwrap();
+        cw.device_state(&mut wire, b"+devices", None).unwrap();
+        let before_end = wire.len();
         let end = cw.end(&mut wire).unwrap();
+        let begin_len = Message::CheckpointBegin {
+            epoch: Epoch(3),
+            kind: CheckpointKind::Checkpoint,
+        }
+        .wire_len();
+        assert_eq!(
+            w1 + (PAGE_SIZE + 28) as u64 + 19 + 24,
+            before_end as u64 - begin_len,
+            "returned wire bytes add up to what was written"
+        );
         assert_eq!((end.page_count, end.device_state_len), (4, 11));
 
         let mut a = CheckpointAssembler::new(GUEST_PAGES, Some(Epoch(2)));
@@ -711,6 +764,64 @@ mod tests {
         assert_eq!(c.device_state, b"cpu+devices");
         assert_eq!(c.runs.len(), 2);
         assert_eq!(c.runs[0].data, pages);
+    }
+
+    /// Two compressed checkpoints through the assembler, with the receiver
+    /// applying the first before decoding the second against it.
+    #[test]
+    fn compressed_checkpoints_decode_against_the_committed_copy() {
+        use crate::delta::{DeltaEncoder, decode_device_state, decode_pages};
+        let mut enc = DeltaEncoder::new(1 << 20);
+        let mut ram = vec![0u8; GUEST_PAGES as usize * PAGE_SIZE];
+        let mut dev: Vec<u8> = Vec::new();
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, Some(Epoch(0)));
+        let mut page: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 13) as u8).collect();
+        let mut state = vec![7u8; 5000];
+        for epoch in 1..=2u64 {
+            page[epoch as usize * 10] ^= 0x80;
+            state[epoch as usize] = epoch as u8;
+            let mut wire = Vec::new();
+            enc.begin_checkpoint();
+            let mut cw =
+                CheckpointWriter::begin(&mut wire, Epoch(epoch), CheckpointKind::Checkpoint)
+                    .unwrap();
+            let pw = cw.pages(&mut wire, 4, &page, Some(&mut enc)).unwrap();
+            let dw = cw.device_state(&mut wire, &state, Some(&mut enc)).unwrap();
+            cw.end(&mut wire).unwrap();
+            if epoch == 2 {
+                assert!(pw < 200, "two pages with one changed byte each: {pw} bytes");
+                assert!(dw < 200, "device state with one changed byte: {dw} bytes");
+            }
+            let mut r = &wire[..];
+            let mut done = None;
+            while !r.is_empty() {
+                let m = match crate::read_frame(&mut r).unwrap() {
+                    Message::PageDelta(d) => Message::PageRun(
+                        decode_pages(&d, &mut |p, b| {
+                            let o = p as usize * PAGE_SIZE;
+                            b.copy_from_slice(&ram[o..o + PAGE_SIZE]);
+                            Ok(())
+                        })
+                        .unwrap(),
+                    ),
+                    Message::DeviceStateDelta(d) => Message::DeviceState {
+                        data: decode_device_state(&d, &dev).unwrap(),
+                    },
+                    m => m,
+                };
+                if let Accepted::Complete(c) = a.accept(m).unwrap() {
+                    done = Some(c);
+                }
+            }
+            let c = done.expect("the digest verified the decoded checkpoint");
+            for run in &c.runs {
+                let o = run.first_page as usize * PAGE_SIZE;
+                ram[o..o + run.data.len()].copy_from_slice(&run.data);
+            }
+            dev = c.device_state;
+            assert_eq!(&ram[4 * PAGE_SIZE..6 * PAGE_SIZE], &page[..]);
+            assert_eq!(dev, state);
+        }
     }
 
     #[test]

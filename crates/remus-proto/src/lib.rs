@@ -47,6 +47,8 @@
 //! |   19 | CheckpointEnd   | epoch u64, page_count u64, device_state_len u64, digest `[16]`      |
 //! |   20 | SwitchOver      | epoch u64                                                         |
 //! |   21 | Done            | —                                                                 |
+//! |   22 | PageDelta       | first_page u64, page_count u32 (1..=256), xor bitmap `[⌈count/8⌉]`, LZ4 block |
+//! |   23 | DeviceStateDelta | offset u64, len u32 (≥ 1), LZ4 block                             |
 //! |   32 | DiskWrite       | epoch u64, disk u16, offset u64, flags u8 (bit 0 FUA), data (≥ 1 byte) |
 //! |   33 | DiskZero        | epoch u64, disk u16, offset u64, len u64 (≥ 1), flags u8 (bit 0 FUA, bit 1 may deallocate) |
 //! |   34 | DiskFlush       | epoch u64, disk u16                                               |
@@ -57,6 +59,16 @@
 //! `docs/protocol.md` describes the flow: digests from the backup, the
 //! epoch-0 sync, records tagged with their epoch, a [`DiskSeal`] before
 //! each checkpoint, applied by the backup only at that commit).
+//!
+//! Types 22–23 exist from version 3 on (checkpoint compression, [`delta`]):
+//! a PageDelta stands for the PageRun of the same pages, a
+//! DeviceStateDelta for the DeviceState chunk at `offset`; the receiver
+//! decodes them against its last committed copy and the checkpoint digest
+//! covers the decoded bytes. The XOR bitmap marks the pages XOR'd with the
+//! receiver's copy before compression (bit `i % 8` of byte `i / 8`); the
+//! LZ4 block (raw block format, no frame) decompresses to exactly
+//! `page_count` × 4096 or `len` bytes. A sender sends both only to a
+//! version-3 peer and never sends one page twice in a checkpoint as XOR.
 //!
 //! `str` is a u16 byte length then UTF-8. `compat` ([`VmCompat`]) is
 //! memory_mib u64, vcpus u32, machine str, cpu_model str, a u16 count of
@@ -160,6 +172,7 @@
 mod auth;
 mod checkpoint;
 mod compat;
+pub mod delta;
 mod frame;
 mod handshake;
 mod message;
@@ -180,15 +193,18 @@ pub use handshake::{
     server_handshake_with, supported_versions,
 };
 pub use message::{
-    CheckpointEnd, CheckpointKind, DIGEST_LEN, DiskDigests, DiskLogDigest, DiskOp, DiskRecord,
-    DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN,
-    PAGE_SIZE, PROOF_LEN, PageRun, Purpose, write_device_state, write_page_run,
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
+    DiskOp, DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
+    MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageDelta, PageRun,
+    Purpose, write_device_state, write_page_run,
 };
 
 /// The protocol version this build speaks by preference.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first version with disk replication (messages 32–36).
 pub const DISK_PROTOCOL_VERSION: u16 = 2;
+/// The first version with checkpoint compression (messages 22–23).
+pub const COMPRESSION_PROTOCOL_VERSION: u16 = 3;
 /// The oldest version this build still accepts: the previous one, once there
 /// is one (version 0 does not exist).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

@@ -18,6 +18,8 @@ pub const PAGE_SIZE: usize = 4096;
 const PAGE_RUN_PREFIX: usize = 12;
 /// The most pages one PageRun frame can carry (just under 64 MiB).
 pub const MAX_PAGES_PER_RUN: u32 = ((MAX_PAYLOAD as usize - PAGE_RUN_PREFIX) / PAGE_SIZE) as u32;
+/// The most pages one PageDelta frame carries (1 MiB before compression).
+pub const MAX_DELTA_PAGES: u32 = 256;
 /// Length of the handshake nonces.
 pub const NONCE_LEN: usize = 32;
 /// Length of an HMAC-SHA256 proof.
@@ -51,6 +53,10 @@ pub enum MsgType {
     CheckpointEnd = 19,
     SwitchOver = 20,
     Done = 21,
+    /// Version 3: pages XOR'd against the receiver's copy, LZ4-compressed.
+    PageDelta = 22,
+    /// Version 3: device state XOR'd against the previous one, LZ4.
+    DeviceStateDelta = 23,
     // Disk replication (protocol D), version 2: 32..=47.
     /// Data the guest wrote, tagged with its epoch.
     DiskWrite = 32,
@@ -85,6 +91,8 @@ impl MsgType {
             19 => CheckpointEnd,
             20 => SwitchOver,
             21 => Done,
+            22 => PageDelta,
+            23 => DeviceStateDelta,
             32 => DiskWrite,
             33 => DiskZero,
             34 => DiskFlush,
@@ -103,6 +111,8 @@ impl MsgType {
             CheckpointBegin
                 | PageRun
                 | DeviceState
+                | PageDelta
+                | DeviceStateDelta
                 | CheckpointEnd
                 | SwitchOver
                 | DiskWrite
@@ -272,6 +282,52 @@ impl fmt::Debug for PageRun {
             .field("first_page", &self.first_page)
             .field("page_count", &self.page_count())
             .finish_non_exhaustive()
+    }
+}
+
+/// Pages `first_page..first_page + page_count`, compressed (version 3,
+/// see [`crate::delta`]): the pages whose bit is set in `xor` (bit `i % 8`
+/// of byte `i / 8` for page `i`) were XOR'd with the receiver's copy, then
+/// all pages were compressed together as one LZ4 block.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageDelta {
+    pub first_page: u64,
+    /// 1..=[`MAX_DELTA_PAGES`].
+    pub page_count: u32,
+    /// ⌈page_count / 8⌉ bytes; bits past `page_count` are zero.
+    pub xor: Vec<u8>,
+    /// LZ4 block of `page_count` × 4096 bytes.
+    pub compressed: Vec<u8>,
+}
+
+impl fmt::Debug for PageDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageDelta")
+            .field("first_page", &self.first_page)
+            .field("page_count", &self.page_count)
+            .field("compressed", &self.compressed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Device state bytes `offset..offset + len` of this checkpoint, XOR'd
+/// with the same bytes of the receiver's last committed device state
+/// (zero where that one is shorter), as one LZ4 block (version 3).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceStateDelta {
+    pub offset: u64,
+    /// Bytes after decompression, ≥ 1.
+    pub len: u32,
+    pub compressed: Vec<u8>,
+}
+
+impl fmt::Debug for DeviceStateDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceStateDelta")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("compressed", &self.compressed.len())
+            .finish()
     }
 }
 
@@ -512,6 +568,8 @@ pub enum Message {
     DeviceState {
         data: Vec<u8>,
     },
+    PageDelta(PageDelta),
+    DeviceStateDelta(DeviceStateDelta),
     CheckpointEnd(CheckpointEnd),
     /// Migration: the source has stopped for good after `epoch` was acked;
     /// the destination resumes the VM from it.
@@ -541,6 +599,8 @@ impl Message {
             Message::CheckpointBegin { .. } => MsgType::CheckpointBegin,
             Message::PageRun(_) => MsgType::PageRun,
             Message::DeviceState { .. } => MsgType::DeviceState,
+            Message::PageDelta(_) => MsgType::PageDelta,
+            Message::DeviceStateDelta(_) => MsgType::DeviceStateDelta,
             Message::CheckpointEnd(_) => MsgType::CheckpointEnd,
             Message::SwitchOver { .. } => MsgType::SwitchOver,
             Message::Done => MsgType::Done,
@@ -588,6 +648,17 @@ impl Message {
                 p.extend_from_slice(&run.data);
             }
             Message::DeviceState { data } => p.extend_from_slice(data),
+            Message::PageDelta(d) => {
+                put_u64(&mut p, d.first_page);
+                put_u32(&mut p, d.page_count);
+                p.extend_from_slice(&d.xor);
+                p.extend_from_slice(&d.compressed);
+            }
+            Message::DeviceStateDelta(d) => {
+                put_u64(&mut p, d.offset);
+                put_u32(&mut p, d.len);
+                p.extend_from_slice(&d.compressed);
+            }
             Message::CheckpointEnd(e) => {
                 put_u64(&mut p, e.epoch.0);
                 put_u64(&mut p, e.page_count);
@@ -616,6 +687,25 @@ impl Message {
             }
         }
         p
+    }
+
+    /// Bytes of this message's frame on the wire (header and payload).
+    pub fn wire_len(&self) -> u64 {
+        let payload = match self {
+            Message::PageRun(r) => PAGE_RUN_PREFIX + r.data.len(),
+            Message::DeviceState { data } => data.len(),
+            Message::PageDelta(d) => 12 + d.xor.len() + d.compressed.len(),
+            Message::DeviceStateDelta(d) => 12 + d.compressed.len(),
+            Message::Disk(r) => {
+                r.payload_head().len()
+                    + match &r.op {
+                        DiskOp::Write { data, .. } => data.len(),
+                        _ => 0,
+                    }
+            }
+            m => m.encode_payload().len(),
+        };
+        (HEADER_LEN + payload) as u64
     }
 
     /// Appends this message as one complete frame to `out`.
@@ -747,6 +837,51 @@ impl Message {
             MsgType::DeviceState => Message::DeviceState {
                 data: c.rest().to_vec(),
             },
+            MsgType::PageDelta => {
+                let first_page = c.u64("first_page")?;
+                let page_count = c.u32("page_count")?;
+                if page_count == 0 || page_count > MAX_DELTA_PAGES {
+                    return Err(c.bad(format!(
+                        "page_count {page_count} is not in 1..={MAX_DELTA_PAGES}"
+                    )));
+                }
+                if first_page.checked_add(u64::from(page_count)).is_none() {
+                    return Err(c.bad(format!(
+                        "run of {page_count} pages from page {first_page} overflows the page numbers"
+                    )));
+                }
+                let xor = c.take((page_count as usize).div_ceil(8), "xor")?.to_vec();
+                let tail_bits = page_count % 8;
+                if tail_bits != 0 && xor[xor.len() - 1] >> tail_bits != 0 {
+                    return Err(c.bad("xor bits set past page_count".into()));
+                }
+                let compressed = c.rest().to_vec();
+                if compressed.is_empty() {
+                    return Err(c.bad("empty compressed block".into()));
+                }
+                Message::PageDelta(PageDelta {
+                    first_page,
+                    page_count,
+                    xor,
+                    compressed,
+                })
+            }
+            MsgType::DeviceStateDelta => {
+                let offset = c.u64("offset")?;
+                let len = c.u32("len")?;
+                if len == 0 || offset.checked_add(u64::from(len)).is_none() {
+                    return Err(c.bad(format!("bad device state range {offset}+{len}")));
+                }
+                let compressed = c.rest().to_vec();
+                if compressed.is_empty() {
+                    return Err(c.bad("empty compressed block".into()));
+                }
+                Message::DeviceStateDelta(DeviceStateDelta {
+                    offset,
+                    len,
+                    compressed,
+                })
+            }
             MsgType::CheckpointEnd => Message::CheckpointEnd(CheckpointEnd {
                 epoch: Epoch(c.u64("epoch")?),
                 page_count: c.u64("page_count")?,

@@ -4,9 +4,10 @@
 
 use proptest::prelude::*;
 use remus_proto::{
-    CheckpointEnd, CheckpointKind, DecodeError, Decoded, DiskCompat, DiskDigests, DiskOp,
-    DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, Message, MsgType, PAGE_SIZE, PageRun,
-    Purpose, VmCompat, WireError, decode, encode_raw, read_frame, write_page_run,
+    CheckpointEnd, CheckpointKind, DecodeError, Decoded, DeviceStateDelta, DiskCompat, DiskDigests,
+    DiskOp, DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES, Message,
+    MsgType, PAGE_SIZE, PageDelta, PageRun, Purpose, VmCompat, WireError, decode, encode_raw,
+    read_frame, write_page_run,
 };
 
 fn arb_compat() -> impl Strategy<Value = VmCompat> {
@@ -99,6 +100,39 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         ),
         prop::collection::vec(any::<u8>(), 0..200).prop_map(|data| Message::DeviceState { data }),
+        (
+            0u64..u64::MAX / 2,
+            1u32..=MAX_DELTA_PAGES,
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 1..100)
+        )
+            .prop_map(|(first_page, page_count, bits, compressed)| {
+                let mut xor: Vec<u8> = (0..(page_count as usize).div_ceil(8))
+                    .map(|i| (bits >> (i % 8 * 8)) as u8)
+                    .collect();
+                if page_count % 8 != 0 {
+                    let last = xor.len() - 1;
+                    xor[last] &= (1u8 << (page_count % 8)) - 1;
+                }
+                Message::PageDelta(PageDelta {
+                    first_page,
+                    page_count,
+                    xor,
+                    compressed,
+                })
+            }),
+        (
+            0u64..u64::MAX / 2,
+            1u32..,
+            prop::collection::vec(any::<u8>(), 1..100)
+        )
+            .prop_map(|(offset, len, compressed)| {
+                Message::DeviceStateDelta(DeviceStateDelta {
+                    offset,
+                    len,
+                    compressed,
+                })
+            }),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<[u8; 16]>()).prop_map(
             |(e, p, d, digest)| {
                 Message::CheckpointEnd(CheckpointEnd {
@@ -196,6 +230,7 @@ proptest! {
         let mut w = Vec::new();
         m.write_to(&mut w).unwrap();
         prop_assert_eq!(&w[..], &buf[..len]);
+        prop_assert_eq!(m.wire_len(), len as u64);
         prop_assert_eq!(read_frame(&mut &buf[..]).unwrap(), m);
     }
 

@@ -136,8 +136,8 @@ fn a_peer_without_the_key_cannot_push_vm_state() {
     let (addr, server) = serve(key(1), quick_opts(), vm());
     let mut s = TcpStream::connect(&addr).unwrap();
     let hello = Message::Hello(Hello {
-        max_version: 1,
-        min_version: 1,
+        max_version: remus_proto::PROTOCOL_VERSION,
+        min_version: remus_proto::PROTOCOL_VERSION,
         purpose: Purpose::Protect,
         vm_name: "web".into(),
         compat: vm(),
@@ -210,7 +210,7 @@ fn a_server_without_the_key_gets_no_vm_state() {
             panic!()
         };
         Message::HelloAck(remus_proto::HelloAck {
-            chosen_version: 1,
+            chosen_version: remus_proto::PROTOCOL_VERSION,
             server_nonce: [1; 32],
             server_proof: [2; 32],
         })
@@ -254,14 +254,17 @@ fn versions_too_new_or_too_old_are_refused_by_name() {
         "{e}"
     );
     assert!(
-        e.to_string()
-            .contains("no common protocol version: we speak 1..=2, the peer 5..=7"),
+        e.to_string().contains(&format!(
+            "no common protocol version: we speak {}..={}, the peer 5..=7",
+            remus_proto::MIN_PROTOCOL_VERSION,
+            remus_proto::PROTOCOL_VERSION
+        )),
         "{e}"
     );
 
-    // Client too old for a server that only speaks 3..=4.
+    // Client too old for a server that only speaks newer versions.
     let opts = ServerOptions {
-        versions: 3..=4,
+        versions: remus_proto::PROTOCOL_VERSION + 1..=remus_proto::PROTOCOL_VERSION + 2,
         ..quick_opts()
     };
     let (addr, server) = serve(key(1), opts, vm());

@@ -173,6 +173,21 @@ pub fn receive(
     })
 }
 
+/// Turns a PageDelta into the PageRun and a DeviceStateDelta into the
+/// DeviceState it stands for; other messages pass through.
+fn decompress(msg: Message, replica: &Replica) -> Result<Message, remus_proto::delta::DeltaError> {
+    use remus_proto::delta::{decode_device_state, decode_pages};
+    Ok(match msg {
+        Message::PageDelta(d) => {
+            Message::PageRun(decode_pages(&d, &mut |p, b| replica.read_page(p, b))?)
+        }
+        Message::DeviceStateDelta(d) => Message::DeviceState {
+            data: decode_device_state(&d, replica.device_state())?,
+        },
+        m => m,
+    })
+}
+
 /// The Ack could not be sent: reads what the primary sent before its
 /// connection closed, to tell an orderly end (Done or Error queued before
 /// the close) from a lost primary.
@@ -291,6 +306,25 @@ fn receive_loop(
                 return Ok(BackupEnd::PrimaryLost {
                     committed: replica.committed(),
                     reason,
+                });
+            }
+        };
+        // Compressed pages and device state (protocol version 3) decode
+        // against the committed copy: every earlier checkpoint has been
+        // applied before this one's frames are read.
+        let msg = match decompress(msg, replica) {
+            Ok(m) => m,
+            Err(e) => {
+                asm.discard();
+                events(BackupEvent::Rejected {
+                    reason: e.to_string(),
+                });
+                let _ = send(Message::Error {
+                    code: ErrorCode::CheckpointRejected,
+                    message: e.to_string(),
+                });
+                return Ok(BackupEnd::Aborted {
+                    reason: format!("checkpoint rejected: {e}"),
                 });
             }
         };

@@ -46,6 +46,10 @@ pub struct MigrateConfig {
     pub max_rounds: u64,
     /// How long to wait for each acknowledgement.
     pub timeout: Duration,
+    /// Compress pages and device state with a page cache of this many
+    /// bytes (protocol version 3); pages re-sent in later rounds travel as
+    /// XOR against the round before. `None`: plain.
+    pub compress: Option<u64>,
 }
 
 impl Default for MigrateConfig {
@@ -54,6 +58,7 @@ impl Default for MigrateConfig {
             converge_pages: 256,
             max_rounds: 30,
             timeout: Duration::from_secs(30),
+            compress: Some(remus_proto::delta::DEFAULT_CACHE_BYTES),
         }
     }
 }
@@ -121,6 +126,7 @@ pub fn migrate(
     // the final checkpoint, epoch 1 of the journal).
     let disks = PrimaryDisks::start(vm, true);
     let mut sealer = Sealer::default();
+    let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
     if disks.active() {
         let journal = disks.journal.clone();
         let stats = crate::disks::initial_sync(
@@ -170,7 +176,7 @@ pub fn migrate(
                 sealer.seal(&mut w, Epoch(0))?;
             }
         }
-        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks)?;
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
         for run in staged.runs {
             pool.give(run.data);
         }
@@ -235,7 +241,7 @@ pub fn migrate(
             phases: Default::default(),
             operator_paused: None,
         };
-        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks)?;
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
         wait_ack(&mut reader, epoch)?;
         Ok((final_pages, epoch))
     })();
@@ -294,13 +300,14 @@ fn send_with_records(
     staged: &Staged,
     sealer: &mut Sealer,
     disks: &PrimaryDisks,
+    enc: Option<&mut remus_proto::delta::DeltaEncoder>,
 ) -> Result<u64, ReplError> {
     let mut records = 0u64;
-    let sent = send_checkpoint(w, staged, &mut |w| {
+    let sent = send_checkpoint(w, staged, enc, &mut |w| {
         records += sealer.write_records(w, &disks.journal.take())?;
         Ok(())
     })?;
-    Ok(sent + records)
+    Ok(sent.wire + records)
 }
 
 /// The destination's next disk digests (initial disk sync).

@@ -45,6 +45,10 @@ pub struct ProtectConfig {
     /// Hold the VM's network output until its checkpoint is acknowledged
     /// (output commit); false for `--no-net`.
     pub buffer_net: bool,
+    /// Compress checkpoints (XOR against the backup's copy, then LZ4) with
+    /// a page cache of this many bytes; `None` for `--no-compress` or a
+    /// peer older than protocol version 3.
+    pub compress: Option<u64>,
 }
 
 /// One committed checkpoint, as reported to the operator.
@@ -56,8 +60,14 @@ pub struct EpochStats {
     /// Guest paused for this long (stop → cont acknowledged).
     pub pause_ms: f64,
     pub dirty_pages: u64,
-    /// Bytes of page data and device state sent.
+    /// Bytes of page data and device state put on the wire (compressed
+    /// when compression is on; frame headers included).
     pub bytes: u64,
+    /// The same before compression: dirty pages × 4096 plus the device
+    /// state.
+    pub raw_bytes: u64,
+    /// Pages sent as XOR against the backup's copy (the rest went plain).
+    pub xor_pages: u64,
     /// End frame sent → ack received.
     pub ack_ms: f64,
     /// Disk records of this epoch and the bytes they wrote or zeroed.
@@ -245,8 +255,12 @@ pub fn protect(
         let flight_s = flight.clone();
         let hb = cfg.heartbeat;
         let pool_s = pool.clone();
+        let compress = cfg.compress;
         let sender = s.spawn(move || {
-            sender_loop(stream, rx, hb, flight_s, lost_s, &pool_s, journal, disk_on)
+            let enc = compress.map(remus_proto::delta::DeltaEncoder::new);
+            sender_loop(
+                stream, rx, hb, flight_s, lost_s, &pool_s, journal, disk_on, enc,
+            )
         });
         let lost_r = lost.clone();
         let flight_r = flight.clone();
@@ -545,6 +559,7 @@ fn sender_loop(
     pool: &staging::BufferPool,
     journal: &Journal,
     disk_on: bool,
+    mut enc: Option<remus_proto::delta::DeltaEncoder>,
 ) {
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut seq = 0u64;
@@ -598,7 +613,7 @@ fn sender_loop(
                 // checkpoint was handed over: send them, seal, then the
                 // checkpoint itself.
                 let records = journal.take();
-                let sent = (|| -> Result<(u64, u64, u64), ReplError> {
+                let sent = (|| -> Result<(Sent, u64, u64), ReplError> {
                     sealer.write_records(&mut w, &records)?;
                     let (recs, disk_bytes) = if disk_on {
                         let seal = sealer.seal(&mut w, staged.epoch)?;
@@ -606,7 +621,7 @@ fn sender_loop(
                     } else {
                         (0, 0)
                     };
-                    let sent = send_checkpoint(&mut w, &staged, &mut |w| {
+                    let sent = send_checkpoint(&mut w, &staged, enc.as_mut(), &mut |w| {
                         sealer.write_records(w, &journal.take()).map(|_| ())
                     })?;
                     Ok((sent, recs, disk_bytes))
@@ -618,6 +633,8 @@ fn sender_loop(
                     pause_ms: staged.pause_ms,
                     dirty_pages: dirty_pages(&staged.runs),
                     bytes: 0,
+                    raw_bytes: 0,
+                    xor_pages: 0,
                     ack_ms: 0.0,
                     disk_records: 0,
                     disk_bytes: 0,
@@ -635,11 +652,13 @@ fn sender_loop(
                 match sent {
                     // Only checkpoints are reported (the initial sync's
                     // ack is not a checkpoint).
-                    Ok((bytes, disk_records, disk_bytes))
+                    Ok((sent, disk_records, disk_bytes))
                         if staged.kind == CheckpointKind::Checkpoint =>
                     {
                         let stats = EpochStats {
-                            bytes,
+                            bytes: sent.wire,
+                            raw_bytes: sent.raw,
+                            xor_pages: sent.xor_pages,
                             disk_records,
                             disk_bytes,
                             ..stats
@@ -680,7 +699,18 @@ fn sender_loop(
     }
 }
 
-/// Writes Begin, the page runs, the device state and End; returns bytes.
+/// What one checkpoint cost on the wire.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Sent {
+    /// Page and device-state frames, headers included.
+    pub(crate) wire: u64,
+    /// Pages × 4096 plus the device state.
+    pub(crate) raw: u64,
+    pub(crate) xor_pages: u64,
+}
+
+/// Writes Begin, the page runs, the device state and End. With `enc`,
+/// pages and device state travel compressed (protocol version 3).
 /// `between` runs after each page run: the sender passes on the disk
 /// records queued meanwhile (they may travel inside an open checkpoint;
 /// the backup sets them aside by their own epoch), so a long initial copy
@@ -688,25 +718,32 @@ fn sender_loop(
 pub(crate) fn send_checkpoint<W: Write>(
     w: &mut W,
     s: &Staged,
+    mut enc: Option<&mut remus_proto::delta::DeltaEncoder>,
     between: &mut dyn FnMut(&mut W) -> Result<(), ReplError>,
-) -> Result<u64, ReplError> {
+) -> Result<Sent, ReplError> {
     // The protocol's writer keeps the End's counts and digest in step with
     // what was written.
     let mut cp = CheckpointWriter::begin(w, s.epoch, s.kind)?;
-    let mut bytes = 0u64;
+    if let Some(e) = enc.as_deref_mut() {
+        e.begin_checkpoint();
+    }
+    let mut sent = Sent::default();
     for run in &s.runs {
-        cp.pages(w, run.first_page, &run.data)?;
-        bytes += run.data.len() as u64;
+        sent.wire += cp.pages(w, run.first_page, &run.data, enc.as_deref_mut())?;
+        sent.raw += run.data.len() as u64;
         between(w)?;
     }
     if s.kind.has_device_state() {
-        cp.device_state(w, &s.device_state)?;
-        bytes += s.device_state.len() as u64;
+        sent.wire += cp.device_state(w, &s.device_state, enc.as_deref_mut())?;
+        sent.raw += s.device_state.len() as u64;
+    }
+    if let Some(e) = enc {
+        sent.xor_pages = e.take_stats().xor_pages;
     }
     cp.end(w)?;
     w.flush()
         .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
-    Ok(bytes)
+    Ok(sent)
 }
 
 fn ack_loop(

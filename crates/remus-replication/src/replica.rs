@@ -20,6 +20,8 @@ pub struct Replica {
     path: PathBuf,
     pages: u64,
     dev_committed: PathBuf,
+    /// The committed device state: the base of compressed device state.
+    dev_state: Vec<u8>,
     committed: Option<Epoch>,
 }
 
@@ -45,6 +47,7 @@ impl Replica {
             path: path.to_path_buf(),
             pages: size / PAGE_SIZE as u64,
             dev_committed: dev_dir.join("dev.committed"),
+            dev_state: Vec::new(),
             committed: None,
         })
     }
@@ -66,6 +69,22 @@ impl Replica {
     /// The committed device state file (valid once an epoch committed).
     pub fn device_state_path(&self) -> &Path {
         &self.dev_committed
+    }
+
+    /// The committed device state (empty before the first commit).
+    pub fn device_state(&self) -> &[u8] {
+        &self.dev_state
+    }
+
+    /// Reads the replica's copy of `page` (the base of a compressed page).
+    pub fn read_page(&self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if page >= self.pages || buf.len() != PAGE_SIZE {
+            return Err(std::io::Error::other(format!(
+                "page {page} is outside guest RAM ({} pages)",
+                self.pages
+            )));
+        }
+        self.file.read_exact_at(buf, page * PAGE_SIZE as u64)
     }
 
     /// Writes one run of pages. Bounds were checked by the assembler; they
@@ -103,6 +122,8 @@ impl Replica {
             .map_err(|e| ReplError::Io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &self.dev_committed)
             .map_err(|e| ReplError::Io(format!("commit {}", self.dev_committed.display()), e))?;
+        self.dev_state.clear();
+        self.dev_state.extend_from_slice(device_state);
         self.committed = Some(epoch);
         Ok(())
     }

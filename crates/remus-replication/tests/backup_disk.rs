@@ -50,7 +50,7 @@ fn send_epoch(w: &mut TcpStream, epoch: u64, kind: CheckpointKind, recs: &[DiskR
     Message::DiskSeal(d.seal(Epoch(epoch))).write_to(w).unwrap();
     let mut cp = CheckpointWriter::begin(w, Epoch(epoch), kind).unwrap();
     if kind == CheckpointKind::Checkpoint {
-        cp.device_state(w, b"device state").unwrap();
+        cp.device_state(w, b"device state", None).unwrap();
     }
     cp.end(w).unwrap();
     w.flush().unwrap();

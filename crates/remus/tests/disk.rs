@@ -110,7 +110,8 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
         &(disk_toml(&vda, "vda") + &disk_toml(&vdb, "vdb")),
     );
 
-    let mut follow = ProtectFollower::start(&primary, "sync", &listen, &["-i", "100"])
+    // Uncompressed (`-u`), as `xl remus -u`: pages and device state go raw.
+    let mut follow = ProtectFollower::start(&primary, "sync", &listen, &["-i", "100", "-u"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
     let ev = follow
         .event("disk_synced")
@@ -124,7 +125,12 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
         (3 + 4) * CHUNK,
         "only the differing chunks: {ev}"
     );
-    follow.checkpoint_after(0).unwrap();
+    let cp = follow.checkpoint_after(0).unwrap();
+    assert_eq!(cp["xor_pages"], 0, "-u: {cp}");
+    assert!(
+        cp["bytes"].as_u64().unwrap() > cp["raw_bytes"].as_u64().unwrap(),
+        "-u sends every raw byte plus frame headers: {cp}"
+    );
 
     // Stop protection: the backup discards its standby; its images stay
     // and must now equal the primary's, byte for byte.

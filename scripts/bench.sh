@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# Checkpoint pause benchmark: builds the tools in release and the guest
-# image, then runs remus-bench, which appends a dated section to
-# bench/results.md and a run to bench/results.json. Takes a few minutes
-# (four cases: -i 100 / -i 200 × idle / 50 MB/s, one VM at a time).
-# Arguments go to remus-bench (`--help`), e.g. --seconds 5 --no-write.
-# `--disk`: instead, guest disk write throughput and fsync latency,
-# unprotected vs protected on one VM (target >= 0.7x at -i 200).
-# `--net`: instead, ping RTT and TCP throughput between a client and one VM
-# on a LAN of network namespaces: unprotected, protected --no-net, and
-# protected with output buffering (target: RTT p50 + interval/2 + 2 ms at
-# most). Needs root.
+# The benchmark suite: builds the tools in release and the guest image,
+# installs what it needs (scripts/install-deps.sh), then runs
+# `remus-bench --suite`, which appends one dated report to
+# bench/results.md and one run to bench/results.json: checkpoint pause by
+# interval x dirty rate, bytes on the wire against raw dirty bytes,
+# pause against guest RAM size (256 MiB to 4 GiB), guest slowdown under
+# protection, failover times, `remus migrate` against QEMU's own live
+# migration, disk throughput and network latency and throughput; then a
+# table of the targets, each met or missed by how much. About 30 minutes
+# on a 2-core machine; needs root (network namespaces) and about 10 GiB of
+# free memory (the 4 GiB case runs a primary and a backup copy).
+#
+# Arguments go to remus-bench (`--help`), e.g.
+#   scripts/bench.sh --only matrix,wire --seconds 5
+#   scripts/bench.sh --disk      (only the disk cases, as before)
+#   scripts/bench.sh --net       (only the network cases)
+#   scripts/bench.sh --pause     (only the original pause cases)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
 cargo build --release --workspace
 bash scripts/build-guest.sh
+if [ "$#" -eq 0 ]; then
+    set -- --suite
+fi
+if [ "${1:-}" = "--pause" ]; then
+    shift
+fi
 exec target/release/remus-bench "$@"

@@ -7,6 +7,7 @@
 //! plus one entry in [`COMMANDS`].
 
 mod cmdline;
+mod cpumem;
 mod dirty;
 mod disk_probe;
 mod diskbench;
@@ -33,8 +34,13 @@ pub const COMMANDS: &[Command] = &[
     },
     Command {
         name: "dirty",
-        usage: "dirty [--mb-per-s 50] [--working-set-mb 64]\n                               dirty N MiB/s of distinct 4 KiB pages, print 'dirty: N MB/s' each second",
+        usage: "dirty [--mb-per-s 50] [--working-set-mb 64] [--write-bytes 1]\n                               dirty N MiB/s of distinct 4 KiB pages (N bytes changed in each), print 'dirty: N MB/s' each second",
         run: dirty::run,
+    },
+    Command {
+        name: "cpumem",
+        usage: "cpumem [--data-mb 64] [--table-mb 2]\n                               random reads, hashing and 8-byte writes to a hot table; print 'cpumem: N kops/s' each second",
+        run: cpumem::run,
     },
     Command {
         name: "disk-probe",

@@ -58,9 +58,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, Netns, free_port, last_tick, now_ms, workspace_root,
-    write_key,
+    Agent, Binaries, GuestImage, Lan, Netns, ProtectFollower, SeqClient, free_port, last_tick,
+    now_ms, workspace_root, write_key,
 };
+
+mod suite;
 use serde_json::{Value, json};
 
 /// Targets from the issue: at about 1,500 dirty pages per epoch.
@@ -84,7 +86,16 @@ const DISK_WARMUP_LINES: usize = 2;
 
 const USAGE: &str =
     "usage: remus-bench [--seconds 15] [--warmup 5] [--intervals 100,200] [--mb-per-s 50]
-                   [--timeout MS] [--out DIR] [--no-write] [--disk | --net]
+                   [--timeout MS] [--out DIR] [--no-write]
+                   [--suite [--only SECTIONS] [--failover-rounds 12] | --disk | --net]
+  --suite          the whole benchmark (what scripts/bench.sh runs): pause by
+                   interval x dirty rate, wire vs raw bytes, pause vs RAM size,
+                   guest slowdown (cpumem), failover times, remus migrate vs
+                   QEMU's live migration, the disk and network cases; one report
+                   with every target met or missed (--seconds defaults to 8)
+  --only L         with --suite: only these sections, comma-separated, of
+                   matrix, wire, ram, slowdown, failover, migrate, disk, net
+  --failover-rounds N  failover rounds (every third one freezes the primary)
   --seconds N      measured checkpoints per case = N s / interval (default 15);
                    disk cases: N of the guest's once-a-second lines per case;
                    net cases: N s of pings (50/s), then N s of TCP each way
@@ -121,6 +132,12 @@ struct Opts {
     disk: bool,
     /// Run the network cases (only).
     net: bool,
+    /// Run the whole suite (`suite.rs`).
+    suite: bool,
+    /// With `suite`: only these sections.
+    only: Vec<String>,
+    /// With `suite`: failover rounds.
+    failover_rounds: u64,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
@@ -134,7 +151,11 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         write: true,
         disk: false,
         net: false,
+        suite: false,
+        only: Vec::new(),
+        failover_rounds: 12,
     };
+    let mut seconds_given = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--no-write" {
@@ -149,6 +170,10 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             o.net = true;
             continue;
         }
+        if a == "--suite" {
+            o.suite = true;
+            continue;
+        }
         if a == "-h" || a == "--help" {
             println!("{USAGE}");
             std::process::exit(0);
@@ -158,7 +183,25 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             .with_context(|| format!("{a} needs a value\n{USAGE}"))?;
         let num = || -> Result<u64> { v.parse().with_context(|| format!("bad {a} '{v}'")) };
         match a.as_str() {
-            "--seconds" => o.seconds = num()?,
+            "--seconds" => {
+                o.seconds = num()?;
+                seconds_given = true;
+            }
+            "--failover-rounds" => o.failover_rounds = num()?,
+            "--only" => {
+                o.suite = true;
+                o.only = v.split(',').map(|s| s.trim().to_string()).collect();
+                if let Some(bad) = o
+                    .only
+                    .iter()
+                    .find(|s| !suite::SECTIONS.contains(&s.as_str()))
+                {
+                    bail!(
+                        "unknown section '{bad}' (sections: {})",
+                        suite::SECTIONS.join(", ")
+                    );
+                }
+            }
             "--warmup" => o.warmup = num()? as usize,
             "--mb-per-s" => o.mb_per_s = num()?,
             "--timeout" => o.timeout_ms = num()?,
@@ -179,8 +222,12 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
     if o.seconds == 0 || o.intervals.is_empty() || o.intervals.contains(&0) {
         bail!("--seconds and every interval must be > 0");
     }
-    if o.disk && o.net {
-        bail!("--disk and --net are separate runs: give one of them");
+    if [o.disk, o.net, o.suite].iter().filter(|x| **x).count() > 1 {
+        bail!("--suite, --disk and --net are separate runs: give one of them");
+    }
+    if o.suite && !seconds_given {
+        // Some 30 cases: 8 s each keeps the suite near 25 minutes.
+        o.seconds = 8;
     }
     Ok(o)
 }
@@ -246,21 +293,49 @@ fn r3(x: f64) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Workload {
     Idle,
-    Dirty(u64),
+    /// `dirty` at N MiB/s, changing M bytes of each page it visits.
+    Dirty(u64, u64),
 }
 
 impl Workload {
     fn label(&self) -> String {
         match self {
             Workload::Idle => "idle".into(),
-            Workload::Dirty(mb) => format!("dirty {mb} MB/s"),
+            Workload::Dirty(mb, 1) => format!("dirty {mb} MB/s"),
+            Workload::Dirty(mb, b) => format!("dirty {mb} MB/s ({b} B/page)"),
         }
     }
     fn cmdline(&self) -> String {
         match self {
             Workload::Idle => "remus.workload=tick".into(),
-            Workload::Dirty(mb) => format!("remus.workload=tick,dirty:--mb-per-s:{mb}"),
+            Workload::Dirty(mb, b) => {
+                format!("remus.workload=tick,dirty:--mb-per-s:{mb}:--write-bytes:{b}")
+            }
         }
+    }
+}
+
+/// What one pause case runs: interval, guest workload and memory, and
+/// extra `remus protect` arguments (e.g. `-u`).
+#[derive(Debug, Clone)]
+struct CaseSpec {
+    interval_ms: u64,
+    workload: Workload,
+    memory_mib: u64,
+    protect_args: Vec<String>,
+}
+
+impl CaseSpec {
+    fn new(interval_ms: u64, workload: Workload) -> CaseSpec {
+        CaseSpec {
+            interval_ms,
+            workload,
+            memory_mib: 256,
+            protect_args: Vec::new(),
+        }
+    }
+    fn compressed(&self) -> bool {
+        !self.protect_args.iter().any(|a| a == "-u")
     }
 }
 
@@ -269,9 +344,14 @@ impl Workload {
 struct CaseResult {
     interval_ms: u64,
     workload: Workload,
+    memory_mib: u64,
+    compressed: bool,
     pause: Vec<f64>,
     dirty: Vec<f64>,
     bytes: Vec<f64>,
+    /// Bytes before compression (pages × 4096 + device state).
+    raw_bytes: Vec<f64>,
+    xor_pages: Vec<f64>,
     ack: Vec<f64>,
     /// Pause phases (ms): QMP stop, dirty scan, page copy, device state
     /// save, QMP cont.
@@ -299,13 +379,8 @@ fn dirty_rates(console: &str) -> Vec<u64> {
         .collect()
 }
 
-fn run_case(
-    bins: &Binaries,
-    img: &GuestImage,
-    o: &Opts,
-    interval_ms: u64,
-    workload: Workload,
-) -> Result<CaseResult> {
+fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Result<CaseResult> {
+    let (interval_ms, workload) = (spec.interval_ms, spec.workload);
     let keydir = tempfile::tempdir()?;
     let key = write_key(keydir.path());
     let key_s = key.to_str().context("key path")?;
@@ -318,10 +393,13 @@ fn run_case(
         "bench-i{interval_ms}-{}",
         match workload {
             Workload::Idle => "idle",
-            Workload::Dirty(_) => "dirty",
+            Workload::Dirty(..) => "dirty",
         }
     );
-    let cfg = primary.write_file("vm.toml", &img.config(&vm, &workload.cmdline(), ""));
+    let cfg = img
+        .config(&vm, &workload.cmdline(), "")
+        .replace("memory = 256", &format!("memory = {}", spec.memory_mib));
+    let cfg = primary.write_file("vm.toml", &cfg);
     let out = primary.cli(&["create", cfg.to_str().context("config path")?]);
     if !out.ok {
         bail!("create {vm}: {}", out.stderr.trim());
@@ -329,7 +407,7 @@ fn run_case(
     let boot = Duration::from_secs(180);
     match workload {
         Workload::Idle => primary.wait_console(&vm, boot, "tick 3", |c| last_tick(c) >= Some(3))?,
-        Workload::Dirty(_) => {
+        Workload::Dirty(..) => {
             primary.wait_console(&vm, boot, "a 'dirty:' line", |c| !dirty_rates(c).is_empty())?
         }
     };
@@ -347,7 +425,9 @@ fn run_case(
         .arg("--socket")
         .arg(&primary.socket)
         .args(["protect", "-i", &interval_ms.to_string()])
-        .args(["--timeout", &o.timeout_ms.to_string(), "--json", &vm, &peer])
+        .args(["--timeout", &o.timeout_ms.to_string(), "--json"])
+        .args(&spec.protect_args)
+        .args([&vm, &peer])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -465,9 +545,13 @@ fn run_case(
     Ok(CaseResult {
         interval_ms,
         workload,
+        memory_mib: spec.memory_mib,
+        compressed: spec.compressed(),
         pause: col("pause_ms"),
         dirty: col("dirty_pages"),
         bytes: col("bytes"),
+        raw_bytes: col("raw_bytes"),
+        xor_pages: col("xor_pages"),
         ack: col("ack_ms"),
         ph_stop: phase("stop"),
         ph_scan: phase("scan"),
@@ -635,7 +719,7 @@ fn render_md(date: &str, m: &Machine, profile: &str, o: &Opts, all: &[CaseResult
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
         let idle = idle_of(all, c);
         type Column = fn(&CaseResult) -> &Vec<f64>;
-        let rows: [(&str, Column); 9] = [
+        let rows: [(&str, Column); 10] = [
             ("pause (ms)", |x| &x.pause),
             ("… QMP stop (ms)", |x| &x.ph_stop),
             ("… dirty scan (ms)", |x| &x.ph_scan),
@@ -644,6 +728,7 @@ fn render_md(date: &str, m: &Machine, profile: &str, o: &Opts, all: &[CaseResult
             ("… QMP cont (ms)", |x| &x.ph_cont),
             ("dirty pages", |x| &x.dirty),
             ("bytes sent", |x| &x.bytes),
+            ("… uncompressed", |x| &x.raw_bytes),
             ("ack (ms)", |x| &x.ack),
         ];
         for (name, get) in rows {
@@ -691,8 +776,14 @@ fn case_json(all: &[CaseResult], c: &CaseResult) -> Value {
     json!({
         "name": case_name(c),
         "interval_ms": c.interval_ms,
-        "workload": match c.workload { Workload::Idle => "idle", Workload::Dirty(_) => "dirty" },
-        "mb_per_s": match c.workload { Workload::Idle => 0, Workload::Dirty(mb) => mb },
+        "workload": match c.workload { Workload::Idle => "idle", Workload::Dirty(..) => "dirty" },
+        "mb_per_s": match c.workload { Workload::Idle => 0, Workload::Dirty(mb, _) => mb },
+        "write_bytes_per_page": match c.workload { Workload::Idle => 0, Workload::Dirty(_, b) => b },
+        "memory_mib": c.memory_mib,
+        "compressed": c.compressed,
+        "raw_bytes": stats(&c.raw_bytes).json(),
+        "xor_pages": stats(&c.xor_pages).json(),
+        "wire_over_raw": r3(ratio(c.bytes.iter().sum(), c.raw_bytes.iter().sum())),
         "accel": c.accel,
         "checkpoints": c.pause.len(),
         "achieved_interval_ms": r3(c.achieved_interval_ms),
@@ -1442,6 +1533,13 @@ fn net_workload() -> String {
     format!("remus.workload=tick,seqserver remus.ip={NET_VM_IP}/24")
 }
 
+/// The net cases' VM: seqserver, an address on the LAN, a NIC on the
+/// host's br0 with a fixed MAC (it keeps MAC and IP across hosts).
+fn net_vm_config(img: &GuestImage, vm: &str) -> String {
+    let vif = format!("[[vif]]\nbridge = \"br0\"\nmac = \"{NET_VM_MAC}\"\n");
+    img.config(vm, &net_workload(), &vif)
+}
+
 /// How a net case runs the VM.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NetMode {
@@ -1779,8 +1877,7 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
     let primary = Agent::start(bins, Some(lan.host("a")), &["--key", key_s])
         .context("start primary agent in host a")?;
     let vm = "bench-net";
-    let vif = format!("[[vif]]\nbridge = \"br0\"\nmac = \"{NET_VM_MAC}\"\n");
-    let cfg = primary.write_file("vm.toml", &img.config(vm, &net_workload(), &vif));
+    let cfg = primary.write_file("vm.toml", &net_vm_config(img, vm));
     let out = primary.cli(&["create", cfg.to_str().context("config path")?]);
     if !out.ok {
         bail!("create {vm}: {}", out.stderr.trim());
@@ -2137,15 +2234,18 @@ fn real_main() -> Result<()> {
     if o.net {
         return net_main(&o, &bins, &profile, &img, &m, &date);
     }
+    if o.suite {
+        return suite::suite_main(&o, &bins, &profile, &img, &m, &date);
+    }
     let cases: Vec<(u64, Workload)> = o
         .intervals
         .iter()
-        .flat_map(|&i| [(i, Workload::Idle), (i, Workload::Dirty(o.mb_per_s))])
+        .flat_map(|&i| [(i, Workload::Idle), (i, Workload::Dirty(o.mb_per_s, 1))])
         .collect();
     let mut all = Vec::new();
     for (i, w) in cases {
         eprintln!("remus-bench: -i {i} ms, {} ...", w.label());
-        let c = run_case(&bins, &img, &o, i, w)?;
+        let c = run_case(&bins, &img, &o, &CaseSpec::new(i, w))?;
         let p = stats(&c.pause);
         eprintln!(
             "remus-bench:   {} checkpoints ({}), pause p50 {:.2} p99 {:.2} max {:.2} ms, dirty pages p50 {:.0}",

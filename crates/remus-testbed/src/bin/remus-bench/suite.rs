@@ -1,0 +1,1184 @@
+//! The bench suite (`remus-bench --suite`, what `scripts/bench.sh` runs
+//! with no arguments): every measurement of the benchmark issue in one
+//! run, one report section and one JSON run in `bench/`, and a summary of
+//! the targets, each met or missed by how much.
+//!
+//! Sections (`--only` picks some, in this order):
+//! - `matrix`: checkpoint pause p50/p99/max for every interval (25, 50,
+//!   100, 200 ms) × guest dirty rate (idle, 10, 50, 200 MB/s), with wire
+//!   and raw bytes per checkpoint.
+//! - `wire`: bytes on the wire against raw dirty bytes as the share of
+//!   each page the guest changes varies (1, 64, 256, 4096 bytes per page
+//!   visit), and the reference case with compression off (`-u`).
+//! - `ram`: pause against guest RAM size (256 MiB to 4 GiB) at the same
+//!   dirty rate.
+//! - `slowdown`: a CPU and memory workload in the guest (`cpumem`),
+//!   unprotected against protected at 25 and 40 checkpoints per second
+//!   (and at 25 with `-u`), in one run on one VM.
+//! - `failover`: repeated primary failures (SIGKILL; every third round
+//!   frozen instead) on a LAN of network namespaces: time to the backup's
+//!   running VM and to the first line a TCP client gets from it.
+//! - `migrate`: `remus migrate` against QEMU's own live migration of the
+//!   same guest over the same loopback link: total time, downtime, bytes.
+//! - `disk`, `net`: the disk and network cases (`--disk`, `--net`).
+//!
+//! The reference workload (for the wire target) is `dirty` at 50 MB/s
+//! changing 256 random bytes of each page it visits, checkpointed every
+//! 100 ms (about 1,280 dirty pages per epoch).
+
+use super::*;
+
+pub(crate) const SECTIONS: &[&str] = &[
+    "matrix", "wire", "ram", "slowdown", "failover", "migrate", "disk", "net",
+];
+
+const MATRIX_INTERVALS: [u64; 4] = [25, 50, 100, 200];
+const MATRIX_RATES: [u64; 3] = [10, 50, 200];
+/// Bytes of each page the reference workload changes per visit.
+const REF_WRITE_BYTES: u64 = 256;
+const REF_INTERVAL_MS: u64 = 100;
+const REF_MB_PER_S: u64 = 50;
+const WIRE_WRITE_BYTES: [u64; 3] = [1, 64, 4096];
+const RAM_SIZES_MIB: [u64; 4] = [256, 1024, 2048, 4096];
+
+const TARGET_SLOWDOWN: f64 = 1.3;
+const TARGET_FAILOVER_SLACK_MS: f64 = 300.0;
+const TARGET_WIRE_RATIO: f64 = 0.5;
+const TARGET_RAM_RATIO: f64 = 1.2;
+
+fn reference() -> Workload {
+    Workload::Dirty(REF_MB_PER_S, REF_WRITE_BYTES)
+}
+
+/// One target of the issue, as measured.
+struct Target {
+    what: String,
+    measured: String,
+    met: Option<bool>,
+    note: String,
+}
+
+impl Target {
+    fn json(&self) -> Value {
+        json!({"what": self.what, "measured": self.measured, "met": self.met, "note": self.note})
+    }
+}
+
+pub(crate) fn suite_main(
+    o: &Opts,
+    bins: &Binaries,
+    profile: &str,
+    img: &GuestImage,
+    m: &Machine,
+    date: &str,
+) -> Result<()> {
+    let only = |s: &str| o.only.is_empty() || o.only.iter().any(|x| x == s);
+    let mut sections: Vec<String> = Vec::new();
+    let mut runs = serde_json::Map::new();
+    let mut targets: Vec<Target> = Vec::new();
+    let mut cases: Vec<CaseResult> = Vec::new();
+    let run_specs = |specs: Vec<CaseSpec>, cases: &mut Vec<CaseResult>| -> Result<()> {
+        for spec in specs {
+            eprintln!(
+                "remus-bench: -i {} ms, {}, {} MiB{} ...",
+                spec.interval_ms,
+                spec.workload.label(),
+                spec.memory_mib,
+                if spec.compressed() { "" } else { ", -u" }
+            );
+            let c = run_case(bins, img, o, &spec)?;
+            let p = stats(&c.pause);
+            eprintln!(
+                "remus-bench:   pause p50 {:.2} p99 {:.2} ms, dirty p50 {:.0}, wire/raw {:.3}",
+                p.p50,
+                p.p99,
+                stats(&c.dirty).p50,
+                wire_ratio(&c)
+            );
+            cases.push(c);
+        }
+        Ok(())
+    };
+
+    if only("matrix") {
+        let mut specs = Vec::new();
+        for &i in &MATRIX_INTERVALS {
+            specs.push(CaseSpec::new(i, Workload::Idle));
+            for &mb in &MATRIX_RATES {
+                specs.push(CaseSpec::new(i, Workload::Dirty(mb, REF_WRITE_BYTES)));
+            }
+        }
+        let start = cases.len();
+        run_specs(specs, &mut cases)?;
+        let matrix = &cases[start..];
+        sections.push(render_matrix(matrix));
+        runs.insert(
+            "matrix".into(),
+            json!(
+                matrix
+                    .iter()
+                    .map(|c| case_json(matrix, c))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        if let Some(c) = matrix
+            .iter()
+            .filter(|c| c.workload != Workload::Idle)
+            .min_by_key(|c| (stats(&c.dirty).p50 - TARGET_DIRTY_PAGES as f64).abs() as u64)
+        {
+            let p = stats(&c.pause);
+            targets.push(Target {
+                what: format!("pause p50 ≤ {TARGET_P50_MS} ms at about {TARGET_DIRTY_PAGES} dirty pages per epoch"),
+                measured: format!("{:.2} ms at {:.0} pages ({})", p.p50, stats(&c.dirty).p50, case_label(c)),
+                met: Some(p.p50 <= TARGET_P50_MS),
+                note: over(p.p50, TARGET_P50_MS, "ms"),
+            });
+        }
+    }
+    if only("wire") {
+        let mut specs: Vec<CaseSpec> = WIRE_WRITE_BYTES
+            .iter()
+            .map(|&b| CaseSpec::new(REF_INTERVAL_MS, Workload::Dirty(REF_MB_PER_S, b)))
+            .collect();
+        let mut off = CaseSpec::new(REF_INTERVAL_MS, reference());
+        off.protect_args = vec!["-u".into()];
+        specs.push(off);
+        if !cases.iter().any(is_reference) {
+            specs.push(CaseSpec::new(REF_INTERVAL_MS, reference()));
+        }
+        let start = cases.len();
+        run_specs(specs, &mut cases)?;
+        let mut wire: Vec<CaseResult> = cases[start..].to_vec();
+        if let Some(r) = cases[..start].iter().find(|c| is_reference(c)) {
+            wire.push(r.clone());
+        }
+        wire.sort_by_key(|c| {
+            (
+                !c.compressed,
+                match c.workload {
+                    Workload::Dirty(_, b) => b,
+                    Workload::Idle => 0,
+                },
+            )
+        });
+        sections.push(render_wire(&wire));
+        runs.insert(
+            "wire".into(),
+            json!(wire.iter().map(|c| case_json(&wire, c)).collect::<Vec<_>>()),
+        );
+        if let Some(r) = wire.iter().find(|c| is_reference(c)) {
+            let w = wire_ratio(r);
+            targets.push(Target {
+                what: format!(
+                    "wire bytes ≤ {TARGET_WIRE_RATIO}× raw dirty bytes on the reference workload"
+                ),
+                measured: format!("{w:.3}× ({})", case_label(r)),
+                met: Some(w <= TARGET_WIRE_RATIO),
+                note: if w <= TARGET_WIRE_RATIO {
+                    String::new()
+                } else {
+                    format!("missed by {:.3}×", w - TARGET_WIRE_RATIO)
+                },
+            });
+        }
+    }
+    if only("ram") {
+        let specs: Vec<CaseSpec> = RAM_SIZES_MIB
+            .iter()
+            .filter(|&&mib| mib != 256 || !cases.iter().any(is_reference))
+            .map(|&mib| {
+                let mut s = CaseSpec::new(REF_INTERVAL_MS, reference());
+                s.memory_mib = mib;
+                s
+            })
+            .collect();
+        let start = cases.len();
+        run_specs(specs, &mut cases)?;
+        let mut ram: Vec<CaseResult> = cases[start..].to_vec();
+        if let Some(r) = cases[..start].iter().find(|c| is_reference(c)) {
+            ram.push(r.clone());
+        }
+        ram.sort_by_key(|c| c.memory_mib);
+        sections.push(render_ram(&ram));
+        runs.insert(
+            "ram".into(),
+            json!(ram.iter().map(|c| case_json(&ram, c)).collect::<Vec<_>>()),
+        );
+        if let (Some(small), Some(big)) = (ram.first(), ram.last())
+            && big.memory_mib > small.memory_mib
+        {
+            let r = ratio(stats(&big.pause).p50, stats(&small.pause).p50);
+            targets.push(Target {
+                what: format!(
+                    "pause at {} MiB ≤ {TARGET_RAM_RATIO}× the pause at {} MiB (p50, same dirty rate)",
+                    big.memory_mib, small.memory_mib
+                ),
+                measured: format!(
+                    "{r:.2}× ({:.2} / {:.2} ms)",
+                    stats(&big.pause).p50,
+                    stats(&small.pause).p50
+                ),
+                met: Some(r <= TARGET_RAM_RATIO),
+                note: if r <= TARGET_RAM_RATIO {
+                    String::new()
+                } else {
+                    format!("missed by {:.2}×", r - TARGET_RAM_RATIO)
+                },
+            });
+        }
+    }
+    if only("slowdown") {
+        eprintln!("remus-bench: slowdown (cpumem) ...");
+        let s = run_slowdown(bins, img, o)?;
+        sections.push(render_slowdown(&s));
+        runs.insert("slowdown".into(), s.json());
+        if let Some(c) = s
+            .cases
+            .iter()
+            .find(|c| c.interval_ms == Some(40) && c.compressed)
+        {
+            let sd = s.slowdown(c);
+            targets.push(Target {
+                what: format!("guest slowdown ≤ {TARGET_SLOWDOWN}× at 25 checkpoints per second"),
+                measured: format!("{sd:.2}× (cpumem, -i 40)"),
+                met: Some(sd <= TARGET_SLOWDOWN),
+                note: if sd <= TARGET_SLOWDOWN {
+                    String::new()
+                } else {
+                    format!("missed by {:.2}×", sd - TARGET_SLOWDOWN)
+                },
+            });
+        }
+    }
+    if only("failover") {
+        eprintln!("remus-bench: failover rounds ...");
+        let f = run_failover(bins, img, o)?;
+        sections.push(render_failover(&f));
+        runs.insert("failover".into(), f.json());
+        let frozen: Vec<f64> = f
+            .rounds
+            .iter()
+            .filter(|r| r.frozen)
+            .map(|r| r.response_ms)
+            .collect();
+        if !frozen.is_empty() {
+            let st = stats(&frozen);
+            let limit = f.timeout_ms as f64 + TARGET_FAILOVER_SLACK_MS;
+            targets.push(Target {
+                what: format!(
+                    "failover within timeout + {TARGET_FAILOVER_SLACK_MS} ms (frozen primary, --timeout {})",
+                    f.timeout_ms
+                ),
+                measured: format!(
+                    "to first client line: p50 {:.0}, max {:.0} ms over {} rounds",
+                    st.p50,
+                    st.max,
+                    frozen.len()
+                ),
+                met: Some(st.max <= limit),
+                note: over(st.max, limit, "ms"),
+            });
+        }
+    }
+    if only("migrate") {
+        eprintln!("remus-bench: remus migrate against QEMU's live migration ...");
+        let mg = run_migrate(bins, img)?;
+        sections.push(render_migrate(&mg));
+        runs.insert(
+            "migrate".into(),
+            json!(mg.iter().map(MigrateCase::json).collect::<Vec<_>>()),
+        );
+        for c in &mg {
+            targets.push(Target {
+                what: format!(
+                    "`remus migrate` downtime no worse than QEMU's own ({})",
+                    c.workload.label()
+                ),
+                measured: format!(
+                    "{:.0} ms against {:.0} ms",
+                    c.remus.downtime_ms, c.qemu.downtime_ms
+                ),
+                met: Some(c.remus.downtime_ms <= c.qemu.downtime_ms),
+                note: over(c.remus.downtime_ms, c.qemu.downtime_ms, "ms"),
+            });
+        }
+    }
+    if only("disk") {
+        eprintln!("remus-bench: disk cases ...");
+        let run = run_disk(bins, img, o)?;
+        sections.push(render_disk_md(date, m, profile, o, &run).replacen("## ", "### Disk: ", 1));
+        runs.insert(
+            "disk".into(),
+            json!(
+                run.cases
+                    .iter()
+                    .map(|c| disk_case_json(&run, c))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        if let Some((_, r)) = disk_ratios(&run)
+            .into_iter()
+            .find(|x| x.0 == DISK_TARGET_INTERVAL_MS)
+        {
+            targets.push(Target {
+                what: format!(
+                    "disk write throughput ≥ {DISK_TARGET_RATIO}× unprotected at -i {DISK_TARGET_INTERVAL_MS}"
+                ),
+                measured: format!("{r:.2}×"),
+                met: Some(r >= DISK_TARGET_RATIO),
+                note: String::new(),
+            });
+        }
+    }
+    if only("net") {
+        eprintln!("remus-bench: network cases ...");
+        let run = run_net(bins, img, o)?;
+        sections.push(render_net_md(date, m, profile, o, &run).replacen("## ", "### Network: ", 1));
+        runs.insert(
+            "net".into(),
+            json!(
+                run.cases
+                    .iter()
+                    .map(|c| net_case_json(&run, c))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        for c in &run.cases {
+            if let (Some(met), Some(t)) = (run.target_met(c), c.mode.target_ms()) {
+                let (p50, _) = run.rtt_increase(c);
+                targets.push(Target {
+                    what: format!("ping RTT p50 increase ≤ {t:.0} ms ({})", c.mode.name()),
+                    measured: format!("+{p50:.1} ms"),
+                    met: Some(met),
+                    note: over(p50, t, "ms"),
+                });
+            }
+        }
+    }
+
+    let accel: Vec<String> = {
+        let mut v: Vec<String> = cases.iter().map(|c| c.accel.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut md = format!(
+        "## {date} — bench suite\n\n\
+         - machine: Linux {}, {} CPUs, {}; load average at start {}\n\
+         - QEMU: {}; accel: {}; build profile: {profile}\n\
+         - command: `scripts/bench.sh` (`remus-bench --suite{}`); {} s measured per pause case after {} warm-up checkpoints\n\
+         - reference workload: `dirty` at {REF_MB_PER_S} MB/s changing {REF_WRITE_BYTES} random bytes of each page it visits, -i {REF_INTERVAL_MS}; \
+         checkpoints compressed (the default) unless a row says `-u`\n\n\
+         ### Targets\n\n| target | measured | verdict |\n|---|---|---|\n",
+        m.kernel,
+        m.nproc,
+        m.cpu,
+        m.loadavg,
+        m.qemu,
+        if accel.is_empty() {
+            "?".to_string()
+        } else {
+            accel.join(", ")
+        },
+        if o.only.is_empty() {
+            String::new()
+        } else {
+            format!(" --only {}", o.only.join(","))
+        },
+        o.seconds,
+        o.warmup,
+    );
+    for t in &targets {
+        let v = match t.met {
+            Some(true) => "met".to_string(),
+            Some(false) => format!("**MISSED** {}", t.note),
+            None => "—".into(),
+        };
+        md.push_str(&format!("| {} | {} | {} |\n", t.what, t.measured, v.trim()));
+    }
+    md.push('\n');
+    for s in &sections {
+        md.push_str(s);
+        if !md.ends_with("\n\n") {
+            md.push('\n');
+        }
+    }
+    print!("{md}");
+    let run = json!({
+        "date": date,
+        "kind": "suite",
+        "machine": {"kernel": m.kernel, "nproc": m.nproc, "cpu": m.cpu, "qemu": m.qemu, "loadavg": m.loadavg},
+        "accel": accel,
+        "profile": profile,
+        "settings": {"seconds": o.seconds, "warmup": o.warmup, "timeout_ms": o.timeout_ms, "only": o.only,
+            "reference": {"interval_ms": REF_INTERVAL_MS, "mb_per_s": REF_MB_PER_S, "write_bytes_per_page": REF_WRITE_BYTES}},
+        "targets": targets.iter().map(Target::json).collect::<Vec<_>>(),
+        "sections": Value::Object(runs),
+    });
+    if o.write {
+        write_results(&o.out, &md, run)?;
+    }
+    Ok(())
+}
+
+fn over(value: f64, target: f64, unit: &str) -> String {
+    if value <= target {
+        String::new()
+    } else {
+        format!("by {:.1} {unit}", value - target)
+    }
+}
+
+fn is_reference(c: &CaseResult) -> bool {
+    c.interval_ms == REF_INTERVAL_MS
+        && c.workload == reference()
+        && c.memory_mib == 256
+        && c.compressed
+}
+
+fn wire_ratio(c: &CaseResult) -> f64 {
+    ratio(c.bytes.iter().sum(), c.raw_bytes.iter().sum())
+}
+
+fn case_label(c: &CaseResult) -> String {
+    let mut s = format!("-i {}, {}", c.interval_ms, c.workload.label());
+    if c.memory_mib != 256 {
+        s.push_str(&format!(", {} MiB", c.memory_mib));
+    }
+    if !c.compressed {
+        s.push_str(", -u");
+    }
+    s
+}
+
+const CASE_HEADER: &str = "| case | checkpoints | pause p50 ms | p99 | max | dirty pages p50 | raw KiB/checkpoint p50 | wire KiB p50 | wire/raw | XOR pages % | ack p50 ms | guest MB/s |\n\
+                           |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+
+fn case_row(c: &CaseResult) -> String {
+    let p = stats(&c.pause);
+    let dirty: f64 = c.dirty.iter().sum();
+    let xor: f64 = c.xor_pages.iter().sum();
+    format!(
+        "| {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {} |\n",
+        case_label(c),
+        c.pause.len(),
+        p.p50,
+        p.p99,
+        p.max,
+        stats(&c.dirty).p50,
+        stats(&c.raw_bytes).p50 / 1024.0,
+        stats(&c.bytes).p50 / 1024.0,
+        wire_ratio(c),
+        if dirty > 0.0 {
+            xor * 100.0 / dirty
+        } else {
+            0.0
+        },
+        stats(&c.ack).p50,
+        c.guest_mb_per_s
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "—".into()),
+    )
+}
+
+fn render_matrix(cases: &[CaseResult]) -> String {
+    let mut s = String::from(
+        "### Checkpoint pause: interval × dirty rate\n\n\
+         256 MiB guest; `dirty` changes 256 bytes of each page it visits. Percentiles are nearest-rank.\n\n",
+    );
+    s.push_str(CASE_HEADER);
+    for c in cases {
+        s.push_str(&case_row(c));
+    }
+    s.push_str(
+        "\nPause phases (p50 ms): QMP stop / dirty scan / page copy / device state / QMP cont\n\n",
+    );
+    for c in cases {
+        s.push_str(&format!(
+            "- {}: {:.2} / {:.2} / {:.2} / {:.2} / {:.2}\n",
+            case_label(c),
+            stats(&c.ph_stop).p50,
+            stats(&c.ph_scan).p50,
+            stats(&c.ph_copy).p50,
+            stats(&c.ph_devstate).p50,
+            stats(&c.ph_cont).p50
+        ));
+    }
+    s.push('\n');
+    s
+}
+
+fn render_wire(cases: &[CaseResult]) -> String {
+    let mut s = String::from(
+        "### Bytes on the wire against raw dirty bytes\n\n\
+         -i 100, `dirty` at 50 MB/s; the bytes of each page changed per visit vary. \
+         raw = dirty pages × 4096 + device state; wire = page and device-state frames as sent (headers included). \
+         Compression XORs each page against the copy the backup holds (64 MiB page cache on the primary), then LZ4.\n\n",
+    );
+    s.push_str(CASE_HEADER);
+    for c in cases {
+        s.push_str(&case_row(c));
+    }
+    s.push('\n');
+    s
+}
+
+fn render_ram(cases: &[CaseResult]) -> String {
+    let mut s = String::from(
+        "### Pause against guest RAM size\n\n-i 100, reference workload (the same dirty rate at every size).\n\n",
+    );
+    s.push_str(CASE_HEADER);
+    for c in cases {
+        s.push_str(&case_row(c));
+    }
+    s.push_str("\nDirty scan p50 (ms) by size: ");
+    let scans: Vec<String> = cases
+        .iter()
+        .map(|c| format!("{} MiB {:.2}", c.memory_mib, stats(&c.ph_scan).p50))
+        .collect();
+    s.push_str(&scans.join(", "));
+    s.push_str("\n\n");
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Guest slowdown
+
+const SLOWDOWN_WORKLOAD: &str = "remus.workload=tick,cpumem";
+
+struct SlowCase {
+    /// None: unprotected.
+    interval_ms: Option<u64>,
+    compressed: bool,
+    kops: Vec<f64>,
+    pauses: Vec<f64>,
+}
+
+impl SlowCase {
+    fn name(&self) -> String {
+        match self.interval_ms {
+            None => "unprotected".into(),
+            Some(i) => format!(
+                "protected -i {i} ({} checkpoints/s){}",
+                1000 / i,
+                if self.compressed { "" } else { ", -u" }
+            ),
+        }
+    }
+}
+
+struct Slowdown {
+    cases: Vec<SlowCase>,
+    seconds: u64,
+}
+
+impl Slowdown {
+    fn base(&self) -> f64 {
+        let v: Vec<f64> = self
+            .cases
+            .iter()
+            .filter(|c| c.interval_ms.is_none())
+            .map(|c| stats(&c.kops).p50)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
+    /// Unprotected throughput over this case's (≥ 1 when slower).
+    fn slowdown(&self, c: &SlowCase) -> f64 {
+        ratio(self.base(), stats(&c.kops).p50)
+    }
+    fn json(&self) -> Value {
+        json!({
+            "workload": SLOWDOWN_WORKLOAD,
+            "seconds": self.seconds,
+            "cases": self.cases.iter().map(|c| json!({
+                "name": c.name(), "interval_ms": c.interval_ms, "compressed": c.compressed,
+                "kops_per_s": stats(&c.kops).json(), "slowdown": r3(self.slowdown(c)),
+                "pause_ms": stats(&c.pauses).json(), "checkpoints": c.pauses.len(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The guest's `cpumem: N kops/s` numbers.
+fn cpumem_rates(console: &str) -> Vec<f64> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let at = l.rfind("cpumem: ")?;
+            l[at + 8..].split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn run_slowdown(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<Slowdown> {
+    let seconds = o.seconds.max(5);
+    let keydir = tempfile::tempdir()?;
+    let key = write_key(keydir.path());
+    let key_s = key.to_str().context("key path")?;
+    let peer = format!("127.0.0.1:{}", free_port());
+    let backup = Agent::start(bins, None, &["--listen", &peer, "--key", key_s])?;
+    let primary = Agent::start(bins, None, &["--key", key_s])?;
+    let vm = "bench-slowdown";
+    let cfg = primary.write_file("vm.toml", &img.config(vm, SLOWDOWN_WORKLOAD, ""));
+    let out = primary.cli(&["create", cfg.to_str().context("config path")?]);
+    if !out.ok {
+        bail!("create {vm}: {}", out.stderr.trim());
+    }
+    primary.wait_console(vm, Duration::from_secs(180), "cpumem lines", |c| {
+        cpumem_rates(c).len() >= 3
+    })?;
+    // Measures `seconds` of the guest's lines from now (dropping the
+    // first, which straddles the start).
+    let window = || -> Result<Vec<f64>> {
+        let before = cpumem_rates(&primary.console(vm)).len();
+        std::thread::sleep(Duration::from_secs(seconds + 1));
+        let v: Vec<f64> = cpumem_rates(&primary.console(vm))
+            .into_iter()
+            .skip(before + 1)
+            .collect();
+        if v.len() < 2 {
+            bail!("only {} cpumem lines in {seconds} s", v.len());
+        }
+        Ok(v)
+    };
+    let mut cases = Vec::new();
+    let kops = window()?;
+    cases.push(SlowCase {
+        interval_ms: None,
+        compressed: true,
+        kops,
+        pauses: Vec::new(),
+    });
+    for (i, compressed) in [(40u64, true), (25, true), (25, false)] {
+        let mut args = vec![
+            "-i".to_string(),
+            i.to_string(),
+            "--timeout".into(),
+            "2000".into(),
+        ];
+        if !compressed {
+            args.push("-u".into());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut follow = ProtectFollower::start(&primary, vm, &peer, &argv)?;
+        // Let the initial sync and its after-effects pass.
+        for _ in 0..6 {
+            follow.event("checkpoint")?;
+        }
+        // The events are read while the guest is measured (a full pipe
+        // would stall the CLI): (taken at, pause) of every checkpoint.
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, f64)>::new()));
+        let seen_t = seen.clone();
+        let reader = std::thread::spawn(move || {
+            while let Ok(ev) = follow.event("checkpoint") {
+                let at = ev["taken_at_ms"].as_u64().unwrap_or(0);
+                let pause = ev["pause_ms"].as_f64().unwrap_or(f64::NAN);
+                seen_t
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((at, pause));
+            }
+        });
+        let from = now_ms();
+        let kops = window()?;
+        let to = now_ms();
+        let out = primary.cli(&["protect", "--stop", vm]);
+        if !out.ok {
+            bail!("protect --stop: {}", out.stderr.trim());
+        }
+        let _ = reader.join();
+        let pauses: Vec<f64> = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(at, _)| (from..=to).contains(at))
+            .map(|x| x.1)
+            .collect();
+        let t = Instant::now();
+        while backup.vm(vm).is_some() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("the backup kept its standby after protect --stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "remus-bench:   -i {i}{}: cpumem p50 {:.0} kops/s",
+            if compressed { "" } else { " -u" },
+            stats(&kops).p50
+        );
+        cases.push(SlowCase {
+            interval_ms: Some(i),
+            compressed,
+            kops,
+            pauses,
+        });
+    }
+    let kops = window()?;
+    cases.push(SlowCase {
+        interval_ms: None,
+        compressed: true,
+        kops,
+        pauses: Vec::new(),
+    });
+    let _ = primary.cli(&["destroy", vm]);
+    Ok(Slowdown { cases, seconds })
+}
+
+fn render_slowdown(s: &Slowdown) -> String {
+    let mut md = format!(
+        "### Guest slowdown\n\n\
+         One 256 MiB guest running `cpumem` (random 64-byte reads over 64 MiB, hashing, 8-byte writes to a 2 MiB table), \
+         {} s per case, unprotected before and after the protected cases (the baseline is their mean). \
+         slowdown = unprotected kops/s ÷ this case's (p50 of the guest's once-a-second counts).\n\n\
+         | case | kops/s p50 | slowdown | checkpoints | pause p50 ms |\n|---|---:|---:|---:|---:|\n",
+        s.seconds
+    );
+    for c in &s.cases {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.2}× | {} | {} |\n",
+            c.name(),
+            stats(&c.kops).p50,
+            s.slowdown(c),
+            c.pauses.len(),
+            if c.pauses.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.2}", stats(&c.pauses).p50)
+            }
+        ));
+    }
+    md.push('\n');
+    md
+}
+
+// ---------------------------------------------------------------------------
+// Failover time
+
+struct FailoverRound {
+    frozen: bool,
+    /// Primary killed (or frozen) → the backup's VM runs (agent API).
+    running_ms: f64,
+    /// Primary killed → the first new line at the TCP client.
+    response_ms: f64,
+    /// The client's longest wait for a line over the whole round.
+    longest_gap_ms: f64,
+}
+
+struct FailoverRun {
+    rounds: Vec<FailoverRound>,
+    timeout_ms: u64,
+    interval_ms: u64,
+}
+
+impl FailoverRun {
+    fn json(&self) -> Value {
+        let col = |frozen: bool, f: fn(&FailoverRound) -> f64| -> Vec<f64> {
+            self.rounds
+                .iter()
+                .filter(|r| r.frozen == frozen)
+                .map(f)
+                .collect()
+        };
+        json!({
+            "timeout_ms": self.timeout_ms, "interval_ms": self.interval_ms,
+            "killed": {"rounds": col(false, |r| r.running_ms).len(),
+                "running_ms": stats(&col(false, |r| r.running_ms)).json(),
+                "first_response_ms": stats(&col(false, |r| r.response_ms)).json()},
+            "frozen": {"rounds": col(true, |r| r.running_ms).len(),
+                "running_ms": stats(&col(true, |r| r.running_ms)).json(),
+                "first_response_ms": stats(&col(true, |r| r.response_ms)).json()},
+            "rounds": self.rounds.iter().map(|r| json!({"frozen": r.frozen, "running_ms": r.running_ms,
+                "first_response_ms": r.response_ms, "longest_gap_ms": r.longest_gap_ms})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn run_failover(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<FailoverRun> {
+    const INTERVAL: u64 = 100;
+    const TIMEOUT: u64 = 1000;
+    let lan = Lan::standard("bf")?;
+    let keydir = tempfile::tempdir()?;
+    let key = write_key(keydir.path());
+    let key_s = key.to_str().context("key path")?;
+    let listen = format!("{}:{NET_REPL_PORT}", lan.addr("b"));
+    let backup = Agent::start(
+        bins,
+        Some(lan.host("b")),
+        &["--listen", &listen, "--key", key_s],
+    )?;
+    let mut rounds = Vec::new();
+    for n in 0..o.failover_rounds {
+        let frozen = n % 3 == 2;
+        let mut primary = Agent::start(bins, Some(lan.host("a")), &["--key", key_s])?;
+        let vm = format!("fo{n}");
+        let cfg = primary.write_file("vm.toml", &net_vm_config(img, &vm));
+        let out = primary.cli(&["create", cfg.to_str().context("config path")?]);
+        if !out.ok {
+            bail!("create {vm}: {}", out.stderr.trim());
+        }
+        primary.wait_console(&vm, Duration::from_secs(120), "seqserver", |c| {
+            c.contains("seqserver: listening")
+        })?;
+        let client = SeqClient::start(
+            lan.host("c"),
+            format!("{NET_VM_IP}:7000").parse()?,
+            Duration::from_millis(5),
+        )?;
+        client.wait_received(50, Duration::from_secs(30))?;
+        let args = [
+            "-i",
+            &INTERVAL.to_string(),
+            "--timeout",
+            &TIMEOUT.to_string(),
+        ];
+        let mut follow = ProtectFollower::start(&primary, &vm, &listen, &args)?;
+        follow.checkpoint_after(0)?;
+        // A moment in the epoch that varies from round to round.
+        std::thread::sleep(Duration::from_millis(500 + (n * 137) % 400));
+        let at = client.received();
+        let t0 = Instant::now();
+        if frozen {
+            primary.freeze();
+        } else {
+            primary.kill_hard();
+        }
+        // Lines already released were on their way: let them land, then
+        // count from there (the backup cannot answer this early).
+        std::thread::sleep(Duration::from_millis(20));
+        let at = client.received().max(at);
+        let running_ms = backup.wait_failover(&vm, t0, Duration::from_secs(30))? as f64;
+        client.wait_received(at + 1, Duration::from_secs(30))?;
+        let response_ms = t0.elapsed().as_secs_f64() * 1e3;
+        drop(follow);
+        client.wait_received(at + 100, Duration::from_secs(30))?;
+        if let Some(e) = client.error() {
+            bail!("round {n}: the TCP session broke: {e}");
+        }
+        let gap = client.longest_gap().as_secs_f64() * 1e3;
+        eprintln!(
+            "remus-bench:   round {n} ({}): running after {running_ms:.0} ms, first client line after {response_ms:.0} ms",
+            if frozen { "frozen" } else { "killed" }
+        );
+        rounds.push(FailoverRound {
+            frozen,
+            running_ms,
+            response_ms,
+            longest_gap_ms: gap,
+        });
+        drop(client);
+        let _ = backup.cli(&["destroy", &vm]);
+        primary.kill_hard();
+    }
+    Ok(FailoverRun {
+        rounds,
+        timeout_ms: TIMEOUT,
+        interval_ms: INTERVAL,
+    })
+}
+
+fn render_failover(f: &FailoverRun) -> String {
+    let mut md = format!(
+        "### Failover time\n\n\
+         Hosts a (primary), b (backup) and c (client) as network namespaces on one LAN; the guest runs `seqserver` and c holds a TCP session \
+         that gets a line every 5 ms. `remus protect -i {} --timeout {}`; after a varying moment the primary's agent and QEMU are killed \
+         (SIGKILL: the backup sees the connection close) or, every third round, frozen (SIGSTOP: silence, so the backup waits for its timeout). \
+         running = failure → the backup's VM reported running; first response = failure → the first new line at the client.\n\n\
+         | failure | rounds | running p50 ms | p90 | max | first response p50 ms | p90 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        f.interval_ms, f.timeout_ms
+    );
+    for frozen in [false, true] {
+        let rs: Vec<&FailoverRound> = f.rounds.iter().filter(|r| r.frozen == frozen).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let run: Vec<f64> = rs.iter().map(|r| r.running_ms).collect();
+        let resp: Vec<f64> = rs.iter().map(|r| r.response_ms).collect();
+        let (a, b) = (stats(&run), stats(&resp));
+        let mut sorted = run.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mut sorted_r = resp.clone();
+        sorted_r.sort_by(f64::total_cmp);
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            if frozen { "frozen" } else { "killed" },
+            rs.len(),
+            a.p50,
+            percentile(&sorted, 90.0),
+            a.max,
+            b.p50,
+            percentile(&sorted_r, 90.0),
+            b.max
+        ));
+    }
+    md.push_str("\nPer round (ms, running / first response): ");
+    let v: Vec<String> = f
+        .rounds
+        .iter()
+        .map(|r| {
+            format!(
+                "{}{:.0}/{:.0}",
+                if r.frozen { "F " } else { "" },
+                r.running_ms,
+                r.response_ms
+            )
+        })
+        .collect();
+    md.push_str(&v.join(", "));
+    md.push_str("\n\n");
+    md
+}
+
+// ---------------------------------------------------------------------------
+// remus migrate against QEMU's live migration
+
+#[derive(Debug, Clone, Copy)]
+struct MigrationResult {
+    total_ms: f64,
+    downtime_ms: f64,
+    bytes: u64,
+}
+
+struct MigrateCase {
+    workload: Workload,
+    remus: MigrationResult,
+    qemu: MigrationResult,
+}
+
+impl MigrateCase {
+    fn json(&self) -> Value {
+        let j = |r: &MigrationResult| json!({"total_ms": r3(r.total_ms), "downtime_ms": r3(r.downtime_ms), "bytes": r.bytes});
+        json!({"workload": self.workload.label(), "remus": j(&self.remus), "qemu": j(&self.qemu)})
+    }
+}
+
+fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
+    let mut out = Vec::new();
+    for w in [Workload::Idle, reference()] {
+        let remus = remus_migration(bins, img, w)?;
+        let qemu = qemu_migration(img, w)?;
+        eprintln!(
+            "remus-bench:   {}: remus {:.0} ms total, {:.0} ms down; QEMU {:.0} ms total, {:.0} ms down",
+            w.label(),
+            remus.total_ms,
+            remus.downtime_ms,
+            qemu.total_ms,
+            qemu.downtime_ms
+        );
+        out.push(MigrateCase {
+            workload: w,
+            remus,
+            qemu,
+        });
+    }
+    Ok(out)
+}
+
+fn wait_workload(agent: &Agent, vm: &str, w: Workload) -> Result<String> {
+    agent.wait_console(vm, Duration::from_secs(180), "the workload", |c| match w {
+        Workload::Idle => last_tick(c) >= Some(3),
+        Workload::Dirty(..) => dirty_rates(c).len() >= 2,
+    })
+}
+
+fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<MigrationResult> {
+    let keydir = tempfile::tempdir()?;
+    let key = write_key(keydir.path());
+    let key_s = key.to_str().context("key path")?;
+    let peer = format!("127.0.0.1:{}", free_port());
+    let dest = Agent::start(bins, None, &["--listen", &peer, "--key", key_s])?;
+    let src = Agent::start(bins, None, &["--key", key_s])?;
+    let vm = "bench-migrate";
+    let cfg = src.write_file("vm.toml", &img.config(vm, &w.cmdline(), ""));
+    let o = src.cli(&["create", cfg.to_str().context("config path")?]);
+    if !o.ok {
+        bail!("create: {}", o.stderr.trim());
+    }
+    wait_workload(&src, vm, w)?;
+    let o = src.cli(&["migrate", "--json", vm, &peer]);
+    if !o.ok {
+        bail!("remus migrate: {}", o.stderr.trim());
+    }
+    let done = o
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "done")
+        .context("remus migrate printed no done event")?;
+    wait_workload(&dest, vm, w)?;
+    let _ = dest.cli(&["destroy", vm]);
+    Ok(MigrationResult {
+        total_ms: done["total_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        bytes: done["bytes"].as_u64().unwrap_or(0),
+    })
+}
+
+/// A QEMU we started ourselves; killed (by its PID) on drop.
+struct OwnQemu {
+    child: std::process::Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+}
+
+impl Drop for OwnQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same guest as the agents run it (q35, TCG with `-cpu max`, RAM in a
+/// shared file), started directly; `incoming` adds `-incoming URI`.
+fn own_qemu(
+    dir: &Path,
+    tag: &str,
+    img: &GuestImage,
+    w: Workload,
+    incoming: Option<&str>,
+) -> Result<OwnQemu> {
+    let qmp = dir.join(format!("{tag}.qmp"));
+    let serial = dir.join(format!("{tag}.serial"));
+    let ram = dir.join(format!("{tag}.ram"));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-accel", "tcg", "-cpu", "max"])
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=ram0,size=256M,mem-path={},share=on",
+            ram.display()
+        ))
+        .args([
+            "-machine",
+            "q35,memory-backend=ram0",
+            "-m",
+            "256M",
+            "-smp",
+            "1",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet {}", w.cmdline()));
+    if let Some(uri) = incoming {
+        cmd.args(["-incoming", uri]);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start qemu-system-x86_64")?;
+    Ok(OwnQemu { child, qmp, serial })
+}
+
+fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let dst = own_qemu(dir.path(), "dst", img, w, Some(&uri))?;
+    let src = own_qemu(dir.path(), "src", img, w, None)?;
+    let wait = Duration::from_secs(30);
+    let sq = remus_qmp::Qmp::connect(&src.qmp, wait).context("QMP of the source QEMU")?;
+    let dq = remus_qmp::Qmp::connect(&dst.qmp, wait).context("QMP of the destination QEMU")?;
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&src.serial).unwrap_or_default();
+        let ready = match w {
+            Workload::Idle => last_tick(&text) >= Some(3),
+            Workload::Dirty(..) => dirty_rates(&text).len() >= 2,
+        };
+        if ready {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("the source guest did not start its workload");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No bandwidth cap (QEMU's default is 128 MiB/s; remus has none);
+    // QEMU's default downtime limit (300 ms) stays.
+    sq.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 100u64 << 30})),
+    )
+    .context("migrate-set-parameters")?;
+    sq.execute("migrate", Some(json!({"uri": uri})))
+        .context("migrate")?;
+    let t = Instant::now();
+    let info = loop {
+        let info = sq.execute("query-migrate", None).context("query-migrate")?;
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {info}"),
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("QEMU migration did not complete in 300 s: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let t = Instant::now();
+    while dq.status().unwrap_or_default() != "running" {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the destination QEMU did not run after the migration");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(MigrationResult {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+    })
+}
+
+fn render_migrate(cases: &[MigrateCase]) -> String {
+    let mut md = String::from(
+        "### `remus migrate` against QEMU's live migration\n\n\
+         The same 256 MiB guest (q35, TCG, RAM in a shared file) over 127.0.0.1. QEMU: `migrate` with `max-bandwidth` \
+         raised to 100 GiB/s (its default caps at 128 MiB/s; remus has no cap) and its default 300 ms downtime limit; \
+         its numbers are `query-migrate`'s total-time, downtime (source stop → end of transfer) and ram.transferred. \
+         remus: `remus migrate --json` between two agents; downtime is source paused → destination running; \
+         bytes include device state (compressed).\n\n\
+         | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | remus MiB | QEMU MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for c in cases {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+            c.workload.label(),
+            c.remus.total_ms,
+            c.qemu.total_ms,
+            c.remus.downtime_ms,
+            c.qemu.downtime_ms,
+            c.remus.bytes as f64 / 1048576.0,
+            c.qemu.bytes as f64 / 1048576.0
+        ));
+    }
+    md.push('\n');
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpumem_lines_parse() {
+        assert_eq!(
+            cpumem_rates("tick 1\ncpumem: 1234 kops/s\nxx cpumem: 99 kops/s\r\ncpumem: x\n"),
+            vec![1234.0, 99.0]
+        );
+    }
+
+    #[test]
+    fn over_says_by_how_much() {
+        assert_eq!(over(4.0, 5.0, "ms"), "");
+        assert_eq!(over(7.25, 5.0, "ms"), "by 2.2 ms");
+    }
+}

@@ -64,6 +64,8 @@ impl QmpError {
 pub struct Event {
     pub name: String,
     pub data: Value,
+    /// When QEMU emitted it (its `timestamp`, µs since the Unix epoch).
+    pub timestamp_us: Option<u64>,
 }
 
 type Waiters = HashMap<u64, Sender<Result<Value, QmpError>>>;
@@ -250,6 +252,12 @@ fn read_loop(mut reader: BufReader<UnixStream>, shared: Arc<Shared>) {
             let ev = Event {
                 name: name.to_string(),
                 data: msg.get("data").cloned().unwrap_or(Value::Null),
+                timestamp_us: msg.get("timestamp").and_then(|t| {
+                    Some(
+                        t.get("seconds")?.as_u64()? * 1_000_000
+                            + t.get("microseconds")?.as_u64()?,
+                    )
+                }),
             };
             tracing::trace!(event = %ev.name, "QMP event");
             lock(&shared.subscribers).retain(|s| s.send(ev.clone()).is_ok());

@@ -570,6 +570,9 @@ impl SlowCase {
 struct Slowdown {
     cases: Vec<SlowCase>,
     seconds: u64,
+    /// The same workload in a QEMU driven directly over QMP (no remus):
+    /// (what was done at which rate, kops/s p50), unprotected first.
+    qemu_only: Vec<(String, f64)>,
 }
 
 impl Slowdown {
@@ -582,6 +585,15 @@ impl Slowdown {
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     }
+    fn qemu_only_base(&self) -> f64 {
+        let v: Vec<f64> = self
+            .qemu_only
+            .iter()
+            .filter(|(w, _)| w == "nothing")
+            .map(|x| x.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    }
     /// Unprotected throughput over this case's (≥ 1 when slower).
     fn slowdown(&self, c: &SlowCase) -> f64 {
         ratio(self.base(), stats(&c.kops).p50)
@@ -590,6 +602,9 @@ impl Slowdown {
         json!({
             "workload": SLOWDOWN_WORKLOAD,
             "seconds": self.seconds,
+            "qemu_only": self.qemu_only.iter().map(|(what, k)| json!({
+                "what": what, "kops_per_s": r3(*k), "slowdown": r3(ratio(self.qemu_only_base(), *k)),
+            })).collect::<Vec<_>>(),
             "cases": self.cases.iter().map(|c| json!({
                 "name": c.name(), "interval_ms": c.interval_ms, "compressed": c.compressed,
                 "kops_per_s": stats(&c.kops).json(), "slowdown": r3(self.slowdown(c)),
@@ -624,8 +639,10 @@ fn run_slowdown(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<Slowdown>
     if !out.ok {
         bail!("create {vm}: {}", out.stderr.trim());
     }
+    // The guest's rate climbs for its first 10-20 s under TCG (code
+    // translation warming up): measure only after that.
     primary.wait_console(vm, Duration::from_secs(180), "cpumem lines", |c| {
-        cpumem_rates(c).len() >= 3
+        cpumem_rates(c).len() >= CPUMEM_WARMUP_LINES
     })?;
     // Measures `seconds` of the guest's lines from now (dropping the
     // first, which straddles the start).
@@ -721,7 +738,82 @@ fn run_slowdown(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<Slowdown>
         pauses: Vec::new(),
     });
     let _ = primary.cli(&["destroy", vm]);
-    Ok(Slowdown { cases, seconds })
+    drop(primary);
+    drop(backup);
+    let qemu_only = qemu_only_slowdown(img, seconds)?;
+    Ok(Slowdown {
+        cases,
+        seconds,
+        qemu_only,
+    })
+}
+
+const CPUMEM_WARMUP_LINES: usize = 15;
+
+/// What QEMU alone costs the guest: the `cpumem` guest in a QEMU we start
+/// and drive over QMP at a checkpoint rate, doing only `stop` + `cont`,
+/// or `stop` + the device-state save remus does (`migrate` to a file with
+/// `x-ignore-shared`) + `cont`; no remus, no copying, no backup.
+fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64)>> {
+    let dir = tempfile::tempdir()?;
+    let q = own_qemu(dir.path(), "alone", img, SLOWDOWN_WORKLOAD, None)?;
+    let qmp = remus_qmp::Qmp::connect(&q.qmp, Duration::from_secs(30))?;
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+    )?;
+    let serial = q.serial.clone();
+    let rates = || cpumem_rates(&std::fs::read_to_string(&serial).unwrap_or_default());
+    let t = Instant::now();
+    while rates().len() < CPUMEM_WARMUP_LINES {
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("the QEMU-only guest printed no cpumem lines");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dev = dir.path().join("dev.out");
+    let mut out = Vec::new();
+    for (what, hz) in [
+        ("nothing", 0u64),
+        ("stop + cont at 25/s", 25),
+        ("stop + device-state save + cont at 25/s", 25),
+        ("stop + device-state save + cont at 40/s", 40),
+        ("nothing", 0),
+    ] {
+        let before = rates().len();
+        let end = Instant::now() + Duration::from_secs(seconds + 1);
+        let mut next = Instant::now();
+        while Instant::now() < end {
+            if hz == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            next += Duration::from_millis(1000 / hz);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            qmp.execute("stop", None)?;
+            if what.contains("device-state") {
+                qmp.execute(
+                    "migrate",
+                    Some(json!({"uri": format!("file:{}", dev.display())})),
+                )?;
+                while qmp.status()? != "postmigrate" {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            qmp.execute("cont", None)?;
+        }
+        let mut v: Vec<f64> = rates().into_iter().skip(before + 1).collect();
+        if v.is_empty() {
+            bail!("no cpumem lines while measuring '{what}'");
+        }
+        v.sort_by(f64::total_cmp);
+        eprintln!(
+            "remus-bench:   QEMU only, {what}: cpumem p50 {:.0} kops/s",
+            v[v.len() / 2]
+        );
+        out.push((what.to_string(), v[v.len() / 2]));
+    }
+    Ok(out)
 }
 
 fn render_slowdown(s: &Slowdown) -> String {
@@ -745,6 +837,17 @@ fn render_slowdown(s: &Slowdown) -> String {
             } else {
                 format!("{:.2}", stats(&c.pauses).p50)
             }
+        ));
+    }
+    md.push_str(&format!(
+        "\nThe same workload in a QEMU started and driven over QMP by the bench (no remus: no dirty scan, no copy, no sending, \
+         no backup), {} s per row:\n\n| QEMU only | kops/s p50 | slowdown |\n|---|---:|---:|\n",
+        s.seconds
+    ));
+    for (what, k) in &s.qemu_only {
+        md.push_str(&format!(
+            "| {what} | {k:.0} | {:.2}× |\n",
+            ratio(s.qemu_only_base(), *k)
         ));
     }
     md.push('\n');
@@ -934,8 +1037,18 @@ fn render_failover(f: &FailoverRun) -> String {
 #[derive(Debug, Clone, Copy)]
 struct MigrationResult {
     total_ms: f64,
+    /// Guest paused at the source → running at the destination.
     downtime_ms: f64,
     bytes: u64,
+    /// QEMU only: `query-migrate`'s own downtime (source stop → end of
+    /// the transfer, without the destination's start).
+    reported_downtime_ms: Option<f64>,
+}
+
+/// The run with the median downtime.
+fn median_run(mut v: Vec<MigrationResult>) -> MigrationResult {
+    v.sort_by(|a, b| a.downtime_ms.total_cmp(&b.downtime_ms));
+    v[v.len() / 2]
 }
 
 struct MigrateCase {
@@ -946,7 +1059,10 @@ struct MigrateCase {
 
 impl MigrateCase {
     fn json(&self) -> Value {
-        let j = |r: &MigrationResult| json!({"total_ms": r3(r.total_ms), "downtime_ms": r3(r.downtime_ms), "bytes": r.bytes});
+        let j = |r: &MigrationResult| {
+            json!({"total_ms": r3(r.total_ms), "downtime_ms": r3(r.downtime_ms), "bytes": r.bytes,
+            "reported_downtime_ms": r.reported_downtime_ms})
+        };
         json!({"workload": self.workload.label(), "remus": j(&self.remus), "qemu": j(&self.qemu)})
     }
 }
@@ -954,8 +1070,13 @@ impl MigrateCase {
 fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
     let mut out = Vec::new();
     for w in [Workload::Idle, reference()] {
-        let remus = remus_migration(bins, img, w)?;
-        let qemu = qemu_migration(img, w)?;
+        let mut rs = Vec::new();
+        let mut qs = Vec::new();
+        for _ in 0..MIGRATE_RUNS {
+            rs.push(remus_migration(bins, img, w)?);
+            qs.push(qemu_migration(img, w)?);
+        }
+        let (remus, qemu) = (median_run(rs), median_run(qs));
         eprintln!(
             "remus-bench:   {}: remus {:.0} ms total, {:.0} ms down; QEMU {:.0} ms total, {:.0} ms down",
             w.label(),
@@ -972,6 +1093,10 @@ fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
     }
     Ok(out)
 }
+
+/// Migrations per workload and kind; the one with the median downtime is
+/// reported.
+const MIGRATE_RUNS: usize = 3;
 
 fn wait_workload(agent: &Agent, vm: &str, w: Workload) -> Result<String> {
     agent.wait_console(vm, Duration::from_secs(180), "the workload", |c| match w {
@@ -1010,6 +1135,7 @@ fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<Mig
         total_ms: done["total_ms"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         bytes: done["bytes"].as_u64().unwrap_or(0),
+        reported_downtime_ms: None,
     })
 }
 
@@ -1028,12 +1154,13 @@ impl Drop for OwnQemu {
 }
 
 /// The same guest as the agents run it (q35, TCG with `-cpu max`, RAM in a
-/// shared file), started directly; `incoming` adds `-incoming URI`.
+/// shared file), started directly with `cmdline` on its kernel command
+/// line; `incoming` adds `-incoming URI`.
 fn own_qemu(
     dir: &Path,
     tag: &str,
     img: &GuestImage,
-    w: Workload,
+    cmdline: &str,
     incoming: Option<&str>,
 ) -> Result<OwnQemu> {
     let qmp = dir.join(format!("{tag}.qmp"));
@@ -1064,7 +1191,7 @@ fn own_qemu(
         .arg("-initrd")
         .arg(&img.initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet {}", w.cmdline()));
+        .arg(format!("console=ttyS0 quiet {cmdline}"));
     if let Some(uri) = incoming {
         cmd.args(["-incoming", uri]);
     }
@@ -1081,8 +1208,8 @@ fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
     let dir = tempfile::tempdir()?;
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let dst = own_qemu(dir.path(), "dst", img, w, Some(&uri))?;
-    let src = own_qemu(dir.path(), "src", img, w, None)?;
+    let dst = own_qemu(dir.path(), "dst", img, &w.cmdline(), Some(&uri))?;
+    let src = own_qemu(dir.path(), "src", img, &w.cmdline(), None)?;
     let wait = Duration::from_secs(30);
     let sq = remus_qmp::Qmp::connect(&src.qmp, wait).context("QMP of the source QEMU")?;
     let dq = remus_qmp::Qmp::connect(&dst.qmp, wait).context("QMP of the destination QEMU")?;
@@ -1108,6 +1235,10 @@ fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
         Some(json!({"max-bandwidth": 100u64 << 30})),
     )
     .context("migrate-set-parameters")?;
+    // Downtime as remus measures its own: the source's STOP event to the
+    // destination's RESUME, by QEMU's event timestamps (one host clock).
+    let src_events = sq.subscribe();
+    let dst_events = dq.subscribe();
     sq.execute("migrate", Some(json!({"uri": uri})))
         .context("migrate")?;
     let t = Instant::now();
@@ -1123,17 +1254,24 @@ fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let t = Instant::now();
-    while dq.status().unwrap_or_default() != "running" {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the destination QEMU did not run after the migration");
+    let event_at = |rx: &std::sync::mpsc::Receiver<remus_qmp::Event>, name: &str| {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(ev) if ev.name == name => return ev.timestamp_us,
+                Ok(_) => {}
+                Err(_) => return None,
+            }
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let stop = event_at(&src_events, "STOP").context("no STOP event from the source")?;
+    let resume = event_at(&dst_events, "RESUME").context("no RESUME event from the destination")?;
     Ok(MigrationResult {
         total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
-        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: resume.saturating_sub(stop) as f64 / 1e3,
         bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        reported_downtime_ms: info["downtime"].as_f64(),
     })
 }
 
@@ -1142,20 +1280,23 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
         "### `remus migrate` against QEMU's live migration\n\n\
          The same 256 MiB guest (q35, TCG, RAM in a shared file) over 127.0.0.1. QEMU: `migrate` with `max-bandwidth` \
          raised to 100 GiB/s (its default caps at 128 MiB/s; remus has no cap) and its default 300 ms downtime limit; \
-         its numbers are `query-migrate`'s total-time, downtime (source stop → end of transfer) and ram.transferred. \
-         remus: `remus migrate --json` between two agents; downtime is source paused → destination running; \
-         bytes include device state (compressed).\n\n\
+         its total time and bytes are `query-migrate`'s total-time and ram.transferred; its downtime is the source's STOP event \
+         to the destination's RESUME event (QEMU's timestamps), as remus counts its own, with `query-migrate`'s downtime \
+         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime is source \
+         paused → destination running; bytes include device state (compressed). Each figure is the run with the median \
+         downtime of three.\n\n\
          | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | remus MiB | QEMU MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in cases {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.1} | {:.1} |\n",
             c.workload.label(),
             c.remus.total_ms,
             c.qemu.total_ms,
             c.remus.downtime_ms,
             c.qemu.downtime_ms,
+            c.qemu.reported_downtime_ms.unwrap_or(f64::NAN),
             c.remus.bytes as f64 / 1048576.0,
             c.qemu.bytes as f64 / 1048576.0
         ));

@@ -177,7 +177,7 @@ pub(crate) fn suite_main(
                 note: if w <= TARGET_WIRE_RATIO {
                     String::new()
                 } else {
-                    format!("missed by {:.3}×", w - TARGET_WIRE_RATIO)
+                    format!("by {:.3}×", w - TARGET_WIRE_RATIO)
                 },
             });
         }
@@ -222,7 +222,7 @@ pub(crate) fn suite_main(
                 note: if r <= TARGET_RAM_RATIO {
                     String::new()
                 } else {
-                    format!("missed by {:.2}×", r - TARGET_RAM_RATIO)
+                    format!("by {:.2}×", r - TARGET_RAM_RATIO)
                 },
             });
         }
@@ -245,7 +245,7 @@ pub(crate) fn suite_main(
                 note: if sd <= TARGET_SLOWDOWN {
                     String::new()
                 } else {
-                    format!("missed by {:.2}×", sd - TARGET_SLOWDOWN)
+                    format!("by {:.2}×", sd - TARGET_SLOWDOWN)
                 },
             });
         }

@@ -65,7 +65,11 @@ qemu_ok() {
     [ -n "$v" ] && [ "$v" -ge 10 ]
 }
 
-base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils)
+# etcd-server and etcd-client: the arbiter's tests start a real etcd;
+# protobuf-compiler: the etcd-client crate generates its gRPC code with
+# protoc at build time.
+base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
+    etcd-server etcd-client protobuf-compiler)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod etcd;
 pub mod lan;
 pub mod seqclient;
 

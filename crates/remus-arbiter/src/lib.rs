@@ -1,0 +1,374 @@
+//! Split-brain protection: an etcd v3 lease per VM names the one host
+//! allowed to run it (issue 9; `docs/arbiter-plan.md`).
+//!
+//! A VM's key `PREFIX/vms/NAME/runner` holds the name of the host that may
+//! run it, attached to a lease of that host's. The holder renews the lease
+//! while it runs the VM; the key disappears when the lease expires, and
+//! only then can another host create it (a transaction that succeeds only
+//! if the key does not exist).
+//!
+//! **Fencing on the holder's own clock.** etcd measures a lease from its
+//! leader's last renewal; the holder cannot know exactly when that was, but
+//! it knows when it *sent* each renewal, which is before. So after every
+//! successful renewal it computes its fence deadline: send time + TTL −
+//! margin ([`Lease::renew`]). Past that instant, without a newer renewal,
+//! it must have paused its VM: the lease may already be gone, and another
+//! host may hold the key. etcd never lets a lease expire before its TTL has
+//! run from the leader's last renewal (a new leader even extends leases to
+//! a full TTL), so the holder stops before anyone else can start. A leader
+//! cut off from its quorum keeps answering renewals for about a second
+//! before stepping down (measured with etcd 3.4, see the plan): the
+//! deadline is therefore kept on the holder's clock, never inferred from
+//! an error.
+//!
+//! **Endpoints.** One client per endpoint, tried in order, each call with
+//! a timeout: etcd-client's balanced multi-endpoint channel fails calls
+//! while one member is down (upstream etcd-client issue 39).
+//!
+//! The API is blocking, for the agent's replication threads; a small
+//! tokio runtime of the arbiter's own runs the gRPC calls.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+
+/// What went wrong talking to the arbiter.
+#[derive(Debug, thiserror::Error)]
+pub enum ArbiterError {
+    #[error("no etcd endpoint answered ({tried}): {last}")]
+    Unreachable { tried: String, last: String },
+    #[error("{vm} is held by {holder} (lease {lease:x}, revision {revision})")]
+    HeldByOther {
+        vm: String,
+        holder: String,
+        lease: i64,
+        revision: i64,
+    },
+    #[error("lease {lease:x} of {vm} has expired")]
+    Expired { vm: String, lease: i64 },
+    #[error("bad arbiter configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// An agent's arbiter settings.
+#[derive(Debug, Clone)]
+pub struct ArbiterConfig {
+    /// etcd client URLs, e.g. `http://192.0.2.10:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix, e.g. `/remus`.
+    pub prefix: String,
+    /// Timeout of each call to one endpoint.
+    pub call_timeout: Duration,
+}
+
+impl ArbiterConfig {
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> Result<ArbiterConfig, ArbiterError> {
+        if endpoints.is_empty() {
+            return Err(ArbiterError::Config("no etcd endpoint given".into()));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ArbiterError::Config(format!(
+                    "endpoint '{e}' is not an http:// or https:// URL"
+                )));
+            }
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() || !prefix.starts_with('/') {
+            return Err(ArbiterError::Config(format!(
+                "key prefix '{prefix}' must start with '/' and not be '/' alone"
+            )));
+        }
+        Ok(ArbiterConfig {
+            endpoints,
+            prefix: prefix.to_string(),
+            call_timeout: Duration::from_millis(500),
+        })
+    }
+
+    /// The key naming the host that may run `vm`.
+    pub fn runner_key(&self, vm: &str) -> String {
+        format!("{}/vms/{vm}/runner", self.prefix)
+    }
+}
+
+/// Who holds a VM's key, as etcd says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub host: String,
+    pub lease: i64,
+    /// The revision that created the key: it identifies this tenure.
+    pub revision: i64,
+}
+
+/// A connection to the etcd cluster, on behalf of one host.
+pub struct Arbiter {
+    cfg: ArbiterConfig,
+    host: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Arbiter {
+    /// An arbiter for `host` (the name written into the keys it takes).
+    /// Connects lazily: this fails only on a bad configuration.
+    pub fn new(cfg: ArbiterConfig, host: &str) -> Result<Arbiter, ArbiterError> {
+        if host.is_empty() {
+            return Err(ArbiterError::Config("empty host name".into()));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ArbiterError::Runtime(format!("start the arbiter's runtime: {e}")))?;
+        Ok(Arbiter {
+            cfg,
+            host: host.to_string(),
+            rt,
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn config(&self) -> &ArbiterConfig {
+        &self.cfg
+    }
+
+    /// Runs `op` against each endpoint in turn until one answers within
+    /// the call timeout.
+    fn call<T, F, Fut>(&self, what: &str, op: F) -> Result<T, ArbiterError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_at(what, op).map(|(v, _)| v)
+    }
+
+    /// [`Arbiter::call`], also saying which endpoint answered.
+    fn call_at<T, F, Fut>(&self, what: &str, mut op: F) -> Result<(T, String), ArbiterError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let t = self.cfg.call_timeout;
+        let mut last = String::new();
+        for ep in &self.cfg.endpoints {
+            let r = self.rt.block_on(async {
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(t)
+                    .with_timeout(t);
+                let client = tokio::time::timeout(t, Client::connect([ep.as_str()], Some(opts)))
+                    .await
+                    .map_err(|_| format!("{ep}: connect timed out after {t:?}"))?
+                    .map_err(|e| format!("{ep}: {e}"))?;
+                tokio::time::timeout(t, op(client))
+                    .await
+                    .map_err(|_| format!("{ep}: {what} timed out after {t:?}"))?
+                    .map_err(|e| format!("{ep}: {what}: {e}"))
+            });
+            match r {
+                Ok(v) => return Ok((v, ep.clone())),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep, error = %e, "etcd call failed; trying the next endpoint");
+                    last = e;
+                }
+            }
+        }
+        Err(ArbiterError::Unreachable {
+            tried: self.cfg.endpoints.join(", "),
+            last,
+        })
+    }
+
+    /// The first endpoint that answers a status request.
+    pub fn health(&self) -> Result<String, ArbiterError> {
+        self.call_at("status", |mut c| async move { c.status().await })
+            .map(|(_, ep)| ep)
+    }
+
+    /// Who holds `vm`'s key now, if anyone.
+    pub fn holder(&self, vm: &str) -> Result<Option<Holder>, ArbiterError> {
+        let key = self.cfg.runner_key(vm);
+        let resp = self.call("get", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        Ok(resp.kvs().first().map(|kv| Holder {
+            host: String::from_utf8_lossy(kv.value()).into_owned(),
+            lease: kv.lease(),
+            revision: kv.create_revision(),
+        }))
+    }
+
+    /// Takes `vm`'s key with a new lease of `ttl` (whole seconds, at least
+    /// one) if nobody holds it. Another holder is an error naming it. The
+    /// fence deadline counts from the moment the grant was sent, less
+    /// `margin`.
+    pub fn acquire(
+        &self,
+        vm: &str,
+        ttl: Duration,
+        margin: Duration,
+    ) -> Result<Lease, ArbiterError> {
+        let ttl_s = ttl.as_secs().max(1) as i64;
+        let sent = Instant::now();
+        let grant = self.call("lease grant", |mut c| async move {
+            c.lease_grant(ttl_s, None).await
+        })?;
+        let id = grant.id();
+        let key = self.cfg.runner_key(vm);
+        let host = self.host.clone();
+        let resp = self.call("take the VM's key", |mut c| {
+            let (key, host) = (key.clone(), host.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        host,
+                        Some(PutOptions::new().with_lease(id)),
+                    )])
+                    .or_else([TxnOp::get(key, None)]);
+                c.txn(txn).await
+            }
+        });
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.call(
+                    "lease revoke",
+                    |mut c| async move { c.lease_revoke(id).await },
+                );
+                return Err(e);
+            }
+        };
+        if !resp.succeeded() {
+            let _ = self.call(
+                "lease revoke",
+                |mut c| async move { c.lease_revoke(id).await },
+            );
+            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| Holder {
+                    host: String::from_utf8_lossy(kv.value()).into_owned(),
+                    lease: kv.lease(),
+                    revision: kv.create_revision(),
+                }),
+                _ => None,
+            });
+            let h = holder.unwrap_or(Holder {
+                host: "?".into(),
+                lease: 0,
+                revision: 0,
+            });
+            return Err(ArbiterError::HeldByOther {
+                vm: vm.to_string(),
+                holder: h.host,
+                lease: h.lease,
+                revision: h.revision,
+            });
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        tracing::info!(vm, lease = format!("{id:x}"), revision, ttl_s, host = %self.host, "took the VM's arbiter key");
+        Ok(Lease {
+            vm: vm.to_string(),
+            id,
+            ttl: Duration::from_secs(ttl_s as u64),
+            revision,
+            fence_at: sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin),
+            stream: None,
+        })
+    }
+
+    /// Renews `lease` once. On success returns the new fence deadline:
+    /// the send time of this renewal + TTL − `margin`.
+    pub fn renew(&self, lease: &mut Lease, margin: Duration) -> Result<Instant, ArbiterError> {
+        let sent = Instant::now();
+        let id = lease.id;
+        let t = self.cfg.call_timeout;
+        // Reuse the keep-alive stream while it works; on any error start
+        // a new one on the next endpoint that answers.
+        if let Some((keeper, stream)) = lease.stream.as_mut() {
+            let r = self.rt.block_on(async {
+                tokio::time::timeout(t, async {
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await
+            });
+            if let Ok(Ok(Some(m))) = r {
+                return lease.renewed(m.ttl(), sent, margin);
+            }
+            lease.stream = None;
+        }
+        let (keeper, stream, ttl) = self.call("lease keep-alive", |mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            let ttl = stream.message().await?.map(|m| m.ttl()).unwrap_or(0);
+            Ok((keeper, stream, ttl))
+        })?;
+        lease.stream = Some((keeper, stream));
+        lease.renewed(ttl, sent, margin)
+    }
+
+    /// Gives the key up at once (orderly stop or handover).
+    pub fn release(&self, lease: Lease) -> Result<(), ArbiterError> {
+        let id = lease.id;
+        self.call(
+            "lease revoke",
+            |mut c| async move { c.lease_revoke(id).await },
+        )?;
+        tracing::info!(vm = %lease.vm, lease = format!("{id:x}"), "released the VM's arbiter key");
+        Ok(())
+    }
+}
+
+/// A held VM key: the lease behind it and the fence deadline.
+pub struct Lease {
+    pub vm: String,
+    pub id: i64,
+    pub ttl: Duration,
+    /// The etcd revision at which this tenure began.
+    pub revision: i64,
+    fence_at: Instant,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Lease {
+    /// The last instant at which this host may still run the VM.
+    pub fn fence_at(&self) -> Instant {
+        self.fence_at
+    }
+
+    fn renewed(
+        &mut self,
+        ttl_s: i64,
+        sent: Instant,
+        margin: Duration,
+    ) -> Result<Instant, ArbiterError> {
+        if ttl_s <= 0 {
+            return Err(ArbiterError::Expired {
+                vm: self.vm.clone(),
+                lease: self.id,
+            });
+        }
+        let deadline = sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin);
+        // Never move the deadline back (a slow answer to an old renewal).
+        self.fence_at = self.fence_at.max(deadline);
+        Ok(self.fence_at)
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("vm", &self.vm)
+            .field("id", &format_args!("{:x}", self.id))
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,140 @@
+//! The arbiter against a real etcd started by the test (a single member,
+//! and a three-member cluster where a member dies): a VM's key has one
+//! holder at a time; another host gets it only after the holder's own
+//! fence deadline has passed; release frees it at once; renewals go on
+//! through the surviving members; a lapsed lease is reported as expired.
+
+use std::time::{Duration, Instant};
+
+use remus_arbiter::{Arbiter, ArbiterConfig, ArbiterError};
+use remus_testbed::etcd::EtcdCluster;
+
+const TTL: Duration = Duration::from_secs(2);
+const MARGIN: Duration = Duration::from_millis(300);
+
+fn arbiter(cluster: &EtcdCluster, host: &str) -> Arbiter {
+    let cfg = ArbiterConfig::new(cluster.endpoints(), "/remus-test").unwrap();
+    Arbiter::new(cfg, host).unwrap()
+}
+
+#[test]
+fn the_key_has_one_holder_and_passes_on_only_after_the_holders_fence_deadline() {
+    let etcd = EtcdCluster::start(1, "127.0.0.1", None).expect("etcd");
+    let a = arbiter(&etcd, "host-a");
+    let b = arbiter(&etcd, "host-b");
+    assert_eq!(a.holder("vm1").unwrap(), None);
+    let mut lease = a.acquire("vm1", TTL, MARGIN).unwrap();
+    let h = a.holder("vm1").unwrap().expect("a holder");
+    assert_eq!(h.host, "host-a");
+    assert_eq!(h.lease, lease.id);
+    // b is refused, with the holder named, as long as a renews.
+    for _ in 0..4 {
+        match b.acquire("vm1", TTL, MARGIN) {
+            Err(ArbiterError::HeldByOther { holder, .. }) => assert_eq!(holder, "host-a"),
+            other => panic!("b must be refused while a renews: {other:?}"),
+        }
+        let before = Instant::now();
+        let fence = a.renew(&mut lease, MARGIN).unwrap();
+        assert!(fence > before + TTL - MARGIN - Duration::from_millis(1));
+        assert!(fence <= Instant::now() + TTL - MARGIN);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // a stops renewing (a cut-off primary): by its own clock it must be
+    // fenced at `fence`; b may get the key only after that.
+    let fence = lease.fence_at();
+    let t = Instant::now();
+    let taken = loop {
+        match b.acquire("vm1", TTL, MARGIN) {
+            Ok(l) => break l,
+            Err(ArbiterError::HeldByOther { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            t.elapsed() < TTL * 3,
+            "the key was never freed after the lease lapsed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let got_at = Instant::now();
+    assert!(
+        got_at > fence,
+        "b took the key {:?} before a's fence deadline",
+        fence - got_at
+    );
+    eprintln!(
+        "b took the key {:?} after a's fence deadline",
+        got_at - fence
+    );
+    assert_eq!(b.holder("vm1").unwrap().unwrap().host, "host-b");
+    assert!(
+        taken.revision > h.revision,
+        "a new tenure, a newer revision"
+    );
+    // a's lease is gone: renewing it says so.
+    match a.renew(&mut lease, MARGIN) {
+        Err(ArbiterError::Expired { .. }) => {}
+        other => panic!("a's lapsed lease must be reported expired: {other:?}"),
+    }
+}
+
+#[test]
+fn release_frees_the_key_at_once() {
+    let etcd = EtcdCluster::start(1, "127.0.0.1", None).expect("etcd");
+    let a = arbiter(&etcd, "host-a");
+    let b = arbiter(&etcd, "host-b");
+    let lease = a.acquire("vm2", TTL, MARGIN).unwrap();
+    assert!(b.acquire("vm2", TTL, MARGIN).is_err());
+    a.release(lease).unwrap();
+    let l = b.acquire("vm2", TTL, MARGIN).expect("free after release");
+    assert_eq!(a.holder("vm2").unwrap().unwrap().lease, l.id);
+}
+
+#[test]
+fn renewals_go_on_when_a_member_of_three_dies() {
+    let mut etcd = EtcdCluster::start(3, "127.0.0.1", None).expect("etcd cluster");
+    let a = arbiter(&etcd, "host-a");
+    let b = arbiter(&etcd, "host-b");
+    let mut lease = a.acquire("vm3", TTL, MARGIN).unwrap();
+    // The first endpoint in everyone's list dies.
+    etcd.kill(0);
+    let mut renewed = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        let before = Instant::now();
+        match a.renew(&mut lease, MARGIN) {
+            Ok(fence) => {
+                assert!(fence > before);
+                renewed += 1;
+            }
+            Err(e) => panic!("renewal failed with two of three members up: {e}"),
+        }
+        assert!(
+            matches!(
+                b.acquire("vm3", TTL, MARGIN),
+                Err(ArbiterError::HeldByOther { .. })
+            ),
+            "b must stay refused"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(renewed >= 5, "{renewed} renewals in 4 s");
+    assert!(a.health().is_ok());
+    // Nobody answers: a clear error naming what was tried.
+    etcd.kill(1);
+    etcd.kill(2);
+    let e = a.renew(&mut lease, MARGIN).unwrap_err();
+    assert!(matches!(e, ArbiterError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains(&etcd.endpoints()[2]), "{e}");
+}
+
+#[test]
+fn bad_configurations_are_refused_by_name() {
+    let e = ArbiterConfig::new(vec![], "/remus").unwrap_err();
+    assert!(e.to_string().contains("no etcd endpoint"), "{e}");
+    let e = ArbiterConfig::new(vec!["127.0.0.1:2379".into()], "/remus").unwrap_err();
+    assert!(e.to_string().contains("not an http"), "{e}");
+    let e = ArbiterConfig::new(vec!["http://127.0.0.1:2379".into()], "remus").unwrap_err();
+    assert!(e.to_string().contains("must start with '/'"), "{e}");
+    let c = ArbiterConfig::new(vec!["http://127.0.0.1:2379".into()], "/remus/").unwrap();
+    assert_eq!(c.runner_key("web"), "/remus/vms/web/runner");
+}

@@ -27,6 +27,11 @@
 //!
 //! The API is blocking, for the agent's replication threads; a small
 //! tokio runtime of the arbiter's own runs the gRPC calls.
+//!
+//! Deadlines are `Instant`s (CLOCK_MONOTONIC), which stop while the host
+//! is suspended: a host that suspends while holding a lease would wake
+//! past etcd's expiry believing it still holds it. Suspending an agent's
+//! host is not supported (as for any Remus host: its peer fails over).
 
 use std::time::{Duration, Instant};
 
@@ -247,20 +252,25 @@ impl Arbiter {
                 return Err(e);
             }
         };
-        if !resp.succeeded() {
-            let _ = self.call(
-                "lease revoke",
-                |mut c| async move { c.lease_revoke(id).await },
-            );
-            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+        let holder_of = |resp: &etcd_client::TxnResponse| {
+            resp.op_responses().into_iter().find_map(|r| match r {
                 TxnOpResponse::Get(g) => g.kvs().first().map(|kv| Holder {
                     host: String::from_utf8_lossy(kv.value()).into_owned(),
                     lease: kv.lease(),
                     revision: kv.create_revision(),
                 }),
                 _ => None,
-            });
-            let h = holder.unwrap_or(Holder {
+            })
+        };
+        // A retry on another endpoint after a timeout can find the key our
+        // own first attempt created: that is success, not a rival.
+        let ours = !resp.succeeded() && holder_of(&resp).is_some_and(|h| h.lease == id);
+        if !resp.succeeded() && !ours {
+            let _ = self.call(
+                "lease revoke",
+                |mut c| async move { c.lease_revoke(id).await },
+            );
+            let h = holder_of(&resp).unwrap_or(Holder {
                 host: "?".into(),
                 lease: 0,
                 revision: 0,
@@ -272,7 +282,11 @@ impl Arbiter {
                 revision: h.revision,
             });
         }
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = if ours {
+            holder_of(&resp).map(|h| h.revision).unwrap_or(0)
+        } else {
+            resp.header().map(|h| h.revision()).unwrap_or(0)
+        };
         tracing::info!(vm, lease = format!("{id:x}"), revision, ttl_s, host = %self.host, "took the VM's arbiter key");
         Ok(Lease {
             vm: vm.to_string(),
@@ -308,7 +322,16 @@ impl Arbiter {
         let (keeper, stream, ttl) = self.call("lease keep-alive", |mut c| async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
             keeper.keep_alive().await?;
-            let ttl = stream.message().await?.map(|m| m.ttl()).unwrap_or(0);
+            let ttl = match stream.message().await? {
+                Some(m) => m.ttl(),
+                // A closed stream says nothing about the lease: try the
+                // next endpoint rather than call it expired.
+                None => {
+                    return Err(etcd_client::Error::LeaseKeepAliveError(
+                        "keep-alive stream closed without an answer".into(),
+                    ));
+                }
+            };
             Ok((keeper, stream, ttl))
         })?;
         lease.stream = Some((keeper, stream));

@@ -196,7 +196,7 @@ impl DirtyTracker {
                 let first = (start - segment.start + segment.file_offset) / page;
                 PageRange::new(first, (end - start) / page)
             };
-            let pieces = split(segment, threads, PARALLEL_SCAN_MIN_BYTES, page);
+            let pieces = split(segment, threads, PARALLEL_SCAN_MIN_BYTES, PIECE_ALIGN);
             if pieces.len() == 1 {
                 walk(
                     &self.pagemap,
@@ -256,14 +256,19 @@ impl DirtyTracker {
 const MAX_SCAN_THREADS: usize = 4;
 /// Mappings smaller than this are walked by one thread (a thread costs
 /// more than it saves).
-const PARALLEL_SCAN_MIN_BYTES: u64 = 512 << 20;
+const PARALLEL_SCAN_MIN_BYTES: u64 = 1 << 30;
+/// Piece boundaries fall on multiples of this (from the mapping's start,
+/// which is aligned to its page size): no huge page, 2 MiB or 1 GiB, is
+/// ever cut in two, which `PAGEMAP_SCAN` cannot write-protect in part.
+const PIECE_ALIGN: u64 = 1 << 30;
 
-/// `segment` cut into at most `n` page-aligned pieces of at least
-/// `min_bytes` each, in address order (one piece if it is small).
-fn split(segment: Segment, n: usize, min_bytes: u64, page: u64) -> Vec<Segment> {
+/// `segment` cut into at most `n` pieces of at least `min_bytes` each,
+/// their boundaries on multiples of `align`, in address order (one piece
+/// if it is small).
+fn split(segment: Segment, n: usize, min_bytes: u64, align: u64) -> Vec<Segment> {
     let len = segment.end - segment.start;
     let n = (n as u64).min(len / min_bytes.max(1)).max(1);
-    let step = (len / n).div_ceil(page) * page;
+    let step = (len / n).div_ceil(align) * align;
     let mut out = Vec::new();
     let mut start = segment.start;
     while start < segment.end {
@@ -442,8 +447,9 @@ mod tests {
     }
 
     #[test]
-    fn split_cuts_large_mappings_into_page_aligned_pieces_in_order() {
+    fn split_cuts_large_mappings_into_aligned_pieces_in_order() {
         let page = 4096;
+        let gib = 1u64 << 30;
         let seg = |start: u64, len: u64| Segment {
             start,
             end: start + len,
@@ -458,9 +464,18 @@ mod tests {
         );
         // 1 GiB + 3 pages over 4 threads with 256 MiB minimum: 4 pieces
         // that tile the segment, page-aligned, file offsets following.
-        let s = seg(0x4000_0000, (1 << 30) + 3 * page);
+        let s = seg(0x4000_0000, gib + 3 * page);
         let pieces = split(s, 4, 256 << 20, page);
         assert_eq!(pieces.len(), 4);
+        // With a 1 GiB alignment: 2.5 GiB in 4 asked pieces gives 3, cut
+        // at whole GiB from the start (no huge page is split).
+        let big = seg(0x4000_0000, 2 * gib + gib / 2);
+        let cut = split(big, 4, 512 << 20, gib);
+        assert_eq!(cut.len(), 3);
+        for p in &cut[1..] {
+            assert_eq!((p.start - big.start) % gib, 0);
+        }
+        assert_eq!(cut.last().unwrap().end, big.end);
         assert_eq!(pieces[0].start, s.start);
         assert_eq!(pieces.last().unwrap().end, s.end);
         for w in pieces.windows(2) {
@@ -488,7 +503,7 @@ mod tests {
             .unwrap_or(1)
             .min(MAX_SCAN_THREADS);
         let seg = tracker.segments[0];
-        let pieces = split(seg, threads, PARALLEL_SCAN_MIN_BYTES, page_size());
+        let pieces = split(seg, threads, PARALLEL_SCAN_MIN_BYTES, PIECE_ALIGN);
         let mut want: Vec<u64> = vec![0, 7, total - 1];
         for p in &pieces[1..] {
             let first = (p.start - seg.start) / page_size();

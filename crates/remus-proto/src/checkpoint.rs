@@ -180,7 +180,12 @@ impl CheckpointWriter {
                 }
                 wire
             }
-            _ => {
+            other => {
+                if let Some(enc) = other {
+                    // Empty: sent plain, but the encoder must forget the
+                    // previous state too, as the receiver's commit will.
+                    enc.encode_device_state(data);
+                }
                 write_device_state(w, data)?;
                 let frames = data.len().div_ceil(MAX_PAYLOAD as usize).max(1);
                 (data.len() + frames * HEADER_LEN) as u64
@@ -821,6 +826,34 @@ mod tests {
             dev = c.device_state;
             assert_eq!(&ram[4 * PAGE_SIZE..6 * PAGE_SIZE], &page[..]);
             assert_eq!(dev, state);
+        }
+    }
+
+    /// An empty device state goes plain, and the encoder forgets the
+    /// previous one as the receiver does when it commits the empty one.
+    #[test]
+    fn an_empty_device_state_keeps_both_sides_bases_in_step() {
+        use crate::delta::{DeltaEncoder, decode_device_state};
+        let mut enc = DeltaEncoder::new(1 << 20);
+        let mut base: Vec<u8> = Vec::new();
+        for state in [vec![9u8; 4000], Vec::new(), vec![9u8; 4000]] {
+            let mut wire = Vec::new();
+            let mut cw =
+                CheckpointWriter::begin(&mut wire, Epoch(1), CheckpointKind::Checkpoint).unwrap();
+            cw.device_state(&mut wire, &state, Some(&mut enc)).unwrap();
+            let mut r = &wire[..];
+            let mut got = Vec::new();
+            while !r.is_empty() {
+                match crate::read_frame(&mut r).unwrap() {
+                    Message::DeviceState { data } => got.extend(data),
+                    Message::DeviceStateDelta(d) => {
+                        got.extend(decode_device_state(&d, &base).unwrap())
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(got, state);
+            base = got;
         }
     }
 

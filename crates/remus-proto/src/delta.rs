@@ -46,8 +46,9 @@ pub enum DeltaError {
 /// Cache sizing: the default, as QEMU's `xbzrle-cache-size`.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 
-/// Raw bytes of device state per DeviceStateDelta frame.
-const DEVICE_CHUNK: usize = 16 << 20;
+/// Raw bytes of device state per DeviceStateDelta frame, at most: a
+/// receiver refuses longer ones before allocating anything.
+pub const DEVICE_CHUNK: usize = 16 << 20;
 
 const EMPTY: u64 = u64::MAX;
 

@@ -869,8 +869,17 @@ impl Message {
             MsgType::DeviceStateDelta => {
                 let offset = c.u64("offset")?;
                 let len = c.u32("len")?;
-                if len == 0 || offset.checked_add(u64::from(len)).is_none() {
-                    return Err(c.bad(format!("bad device state range {offset}+{len}")));
+                if len == 0
+                    || len > crate::delta::DEVICE_CHUNK as u32
+                    || offset
+                        .checked_add(u64::from(len))
+                        .is_none_or(|end| end > crate::checkpoint::MAX_DEVICE_STATE)
+                {
+                    return Err(c.bad(format!(
+                        "device state range {offset}+{len} is empty, longer than {} bytes or beyond {} bytes",
+                        crate::delta::DEVICE_CHUNK,
+                        crate::checkpoint::MAX_DEVICE_STATE
+                    )));
                 }
                 let compressed = c.rest().to_vec();
                 if compressed.is_empty() {

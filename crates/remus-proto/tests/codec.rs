@@ -122,8 +122,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 })
             }),
         (
-            0u64..u64::MAX / 2,
-            1u32..,
+            0u64..(remus_proto::MAX_DEVICE_STATE - remus_proto::delta::DEVICE_CHUNK as u64),
+            1u32..=remus_proto::delta::DEVICE_CHUNK as u32,
             prop::collection::vec(any::<u8>(), 1..100)
         )
             .prop_map(|(offset, len, compressed)| {
@@ -256,6 +256,31 @@ proptest! {
         if n > 0 {
             let r = read_frame(&mut &buf[..n]);
             prop_assert!(matches!(r, Err(WireError::Truncated { .. })), "{:?}", r);
+        }
+    }
+}
+
+/// A device-state delta announcing more bytes than a sender ever puts in
+/// one frame is refused by the decoder, before anything is allocated for
+/// it (the backup would otherwise allocate what the frame claims).
+#[test]
+fn oversized_device_state_deltas_are_refused() {
+    for (offset, len) in [
+        (0u64, remus_proto::delta::DEVICE_CHUNK as u32 + 1),
+        (remus_proto::MAX_DEVICE_STATE, 1),
+        (0, 0),
+    ] {
+        let mut p = Vec::new();
+        p.extend_from_slice(&offset.to_be_bytes());
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&[1, 2, 3]);
+        let mut buf = Vec::new();
+        encode_raw(MsgType::DeviceStateDelta as u16, &p, &mut buf);
+        match decode(&buf) {
+            Err(DecodeError::Malformed { what, .. }) => {
+                assert!(what.contains("device state range"), "{what}")
+            }
+            other => panic!("{offset}+{len} accepted: {other:?}"),
         }
     }
 }

@@ -136,11 +136,17 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     // and must now equal the primary's, byte for byte.
     let out = primary.cli(&["protect", "--stop", "sync"]);
     assert!(out.ok, "{}", out.stderr);
-    wait_for(
-        "the backup to drop its copy",
-        Duration::from_secs(30),
-        || backup.vm("sync").is_none(),
-    );
+    let t = Instant::now();
+    while backup.vm("sync").is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for the backup to drop its copy after protect --stop\nbackup: {:?}\nbackup log:\n{}\nprimary log:\n{}",
+            backup.vm("sync"),
+            backup.log_text(),
+            primary.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         std::fs::read(bdir.path().join("vda.img")).unwrap() == a,
         "backup vda differs"
@@ -210,7 +216,8 @@ fn backup_disk_full_stops_protection_with_the_reason() {
         .unwrap();
     let mut follow = ProtectFollower::start(&primary, "full", &listen, &["-i", "100"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
-    follow.event("disk_synced").unwrap();
+    // The disk fills during the initial sync or in a later epoch, as fast
+    // as the guest has written by then: either way the same end.
     let lost = follow
         .event("backup_lost")
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));

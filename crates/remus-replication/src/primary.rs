@@ -390,24 +390,33 @@ pub fn protect(
                 send(&tx, journal, staged, &lost)?;
             }
         })();
-        match &result {
-            Ok(ProtectEnd::Stopped) => {
-                let _ = tx.send(Outgoing::Done);
-            }
+        let said_goodbye = match &result {
+            Ok(ProtectEnd::Stopped) => tx.send(Outgoing::Done).is_ok(),
             // Protection failed but the guest runs on here: the backup
             // must hear it, or it would take the silence for a dead
             // primary and resume a second copy.
-            Err(e) if vm.exit_status().is_none() => {
-                let _ = tx.send(Outgoing::Abort(e.to_string()));
-            }
-            _ => {}
-        }
+            Err(e) if vm.exit_status().is_none() => tx.send(Outgoing::Abort(e.to_string())).is_ok(),
+            _ => false,
+        };
         // Any other end (VM destroyed or failed, tracking lost) just drops
         // the link: to the backup that is a failed primary, and it fails
         // over, as the Remus docs specify for `destroy` on the primary.
         drop(tx);
         journal.notify();
         let _ = sender.join();
+        if said_goodbye {
+            // The Done (or Error) may still sit in our send queue behind
+            // the tail of a checkpoint. Shutting our read side now would
+            // make the kernel answer the backup's next heartbeat or ack
+            // with a reset that throws that queue away: the backup would
+            // see a lost primary and fail over. So keep reading until the
+            // backup, having read the goodbye, closes its end (the ack
+            // reader then ends), within a bound.
+            let deadline = Instant::now() + (cfg.timeout * 2).max(Duration::from_secs(5));
+            while !ack_reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         // Wake the ack reader (it may be waiting on a backup that already
         // said goodbye or died).
         let _ = closer.shutdown(std::net::Shutdown::Read);

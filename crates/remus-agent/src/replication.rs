@@ -151,8 +151,16 @@ pub fn start_protect(
         .spawn(move || {
             tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.interval.as_millis() as u64, "protection started");
             let emit = |ev: ProtectEvent| {
-                if let ProtectEvent::Checkpoint(s) = &ev {
-                    tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
+                match &ev {
+                    ProtectEvent::Checkpoint(s) => {
+                        tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
+                    }
+                    // The session's last word: whoever reads it and then
+                    // asks `list` must already see the VM unprotected.
+                    ProtectEvent::BackupLost { .. } | ProtectEvent::Stopped { .. } => {
+                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                    }
+                    _ => {}
                 }
                 slot2.publish(serde_json::to_string(&ev).unwrap_or_default());
             };

@@ -282,6 +282,20 @@ fn receive_loop(
         });
         Ok(BackupEnd::Aborted { reason })
     };
+    // A corrupt or inconsistent checkpoint: never applied. The session
+    // cannot continue (later epochs build on it).
+    let rejected = |reason: String| {
+        events(BackupEvent::Rejected {
+            reason: reason.clone(),
+        });
+        let _ = send(Message::Error {
+            code: ErrorCode::CheckpointRejected,
+            message: reason.clone(),
+        });
+        Ok(BackupEnd::Aborted {
+            reason: format!("checkpoint rejected: {reason}"),
+        })
+    };
     loop {
         let msg = match Message::read_from(reader) {
             Ok(m) => m,
@@ -316,16 +330,7 @@ fn receive_loop(
             Ok(m) => m,
             Err(e) => {
                 asm.discard();
-                events(BackupEvent::Rejected {
-                    reason: e.to_string(),
-                });
-                let _ = send(Message::Error {
-                    code: ErrorCode::CheckpointRejected,
-                    message: e.to_string(),
-                });
-                return Ok(BackupEnd::Aborted {
-                    reason: format!("checkpoint rejected: {e}"),
-                });
+                return rejected(e.to_string());
             }
         };
         if !standby_alive() {
@@ -465,20 +470,8 @@ fn receive_loop(
                     )));
                 }
             },
-            Err(e) => {
-                // A corrupt or inconsistent checkpoint: never applied. The
-                // session cannot continue (later epochs build on it).
-                events(BackupEvent::Rejected {
-                    reason: e.to_string(),
-                });
-                let _ = send(Message::Error {
-                    code: ErrorCode::CheckpointRejected,
-                    message: e.to_string(),
-                });
-                return Ok(BackupEnd::Aborted {
-                    reason: format!("checkpoint rejected: {e}"),
-                });
-            }
+            // The assembler has discarded the open epoch already.
+            Err(e) => return rejected(e.to_string()),
         }
     }
 }

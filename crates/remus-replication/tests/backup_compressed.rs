@@ -5,25 +5,19 @@
 //! not hold fails the checkpoint digest and is never applied; a garbled
 //! LZ4 block is rejected by name.
 
+mod common;
+
+use common::next;
+
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::TcpStream;
 
 use remus_proto::delta::DeltaEncoder;
 use remus_proto::{CheckpointKind, CheckpointWriter, Epoch, ErrorCode, Message, PAGE_SIZE};
-use remus_replication::backup::{BackupConfig, BackupEnd, receive};
+use remus_replication::backup::BackupEnd;
 use remus_replication::replica::Replica;
 
 const RAM: u64 = 1 << 20;
-
-fn next(r: &mut TcpStream) -> Message {
-    loop {
-        match Message::read_from(r).expect("frame from the backup") {
-            Message::Heartbeat { .. } => continue,
-            m => return m,
-        }
-    }
-}
 
 fn pages(seed: u8, n: usize) -> Vec<u8> {
     (0..n * PAGE_SIZE)
@@ -50,36 +44,14 @@ fn send(
     w.flush().unwrap();
 }
 
-/// Runs the backup on one accepted connection while `primary` scripts the
-/// other end; returns how the session ended and the replica.
+/// A fresh replica of `RAM` bytes in `dir` and the backup's session into
+/// it while `primary` scripts the other end.
 fn session(
     dir: &std::path::Path,
     primary: impl FnOnce(TcpStream) + Send + 'static,
 ) -> (BackupEnd, Replica) {
     let mut replica = Replica::create(&dir.join("ram"), RAM, dir).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        primary(s);
-    });
-    let (stream, _) = listener.accept().unwrap();
-    let cfg = BackupConfig {
-        timeout: Duration::from_secs(10),
-        heartbeat: Duration::from_millis(200),
-    };
-    let end = receive(
-        stream,
-        &mut replica,
-        None,
-        &cfg,
-        &|_| {},
-        &|_| Err("no switch-over here".into()),
-        &|| true,
-    )
-    .unwrap();
-    t.join().unwrap();
+    let end = common::session(&mut replica, None, primary);
     (end, replica)
 }
 

@@ -4,29 +4,23 @@
 //! ends the session with a clear error and nothing of it is applied; the
 //! initial sync's digests and data do what the protocol says.
 
+mod common;
+
+use common::{next, session};
+
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
 
 use remus_disk::EpochBuffer;
 use remus_nbd::{BlockBackend, FileBackend};
 use remus_proto::{
     CheckpointKind, CheckpointWriter, DiskLogDigest, DiskOp, DiskRecord, Epoch, ErrorCode, Message,
 };
-use remus_replication::backup::{BackupConfig, BackupEnd, receive};
+use remus_replication::backup::BackupEnd;
 use remus_replication::replica::Replica;
 
 const DISK: usize = 1 << 20;
-
-fn next(r: &mut TcpStream) -> Message {
-    loop {
-        match Message::read_from(r).expect("frame from the backup") {
-            Message::Heartbeat { .. } => continue,
-            m => return m,
-        }
-    }
-}
 
 fn record(epoch: u64, offset: u64, byte: u8) -> DiskRecord {
     DiskRecord {
@@ -72,11 +66,7 @@ fn epochs_commit_in_order_and_a_record_for_a_committed_epoch_is_refused() {
     );
     let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let primary = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let end = session(&mut replica, Some(&mut buf), |mut s| {
         let mut r = s.try_clone().unwrap();
         // 1. The backup opens with the digests of its copy: 16 chunks.
         let Message::DiskDigests(d) = next(&mut r) else {
@@ -114,23 +104,6 @@ fn epochs_commit_in_order_and_a_record_for_a_committed_epoch_is_refused() {
             other => panic!("expected an Error, got {other:?}"),
         }
     });
-
-    let (stream, _) = listener.accept().unwrap();
-    let cfg = BackupConfig {
-        timeout: Duration::from_secs(10),
-        heartbeat: Duration::from_millis(200),
-    };
-    let end = receive(
-        stream,
-        &mut replica,
-        Some(&mut buf),
-        &cfg,
-        &|_| {},
-        &|_| Err("no switch-over here".into()),
-        &|| true,
-    )
-    .unwrap();
-    primary.join().unwrap();
     match end {
         BackupEnd::Aborted { reason } => assert!(reason.contains("already committed"), "{reason}"),
         other => panic!("expected Aborted, got {other:?}"),

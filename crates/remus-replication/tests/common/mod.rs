@@ -1,0 +1,55 @@
+//! What the backup tests share: a scripted primary on one end of a real
+//! TCP connection, the backup's receive loop on the other.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use remus_disk::EpochBuffer;
+use remus_proto::Message;
+use remus_replication::backup::{BackupConfig, BackupEnd, receive};
+use remus_replication::replica::Replica;
+
+/// The next frame from the backup that is not a heartbeat.
+pub fn next(r: &mut TcpStream) -> Message {
+    loop {
+        match Message::read_from(r).expect("frame from the backup") {
+            Message::Heartbeat { .. } => continue,
+            m => return m,
+        }
+    }
+}
+
+/// Runs the backup's receive loop into `replica` (and `disks`) on one
+/// accepted connection while `primary` scripts the other end (its reads
+/// time out after 10 s); returns how the session ended, once both are
+/// done.
+pub fn session(
+    replica: &mut Replica,
+    disks: Option<&mut EpochBuffer>,
+    primary: impl FnOnce(TcpStream) + Send + 'static,
+) -> BackupEnd {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        primary(s);
+    });
+    let (stream, _) = listener.accept().unwrap();
+    let cfg = BackupConfig {
+        timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_millis(200),
+    };
+    let end = receive(
+        stream,
+        replica,
+        disks,
+        &cfg,
+        &|_| {},
+        &|_| Err("no switch-over here".into()),
+        &|| true,
+    )
+    .unwrap();
+    t.join().unwrap();
+    end
+}

@@ -368,15 +368,26 @@ struct CaseResult {
     accel: String,
 }
 
-/// The `dirty: N MB/s` numbers on a console.
-fn dirty_rates(console: &str) -> Vec<u64> {
+/// The numbers that follow `label` on a console's lines (the last
+/// occurrence on a line: a guest's lines can run into each other), those
+/// that parse.
+fn console_numbers<T: std::str::FromStr>(console: &str, label: &str) -> Vec<T> {
     console
         .lines()
         .filter_map(|l| {
-            let at = l.rfind("dirty: ")?;
-            l[at + 7..].split_whitespace().next()?.parse().ok()
+            let at = l.rfind(label)?;
+            l[at + label.len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
         })
         .collect()
+}
+
+/// The `dirty: N MB/s` numbers on a console.
+fn dirty_rates(console: &str) -> Vec<u64> {
+    console_numbers(console, "dirty: ")
 }
 
 fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Result<CaseResult> {
@@ -2299,6 +2310,16 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    fn test_machine() -> Machine {
+        Machine {
+            kernel: "6".into(),
+            nproc: 2,
+            cpu: "cpu".into(),
+            qemu: "QEMU 10".into(),
+            loadavg: "0 0 0".into(),
+        }
+    }
+
     #[test]
     fn nearest_rank_percentiles() {
         let v: Vec<f64> = (1..=150).map(f64::from).collect();
@@ -2446,13 +2467,7 @@ mod tests {
         assert_eq!(run.target_met(&run.cases[1]), None);
         assert_eq!(run.target_met(&run.cases[2]), Some(true));
         assert_eq!(run.target_met(&run.cases[3]), Some(false));
-        let m = Machine {
-            kernel: "6".into(),
-            nproc: 2,
-            cpu: "cpu".into(),
-            qemu: "QEMU 10".into(),
-            loadavg: "0 0 0".into(),
-        };
+        let m = test_machine();
         let md = render_net_md("2026-01-01 00:00 UTC", &m, "release", &o, &run);
         assert!(
             md.contains("| protected -i 100, buffered | 50.50 | 50.50 | 50.50 | 0.0 | +50.00 | 52 | met | 20.0 | 0.20 | 10.0 | 0.20 | 2 | 3.00 | 1.50 |"),
@@ -2515,13 +2530,7 @@ mod tests {
         assert_eq!(disk_ratios(&run), vec![(100, 0.5), (200, 0.8)]);
         assert_eq!(run.cases[2].replicated_mb_s(), 40.0);
         assert_eq!(run.cases[2].achieved_interval_ms(), 200.0);
-        let m = Machine {
-            kernel: "6".into(),
-            nproc: 2,
-            cpu: "cpu".into(),
-            qemu: "QEMU 10".into(),
-            loadavg: "0 0 0".into(),
-        };
+        let m = test_machine();
         let o = parse_opts(&["--disk".to_string()]).unwrap();
         assert!(o.disk);
         let md = render_disk_md("2026-01-01 00:00 UTC", &m, "release", &o, &run);

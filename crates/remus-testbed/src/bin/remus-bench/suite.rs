@@ -55,14 +55,84 @@ fn reference() -> Workload {
 struct Target {
     what: String,
     measured: String,
-    met: Option<bool>,
+    met: bool,
+    /// When missed: by how much.
     note: String,
 }
 
 impl Target {
+    /// Met when `value` ≤ `limit`; a miss is said as "by X" with
+    /// `decimals` digits and `unit` appended (" ms", "×").
+    fn at_most(
+        what: String,
+        measured: String,
+        value: f64,
+        limit: f64,
+        unit: &str,
+        decimals: usize,
+    ) -> Target {
+        Target::new(
+            what,
+            measured,
+            value <= limit,
+            value - limit,
+            unit,
+            decimals,
+        )
+    }
+
+    /// Met when `value` ≥ `limit`.
+    fn at_least(
+        what: String,
+        measured: String,
+        value: f64,
+        limit: f64,
+        unit: &str,
+        decimals: usize,
+    ) -> Target {
+        Target::new(
+            what,
+            measured,
+            value >= limit,
+            limit - value,
+            unit,
+            decimals,
+        )
+    }
+
+    fn new(
+        what: String,
+        measured: String,
+        met: bool,
+        short: f64,
+        unit: &str,
+        decimals: usize,
+    ) -> Target {
+        Target {
+            what,
+            measured,
+            met,
+            note: if met {
+                String::new()
+            } else {
+                format!("by {short:.decimals$}{unit}")
+            },
+        }
+    }
+
     fn json(&self) -> Value {
         json!({"what": self.what, "measured": self.measured, "met": self.met, "note": self.note})
     }
+}
+
+/// The cases run since `start`, plus the reference case if it was run
+/// before (by an earlier section), which this section would repeat.
+fn with_reference(cases: &[CaseResult], start: usize) -> Vec<CaseResult> {
+    let mut v = cases[start..].to_vec();
+    if let Some(r) = cases[..start].iter().find(|c| is_reference(c)) {
+        v.push(r.clone());
+    }
+    v
 }
 
 pub(crate) fn suite_main(
@@ -128,12 +198,14 @@ pub(crate) fn suite_main(
             .min_by_key(|c| (stats(&c.dirty).p50 - TARGET_DIRTY_PAGES as f64).abs() as u64)
         {
             let p = stats(&c.pause);
-            targets.push(Target {
-                what: format!("pause p50 ≤ {TARGET_P50_MS} ms at about {TARGET_DIRTY_PAGES} dirty pages per epoch"),
-                measured: format!("{:.2} ms at {:.0} pages ({})", p.p50, stats(&c.dirty).p50, case_label(c)),
-                met: Some(p.p50 <= TARGET_P50_MS),
-                note: over(p.p50, TARGET_P50_MS, "ms"),
-            });
+            targets.push(Target::at_most(
+                format!("pause p50 ≤ {TARGET_P50_MS} ms at about {TARGET_DIRTY_PAGES} dirty pages per epoch"),
+                format!("{:.2} ms at {:.0} pages ({})", p.p50, stats(&c.dirty).p50, case_label(c)),
+                p.p50,
+                TARGET_P50_MS,
+                " ms",
+                1,
+            ));
         }
     }
     if only("wire") {
@@ -149,10 +221,7 @@ pub(crate) fn suite_main(
         }
         let start = cases.len();
         run_specs(specs, &mut cases)?;
-        let mut wire: Vec<CaseResult> = cases[start..].to_vec();
-        if let Some(r) = cases[..start].iter().find(|c| is_reference(c)) {
-            wire.push(r.clone());
-        }
+        let mut wire = with_reference(&cases, start);
         wire.sort_by_key(|c| {
             (
                 !c.compressed,
@@ -169,18 +238,16 @@ pub(crate) fn suite_main(
         );
         if let Some(r) = wire.iter().find(|c| is_reference(c)) {
             let w = wire_ratio(r);
-            targets.push(Target {
-                what: format!(
+            targets.push(Target::at_most(
+                format!(
                     "wire bytes ≤ {TARGET_WIRE_RATIO}× raw dirty bytes on the reference workload"
                 ),
-                measured: format!("{w:.3}× ({})", case_label(r)),
-                met: Some(w <= TARGET_WIRE_RATIO),
-                note: if w <= TARGET_WIRE_RATIO {
-                    String::new()
-                } else {
-                    format!("by {:.3}×", w - TARGET_WIRE_RATIO)
-                },
-            });
+                format!("{w:.3}× ({})", case_label(r)),
+                w,
+                TARGET_WIRE_RATIO,
+                "×",
+                3,
+            ));
         }
     }
     if only("ram") {
@@ -195,10 +262,7 @@ pub(crate) fn suite_main(
             .collect();
         let start = cases.len();
         run_specs(specs, &mut cases)?;
-        let mut ram: Vec<CaseResult> = cases[start..].to_vec();
-        if let Some(r) = cases[..start].iter().find(|c| is_reference(c)) {
-            ram.push(r.clone());
-        }
+        let mut ram = with_reference(&cases, start);
         ram.sort_by_key(|c| c.memory_mib);
         sections.push(render_ram(&ram));
         runs.insert(
@@ -208,24 +272,19 @@ pub(crate) fn suite_main(
         if let (Some(small), Some(big)) = (ram.first(), ram.last())
             && big.memory_mib > small.memory_mib
         {
-            let r = ratio(stats(&big.pause).p50, stats(&small.pause).p50);
-            targets.push(Target {
-                what: format!(
+            let (b, sm) = (stats(&big.pause).p50, stats(&small.pause).p50);
+            let r = ratio(b, sm);
+            targets.push(Target::at_most(
+                format!(
                     "pause at {} MiB ≤ {TARGET_RAM_RATIO}× the pause at {} MiB (p50, same dirty rate)",
                     big.memory_mib, small.memory_mib
                 ),
-                measured: format!(
-                    "{r:.2}× ({:.2} / {:.2} ms)",
-                    stats(&big.pause).p50,
-                    stats(&small.pause).p50
-                ),
-                met: Some(r <= TARGET_RAM_RATIO),
-                note: if r <= TARGET_RAM_RATIO {
-                    String::new()
-                } else {
-                    format!("by {:.2}×", r - TARGET_RAM_RATIO)
-                },
-            });
+                format!("{r:.2}× ({b:.2} / {sm:.2} ms)"),
+                r,
+                TARGET_RAM_RATIO,
+                "×",
+                2,
+            ));
         }
     }
     if only("slowdown") {
@@ -239,16 +298,14 @@ pub(crate) fn suite_main(
             .find(|c| c.interval_ms == Some(40) && c.compressed)
         {
             let sd = s.slowdown(c);
-            targets.push(Target {
-                what: format!("guest slowdown ≤ {TARGET_SLOWDOWN}× at 25 checkpoints per second"),
-                measured: format!("{sd:.2}× (cpumem, -i 40)"),
-                met: Some(sd <= TARGET_SLOWDOWN),
-                note: if sd <= TARGET_SLOWDOWN {
-                    String::new()
-                } else {
-                    format!("by {:.2}×", sd - TARGET_SLOWDOWN)
-                },
-            });
+            targets.push(Target::at_most(
+                format!("guest slowdown ≤ {TARGET_SLOWDOWN}× at 25 checkpoints per second"),
+                format!("{sd:.2}× (cpumem, -i 40)"),
+                sd,
+                TARGET_SLOWDOWN,
+                "×",
+                2,
+            ));
         }
     }
     if only("failover") {
@@ -265,20 +322,22 @@ pub(crate) fn suite_main(
         if !frozen.is_empty() {
             let st = stats(&frozen);
             let limit = f.timeout_ms as f64 + TARGET_FAILOVER_SLACK_MS;
-            targets.push(Target {
-                what: format!(
+            targets.push(Target::at_most(
+                format!(
                     "failover within timeout + {TARGET_FAILOVER_SLACK_MS} ms (frozen primary, --timeout {})",
                     f.timeout_ms
                 ),
-                measured: format!(
+                format!(
                     "to first client line: p50 {:.0}, max {:.0} ms over {} rounds",
                     st.p50,
                     st.max,
                     frozen.len()
                 ),
-                met: Some(st.max <= limit),
-                note: over(st.max, limit, "ms"),
-            });
+                st.max,
+                limit,
+                " ms",
+                1,
+            ));
         }
     }
     if only("migrate") {
@@ -290,18 +349,20 @@ pub(crate) fn suite_main(
             json!(mg.iter().map(MigrateCase::json).collect::<Vec<_>>()),
         );
         for c in &mg {
-            targets.push(Target {
-                what: format!(
+            targets.push(Target::at_most(
+                format!(
                     "`remus migrate` downtime no worse than QEMU's own ({})",
                     c.workload.label()
                 ),
-                measured: format!(
+                format!(
                     "{:.0} ms against {:.0} ms",
                     c.remus.downtime_ms, c.qemu.downtime_ms
                 ),
-                met: Some(c.remus.downtime_ms <= c.qemu.downtime_ms),
-                note: over(c.remus.downtime_ms, c.qemu.downtime_ms, "ms"),
-            });
+                c.remus.downtime_ms,
+                c.qemu.downtime_ms,
+                " ms",
+                1,
+            ));
         }
     }
     if only("disk") {
@@ -321,14 +382,16 @@ pub(crate) fn suite_main(
             .into_iter()
             .find(|x| x.0 == DISK_TARGET_INTERVAL_MS)
         {
-            targets.push(Target {
-                what: format!(
+            targets.push(Target::at_least(
+                format!(
                     "disk write throughput ≥ {DISK_TARGET_RATIO}× unprotected at -i {DISK_TARGET_INTERVAL_MS}"
                 ),
-                measured: format!("{r:.2}×"),
-                met: Some(r >= DISK_TARGET_RATIO),
-                note: String::new(),
-            });
+                format!("{r:.2}×"),
+                r,
+                DISK_TARGET_RATIO,
+                "×",
+                2,
+            ));
         }
     }
     if only("net") {
@@ -345,14 +408,16 @@ pub(crate) fn suite_main(
             ),
         );
         for c in &run.cases {
-            if let (Some(met), Some(t)) = (run.target_met(c), c.mode.target_ms()) {
+            if let Some(t) = c.mode.target_ms() {
                 let (p50, _) = run.rtt_increase(c);
-                targets.push(Target {
-                    what: format!("ping RTT p50 increase ≤ {t:.0} ms ({})", c.mode.name()),
-                    measured: format!("+{p50:.1} ms"),
-                    met: Some(met),
-                    note: over(p50, t, "ms"),
-                });
+                targets.push(Target::at_most(
+                    format!("ping RTT p50 increase ≤ {t:.0} ms ({})", c.mode.name()),
+                    format!("+{p50:.1} ms"),
+                    p50,
+                    t,
+                    " ms",
+                    1,
+                ));
             }
         }
     }
@@ -390,12 +455,12 @@ pub(crate) fn suite_main(
         o.warmup,
     );
     for t in &targets {
-        let v = match t.met {
-            Some(true) => "met".to_string(),
-            Some(false) => format!("**MISSED** {}", t.note),
-            None => "—".into(),
+        let v = if t.met {
+            "met".to_string()
+        } else {
+            format!("**MISSED** {}", t.note)
         };
-        md.push_str(&format!("| {} | {} | {} |\n", t.what, t.measured, v.trim()));
+        md.push_str(&format!("| {} | {} | {} |\n", t.what, t.measured, v));
     }
     md.push('\n');
     for s in &sections {
@@ -420,14 +485,6 @@ pub(crate) fn suite_main(
         write_results(&o.out, &md, run)?;
     }
     Ok(())
-}
-
-fn over(value: f64, target: f64, unit: &str) -> String {
-    if value <= target {
-        String::new()
-    } else {
-        format!("by {:.1} {unit}", value - target)
-    }
 }
 
 fn is_reference(c: &CaseResult) -> bool {
@@ -617,13 +674,7 @@ impl Slowdown {
 
 /// The guest's `cpumem: N kops/s` numbers.
 fn cpumem_rates(console: &str) -> Vec<f64> {
-    console
-        .lines()
-        .filter_map(|l| {
-            let at = l.rfind("cpumem: ")?;
-            l[at + 8..].split_whitespace().next()?.parse().ok()
-        })
-        .collect()
+    console_numbers(console, "cpumem: ")
 }
 
 fn run_slowdown(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<Slowdown> {
@@ -1330,8 +1381,17 @@ mod tests {
     }
 
     #[test]
-    fn over_says_by_how_much() {
-        assert_eq!(over(4.0, 5.0, "ms"), "");
-        assert_eq!(over(7.25, 5.0, "ms"), "by 2.2 ms");
+    fn targets_say_met_or_by_how_much_they_were_missed() {
+        let t = |v, l| Target::at_most("w".into(), "m".into(), v, l, " ms", 1);
+        assert!(t(4.0, 5.0).met && t(4.0, 5.0).note.is_empty());
+        assert!(t(5.0, 5.0).met);
+        let miss = t(7.25, 5.0);
+        assert!(!miss.met);
+        assert_eq!(miss.note, "by 2.2 ms");
+        let d = Target::at_least("w".into(), "m".into(), 0.6, 0.7, "×", 2);
+        assert!(!d.met);
+        assert_eq!(d.note, "by 0.10×");
+        assert!(Target::at_least("w".into(), "m".into(), 0.78, 0.7, "×", 2).met);
+        assert_eq!(t(9.0, 5.0).json()["met"], false);
     }
 }

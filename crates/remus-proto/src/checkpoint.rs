@@ -34,10 +34,10 @@ use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::delta::DeltaEncoder;
-use crate::frame::{HEADER_LEN, MAX_PAYLOAD, WireError};
+use crate::frame::WireError;
 use crate::message::{
-    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, MAX_PAGES_PER_RUN, Message, PAGE_SIZE,
-    PageRun, write_device_state, write_page_run,
+    CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, Message, PAGE_SIZE, PageRun, write_counted,
+    write_device_state, write_page_run,
 };
 
 /// Largest device state accepted in one checkpoint (512 MiB). QEMU's device
@@ -132,20 +132,13 @@ impl CheckpointWriter {
             return Ok(0);
         }
         let wire = match enc {
-            None => {
-                write_page_run(w, first_page, data)?;
-                let frames = data.len().div_ceil(MAX_PAGES_PER_RUN as usize * PAGE_SIZE);
-                (data.len() + frames * (HEADER_LEN + 12)) as u64
-            }
-            Some(enc) => {
-                let mut wire = 0u64;
-                for d in enc.encode_pages(first_page, data) {
-                    let m = Message::PageDelta(d);
-                    wire += m.wire_len();
-                    m.write_to(w)?;
-                }
-                wire
-            }
+            None => write_page_run(w, first_page, data)?,
+            Some(enc) => write_counted(
+                w,
+                enc.encode_pages(first_page, data)
+                    .into_iter()
+                    .map(Message::PageDelta),
+            )?,
         };
         self.digest.add_pages(first_page, data);
         self.pages += (data.len() / PAGE_SIZE) as u64;
@@ -171,24 +164,19 @@ impl CheckpointWriter {
             self.kind
         );
         let wire = match enc {
-            Some(enc) if !data.is_empty() => {
-                let mut wire = 0u64;
-                for d in enc.encode_device_state(data) {
-                    let m = Message::DeviceStateDelta(d);
-                    wire += m.wire_len();
-                    m.write_to(w)?;
-                }
-                wire
-            }
+            Some(enc) if !data.is_empty() => write_counted(
+                w,
+                enc.encode_device_state(data)
+                    .into_iter()
+                    .map(Message::DeviceStateDelta),
+            )?,
             other => {
                 if let Some(enc) = other {
                     // Empty: sent plain, but the encoder must forget the
                     // previous state too, as the receiver's commit will.
                     enc.encode_device_state(data);
                 }
-                write_device_state(w, data)?;
-                let frames = data.len().div_ceil(MAX_PAYLOAD as usize).max(1);
-                (data.len() + frames * HEADER_LEN) as u64
+                write_device_state(w, data)?
             }
         };
         self.device_state_started = true;

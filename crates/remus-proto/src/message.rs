@@ -717,7 +717,7 @@ impl Message {
     /// lies, not copied into a frame buffer.
     pub fn write_to(&self, w: &mut impl Write) -> Result<(), WireError> {
         match self {
-            Message::PageRun(run) => write_page_run(w, run.first_page, &run.data),
+            Message::PageRun(run) => write_page_run(w, run.first_page, &run.data).map(|_| ()),
             Message::DeviceState { data } => {
                 let header = frame::raw_header(MsgType::DeviceState as u16, &[data]);
                 w.write_all(&header)?;
@@ -1000,17 +1000,19 @@ fn page_run_prefix(first_page: u64, page_count: u32) -> [u8; PAGE_RUN_PREFIX] {
 }
 
 /// Writes guest pages `first_page..` taken from `data` (a whole number of
-/// pages) as as many PageRun frames as needed, without copying the pages.
+/// pages) as as many PageRun frames as needed, without copying the pages;
+/// returns the bytes written, frame headers included.
 ///
 /// # Panics
 /// If `data` is not a whole number of pages: a sender bug.
-pub fn write_page_run(w: &mut impl Write, first_page: u64, data: &[u8]) -> Result<(), WireError> {
+pub fn write_page_run(w: &mut impl Write, first_page: u64, data: &[u8]) -> Result<u64, WireError> {
     assert!(
         data.len() % PAGE_SIZE == 0,
         "page run of {} bytes is not a whole number of pages",
         data.len()
     );
     let chunk = MAX_PAGES_PER_RUN as usize * PAGE_SIZE;
+    let mut written = 0u64;
     for (i, part) in data.chunks(chunk).enumerate() {
         let first = first_page + (i * MAX_PAGES_PER_RUN as usize) as u64;
         let prefix = page_run_prefix(first, (part.len() / PAGE_SIZE) as u32);
@@ -1020,21 +1022,38 @@ pub fn write_page_run(w: &mut impl Write, first_page: u64, data: &[u8]) -> Resul
         head[HEADER_LEN..].copy_from_slice(&prefix);
         w.write_all(&head)?;
         w.write_all(part)?;
+        written += (head.len() + part.len()) as u64;
     }
-    Ok(())
+    Ok(written)
 }
 
-/// Writes device state as as many DeviceState frames as needed.
-pub fn write_device_state(w: &mut impl Write, data: &[u8]) -> Result<(), WireError> {
-    if data.is_empty() {
-        return Message::DeviceState { data: Vec::new() }.write_to(w);
-    }
-    for part in data.chunks(MAX_PAYLOAD as usize) {
+/// Writes device state as as many DeviceState frames as needed (one, if
+/// it is empty); returns the bytes written, frame headers included.
+pub fn write_device_state(w: &mut impl Write, data: &[u8]) -> Result<u64, WireError> {
+    let mut written = 0u64;
+    for part in data
+        .chunks(MAX_PAYLOAD as usize)
+        .chain(data.is_empty().then_some(data))
+    {
         let header = frame::raw_header(MsgType::DeviceState as u16, &[part]);
         w.write_all(&header)?;
         w.write_all(part)?;
+        written += (header.len() + part.len()) as u64;
     }
-    Ok(())
+    Ok(written)
+}
+
+/// Writes each message as a frame; returns the bytes written.
+pub(crate) fn write_counted(
+    w: &mut impl Write,
+    messages: impl IntoIterator<Item = Message>,
+) -> Result<u64, WireError> {
+    let mut written = 0u64;
+    for m in messages {
+        m.write_to(w)?;
+        written += m.wire_len();
+    }
+    Ok(written)
 }
 
 pub(crate) fn put_u16(p: &mut Vec<u8>, v: u16) {

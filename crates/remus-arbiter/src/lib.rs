@@ -69,6 +69,18 @@ pub struct ArbiterConfig {
     pub prefix: String,
     /// Timeout of each call to one endpoint.
     pub call_timeout: Duration,
+    /// TLS settings for `https://` endpoints.
+    pub tls: Option<etcd_client::TlsOptions>,
+}
+
+/// PEM files for talking TLS to etcd: the CA that signed the members'
+/// certificates, and this host's client certificate and key when etcd
+/// asks for one (`--client-cert-auth`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl ArbiterConfig {
@@ -93,7 +105,43 @@ impl ArbiterConfig {
             endpoints,
             prefix: prefix.to_string(),
             call_timeout: Duration::from_millis(500),
+            tls: None,
         })
+    }
+
+    /// Uses TLS with these files (read now: a missing or unreadable file
+    /// is an error naming it). Every endpoint must then be `https://`.
+    pub fn with_tls(mut self, files: &TlsFiles) -> Result<ArbiterConfig, ArbiterError> {
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).map_err(|e| {
+                ArbiterError::Config(format!("arbiter TLS {what} {}: {e}", p.display()))
+            })
+        };
+        if let Some(e) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            return Err(ArbiterError::Config(format!(
+                "TLS files were given but endpoint '{e}' is not https://"
+            )));
+        }
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &files.ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca, "CA")?));
+        }
+        match (&files.cert, &files.key) {
+            (Some(c), Some(k)) => {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read(c, "certificate")?,
+                    read(k, "key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ArbiterError::Config(
+                    "a client certificate needs its key and the key its certificate".into(),
+                ));
+            }
+        }
+        self.tls = Some(tls);
+        Ok(self)
     }
 
     /// The key naming the host that may run `vm`.
@@ -125,7 +173,11 @@ impl Arbiter {
         if host.is_empty() {
             return Err(ArbiterError::Config("empty host name".into()));
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // One worker drives the connections; every calling thread blocks
+        // on its own call (several VMs' keepers call at once).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("arbiter-io")
             .enable_all()
             .build()
             .map_err(|e| ArbiterError::Runtime(format!("start the arbiter's runtime: {e}")))?;
@@ -164,9 +216,12 @@ impl Arbiter {
         let mut last = String::new();
         for ep in &self.cfg.endpoints {
             let r = self.rt.block_on(async {
-                let opts = ConnectOptions::new()
+                let mut opts = ConnectOptions::new()
                     .with_connect_timeout(t)
                     .with_timeout(t);
+                if let Some(tls) = &self.cfg.tls {
+                    opts = opts.with_tls(tls.clone());
+                }
                 let client = tokio::time::timeout(t, Client::connect([ep.as_str()], Some(opts)))
                     .await
                     .map_err(|_| format!("{ep}: connect timed out after {t:?}"))?
@@ -211,8 +266,9 @@ impl Arbiter {
     }
 
     /// Takes `vm`'s key with a new lease of `ttl` (whole seconds, at least
-    /// one) if nobody holds it. Another holder is an error naming it. The
-    /// fence deadline counts from the moment the grant was sent, less
+    /// one) if nobody holds it, or if this host does (an earlier tenure of
+    /// its own, leased or pinned). Another holder is an error naming it.
+    /// The fence deadline counts from the moment the grant was sent, less
     /// `margin`.
     pub fn acquire(
         &self,
@@ -226,23 +282,7 @@ impl Arbiter {
             c.lease_grant(ttl_s, None).await
         })?;
         let id = grant.id();
-        let key = self.cfg.runner_key(vm);
-        let host = self.host.clone();
-        let resp = self.call("take the VM's key", |mut c| {
-            let (key, host) = (key.clone(), host.clone());
-            async move {
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        key.clone(),
-                        host,
-                        Some(PutOptions::new().with_lease(id)),
-                    )])
-                    .or_else([TxnOp::get(key, None)]);
-                c.txn(txn).await
-            }
-        });
-        let resp = match resp {
+        let revision = match self.take(vm, id) {
             Ok(r) => r,
             Err(e) => {
                 let _ = self.call(
@@ -251,41 +291,6 @@ impl Arbiter {
                 );
                 return Err(e);
             }
-        };
-        let holder_of = |resp: &etcd_client::TxnResponse| {
-            resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| Holder {
-                    host: String::from_utf8_lossy(kv.value()).into_owned(),
-                    lease: kv.lease(),
-                    revision: kv.create_revision(),
-                }),
-                _ => None,
-            })
-        };
-        // A retry on another endpoint after a timeout can find the key our
-        // own first attempt created: that is success, not a rival.
-        let ours = !resp.succeeded() && holder_of(&resp).is_some_and(|h| h.lease == id);
-        if !resp.succeeded() && !ours {
-            let _ = self.call(
-                "lease revoke",
-                |mut c| async move { c.lease_revoke(id).await },
-            );
-            let h = holder_of(&resp).unwrap_or(Holder {
-                host: "?".into(),
-                lease: 0,
-                revision: 0,
-            });
-            return Err(ArbiterError::HeldByOther {
-                vm: vm.to_string(),
-                holder: h.host,
-                lease: h.lease,
-                revision: h.revision,
-            });
-        }
-        let revision = if ours {
-            holder_of(&resp).map(|h| h.revision).unwrap_or(0)
-        } else {
-            resp.header().map(|h| h.revision()).unwrap_or(0)
         };
         tracing::info!(vm, lease = format!("{id:x}"), revision, ttl_s, host = %self.host, "took the VM's arbiter key");
         Ok(Lease {
@@ -296,6 +301,109 @@ impl Arbiter {
             fence_at: sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin),
             stream: None,
         })
+    }
+
+    /// Pins `vm`'s key to this host without a lease: the VM runs here
+    /// unprotected and nobody may take it over by waiting (the key never
+    /// expires). Succeeds if the key is this host's (under any lease) or
+    /// absent; then revokes lease `revoke`, if given. Returns the revision of the
+    /// write.
+    pub fn pin(&self, vm: &str, revoke: Option<i64>) -> Result<i64, ArbiterError> {
+        let revision = self.take(vm, 0)?;
+        if let Some(id) = revoke {
+            // The key no longer uses it; a failed revoke only lets it lapse.
+            let _ = self.call(
+                "lease revoke",
+                |mut c| async move { c.lease_revoke(id).await },
+            );
+        }
+        tracing::info!(vm, revision, host = %self.host, "pinned the VM's arbiter key to this host (runs unprotected)");
+        Ok(revision)
+    }
+
+    /// Deletes `vm`'s key if this host holds it (the VM is gone from
+    /// here). Returns whether a key of ours was deleted.
+    pub fn clear(&self, vm: &str) -> Result<bool, ArbiterError> {
+        let key = self.cfg.runner_key(vm);
+        let host = self.host.clone();
+        let resp = self.call("delete the VM's key", |mut c| {
+            let (key, host) = (key.clone(), host.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, host)])
+                    .and_then([TxnOp::delete(key, None)]);
+                c.txn(txn).await
+            }
+        })?;
+        if resp.succeeded() {
+            tracing::info!(vm, host = %self.host, "deleted the VM's arbiter key");
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// The etcd cluster's ID: two agents that must agree on a VM's runner
+    /// check that they talk to the same cluster.
+    pub fn cluster_id(&self) -> Result<u64, ArbiterError> {
+        let s = self.call("status", |mut c| async move { c.status().await })?;
+        s.header()
+            .map(|h| h.cluster_id())
+            .ok_or_else(|| ArbiterError::Runtime("etcd status without a header".into()))
+    }
+
+    /// Makes `vm`'s key this host's, on lease `lease` (0: no lease), if it
+    /// is absent or already this host's. Returns the write's revision.
+    fn take(&self, vm: &str, lease: i64) -> Result<i64, ArbiterError> {
+        let key = self.cfg.runner_key(vm);
+        // Two tries: absent, then ours as last seen. A key that changes
+        // between them is contended: report who has it now.
+        let mut seen: Option<(Holder, i64)> = None;
+        for _ in 0..3 {
+            let cond = match &seen {
+                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Some((_, modrev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *modrev),
+            };
+            let host = self.host.clone();
+            let resp = self.call("take the VM's key", |mut c| {
+                let (key, host, cond) = (key.clone(), host.clone(), cond.clone());
+                async move {
+                    let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+                    let txn = Txn::new()
+                        .when([cond])
+                        .and_then([TxnOp::put(key.clone(), host, opts)])
+                        .or_else([TxnOp::get(key, None)]);
+                    c.txn(txn).await
+                }
+            })?;
+            let now = holder_of(&resp);
+            // A retry on another endpoint after a timeout can find the
+            // write of our own first attempt: that is success.
+            let ours_now = now
+                .as_ref()
+                .is_some_and(|(h, _)| h.host == self.host && h.lease == lease);
+            if resp.succeeded() || ours_now {
+                let revision = match (resp.succeeded(), now) {
+                    (false, Some((_, modrev))) => modrev,
+                    _ => resp.header().map(|h| h.revision()).unwrap_or(0),
+                };
+                return Ok(revision);
+            }
+            match now {
+                Some((h, modrev)) if h.host == self.host => seen = Some((h, modrev)),
+                Some((h, _)) => {
+                    return Err(ArbiterError::HeldByOther {
+                        vm: vm.to_string(),
+                        holder: h.host,
+                        lease: h.lease,
+                        revision: h.revision,
+                    });
+                }
+                // Gone since we looked: try "absent" again.
+                None => seen = None,
+            }
+        }
+        Err(ArbiterError::Runtime(format!(
+            "the key of {vm} kept changing while this host tried to take it"
+        )))
     }
 
     /// Renews `lease` once. On success returns the new fence deadline:
@@ -348,6 +456,23 @@ impl Arbiter {
         tracing::info!(vm = %lease.vm, lease = format!("{id:x}"), "released the VM's arbiter key");
         Ok(())
     }
+}
+
+/// The holder a transaction's `get` found, with the key's mod revision.
+fn holder_of(resp: &etcd_client::TxnResponse) -> Option<(Holder, i64)> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+            (
+                Holder {
+                    host: String::from_utf8_lossy(kv.value()).into_owned(),
+                    lease: kv.lease(),
+                    revision: kv.create_revision(),
+                },
+                kv.mod_revision(),
+            )
+        }),
+        _ => None,
+    })
 }
 
 /// A held VM key: the lease behind it and the fence deadline.

@@ -138,3 +138,39 @@ fn bad_configurations_are_refused_by_name() {
     let c = ArbiterConfig::new(vec!["http://127.0.0.1:2379".into()], "/remus/").unwrap();
     assert_eq!(c.runner_key("web"), "/remus/vms/web/runner");
 }
+
+#[test]
+fn a_pinned_key_never_lapses_and_only_its_host_takes_or_clears_it() {
+    let etcd = EtcdCluster::start(1, "127.0.0.1", None).expect("etcd");
+    let a = arbiter(&etcd, "host-a");
+    let b = arbiter(&etcd, "host-b");
+    let lease = a.acquire("vm4", TTL, MARGIN).unwrap();
+    let id = lease.id;
+    let rev = a.pin("vm4", Some(id)).unwrap();
+    let h = a.holder("vm4").unwrap().unwrap();
+    assert_eq!(
+        (h.host.as_str(), h.lease),
+        ("host-a", 0),
+        "pinned: no lease"
+    );
+    assert!(rev > lease.revision);
+    // Well past the old lease's TTL (revoked anyway): still a's, and b
+    // is told it is pinned (lease 0).
+    std::thread::sleep(TTL + Duration::from_secs(1));
+    match b.acquire("vm4", TTL, MARGIN) {
+        Err(ArbiterError::HeldByOther { holder, lease, .. }) => {
+            assert_eq!((holder.as_str(), lease), ("host-a", 0));
+        }
+        other => panic!("b must be refused a pinned key: {other:?}"),
+    }
+    assert!(b.pin("vm4", None).is_err(), "b must not pin a's key");
+    assert!(!b.clear("vm4").unwrap(), "b must not delete a's key");
+    // a takes its own pinned key back on a lease (protection again).
+    let again = a.acquire("vm4", TTL, MARGIN).unwrap();
+    assert_eq!(a.holder("vm4").unwrap().unwrap().lease, again.id);
+    // And a deletes it when the VM goes away.
+    assert!(a.clear("vm4").unwrap());
+    assert_eq!(a.holder("vm4").unwrap(), None);
+    let l = b.acquire("vm4", TTL, MARGIN).expect("free after clear");
+    assert_eq!(b.holder("vm4").unwrap().unwrap().lease, l.id);
+}

@@ -149,6 +149,7 @@ pub(crate) struct Staged {
 /// releases: the disk journal's epoch and the NICs' held output.
 #[derive(Clone, Copy)]
 struct Edges<'a> {
+    vm: &'a Vm,
     journal: &'a Journal,
     nets: &'a [Arc<OutputCommit>],
 }
@@ -173,8 +174,18 @@ impl Edges<'_> {
 
     /// The session is over: guest writes stop waiting for the journal and
     /// held output leaves (the VM runs on alone).
+    /// No backup will acknowledge anything more: the journal closes and
+    /// held output goes out (the VM runs on alone) — unless the arbiter's
+    /// fence holds the VM: its unacknowledged output may come from a state
+    /// another host never had and may already have superseded. The agent
+    /// releases it if the fence is lifted, drops it if another host took
+    /// over.
     fn end(&self) {
         self.journal.close();
+        if self.vm.is_fenced() {
+            tracing::warn!(vm = %self.vm.name(), held = self.nets.iter().map(|n| n.held()).sum::<usize>(), "backup gone while the VM is fenced: held output stays held");
+            return;
+        }
         for n in self.nets {
             n.go_live();
         }
@@ -246,6 +257,7 @@ pub fn protect(
         n.arm();
     }
     let edges = Edges {
+        vm,
         journal,
         nets: &nets[..],
     };
@@ -373,7 +385,7 @@ pub fn protect(
                     Some(wait) => std::thread::sleep(wait),
                     None => next_due = now,
                 }
-                if captured_paused.is_some() && captured_paused == vm.operator_pause_generation() {
+                if captured_paused.is_some() && captured_paused == vm.hold_generation() {
                     continue;
                 }
                 epoch += 1;
@@ -435,7 +447,7 @@ pub fn protect(
         result
     });
     // Journal closed, disks back to local-only; held output released
-    // (the VM runs on alone).
+    // unless fenced (see Edges::end).
     edges.end();
     drop(disks);
     result
@@ -532,7 +544,10 @@ fn checkpoint(
     // Resume whatever happened: a failed checkpoint must not leave the
     // guest paused.
     let t = Instant::now();
-    let cont = if operator_paused {
+    // Held at the guard, or fenced since (the fence raises its flag
+    // before it waits for this lock): the guest stays stopped.
+    let held = operator_paused || vm.is_fenced();
+    let cont = if held {
         Ok(serde_json::Value::Null)
     } else {
         qmp.execute("cont", None)
@@ -552,9 +567,7 @@ fn checkpoint(
         pause_ms,
         taken_at_ms,
         phases,
-        operator_paused: operator_paused
-            .then(|| vm.operator_pause_generation())
-            .flatten(),
+        operator_paused: held.then(|| vm.hold_generation()).flatten(),
     })
 }
 

@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,6 +124,8 @@ pub struct Vm {
     /// stop/cont).
     run_lock: Mutex<()>,
     operator_paused: std::sync::atomic::AtomicBool,
+    /// The arbiter's fence holds the guest paused.
+    fenced: std::sync::atomic::AtomicBool,
     pause_generation: std::sync::atomic::AtomicU64,
     pub started_at: Instant,
 }
@@ -298,6 +301,7 @@ impl Vm {
             dirty_tracking: preload.is_some(),
             run_lock: Mutex::new(()),
             operator_paused: std::sync::atomic::AtomicBool::new(false),
+            fenced: std::sync::atomic::AtomicBool::new(false),
             pause_generation: std::sync::atomic::AtomicU64::new(0),
             started_at: Instant::now(),
         })
@@ -381,27 +385,69 @@ impl Vm {
         self.check_alive()?;
         let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.qmp.execute("stop", None).map_err(self.qmp_err())?;
-        self.operator_paused
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.pause_generation.fetch_add(1, SeqCst);
+        self.operator_paused.store(true, SeqCst);
         Ok(())
+    }
+
+    /// Pauses the guest because this host may no longer run it (the
+    /// arbiter's lease could not be renewed: self-fencing). Checkpoints
+    /// leave it paused and [`Vm::unpause`] refuses until [`Vm::unfence`].
+    ///
+    /// The flag is raised before the run-state lock is taken: a checkpoint
+    /// holding the lock sees it before its `cont` and leaves the guest
+    /// stopped, so the guest never runs on past this call by more than
+    /// the instant between that check and its `cont`.
+    pub fn fence(&self) -> Result<(), VmError> {
+        self.pause_generation.fetch_add(1, SeqCst);
+        self.fenced.store(true, SeqCst);
+        self.check_alive()?;
+        let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.qmp.execute("stop", None).map_err(self.qmp_err())?;
+        Ok(())
+    }
+
+    /// Lifts the fence: the guest runs again unless the operator has it
+    /// paused. No-op when not fenced.
+    pub fn unfence(&self) -> Result<(), VmError> {
+        self.check_alive()?;
+        let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.fenced.load(SeqCst) {
+            return Ok(());
+        }
+        if !self.operator_paused.load(SeqCst) {
+            self.qmp.execute("cont", None).map_err(self.qmp_err())?;
+        }
+        self.pause_generation.fetch_add(1, SeqCst);
+        self.fenced.store(false, SeqCst);
+        Ok(())
+    }
+
+    /// Whether the arbiter's fence holds the guest paused.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(SeqCst)
     }
 
     /// For a checkpoint: holds the run-state lock (so an operator's pause
     /// or unpause cannot interleave with the checkpoint's stop/cont) and
-    /// says whether the operator has paused the guest (then the checkpoint
-    /// must neither stop nor resume it).
+    /// says whether the guest is held paused (by the operator or the
+    /// fence; then the checkpoint must neither stop nor resume it).
     pub fn checkpoint_guard(&self) -> (std::sync::MutexGuard<'_, ()>, bool) {
         let g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let paused = self
-            .operator_paused
-            .load(std::sync::atomic::Ordering::SeqCst);
-        (g, paused)
+        (g, self.is_held())
     }
 
-    /// Resumes the guest.
+    /// Resumes the guest after an operator's pause. Refused while fenced:
+    /// another host may be running this VM.
     pub fn unpause(&self) -> Result<(), VmError> {
         self.check_alive()?;
         let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_fenced() {
+            return Err(VmError::Invalid {
+                vm: self.name().into(),
+                msg: "the arbiter's fence holds it paused: this host may not run it (see `remus list --json`, field arbiter)".into(),
+            });
+        }
         let status = self.qmp.status().map_err(self.qmp_err())?;
         if status == "shutdown" {
             return Err(VmError::Invalid {
@@ -410,24 +456,26 @@ impl Vm {
             });
         }
         self.qmp.execute("cont", None).map_err(self.qmp_err())?;
-        self.operator_paused
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.pause_generation.fetch_add(1, SeqCst);
+        self.operator_paused.store(false, SeqCst);
         Ok(())
     }
 
-    /// While the operator has the guest paused: which pause this is (each
-    /// pause gets a new number), else None.
-    pub fn operator_pause_generation(&self) -> Option<u64> {
-        self.is_operator_paused().then(|| {
-            self.pause_generation
-                .load(std::sync::atomic::Ordering::SeqCst)
-        })
+    /// While the guest is held paused (operator pause or fence): which
+    /// hold this is (every pause, unpause, fence and unfence makes a new
+    /// one), else None.
+    pub fn hold_generation(&self) -> Option<u64> {
+        self.is_held().then(|| self.pause_generation.load(SeqCst))
+    }
+
+    /// Whether the guest is held paused, by the operator or the fence.
+    pub fn is_held(&self) -> bool {
+        self.operator_paused.load(SeqCst) || self.fenced.load(SeqCst)
     }
 
     /// Whether the operator has paused the guest.
     pub fn is_operator_paused(&self) -> bool {
-        self.operator_paused
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.operator_paused.load(SeqCst)
     }
 
     /// Pins vCPU `vcpu` to the given host CPUs.

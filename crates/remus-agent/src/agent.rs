@@ -26,7 +26,7 @@ pub enum AgentError {
 }
 
 /// Agent settings (from the command line).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentOptions {
     pub state_dir: PathBuf,
     /// Where guest RAM files go (tmpfs is best).
@@ -35,6 +35,8 @@ pub struct AgentOptions {
     pub replication_listen: Option<String>,
     /// Shared key authenticating replication peers.
     pub key: Option<remus_proto::Key>,
+    /// The etcd arbiter deciding which host may run a protected VM.
+    pub arbiter: Option<Arc<crate::arbiter::AgentArbiter>>,
 }
 
 /// One VM owned by this agent.
@@ -54,6 +56,8 @@ pub struct VmSlot {
     last_checkpoint: Mutex<Option<String>>,
     /// The running protection session: its stop flag and peer.
     protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
+    /// The VM's arbiter key, once this host has held it.
+    pub arbiter: Mutex<Option<Arc<crate::arbiter::Guard>>>,
 }
 
 impl VmSlot {
@@ -67,6 +71,7 @@ impl VmSlot {
             history: Mutex::new(Vec::new()),
             last_checkpoint: Mutex::new(None),
             protection: Mutex::new(None),
+            arbiter: Mutex::new(None),
         }
     }
     /// Publishes a replication event (nobody listening is fine).
@@ -127,6 +132,9 @@ impl VmSlot {
     }
     pub fn release_console(&self) {
         self.console_attached.store(false, Ordering::SeqCst);
+    }
+    pub fn arbiter_guard(&self) -> Option<Arc<crate::arbiter::Guard>> {
+        lock(&self.arbiter).clone()
     }
 }
 
@@ -205,6 +213,7 @@ impl Agent {
             kvm_reason,
             state_dir: self.opts.state_dir.clone(),
             replication_listen: self.opts.replication_listen.clone(),
+            arbiter: self.opts.arbiter.as_ref().map(|a| a.host_info()),
         }
     }
 
@@ -462,7 +471,17 @@ impl Agent {
         // A protected VM's destroy is a primary failure to its backup (the
         // link drops without an orderly end), as in the Remus docs.
         slot.publish(String::new());
+        let guard = lock(&slot.arbiter).take();
+        if let Some(g) = &guard {
+            g.stop();
+        }
         slot.vm.destroy();
+        // The VM no longer runs here: give its key up (if still ours).
+        if let (Some(_), Some(a)) = (guard, &self.opts.arbiter)
+            && let Err(e) = a.arb.clear(name)
+        {
+            tracing::warn!(vm = %name, error = %e, "cannot delete the VM's arbiter key; it names this host until deleted (etcdctl del)");
+        }
         self.archive_logs(name, &slot.vm.paths, &slot.id.to_string());
         if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {
             tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
@@ -540,7 +559,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
     let mut state = slot.vm.run_state();
     // A checkpoint pauses a protected VM for a few ms many times a second;
     // that is not the operator's pause, so do not show it as one.
-    if role == Role::Primary && state == RunState::Paused && !slot.vm.is_operator_paused() {
+    if role == Role::Primary && state == RunState::Paused && !slot.vm.is_held() {
         state = RunState::Running;
     }
     VmInfo {
@@ -581,6 +600,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             .iter()
             .filter_map(|p| Some((p.target().to_string(), p.change_map()?.count())))
             .collect(),
+        arbiter: slot.arbiter_guard().map(|g| g.info()),
     }
 }
 

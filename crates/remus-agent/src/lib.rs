@@ -9,6 +9,7 @@
 //! their disk and network I/O, so a VM cannot outlive it usefully.
 
 pub mod agent;
+pub mod arbiter;
 pub mod http;
 pub mod replication;
 
@@ -49,6 +50,77 @@ pub struct Args {
     /// works too.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// etcd client URL of the arbiter that decides which host may run a
+    /// protected VM (split-brain protection); repeat it, or separate URLs
+    /// by commas, for each member. Both agents of a VM need the same
+    /// cluster and prefix. See docs/operations.md, "Split brain".
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub arbiter: Vec<String>,
+    /// Key prefix under which the arbiter keeps VM keys.
+    #[arg(long, default_value = "/remus", value_name = "PREFIX")]
+    pub arbiter_prefix: String,
+    /// Lease time in seconds: a failover waits for the primary's lease to
+    /// lapse (up to this long after the primary's last renewal).
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub arbiter_ttl: u64,
+    /// A primary that cannot renew pauses its VM this long before its
+    /// lease can lapse (covers the time to pause the VM).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub arbiter_margin_ms: u64,
+    /// CA certificate (PEM) of the etcd members, for https:// endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub arbiter_ca: Option<PathBuf>,
+    /// Client certificate (PEM) when etcd asks for one.
+    #[arg(long, value_name = "FILE", requires = "arbiter_key")]
+    pub arbiter_cert: Option<PathBuf>,
+    /// Key (PEM) of --arbiter-cert.
+    #[arg(long, value_name = "FILE", requires = "arbiter_cert")]
+    pub arbiter_key: Option<PathBuf>,
+    /// This host's name in the arbiter's keys (default: the hostname).
+    /// Each host of a cluster needs its own.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
+}
+
+/// The arbiter of `--arbiter`, if given.
+fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>> {
+    if args.arbiter.is_empty() {
+        if args.arbiter_ca.is_some() || args.arbiter_cert.is_some() {
+            anyhow::bail!("--arbiter-ca/--arbiter-cert need --arbiter URL");
+        }
+        return Ok(None);
+    }
+    let mut cfg = remus_arbiter::ArbiterConfig::new(args.arbiter.clone(), &args.arbiter_prefix)?;
+    if args.arbiter_ca.is_some() || args.arbiter_cert.is_some() {
+        cfg = cfg.with_tls(&remus_arbiter::TlsFiles {
+            ca: args.arbiter_ca.clone(),
+            cert: args.arbiter_cert.clone(),
+            key: args.arbiter_key.clone(),
+        })?;
+    }
+    let host = match &args.host_name {
+        Some(h) => h.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("read the hostname (or give --host-name)")?
+            .trim()
+            .to_string(),
+    };
+    let arb = remus_arbiter::Arbiter::new(cfg, &host)?;
+    let a = arbiter::AgentArbiter::new(
+        arb,
+        std::time::Duration::from_secs(args.arbiter_ttl),
+        std::time::Duration::from_millis(args.arbiter_margin_ms),
+    )
+    .map_err(anyhow::Error::msg)?;
+    match a.arb.health() {
+        Ok(ep) => {
+            tracing::info!(endpoint = %ep, host = %host, prefix = %args.arbiter_prefix, ttl_s = args.arbiter_ttl, "arbiter answers")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the arbiter does not answer now; protection with it is refused until it does")
+        }
+    }
+    Ok(Some(Arc::new(a)))
 }
 
 /// The agent's `main`.
@@ -60,14 +132,20 @@ pub fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Made (and finally dropped) outside the async runtime: the arbiter
+    // runs a small runtime of its own.
+    let arbiter = arbiter_of(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    rt.block_on(run(args))
+    let r = rt.block_on(run(args, arbiter.clone()));
+    drop(rt);
+    drop(arbiter);
+    r
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
     let key = match &args.key {
@@ -91,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         replication_listen: args.listen.clone(),
         key,
+        arbiter,
     })?);
 
     if let Some(dir) = args.socket.parent() {

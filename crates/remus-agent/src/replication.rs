@@ -11,7 +11,7 @@
 //! disks present with the same sizes), starts a standby QEMU with
 //! `-incoming defer` on a RAM replica and receives checkpoints. When the
 //! session ends, [`decide_failover`] decides what happens to the standby —
-//! the one place where a future arbiter can veto a failover.
+//! the one place where the arbiter (etcd) can veto a failover.
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -45,6 +45,22 @@ pub struct SessionSetup {
     /// VMs without replicated disks, and from agents that predate it.
     #[serde(default)]
     pub replicate_disks: bool,
+    /// The primary holds the VM's arbiter key: the backup may resume only
+    /// after taking it (protocol version 4 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterSetup>,
+}
+
+/// The arbiter a protection session is decided by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArbiterSetup {
+    /// etcd's cluster ID as the primary sees it: the backup must talk to
+    /// the same cluster.
+    pub cluster_id: u64,
+    pub prefix: String,
+    /// The primary's lease (hex) and the revision it was taken at.
+    pub lease: String,
+    pub revision: i64,
 }
 
 /// Backup memory for buffered disk writes of uncommitted epochs before
@@ -112,12 +128,50 @@ pub fn start_protect(
             req.timeout_ms, req.interval_ms
         )));
     }
+    if slot.vm.is_fenced() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is fenced (its arbiter lease lapsed); protect it again once the arbiter has answered and lifted the fence"
+        )));
+    }
     let cfg = &slot.vm.config;
     let replicate_disks = !req.no_disk && !slot.vm.replicated_disks().is_empty();
     let buffer_net = !req.no_net && !cfg.vifs.is_empty();
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
+    // Split-brain protection: this host takes the VM's key before the
+    // backup exists; the backup resumes only after taking it over.
+    let guard = match agent.opts.arbiter.as_ref().filter(|_| cfg.arbiter) {
+        Some(arb) => Some(arbitrate(arb, &slot)?),
+        None => {
+            let why = if agent.opts.arbiter.is_some() {
+                "the VM's config says arbiter = false"
+            } else {
+                "this agent has no --arbiter"
+            };
+            let msg = format!(
+                "no arbiter ({why}): if the link between the hosts fails while both are up, the backup resumes a second running copy (split brain); see docs/operations.md"
+            );
+            tracing::warn!(vm = %name, "{msg}");
+            slot.publish(serde_json::json!({"event": "warning", "message": msg}).to_string());
+            None
+        }
+    };
+    // Any early return from here keeps the VM running unprotected: its
+    // key is pinned to this host.
+    let mut pin_on_error = PinOnDrop(guard.clone());
+    let arbiter_setup = match (&guard, &agent.opts.arbiter) {
+        (Some(g), Some(arb)) => Some(ArbiterSetup {
+            cluster_id: arb
+                .arb
+                .cluster_id()
+                .map_err(|e| AgentError::Conflict(format!("the arbiter: {e}")))?,
+            prefix: arb.arb.config().prefix.clone(),
+            lease: g.info().lease.unwrap_or_default(),
+            revision: g.info().revision,
+        }),
+        _ => None,
+    };
     let (stream, version) = open_session(
         &slot,
         &key,
@@ -125,6 +179,7 @@ pub fn start_protect(
         Purpose::Protect,
         req.timeout_ms,
         replicate_disks,
+        arbiter_setup,
     )?;
     let compress = compression(&req.peer, version, !req.no_compress);
     if req.no_disk && !cfg.disks.is_empty() {
@@ -135,6 +190,7 @@ pub fn start_protect(
     }
     *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
     claimed.keep();
+    pin_on_error.0 = None;
     let cfg = ProtectConfig {
         interval: Duration::from_millis(req.interval_ms),
         heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
@@ -166,7 +222,19 @@ pub fn start_protect(
             };
             let end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
             *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            // Runs on here unprotected: nobody may take over any more.
+            if let Some(g) = &guard {
+                g.pin();
+            }
             slot2.clear_protection();
+            // Output the session left held (it ended while fenced) goes
+            // out once the fence is lifted: here if it already is, else
+            // by the arbiter's keeper when it lifts it.
+            if !slot2.vm.is_fenced() {
+                for n in slot2.vm.output_commits() {
+                    n.go_live();
+                }
+            }
             match end {
                 Ok(ProtectEnd::Stopped) => {
                     tracing::info!(vm = %vm_name, "protection stopped by the operator");
@@ -185,6 +253,45 @@ pub fn start_protect(
         })
         .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
     Ok(())
+}
+
+/// Takes the VM's arbiter key for a protection session (a key this host
+/// already holds, pinned or leased, is taken over on a new lease).
+fn arbitrate(
+    arb: &Arc<crate::arbiter::AgentArbiter>,
+    slot: &Arc<VmSlot>,
+) -> Result<Arc<crate::arbiter::Guard>, AgentError> {
+    if let Some(old) = slot.arbiter_guard() {
+        if old.is_stale() {
+            return Err(AgentError::Conflict(format!(
+                "VM '{}' is a stale copy: {}; destroy it",
+                slot.vm.name(),
+                old.info().holder
+            )));
+        }
+        old.stop();
+    }
+    let guard = crate::arbiter::Guard::acquire(arb, slot).map_err(|e| match e {
+        remus_arbiter::ArbiterError::HeldByOther { .. } => AgentError::Conflict(format!(
+            "the arbiter refuses: {e}. If that host no longer runs the VM, delete the key: etcdctl del {}",
+            arb.arb.config().runner_key(slot.vm.name())
+        )),
+        e => AgentError::Conflict(format!("the arbiter: {e}")),
+    })?;
+    *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard.clone());
+    Ok(guard)
+}
+
+/// Pins the VM's key to this host when dropped (a protect that failed
+/// before its session ran: the VM runs on unprotected).
+struct PinOnDrop(Option<Arc<crate::arbiter::Guard>>);
+
+impl Drop for PinOnDrop {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.pin();
+        }
+    }
 }
 
 /// The page cache for checkpoint compression, when wanted and the peer
@@ -209,6 +316,7 @@ fn open_session(
     purpose: Purpose,
     timeout_ms: u64,
     replicate_disks: bool,
+    arbiter: Option<ArbiterSetup>,
 ) -> Result<(TcpStream, u16), AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
@@ -227,10 +335,23 @@ fn open_session(
             remus_proto::DISK_PROTOCOL_VERSION
         )));
     }
+    if arbiter.is_some() && session.version < remus_proto::ARBITER_PROTOCOL_VERSION {
+        let _ = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: "an arbitrated session needs protocol version 4".into(),
+        }
+        .write_to(&mut stream);
+        return Err(AgentError::BadRequest(format!(
+            "the agent at {peer} speaks replication protocol {}, which does not honour the arbiter (version {} does): upgrade it",
+            session.version,
+            remus_proto::ARBITER_PROTOCOL_VERSION
+        )));
+    }
     let setup = serde_json::to_string(&SessionSetup {
         config: slot.vm.config.clone(),
         timeout_ms,
         replicate_disks,
+        arbiter,
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -273,9 +394,14 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
             )));
         }
     }
-    if slot.vm.is_operator_paused() {
+    if slot.vm.is_held() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is paused; unpause it before migrating"
+        )));
+    }
+    if slot.arbiter_guard().is_some_and(|g| g.is_leased()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' still holds its arbiter lease from the last protection (the arbiter has not answered since); migrate once `remus list --json` shows it pinned"
         )));
     }
     if !slot.try_claim(Arc::new(AtomicBool::new(false)), peer.to_string()) {
@@ -290,8 +416,15 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     // Replicated disks travel with the VM; disks marked `replicate =
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
-    let (stream, version) =
-        open_session(&slot, &key, peer, Purpose::Migrate, 30_000, replicate_disks)?;
+    let (stream, version) = open_session(
+        &slot,
+        &key,
+        peer,
+        Purpose::Migrate,
+        30_000,
+        replicate_disks,
+        None,
+    )?;
     let mcfg = remus_replication::migrate::MigrateConfig {
         compress: compression(peer, version, true),
         ..Default::default()
@@ -453,6 +586,10 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         Err(e) => return Err(format!("{peer}: {e}")),
     };
     let timeout = Duration::from_millis(setup.timeout_ms.clamp(100, 600_000));
+    let arbiter = match &setup.arbiter {
+        None => None,
+        Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
+    };
     let cfg = setup.config;
     if cfg.name != hello.vm_name {
         return Err(refuse(
@@ -533,8 +670,47 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         },
         &|| slot3.vm.exit_status().is_none(),
     );
-    decide_failover(agent, &slot, session.purpose, &replica, disks.as_mut(), end);
+    decide_failover(
+        agent,
+        &slot,
+        session.purpose,
+        arbiter.as_ref(),
+        &replica,
+        disks.as_mut(),
+        end,
+    );
     Ok(())
+}
+
+/// The backup's side of an arbitrated session: this agent must have an
+/// arbiter on the same etcd cluster, under the same prefix.
+fn check_arbiter(
+    agent: &Agent,
+    theirs: &ArbiterSetup,
+) -> Result<Arc<crate::arbiter::AgentArbiter>, String> {
+    let Some(arb) = agent.opts.arbiter.clone() else {
+        return Err(
+            "the primary protects this VM with an arbiter but this agent has none: start remusd with the same --arbiter".into(),
+        );
+    };
+    let prefix = &arb.arb.config().prefix;
+    if *prefix != theirs.prefix {
+        return Err(format!(
+            "arbiter prefixes differ: the primary uses '{}', this host '{prefix}'",
+            theirs.prefix
+        ));
+    }
+    let id = arb
+        .arb
+        .cluster_id()
+        .map_err(|e| format!("this host cannot reach the arbiter: {e}"))?;
+    if id != theirs.cluster_id {
+        return Err(format!(
+            "the primary's arbiter is etcd cluster {:x}, this host's is {id:x}: they must be the same cluster",
+            theirs.cluster_id
+        ));
+    }
+    Ok(arb)
 }
 
 /// Creates each replicated disk image that does not exist here yet, as a
@@ -575,11 +751,14 @@ fn create_missing_images(cfg: &VmConfig, theirs: &VmCompat) -> Result<(), String
 /// resumes only at its switch-over (done in the session already). In every
 /// other case (orderly end, an aborted session whose primary was told and
 /// runs on, a local failure) the copy is discarded: never two running
-/// copies. An arbiter (an etcd lease) will be consulted here.
+/// copies. With an arbiter, a failover also needs the VM's etcd key,
+/// which the primary's lease holds until it lapses.
+#[allow(clippy::too_many_arguments)]
 fn decide_failover(
     agent: &Arc<Agent>,
     slot: &Arc<VmSlot>,
     purpose: Purpose,
+    arbiter: Option<&Arc<crate::arbiter::AgentArbiter>>,
     replica: &Replica,
     disks: Option<&mut remus_disk::EpochBuffer>,
     end: Result<BackupEnd, remus_replication::ReplError>,
@@ -597,6 +776,29 @@ fn decide_failover(
             committed: Some(_),
             reason,
         }) if purpose == Purpose::Protect => {
+            // The arbiter first: resume only holding the VM's key, which
+            // etcd grants only once the primary's lease has lapsed.
+            let lease = match arbiter {
+                Some(arb) => {
+                    tracing::warn!(vm = %name, %reason, window_ms = arb.takeover_window().as_millis() as u64, "primary lost; asking the arbiter before resuming");
+                    match crate::arbiter::take_over(arb, &name) {
+                        Ok(l) => Some((arb, l)),
+                        Err(why) => {
+                            return discard(&format!(
+                                "primary lost ({reason}) but NOT resuming: {why}"
+                            ));
+                        }
+                    }
+                }
+                None => None,
+            };
+            // Gives the key back if this copy does not run after all.
+            let give_back =
+                |lease: Option<(&Arc<crate::arbiter::AgentArbiter>, remus_arbiter::Lease)>| {
+                    if let Some((arb, l)) = lease {
+                        let _ = arb.arb.release(l);
+                    }
+                };
             // The disks first: drop what never committed, make the rest
             // durable, and record what changes from now on.
             if let Some(d) = disks {
@@ -607,6 +809,7 @@ fn decide_failover(
                     Err(e) => {
                         tracing::error!(vm = %name, error = %e, "failover FAILED: the disks cannot take over");
                         agent.destroy_slot(slot);
+                        give_back(lease);
                         return;
                     }
                 }
@@ -615,10 +818,17 @@ fn decide_failover(
                 Ok(stats) => {
                     *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
                     tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: primary lost ({reason}); resumed from the last committed checkpoint, epoch {}", stats.epoch);
+                    // Runs here unprotected now: the key is pinned to this
+                    // host (the lease is kept, and fenced, until it is).
+                    if let Some((arb, l)) = lease {
+                        let g = crate::arbiter::keep_taken(arb, slot, l);
+                        *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+                    }
                 }
                 Err(e) => {
                     tracing::error!(vm = %name, error = %e, "failover FAILED");
                     agent.destroy_slot(slot);
+                    give_back(lease);
                 }
             }
         }

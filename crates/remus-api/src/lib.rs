@@ -61,6 +61,38 @@ pub struct VmInfo {
     /// chunks (64 KiB) changed so far.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub changed_chunks: std::collections::BTreeMap<String, u64>,
+    /// The arbiter's view of this VM (agents with `--arbiter`, once this
+    /// host has claimed the VM's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterInfo>,
+}
+
+/// Which host the arbiter (etcd) lets run a VM, as this agent knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArbiterInfo {
+    /// `leased`: this host holds the VM's key on a lease it renews (the VM
+    /// is protected; a backup may take over once the lease lapses).
+    /// `pinned`: the key names this host without a lease (runs
+    /// unprotected; nobody takes over). `fenced`: the lease could not be
+    /// renewed in time, so the VM is held paused here. `stale`: another
+    /// host holds the key; this copy never runs again (destroy it).
+    pub state: String,
+    /// The host the key names, as last read or written.
+    pub holder: String,
+    /// The etcd revision that justified the current state.
+    pub revision: i64,
+    /// The lease (hex), while leased or fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Whether the last call to etcd succeeded.
+    pub healthy: bool,
+    /// Milliseconds until this host must have paused the VM without a
+    /// renewal (while leased).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_in_ms: Option<i64>,
+    /// The last error talking to etcd, if the last call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A running protection session, seen from the primary.
@@ -86,6 +118,26 @@ pub struct HostInfo {
     pub kvm_reason: Option<String>,
     pub state_dir: PathBuf,
     pub replication_listen: Option<String>,
+    /// The arbiter this agent consults (`remusd --arbiter`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterHost>,
+}
+
+/// An agent's arbiter settings and health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArbiterHost {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// The name this host writes into the keys it holds.
+    pub host: String,
+    pub ttl_s: u64,
+    pub margin_ms: u64,
+    /// The endpoint that answered a status request just now, or the
+    /// error when none did.
+    pub healthy: bool,
+    pub answered_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/vms`.

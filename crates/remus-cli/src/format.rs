@@ -89,6 +89,8 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
             "PROTECTION FAILED: {} — the VM runs on UNPROTECTED",
             ev["reason"].as_str().unwrap_or("?")
         ),
+        "warning" => format!("warning: {}", ev["message"].as_str().unwrap_or("?")),
+        "arbiter" => format!("arbiter: {}", ev["message"].as_str().unwrap_or("?")),
         _ => ev.to_string(),
     }
 }
@@ -151,6 +153,7 @@ mod tests {
             pid: 1,
             protection: None,
             changed_chunks: Default::default(),
+            arbiter: None,
         }]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("Name"));

@@ -251,6 +251,15 @@ pub struct VmConfig {
     /// NICs.
     #[serde(default, rename = "vif")]
     pub vifs: Vec<VifConfig>,
+    /// When protected by an agent that has an arbiter (`remusd
+    /// --arbiter`), an etcd lease decides which host may run the VM.
+    /// `false` protects this VM without it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub arbiter: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl VmConfig {

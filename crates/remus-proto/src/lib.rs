@@ -200,11 +200,14 @@ pub use message::{
 };
 
 /// The protocol version this build speaks by preference.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The first version with disk replication (messages 32–36).
 pub const DISK_PROTOCOL_VERSION: u16 = 2;
 /// The first version with checkpoint compression (messages 22–23).
 pub const COMPRESSION_PROTOCOL_VERSION: u16 = 3;
+/// The first version whose backups honour the arbiter named in the
+/// session setup (they resume only holding the VM's etcd key).
+pub const ARBITER_PROTOCOL_VERSION: u16 = 4;
 /// The oldest version this build still accepts: the previous one, once there
 /// is one (version 0 does not exist).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

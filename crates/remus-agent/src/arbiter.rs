@@ -1,0 +1,523 @@
+//! Split-brain protection in the agent (issue 9): an etcd key per VM names
+//! the one host that may run it (`remus-arbiter`).
+//!
+//! The key's life follows the VM's:
+//! - **Protected** (`leased`): the primary holds the key on a lease of
+//!   its own, renewed every TTL/4 by a keeper thread. A fencer thread
+//!   pauses the VM ([`remus_vm::Vm::fence`]) when the lease's fence
+//!   deadline passes without a renewal: send time of the last renewal +
+//!   TTL − margin, on this host's clock, so the VM is paused before etcd
+//!   can let the lease lapse. A later renewal (or, once the lease has
+//!   lapsed, a new lease on a key nobody took) lifts the fence.
+//! - **Failover**: the backup resumes only after it has created the key
+//!   with a lease of its own, which etcd allows only once the primary's
+//!   lease has lapsed ([`take_over`]).
+//! - **Unprotected** (`pinned`): when a session ends, and on the backup
+//!   right after a failover, the key is rewritten without a lease. Nobody
+//!   can take over a pinned key by waiting: the VM runs on unprotected, as
+//!   without an arbiter, and an arbiter outage does not pause it.
+//! - **Stale**: the key names another host (it took over): this copy
+//!   stays fenced for good; `remus destroy` removes it.
+//! - **Destroyed**: the key is deleted if it still names this host.
+//!
+//! Every decision is logged with the etcd revision that justified it.
+
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use remus_api::{ArbiterHost, ArbiterInfo};
+use remus_arbiter::{Arbiter, ArbiterError, Lease};
+
+use crate::agent::VmSlot;
+
+/// The agent's arbiter: the etcd cluster, this host's name in it, and the
+/// lease timing.
+pub struct AgentArbiter {
+    pub arb: Arbiter,
+    pub ttl: Duration,
+    pub margin: Duration,
+}
+
+impl AgentArbiter {
+    /// Checks the timing: the margin must leave room for renewals.
+    pub fn new(arb: Arbiter, ttl: Duration, margin: Duration) -> Result<AgentArbiter, String> {
+        if ttl < Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+            return Err(format!(
+                "arbiter TTL {ttl:?} must be a whole number of seconds, at least 2 (etcd's minimum is 1.5 × its election timeout)"
+            ));
+        }
+        if margin.is_zero() || margin * 2 > ttl {
+            return Err(format!(
+                "arbiter margin {margin:?} must be above 0 and at most half the TTL ({ttl:?})"
+            ));
+        }
+        Ok(AgentArbiter { arb, ttl, margin })
+    }
+
+    /// How often the holder renews: four tries before the fence deadline
+    /// even with the largest margin.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 4
+    }
+
+    /// How long a backup that lost its primary keeps trying to take the
+    /// key. The primary's lease lapses at most a TTL after its last
+    /// renewal; a change of etcd leader can add a TTL (a new leader
+    /// extends every lease to a full TTL); etcd checks for expired leases
+    /// about twice a second.
+    pub fn takeover_window(&self) -> Duration {
+        self.ttl * 2 + Duration::from_secs(1)
+    }
+
+    /// Settings and health, for `GET /v1/host`.
+    pub fn host_info(&self) -> ArbiterHost {
+        let cfg = self.arb.config();
+        let health = self.arb.health();
+        ArbiterHost {
+            endpoints: cfg.endpoints.clone(),
+            prefix: cfg.prefix.clone(),
+            host: self.arb.host().to_string(),
+            ttl_s: self.ttl.as_secs(),
+            margin_ms: self.margin.as_millis() as u64,
+            healthy: health.is_ok(),
+            answered_by: health.as_ref().ok().cloned(),
+            error: health.err().map(|e| e.to_string()),
+        }
+    }
+}
+
+/// What the keeper is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Keep the lease (the VM is protected).
+    Lease,
+    /// Rewrite the key without a lease (the VM runs unprotected).
+    Pin,
+    /// Stop: the VM is being destroyed.
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tenure {
+    Leased,
+    Fenced,
+    Pinned,
+    Stale,
+}
+
+impl Tenure {
+    fn name(self) -> &'static str {
+        match self {
+            Tenure::Leased => "leased",
+            Tenure::Fenced => "fenced",
+            Tenure::Pinned => "pinned",
+            Tenure::Stale => "stale",
+        }
+    }
+}
+
+struct State {
+    want: Want,
+    tenure: Tenure,
+    holder: String,
+    revision: i64,
+    lease: Option<i64>,
+    /// While leased: pause the VM at this instant without a renewal.
+    fence_at: Option<Instant>,
+    error: Option<String>,
+    /// The keeper has ended (pinned, stale or stopped).
+    done: bool,
+}
+
+/// One VM's key, as held by this host, and the threads that keep it.
+pub struct Guard {
+    vm: String,
+    arb: Arc<AgentArbiter>,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Guard {
+    /// The primary, before protecting: takes the VM's key on a new lease
+    /// (refused when another host holds it) and starts keeping it.
+    pub fn acquire(
+        arb: &Arc<AgentArbiter>,
+        slot: &Arc<VmSlot>,
+    ) -> Result<Arc<Guard>, ArbiterError> {
+        let lease = arb.arb.acquire(slot.vm.name(), arb.ttl, arb.margin)?;
+        Ok(Guard::start(arb, slot, lease, Want::Lease))
+    }
+
+    /// Keeps `lease` for the VM of `slot`: renewing it and fencing the VM
+    /// when it cannot, until asked to pin or stop. `want` Pin rewrites the
+    /// key without a lease as soon as etcd answers (a backup that has just
+    /// taken over).
+    fn start(arb: &Arc<AgentArbiter>, slot: &Arc<VmSlot>, lease: Lease, want: Want) -> Arc<Guard> {
+        let g = Arc::new(Guard {
+            vm: slot.vm.name().to_string(),
+            arb: arb.clone(),
+            state: Mutex::new(State {
+                want,
+                tenure: Tenure::Leased,
+                holder: arb.arb.host().to_string(),
+                revision: lease.revision,
+                lease: Some(lease.id),
+                fence_at: Some(lease.fence_at()),
+                error: None,
+                done: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let (g1, s1) = (g.clone(), Arc::downgrade(slot));
+        let (g2, s2) = (g.clone(), Arc::downgrade(slot));
+        let name = g.vm.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("lease-{name}"))
+            .spawn(move || g1.keeper(s1, Some(lease)))
+            .and_then(|_| {
+                std::thread::Builder::new()
+                    .name(format!("fence-{name}"))
+                    .spawn(move || g2.fencer(s2))
+            });
+        if let Err(e) = spawned {
+            // Without its threads nobody renews the lease: fence now.
+            tracing::error!(vm = %name, error = %e, "cannot start the arbiter threads; pausing the VM");
+            let _ = slot.vm.fence();
+            lock(&g.state).tenure = Tenure::Fenced;
+        }
+        g
+    }
+
+    /// The session ended: the VM runs on unprotected here. The key is
+    /// pinned to this host as soon as etcd answers; until then the lease
+    /// is kept (and the fence with it).
+    pub fn pin(&self) {
+        let mut st = lock(&self.state);
+        if st.want == Want::Lease {
+            st.want = Want::Pin;
+        }
+        self.cv.notify_all();
+    }
+
+    /// The VM is going away: the threads end (the caller deletes the key).
+    pub fn stop(&self) {
+        lock(&self.state).want = Want::Stop;
+        self.cv.notify_all();
+    }
+
+    /// Whether the key is still held on a lease (protection ended but the
+    /// key is not pinned yet).
+    pub fn is_leased(&self) -> bool {
+        let st = lock(&self.state);
+        matches!(st.tenure, Tenure::Leased | Tenure::Fenced) && st.lease.is_some()
+    }
+
+    pub fn is_stale(&self) -> bool {
+        lock(&self.state).tenure == Tenure::Stale
+    }
+
+    pub fn info(&self) -> ArbiterInfo {
+        let st = lock(&self.state);
+        ArbiterInfo {
+            state: st.tenure.name().into(),
+            holder: st.holder.clone(),
+            revision: st.revision,
+            lease: st.lease.map(|l| format!("{l:x}")),
+            healthy: st.error.is_none(),
+            fence_in_ms: match (st.tenure, st.fence_at) {
+                (Tenure::Leased, Some(t)) => Some(match t.checked_duration_since(Instant::now()) {
+                    Some(d) => d.as_millis() as i64,
+                    None => -(Instant::now().duration_since(t).as_millis() as i64),
+                }),
+                _ => None,
+            },
+            error: st.error.clone(),
+        }
+    }
+
+    fn publish(&self, slot: &VmSlot, state: &str, message: &str) {
+        slot.publish(
+            serde_json::json!({"event": "arbiter", "state": state, "message": message}).to_string(),
+        );
+    }
+
+    /// Renews the lease, re-takes the key once it has lapsed, pins it when
+    /// asked, and lifts the fence when the key is ours again.
+    fn keeper(self: Arc<Guard>, slot: Weak<VmSlot>, mut lease: Option<Lease>) {
+        let a = &*self.arb;
+        let mut next = Instant::now() + a.renew_every();
+        loop {
+            let want = {
+                let mut st = lock(&self.state);
+                while st.want == Want::Lease {
+                    let now = Instant::now();
+                    if now >= next {
+                        break;
+                    }
+                    st = self
+                        .cv
+                        .wait_timeout(st, next - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                st.want
+            };
+            let Some(slot) = slot.upgrade() else {
+                return self.finish();
+            };
+            if want == Want::Stop {
+                return self.finish();
+            }
+            if want == Want::Pin {
+                match a.arb.pin(&self.vm, lease.as_ref().map(|l| l.id)) {
+                    Ok(revision) => {
+                        self.lift_fence(&slot, revision, "the key is pinned to this host");
+                        let mut st = lock(&self.state);
+                        st.tenure = Tenure::Pinned;
+                        st.revision = revision;
+                        st.lease = None;
+                        st.fence_at = None;
+                        st.error = None;
+                        drop(st);
+                        return self.finish();
+                    }
+                    Err(ArbiterError::HeldByOther {
+                        holder, revision, ..
+                    }) => return self.go_stale(&slot, holder, revision),
+                    Err(e) => self.failed(&e),
+                }
+            }
+            // Renew, or after a lapse take the key again (nobody else did).
+            let r = match lease.as_mut() {
+                Some(l) => a.arb.renew(l, a.margin).map(|at| (at, l.revision)),
+                None => Err(ArbiterError::Expired {
+                    vm: self.vm.clone(),
+                    lease: 0,
+                }),
+            };
+            match r {
+                Ok((at, revision)) => {
+                    {
+                        let mut st = lock(&self.state);
+                        st.fence_at = Some(at);
+                        st.error = None;
+                        self.cv.notify_all();
+                    }
+                    if slot.vm.is_fenced() {
+                        self.lift_fence(&slot, revision, "the lease was renewed");
+                    }
+                }
+                Err(ArbiterError::Expired { .. }) => {
+                    if lease.take().is_some() {
+                        tracing::error!(vm = %self.vm, "arbiter: this host's lease has lapsed; taking the key again unless another host has");
+                    }
+                    match a.arb.acquire(&self.vm, a.ttl, a.margin) {
+                        Ok(l) => {
+                            let (revision, at, id) = (l.revision, l.fence_at(), l.id);
+                            lease = Some(l);
+                            {
+                                let mut st = lock(&self.state);
+                                st.revision = revision;
+                                st.lease = Some(id);
+                                st.fence_at = Some(at);
+                                st.error = None;
+                                self.cv.notify_all();
+                            }
+                            self.lift_fence(
+                                &slot,
+                                revision,
+                                "the key was taken again on a new lease",
+                            );
+                        }
+                        Err(ArbiterError::HeldByOther {
+                            holder, revision, ..
+                        }) => return self.go_stale(&slot, holder, revision),
+                        Err(e) => self.failed(&e),
+                    }
+                }
+                Err(e) => self.failed(&e),
+            }
+            next = Instant::now() + a.renew_every();
+        }
+    }
+
+    /// Pauses the VM when the fence deadline passes without a renewal.
+    fn fencer(self: Arc<Guard>, slot: Weak<VmSlot>) {
+        let mut st = lock(&self.state);
+        loop {
+            if st.done || st.want == Want::Stop {
+                return;
+            }
+            let now = Instant::now();
+            let wait = match (st.tenure, st.fence_at) {
+                (Tenure::Leased, Some(at)) if now >= at => {
+                    let Some(slot) = slot.upgrade() else { return };
+                    // Under the state lock: a renewal cannot land between
+                    // the check and the pause.
+                    let late = now.duration_since(at);
+                    match slot.vm.fence() {
+                        Ok(()) => {
+                            let msg = format!(
+                                "FENCED: the lease (revision {}) was not renewed in time; the VM is paused here (held output stays held) until the arbiter answers",
+                                st.revision
+                            );
+                            tracing::error!(vm = %self.vm, revision = st.revision, lease = ?st.lease.map(|l| format!("{l:x}")), late_ms = late.as_millis() as u64, last_error = ?st.error, "{msg}");
+                            self.publish(&slot, "fenced", &msg);
+                        }
+                        Err(e) => {
+                            tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot pause the VM at its fence deadline");
+                        }
+                    }
+                    st.tenure = Tenure::Fenced;
+                    Duration::from_secs(1)
+                }
+                (Tenure::Leased, Some(at)) => at - now,
+                _ => Duration::from_secs(1),
+            };
+            st = self
+                .cv
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Resumes a fenced VM once the key is this host's again (checked in
+    /// etcd: our host name, and our lease or none).
+    fn lift_fence(&self, slot: &VmSlot, revision: i64, why: &str) {
+        if !slot.vm.is_fenced() {
+            let mut st = lock(&self.state);
+            if st.tenure == Tenure::Fenced {
+                st.tenure = Tenure::Leased;
+            }
+            return;
+        }
+        let lease = lock(&self.state).lease;
+        match self.arb.arb.holder(&self.vm) {
+            Ok(Some(h))
+                if h.host == self.arb.arb.host() && (h.lease == 0 || Some(h.lease) == lease) => {}
+            Ok(h) => {
+                tracing::error!(vm = %self.vm, holder = ?h, "arbiter: the key is not this host's; the VM stays fenced");
+                return;
+            }
+            Err(e) => {
+                self.failed(&e);
+                return;
+            }
+        }
+        match slot.vm.unfence() {
+            Ok(()) => {
+                // Output a session left held while fenced (see protect's
+                // end) is this VM's own history: it goes out now.
+                if slot.protected_to().is_none() {
+                    for n in slot.vm.output_commits() {
+                        n.go_live();
+                    }
+                }
+                let msg = format!("fence lifted: {why} (revision {revision}); the VM runs again");
+                tracing::warn!(vm = %self.vm, revision, "{msg}");
+                self.publish(slot, "leased", &msg);
+                let mut st = lock(&self.state);
+                st.tenure = Tenure::Leased;
+                st.revision = revision;
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot resume the fenced VM")
+            }
+        }
+    }
+
+    /// Another host holds the key: this copy must never run again.
+    fn go_stale(&self, slot: &VmSlot, holder: String, revision: i64) {
+        if !slot.vm.is_fenced()
+            && let Err(e) = slot.vm.fence()
+        {
+            tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot pause the stale copy");
+        }
+        // Output it still holds came from a state the other host never
+        // had: it must never leave.
+        if slot.protected_to().is_none() {
+            for n in slot.vm.output_commits() {
+                n.close();
+            }
+        }
+        let msg = format!(
+            "STALE: {holder} holds the VM's key (revision {revision}): it runs the VM now; this copy stays paused for good (remus destroy removes it)"
+        );
+        tracing::error!(vm = %self.vm, %holder, revision, "{msg}");
+        self.publish(slot, "stale", &msg);
+        {
+            let mut st = lock(&self.state);
+            st.tenure = Tenure::Stale;
+            st.holder = holder;
+            st.revision = revision;
+            st.lease = None;
+            st.fence_at = None;
+        }
+        self.finish();
+    }
+
+    fn failed(&self, e: &ArbiterError) {
+        let mut st = lock(&self.state);
+        if st.error.is_none() {
+            tracing::warn!(vm = %self.vm, error = %e, "arbiter: etcd call failed; retrying");
+        }
+        st.error = Some(e.to_string());
+    }
+
+    fn finish(&self) {
+        lock(&self.state).done = true;
+        self.cv.notify_all();
+    }
+}
+
+/// The backup, having lost its primary: takes the VM's key, waiting for
+/// the primary's lease to lapse, within the takeover window. `Err` says
+/// why the copy must not run.
+pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, String> {
+    let t = Instant::now();
+    let deadline = t + arb.takeover_window();
+    let mut last;
+    loop {
+        match arb.arb.acquire(vm, arb.ttl, arb.margin) {
+            Ok(l) => {
+                tracing::warn!(
+                    vm,
+                    lease = format!("{:x}", l.id),
+                    revision = l.revision,
+                    waited_ms = t.elapsed().as_millis() as u64,
+                    "arbiter: took the VM's key (the primary's lease had lapsed): this host may run it"
+                );
+                return Ok(l);
+            }
+            Err(ArbiterError::HeldByOther {
+                holder,
+                lease: 0,
+                revision,
+                ..
+            }) => {
+                return Err(format!(
+                    "the arbiter says {holder} runs the VM unprotected (key pinned at revision {revision})"
+                ));
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the arbiter did not let this host take the VM within {:?} ({last})",
+                arb.takeover_window()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The backup, after resuming: keeps the lease it took until the key is
+/// pinned (the VM now runs here unprotected).
+pub fn keep_taken(arb: &Arc<AgentArbiter>, slot: &Arc<VmSlot>, lease: Lease) -> Arc<Guard> {
+    Guard::start(arb, slot, lease, Want::Pin)
+}

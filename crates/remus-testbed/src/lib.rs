@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 pub mod etcd;
 pub mod lan;
 pub mod seqclient;
+pub mod watch;
 
 pub use lan::{HostKind, HostSpec, Lan};
 pub use seqclient::SeqClient;

@@ -1,0 +1,362 @@
+//! Split-brain protection through the real CLI, agents, QEMU, network
+//! namespaces and a real three-member etcd cluster (host e): primary a,
+//! backup b, client c holding a TCP session with the guest. Each case
+//! cuts something and checks, with a watcher sampling both copies' run
+//! states every 10 ms and the switch port the VM's frames arrive from,
+//! that two copies never run at once:
+//! - the replication link only (a and b still reach etcd, and one etcd
+//!   member dies meanwhile): a runs on, b never resumes;
+//! - the primary isolated from everything: a pauses itself before its
+//!   lease can lapse, b resumes after it lapses, the client's session
+//!   survives; plugged back in, a is listed stale and never runs;
+//! - the backup isolated: a runs on unprotected and says so; b never
+//!   resumes;
+//! - the arbiter down (two of three members): a pauses itself, b does
+//!   not resume; once etcd is back, a runs again, still protected.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use remus_testbed::etcd::EtcdCluster;
+use remus_testbed::lan::HostSpec;
+use remus_testbed::watch::{RunWatch, WatchReport};
+use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
+
+fn bins() -> Binaries {
+    Binaries {
+        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
+        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
+    }
+}
+
+const VM_IP: &str = "198.18.0.10";
+const VM_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xc6, 0x12, 0x0b];
+const ETCD_IP: &str = "198.18.0.5";
+const REPL_PORT: u16 = 7100;
+/// Lease TTL (s) and fence margin (ms) of both agents.
+const TTL_S: u64 = 2;
+const MARGIN_MS: u64 = 500;
+
+struct Site {
+    // Field order is drop order: agents (and their VMs) first, then etcd,
+    // then the LAN whose namespaces they live in.
+    a: Agent,
+    b: Agent,
+    etcd: EtcdCluster,
+    _kd: tempfile::TempDir,
+    lan: Lan,
+    img: GuestImage,
+}
+
+impl Site {
+    fn new() -> Site {
+        let img = GuestImage::find().expect("guest image");
+        let lan = Lan::new(
+            "arb",
+            &[
+                HostSpec::vm("a", "198.18.0.1/24"),
+                HostSpec::vm("b", "198.18.0.2/24"),
+                HostSpec::client("c", "198.18.0.3/24"),
+                HostSpec::client("e", &format!("{ETCD_IP}/24")),
+            ],
+        )
+        .expect("LAN of namespace hosts");
+        let etcd = EtcdCluster::start(3, ETCD_IP, Some(lan.host("e"))).expect("etcd in host e");
+        let kd = tempfile::tempdir().unwrap();
+        let key = write_key(kd.path());
+        let endpoints = etcd.endpoints().join(",");
+        let agent = |host: &str, extra: &[&str]| {
+            let mut args = vec![
+                "--key",
+                key.to_str().unwrap(),
+                "--arbiter",
+                &endpoints,
+                "--arbiter-prefix",
+                "/remus-test",
+                "--host-name",
+                host,
+            ];
+            let ttl = TTL_S.to_string();
+            let margin = MARGIN_MS.to_string();
+            args.extend(["--arbiter-ttl", &ttl, "--arbiter-margin-ms", &margin]);
+            args.extend(extra);
+            Agent::start(&bins(), Some(lan.host(host)), &args)
+                .unwrap_or_else(|e| panic!("agent on {host}: {e}"))
+        };
+        let listen = format!("{}:{REPL_PORT}", lan.addr("b"));
+        let a = agent("a", &[]);
+        let b = agent("b", &["--listen", &listen]);
+        Site {
+            a,
+            b,
+            etcd,
+            _kd: kd,
+            lan,
+            img,
+        }
+    }
+
+    /// A guest on a serving the sequence protocol to a client on c,
+    /// protected to b (checkpoints every 100 ms, 1 s timeout), and a
+    /// watcher on both copies.
+    fn protected_vm(&self, vm: &str) -> (SeqClient, ProtectFollower, RunWatch) {
+        let cfg = self.a.write_file(
+            &format!("{vm}.toml"),
+            &self.img.config(
+                vm,
+                &format!("remus.workload=tick,seqserver remus.ip={VM_IP}/24"),
+                "[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:c6:12:0b\"\n",
+            ),
+        );
+        let out = self.a.cli(&["create", cfg.to_str().unwrap()]);
+        assert!(out.ok, "create: {}", out.stderr);
+        self.a
+            .wait_console(vm, Duration::from_secs(90), "seqserver", |c| {
+                c.contains("seqserver: listening")
+            })
+            .unwrap();
+        let client = SeqClient::start(
+            self.lan.host("c"),
+            format!("{VM_IP}:7000").parse().unwrap(),
+            Duration::from_millis(5),
+        )
+        .unwrap_or_else(|e| panic!("{vm}: connect: {e}\n{}", self.a.console(vm)));
+        client.wait_received(50, Duration::from_secs(30)).unwrap();
+        let peer = format!("{}:{REPL_PORT}", self.lan.addr("b"));
+        let mut follow =
+            ProtectFollower::start(&self.a, vm, &peer, &["-i", "100", "--timeout", "1000"])
+                .unwrap_or_else(|e| panic!("{e}\nbackup log:\n{}", self.b.log_text()));
+        follow.checkpoint_after(0).unwrap();
+        let before = client.received();
+        client
+            .wait_received(before + 20, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{vm}: no output while protected: {e}"));
+        let arb = self.a.vm(vm).expect("listed")["arbiter"].clone();
+        assert_eq!(arb["state"], "leased", "{vm}: {arb}");
+        assert_eq!(arb["holder"], "a", "{vm}: {arb}");
+        let watch = RunWatch::start(
+            &self.lan,
+            &[("a", &self.a.socket), ("b", &self.b.socket)],
+            vm,
+            VM_MAC,
+        )
+        .expect("watcher");
+        (client, follow, watch)
+    }
+
+    /// Destroys the VM on both hosts (whichever have it).
+    fn clean(&self, vm: &str) {
+        for ag in [&self.a, &self.b] {
+            if ag.vm(vm).is_some() {
+                let out = ag.cli(&["destroy", vm]);
+                assert!(out.ok, "destroy {vm}: {}", out.stderr);
+            }
+        }
+    }
+}
+
+/// Polls `f` every 10 ms until it is true; the error names `what`.
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
+fn arbiter_state(agent: &Agent, vm: &str) -> Option<String> {
+    agent.vm(vm)?["arbiter"]["state"].as_str().map(String::from)
+}
+
+fn blackhole(lan: &Lan, host: &str, to: &str, add: bool) {
+    let dst = format!("{}/32", lan.addr(to));
+    lan.host(host)
+        .exec_ok(
+            "ip",
+            &["route", if add { "add" } else { "del" }, "blackhole", &dst],
+        )
+        .unwrap();
+}
+
+fn check(report: &WatchReport, case: &str) {
+    eprint!("{case}:\n{}", report.summary());
+    report
+        .check_never_two()
+        .unwrap_or_else(|e| panic!("{case}: {e}\n{}", report.summary()));
+    for h in ["a", "b"] {
+        let (p50, _) = report.intervals(h);
+        assert!(
+            p50 <= Duration::from_millis(15),
+            "{case}: {h} sampled every {p50:?}, not every 10 ms"
+        );
+    }
+}
+
+#[test]
+fn two_copies_never_run_at_once() {
+    let mut site = Site::new();
+
+    // 1. The replication link is cut; both hosts reach etcd, which loses
+    //    a member meanwhile. a renews and runs on; b must not resume.
+    {
+        let vm = "arb1";
+        let (client, mut follow, watch) = site.protected_vm(vm);
+        site.etcd.kill(0);
+        blackhole(&site.lan, "a", "b", true);
+        blackhole(&site.lan, "b", "a", true);
+        let lost = follow.event("backup_lost").unwrap();
+        eprintln!("link cut: {lost}");
+        // b gave its copy up (the key is a's: pinned once a ran alone).
+        wait_for("b to discard its copy", Duration::from_secs(30), || {
+            site.b.vm(vm).is_none()
+        });
+        wait_for("a's key pinned", Duration::from_secs(10), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("pinned")
+        });
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap();
+        let report = watch.stop();
+        check(&report, "link cut");
+        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        assert!(report.frames_from("b").is_empty());
+        assert_eq!(client.error(), None);
+        assert!(
+            site.b.log_text().contains("NOT resuming"),
+            "b's log must say why"
+        );
+        blackhole(&site.lan, "a", "b", false);
+        blackhole(&site.lan, "b", "a", false);
+        site.etcd.restart(0).unwrap();
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 2. The primary is cut off from everything.
+    {
+        let vm = "arb2";
+        let (client, follow, watch) = site.protected_vm(vm);
+        let cut = Instant::now();
+        site.lan.cut("a").unwrap();
+        let fenced = wait_for("a to fence itself", Duration::from_secs(10), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("fenced")
+        });
+        // Within the lease time, less the margin, after the last renewal
+        // (at most a renewal period before the cut).
+        assert!(
+            fenced <= Duration::from_millis(TTL_S * 1000 - MARGIN_MS + 400),
+            "a fenced {fenced:?} after the cut"
+        );
+        let failover = site
+            .b
+            .wait_failover(vm, cut, Duration::from_secs(30))
+            .unwrap();
+        eprintln!("primary isolated: a fenced after {fenced:?}, b resumed after {failover} ms");
+        // The session goes on from b: nothing the client had was lost.
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("session did not survive: {e}\n{}", site.b.console(vm)));
+        assert_eq!(client.error(), None);
+        let console = site.b.console(vm);
+        assert!(
+            !console.contains("gap") && !console.contains("duplicate"),
+            "{console}"
+        );
+        wait_for("b's key pinned", Duration::from_secs(10), || {
+            arbiter_state(&site.b, vm).as_deref() == Some("pinned")
+        });
+        drop(follow);
+        // Plugged back in, a learns that b holds the key: stale, paused,
+        // and it refuses to be unpaused.
+        site.lan.restore("a").unwrap();
+        wait_for("a to see it is stale", Duration::from_secs(20), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("stale")
+        });
+        let a_vm = site.a.vm(vm).unwrap();
+        assert_eq!(a_vm["state"], "p", "{a_vm}");
+        assert_eq!(a_vm["arbiter"]["holder"], "b", "{a_vm}");
+        let out = site.a.cli(&["unpause", vm]);
+        assert!(!out.ok && out.stderr.contains("fence"), "{}", out.stderr);
+        // A while longer with a plugged in: still only b.
+        let n = client.received();
+        client
+            .wait_received(n + 50, Duration::from_secs(30))
+            .unwrap();
+        let report = watch.stop();
+        check(&report, "primary isolated");
+        assert!(report.ever_ran("b"));
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 3. The backup is cut off from everything: a runs on unprotected.
+    {
+        let vm = "arb3";
+        let (client, mut follow, watch) = site.protected_vm(vm);
+        site.lan.cut("b").unwrap();
+        let lost = follow.event("backup_lost").unwrap();
+        eprintln!("backup isolated: {lost}");
+        let a_vm = site.a.vm(vm).unwrap();
+        assert_eq!(a_vm["role"], "unprotected", "{a_vm}");
+        wait_for("a's key pinned", Duration::from_secs(10), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("pinned")
+        });
+        // b tries for its whole takeover window, then gives up.
+        wait_for("b to discard its copy", Duration::from_secs(30), || {
+            site.b.vm(vm).is_none()
+        });
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap();
+        let report = watch.stop();
+        check(&report, "backup isolated");
+        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        site.lan.restore("b").unwrap();
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 4. The arbiter loses its quorum while everything else works: a
+    //    pauses itself, b does not resume; etcd back, a runs on.
+    {
+        let vm = "arb4";
+        let (client, mut follow, watch) = site.protected_vm(vm);
+        site.etcd.kill(1);
+        site.etcd.kill(2);
+        let fenced = wait_for("a to fence itself", Duration::from_secs(10), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("fenced")
+        });
+        eprintln!("arbiter down: a fenced after {fenced:?}");
+        // Output already acknowledged drains; then nothing more.
+        std::thread::sleep(Duration::from_millis(500));
+        let n = client.received();
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(client.received(), n, "the fenced VM kept talking");
+        site.etcd.restart(1).unwrap();
+        site.etcd.restart(2).unwrap();
+        let lifted = wait_for("a's fence lifted", Duration::from_secs(20), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("leased")
+        });
+        eprintln!("arbiter back: fence lifted after {lifted:?}");
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(client.error(), None);
+        // Still protected: checkpoints go on.
+        follow.checkpoint_after(remus_testbed::now_ms()).unwrap();
+        let report = watch.stop();
+        check(&report, "arbiter down");
+        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        drop(follow);
+        drop(client);
+        site.clean(vm);
+    }
+}

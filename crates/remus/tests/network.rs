@@ -123,7 +123,7 @@ fn round(img: &GuestImage, lan: &Lan, backup: &Agent, key: &str, n: u64) -> (u64
     let out = backup.cli(&["destroy", &vm]);
     assert!(out.ok, "{}", out.stderr);
     if cable {
-        // The isolated primary ran on (no arbiter yet): end it before
+        // The isolated primary ran on (no arbiter in this test): end it before
         // its cable goes back in.
         primary.kill_hard();
         lan.restore("a").unwrap();

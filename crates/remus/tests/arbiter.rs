@@ -196,6 +196,32 @@ fn check(report: &WatchReport, case: &str) {
     }
 }
 
+/// After a partition that must leave the VM with a alone: b discards its
+/// copy, a's key is pinned, the client's session goes on, and the watch
+/// saw b never run.
+fn a_runs_alone(
+    site: &Site,
+    vm: &str,
+    client: &SeqClient,
+    watch: RunWatch,
+    case: &str,
+) -> WatchReport {
+    wait_for("b to discard its copy", Duration::from_secs(30), || {
+        site.b.vm(vm).is_none()
+    });
+    wait_for("a's key pinned", Duration::from_secs(10), || {
+        arbiter_state(&site.a, vm).as_deref() == Some("pinned")
+    });
+    let n = client.received();
+    client
+        .wait_received(n + 100, Duration::from_secs(30))
+        .unwrap();
+    let report = watch.stop();
+    check(&report, case);
+    assert!(!report.ever_ran("b"), "{case}: b resumed a second copy");
+    report
+}
+
 #[test]
 fn two_copies_never_run_at_once() {
     let mut site = Site::new();
@@ -211,19 +237,7 @@ fn two_copies_never_run_at_once() {
         let lost = follow.event("backup_lost").unwrap();
         eprintln!("link cut: {lost}");
         // b gave its copy up (the key is a's: pinned once a ran alone).
-        wait_for("b to discard its copy", Duration::from_secs(30), || {
-            site.b.vm(vm).is_none()
-        });
-        wait_for("a's key pinned", Duration::from_secs(10), || {
-            arbiter_state(&site.a, vm).as_deref() == Some("pinned")
-        });
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap();
-        let report = watch.stop();
-        check(&report, "link cut");
-        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        let report = a_runs_alone(&site, vm, &client, watch, "link cut");
         assert!(report.frames_from("b").is_empty());
         assert_eq!(client.error(), None);
         assert!(
@@ -304,20 +318,8 @@ fn two_copies_never_run_at_once() {
         eprintln!("backup isolated: {lost}");
         let a_vm = site.a.vm(vm).unwrap();
         assert_eq!(a_vm["role"], "unprotected", "{a_vm}");
-        wait_for("a's key pinned", Duration::from_secs(10), || {
-            arbiter_state(&site.a, vm).as_deref() == Some("pinned")
-        });
         // b tries for its whole takeover window, then gives up.
-        wait_for("b to discard its copy", Duration::from_secs(30), || {
-            site.b.vm(vm).is_none()
-        });
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap();
-        let report = watch.stop();
-        check(&report, "backup isolated");
-        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        a_runs_alone(&site, vm, &client, watch, "backup isolated");
         site.lan.restore("b").unwrap();
         drop(client);
         site.clean(vm);

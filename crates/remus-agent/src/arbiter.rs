@@ -250,10 +250,13 @@ impl Guard {
     fn keeper(self: Arc<Guard>, slot: Weak<VmSlot>, mut lease: Option<Lease>) {
         let a = &*self.arb;
         let mut next = Instant::now() + a.renew_every();
+        // A new wish (pin, stop) is acted on at once; otherwise one round
+        // of calls per renewal period, failed pins included.
+        let mut seen = Want::Lease;
         loop {
             let want = {
                 let mut st = lock(&self.state);
-                while st.want == Want::Lease {
+                while st.want == seen {
                     let now = Instant::now();
                     if now >= next {
                         break;
@@ -266,6 +269,7 @@ impl Guard {
                 }
                 st.want
             };
+            seen = want;
             let Some(slot) = slot.upgrade() else {
                 return self.finish();
             };

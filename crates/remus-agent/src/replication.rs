@@ -264,7 +264,7 @@ fn arbitrate(
     if let Some(old) = slot.arbiter_guard() {
         if old.is_stale() {
             return Err(AgentError::Conflict(format!(
-                "VM '{}' is a stale copy: {}; destroy it",
+                "VM '{}' is a stale copy: {} holds its arbiter key and runs it; destroy this copy",
                 slot.vm.name(),
                 old.info().holder
             )));

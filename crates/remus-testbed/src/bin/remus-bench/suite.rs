@@ -1001,7 +1001,11 @@ fn run_failover(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<FailoverR
     // (a single etcd member on host e): a few killed rounds per lease time.
     let with_arbiter = (o.failover_rounds / 4).max(2);
     let mut plan: Vec<(Option<u64>, u64)> = vec![(None, o.failover_rounds)];
-    plan.extend(FAILOVER_ARBITER_TTLS.iter().map(|t| (Some(*t), with_arbiter)));
+    plan.extend(
+        FAILOVER_ARBITER_TTLS
+            .iter()
+            .map(|t| (Some(*t), with_arbiter)),
+    );
     let mut etcd = None;
     let mut rounds = Vec::new();
     let mut n = 0u64;
@@ -1046,12 +1050,22 @@ fn run_failover(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<FailoverR
             let mut primary = Agent::start(bins, Some(lan.host("a")), &a_args)?;
             let vm = format!("fo{n}");
             let round = failover_round(
-                &lan, &backup, &mut primary, img, &vm, &listen, n, frozen, INTERVAL, TIMEOUT,
+                &lan,
+                &backup,
+                &mut primary,
+                img,
+                &vm,
+                &listen,
+                n,
+                frozen,
+                INTERVAL,
+                TIMEOUT,
             )?;
             eprintln!(
                 "remus-bench:   round {n} ({}{}): running after {:.0} ms, first client line after {:.0} ms",
                 if frozen { "frozen" } else { "killed" },
-                ttl.map(|t| format!(", arbiter TTL {t} s")).unwrap_or_default(),
+                ttl.map(|t| format!(", arbiter TTL {t} s"))
+                    .unwrap_or_default(),
                 round.0,
                 round.1
             );
@@ -1131,7 +1145,11 @@ fn failover_round(
     if let Some(e) = client.error() {
         bail!("round {n}: the TCP session broke: {e}");
     }
-    Ok((running_ms, response_ms, client.longest_gap().as_secs_f64() * 1e3))
+    Ok((
+        running_ms,
+        response_ms,
+        client.longest_gap().as_secs_f64() * 1e3,
+    ))
 }
 
 fn render_failover(f: &FailoverRun) -> String {
@@ -1167,7 +1185,8 @@ fn render_failover(f: &FailoverRun) -> String {
         md.push_str(&format!(
             "| {}{} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             if frozen { "frozen" } else { "killed" },
-            ttl.map(|t| format!(", arbiter TTL {t} s")).unwrap_or_default(),
+            ttl.map(|t| format!(", arbiter TTL {t} s"))
+                .unwrap_or_default(),
             rs.len(),
             a.p50,
             percentile(&sorted, 90.0),
@@ -1185,7 +1204,9 @@ fn render_failover(f: &FailoverRun) -> String {
             format!(
                 "{}{}{:.0}/{:.0}",
                 if r.frozen { "F " } else { "" },
-                r.arbiter_ttl_s.map(|t| format!("A{t} ")).unwrap_or_default(),
+                r.arbiter_ttl_s
+                    .map(|t| format!("A{t} "))
+                    .unwrap_or_default(),
                 r.running_ms,
                 r.response_ms
             )

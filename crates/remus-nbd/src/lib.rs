@@ -21,10 +21,14 @@
 //! ```
 
 pub mod backend;
+pub mod client;
 pub mod error;
 pub mod proto;
+pub mod qsd;
 pub mod server;
 
 pub use backend::{BlockBackend, FileBackend};
+pub use client::NbdClient;
 pub use error::{NbdError, ProtoError};
+pub use qsd::StorageDaemon;
 pub use server::{NbdServer, NbdServerHandle, NbdStats};

@@ -71,9 +71,8 @@ const DISK_BUFFER_MEMORY: u64 = 128 << 20;
 pub fn compat_of(cfg: &VmConfig) -> Result<VmCompat, String> {
     let mut disks = Vec::new();
     for d in cfg.disks_in_order() {
-        let size = std::fs::metadata(&d.path)
-            .map_err(|e| format!("disk {}: {}: {e}", d.target, d.path.display()))?
-            .len();
+        let size = remus_nbd::qsd::image_size(&d.path, d.format.as_str())
+            .map_err(|e| format!("disk {}: {}: {e}", d.target, d.path.display()))?;
         disks.push(DiskCompat {
             target: d.target.clone(),
             size_bytes: size,
@@ -606,7 +605,8 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
     // A replicated disk missing here is created (and filled by the
     // initial sync) before the host check, which wants every disk present.
     if setup.replicate_disks {
-        create_missing_images(&cfg, &hello.compat).map_err(|e| refuse(&mut stream, e))?;
+        create_missing_images(&cfg, &hello.compat, &agent.opts.qemu.path)
+            .map_err(|e| refuse(&mut stream, e))?;
     }
     if let Err(e) = cfg.check_host() {
         return Err(refuse(
@@ -716,7 +716,11 @@ fn check_arbiter(
 /// Creates each replicated disk image that does not exist here yet, as a
 /// sparse file of the primary's size; the initial sync then sends only
 /// the primary's non-zero chunks. The directory must exist.
-fn create_missing_images(cfg: &VmConfig, theirs: &VmCompat) -> Result<(), String> {
+fn create_missing_images(
+    cfg: &VmConfig,
+    theirs: &VmCompat,
+    qemu: &std::path::Path,
+) -> Result<(), String> {
     for d in cfg.disks_in_order() {
         if !d.replicate || d.readonly || d.path.exists() {
             continue;
@@ -727,20 +731,37 @@ fn create_missing_images(cfg: &VmConfig, theirs: &VmCompat) -> Result<(), String
             .find(|c| c.target == d.target)
             .map(|c| c.size_bytes)
             .ok_or_else(|| format!("disk {}: the primary did not say its size", d.target))?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&d.path)
-            .map_err(|e| {
-                format!(
-                    "disk {}: cannot create the missing image {}: {e}",
+        if d.format == remus_config::DiskFormat::Qcow2 {
+            let out = std::process::Command::new(remus_vm::qemu_tool(qemu, "qemu-img"))
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&d.path)
+                .arg(size.to_string())
+                .output()
+                .map_err(|e| format!("disk {}: run qemu-img: {e}", d.target))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "disk {}: cannot create the missing qcow2 image {}: {}",
                     d.target,
-                    d.path.display()
-                )
-            })?;
-        f.set_len(size)
-            .map_err(|e| format!("disk {}: size {}: {e}", d.target, d.path.display()))?;
-        tracing::info!(disk = %d.target, path = %d.path.display(), size, "created the missing disk image (sparse); the initial sync fills it");
+                    d.path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&d.path)
+                .map_err(|e| {
+                    format!(
+                        "disk {}: cannot create the missing image {}: {e}",
+                        d.target,
+                        d.path.display()
+                    )
+                })?;
+            f.set_len(size)
+                .map_err(|e| format!("disk {}: size {}: {e}", d.target, d.path.display()))?;
+        }
+        tracing::info!(disk = %d.target, path = %d.path.display(), size, format = d.format.as_str(), "created the missing disk image (sparse); the initial sync fills it");
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+
 /// Largest guest memory we accept, in MiB (4 TiB). A sanity bound that
 /// catches unit mistakes (bytes given where MiB are meant).
 pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
@@ -83,6 +84,23 @@ impl fmt::Display for Accel {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         })
+    }
+}
+
+/// Firmware of a VM that boots from disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS (QEMU's default).
+    #[default]
+    Bios,
+    /// OVMF, with a UEFI variable store per VM.
+    Uefi,
+}
+
+impl Firmware {
+    pub fn is_bios(&self) -> bool {
+        *self == Firmware::Bios
     }
 }
 
@@ -185,8 +203,14 @@ impl From<Mac> for String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Raw image file on this host.
+    /// Image file on this host.
     pub path: PathBuf,
+    /// Image format: `raw` (default; served by the agent itself) or
+    /// `qcow2` (served by qemu-storage-daemon behind the agent;
+    /// backing files work). Replication works on guest-visible blocks
+    /// either way.
+    #[serde(default, skip_serializing_if = "DiskFormat::is_raw")]
+    pub format: DiskFormat,
     /// Guest device name, `vda`..`vdz`; disks are attached in target order.
     pub target: String,
     /// Replicate writes to the backup while protected (default true).
@@ -195,6 +219,28 @@ pub struct DiskConfig {
     /// Attach read-only.
     #[serde(default)]
     pub readonly: bool,
+}
+
+/// A disk image's format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn is_raw(&self) -> bool {
+        *self == DiskFormat::Raw
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// One virtual NIC.
@@ -241,6 +287,10 @@ pub struct VmConfig {
     /// Machine type.
     #[serde(default)]
     pub machine: Machine,
+    /// Firmware for booting from disk (no `kernel`): `bios` (SeaBIOS,
+    /// the default) or `uefi` (OVMF, when installed).
+    #[serde(default, skip_serializing_if = "Firmware::is_bios")]
+    pub firmware: Firmware,
     /// QEMU CPU model; the same model must be used on both hosts of a
     /// protected VM. Defaults to `max` (TCG) or `host` (KVM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,16 +393,44 @@ impl VmConfig {
             ));
         }
         match &self.kernel {
+            // Boot from disk through the firmware.
             None => {
-                return Err(ConfigError::field(
-                    "kernel",
-                    "missing: direct kernel boot is required (booting from a disk image is not supported yet)",
-                ));
+                if self.disks.is_empty() {
+                    return Err(ConfigError::field(
+                        "kernel",
+                        "missing: give a kernel (direct boot) or a [[disk]] to boot from",
+                    ));
+                }
+                if self.initrd.is_some() {
+                    return Err(ConfigError::field(
+                        "initrd",
+                        "only with kernel (a VM that boots from disk loads its initrd itself)",
+                    ));
+                }
+                if !self.cmdline.is_empty() {
+                    return Err(ConfigError::field(
+                        "cmdline",
+                        "only with kernel (a VM that boots from disk takes its command line from its boot loader)",
+                    ));
+                }
+                if self.machine == Machine::Microvm {
+                    return Err(ConfigError::field(
+                        "machine",
+                        "microvm boots a kernel directly only; use q35 to boot from disk",
+                    ));
+                }
             }
             Some(k) if k.as_os_str().is_empty() => {
                 return Err(ConfigError::field("kernel", "empty path"));
             }
-            Some(_) => {}
+            Some(_) => {
+                if self.firmware == Firmware::Uefi {
+                    return Err(ConfigError::field(
+                        "firmware",
+                        "uefi boots from disk: remove kernel, or use the default firmware",
+                    ));
+                }
+            }
         }
         if let Some(i) = &self.initrd
             && i.as_os_str().is_empty()
@@ -444,7 +522,34 @@ impl VmConfig {
             file("initrd", i)?;
         }
         for (i, d) in self.disks.iter().enumerate() {
-            file(&format!("disk[{i}].path"), &d.path)?;
+            let field = format!("disk[{i}].path");
+            file(&field, &d.path)?;
+            // A qcow2 image handed to the guest as raw would be destroyed
+            // by its first write; a raw one read as qcow2 fails to open.
+            let qcow2 = image_is_qcow2(&d.path);
+            match (d.format, qcow2) {
+                (DiskFormat::Raw, true) => {
+                    return Err(ConfigError::field(
+                        &field,
+                        format!(
+                            "{} is a qcow2 image: say format = \"qcow2\" for disk {}",
+                            d.path.display(),
+                            d.target
+                        ),
+                    ));
+                }
+                (DiskFormat::Qcow2, false) => {
+                    return Err(ConfigError::field(
+                        &field,
+                        format!(
+                            "{} is not a qcow2 image (format = \"qcow2\" for disk {})",
+                            d.path.display(),
+                            d.target
+                        ),
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -463,6 +568,16 @@ impl VmConfig {
         d.sort_by(|a, b| a.target.cmp(&b.target));
         d
     }
+}
+
+/// Whether the file at `path` starts with qcow2's magic (`QFI\xfb`).
+pub fn image_is_qcow2(path: &Path) -> bool {
+    use std::io::Read;
+    let mut h = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .is_ok()
+        && &h == b"QFI\xfb"
 }
 
 /// Checks a VM name: 1–64 characters from `[A-Za-z0-9_.-]`, not starting
@@ -577,7 +692,8 @@ bridge = "br0"
             ("bridge = \"br0\"", "bridge = \"a/b\"", "vif[0].bridge"),
             ("bridge = \"br0\"", "bridge = \"\"", "vif[0].bridge"),
             ("kernel = \"vmlinuz\"", "kernel = \"\"", "kernel"),
-            ("kernel = \"vmlinuz\"", "", "kernel"),
+            // Without a kernel it boots from disk: no initrd then.
+            ("kernel = \"vmlinuz\"", "", "initrd"),
             (
                 "cmdline = \"console=ttyS0\"",
                 "cmdline = \"a\\nb\"",
@@ -589,6 +705,32 @@ bridge = "br0"
             assert_eq!(&f, field, "case {to}: problem {problem}");
             assert!(!problem.is_empty());
         }
+    }
+
+    #[test]
+    fn boot_from_disk_needs_a_disk_and_no_kernel_arguments() {
+        let disk_boot = GOOD
+            .replace("kernel = \"vmlinuz\"\n", "")
+            .replace("initrd = \"/abs/initrd.img\"\n", "")
+            .replace("cmdline = \"console=ttyS0\"\n", "");
+        let c = parse(&disk_boot).unwrap();
+        assert_eq!((c.kernel.as_ref(), c.firmware), (None, Firmware::Bios));
+        let c = parse(&format!("firmware = \"uefi\"\n{disk_boot}")).unwrap();
+        assert_eq!(c.firmware, Firmware::Uefi);
+        let cases = [
+            (
+                disk_boot.replace("[[disk]]\npath = \"disk.img\"\ntarget = \"vda\"\n", ""),
+                "kernel",
+            ),
+            (format!("cmdline = \"x\"\n{disk_boot}"), "cmdline"),
+            (format!("machine = \"microvm\"\n{disk_boot}"), "machine"),
+            (format!("firmware = \"uefi\"\n{GOOD}"), "firmware"),
+        ];
+        for (text, field) in cases {
+            let (f, problem) = field_err(&text);
+            assert_eq!(f, field, "{problem}");
+        }
+        assert!(parse(&format!("firmware = \"coreboot\"\n{disk_boot}")).is_err());
     }
 
     #[test]
@@ -659,6 +801,25 @@ bridge = "br0"
         }
         std::fs::write(dir.path().join("disk.img"), b"").unwrap();
         cfg.check_host().unwrap();
+        // The format must match the image: a qcow2 image handed over as
+        // raw, or a raw one as qcow2, is refused by name.
+        let mut qcow2_header = b"QFI\xfb".to_vec();
+        qcow2_header.extend_from_slice(&[0u8; 100]);
+        std::fs::write(dir.path().join("disk.img"), &qcow2_header).unwrap();
+        let e = cfg.check_host().unwrap_err().to_string();
+        assert!(
+            e.contains("is a qcow2 image") && e.contains("format"),
+            "{e}"
+        );
+        let mut q = cfg.clone();
+        q.disks[0].format = DiskFormat::Qcow2;
+        q.check_host().unwrap();
+        std::fs::write(dir.path().join("disk.img"), b"raw bytes").unwrap();
+        let e = q.check_host().unwrap_err().to_string();
+        assert!(e.contains("not a qcow2 image"), "{e}");
+        // Unknown formats are refused when parsing.
+        let text = text.replace("target = \"vda\"", "target = \"vda\"\nformat = \"vmdk\"");
+        assert!(VmConfig::from_toml_str(&text, dir.path()).is_err());
     }
 
     #[test]

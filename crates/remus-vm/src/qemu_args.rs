@@ -45,6 +45,8 @@ pub struct Launch<'a> {
     pub accel: ResolvedAccel,
     /// Start with `-incoming defer` (a standby waiting for state).
     pub incoming: bool,
+    /// UEFI firmware: (read-only code, this VM's variable store).
+    pub uefi: Option<(PathBuf, PathBuf)>,
 }
 
 /// Builds QEMU's argument list (without the program name).
@@ -104,6 +106,18 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     if let Some(k) = &c.kernel {
         push(&["-kernel", &k.display().to_string()]);
     }
+    if let Some((code, vars)) = &l.uefi {
+        // The code read-only; the variables in a store of the VM's own.
+        // Both are RAM-backed in QEMU, so their contents travel in the
+        // device state of every checkpoint.
+        let esc = |p: &PathBuf| p.display().to_string().replace(',', ",,");
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", esc(code)),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", esc(vars)),
+        ]);
+    }
     if let Some(i) = &c.initrd {
         push(&["-initrd", &i.display().to_string()]);
     }
@@ -115,8 +129,14 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
         Machine::Q35 => ("virtio-blk-pci", "virtio-net-pci"),
         Machine::Microvm => ("virtio-blk-device", "virtio-net-device"),
     };
-    for d in c.disks_in_order() {
+    for (i, d) in c.disks_in_order().into_iter().enumerate() {
         let node = format!("disk-{}", d.target);
+        // Without a kernel the firmware boots from the first disk.
+        let boot = if c.kernel.is_none() && i == 0 {
+            ",bootindex=0"
+        } else {
+            ""
+        };
         push(&[
             "-blockdev",
             &format!(
@@ -126,7 +146,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
                 if d.readonly { ",read-only=on" } else { "" }
             ),
             "-device",
-            &format!("{blk},drive={node},id=dev-{}", d.target),
+            &format!("{blk},drive={node},id=dev-{}{boot}", d.target),
         ]);
     }
     for (i, _) in c.vifs.iter().enumerate() {
@@ -175,6 +195,7 @@ mod tests {
             ram_file: "/dev/shm/t.ram".into(),
             accel,
             incoming,
+            uefi: None,
         })
         .join(" ")
     }
@@ -205,6 +226,39 @@ mod tests {
         assert!(a.find("export=vda").unwrap() < a.find("export=vdb").unwrap());
         assert!(!a.contains("-incoming"));
         assert!(!a.contains("-vga") && !a.contains("-device VGA"));
+    }
+
+    #[test]
+    fn without_a_kernel_the_firmware_boots_the_first_disk() {
+        let c = VmConfig::from_toml_str(
+            "name = \"t\"\nmemory = 256\n[[disk]]\npath = \"/d.img\"\ntarget = \"vdb\"\n[[disk]]\npath = \"/c.img\"\ntarget = \"vda\"\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        let a = joined(&c, ResolvedAccel::Tcg, false);
+        assert!(!a.contains("-kernel") && !a.contains("-append"), "{a}");
+        assert!(a.contains("drive=disk-vda,id=dev-vda,bootindex=0"), "{a}");
+        assert_eq!(a.matches("bootindex").count(), 1, "{a}");
+        assert!(!a.contains("pflash"), "SeaBIOS by default: {a}");
+        // With a kernel nothing is marked bootable.
+        let k = cfg("[[disk]]\npath = \"/d.img\"\ntarget = \"vda\"\n");
+        assert!(!joined(&k, ResolvedAccel::Tcg, false).contains("bootindex"));
+        // UEFI: the code read-only, the VM's own variable store.
+        let paths = VmPaths::new(Path::new("/s/vms/t"));
+        let a = qemu_args(&Launch {
+            config: &c,
+            paths: &paths,
+            ram_file: "/dev/shm/t.ram".into(),
+            accel: ResolvedAccel::Tcg,
+            incoming: false,
+            uefi: Some(("/fw/CODE.fd".into(), "/s/vms/t/uefi-vars.fd".into())),
+        })
+        .join(" ");
+        assert!(
+            a.contains("if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd")
+                && a.contains("if=pflash,format=raw,unit=1,file=/s/vms/t/uefi-vars.fd"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -16,9 +16,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use remus_config::VmConfig;
+use remus_config::{DiskFormat, Firmware, VmConfig};
 use remus_disk::DiskPort;
-use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle};
+use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle, StorageDaemon};
 use remus_net::{CommitEgress, OutputCommit, Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
 use serde_json::json;
@@ -110,6 +110,8 @@ pub struct Vm {
     qmp: Qmp,
     exit: ExitCell,
     disks: Mutex<Vec<(String, NbdServerHandle)>>,
+    /// qemu-storage-daemons serving qcow2 disks (killed on destroy).
+    daemons: Mutex<Vec<StorageDaemon>>,
     /// The backend of every disk, in target order; the replicated ones
     /// journal their writes while the VM is protected.
     ports: Vec<Arc<DiskPort>>,
@@ -150,13 +152,38 @@ impl Vm {
 
         let mut disks = Vec::new();
         let mut ports = Vec::new();
+        let mut daemons = Vec::new();
         for d in config.disks_in_order() {
-            let backend = FileBackend::open(&d.path, d.readonly).map_err(|e| VmError::Disk {
+            let disk_err = |reason: String| VmError::Disk {
                 vm: name.clone(),
                 target: d.target.clone(),
-                reason: e.to_string(),
-            })?;
-            let port = Arc::new(DiskPort::new(&d.target, Arc::new(backend)));
+                reason,
+            };
+            let backend: Arc<dyn BlockBackend> = match d.format {
+                DiskFormat::Raw => Arc::new(
+                    FileBackend::open(&d.path, d.readonly).map_err(|e| disk_err(e.to_string()))?,
+                ),
+                // QEMU's block layer serves the format; the agent's
+                // replicating layer sits in front of it.
+                DiskFormat::Qcow2 => {
+                    let dir = paths.dir();
+                    let daemon = StorageDaemon::start(
+                        &qemu_tool(&opts.qemu.path, "qemu-storage-daemon"),
+                        &d.path,
+                        d.format.as_str(),
+                        d.readonly,
+                        &dir.join(format!("qsd-{}.sock", d.target)),
+                        &d.target,
+                        &dir.join(format!("qsd-{}.log", d.target)),
+                    )
+                    .map_err(|e| disk_err(e.to_string()))?;
+                    let client = daemon.connect().map_err(|e| disk_err(e.to_string()))?;
+                    tracing::info!(vm = %name, disk = %d.target, path = %d.path.display(), pid = daemon.pid(), "qcow2 disk served by qemu-storage-daemon");
+                    daemons.push(daemon);
+                    Arc::new(client)
+                }
+            };
+            let port = Arc::new(DiskPort::new(&d.target, backend));
             ports.push(port.clone());
             let backend: Arc<dyn BlockBackend> = port;
             let server = NbdServer::start(&paths.disk_socket(&d.target), &d.target, backend)
@@ -205,12 +232,20 @@ impl Vm {
         )
         .map_err(io_err(&name, "start the console hub"))?;
 
+        let uefi = match config.firmware {
+            Firmware::Uefi => Some(uefi_firmware(&paths).map_err(|msg| VmError::Invalid {
+                vm: name.clone(),
+                msg,
+            })?),
+            Firmware::Bios => None,
+        };
         let args = qemu_args(&Launch {
             config: &config,
             paths: &paths,
             ram_file: opts.ram_file.clone(),
             accel: opts.accel,
             incoming: opts.incoming,
+            uefi,
         });
         tracing::info!(vm = %name, qemu = %opts.qemu.path.display(), args = %args.join(" "), "starting QEMU");
         let log = File::create(paths.qemu_log()).map_err(io_err(
@@ -293,6 +328,7 @@ impl Vm {
             qmp,
             exit,
             disks: Mutex::new(disks),
+            daemons: Mutex::new(daemons),
             ports,
             relays: Mutex::new(relays),
             commits,
@@ -600,6 +636,9 @@ impl Vm {
         for (_, d) in disks {
             d.shutdown();
         }
+        drop(std::mem::take(
+            &mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
         if let Err(e) = std::fs::remove_file(&self.ram_file)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -607,6 +646,48 @@ impl Vm {
         }
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");
+    }
+}
+
+/// OVMF's code and variable-store template, as Debian's `ovmf` package
+/// installs them.
+const OVMF: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+];
+
+/// The UEFI code file, and this VM's variable store (a copy of the
+/// template, made once per VM directory).
+fn uefi_firmware(paths: &VmPaths) -> Result<(PathBuf, PathBuf), String> {
+    let Some((code, vars)) = OVMF
+        .iter()
+        .find(|(c, v)| Path::new(c).is_file() && Path::new(v).is_file())
+    else {
+        return Err(format!(
+            "firmware = \"uefi\" needs OVMF, which is not installed (looked for {}): apt-get install ovmf",
+            OVMF.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let store = paths.dir().join("uefi-vars.fd");
+    if !store.exists() {
+        std::fs::copy(vars, &store)
+            .map_err(|e| format!("copy the UEFI variable store {vars}: {e}"))?;
+    }
+    Ok((PathBuf::from(code), store))
+}
+
+/// A tool (`qemu-storage-daemon`, `qemu-img`) from the same installation
+/// as `qemu`: its directory when `qemu` is a path, else `PATH`.
+pub fn qemu_tool(qemu: &Path, tool: &str) -> PathBuf {
+    match qemu.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(tool),
+        _ => PathBuf::from(tool),
     }
 }
 

@@ -6,7 +6,10 @@
 //! acknowledged state, never from boot, with a disk that matches its
 //! memory exactly: the guest verifies its records 1..N (N from its own
 //! memory) and that nothing beyond N reached the disk, and the
-//! filesystem passes a forced fsck.
+//! filesystem passes a forced fsck. Every fifth round (from the second)
+//! the disks are qcow2 images, the records one on a raw backing file,
+//! served through qemu-storage-daemon; the backup creates its own qcow2
+//! copies.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -107,19 +110,36 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     let vm = format!("ha{n}");
     // Fresh images each round, missing on the backup (created there and
     // filled by the initial sync): raw records and an ext4 filesystem.
-    let raw = dirs.primary.join(format!("r{n}-records.img"));
-    let fs = dirs.primary.join(format!("r{n}-ext4.img"));
-    std::fs::File::create(&raw)
+    let qcow2 = n % 5 == 1;
+    let ext = if qcow2 { "qcow2" } else { "img" };
+    let raw = dirs.primary.join(format!("r{n}-records.{ext}"));
+    let fs = dirs.primary.join(format!("r{n}-ext4.{ext}"));
+    let fs_raw = dirs.primary.join(format!("r{n}-ext4.raw"));
+    let base = dirs.primary.join(format!("r{n}-base.raw"));
+    let (raw_file, fs_file) = if qcow2 { (&base, &fs_raw) } else { (&raw, &fs) };
+    std::fs::File::create(raw_file)
         .unwrap()
         .set_len(96 << 20)
         .unwrap();
-    std::fs::File::create(&fs)
+    std::fs::File::create(fs_file)
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    run_ok("mkfs.ext4", &["-q", "-F", fs.to_str().unwrap()]);
+    run_ok("mkfs.ext4", &["-q", "-F", fs_file.to_str().unwrap()]);
+    if qcow2 {
+        // The records disk: an overlay on a raw base; the filesystem: a
+        // standalone qcow2 image.
+        let (b, r) = (base.to_str().unwrap(), raw.to_str().unwrap());
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", b, r],
+        );
+        let (fr, f) = (fs_raw.to_str().unwrap(), fs.to_str().unwrap());
+        run_ok("qemu-img", &["convert", "-O", "qcow2", fr, f]);
+    }
+    let format = if qcow2 { "format = \"qcow2\"\n" } else { "" };
     let disks = format!(
-        "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[disk]]\npath = \"{}\"\ntarget = \"vdb\"\n",
+        "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n{format}[[disk]]\npath = \"{}\"\ntarget = \"vdb\"\n{format}",
         raw.display(),
         fs.display()
     );
@@ -277,13 +297,28 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     assert!(!marked_chunks(&maps.join("disk-vdb.changed")).is_empty());
     let out = backup.cli(&["destroy", &vm]);
     assert!(out.ok, "{}", out.stderr);
-    let backup_fs = dirs.backup.join(format!("r{n}-ext4.img"));
+    let mut backup_fs = dirs.backup.join(format!("r{n}-ext4.{ext}"));
+    if qcow2 {
+        // The backup made its own qcow2 copy (no backing file): check it,
+        // then the filesystem in it.
+        let b = backup_fs.to_str().unwrap().to_string();
+        let info = run_ok("qemu-img", &["info", "--output=json", &b]);
+        assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+        run_ok("qemu-img", &["check", &b]);
+        let flat = dirs.backup.join(format!("r{n}-ext4.flat"));
+        run_ok(
+            "qemu-img",
+            &["convert", "-O", "raw", &b, flat.to_str().unwrap()],
+        );
+        backup_fs = flat;
+    }
     run_ok("e2fsck", &["-fn", backup_fs.to_str().unwrap()]);
     eprintln!(
-        "round {n}: failover {failover_ms} ms{}, guest verified {verified} records ({seen_done} seen before the acknowledged checkpoint), fsck clean",
-        if frozen { " (frozen primary)" } else { "" }
+        "round {n}: failover {failover_ms} ms{}{}, guest verified {verified} records ({seen_done} seen before the acknowledged checkpoint), fsck clean",
+        if frozen { " (frozen primary)" } else { "" },
+        if qcow2 { " (qcow2 disks)" } else { "" }
     );
-    for f in [&raw, &fs] {
+    for f in [&raw, &fs, &fs_raw, &base, &backup_fs] {
         let _ = std::fs::remove_file(f);
         let _ = std::fs::remove_file(dirs.backup.join(f.file_name().unwrap()));
     }

@@ -68,8 +68,12 @@ qemu_ok() {
 # etcd-server and etcd-client: the arbiter's tests start a real etcd;
 # protobuf-compiler: the etcd-client crate generates its gRPC code with
 # protoc at build time.
+# dosfstools, fdisk, mtools, syslinux, syslinux-common: the guest's boot
+# disk (a FAT partition with syslinux, built without mounting anything);
+# ovmf: UEFI firmware for VMs that ask for it.
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
-    etcd-server etcd-client protobuf-compiler)
+    etcd-server etcd-client protobuf-compiler
+    dosfstools fdisk mtools syslinux syslinux-common ovmf)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

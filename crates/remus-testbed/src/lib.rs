@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod bootdisk;
 pub mod etcd;
 pub mod lan;
 pub mod seqclient;
@@ -58,6 +59,15 @@ impl GuestImage {
             );
         }
         Ok(img)
+    }
+
+    /// A VM config (TOML) that boots from its first disk through the
+    /// firmware (no kernel): `disk` (of `format`) is vda.
+    pub fn disk_boot_config(name: &str, disk: &Path, format: &str, extra_toml: &str) -> String {
+        format!(
+            "name = \"{name}\"\nmemory = 256\nvcpus = 1\naccel = \"auto\"\n{extra_toml}\n[[disk]]\npath = \"{}\"\ntarget = \"vda\"\nformat = \"{format}\"\n",
+            disk.display()
+        )
     }
 
     /// A VM config (TOML) booting this image.

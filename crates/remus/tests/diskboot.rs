@@ -1,0 +1,153 @@
+//! A VM that boots from its disk through the firmware (SeaBIOS, syslinux,
+//! no `kernel` in its config), on a qcow2 image served by
+//! qemu-storage-daemon, through the real CLI, agents and QEMU: it is
+//! protected (the backup creates its own qcow2 copy, which the initial
+//! sync fills), its primary is killed, and the backup's copy runs on from
+//! the acknowledged state. Afterwards the backup's image is a valid,
+//! sparse qcow2 with the same guest-visible contents as the primary's.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use remus_testbed::bootdisk::make_boot_disk;
+use remus_testbed::{
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+};
+
+fn bins() -> Binaries {
+    Binaries {
+        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
+        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
+    }
+}
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn qcow2_boot_disk_is_protected_and_fails_over() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let pdir = tempfile::tempdir_in("/tmp").unwrap();
+    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    // The boot disk: raw first, then converted to qcow2 (zeroes become
+    // unallocated clusters). The command line is on the disk.
+    let raw = pdir.path().join("boot.raw");
+    make_boot_disk(
+        &img,
+        &raw,
+        128,
+        32,
+        "console=ttyS0 quiet remus.workload=tick",
+    )
+    .expect("boot disk");
+    let disk = pdir.path().join("boot.qcow2");
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        disk.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    std::fs::remove_file(&raw).unwrap();
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let backup = Agent::start_seeing(
+        &bins(),
+        pdir.path(),
+        bdir.path(),
+        &["--listen", &listen, "--key", key.to_str().unwrap()],
+    )
+    .expect("backup agent in its own mount namespace");
+    let mut primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let cfg = primary.write_file(
+        "vm.toml",
+        &GuestImage::disk_boot_config("dboot", &disk, "qcow2", ""),
+    );
+    let out = primary.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    primary
+        .wait_console("dboot", Duration::from_secs(120), "tick 2", |c| {
+            last_tick(c) >= Some(2)
+        })
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", primary.log_text()));
+    let console = primary.console("dboot");
+    assert!(
+        console.contains("SYSLINUX") || console.contains("syslinux"),
+        "booted through the disk's boot loader: {console}"
+    );
+
+    let mut follow = ProtectFollower::start(&primary, "dboot", &listen, &["-i", "100"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
+    let synced = follow
+        .event("disk_synced")
+        .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
+    // Only the chunks holding the boot partition's data travel, not the
+    // whole 128 MiB.
+    let sent = synced["sent_bytes"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 40 << 20, "{synced}");
+    follow.checkpoint_after(0).unwrap();
+    let seen_at = now_ms();
+    let seen = last_tick(&primary.console("dboot")).unwrap();
+    follow.checkpoint_after(seen_at).unwrap();
+    let killed = Instant::now();
+    primary.kill_hard();
+    drop(follow);
+    let ms = backup
+        .wait_failover("dboot", killed, Duration::from_secs(30))
+        .unwrap();
+    let text = backup
+        .wait_console(
+            "dboot",
+            Duration::from_secs(30),
+            "ticks after failover",
+            |c| ticks(c).len() >= 3,
+        )
+        .unwrap();
+    let got = ticks(&text);
+    assert!(
+        got[0] >= seen,
+        "resumed at tick {} < acknowledged {seen}",
+        got[0]
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    eprintln!(
+        "boot-from-disk VM on qcow2: failover in {ms} ms, {} bytes synced",
+        sent
+    );
+    let out = backup.cli(&["destroy", "dboot"]);
+    assert!(out.ok, "{}", out.stderr);
+
+    // The backup made a qcow2 of its own: valid, sparse, and the same
+    // guest-visible bytes as the primary's (the guest wrote nothing).
+    let theirs = bdir.path().join("boot.qcow2");
+    let t = theirs.to_str().unwrap();
+    let (ok, info) = qemu_img(&["info", "--output=json", t]);
+    assert!(ok && info.contains("\"format\": \"qcow2\""), "{info}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["virtual-size"], 128u64 << 20, "{info}");
+    assert!(
+        v["actual-size"].as_u64().unwrap() < 48 << 20,
+        "the backup's copy is not sparse: {info}"
+    );
+    let (ok, out) = qemu_img(&["check", t]);
+    assert!(ok, "{out}");
+    let (ok, out) = qemu_img(&["compare", disk.to_str().unwrap(), t]);
+    assert!(ok, "contents differ: {out}");
+}

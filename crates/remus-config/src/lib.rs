@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod libvirt;
 
 /// Largest guest memory we accept, in MiB (4 TiB). A sanity bound that
 /// catches unit mistakes (bytes given where MiB are meant).

@@ -79,6 +79,61 @@ fn config_errors_name_the_field() {
 }
 
 #[test]
+fn from_libvirt_prints_the_config_or_refuses_with_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("unused.sock");
+    std::fs::write(dir.path().join("disk.qcow2"), b"QFI\xfb\0\0\0\x03").unwrap();
+    let domain = |extra: &str| {
+        format!(
+            "<domain type='kvm'><name>imported</name><memory unit='MiB'>512</memory><vcpu>2</vcpu>\
+             <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='disk.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+             <graphics type='vnc'/>{extra}</devices></domain>"
+        )
+    };
+    let xml = dir.path().join("dom.xml");
+    std::fs::write(&xml, domain("")).unwrap();
+    let x = xml.to_str().unwrap();
+    let out = cli(
+        &bins().remus,
+        &sock,
+        &["create", "--from-libvirt", x, "--dry-run"],
+        None,
+    );
+    assert!(out.ok, "{}", out.stderr);
+    // stdout is a config remus reads; the notes and verdict are on stderr.
+    let cfg = remus_config::VmConfig::from_toml_str(&out.stdout, dir.path()).unwrap();
+    assert_eq!(
+        (cfg.name.as_str(), cfg.memory, cfg.vcpus),
+        ("imported", 512, 2)
+    );
+    assert_eq!(cfg.disks[0].path, dir.path().join("disk.qcow2"));
+    assert_eq!(cfg.disks[0].format, remus_config::DiskFormat::Qcow2);
+    assert!(
+        out.stderr.contains("note: graphics dropped"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("config OK"), "{}", out.stderr);
+    // Passthrough and sound: refused, each named, nothing created.
+    std::fs::write(
+        &xml,
+        domain("<hostdev mode='subsystem' type='usb'/><sound model='ich9'/>"),
+    )
+    .unwrap();
+    let out = cli(&bins().remus, &sock, &["create", "--from-libvirt", x], None);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("cannot be protected by remus")
+            && out.stderr.contains("host device passthrough (usb)")
+            && out.stderr.contains("sound device (ich9)"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn unknown_vm_names_and_bad_requests_are_clear() {
     let agent = Agent::start(&bins(), None, &[]).unwrap();
     for cmd in [

@@ -589,7 +589,22 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         None => None,
         Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
     };
-    let cfg = setup.config;
+    let mut cfg = setup.config;
+    // Each host keeps its own image format: replication is of guest-
+    // visible blocks, so a raw image here may back a qcow2 one there.
+    for d in cfg.disks.iter_mut() {
+        if d.path.exists() {
+            let here = if remus_config::image_is_qcow2(&d.path) {
+                remus_config::DiskFormat::Qcow2
+            } else {
+                remus_config::DiskFormat::Raw
+            };
+            if here != d.format {
+                tracing::info!(vm = %cfg.name, disk = %d.target, here = here.as_str(), primary = d.format.as_str(), "this host's image has another format than the primary's; using it as it is");
+                d.format = here;
+            }
+        }
+    }
     if cfg.name != hello.vm_name {
         return Err(refuse(
             &mut stream,

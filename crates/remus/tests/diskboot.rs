@@ -5,6 +5,10 @@
 //! sync fills), its primary is killed, and the backup's copy runs on from
 //! the acknowledged state. Afterwards the backup's image is a valid,
 //! sparse qcow2 with the same guest-visible contents as the primary's.
+//! Two more disks: vdb is raw on the primary and qcow2 on the backup
+//! (each host keeps its format; the contents are brought in step), and
+//! vdc has `replicate = false` (shared storage: the backup's own file is
+//! left as it is).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -66,6 +70,23 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     assert!(ok, "{out}");
     std::fs::remove_file(&raw).unwrap();
 
+    // vdb: raw here with data, an empty qcow2 of the same size there.
+    let vdb = pdir.path().join("data.img");
+    let data: Vec<u8> = (0..(8usize << 20)).map(|i| (i % 253) as u8 | 1).collect();
+    std::fs::write(&vdb, &data).unwrap();
+    let theirs_vdb = bdir.path().join("data.img");
+    let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", theirs_vdb.to_str().unwrap(), "8M"]);
+    assert!(ok, "{out}");
+    // vdc: not replicated; each host has its own file.
+    let vdc = pdir.path().join("shared.img");
+    std::fs::write(&vdc, vec![b'p'; 1 << 20]).unwrap();
+    std::fs::write(bdir.path().join("shared.img"), vec![b'b'; 1 << 20]).unwrap();
+    let more = format!(
+        "[[disk]]\npath = \"{}\"\ntarget = \"vdb\"\n[[disk]]\npath = \"{}\"\ntarget = \"vdc\"\nreplicate = false\n",
+        vdb.display(),
+        vdc.display()
+    );
+
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let backup = Agent::start_seeing(
@@ -78,7 +99,7 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     let mut primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
     let cfg = primary.write_file(
         "vm.toml",
-        &GuestImage::disk_boot_config("dboot", &disk, "qcow2", ""),
+        &GuestImage::disk_boot_config("dboot", &disk, "qcow2", &more),
     );
     let out = primary.cli(&["create", cfg.to_str().unwrap()]);
     assert!(out.ok, "create: {}", out.stderr);
@@ -150,4 +171,22 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     assert!(ok, "{out}");
     let (ok, out) = qemu_img(&["compare", disk.to_str().unwrap(), t]);
     assert!(ok, "contents differ: {out}");
+    // vdb: still qcow2 on the backup, with the primary's raw contents.
+    let (ok, info) = qemu_img(&["info", theirs_vdb.to_str().unwrap()]);
+    assert!(ok && info.contains("qcow2"), "{info}");
+    let (ok, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        vdb.to_str().unwrap(),
+        theirs_vdb.to_str().unwrap(),
+    ]);
+    assert!(ok, "vdb differs between the hosts: {out}");
+    // vdc: not replicated, so the backup's file is its own.
+    assert_eq!(
+        std::fs::read(bdir.path().join("shared.img")).unwrap(),
+        vec![b'b'; 1 << 20]
+    );
 }

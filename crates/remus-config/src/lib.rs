@@ -528,28 +528,18 @@ impl VmConfig {
             // A qcow2 image handed to the guest as raw would be destroyed
             // by its first write; a raw one read as qcow2 fails to open.
             let qcow2 = image_is_qcow2(&d.path);
-            match (d.format, qcow2) {
-                (DiskFormat::Raw, true) => {
-                    return Err(ConfigError::field(
-                        &field,
-                        format!(
-                            "{} is a qcow2 image: say format = \"qcow2\" for disk {}",
-                            d.path.display(),
-                            d.target
-                        ),
-                    ));
-                }
-                (DiskFormat::Qcow2, false) => {
-                    return Err(ConfigError::field(
-                        &field,
-                        format!(
-                            "{} is not a qcow2 image (format = \"qcow2\" for disk {})",
-                            d.path.display(),
-                            d.target
-                        ),
-                    ));
-                }
-                _ => {}
+            let (path, t) = (d.path.display(), &d.target);
+            let problem = match (d.format, qcow2) {
+                (DiskFormat::Raw, true) => Some(format!(
+                    "{path} is a qcow2 image: say format = \"qcow2\" for disk {t}"
+                )),
+                (DiskFormat::Qcow2, false) => Some(format!(
+                    "{path} is not a qcow2 image (format = \"qcow2\" for disk {t})"
+                )),
+                _ => None,
+            };
+            if let Some(p) = problem {
+                return Err(ConfigError::field(&field, p));
             }
         }
         Ok(())

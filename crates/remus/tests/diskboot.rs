@@ -75,7 +75,14 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     let data: Vec<u8> = (0..(8usize << 20)).map(|i| (i % 253) as u8 | 1).collect();
     std::fs::write(&vdb, &data).unwrap();
     let theirs_vdb = bdir.path().join("data.img");
-    let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", theirs_vdb.to_str().unwrap(), "8M"]);
+    let (ok, out) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        theirs_vdb.to_str().unwrap(),
+        "8M",
+    ]);
     assert!(ok, "{out}");
     // vdc: not replicated; each host has its own file.
     let vdc = pdir.path().join("shared.img");

@@ -275,8 +275,14 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let (b2, l2) = agent_with_port(&key);
     let mut follow =
         ProtectFollower::start(&primary, "vm", &l2, &["-i", "100", "--timeout", "1000"]).unwrap();
+    // This agent has no arbiter: protect says first, in one line, what
+    // that risks; then the initial sync.
     let first = follow.next_event().unwrap();
-    assert_eq!(first["event"], "initial_sync", "{first}");
+    assert_eq!(first["event"], "warning", "{first}");
+    let msg = first["message"].as_str().unwrap_or("");
+    assert!(msg.contains("no arbiter") && msg.contains("split brain"), "{first}");
+    let second = follow.next_event().unwrap();
+    assert_eq!(second["event"], "initial_sync", "{second}");
     let v = b2.vm("vm").expect("standby on b2");
     assert_eq!(
         (v["role"].as_str(), v["state"].as_str()),

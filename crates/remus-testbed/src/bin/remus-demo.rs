@@ -153,6 +153,10 @@ fn run() -> Result<()> {
                 ev["chunks"],
                 ev["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
             )),
+            "warning" => say(&format!(
+                "   warning: {}",
+                ev["message"].as_str().unwrap_or("?")
+            )),
             "initial_sync" => say(&format!(
                 "   initial sync: {} pages of RAM in {:.0} ms",
                 ev["pages"],

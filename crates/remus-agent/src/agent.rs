@@ -386,6 +386,27 @@ impl Agent {
                 )));
             }
         }
+        // A storage daemon left by an agent that died holds its image's
+        // lock: say so instead of failing on the lock.
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let is_qsd = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("qsd-") && n.ends_with(".pid"));
+            if let Some(pid) = is_qsd.then(|| remus_vm::vm::read_pid_file(&p)).flatten() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let sock = p.with_extension("sock");
+                if cmdline
+                    .windows(sock.as_os_str().len())
+                    .any(|w| w == sock.as_os_str().as_encoded_bytes())
+                {
+                    return Err(AgentError::Conflict(format!(
+                        "qemu-storage-daemon of an earlier '{name}' still runs as pid {pid} (it holds the disk image); stop it before creating the VM again"
+                    )));
+                }
+            }
+        }
         self.archive_logs(name, &paths, "stale");
         std::fs::remove_dir_all(dir)
             .map_err(|e| AgentError::Internal(format!("remove stale {}: {e}", dir.display())))

@@ -74,6 +74,10 @@ impl StorageDaemon {
                     format!("start {} (Debian package qemu-utils): {e}", binary.display()),
                 )
             })?;
+        // A pid file beside the socket: if the agent dies, whoever cleans
+        // up (a new agent refusing to reuse the image, a test harness)
+        // finds the daemon by it.
+        let _ = std::fs::write(pid_file(socket), format!("{}\n", child.id()));
         let mut d = StorageDaemon {
             child,
             socket: socket.to_path_buf(),
@@ -135,7 +139,14 @@ impl Drop for StorageDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(pid_file(&self.socket));
     }
+}
+
+/// The pid file of the daemon listening on `socket`: `qsd-vda.sock` →
+/// `qsd-vda.pid`.
+pub fn pid_file(socket: &Path) -> PathBuf {
+    socket.with_extension("pid")
 }
 
 /// The guest-visible size of a qcow2 image, from its header (bytes 24..32,

@@ -408,12 +408,20 @@ impl Agent {
         }
     }
 
-    /// The PIDs of QEMU processes this agent started and that still run.
+    /// The PIDs of QEMU processes (VMs and qemu-storage-daemons) this
+    /// agent started and that still run.
     pub fn qemu_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(self.state_dir.join("vms")) {
-            for e in rd.flatten() {
-                if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+        let vms = std::fs::read_dir(self.state_dir.join("vms"));
+        for vm in vms.into_iter().flatten().flatten() {
+            // qemu.pid, and qsd-TARGET.pid of each qemu-storage-daemon.
+            for f in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if name != "qemu.pid" && !(name.starts_with("qsd-") && name.ends_with(".pid")) {
+                    continue;
+                }
+                if let Some(pid) = std::fs::read_to_string(f.path())
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     && process_alive(pid)

@@ -280,7 +280,10 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let first = follow.next_event().unwrap();
     assert_eq!(first["event"], "warning", "{first}");
     let msg = first["message"].as_str().unwrap_or("");
-    assert!(msg.contains("no arbiter") && msg.contains("split brain"), "{first}");
+    assert!(
+        msg.contains("no arbiter") && msg.contains("split brain"),
+        "{first}"
+    );
     let second = follow.next_event().unwrap();
     assert_eq!(second["event"], "initial_sync", "{second}");
     let v = b2.vm("vm").expect("standby on b2");

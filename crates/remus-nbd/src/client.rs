@@ -29,6 +29,8 @@ pub const MAX_REQUEST: usize = 4 << 20;
 struct Conn {
     s: UnixStream,
     handle: u64,
+    /// A request failed half-way: the stream is out of step for good.
+    broken: Option<String>,
 }
 
 /// A connected NBD export.
@@ -74,7 +76,11 @@ impl NbdClient {
         let (size, flags) = handshake(&mut s, export).map_err(|e| bad(&what, e.to_string()))?;
         s.set_read_timeout(None)?;
         Ok(NbdClient {
-            conn: Mutex::new(Conn { s, handle: 0 }),
+            conn: Mutex::new(Conn {
+                s,
+                handle: 0,
+                broken: None,
+            }),
             size,
             flags,
             what,
@@ -97,6 +103,37 @@ impl NbdClient {
         read: Option<&mut [u8]>,
     ) -> io::Result<()> {
         let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &c.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("{}: connection lost earlier ({why})", self.what),
+            ));
+        }
+        match self.exchange(&mut c, cmd, cmd_flags, offset, len, payload, read) {
+            Ok(Ok(())) => Ok(()),
+            // The server answered with an error: the stream is in step.
+            // NBD error numbers are the Linux errno values.
+            Ok(Err(errno)) => Err(io::Error::from_raw_os_error(errno as i32)),
+            // The stream failed mid-request: every later request fails
+            // with the reason rather than misread what follows.
+            Err(e) => {
+                c.broken = Some(e.to_string());
+                Err(io::Error::new(e.kind(), format!("{}: {e}", self.what)))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        c: &mut Conn,
+        cmd: u16,
+        cmd_flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<&[u8]>,
+        read: Option<&mut [u8]>,
+    ) -> io::Result<Result<(), u32>> {
         c.handle += 1;
         let handle = c.handle;
         let mut hdr = Vec::with_capacity(28);
@@ -112,24 +149,26 @@ impl NbdClient {
         }
         let magic = read_u32(&mut c.s)?;
         if magic != SIMPLE_REPLY_MAGIC {
-            return Err(bad(&self.what, format!("reply magic {magic:#x}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply magic {magic:#x}"),
+            ));
         }
         let err = read_u32(&mut c.s)?;
         let h = read_u64(&mut c.s)?;
         if h != handle {
-            return Err(bad(
-                &self.what,
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
                 format!("reply for handle {h}, sent {handle}"),
             ));
         }
         if err != 0 {
-            // NBD error numbers are the Linux errno values.
-            return Err(io::Error::from_raw_os_error(err as i32));
+            return Ok(Err(err));
         }
         if let Some(buf) = read {
             c.s.read_exact(buf)?;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {

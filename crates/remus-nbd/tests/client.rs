@@ -158,4 +158,12 @@ fn client_against_qemu_storage_daemon_on_qcow2() {
     let c = d.connect().unwrap();
     assert!(c.read_only());
     assert!(c.write_at(b"x", 0, false).is_err());
+    // The daemon dies: the request fails, and so does every later one,
+    // saying why (never a read of a half-received stream).
+    drop(d);
+    let mut b = [0u8; 512];
+    let e = c.read_at(&mut b, 0).unwrap_err();
+    assert!(e.to_string().contains("vda"), "{e}");
+    let e = c.read_at(&mut b, 0).unwrap_err().to_string();
+    assert!(e.contains("connection lost earlier"), "{e}");
 }

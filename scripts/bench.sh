@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --workspace
 bash scripts/build-guest.sh
+bash scripts/build-debian-image.sh
 if [ "$#" -eq 0 ]; then
     set -- --suite
 fi

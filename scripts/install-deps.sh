@@ -70,10 +70,11 @@ qemu_ok() {
 # protoc at build time.
 # dosfstools, fdisk, mtools, syslinux, syslinux-common: the guest's boot
 # disk (a FAT partition with syslinux, built without mounting anything);
-# ovmf: UEFI firmware for VMs that ask for it.
+# ovmf: UEFI firmware for VMs that ask for it; debootstrap: the Debian VM
+# image (scripts/build-debian-image.sh).
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
     etcd-server etcd-client protobuf-compiler
-    dosfstools fdisk mtools syslinux syslinux-common ovmf)
+    dosfstools fdisk mtools syslinux syslinux-common ovmf debootstrap)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

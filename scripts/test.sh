@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole remus test suite on a fresh Debian 12 machine (as root):
-# installs what is missing, builds the guest image, then runs every test,
+# installs what is missing, builds the guest image and a Debian VM image,
+# then runs every test,
 # including the ones that boot real QEMU guests and create network
 # namespaces. Safe to run again: each step skips what is already done.
 set -euo pipefail
@@ -8,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 bash scripts/build-guest.sh
+# A real Debian VM image (debootstrap; cached, about 5 minutes the first
+# time) for the end-to-end test of a distribution booted from disk.
+bash scripts/build-debian-image.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

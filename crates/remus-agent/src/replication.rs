@@ -211,8 +211,13 @@ pub fn start_protect(
                         tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
                     }
                     // The session's last word: whoever reads it and then
-                    // asks `list` must already see the VM unprotected.
-                    ProtectEvent::BackupLost { .. } | ProtectEvent::Stopped { .. } => {
+                    // asks `list` must already see the VM unprotected (and
+                    // find the reason in the log).
+                    ProtectEvent::BackupLost { reason } => {
+                        tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
+                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                    }
+                    ProtectEvent::Stopped { .. } => {
                         *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
                     }
                     _ => {}
@@ -238,9 +243,8 @@ pub fn start_protect(
                 Ok(ProtectEnd::Stopped) => {
                     tracing::info!(vm = %vm_name, "protection stopped by the operator");
                 }
-                Ok(ProtectEnd::BackupLost(reason)) => {
-                    tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
-                }
+                // Logged as the event went out (above).
+                Ok(ProtectEnd::BackupLost(_)) => {}
                 Err(e) => {
                     slot2.publish(
                         serde_json::json!({"event": "failed", "reason": e.to_string()}).to_string(),

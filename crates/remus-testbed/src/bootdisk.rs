@@ -22,6 +22,8 @@ const MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 fn run(prog: &str, args: &[&str], input: Option<&str>) -> Result<()> {
     use std::io::Write;
     let mut cmd = Command::new(prog);
+    // mtools would warn that the FAT is smaller than the disk file.
+    cmd.env("MTOOLS_SKIP_CHECK", "1");
     cmd.args(args)
         .stdin(if input.is_some() {
             std::process::Stdio::piped()

@@ -145,8 +145,17 @@ impl Site {
     }
 
     /// Destroys the VM on both hosts (whichever have it).
+    /// Destroys the VM on both hosts (whichever have it). A destroy on a
+    /// protected primary is a primary failure to its backup, which then
+    /// decides (takes the freed key and resumes, or discards): its copy
+    /// is destroyed once it has.
     fn clean(&self, vm: &str) {
         for ag in [&self.a, &self.b] {
+            wait_for(
+                "the copy's fate to be decided",
+                Duration::from_secs(30),
+                || ag.vm(vm).is_none_or(|v| v["role"] != "backup"),
+            );
             if ag.vm(vm).is_some() {
                 let out = ag.cli(&["destroy", vm]);
                 assert!(out.ok, "destroy {vm}: {}", out.stderr);

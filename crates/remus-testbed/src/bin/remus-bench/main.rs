@@ -90,11 +90,11 @@ const USAGE: &str =
                    [--suite [--only SECTIONS] [--failover-rounds 12] | --disk | --net]
   --suite          the whole benchmark (what scripts/bench.sh runs): pause by
                    interval x dirty rate, wire vs raw bytes, pause vs RAM size,
-                   guest slowdown (cpumem), failover times, remus migrate vs
+                   a Debian VM booted from disk, guest slowdown (cpumem), failover times, remus migrate vs
                    QEMU's live migration, the disk and network cases; one report
                    with every target met or missed (--seconds defaults to 8)
   --only L         with --suite: only these sections, comma-separated, of
-                   matrix, wire, ram, slowdown, failover, migrate, disk, net
+                   matrix, wire, ram, boot, slowdown, failover, migrate, disk, net
   --failover-rounds N  failover rounds (every third one freezes the primary)
   --seconds N      measured checkpoints per case = N s / interval (default 15);
                    disk cases: N of the guest's once-a-second lines per case;
@@ -323,6 +323,10 @@ struct CaseSpec {
     workload: Workload,
     memory_mib: u64,
     protect_args: Vec<String>,
+    /// Boot this qcow2 image (a real distribution, through the firmware)
+    /// from an overlay instead of the kernel+initramfs guest; the workload
+    /// is then the distribution idling with its seqserver service.
+    disk_boot: Option<PathBuf>,
 }
 
 impl CaseSpec {
@@ -332,6 +336,7 @@ impl CaseSpec {
             workload,
             memory_mib: 256,
             protect_args: Vec::new(),
+            disk_boot: None,
         }
     }
     fn compressed(&self) -> bool {
@@ -343,6 +348,8 @@ impl CaseSpec {
 #[derive(Debug, Clone)]
 struct CaseResult {
     interval_ms: u64,
+    /// Booted a distribution from its disk (see [`CaseSpec::disk_boot`]).
+    disk_boot: bool,
     workload: Workload,
     memory_mib: u64,
     compressed: bool,
@@ -397,28 +404,55 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
     let key_s = key.to_str().context("key path")?;
     let port = free_port();
     let peer = format!("127.0.0.1:{port}");
-    let backup = Agent::start(bins, None, &["--listen", &peer, "--key", key_s])
-        .context("start backup agent")?;
+    // A disk-booted VM: the backup sees a directory of its own at the
+    // primary's image directory (as a second host would).
+    let dirs = (tempfile::tempdir_in("/tmp")?, tempfile::tempdir_in("/tmp")?);
+    let backup_args = ["--listen", &peer, "--key", key_s];
+    let backup = match &spec.disk_boot {
+        Some(_) => Agent::start_seeing(bins, dirs.0.path(), dirs.1.path(), &backup_args),
+        None => Agent::start(bins, None, &backup_args),
+    }
+    .context("start backup agent")?;
     let primary = Agent::start(bins, None, &["--key", key_s]).context("start primary agent")?;
     let vm = format!(
         "bench-i{interval_ms}-{}",
-        match workload {
-            Workload::Idle => "idle",
-            Workload::Dirty(..) => "dirty",
+        match (workload, &spec.disk_boot) {
+            (_, Some(_)) => "disk",
+            (Workload::Idle, None) => "idle",
+            (Workload::Dirty(..), None) => "dirty",
         }
     );
-    let cfg = img
-        .config(&vm, &workload.cmdline(), "")
-        .replace("memory = 256", &format!("memory = {}", spec.memory_mib));
+    let cfg = match &spec.disk_boot {
+        Some(base) => {
+            let overlay = dirs.0.path().join("vda.qcow2");
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(base)
+                .arg(&overlay)
+                .output()
+                .context("qemu-img")?;
+            if !out.status.success() {
+                bail!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            GuestImage::disk_boot_config(&vm, &overlay, "qcow2", "")
+        }
+        None => img.config(&vm, &workload.cmdline(), ""),
+    }
+    .replace("memory = 256", &format!("memory = {}", spec.memory_mib));
     let cfg = primary.write_file("vm.toml", &cfg);
     let out = primary.cli(&["create", cfg.to_str().context("config path")?]);
     if !out.ok {
         bail!("create {vm}: {}", out.stderr.trim());
     }
-    let boot = Duration::from_secs(180);
-    match workload {
-        Workload::Idle => primary.wait_console(&vm, boot, "tick 3", |c| last_tick(c) >= Some(3))?,
-        Workload::Dirty(..) => {
+    let boot = Duration::from_secs(300);
+    match (workload, &spec.disk_boot) {
+        (_, Some(_)) => primary.wait_console(&vm, boot, "the seqserver service", |c| {
+            c.contains("seqserver: listening")
+        })?,
+        (Workload::Idle, None) => {
+            primary.wait_console(&vm, boot, "tick 3", |c| last_tick(c) >= Some(3))?
+        }
+        (Workload::Dirty(..), None) => {
             primary.wait_console(&vm, boot, "a 'dirty:' line", |c| !dirty_rates(c).is_empty())?
         }
     };
@@ -555,6 +589,7 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
     rates.sort_unstable();
     Ok(CaseResult {
         interval_ms,
+        disk_boot: spec.disk_boot.is_some(),
         workload,
         memory_mib: spec.memory_mib,
         compressed: spec.compressed(),

@@ -12,6 +12,10 @@
 //!   visit), and the reference case with compression off (`-u`).
 //! - `ram`: pause against guest RAM size (256 MiB to 4 GiB) at the same
 //!   dirty rate.
+//! - `boot`: a real distribution booted from its disk (the Debian image
+//!   of `scripts/build-debian-image.sh`, on qcow2, idle) against the
+//!   kernel+initramfs guest idle, both with 512 MiB at -i 100: pause and
+//!   device state per checkpoint.
 //! - `slowdown`: a CPU and memory workload in the guest (`cpumem`),
 //!   unprotected against protected at 25 and 40 checkpoints per second
 //!   (and at 40 with `-u`), in one run on one VM; then the same guest in
@@ -30,7 +34,7 @@
 use super::*;
 
 pub(crate) const SECTIONS: &[&str] = &[
-    "matrix", "wire", "ram", "slowdown", "failover", "migrate", "disk", "net",
+    "matrix", "wire", "ram", "boot", "slowdown", "failover", "migrate", "disk", "net",
 ];
 
 const MATRIX_INTERVALS: [u64; 4] = [25, 50, 100, 200];
@@ -287,6 +291,31 @@ pub(crate) fn suite_main(
             ));
         }
     }
+    if only("boot") {
+        eprintln!("remus-bench: a distribution booted from disk against the initramfs guest ...");
+        let debian = workspace_root().join("target/debian-image/debian.qcow2");
+        if !debian.exists() {
+            bail!(
+                "{} is missing: run scripts/build-debian-image.sh (scripts/bench.sh does)",
+                debian.display()
+            );
+        }
+        let mut specs = Vec::new();
+        for disk in [None, Some(debian)] {
+            let mut s = CaseSpec::new(REF_INTERVAL_MS, Workload::Idle);
+            s.memory_mib = 512;
+            s.disk_boot = disk;
+            specs.push(s);
+        }
+        let start = cases.len();
+        run_specs(specs, &mut cases)?;
+        let boot = cases[start..].to_vec();
+        sections.push(render_boot(&boot));
+        runs.insert(
+            "boot".into(),
+            json!(boot.iter().map(|c| case_json(&boot, c)).collect::<Vec<_>>()),
+        );
+    }
     if only("slowdown") {
         eprintln!("remus-bench: slowdown (cpumem) ...");
         let s = run_slowdown(bins, img, o)?;
@@ -499,7 +528,12 @@ fn wire_ratio(c: &CaseResult) -> f64 {
 }
 
 fn case_label(c: &CaseResult) -> String {
-    let mut s = format!("-i {}, {}", c.interval_ms, c.workload.label());
+    let what = if c.disk_boot {
+        "Debian 12 from its qcow2 disk, idle".to_string()
+    } else {
+        c.workload.label()
+    };
+    let mut s = format!("-i {}, {what}", c.interval_ms);
     if c.memory_mib != 256 {
         s.push_str(&format!(", {} MiB", c.memory_mib));
     }
@@ -596,6 +630,51 @@ fn render_ram(cases: &[CaseResult]) -> String {
         .collect();
     s.push_str(&scans.join(", "));
     s.push_str("\n\n");
+    s
+}
+
+/// Device state per checkpoint: raw bytes less the dirty pages.
+fn devstate_bytes(c: &CaseResult) -> Vec<f64> {
+    c.raw_bytes
+        .iter()
+        .zip(&c.dirty)
+        .map(|(raw, dirty)| raw - dirty * 4096.0)
+        .collect()
+}
+
+fn render_boot(cases: &[CaseResult]) -> String {
+    let mut s = String::from(
+        "### A distribution booted from disk
+
+         The Debian 12 image of `scripts/build-debian-image.sh` (systemd, Debian's cloud kernel, ext4 root; SeaBIOS and syslinux;          a qcow2 overlay served by qemu-storage-daemon) against the kernel+initramfs test guest, both idle with 512 MiB, -i 100.
+
+",
+    );
+    s.push_str(CASE_HEADER);
+    for c in cases {
+        s.push_str(&case_row(c));
+    }
+    let dev: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {:.0} KiB",
+                if c.disk_boot {
+                    "Debian"
+                } else {
+                    "initramfs guest"
+                },
+                stats(&devstate_bytes(c)).p50 / 1024.0
+            )
+        })
+        .collect();
+    s.push_str(&format!(
+        "
+Device state per checkpoint, p50 (raw bytes less dirty pages): {}
+
+",
+        dev.join(", ")
+    ));
     s
 }
 

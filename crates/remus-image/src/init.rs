@@ -9,7 +9,8 @@
 //!   subcommand with its arguments joined by `:` (`tick`,
 //!   `disk-probe:/dev/vda`, `tick:--interval-ms:50`); default `tick`;
 //!   `none` or empty: no workload. Parsed by `remus-guest start-workloads`.
-//! * `remus.ip=ADDR/PREFIX` — if present, eth0 is brought up with that address.
+//! * `remus.ip=ADDR/PREFIX` — if present, eth0 is brought up with that address;
+//!   `remus.ip1=ADDR/PREFIX` likewise for eth1 (a second NIC).
 //! * `console=ttyS0` — where everything (workload output, shell) goes.
 //!
 //! On the console: module load failures (`remus-init: insmod X failed`),
@@ -42,14 +43,15 @@ while read -r m; do
 done < /etc/remus/modules
 
 ip link set lo up
-ipaddr=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in remus.ip=*) ipaddr="${arg#remus.ip=}" ;; esac
+    case "$arg" in
+        remus.ip=*) dev=eth0 ipaddr="${arg#remus.ip=}" ;;
+        remus.ip1=*) dev=eth1 ipaddr="${arg#remus.ip1=}" ;;
+        *) continue ;;
+    esac
+    { ip link set "$dev" up && ip addr add "$ipaddr" dev "$dev"; } ||
+        echo "remus-init: cannot configure $dev with $ipaddr"
 done
-if [ -n "$ipaddr" ]; then
-    { ip link set eth0 up && ip addr add "$ipaddr" dev eth0; } ||
-        echo "remus-init: cannot configure eth0 with $ipaddr"
-fi
 hostname remus-guest
 
 echo "remus-guest: init done"

@@ -40,7 +40,7 @@ use std::process::Command;
 
 /// Bump when the recipe (layout, script, module set, ...) changes in a way
 /// the cache key would not otherwise see.
-pub const RECIPE_VERSION: u32 = 3;
+pub const RECIPE_VERSION: u32 = 4;
 
 pub const VMLINUZ_FILE: &str = "vmlinuz";
 pub const INITRD_FILE: &str = "initrd.img";

@@ -644,11 +644,9 @@ fn devstate_bytes(c: &CaseResult) -> Vec<f64> {
 
 fn render_boot(cases: &[CaseResult]) -> String {
     let mut s = String::from(
-        "### A distribution booted from disk
-
-         The Debian 12 image of `scripts/build-debian-image.sh` (systemd, Debian's cloud kernel, ext4 root; SeaBIOS and syslinux;          a qcow2 overlay served by qemu-storage-daemon) against the kernel+initramfs test guest, both idle with 512 MiB, -i 100.
-
-",
+        "### A distribution booted from disk\n\n\
+         The Debian 12 image of `scripts/build-debian-image.sh` (systemd, Debian's cloud kernel, ext4 root; SeaBIOS and syslinux; \
+         a qcow2 overlay served by qemu-storage-daemon) against the kernel+initramfs test guest, both idle with 512 MiB, -i 100.\n\n",
     );
     s.push_str(CASE_HEADER);
     for c in cases {

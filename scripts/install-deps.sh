@@ -68,13 +68,14 @@ qemu_ok() {
 # etcd-server and etcd-client: the arbiter's tests start a real etcd;
 # protobuf-compiler: the etcd-client crate generates its gRPC code with
 # protoc at build time.
-# dosfstools, fdisk, mtools, syslinux, syslinux-common: the guest's boot
-# disk (a FAT partition with syslinux, built without mounting anything);
+# dosfstools, fdisk, mtools, syslinux, syslinux-common, syslinux-efi: the
+# guest's boot disk (a FAT partition with syslinux for BIOS and UEFI,
+# built without mounting anything);
 # ovmf: UEFI firmware for VMs that ask for it; debootstrap: the Debian VM
 # image (scripts/build-debian-image.sh).
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
     etcd-server etcd-client protobuf-compiler
-    dosfstools fdisk mtools syslinux syslinux-common ovmf debootstrap)
+    dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

@@ -4,8 +4,11 @@
 //! its firmware needs. Built from files only (sfdisk, mkfs.fat --offset,
 //! mtools, syslinux --offset): no loop device, no mount.
 //!
-//! Packages: fdisk, dosfstools, mtools, syslinux, syslinux-common
-//! (`scripts/install-deps.sh`).
+//! It boots through SeaBIOS (syslinux in the MBR and the partition) and
+//! through OVMF (syslinux.efi at the removable-media path).
+//!
+//! Packages: fdisk, dosfstools, mtools, syslinux, syslinux-common,
+//! syslinux-efi (`scripts/install-deps.sh`).
 
 use std::path::Path;
 use std::process::Command;
@@ -18,6 +21,10 @@ use crate::GuestImage;
 const PART_START: u64 = 1 << 20;
 /// syslinux's MBR boot code.
 const MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
+/// syslinux for UEFI (package syslinux-efi): the same disk also boots
+/// through OVMF, from the removable-media path `\EFI\BOOT\BOOTX64.EFI`.
+const EFI_LOADER: &str = "/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi";
+const EFI_LDLINUX: &str = "/usr/lib/syslinux/modules/efi64/ldlinux.e64";
 
 fn run(prog: &str, args: &[&str], input: Option<&str>) -> Result<()> {
     use std::io::Write;
@@ -109,6 +116,23 @@ pub fn make_boot_disk(
                 &fat,
                 src.to_str().context("path")?,
                 &format!("::/{name}"),
+            ],
+            None,
+        )?;
+    }
+    run("mmd", &["-i", &fat, "::/EFI", "::/EFI/BOOT"], None)?;
+    for (src, name) in [
+        (Path::new(EFI_LOADER), "BOOTX64.EFI"),
+        (Path::new(EFI_LDLINUX), "ldlinux.e64"),
+        (cfg.as_path(), "syslinux.cfg"),
+    ] {
+        run(
+            "mcopy",
+            &[
+                "-i",
+                &fat,
+                src.to_str().context("path")?,
+                &format!("::/EFI/BOOT/{name}"),
             ],
             None,
         )?;

@@ -197,3 +197,85 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
         vec![b'b'; 1 << 20]
     );
 }
+
+/// The same boot disk through OVMF (`firmware = "uefi"`): it boots from
+/// syslinux.efi, is protected (the backup starts its standby with OVMF
+/// and a variable store of its own) and fails over; the guest runs on
+/// from the acknowledged state.
+#[test]
+fn uefi_boot_disk_is_protected_and_fails_over() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let pdir = tempfile::tempdir_in("/tmp").unwrap();
+    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let disk = pdir.path().join("uefi.raw");
+    make_boot_disk(
+        &img,
+        &disk,
+        64,
+        32,
+        "console=ttyS0 quiet remus.workload=tick",
+    )
+    .expect("boot disk");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let backup = Agent::start_seeing(
+        &bins(),
+        pdir.path(),
+        bdir.path(),
+        &["--listen", &listen, "--key", key.to_str().unwrap()],
+    )
+    .expect("backup agent in its own mount namespace");
+    let mut primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let cfg = primary.write_file(
+        "vm.toml",
+        &GuestImage::disk_boot_config("uefi", &disk, "raw", "firmware = \"uefi\"\n"),
+    );
+    let out = primary.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    primary
+        .wait_console("uefi", Duration::from_secs(120), "tick 2", |c| {
+            last_tick(c) >= Some(2)
+        })
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", primary.log_text()));
+    let vars = primary.state_dir.join("vms/uefi/uefi-vars.fd");
+    assert!(vars.is_file(), "the VM's own UEFI variable store");
+    let qemu_log =
+        std::fs::read_to_string(primary.state_dir.join("vms/uefi/qemu.log")).unwrap_or_default();
+    assert!(
+        primary.log_text().contains("if=pflash"),
+        "QEMU started with OVMF: {qemu_log}"
+    );
+
+    let mut follow = ProtectFollower::start(&primary, "uefi", &listen, &["-i", "100"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
+    follow.checkpoint_after(0).unwrap();
+    let seen_at = now_ms();
+    let seen = last_tick(&primary.console("uefi")).unwrap();
+    follow.checkpoint_after(seen_at).unwrap();
+    let killed = Instant::now();
+    primary.kill_hard();
+    drop(follow);
+    let ms = backup
+        .wait_failover("uefi", killed, Duration::from_secs(30))
+        .unwrap();
+    let text = backup
+        .wait_console(
+            "uefi",
+            Duration::from_secs(30),
+            "ticks after failover",
+            |c| ticks(c).len() >= 3,
+        )
+        .unwrap();
+    let got = ticks(&text);
+    assert!(
+        got[0] >= seen,
+        "resumed at tick {} < acknowledged {seen}",
+        got[0]
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    eprintln!("UEFI boot from disk: failover in {ms} ms");
+    let out = backup.cli(&["destroy", "uefi"]);
+    assert!(out.ok, "{}", out.stderr);
+}

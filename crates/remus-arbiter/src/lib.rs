@@ -245,10 +245,16 @@ impl Arbiter {
         })
     }
 
-    /// The first endpoint that answers a status request.
+    /// The first endpoint that answers a linearizable read (which needs
+    /// the cluster's quorum: a member cut off from it still answers a
+    /// status request, so that would say nothing).
     pub fn health(&self) -> Result<String, ArbiterError> {
-        self.call_at("status", |mut c| async move { c.status().await })
-            .map(|(_, ep)| ep)
+        let key = format!("{}/health", self.cfg.prefix);
+        self.call_at("read", |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })
+        .map(|(_, ep)| ep)
     }
 
     /// Who holds `vm`'s key now, if anyone.

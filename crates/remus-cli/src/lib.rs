@@ -386,6 +386,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(l) = &h.replication_listen {
                     println!("replication: {l}");
                 }
+                match &h.arbiter {
+                    None => {
+                        println!("arbiter    : none (a partition can leave two running copies)")
+                    }
+                    Some(a) => {
+                        let health = match (&a.answered_by, &a.error) {
+                            (Some(ep), _) => format!("answers ({ep})"),
+                            (None, Some(e)) => format!("UNREACHABLE: {e}"),
+                            (None, None) => "unknown".into(),
+                        };
+                        println!(
+                            "arbiter    : {} as '{}', prefix {}, lease {} s, margin {} ms: {health}",
+                            a.endpoints.join(","),
+                            a.host,
+                            a.prefix,
+                            a.ttl_s,
+                            a.margin_ms
+                        );
+                    }
+                }
             }
         }
     }

@@ -134,6 +134,12 @@ impl Site {
         let arb = self.a.vm(vm).expect("listed")["arbiter"].clone();
         assert_eq!(arb["state"], "leased", "{vm}: {arb}");
         assert_eq!(arb["holder"], "a", "{vm}: {arb}");
+        let info = self.a.cli(&["info"]);
+        assert!(
+            info.stdout.contains("as 'a'") && info.stdout.contains("answers ("),
+            "{}",
+            info.stdout
+        );
         let watch = RunWatch::start(
             &self.lan,
             &[("a", &self.a.socket), ("b", &self.b.socket)],
@@ -345,6 +351,10 @@ fn two_copies_never_run_at_once() {
             arbiter_state(&site.a, vm).as_deref() == Some("fenced")
         });
         eprintln!("arbiter down: a fenced after {fenced:?}");
+        // `remus info` says the arbiter does not answer (the member left
+        // alone still answers status requests, not reads).
+        let info = site.a.cli(&["info"]);
+        assert!(info.stdout.contains("UNREACHABLE"), "{}", info.stdout);
         // Output already acknowledged drains; then nothing more.
         std::thread::sleep(Duration::from_millis(500));
         let n = client.received();

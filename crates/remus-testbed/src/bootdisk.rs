@@ -104,38 +104,17 @@ pub fn make_boot_disk(
         ),
     )?;
     let fat = format!("{o}@@{PART_START}");
-    for (src, name) in [
-        (kernel.as_path(), "vmlinuz"),
-        (img.initrd.as_path(), "initrd.img"),
-        (cfg.as_path(), "syslinux.cfg"),
-    ] {
-        run(
-            "mcopy",
-            &[
-                "-i",
-                &fat,
-                src.to_str().context("path")?,
-                &format!("::/{name}"),
-            ],
-            None,
-        )?;
-    }
     run("mmd", &["-i", &fat, "::/EFI", "::/EFI/BOOT"], None)?;
-    for (src, name) in [
-        (Path::new(EFI_LOADER), "BOOTX64.EFI"),
-        (Path::new(EFI_LDLINUX), "ldlinux.e64"),
-        (cfg.as_path(), "syslinux.cfg"),
+    for (src, dest) in [
+        (kernel.as_path(), "/vmlinuz"),
+        (img.initrd.as_path(), "/initrd.img"),
+        (cfg.as_path(), "/syslinux.cfg"),
+        (Path::new(EFI_LOADER), "/EFI/BOOT/BOOTX64.EFI"),
+        (Path::new(EFI_LDLINUX), "/EFI/BOOT/ldlinux.e64"),
+        (cfg.as_path(), "/EFI/BOOT/syslinux.cfg"),
     ] {
-        run(
-            "mcopy",
-            &[
-                "-i",
-                &fat,
-                src.to_str().context("path")?,
-                &format!("::/EFI/BOOT/{name}"),
-            ],
-            None,
-        )?;
+        let src = src.to_str().context("path")?;
+        run("mcopy", &["-i", &fat, src, &format!("::{dest}")], None)?;
     }
     let _ = std::fs::remove_file(&cfg);
     run(

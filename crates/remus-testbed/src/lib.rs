@@ -607,6 +607,23 @@ impl Drop for ProtectFollower {
     }
 }
 
+/// Runs `prog` with `args` and returns its stdout and stderr; panics with
+/// both when it fails (a tool a test relies on: qemu-img, mkfs, e2fsck).
+pub fn run_ok<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(out.status.success(), "{prog} {shown:?}: {text}");
+    text
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, Lan, ProtectFollower, SeqClient, now_ms, workspace_root, write_key,
+    Agent, Binaries, Lan, ProtectFollower, SeqClient, now_ms, run_ok, workspace_root, write_key,
 };
 
 fn bins() -> Binaries {
@@ -32,20 +32,6 @@ const VM_IP: &str = "198.18.0.10";
 const REPL_PORT: u16 = 7100;
 /// Where the root partition starts in the image (sector 133120).
 const ROOT_OFFSET: u64 = 133_120 * 512;
-
-fn run_ok(prog: &str, args: &[&OsStr]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{prog} {args:?}: {text}");
-    text
-}
 
 fn image() -> PathBuf {
     let p = std::env::var_os("REMUS_DEBIAN_IMAGE")
@@ -84,7 +70,7 @@ fn agent(lan: &Lan, h: &str, images: &Path, store: &Path, key: &Path, listen: bo
 fn fsck_root(disk: &Path, scratch: &Path) -> String {
     let flat = scratch.join("flat.raw");
     let root = scratch.join("root.ext4");
-    run_ok(
+    run_ok::<&OsStr>(
         "qemu-img",
         &[
             "convert".as_ref(),
@@ -100,7 +86,7 @@ fn fsck_root(disk: &Path, scratch: &Path) -> String {
         format!("if={}", flat.display()),
         format!("of={}", root.display()),
     );
-    run_ok(
+    run_ok::<&OsStr>(
         "dd",
         &[
             i.as_ref(),
@@ -124,7 +110,7 @@ fn fsck_root(disk: &Path, scratch: &Path) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = run_ok("e2fsck", &["-fn".as_ref(), root.as_os_str()]);
+    let text = run_ok::<&OsStr>("e2fsck", &["-fn".as_ref(), root.as_os_str()]);
     std::fs::remove_file(&root).unwrap();
     text
 }
@@ -145,7 +131,7 @@ fn debian_survives_primary_kills_with_its_session_and_filesystem() {
     // Host a: an overlay on the built image; host b has none (created and
     // filled by the first initial sync).
     let overlay = store[0].join("deb.qcow2");
-    run_ok(
+    run_ok::<&OsStr>(
         "qemu-img",
         &[
             "create".as_ref(),

@@ -41,6 +41,40 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Once a checkpoint taken after the guest's last seen tick is
+/// acknowledged, kills the primary; the backup's copy must run on from
+/// that tick or later, ticking in order. Returns the failover time (ms).
+fn kill_after_acked_tick(
+    primary: &mut Agent,
+    backup: &Agent,
+    mut follow: ProtectFollower,
+    vm: &str,
+) -> u64 {
+    follow.checkpoint_after(0).unwrap();
+    let seen_at = now_ms();
+    let seen = last_tick(&primary.console(vm)).unwrap();
+    follow.checkpoint_after(seen_at).unwrap();
+    let killed = Instant::now();
+    primary.kill_hard();
+    drop(follow);
+    let ms = backup
+        .wait_failover(vm, killed, Duration::from_secs(30))
+        .unwrap();
+    let text = backup
+        .wait_console(vm, Duration::from_secs(30), "ticks after failover", |c| {
+            ticks(c).len() >= 3
+        })
+        .unwrap();
+    let got = ticks(&text);
+    assert!(
+        got[0] >= seen,
+        "resumed at tick {} < acknowledged {seen}",
+        got[0]
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    ms
+}
+
 #[test]
 fn qcow2_boot_disk_is_protected_and_fails_over() {
     let img = GuestImage::find().expect("guest image");
@@ -130,31 +164,7 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     // whole 128 MiB.
     let sent = synced["sent_bytes"].as_u64().unwrap();
     assert!(sent > 0 && sent < 40 << 20, "{synced}");
-    follow.checkpoint_after(0).unwrap();
-    let seen_at = now_ms();
-    let seen = last_tick(&primary.console("dboot")).unwrap();
-    follow.checkpoint_after(seen_at).unwrap();
-    let killed = Instant::now();
-    primary.kill_hard();
-    drop(follow);
-    let ms = backup
-        .wait_failover("dboot", killed, Duration::from_secs(30))
-        .unwrap();
-    let text = backup
-        .wait_console(
-            "dboot",
-            Duration::from_secs(30),
-            "ticks after failover",
-            |c| ticks(c).len() >= 3,
-        )
-        .unwrap();
-    let got = ticks(&text);
-    assert!(
-        got[0] >= seen,
-        "resumed at tick {} < acknowledged {seen}",
-        got[0]
-    );
-    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    let ms = kill_after_acked_tick(&mut primary, &backup, follow, "dboot");
     eprintln!(
         "boot-from-disk VM on qcow2: failover in {ms} ms, {} bytes synced",
         sent
@@ -248,33 +258,9 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
         "QEMU started with OVMF: {qemu_log}"
     );
 
-    let mut follow = ProtectFollower::start(&primary, "uefi", &listen, &["-i", "100"])
+    let follow = ProtectFollower::start(&primary, "uefi", &listen, &["-i", "100"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
-    follow.checkpoint_after(0).unwrap();
-    let seen_at = now_ms();
-    let seen = last_tick(&primary.console("uefi")).unwrap();
-    follow.checkpoint_after(seen_at).unwrap();
-    let killed = Instant::now();
-    primary.kill_hard();
-    drop(follow);
-    let ms = backup
-        .wait_failover("uefi", killed, Duration::from_secs(30))
-        .unwrap();
-    let text = backup
-        .wait_console(
-            "uefi",
-            Duration::from_secs(30),
-            "ticks after failover",
-            |c| ticks(c).len() >= 3,
-        )
-        .unwrap();
-    let got = ticks(&text);
-    assert!(
-        got[0] >= seen,
-        "resumed at tick {} < acknowledged {seen}",
-        got[0]
-    );
-    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    let ms = kill_after_acked_tick(&mut primary, &backup, follow, "uefi");
     eprintln!("UEFI boot from disk: failover in {ms} ms");
     let out = backup.cli(&["destroy", "uefi"]);
     assert!(out.ok, "{}", out.stderr);

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, run_ok, ticks,
+    write_key,
 };
 
 /// Where diskload starts on its disk, and its record size.
@@ -60,24 +61,6 @@ fn marked_chunks(map: &Path) -> Vec<u64> {
         }
     }
     out
-}
-
-fn run_ok(prog: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}\n{text}",
-        out.status
-    );
-    text
 }
 
 fn bins() -> Binaries {

@@ -607,6 +607,49 @@ impl Drop for ProtectFollower {
     }
 }
 
+/// Two hosts on this machine for disk tests: a shared key, the primary's
+/// image directory, and the backup's own directory, which its agent sees
+/// at the primary's path (a mount namespace of its own), as a second host
+/// would. The backup listens on a free loopback port.
+pub struct DiskHosts {
+    pub pdir: tempfile::TempDir,
+    pub bdir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub listen: String,
+    _keydir: tempfile::TempDir,
+}
+
+impl DiskHosts {
+    pub fn new() -> Result<DiskHosts> {
+        let keydir = tempfile::tempdir()?;
+        let key = write_key(keydir.path());
+        Ok(DiskHosts {
+            pdir: tempfile::tempdir_in("/tmp")?,
+            bdir: tempfile::tempdir_in("/tmp")?,
+            key,
+            listen: format!("127.0.0.1:{}", free_port()),
+            _keydir: keydir,
+        })
+    }
+
+    /// The backup agent (listening, seeing `bdir` at `pdir`'s path).
+    pub fn backup(&self, bins: &Binaries) -> Result<Agent> {
+        let key = self.key.to_str().context("key path")?;
+        Agent::start_seeing(
+            bins,
+            self.pdir.path(),
+            self.bdir.path(),
+            &["--listen", &self.listen, "--key", key],
+        )
+    }
+
+    /// The primary agent.
+    pub fn primary(&self, bins: &Binaries) -> Result<Agent> {
+        let key = self.key.to_str().context("key path")?;
+        Agent::start(bins, None, &["--key", key])
+    }
+}
+
 /// Runs `prog` with `args` and returns its stdout and stderr; panics with
 /// both when it fails (a tool a test relies on: qemu-img, mkfs, e2fsck).
 pub fn run_ok<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {

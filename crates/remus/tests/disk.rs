@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, write_key,
+    Agent, Binaries, DiskHosts, GuestImage, ProtectFollower, free_port, last_tick, write_key,
 };
 
 fn bins() -> Binaries {
@@ -67,12 +67,10 @@ fn boot(agent: &Agent, name: &str, img: &GuestImage, disks: &str) {
 #[test]
 fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     let img = GuestImage::find().expect("guest image");
-    let kd = tempfile::tempdir().unwrap();
-    let key = write_key(kd.path());
     // The primary's images; the backup sees its own directory at the same
     // path, as a second host would.
-    let pdir = tempfile::tempdir_in("/tmp").unwrap();
-    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let hosts = DiskHosts::new().unwrap();
+    let (pdir, bdir, listen) = (&hosts.pdir, &hosts.bdir, &hosts.listen);
 
     // vda: 16 MiB of data except chunks 10..20, which are zero.
     let mut a = pattern(1, 256 * CHUNK);
@@ -93,16 +91,10 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     let vdb = pdir.path().join("vdb.img");
     std::fs::write(&vdb, &c).unwrap();
 
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let backup = Agent::start_seeing(
-        &bins(),
-        pdir.path(),
-        bdir.path(),
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
-    )
-    .expect("backup agent in its own mount namespace");
-    let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let backup = hosts
+        .backup(&bins())
+        .expect("backup agent in its own mount namespace");
+    let primary = hosts.primary(&bins()).unwrap();
     boot(
         &primary,
         "sync",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use remus_testbed::bootdisk::make_boot_disk;
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+    Agent, Binaries, DiskHosts, GuestImage, ProtectFollower, last_tick, now_ms, ticks,
 };
 
 fn bins() -> Binaries {
@@ -78,10 +78,8 @@ fn kill_after_acked_tick(
 #[test]
 fn qcow2_boot_disk_is_protected_and_fails_over() {
     let img = GuestImage::find().expect("guest image");
-    let kd = tempfile::tempdir().unwrap();
-    let key = write_key(kd.path());
-    let pdir = tempfile::tempdir_in("/tmp").unwrap();
-    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let hosts = DiskHosts::new().unwrap();
+    let (pdir, bdir, listen) = (&hosts.pdir, &hosts.bdir, &hosts.listen);
     // The boot disk: raw first, then converted to qcow2 (zeroes become
     // unallocated clusters). The command line is on the disk.
     let raw = pdir.path().join("boot.raw");
@@ -128,16 +126,10 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
         vdc.display()
     );
 
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let backup = Agent::start_seeing(
-        &bins(),
-        pdir.path(),
-        bdir.path(),
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
-    )
-    .expect("backup agent in its own mount namespace");
-    let mut primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let backup = hosts
+        .backup(&bins())
+        .expect("backup agent in its own mount namespace");
+    let mut primary = hosts.primary(&bins()).unwrap();
     let cfg = primary.write_file(
         "vm.toml",
         &GuestImage::disk_boot_config("dboot", &disk, "qcow2", &more),
@@ -155,7 +147,7 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
         "booted through the disk's boot loader: {console}"
     );
 
-    let mut follow = ProtectFollower::start(&primary, "dboot", &listen, &["-i", "100"])
+    let mut follow = ProtectFollower::start(&primary, "dboot", listen, &["-i", "100"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
     let synced = follow
         .event("disk_synced")
@@ -215,10 +207,8 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
 #[test]
 fn uefi_boot_disk_is_protected_and_fails_over() {
     let img = GuestImage::find().expect("guest image");
-    let kd = tempfile::tempdir().unwrap();
-    let key = write_key(kd.path());
-    let pdir = tempfile::tempdir_in("/tmp").unwrap();
-    let bdir = tempfile::tempdir_in("/tmp").unwrap();
+    let hosts = DiskHosts::new().unwrap();
+    let (pdir, listen) = (&hosts.pdir, &hosts.listen);
     let disk = pdir.path().join("uefi.raw");
     make_boot_disk(
         &img,
@@ -228,16 +218,10 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
         "console=ttyS0 quiet remus.workload=tick",
     )
     .expect("boot disk");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let backup = Agent::start_seeing(
-        &bins(),
-        pdir.path(),
-        bdir.path(),
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
-    )
-    .expect("backup agent in its own mount namespace");
-    let mut primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let backup = hosts
+        .backup(&bins())
+        .expect("backup agent in its own mount namespace");
+    let mut primary = hosts.primary(&bins()).unwrap();
     let cfg = primary.write_file(
         "vm.toml",
         &GuestImage::disk_boot_config("uefi", &disk, "raw", "firmware = \"uefi\"\n"),
@@ -258,7 +242,7 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
         "QEMU started with OVMF: {qemu_log}"
     );
 
-    let follow = ProtectFollower::start(&primary, "uefi", &listen, &["-i", "100"])
+    let follow = ProtectFollower::start(&primary, "uefi", listen, &["-i", "100"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
     let ms = kill_after_acked_tick(&mut primary, &backup, follow, "uefi");
     eprintln!("UEFI boot from disk: failover in {ms} ms");

@@ -103,7 +103,7 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     );
 
     // Uncompressed (`-u`), as `xl remus -u`: pages and device state go raw.
-    let mut follow = ProtectFollower::start(&primary, "sync", &listen, &["-i", "100", "-u"])
+    let mut follow = ProtectFollower::start(&primary, "sync", listen, &["-i", "100", "-u"])
         .unwrap_or_else(|e| panic!("{e}\n{}", backup.log_text()));
     let ev = follow
         .event("disk_synced")

@@ -264,11 +264,7 @@ impl Arbiter {
             let key = key.clone();
             async move { c.get(key, None).await }
         })?;
-        Ok(resp.kvs().first().map(|kv| Holder {
-            host: String::from_utf8_lossy(kv.value()).into_owned(),
-            lease: kv.lease(),
-            revision: kv.create_revision(),
-        }))
+        Ok(resp.kvs().first().map(Holder::of))
     }
 
     /// Takes `vm`'s key with a new lease of `ttl` (whole seconds, at least
@@ -291,10 +287,7 @@ impl Arbiter {
         let revision = match self.take(vm, id) {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.call(
-                    "lease revoke",
-                    |mut c| async move { c.lease_revoke(id).await },
-                );
+                let _ = self.revoke(id);
                 return Err(e);
             }
         };
@@ -312,16 +305,13 @@ impl Arbiter {
     /// Pins `vm`'s key to this host without a lease: the VM runs here
     /// unprotected and nobody may take it over by waiting (the key never
     /// expires). Succeeds if the key is this host's (under any lease) or
-    /// absent; then revokes lease `revoke`, if given. Returns the revision of the
-    /// write.
+    /// absent; then revokes lease `revoke`, if given. Returns the revision
+    /// of the write.
     pub fn pin(&self, vm: &str, revoke: Option<i64>) -> Result<i64, ArbiterError> {
         let revision = self.take(vm, 0)?;
         if let Some(id) = revoke {
             // The key no longer uses it; a failed revoke only lets it lapse.
-            let _ = self.call(
-                "lease revoke",
-                |mut c| async move { c.lease_revoke(id).await },
-            );
+            let _ = self.revoke(id);
         }
         tracing::info!(vm, revision, host = %self.host, "pinned the VM's arbiter key to this host (runs unprotected)");
         Ok(revision)
@@ -360,13 +350,13 @@ impl Arbiter {
     /// is absent or already this host's. Returns the write's revision.
     fn take(&self, vm: &str, lease: i64) -> Result<i64, ArbiterError> {
         let key = self.cfg.runner_key(vm);
-        // Two tries: absent, then ours as last seen. A key that changes
-        // between them is contended: report who has it now.
-        let mut seen: Option<(Holder, i64)> = None;
+        // Absent, or ours at the mod revision last seen. A key that keeps
+        // changing between tries is contended: give up after three.
+        let mut ours_at: Option<i64> = None;
         for _ in 0..3 {
-            let cond = match &seen {
+            let cond = match ours_at {
                 None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Some((_, modrev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *modrev),
+                Some(modrev) => Compare::mod_revision(key.clone(), CompareOp::Equal, modrev),
             };
             let host = self.host.clone();
             let resp = self.call("take the VM's key", |mut c| {
@@ -394,7 +384,7 @@ impl Arbiter {
                 return Ok(revision);
             }
             match now {
-                Some((h, modrev)) if h.host == self.host => seen = Some((h, modrev)),
+                Some((h, modrev)) if h.host == self.host => ours_at = Some(modrev),
                 Some((h, _)) => {
                     return Err(ArbiterError::HeldByOther {
                         vm: vm.to_string(),
@@ -404,7 +394,7 @@ impl Arbiter {
                     });
                 }
                 // Gone since we looked: try "absent" again.
-                None => seen = None,
+                None => ours_at = None,
             }
         }
         Err(ArbiterError::Runtime(format!(
@@ -455,28 +445,38 @@ impl Arbiter {
     /// Gives the key up at once (orderly stop or handover).
     pub fn release(&self, lease: Lease) -> Result<(), ArbiterError> {
         let id = lease.id;
+        self.revoke(id)?;
+        tracing::info!(vm = %lease.vm, lease = format!("{id:x}"), "released the VM's arbiter key");
+        Ok(())
+    }
+
+    /// Revokes lease `id` (its keys go with it).
+    fn revoke(&self, id: i64) -> Result<(), ArbiterError> {
         self.call(
             "lease revoke",
             |mut c| async move { c.lease_revoke(id).await },
-        )?;
-        tracing::info!(vm = %lease.vm, lease = format!("{id:x}"), "released the VM's arbiter key");
-        Ok(())
+        )
+        .map(|_| ())
+    }
+}
+
+impl Holder {
+    fn of(kv: &etcd_client::KeyValue) -> Holder {
+        Holder {
+            host: String::from_utf8_lossy(kv.value()).into_owned(),
+            lease: kv.lease(),
+            revision: kv.create_revision(),
+        }
     }
 }
 
 /// The holder a transaction's `get` found, with the key's mod revision.
 fn holder_of(resp: &etcd_client::TxnResponse) -> Option<(Holder, i64)> {
     resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-            (
-                Holder {
-                    host: String::from_utf8_lossy(kv.value()).into_owned(),
-                    lease: kv.lease(),
-                    revision: kv.create_revision(),
-                },
-                kv.mod_revision(),
-            )
-        }),
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .first()
+            .map(|kv| (Holder::of(kv), kv.mod_revision())),
         _ => None,
     })
 }

@@ -133,6 +133,16 @@ impl VmSlot {
     pub fn release_console(&self) {
         self.console_attached.store(false, Ordering::SeqCst);
     }
+    /// Sends the output a protection session left held, once the VM is
+    /// neither protected nor fenced (both the end of a session and the
+    /// lifting of a fence call this; whichever comes last releases it).
+    pub fn release_held_output(&self) {
+        if self.protected_to().is_none() && !self.vm.is_fenced() {
+            for n in self.vm.output_commits() {
+                n.go_live();
+            }
+        }
+    }
     pub fn arbiter_guard(&self) -> Option<Arc<crate::arbiter::Guard>> {
         lock(&self.arbiter).clone()
     }

@@ -295,58 +295,57 @@ impl Guard {
                     Err(e) => self.failed(&e),
                 }
             }
-            // Renew, or after a lapse take the key again (nobody else did).
-            let r = match lease.as_mut() {
-                Some(l) => a.arb.renew(l, a.margin).map(|at| (at, l.revision)),
-                None => Err(ArbiterError::Expired {
-                    vm: self.vm.clone(),
-                    lease: 0,
-                }),
-            };
-            match r {
-                Ok((at, revision)) => {
-                    {
-                        let mut st = lock(&self.state);
-                        st.fence_at = Some(at);
-                        st.error = None;
-                        self.cv.notify_all();
-                    }
-                    if slot.vm.is_fenced() {
-                        self.lift_fence(&slot, revision, "the lease was renewed");
-                    }
-                }
-                Err(ArbiterError::Expired { .. }) => {
-                    if lease.take().is_some() {
-                        tracing::error!(vm = %self.vm, "arbiter: this host's lease has lapsed; taking the key again unless another host has");
-                    }
-                    match a.arb.acquire(&self.vm, a.ttl, a.margin) {
-                        Ok(l) => {
-                            let (revision, at, id) = (l.revision, l.fence_at(), l.id);
-                            lease = Some(l);
-                            {
-                                let mut st = lock(&self.state);
-                                st.revision = revision;
-                                st.lease = Some(id);
-                                st.fence_at = Some(at);
-                                st.error = None;
-                                self.cv.notify_all();
-                            }
-                            self.lift_fence(
-                                &slot,
-                                revision,
-                                "the key was taken again on a new lease",
-                            );
+            // Renew; after a lapse, take the key again (if nobody else did).
+            let lapsed = match lease.as_mut() {
+                Some(l) => match a.arb.renew(l, a.margin) {
+                    Ok(_) => {
+                        self.leased(l);
+                        if slot.vm.is_fenced() {
+                            self.lift_fence(&slot, l.revision, "the lease was renewed");
                         }
-                        Err(ArbiterError::HeldByOther {
-                            holder, revision, ..
-                        }) => return self.go_stale(&slot, holder, revision),
-                        Err(e) => self.failed(&e),
+                        false
                     }
+                    Err(ArbiterError::Expired { .. }) => true,
+                    Err(e) => {
+                        self.failed(&e);
+                        false
+                    }
+                },
+                None => true,
+            };
+            if lapsed {
+                if lease.take().is_some() {
+                    tracing::error!(vm = %self.vm, "arbiter: this host's lease has lapsed; taking the key again unless another host has");
                 }
-                Err(e) => self.failed(&e),
+                match a.arb.acquire(&self.vm, a.ttl, a.margin) {
+                    Ok(l) => {
+                        self.leased(&l);
+                        self.lift_fence(
+                            &slot,
+                            l.revision,
+                            "the key was taken again on a new lease",
+                        );
+                        lease = Some(l);
+                    }
+                    Err(ArbiterError::HeldByOther {
+                        holder, revision, ..
+                    }) => return self.go_stale(&slot, holder, revision),
+                    Err(e) => self.failed(&e),
+                }
             }
             next = Instant::now() + a.renew_every();
         }
+    }
+
+    /// A renewed or newly taken lease: its tenure and fence deadline
+    /// (the fencer wakes to the new deadline).
+    fn leased(&self, l: &Lease) {
+        let mut st = lock(&self.state);
+        st.revision = l.revision;
+        st.lease = Some(l.id);
+        st.fence_at = Some(l.fence_at());
+        st.error = None;
+        self.cv.notify_all();
     }
 
     /// Pauses the VM when the fence deadline passes without a renewal.
@@ -417,11 +416,7 @@ impl Guard {
             Ok(()) => {
                 // Output a session left held while fenced (see protect's
                 // end) is this VM's own history: it goes out now.
-                if slot.protected_to().is_none() {
-                    for n in slot.vm.output_commits() {
-                        n.go_live();
-                    }
-                }
+                slot.release_held_output();
                 let msg = format!("fence lifted: {why} (revision {revision}); the VM runs again");
                 tracing::warn!(vm = %self.vm, revision, "{msg}");
                 self.publish(slot, "leased", &msg);

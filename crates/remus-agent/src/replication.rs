@@ -160,15 +160,18 @@ pub fn start_protect(
     // key is pinned to this host.
     let mut pin_on_error = PinOnDrop(guard.clone());
     let arbiter_setup = match (&guard, &agent.opts.arbiter) {
-        (Some(g), Some(arb)) => Some(ArbiterSetup {
-            cluster_id: arb
-                .arb
-                .cluster_id()
-                .map_err(|e| AgentError::Conflict(format!("the arbiter: {e}")))?,
-            prefix: arb.arb.config().prefix.clone(),
-            lease: g.info().lease.unwrap_or_default(),
-            revision: g.info().revision,
-        }),
+        (Some(g), Some(arb)) => {
+            let held = g.info();
+            Some(ArbiterSetup {
+                cluster_id: arb
+                    .arb
+                    .cluster_id()
+                    .map_err(|e| AgentError::Conflict(format!("the arbiter: {e}")))?,
+                prefix: arb.arb.config().prefix.clone(),
+                lease: held.lease.unwrap_or_default(),
+                revision: held.revision,
+            })
+        }
         _ => None,
     };
     let (stream, version) = open_session(
@@ -234,11 +237,7 @@ pub fn start_protect(
             // Output the session left held (it ended while fenced) goes
             // out once the fence is lifted: here if it already is, else
             // by the arbiter's keeper when it lifts it.
-            if !slot2.vm.is_fenced() {
-                for n in slot2.vm.output_commits() {
-                    n.go_live();
-                }
-            }
+            slot2.release_held_output();
             match end {
                 Ok(ProtectEnd::Stopped) => {
                     tracing::info!(vm = %vm_name, "protection stopped by the operator");
@@ -598,11 +597,7 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
     // visible blocks, so a raw image here may back a qcow2 one there.
     for d in cfg.disks.iter_mut() {
         if d.path.exists() {
-            let here = if remus_config::image_is_qcow2(&d.path) {
-                remus_config::DiskFormat::Qcow2
-            } else {
-                remus_config::DiskFormat::Raw
-            };
+            let here = remus_config::DiskFormat::of_image(&d.path);
             if here != d.format {
                 tracing::info!(vm = %cfg.name, disk = %d.target, here = here.as_str(), primary = d.format.as_str(), "this host's image has another format than the primary's; using it as it is");
                 d.format = here;

@@ -242,6 +242,22 @@ impl DiskFormat {
             DiskFormat::Qcow2 => "qcow2",
         }
     }
+
+    /// The format of the image at `path`, from its header: qcow2 when it
+    /// starts with qcow2's magic (`QFI\xfb`), raw otherwise.
+    pub fn of_image(path: &Path) -> DiskFormat {
+        use std::io::Read;
+        let mut h = [0u8; 4];
+        let qcow2 = std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut h))
+            .is_ok()
+            && &h == b"QFI\xfb";
+        if qcow2 {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        }
+    }
 }
 
 /// One virtual NIC.
@@ -527,13 +543,12 @@ impl VmConfig {
             file(&field, &d.path)?;
             // A qcow2 image handed to the guest as raw would be destroyed
             // by its first write; a raw one read as qcow2 fails to open.
-            let qcow2 = image_is_qcow2(&d.path);
             let (path, t) = (d.path.display(), &d.target);
-            let problem = match (d.format, qcow2) {
-                (DiskFormat::Raw, true) => Some(format!(
+            let problem = match (d.format, DiskFormat::of_image(&d.path)) {
+                (DiskFormat::Raw, DiskFormat::Qcow2) => Some(format!(
                     "{path} is a qcow2 image: say format = \"qcow2\" for disk {t}"
                 )),
-                (DiskFormat::Qcow2, false) => Some(format!(
+                (DiskFormat::Qcow2, DiskFormat::Raw) => Some(format!(
                     "{path} is not a qcow2 image (format = \"qcow2\" for disk {t})"
                 )),
                 _ => None,
@@ -559,16 +574,6 @@ impl VmConfig {
         d.sort_by(|a, b| a.target.cmp(&b.target));
         d
     }
-}
-
-/// Whether the file at `path` starts with qcow2's magic (`QFI\xfb`).
-pub fn image_is_qcow2(path: &Path) -> bool {
-    use std::io::Read;
-    let mut h = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut h))
-        .is_ok()
-        && &h == b"QFI\xfb"
 }
 
 /// Checks a VM name: 1–64 characters from `[A-Za-z0-9_.-]`, not starting

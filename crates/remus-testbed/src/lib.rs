@@ -607,10 +607,10 @@ impl Drop for ProtectFollower {
     }
 }
 
-/// Two hosts on this machine for disk tests: a shared key, the primary's
-/// image directory, and the backup's own directory, which its agent sees
-/// at the primary's path (a mount namespace of its own), as a second host
-/// would. The backup listens on a free loopback port.
+/// Two hosts on this machine for disk tests and benches: a shared key,
+/// the primary's image directory, and the backup's own directory, which
+/// its agent sees at the primary's path (a mount namespace of its own),
+/// as a second host would. The backup listens on a free loopback port.
 pub struct DiskHosts {
     pub pdir: tempfile::TempDir,
     pub bdir: tempfile::TempDir,

@@ -58,8 +58,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, Netns, ProtectFollower, SeqClient, free_port, last_tick,
-    now_ms, workspace_root, write_key,
+    Agent, Binaries, DiskHosts, GuestImage, Lan, Netns, ProtectFollower, SeqClient, free_port,
+    last_tick, now_ms, workspace_root, write_key,
 };
 
 mod suite;
@@ -399,21 +399,17 @@ fn dirty_rates(console: &str) -> Vec<u64> {
 
 fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Result<CaseResult> {
     let (interval_ms, workload) = (spec.interval_ms, spec.workload);
-    let keydir = tempfile::tempdir()?;
-    let key = write_key(keydir.path());
-    let key_s = key.to_str().context("key path")?;
-    let port = free_port();
-    let peer = format!("127.0.0.1:{port}");
-    // A disk-booted VM: the backup sees a directory of its own at the
-    // primary's image directory (as a second host would).
-    let dirs = (tempfile::tempdir_in("/tmp")?, tempfile::tempdir_in("/tmp")?);
-    let backup_args = ["--listen", &peer, "--key", key_s];
+    let hosts = DiskHosts::new()?;
+    let key_s = hosts.key.to_str().context("key path")?;
+    let peer = hosts.listen.clone();
     let backup = match &spec.disk_boot {
-        Some(_) => Agent::start_seeing(bins, dirs.0.path(), dirs.1.path(), &backup_args),
-        None => Agent::start(bins, None, &backup_args),
+        // A disk-booted VM: the backup sees a directory of its own at the
+        // primary's image directory (as a second host would).
+        Some(_) => hosts.backup(bins),
+        None => Agent::start(bins, None, &["--listen", &peer, "--key", key_s]),
     }
     .context("start backup agent")?;
-    let primary = Agent::start(bins, None, &["--key", key_s]).context("start primary agent")?;
+    let primary = hosts.primary(bins).context("start primary agent")?;
     let vm = format!(
         "bench-i{interval_ms}-{}",
         match (workload, &spec.disk_boot) {
@@ -424,7 +420,7 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
     );
     let cfg = match &spec.disk_boot {
         Some(base) => {
-            let overlay = dirs.0.path().join("vda.qcow2");
+            let overlay = hosts.pdir.path().join("vda.qcow2");
             let out = Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
                 .arg(base)
@@ -1203,28 +1199,16 @@ fn measure_disk(
 
 fn run_disk(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<DiskRun> {
     // Declared first, dropped last: after the agents.
-    let pdir = tempfile::Builder::new()
-        .prefix("remus-bench-disk")
-        .tempdir_in("/tmp")?;
-    let bdir = tempfile::Builder::new()
-        .prefix("remus-bench-backup")
-        .tempdir_in("/tmp")?;
-    let keydir = tempfile::tempdir()?;
-    let key = write_key(keydir.path());
-    let key_s = key.to_str().context("key path")?;
-    let vda = pdir.path().join("vda.img");
+    let hosts = DiskHosts::new()?;
+    let vda = hosts.pdir.path().join("vda.img");
     std::fs::File::create(&vda)
         .and_then(|f| f.set_len(DISK_MIB << 20))
         .with_context(|| format!("create {}", vda.display()))?;
-    let peer = format!("127.0.0.1:{}", free_port());
-    let backup = Agent::start_seeing(
-        bins,
-        pdir.path(),
-        bdir.path(),
-        &["--listen", &peer, "--key", key_s],
-    )
-    .context("start backup agent (in a mount namespace of its own: needs root and unshare)")?;
-    let primary = Agent::start(bins, None, &["--key", key_s]).context("start primary agent")?;
+    let peer = hosts.listen.clone();
+    let backup = hosts
+        .backup(bins)
+        .context("start backup agent (in a mount namespace of its own: needs root and unshare)")?;
+    let primary = hosts.primary(bins).context("start primary agent")?;
     let vm = "bench-disk";
     let disk_toml = format!("[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n", vda.display());
     let cfg = primary.write_file("vm.toml", &img.config(vm, DISK_WORKLOAD, &disk_toml));

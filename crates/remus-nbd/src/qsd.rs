@@ -118,15 +118,6 @@ impl StorageDaemon {
         self.child.id()
     }
 
-    /// Whether the daemon still runs (None), or how it ended.
-    pub fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(s)) => Some(format!("{s}: {}", self.log_tail())),
-            Ok(None) => None,
-            Err(e) => Some(e.to_string()),
-        }
-    }
-
     fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();

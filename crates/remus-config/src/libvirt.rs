@@ -178,14 +178,14 @@ pub fn from_libvirt_xml(xml: &str, base_dir: &Path) -> Result<Converted, Libvirt
                         tdev.to_string()
                     } else {
                         loop {
+                            if next_vd > b'z' {
+                                refused.push("more than 26 disks".into());
+                                break String::new();
+                            }
                             let cand = format!("vd{}", next_vd as char);
                             next_vd += 1;
                             if !used_targets.contains(&cand) && !is_taken_later(devices, &cand) {
                                 break cand;
-                            }
-                            if next_vd > b'z' {
-                                refused.push("more than 26 disks".into());
-                                break String::new();
                             }
                         }
                     };

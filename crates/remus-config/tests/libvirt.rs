@@ -262,3 +262,27 @@ fn not_a_domain_is_a_parse_error() {
         assert!(e.contains(want), "{xml}: {e}");
     }
 }
+
+#[test]
+fn more_disks_than_virtio_names_are_refused_by_count() {
+    let disks: String = (0..27)
+        .map(|i| {
+            format!(
+                "<disk type='file' device='disk'><source file='/d{i}.img'/><target dev='sd{i}' bus='sata'/></disk>"
+            )
+        })
+        .collect();
+    let xml = format!(
+        "<domain><name>many</name><memory unit='MiB'>256</memory><os><type machine='q35'>hvm</type></os><devices>{disks}</devices></domain>"
+    );
+    match from_libvirt_xml(&xml, Path::new("/")) {
+        Err(LibvirtError::Unsupported(items)) => {
+            assert_eq!(items, vec!["more than 26 disks".to_string()], "{items:?}")
+        }
+        other => panic!("27 disks must be refused by count: {other:?}"),
+    }
+    // 26 fit: vda..vdz.
+    let xml = xml.replace("<disk type='file' device='disk'><source file='/d26.img'/><target dev='sd26' bus='sata'/></disk>", "");
+    let c = from_libvirt_xml(&xml, Path::new("/")).unwrap();
+    assert_eq!(c.config.disks.last().unwrap().target, "vdz");
+}

@@ -11,12 +11,11 @@
 //! left as it is).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use remus_testbed::bootdisk::make_boot_disk;
 use remus_testbed::{
-    Agent, Binaries, DiskHosts, GuestImage, ProtectFollower, last_tick, now_ms, ticks,
+    Agent, Binaries, DiskHosts, GuestImage, ProtectFollower, last_tick, now_ms, run_ok, ticks,
 };
 
 fn bins() -> Binaries {
@@ -24,21 +23,6 @@ fn bins() -> Binaries {
         remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
         remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
     }
-}
-
-fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Once a checkpoint taken after the guest's last seen tick is
@@ -92,14 +76,16 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     )
     .expect("boot disk");
     let disk = pdir.path().join("boot.qcow2");
-    let (ok, out) = qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        disk.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
     std::fs::remove_file(&raw).unwrap();
 
     // vdb: raw here with data, an empty qcow2 of the same size there.
@@ -107,15 +93,17 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     let data: Vec<u8> = (0..(8usize << 20)).map(|i| (i % 253) as u8 | 1).collect();
     std::fs::write(&vdb, &data).unwrap();
     let theirs_vdb = bdir.path().join("data.img");
-    let (ok, out) = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        theirs_vdb.to_str().unwrap(),
-        "8M",
-    ]);
-    assert!(ok, "{out}");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            theirs_vdb.to_str().unwrap(),
+            "8M",
+        ],
+    );
     // vdc: not replicated; each host has its own file.
     let vdc = pdir.path().join("shared.img");
     std::fs::write(&vdc, vec![b'p'; 1 << 20]).unwrap();
@@ -168,31 +156,32 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     // guest-visible bytes as the primary's (the guest wrote nothing).
     let theirs = bdir.path().join("boot.qcow2");
     let t = theirs.to_str().unwrap();
-    let (ok, info) = qemu_img(&["info", "--output=json", t]);
-    assert!(ok && info.contains("\"format\": \"qcow2\""), "{info}");
+    let info = run_ok("qemu-img", &["info", "--output=json", t]);
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["virtual-size"], 128u64 << 20, "{info}");
     assert!(
         v["actual-size"].as_u64().unwrap() < 48 << 20,
         "the backup's copy is not sparse: {info}"
     );
-    let (ok, out) = qemu_img(&["check", t]);
-    assert!(ok, "{out}");
-    let (ok, out) = qemu_img(&["compare", disk.to_str().unwrap(), t]);
-    assert!(ok, "contents differ: {out}");
+    run_ok("qemu-img", &["check", t]);
+    // compare fails on the first byte that differs.
+    run_ok("qemu-img", &["compare", disk.to_str().unwrap(), t]);
     // vdb: still qcow2 on the backup, with the primary's raw contents.
-    let (ok, info) = qemu_img(&["info", theirs_vdb.to_str().unwrap()]);
-    assert!(ok && info.contains("qcow2"), "{info}");
-    let (ok, out) = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        vdb.to_str().unwrap(),
-        theirs_vdb.to_str().unwrap(),
-    ]);
-    assert!(ok, "vdb differs between the hosts: {out}");
+    let info = run_ok("qemu-img", &["info", theirs_vdb.to_str().unwrap()]);
+    assert!(info.contains("qcow2"), "{info}");
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            vdb.to_str().unwrap(),
+            theirs_vdb.to_str().unwrap(),
+        ],
+    );
     // vdc: not replicated, so the backup's file is its own.
     assert_eq!(
         std::fs::read(bdir.path().join("shared.img")).unwrap(),

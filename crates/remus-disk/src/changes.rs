@@ -136,6 +136,40 @@ impl ChangeMap {
         Ok(())
     }
 
+    /// Clears the given chunks (no sync: after a crash a cleared bit may
+    /// come back, which over-marks, never misses). Numbers beyond the
+    /// disk are ignored.
+    pub fn unmark(&self, chunks: &[u64]) -> io::Result<()> {
+        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for &i in chunks {
+            let byte = (i / 8) as usize;
+            if byte >= bits.len() {
+                continue;
+            }
+            bits[byte] &= !(1u8 << (i % 8));
+            lo = lo.min(byte);
+            hi = hi.max(byte);
+        }
+        if lo <= hi {
+            self.file
+                .write_all_at(&bits[lo..=hi], HEADER_LEN + lo as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Whether chunk `i` is marked.
+    pub fn is_marked(&self, i: u64) -> bool {
+        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        bits.get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// The disk size the map was made for.
+    pub fn disk_size(&self) -> u64 {
+        self.size
+    }
+
     /// Numbers of the marked chunks, ascending.
     pub fn marked_chunks(&self) -> Vec<u64> {
         let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
@@ -181,6 +215,20 @@ mod tests {
         assert_eq!(&raw[..8], b"RMSCHG01");
         assert_eq!(raw[HEADER_LEN as usize], 0b11);
         assert_eq!(raw[HEADER_LEN as usize + 1], 0b100);
+    }
+
+    #[test]
+    fn unmarked_chunks_are_clear_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let m = ChangeMap::open(&p, 64 * 4096, 4096).unwrap();
+        m.mark(0, 20 * 4096).unwrap();
+        m.unmark(&[3, 9, 10, 999]).unwrap();
+        assert!(!m.is_marked(3) && m.is_marked(4));
+        drop(m);
+        let m = ChangeMap::open(&p, 64 * 4096, 4096).unwrap();
+        assert_eq!(m.count(), 17);
+        assert!(!m.is_marked(9) && !m.is_marked(10) && m.is_marked(19));
     }
 
     #[test]

@@ -69,16 +69,14 @@ impl Journal {
     }
 
     /// Queues a guest operation on replicated disk `disk`, tagged with the
-    /// current epoch; waits while the queue is full. Returns false (and
-    /// queues nothing) once the journal is closed.
-    pub fn push(&self, disk: u16, op: DiskOp) -> bool {
+    /// current epoch; waits while the queue is full. Returns the epoch it
+    /// was tagged with, or None (and queues nothing) once the journal is
+    /// closed.
+    pub fn push(&self, disk: u16, op: DiskOp) -> Option<Epoch> {
         let st = self.lock();
-        let rec = DiskRecord {
-            epoch: Epoch(st.epoch),
-            disk,
-            op,
-        };
-        self.enqueue(st, rec)
+        let epoch = Epoch(st.epoch);
+        let rec = DiskRecord { epoch, disk, op };
+        self.enqueue(st, rec).then_some(epoch)
     }
 
     /// Queues an initial-sync record (epoch 0), waiting for room like a
@@ -202,10 +200,10 @@ mod tests {
     #[test]
     fn records_carry_the_epoch_open_when_they_were_pushed() {
         let j = Journal::new(Epoch(1), 1 << 20);
-        assert!(j.push(0, write(1)));
+        assert_eq!(j.push(0, write(1)), Some(Epoch(1)));
         j.cut(Epoch(1)).unwrap();
-        assert!(j.push(1, write(2)));
-        assert!(j.push(0, DiskOp::Flush));
+        assert_eq!(j.push(1, write(2)), Some(Epoch(2)));
+        assert!(j.push(0, DiskOp::Flush).is_some());
         let got: Vec<(u64, u16)> = j.take().iter().map(|r| (r.epoch.0, r.disk)).collect();
         assert_eq!(got, vec![(1, 0), (2, 1), (2, 0)]);
         assert!(j.take().is_empty());
@@ -217,8 +215,8 @@ mod tests {
     #[test]
     fn a_full_queue_blocks_the_writer_until_taken_and_close_releases_it() {
         let j = Arc::new(Journal::new(Epoch(1), 1200));
-        assert!(j.push(0, write(1)));
-        assert!(j.push(0, write(2)));
+        assert!(j.push(0, write(1)).is_some());
+        assert!(j.push(0, write(2)).is_some());
         let j2 = j.clone();
         let writer = std::thread::spawn(move || j2.push(0, write(3)));
         // The writer waits (about 1.2 KB queued against 1.2 KB allowed)...
@@ -227,18 +225,18 @@ mod tests {
         assert!(!writer.is_finished(), "the writer waits for room");
         assert_eq!(j.take().len(), 2);
         // ...and gets through once the sender took the queue.
-        assert!(writer.join().unwrap());
+        assert!(writer.join().unwrap().is_some());
         assert_eq!(j.take().len(), 1);
 
-        assert!(j.push(0, write(4)));
-        assert!(j.push(0, write(5)));
+        assert!(j.push(0, write(4)).is_some());
+        assert!(j.push(0, write(5)).is_some());
         let j2 = j.clone();
         let writer = std::thread::spawn(move || j2.push(0, write(6)));
         std::thread::sleep(Duration::from_millis(50));
         j.close();
-        assert!(!writer.join().unwrap(), "a closed journal refuses");
+        assert!(writer.join().unwrap().is_none(), "a closed journal refuses");
         assert!(j.blocked() > Duration::ZERO);
-        assert!(!j.push(0, write(7)));
+        assert!(j.push(0, write(7)).is_none());
     }
 
     #[test]

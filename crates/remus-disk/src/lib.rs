@@ -11,6 +11,8 @@
 //!   checkpoint commits, discarded otherwise.
 //! - [`sync`]: chunk digests for the initial synchronisation.
 //! - [`changes`]: the persistent bitmap of blocks changed since failover.
+//! - [`activity`]: the primary's activity log, the extents that may hold
+//!   writes its backup has not acknowledged.
 //!
 //! # The epoch boundary
 //!
@@ -22,12 +24,14 @@
 //! those writes. [`Journal::cut`] is called right there, while the guest
 //! is stopped.
 
+pub mod activity;
 pub mod changes;
 pub mod epochs;
 pub mod journal;
 pub mod port;
 pub mod sync;
 
+pub use activity::ActivityLog;
 pub use changes::ChangeMap;
 pub use epochs::{ApplyStats, EpochBuffer};
 pub use journal::Journal;

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use remus_nbd::BlockBackend;
 use remus_proto::DiskOp;
 
+use crate::activity::ActivityLog;
 use crate::changes::ChangeMap;
 use crate::journal::Journal;
 
@@ -34,6 +35,8 @@ pub struct DiskPort {
     mode: Mutex<Mode>,
     /// Apart from the mode: reading it never waits for a write.
     changes: Mutex<Option<Arc<ChangeMap>>>,
+    /// The primary's activity log: extents marked before they are written.
+    activity: Mutex<Option<Arc<ActivityLog>>>,
 }
 
 impl std::fmt::Debug for DiskPort {
@@ -52,6 +55,7 @@ impl DiskPort {
             inner,
             mode: Mutex::new(Mode::Plain),
             changes: Mutex::new(None),
+            activity: Mutex::new(None),
         }
     }
 
@@ -81,6 +85,31 @@ impl DiskPort {
         // Taken with the mode lock so no write in progress is missed.
         let _mode = self.lock();
         *self.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
+    }
+
+    /// Stops recording changes (after a resynchronisation made both
+    /// copies equal); returns the map that was in use.
+    pub fn stop_tracking(&self) -> Option<Arc<ChangeMap>> {
+        let _mode = self.lock();
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// From now on (`Some`) every write first marks its extents in the
+    /// activity log; `None` detaches it (its file keeps its marks).
+    pub fn set_activity_log(&self, al: Option<Arc<ActivityLog>>) {
+        let _mode = self.lock();
+        *self.activity.lock().unwrap_or_else(|p| p.into_inner()) = al;
+    }
+
+    /// The activity log, while attached.
+    pub fn activity_log(&self) -> Option<Arc<ActivityLog>> {
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops journaling (change tracking, if set, goes on). Close the
@@ -118,18 +147,31 @@ impl DiskPort {
         op: impl FnOnce() -> DiskOp,
     ) -> io::Result<()> {
         let mode = self.lock();
+        let al = self.activity_log();
+        if let Some(al) = &al {
+            al.begin(offset, len)?;
+        }
         if let Some(map) = self.change_map() {
             map.mark(offset, len)?;
         }
-        local(&*self.inner)?;
-        if let Mode::Journal { journal, index } = &*mode
-            && !journal.push(*index, op())
-        {
-            // The session ended while this write waited: it is applied
-            // locally; the backup that would have received it is gone.
-            tracing::debug!(disk = %self.target, "journal closed; write kept locally only");
+        let done = local(&*self.inner);
+        let epoch = match (&*mode, &done) {
+            (Mode::Journal { journal, index }, Ok(())) => {
+                let e = journal.push(*index, op());
+                if e.is_none() {
+                    // The session ended while this write waited: it is
+                    // applied locally; the backup that would have received
+                    // it is gone (the activity log keeps its extent).
+                    tracing::debug!(disk = %self.target, "journal closed; write kept locally only");
+                }
+                e
+            }
+            _ => None,
+        };
+        if let Some(al) = &al {
+            al.end(offset, len, epoch.map(|e| e.0));
         }
-        Ok(())
+        done
     }
 }
 

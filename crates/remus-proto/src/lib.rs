@@ -41,6 +41,8 @@
 //! |    5 | Error           | code u16, message str                                             |
 //! |    6 | Heartbeat       | seq u64, sent_at_us u64 (sender's clock, µs since the Unix epoch) |
 //! |    7 | Ack             | epoch u64                                                         |
+//! |    8 | VmConfig        | JSON (the agents' session setup)                                  |
+//! |    9 | SyncPlan        | JSON (version 5: the backup's disk sync plan, before Ready)       |
 //! |   16 | CheckpointBegin | epoch u64, kind u8 (1 initial sync, 2 round, 3 checkpoint)        |
 //! |   17 | PageRun         | first_page u64, page_count u32 (≥ 1), page_count × 4096 bytes     |
 //! |   18 | DeviceState     | bytes (a chunk of QEMU's device state; chunks concatenate)        |
@@ -54,6 +56,7 @@
 //! |   34 | DiskFlush       | epoch u64, disk u16                                               |
 //! |   35 | DiskSeal        | epoch u64, records u64, bytes u64, digest `[16]`                    |
 //! |   36 | DiskDigests     | disk u16, chunk_size u32, first_chunk u64, n × digest `[16]` (n ≥ 1) |
+//! |   37 | DiskSyncRuns    | disk u16, chunk_size u32, n × (first u64, count u64 ≥ 1), ascending, disjoint |
 //!
 //! Types 32–36 exist from version 2 on (disk replication, protocol D;
 //! `docs/protocol.md` describes the flow: digests from the backup, the
@@ -194,13 +197,13 @@ pub use handshake::{
 };
 pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
-    DiskOp, DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
+    DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
     MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageDelta, PageRun,
     Purpose, write_device_state, write_page_run,
 };
 
 /// The protocol version this build speaks by preference.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The first version with disk replication (messages 32–36).
 pub const DISK_PROTOCOL_VERSION: u16 = 2;
 /// The first version with checkpoint compression (messages 22–23).
@@ -208,6 +211,9 @@ pub const COMPRESSION_PROTOCOL_VERSION: u16 = 3;
 /// The first version whose backups honour the arbiter named in the
 /// session setup (they resume only holding the VM's etcd key).
 pub const ARBITER_PROTOCOL_VERSION: u16 = 4;
+/// The first version with generations and change-based resynchronisation
+/// (messages 9 and 37): a v5 backup answers the setup with a SyncPlan.
+pub const RESYNC_PROTOCOL_VERSION: u16 = 5;
 /// The oldest version this build still accepts: the previous one, once there
 /// is one (version 0 does not exist).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

@@ -46,6 +46,9 @@ pub enum MsgType {
     /// client right after Ready so that the server can prepare the copy.
     /// Added after version 1 shipped as an additive type (no version bump).
     VmConfig = 8,
+    /// Version 5: the backup's answer to the VM config, before Ready: how
+    /// the disks will be synchronised (JSON, defined by the agents).
+    SyncPlan = 9,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -69,6 +72,9 @@ pub enum MsgType {
     /// Backup → primary at the start of a session: digests of the backup's
     /// copy of a disk, so the initial sync sends only differing chunks.
     DiskDigests = 36,
+    /// Version 5, primary → backup at the start of a session whose plan
+    /// syncs only changed chunks: which chunks the digest exchange covers.
+    DiskSyncRuns = 37,
 }
 
 impl MsgType {
@@ -85,6 +91,7 @@ impl MsgType {
             6 => Heartbeat,
             7 => Ack,
             8 => VmConfig,
+            9 => SyncPlan,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,
@@ -98,6 +105,7 @@ impl MsgType {
             34 => DiskFlush,
             35 => DiskSeal,
             36 => DiskDigests,
+            37 => DiskSyncRuns,
             _ => return None,
         })
     }
@@ -120,6 +128,7 @@ impl MsgType {
                 | DiskFlush
                 | DiskSeal
                 | DiskDigests
+                | DiskSyncRuns
         )
     }
 }
@@ -530,6 +539,16 @@ pub struct DiskDigests {
     pub digests: Vec<[u8; DIGEST_LEN]>,
 }
 
+/// The chunks of one disk a resynchronisation compares: runs of
+/// consecutive chunks, ascending and disjoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSyncRuns {
+    pub disk: u16,
+    pub chunk_size: u32,
+    /// (first chunk, number of chunks ≥ 1)
+    pub runs: Vec<(u64, u64)>,
+}
+
 /// One protocol message, one variant per [`MsgType`] (reserved types excepted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -553,6 +572,10 @@ pub enum Message {
     /// The VM's configuration and session parameters as JSON (the agents
     /// define the schema; the server validates it before preparing a copy).
     VmConfig {
+        json: String,
+    },
+    /// The backup's disk sync plan as JSON (version 5).
+    SyncPlan {
         json: String,
     },
     /// The receiver committed this epoch.
@@ -583,6 +606,7 @@ pub enum Message {
     Disk(DiskRecord),
     DiskSeal(DiskSeal),
     DiskDigests(DiskDigests),
+    DiskSyncRuns(DiskSyncRuns),
 }
 
 impl Message {
@@ -596,6 +620,7 @@ impl Message {
             Message::Heartbeat { .. } => MsgType::Heartbeat,
             Message::Ack { .. } => MsgType::Ack,
             Message::VmConfig { .. } => MsgType::VmConfig,
+            Message::SyncPlan { .. } => MsgType::SyncPlan,
             Message::CheckpointBegin { .. } => MsgType::CheckpointBegin,
             Message::PageRun(_) => MsgType::PageRun,
             Message::DeviceState { .. } => MsgType::DeviceState,
@@ -607,6 +632,7 @@ impl Message {
             Message::Disk(r) => r.msg_type(),
             Message::DiskSeal(_) => MsgType::DiskSeal,
             Message::DiskDigests(_) => MsgType::DiskDigests,
+            Message::DiskSyncRuns(_) => MsgType::DiskSyncRuns,
         }
     }
 
@@ -638,7 +664,9 @@ impl Message {
                 put_u64(&mut p, *sent_at_us);
             }
             Message::Ack { epoch } | Message::SwitchOver { epoch } => put_u64(&mut p, epoch.0),
-            Message::VmConfig { json } => p.extend_from_slice(json.as_bytes()),
+            Message::VmConfig { json } | Message::SyncPlan { json } => {
+                p.extend_from_slice(json.as_bytes())
+            }
             Message::CheckpointBegin { epoch, kind } => {
                 put_u64(&mut p, epoch.0);
                 p.push(*kind as u8);
@@ -683,6 +711,14 @@ impl Message {
                 put_u64(&mut p, d.first_chunk);
                 for x in &d.digests {
                     p.extend_from_slice(x);
+                }
+            }
+            Message::DiskSyncRuns(r) => {
+                put_u16(&mut p, r.disk);
+                put_u32(&mut p, r.chunk_size);
+                for &(first, count) in &r.runs {
+                    put_u64(&mut p, first);
+                    put_u64(&mut p, count);
                 }
             }
         }
@@ -791,11 +827,14 @@ impl Message {
             MsgType::Ack => Message::Ack {
                 epoch: Epoch(c.u64("epoch")?),
             },
-            MsgType::VmConfig => {
+            MsgType::VmConfig | MsgType::SyncPlan => {
                 let bytes = c.rest();
-                Message::VmConfig {
-                    json: String::from_utf8(bytes.to_vec())
-                        .map_err(|_| c.bad("json is not UTF-8".to_string()))?,
+                let json = String::from_utf8(bytes.to_vec())
+                    .map_err(|_| c.bad("json is not UTF-8".to_string()))?;
+                if t == MsgType::VmConfig {
+                    Message::VmConfig { json }
+                } else {
+                    Message::SyncPlan { json }
                 }
             }
             MsgType::SwitchOver => Message::SwitchOver {
@@ -983,6 +1022,35 @@ impl Message {
                     chunk_size,
                     first_chunk,
                     digests,
+                })
+            }
+            MsgType::DiskSyncRuns => {
+                let disk = c.u16("disk")?;
+                let chunk_size = c.u32("chunk_size")?;
+                if chunk_size == 0 {
+                    return Err(c.bad("chunk_size is 0".into()));
+                }
+                let rest = c.rest();
+                if rest.len() % 16 != 0 {
+                    return Err(c.bad(format!("{} run bytes is not a multiple of 16", rest.len())));
+                }
+                let mut runs = Vec::with_capacity(rest.len() / 16);
+                let mut next = 0u64;
+                for r in rest.chunks_exact(16) {
+                    let first = u64::from_be_bytes(r[..8].try_into().unwrap_or_default());
+                    let count = u64::from_be_bytes(r[8..].try_into().unwrap_or_default());
+                    if count == 0 || first < next || first.checked_add(count).is_none() {
+                        return Err(c.bad(format!(
+                            "run ({first}, {count}) is empty, out of order or overlapping"
+                        )));
+                    }
+                    next = first + count;
+                    runs.push((first, count));
+                }
+                Message::DiskSyncRuns(DiskSyncRuns {
+                    disk,
+                    chunk_size,
+                    runs,
                 })
             }
             MsgType::Invalid => unreachable!("filtered above"),

@@ -5,9 +5,9 @@
 use proptest::prelude::*;
 use remus_proto::{
     CheckpointEnd, CheckpointKind, DecodeError, Decoded, DeviceStateDelta, DiskCompat, DiskDigests,
-    DiskOp, DiskRecord, DiskSeal, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES, Message,
-    MsgType, PAGE_SIZE, PageDelta, PageRun, Purpose, VmCompat, WireError, decode, encode_raw,
-    read_frame, write_page_run,
+    DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
+    Message, MsgType, PAGE_SIZE, PageDelta, PageRun, Purpose, VmCompat, WireError, decode,
+    encode_raw, read_frame, write_page_run,
 };
 
 fn arb_compat() -> impl Strategy<Value = VmCompat> {
@@ -166,6 +166,29 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     digests,
                 })
             }),
+        (
+            any::<u16>(),
+            1u32..,
+            prop::collection::vec((0u64..1000, 1u64..1000), 0..6)
+        )
+            .prop_map(|(disk, chunk_size, gaps)| {
+                // Gaps and lengths to ascending, disjoint runs.
+                let mut next = 0;
+                let runs = gaps
+                    .into_iter()
+                    .map(|(gap, count)| {
+                        let first = next + gap;
+                        next = first + count;
+                        (first, count)
+                    })
+                    .collect();
+                Message::DiskSyncRuns(DiskSyncRuns {
+                    disk,
+                    chunk_size,
+                    runs,
+                })
+            }),
+        ".*".prop_map(|json| Message::SyncPlan { json }),
     ]
 }
 

@@ -241,11 +241,11 @@ fn versions_too_new_or_too_old_are_refused_by_name() {
     // Client too new.
     let (addr, server) = serve(key(1), quick_opts(), vm());
     let mut p = HelloParams::new(Purpose::Protect, "web", vm());
-    p.versions = 5..=7;
+    p.versions = 6..=8;
     let (_s, r) = client(&addr, &key(1), &p);
     let e = r.unwrap_err();
     assert!(
-        matches!(&e.failure, HandshakeFailure::Refused { code: ErrorCode::VersionMismatch, message } if message.contains("5..=7")),
+        matches!(&e.failure, HandshakeFailure::Refused { code: ErrorCode::VersionMismatch, message } if message.contains("6..=8")),
         "{e}"
     );
     let e = server.join().unwrap().unwrap_err();
@@ -255,7 +255,7 @@ fn versions_too_new_or_too_old_are_refused_by_name() {
     );
     assert!(
         e.to_string().contains(&format!(
-            "no common protocol version: we speak {}..={}, the peer 5..=7",
+            "no common protocol version: we speak {}..={}, the peer 6..=8",
             remus_proto::MIN_PROTOCOL_VERSION,
             remus_proto::PROTOCOL_VERSION
         )),

@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub key: Option<remus_proto::Key>,
     /// The etcd arbiter deciding which host may run a protected VM.
     pub arbiter: Option<Arc<crate::arbiter::AgentArbiter>>,
+    /// Activity-log extents kept marked per disk (`--al-extents`).
+    pub al_extents: usize,
 }
 
 /// One VM owned by this agent.
@@ -56,6 +58,8 @@ pub struct VmSlot {
     last_checkpoint: Mutex<Option<String>>,
     /// The running protection session: its stop flag and peer.
     protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
+    /// The running protection session's switch-over flag (`failback`).
+    switch_over: Mutex<Option<Arc<AtomicBool>>>,
     /// The VM's arbiter key, once this host has held it.
     pub arbiter: Mutex<Option<Arc<crate::arbiter::Guard>>>,
 }
@@ -71,6 +75,7 @@ impl VmSlot {
             history: Mutex::new(Vec::new()),
             last_checkpoint: Mutex::new(None),
             protection: Mutex::new(None),
+            switch_over: Mutex::new(None),
             arbiter: Mutex::new(None),
         }
     }
@@ -111,6 +116,22 @@ impl VmSlot {
     }
     pub fn clear_protection(&self) {
         *lock(&self.protection) = None;
+        *lock(&self.switch_over) = None;
+    }
+    /// Arms the running protection session's switch-over flag.
+    pub fn set_switch_over(&self, flag: Arc<AtomicBool>) {
+        *lock(&self.switch_over) = Some(flag);
+    }
+    /// Asks the protection session to hand the VM over to its backup at
+    /// the next checkpoint; false if no session runs.
+    pub fn request_switch_over(&self) -> bool {
+        match lock(&self.switch_over).as_ref() {
+            Some(f) => {
+                f.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
     }
     /// The backup this VM is protected to, if any.
     pub fn protected_to(&self) -> Option<String> {
@@ -148,10 +169,34 @@ impl VmSlot {
     }
 }
 
+/// What happens to a VM's copy record when the VM goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyRecord {
+    /// Forget it (`remus destroy`, a migrated VM's source).
+    Forget,
+    /// Keep it as it is (agent shutdown: a copy that was running is stale
+    /// when the agent starts again; a discarded standby keeps what its
+    /// disks hold).
+    Keep,
+    /// Keep it, marked given up (`remus destroy --discard-this-copy`): a
+    /// resync may overwrite it whatever it ran.
+    Discard,
+}
+
+/// A copy this host used to run, found when the agent started: it never
+/// runs again on its own.
+#[derive(Debug, Clone)]
+pub struct StaleCopy {
+    pub id: u32,
+    pub state: remus_replication::copy::CopyState,
+}
+
 /// The agent.
 pub struct Agent {
     pub opts: AgentOptions,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    /// Stale copies (not running), by name.
+    stale: Mutex<BTreeMap<String, StaleCopy>>,
     /// Names being created right now (reserved against a second create).
     creating: Mutex<HashSet<String>>,
     next_id: AtomicU32,
@@ -196,9 +241,17 @@ impl Agent {
         for leftover in leftover_vm_dirs(&opts.state_dir) {
             tracing::warn!(dir = %leftover.display(), "VM directory left by an earlier agent; it is cleaned up when a VM of that name is created");
         }
+        let mut next_id = next_id;
+        let mut stale = BTreeMap::new();
+        for (name, state) in crate::copies::stale_at_start(&opts.state_dir) {
+            tracing::warn!(vm = %name, generation = %state.gens.current, "STALE COPY: this VM ran here when the agent stopped; its backup may have taken over since. It is listed as stale and never runs on its own: protect to this host from the running copy to resync it, or `remus destroy` it");
+            stale.insert(name, StaleCopy { id: next_id, state });
+            next_id += 1;
+        }
         Ok(Agent {
             opts,
             vms: Mutex::new(BTreeMap::new()),
+            stale: Mutex::new(stale),
             creating: Mutex::new(HashSet::new()),
             next_id: AtomicU32::new(next_id),
             tag,
@@ -232,10 +285,17 @@ impl Agent {
     }
 
     pub fn slot(&self, name: &str) -> Result<Arc<VmSlot>, AgentError> {
-        lock(&self.vms)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))
+        if let Some(s) = lock(&self.vms).get(name) {
+            return Ok(s.clone());
+        }
+        if self.is_stale(name) {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is a stale copy here (it does not run): protect to this host from the running copy to resync it, or destroy it"
+            )));
+        }
+        Err(AgentError::NotFound(format!(
+            "no VM named '{name}' on this host"
+        )))
     }
 
     pub fn slots(&self) -> Vec<Arc<VmSlot>> {
@@ -263,11 +323,22 @@ impl Agent {
                     s.id
                 )));
             }
+            if lock(&self.stale).contains_key(&name) {
+                return Err(AgentError::Conflict(format!(
+                    "a stale copy of '{name}' is kept on this host (it ran here before the agent stopped, and its backup may run it now): protect to this host from the running copy to resync it, or `remus destroy {name}` to forget it"
+                )));
+            }
             if !lock(&self.creating).insert(name.clone()) {
                 return Err(AgentError::Conflict(format!(
                     "a VM named '{name}' is being created right now"
                 )));
             }
+        }
+        // A record of an earlier copy no longer describes these disks once
+        // a new VM runs on them.
+        if crate::copies::dir(&self.opts.state_dir, &name).exists() {
+            tracing::info!(vm = %name, "forgetting the replication record of an earlier copy of this VM (the next resync compares every chunk)");
+            crate::copies::forget(&crate::copies::dir(&self.opts.state_dir, &name), &name);
         }
         let result = self
             .start_vm(config, qemu_ok, None)
@@ -436,12 +507,29 @@ impl Agent {
     }
 
     pub fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
+        if let Some(s) = lock(&self.stale).get(name) {
+            return Ok(stale_info(name, s));
+        }
         let slot = self.slot(name)?;
         Ok(info(&slot))
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
-        self.slots().iter().map(|s| info(s)).collect()
+        let mut all: Vec<VmInfo> = self.slots().iter().map(|s| info(s)).collect();
+        all.extend(lock(&self.stale).iter().map(|(n, s)| stale_info(n, s)));
+        all.sort_by_key(|v| v.id);
+        all
+    }
+
+    /// Takes a stale copy out of the list (a resync to it is starting);
+    /// its record stays on disk.
+    pub fn take_stale(&self, name: &str) -> Option<StaleCopy> {
+        lock(&self.stale).remove(name)
+    }
+
+    /// Whether a stale copy of `name` is listed.
+    pub fn is_stale(&self, name: &str) -> bool {
+        lock(&self.stale).contains_key(name)
     }
 
     pub fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
@@ -474,30 +562,85 @@ impl Agent {
 
     /// Destroys this very VM, if it is still registered (not another VM
     /// that has taken its name since).
-    pub fn destroy_slot(&self, slot: &Arc<VmSlot>) {
+    pub fn destroy_slot(&self, slot: &Arc<VmSlot>, record: CopyRecord) {
         let name = slot.vm.name().to_string();
         let ours = {
             let mut vms = lock(&self.vms);
             match vms.get(&name) {
-                Some(s) if Arc::ptr_eq(s, slot) => vms.remove(&name),
+                Some(s) if Arc::ptr_eq(s, slot) => {
+                    // Reserved until its directory is gone: a new copy of
+                    // the same name waits (see `busy`).
+                    lock(&self.creating).insert(name.clone());
+                    vms.remove(&name)
+                }
                 _ => None,
             }
         };
         match ours {
-            Some(s) => self.teardown(&name, &s),
+            Some(s) => {
+                self.teardown(&name, &s, record);
+                lock(&self.creating).remove(&name);
+            }
             None => slot.vm.destroy(),
         }
     }
 
-    pub fn destroy(&self, name: &str) -> Result<(), AgentError> {
-        let slot = lock(&self.vms)
-            .remove(name)
-            .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))?;
-        self.teardown(name, &slot);
+    /// Whether a VM of this name is being created or torn down right now.
+    pub fn busy(&self, name: &str) -> bool {
+        lock(&self.creating).contains(name)
+    }
+
+    /// `remus destroy [--discard-this-copy]`: a running VM is stopped; a
+    /// stale copy is taken off the list. Plain, the copy's record is
+    /// forgotten; with `discard`, it is kept and marked given up.
+    pub fn destroy(&self, name: &str, discard: bool) -> Result<(), AgentError> {
+        let record = if discard {
+            CopyRecord::Discard
+        } else {
+            CopyRecord::Forget
+        };
+        if let Some(s) = lock(&self.stale).remove(name) {
+            tracing::info!(vm = %name, discard, "stale copy destroyed");
+            self.settle_record(name, Some(s.state), record);
+            return Ok(());
+        }
+        let slot = {
+            let mut vms = lock(&self.vms);
+            let slot = vms.remove(name).ok_or_else(|| {
+                AgentError::NotFound(format!("no VM named '{name}' on this host"))
+            })?;
+            lock(&self.creating).insert(name.to_string());
+            slot
+        };
+        self.teardown(name, &slot, record);
+        lock(&self.creating).remove(name);
         Ok(())
     }
 
-    fn teardown(&self, name: &str, slot: &Arc<VmSlot>) {
+    /// Applies `record` to a copy's record (`state`: as loaded, if known).
+    fn settle_record(
+        &self,
+        name: &str,
+        state: Option<remus_replication::copy::CopyState>,
+        record: CopyRecord,
+    ) {
+        let dir = crate::copies::dir(&self.opts.state_dir, name);
+        match record {
+            CopyRecord::Forget => crate::copies::forget(&dir, name),
+            CopyRecord::Keep => {}
+            CopyRecord::Discard => {
+                let state = state.or_else(|| crate::copies::load(&dir, name).ok().flatten());
+                if let Some(mut st) = state {
+                    st.discarded = true;
+                    st.running = false;
+                    crate::copies::save(&dir, name, &st);
+                    tracing::warn!(vm = %name, generation = %st.gens.current, "this copy is given up: the next resync to this host overwrites what it ran");
+                }
+            }
+        }
+    }
+
+    fn teardown(&self, name: &str, slot: &Arc<VmSlot>, record: CopyRecord) {
         tracing::info!(vm = %name, id = slot.id, "destroying");
         // A protected VM's destroy is a primary failure to its backup (the
         // link drops without an orderly end), as in the Remus docs.
@@ -517,6 +660,7 @@ impl Agent {
         if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {
             tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
         }
+        self.settle_record(name, None, record);
     }
 
     pub fn vcpu_pin(
@@ -553,12 +697,14 @@ impl Agent {
             .collect()
     }
 
-    /// Stops every VM (agent shutdown).
+    /// Stops every VM (agent shutdown). Copy records are kept: a VM that
+    /// ran here is a stale copy when the agent starts again.
     pub fn shutdown(&self) {
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
-            if let Err(e) = self.destroy(&n) {
-                tracing::warn!(vm = %n, error = %e, "destroy at shutdown failed");
+            let slot = lock(&self.vms).remove(&n);
+            if let Some(slot) = slot {
+                self.teardown(&n, &slot, CopyRecord::Keep);
             }
         }
     }
@@ -632,6 +778,25 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             .filter_map(|p| Some((p.target().to_string(), p.change_map()?.count())))
             .collect(),
         arbiter: slot.arbiter_guard().map(|g| g.info()),
+    }
+}
+
+/// The API view of a stale copy: shut down, role `stale`.
+fn stale_info(name: &str, s: &StaleCopy) -> VmInfo {
+    VmInfo {
+        name: name.to_string(),
+        id: s.id,
+        mem_mib: s.state.memory_mib,
+        vcpus: s.state.vcpus,
+        state: RunState::Shutdown.letter().to_string(),
+        state_name: "shutdown".into(),
+        role: "stale".into(),
+        time_s: 0.0,
+        accel: String::new(),
+        pid: 0,
+        protection: None,
+        changed_chunks: Default::default(),
+        arbiter: None,
     }
 }
 

@@ -57,6 +57,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console_attach))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/failback", post(failback))
         .route(
             "/v1/vms/{name}/protection",
             post(protect).get(protection_events).delete(unprotect),
@@ -102,11 +103,21 @@ async fn unpause(
     blocking(move || a.unpause(&name)).await.map(Json)
 }
 
+/// `?discard_this_copy=true`: keep the copy's record, marked given up.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DestroyParams {
+    #[serde(default)]
+    discard_this_copy: bool,
+}
+
 async fn destroy(
     State(a): State<AppState>,
     Path(name): Path<String>,
+    params: Result<axum::extract::Query<DestroyParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, AgentError> {
-    blocking(move || a.destroy(&name)).await?;
+    let axum::extract::Query(p) =
+        params.map_err(|e| AgentError::BadRequest(format!("bad destroy request: {e}")))?;
+    blocking(move || a.destroy(&name, p.discard_this_copy)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -226,6 +237,18 @@ async fn migrate(
     let slot = a.slot(&name)?;
     let rx = slot.subscribe();
     blocking(move || crate::replication::start_migrate(&a, &name, &req.peer)).await?;
+    Ok(ndjson(rx))
+}
+
+/// Planned role swap of a protected VM; answers with the session's
+/// events as JSON lines until it ends (at the switch-over).
+async fn failback(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    let slot = a.slot(&name)?;
+    let rx = slot.subscribe();
+    blocking(move || crate::replication::start_failback(&a, &name)).await?;
     Ok(ndjson(rx))
 }
 

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod arbiter;
+pub mod copies;
 pub mod http;
 pub mod replication;
 
@@ -80,6 +81,13 @@ pub struct Args {
     /// Each host of a cluster needs its own.
     #[arg(long, value_name = "NAME")]
     pub host_name: Option<String>,
+    /// Activity-log extents (4 MiB each) a primary keeps marked per disk
+    /// after their writes are acknowledged (as DRBD's al-extents): more
+    /// means fewer syncs for guests that rewrite the same areas, fewer
+    /// means less to compare when resyncing this host after it crashed.
+    #[arg(long, default_value_t = remus_disk::activity::DEFAULT_LIMIT as u64, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub al_extents: u64,
 }
 
 /// The arbiter of `--arbiter`, if given.
@@ -170,6 +178,7 @@ async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow:
         replication_listen: args.listen.clone(),
         key,
         arbiter,
+        al_extents: args.al_extents as usize,
     })?);
 
     if let Some(dir) = args.socket.parent() {

@@ -24,6 +24,7 @@ use remus_proto::{
     server_handshake,
 };
 use remus_replication::backup::{BackupConfig, BackupEnd};
+use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
 use remus_replication::primary::{ProtectConfig, ProtectEnd, ProtectEvent};
 use remus_replication::replica::Replica;
 use remus_vm::Role;
@@ -49,6 +50,25 @@ pub struct SessionSetup {
     /// after taking it (protocol version 4 on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arbiter: Option<ArbiterSetup>,
+    /// The primary's generations (protocol version 5 on, with replicated
+    /// disks): the backup plans the disk sync from them and answers with
+    /// a SyncPlan before Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<Generations>,
+    /// Where the primary's agent takes replication sessions, and the
+    /// session's settings: after a planned switch-over (`remus failback`)
+    /// the backup protects the VM back to it with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_to: Option<ReturnTo>,
+}
+
+/// How the new primary protects back after a planned switch-over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReturnTo {
+    pub address: String,
+    pub interval_ms: u64,
+    pub no_net: bool,
+    pub no_compress: bool,
 }
 
 /// The arbiter a protection session is decided by.
@@ -174,7 +194,34 @@ pub fn start_protect(
         }
         _ => None,
     };
-    let (stream, version) = open_session(
+    // The copy record: generations for the backup's sync plan, and the
+    // activity logs that mark extents before they are written.
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, name);
+    let copy = if replicate_disks {
+        let mut st = crate::copies::load(&copy_dir, name)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| CopyState::new(cfg.memory, cfg.vcpus));
+        st.running = true;
+        st.discarded = false;
+        crate::copies::save(&copy_dir, name, &st);
+        crate::copies::attach_activity_logs(&slot.vm, &copy_dir, agent.opts.al_extents)
+            .map_err(AgentError::Internal)?;
+        Some(st)
+    } else {
+        None
+    };
+    let return_to = agent
+        .opts
+        .replication_listen
+        .clone()
+        .map(|address| ReturnTo {
+            address,
+            interval_ms: req.interval_ms,
+            no_net: req.no_net,
+            no_compress: req.no_compress,
+        });
+    let (stream, version, plan) = open_session(
         &slot,
         &key,
         &req.peer,
@@ -182,7 +229,16 @@ pub fn start_protect(
         req.timeout_ms,
         replicate_disks,
         arbiter_setup,
+        copy.as_ref().map(|c| c.gens.clone()),
+        return_to,
     )?;
+    if let Some(p) = &plan {
+        tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %p.reason, "disk sync plan");
+        slot.publish(
+            serde_json::json!({"event": "sync_plan", "mode": p.mode, "reason": p.reason})
+                .to_string(),
+        );
+    }
     let compress = compression(&req.peer, version, !req.no_compress);
     if req.no_disk && !cfg.disks.is_empty() {
         tracing::warn!(vm = %name, "--no-disk: disk writes are not replicated; after a failover the backup's disk may not match its memory");
@@ -200,10 +256,18 @@ pub fn start_protect(
         replicate_disks,
         buffer_net,
         compress,
+        changed_sync: plan
+            .filter(|p| p.mode == SyncMode::Changed)
+            .map(|p| p.target_runs),
+        switch_over: Arc::new(AtomicBool::new(false)),
     };
+    slot.set_switch_over(cfg.switch_over.clone());
     let vm_name = name.to_string();
     let slot2 = slot.clone();
+    let agent2 = agent.clone();
     let peer = req.peer.clone();
+    let copy = std::sync::Mutex::new(copy);
+    let committed_any = AtomicBool::new(false);
     std::thread::Builder::new()
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
@@ -212,6 +276,7 @@ pub fn start_protect(
                 match &ev {
                     ProtectEvent::Checkpoint(s) => {
                         tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
+                        source_committed(&slot2.vm, &copy, &copy_dir, s.epoch, &committed_any);
                     }
                     // The session's last word: whoever reads it and then
                     // asks `list` must already see the VM unprotected (and
@@ -228,6 +293,27 @@ pub fn start_protect(
                 slot2.publish(serde_json::to_string(&ev).unwrap_or_default());
             };
             let end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
+            if let Ok(ProtectEnd::SwitchedOver { epoch, downtime_ms }) = &end {
+                // The backup runs the VM now and protects it back here:
+                // this copy stops, its record says what its disks hold.
+                tracing::warn!(vm = %vm_name, %peer, epoch, downtime_ms, "SWITCHED OVER: {peer} runs the VM from epoch {epoch} and protects it back to this host");
+                switched_out(&agent2, &slot2, &copy, &copy_dir, *epoch);
+                slot2.publish(String::new());
+                return;
+            }
+            if let Ok(ProtectEnd::SwitchOverUnconfirmed(reason)) = &end {
+                // Neither resumed here nor known to run there: the guest
+                // stays stopped and the operator decides.
+                tracing::error!(vm = %vm_name, %peer, %reason, "switch-over UNCONFIRMED: {peer} may be running the VM; it stays paused here. Check {peer}: if it runs the VM there, destroy this copy; if not, `remus unpause` it here");
+                slot2.vm.mark_operator_paused();
+                slot2.clear_protection();
+                slot2.publish(
+                    serde_json::json!({"event": "failed", "reason": format!("switch-over unconfirmed ({reason}): {peer} may be running the VM; it stays paused here until you check")}).to_string(),
+                );
+                slot2.publish(String::new());
+                return;
+            }
+            source_alone(&slot2.vm, &copy, &copy_dir, committed_any.load(std::sync::atomic::Ordering::SeqCst));
             *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
             // Runs on here unprotected: nobody may take over any more.
             if let Some(g) = &guard {
@@ -244,6 +330,8 @@ pub fn start_protect(
                 }
                 // Logged as the event went out (above).
                 Ok(ProtectEnd::BackupLost(_)) => {}
+                // Handled above.
+                Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed(_)) => {}
                 Err(e) => {
                     slot2.publish(
                         serde_json::json!({"event": "failed", "reason": e.to_string()}).to_string(),
@@ -255,6 +343,124 @@ pub fn start_protect(
         })
         .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
     Ok(())
+}
+
+/// A checkpoint of this primary's session committed on the backup: its
+/// activity logs may drop acknowledged extents, and the first commit
+/// completes the resync (the backup holds this copy's generation now).
+fn source_committed(
+    vm: &remus_vm::Vm,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    epoch: u64,
+    committed_any: &AtomicBool,
+) {
+    let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(st) = copy.as_mut() else {
+        return;
+    };
+    for p in vm.replicated_disks() {
+        if let Some(al) = p.activity_log()
+            && let Err(e) = al.acked(epoch)
+        {
+            tracing::warn!(vm = %vm.name(), disk = %p.target(), error = %e, "activity log");
+        }
+    }
+    if !committed_any.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        crate::copies::source_synced(vm);
+        st.gens.synced();
+        st.common_epoch = Some(epoch);
+        crate::copies::save(dir, vm.name(), st);
+        tracing::info!(vm = %vm.name(), epoch, generation = %st.gens.current, "resync complete: the backup holds this copy's data; change maps cleared");
+    }
+}
+
+/// `remus failback VM`: a planned role swap of a protected VM. At the next
+/// checkpoint the guest stops here for good, the backup resumes it from
+/// that checkpoint and protects it back to this host. Progress goes to
+/// the VM's event channel (subscribe first).
+pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+    if role != Role::Primary || slot.protected_to().is_none() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is {} here: failback swaps the roles of a protected VM, run it on the primary. After a failover, first protect the VM back to the old primary (`remus protect {name} OLD_PRIMARY:PORT`), which resyncs it, then fail back",
+            role_name(role)
+        )));
+    }
+    if agent.opts.arbiter.is_some() && slot.vm.config.arbiter {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is arbitrated: a planned switch-over with an arbiter is not supported yet (the key would have to move with the VM); stop protection and migrate instead"
+        )));
+    }
+    if slot.vm.is_held() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is paused; unpause it first"
+        )));
+    }
+    if !slot.request_switch_over() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' has no protection session running"
+        )));
+    }
+    tracing::info!(vm = %name, "failback requested: switching over at the next checkpoint");
+    Ok(())
+}
+
+/// The VM was handed over to the backup (planned switch-over): every
+/// write of this copy is acknowledged, so its activity logs are cleared;
+/// the record stays (not running) for the session that protects it back
+/// here; the QEMU process goes.
+fn switched_out(
+    agent: &Arc<Agent>,
+    slot: &Arc<VmSlot>,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    epoch: u64,
+) {
+    let name = slot.vm.name().to_string();
+    if let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        for p in slot.vm.replicated_disks() {
+            if let Some(al) = p.activity_log() {
+                let _ = al.acked_all(epoch);
+            }
+        }
+        st.running = false;
+        st.common_epoch = Some(epoch);
+        crate::copies::save(dir, &name, st);
+    }
+    slot.clear_protection();
+    agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
+}
+
+/// This primary's session ended and the VM (if it still runs) goes on
+/// alone: from a new generation once the backup had committed one of
+/// ours (so that the two copies can tell what each did since), with its
+/// changes recorded in change maps from now on.
+fn source_alone(
+    vm: &remus_vm::Vm,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    committed_any: bool,
+) {
+    let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(st) = copy.as_mut() else {
+        return;
+    };
+    // Destroyed meanwhile: its record was settled by the destroy.
+    if vm.exit_status().is_some() || !dir.exists() {
+        return;
+    }
+    if let Err(e) = crate::copies::track_changes(vm, dir) {
+        tracing::error!(vm = %vm.name(), error = %e, "cannot record disk changes after the session; the next resync compares every chunk");
+        crate::copies::forget(dir, vm.name());
+        return;
+    }
+    if committed_any {
+        st.gens.diverge();
+    }
+    crate::copies::save(dir, vm.name(), st);
+    tracing::info!(vm = %vm.name(), generation = %st.gens.current, since = ?st.gens.bitmap.map(|g| g.to_string()), "the VM goes on alone; its disk changes are recorded for the next resync");
 }
 
 /// Takes the VM's arbiter key for a protection session (a key this host
@@ -311,6 +517,9 @@ fn compression(peer: &str, version: u16, wanted: bool) -> Option<u64> {
 
 /// Connects to a peer agent, authenticates, sends the VM's config and
 /// waits until the peer has prepared its copy (standby or destination).
+/// With `generations` (a protected VM's replicated disks) a version-5 peer
+/// answers with its sync plan first.
+#[allow(clippy::too_many_arguments)]
 fn open_session(
     slot: &VmSlot,
     key: &remus_proto::Key,
@@ -319,7 +528,9 @@ fn open_session(
     timeout_ms: u64,
     replicate_disks: bool,
     arbiter: Option<ArbiterSetup>,
-) -> Result<(TcpStream, u16), AgentError> {
+    generations: Option<Generations>,
+    return_to: Option<ReturnTo>,
+) -> Result<(TcpStream, u16, Option<SyncPlan>), AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let mut stream = connect(peer)?;
@@ -349,11 +560,28 @@ fn open_session(
             remus_proto::ARBITER_PROTOCOL_VERSION
         )));
     }
+    let generations =
+        generations.filter(|_| session.version >= remus_proto::RESYNC_PROTOCOL_VERSION);
+    let expect_plan = generations.is_some();
+    // An agent listening on every address is reached back at the address
+    // this session leaves from.
+    let return_to = return_to.map(|mut r| {
+        if let (Ok(listen), Ok(local)) = (
+            r.address.parse::<std::net::SocketAddr>(),
+            stream.local_addr(),
+        ) && listen.ip().is_unspecified()
+        {
+            r.address = std::net::SocketAddr::new(local.ip(), listen.port()).to_string();
+        }
+        r
+    });
     let setup = serde_json::to_string(&SessionSetup {
         config: slot.vm.config.clone(),
         timeout_ms,
         replicate_disks,
         arbiter,
+        generations,
+        return_to,
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -363,8 +591,40 @@ fn open_session(
         .write_to(&mut stream)
         .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
     let (_, theirs) = purpose.side_names();
+    let mut plan = None;
+    if expect_plan {
+        match Message::read_from(&mut stream) {
+            Ok(Message::SyncPlan { json }) => {
+                plan = Some(serde_json::from_str::<SyncPlan>(&json).map_err(|e| {
+                    AgentError::Internal(format!(
+                        "{theirs} {} sent a bad sync plan: {e}",
+                        session.peer
+                    ))
+                })?);
+            }
+            Ok(Message::Error { code, message }) => {
+                return Err(AgentError::BadRequest(format!(
+                    "{theirs} {} refused: {code}: {message}",
+                    session.peer
+                )));
+            }
+            Ok(other) => {
+                return Err(AgentError::Internal(format!(
+                    "{theirs} {} answered {:?} instead of its sync plan",
+                    session.peer,
+                    other.msg_type()
+                )));
+            }
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "{theirs} {} did not prepare the VM: {e}",
+                    session.peer
+                )));
+            }
+        }
+    }
     match Message::read_from(&mut stream) {
-        Ok(Message::Ready) => Ok((stream, session.version)),
+        Ok(Message::Ready) => Ok((stream, session.version, plan)),
         Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
             "{theirs} {} refused: {code}: {message}",
             session.peer
@@ -418,13 +678,15 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     // Replicated disks travel with the VM; disks marked `replicate =
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
-    let (stream, version) = open_session(
+    let (stream, version, _) = open_session(
         &slot,
         &key,
         peer,
         Purpose::Migrate,
         30_000,
         replicate_disks,
+        None,
+        None,
         None,
     )?;
     let mcfg = remus_replication::migrate::MigrateConfig {
@@ -453,7 +715,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
                 Ok(stats) => {
                     tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");
                     slot.publish(String::new());
-                    agent.destroy_slot(&slot);
+                    agent.destroy_slot(&slot, crate::agent::CopyRecord::Forget);
                 }
                 Err(e) => {
                     tracing::error!(vm = %vm_name, %peer, error = %e, "migration failed");
@@ -560,8 +822,20 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         return Err("no --key: replication refused".into());
     };
     let (session, hello) = server_handshake(&mut stream, &key, |vm, _purpose| {
-        if agent.slot(vm).is_ok() {
-            Err(format!("a VM named '{vm}' already exists on this host"))
+        if agent.busy(vm) {
+            return Err(format!(
+                "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"
+            ));
+        }
+        if let Ok(slot) = agent.slot(vm) {
+            if *slot.role.lock().unwrap_or_else(|p| p.into_inner()) == Role::Backup {
+                return Err(format!(
+                    "this host still holds a standby copy of '{vm}' from another session (it is discarded when that session ends); try again in a moment"
+                ));
+            }
+            Err(format!(
+                "a VM named '{vm}' already runs on this host. If both copies ran on their own after a failover (split brain), give one up: on its host run `remus destroy --discard-this-copy {vm}`, then protect from the copy you keep"
+            ))
         } else {
             Ok(None)
         }
@@ -592,7 +866,7 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         None => None,
         Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
     };
-    let mut cfg = setup.config;
+    let mut cfg = setup.config.clone();
     // Each host keeps its own image format: replication is of guest-
     // visible blocks, so a raw image here may back a qcow2 one there.
     for d in cfg.disks.iter_mut() {
@@ -633,9 +907,23 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         return Err(refuse(&mut stream, diffs.join("; ")));
     }
     let name = cfg.name.clone();
+    // This host's record of its copy decides how the disks are synced.
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &name);
+    let (plan, copy) = plan_target(&setup, session.purpose, &copy_dir, &cfg, &local)
+        .map_err(|e| refuse(&mut stream, e))?;
+    if agent.take_stale(&name).is_some() {
+        tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
+    }
     let (slot, replica) = agent
         .create_standby(cfg, session.purpose)
         .map_err(|e| refuse(&mut stream, e.to_string()))?;
+    if let Some(p) = &plan {
+        tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %p.reason, "disk sync plan");
+        let json = serde_json::to_string(p).map_err(|e| e.to_string())?;
+        Message::SyncPlan { json }
+            .write_to(&mut stream)
+            .map_err(|e| format!("{peer}: {e}"))?;
+    }
     Message::Ready
         .write_to(&mut stream)
         .map_err(|e| format!("{peer}: {e}"))?;
@@ -644,7 +932,19 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
     let cfg = BackupConfig {
         timeout,
         heartbeat: timeout / 4,
+        changed_sync: plan.as_ref().is_some_and(|p| p.mode == SyncMode::Changed),
     };
+    let copy = std::sync::Mutex::new(copy);
+    let protect_purpose = session.purpose == Purpose::Protect;
+    let setup_replicates = setup.replicate_disks;
+    let source_gens = setup.generations.clone();
+    let first_commit = AtomicBool::new(false);
+    let targets: Vec<String> = slot
+        .vm
+        .replicated_disks()
+        .iter()
+        .map(|p| p.target().to_string())
+        .collect();
     // Disk replication: the standby's replicated disks, written only when
     // an epoch commits.
     let mut disks = setup.replicate_disks.then(|| {
@@ -668,6 +968,18 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         &cfg,
         &|ev| {
             tracing::debug!(vm = %vm_name, event = ?ev, "backup");
+            if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev
+                && !first_commit.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                target_committed(
+                    &vm_name,
+                    &copy,
+                    &copy_dir,
+                    source_gens.as_ref(),
+                    &targets,
+                    epoch,
+                );
+            }
         },
         &|replica| {
             // Every epoch up to the switch-over committed: make it durable.
@@ -676,14 +988,28 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
                     .flush()
                     .map_err(|e| format!("sync disk {}: {e}", p.target()))?;
             }
+            // A planned switch-over of a protected VM: this copy goes on
+            // alone from here, its changes recorded from before it runs.
+            let failback = protect_purpose && setup_replicates;
+            if failback {
+                crate::copies::track_changes(&slot2.vm, &copy_dir)?;
+            }
             let stats = remus_replication::failover::resume(&slot2.vm, replica)
                 .map_err(|e| e.to_string())?;
             *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
-            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "migration: VM resumed here");
+            if failback && let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                st.gens.diverge();
+                st.running = true;
+                st.common_epoch = Some(stats.epoch);
+                crate::copies::save(&copy_dir, &vm_name, st);
+            }
+            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "switch-over: VM resumed here");
             Ok(())
         },
         &|| slot3.vm.exit_status().is_none(),
     );
+    let copy = copy.into_inner().unwrap_or_else(|p| p.into_inner());
+    let switched = matches!(end, Ok(BackupEnd::SwitchOver(_)));
     decide_failover(
         agent,
         &slot,
@@ -692,8 +1018,164 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         &replica,
         disks.as_mut(),
         end,
+        (&copy_dir, copy),
     );
+    if switched && session.purpose == Purpose::Protect {
+        protect_back(agent, &name, &setup);
+    }
     Ok(())
+}
+
+/// After a planned switch-over this host runs the VM: it protects it back
+/// to the old primary (which takes the session once its own copy is gone),
+/// with the session's settings.
+fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
+    let Some(back) = setup.return_to.clone() else {
+        tracing::warn!(vm = %name, "switched over, but the old primary gave no address to protect back to: the VM runs here UNPROTECTED; run `remus protect`");
+        return;
+    };
+    let req = ProtectRequest {
+        peer: back.address.clone(),
+        interval_ms: back.interval_ms,
+        timeout_ms: setup.timeout_ms,
+        no_net: back.no_net,
+        no_disk: !setup.replicate_disks,
+        no_compress: back.no_compress,
+    };
+    // The old primary tears its copy down as soon as it has our Done; its
+    // agent refuses the session while the VM is still listed there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match start_protect(agent, name, req.clone()) {
+            Ok(()) => {
+                tracing::info!(vm = %name, peer = %back.address, "switch-over: protecting the VM back to the old primary");
+                return;
+            }
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && (e.to_string().contains("try again")
+                        || e.to_string().contains("already runs")) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, peer = %back.address, error = %e, "switch-over: cannot protect the VM back; it runs here UNPROTECTED; run `remus protect`");
+                return;
+            }
+        }
+    }
+}
+
+/// The backup's side of the sync plan: from the primary's generations and
+/// this host's record of its copy. Returns the plan to send (None for
+/// peers before version 5, and for sessions without disk replication)
+/// and the record to keep up to date (None: nothing known of the disks).
+/// A refusal (split brain, a newer copy here) is an error naming the
+/// resolution. The record is marked as being resynced before anything is
+/// written.
+fn plan_target(
+    setup: &SessionSetup,
+    purpose: Purpose,
+    dir: &std::path::Path,
+    cfg: &VmConfig,
+    local: &VmCompat,
+) -> Result<(Option<SyncPlan>, Option<CopyState>), String> {
+    let name = &cfg.name;
+    if purpose != Purpose::Protect || !setup.replicate_disks {
+        // The disks are not written by this session: the record (if any)
+        // still describes them.
+        let rec = crate::copies::load(dir, name).ok().flatten();
+        if purpose == Purpose::Migrate {
+            // A migration overwrites the disks with a full compare.
+            crate::copies::forget(dir, name);
+            return Ok((None, None));
+        }
+        return Ok((None, rec));
+    }
+    let Some(source) = &setup.generations else {
+        // A version-4 primary: a full compare overwrites the disks and
+        // nothing is known of its generation.
+        crate::copies::forget(dir, name);
+        return Ok((None, None));
+    };
+    let loaded = crate::copies::load(dir, name);
+    let (mut mode, mut reason, common) = match &loaded {
+        Ok(rec) => remus_replication::copy::plan(source, rec.as_ref(), name)?,
+        Err(e) => (
+            SyncMode::Full,
+            format!(
+                "this host's record of the VM is unreadable ({e}): digest compare of every chunk"
+            ),
+            None,
+        ),
+    };
+    let mut target_runs = Vec::new();
+    if mode == SyncMode::Changed {
+        let disks: Vec<(String, u64)> = local
+            .disks
+            .iter()
+            .filter(|d| {
+                cfg.disks
+                    .iter()
+                    .any(|c| c.target == d.target && c.replicate && !c.readonly)
+            })
+            .map(|d| (d.target.clone(), d.size_bytes))
+            .collect();
+        match crate::copies::own_runs(dir, &disks) {
+            Ok(r) => target_runs = r,
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "this copy's change records are unusable");
+                mode = SyncMode::Full;
+                reason = format!(
+                    "this copy's change records are unusable ({e}): digest compare of every chunk"
+                );
+            }
+        }
+    }
+    let mut rec = loaded
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| CopyState::new(cfg.memory, cfg.vcpus));
+    rec.resync_from = Some(source.current);
+    rec.running = false;
+    rec.memory_mib = cfg.memory;
+    rec.vcpus = cfg.vcpus;
+    crate::copies::save(dir, name, &rec);
+    Ok((
+        Some(SyncPlan {
+            mode,
+            reason,
+            common: common.filter(|_| mode == SyncMode::Changed),
+            target_runs,
+        }),
+        Some(rec),
+    ))
+}
+
+/// The first checkpoint of a resync committed here: this copy holds the
+/// source's generation now, and its own change records are spent.
+fn target_committed(
+    vm: &str,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    source: Option<&Generations>,
+    targets: &[String],
+    epoch: u64,
+) {
+    let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+    let (Some(st), Some(src)) = (copy.as_mut(), source) else {
+        return;
+    };
+    if st.resync_from.is_none() {
+        return;
+    }
+    st.gens.adopt(src);
+    st.resync_from = None;
+    st.discarded = false;
+    st.common_epoch = Some(epoch);
+    crate::copies::save(dir, vm, st);
+    crate::copies::target_synced(dir, targets);
+    tracing::info!(%vm, epoch, generation = %st.gens.current, "resync complete: this copy holds the primary's data");
 }
 
 /// The backup's side of an arbitrated session: this agent must have an
@@ -797,15 +1279,24 @@ fn decide_failover(
     replica: &Replica,
     disks: Option<&mut remus_disk::EpochBuffer>,
     end: Result<BackupEnd, remus_replication::ReplError>,
+    (copy_dir, copy): (&std::path::Path, Option<CopyState>),
 ) {
     let name = slot.vm.name().to_string();
+    // A discarded standby keeps its record: it says what its disks hold
+    // (a committed checkpoint of the primary's generation, or an
+    // interrupted resync), for the next session to this host.
     let discard = |why: &str| {
         tracing::warn!(vm = %name, "{why}; the copy here is discarded");
-        agent.destroy_slot(slot);
+        agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
     };
     match end {
         Ok(BackupEnd::SwitchOver(epoch)) => {
-            tracing::info!(vm = %name, epoch = epoch.0, "migration complete: the VM runs on this host");
+            let what = if purpose == Purpose::Protect {
+                "planned switch-over complete"
+            } else {
+                "migration complete"
+            };
+            tracing::info!(vm = %name, epoch = epoch.0, "{what}: the VM runs on this host");
         }
         Ok(BackupEnd::PrimaryLost {
             committed: Some(_),
@@ -837,17 +1328,31 @@ fn decide_failover(
             // The disks first: drop what never committed, make the rest
             // durable, and record what changes from now on.
             if let Some(d) = disks {
-                match remus_replication::failover::take_over_disks(&slot.vm, d) {
+                match remus_replication::failover::take_over_disks(&slot.vm, d, copy_dir) {
                     Ok(t) => {
                         tracing::info!(vm = %name, discarded_records = t.discarded_records, discarded_bytes = t.discarded_bytes, change_maps = ?t.change_maps, "failover: uncommitted disk writes discarded; changes from now on are recorded");
                     }
                     Err(e) => {
                         tracing::error!(vm = %name, error = %e, "failover FAILED: the disks cannot take over");
-                        agent.destroy_slot(slot);
+                        agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
                         give_back(lease);
                         return;
                     }
                 }
+                // This copy goes on alone from here: a new generation,
+                // recorded before the VM runs.
+                let mut rec = copy
+                    .unwrap_or_else(|| CopyState::new(slot.vm.config.memory, slot.vm.config.vcpus));
+                rec.gens.diverge();
+                rec.running = true;
+                rec.resync_from = None;
+                rec.common_epoch = replica.committed().map(|e| e.0);
+                crate::copies::save(copy_dir, &name, &rec);
+                tracing::info!(vm = %name, generation = %rec.gens.current, since = ?rec.gens.bitmap.map(|g| g.to_string()), "failover: this copy goes on alone from a new generation");
+            } else {
+                // Its disks were not replicated: what they hold is not
+                // what any record says.
+                crate::copies::forget(copy_dir, &name);
             }
             match remus_replication::failover::resume(&slot.vm, replica) {
                 Ok(stats) => {
@@ -862,7 +1367,7 @@ fn decide_failover(
                 }
                 Err(e) => {
                     tracing::error!(vm = %name, error = %e, "failover FAILED");
-                    agent.destroy_slot(slot);
+                    agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
                     give_back(lease);
                 }
             }

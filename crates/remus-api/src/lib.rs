@@ -351,6 +351,14 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Destroys a VM or a stale copy but keeps its copy record, marked
+    /// given up, so that a resync may overwrite what it ran (the
+    /// resolution of a split brain).
+    pub async fn destroy_discarding(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("{}?discard_this_copy=true", vm_path(name, ""));
+        self.request(Method::DELETE, &path, None).await.map(|_| ())
+    }
+
     pub async fn vcpu_pin(
         &self,
         name: &str,
@@ -405,6 +413,17 @@ impl Client {
     ) -> Result<(), ClientError> {
         let body = Self::body(&MigrateRequest { peer: peer.into() })?;
         self.stream_lines(Method::POST, &vm_path(name, "/migrate"), body, each)
+            .await
+    }
+
+    /// Planned role swap of a protected VM (`remus failback`): `each`
+    /// gets the session's events until it ends at the switch-over.
+    pub async fn failback(
+        &self,
+        name: &str,
+        each: impl FnMut(serde_json::Value),
+    ) -> Result<(), ClientError> {
+        self.stream_lines(Method::POST, &vm_path(name, "/failback"), None, each)
             .await
     }
 

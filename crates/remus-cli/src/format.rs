@@ -72,13 +72,25 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
             f("sent_bytes") / 1048576.0
         ),
         "disk_synced" => format!(
-            "disk sync: {} of {} chunks ({} KiB each) differed from the backup's copy; {:.1} MiB of data sent, {} chunks zeroed, in {:.0} ms",
+            "disk sync ({}): {} of {} chunks compared ({} KiB each, of {} on the disks) differed from the backup's copy; {:.1} MiB of data sent, {} chunks zeroed, in {:.0} ms",
+            ev["mode"].as_str().unwrap_or("full"),
             u("differing_chunks"),
             u("chunks"),
             u("chunk_size") / 1024,
+            u("disk_chunks"),
             f("sent_bytes") / 1048576.0,
             u("zeroed_chunks"),
             f("ms")
+        ),
+        "sync_plan" => format!(
+            "disk sync plan: {} ({})",
+            ev["mode"].as_str().unwrap_or("?"),
+            ev["reason"].as_str().unwrap_or("")
+        ),
+        "switched_over" => format!(
+            "SWITCHED OVER at epoch {}: the backup runs the VM now (guest paused {:.1} ms)",
+            u("epoch"),
+            f("downtime_ms")
         ),
         "backup_lost" => format!(
             "BACKUP LOST: {} — the VM runs on UNPROTECTED; run remus protect again",
@@ -183,11 +195,13 @@ mod tests {
         let line = protect_event(&ev);
         assert!(line.contains("disk    3 ops     8192 B"), "{line}");
         assert!(line.contains("disk wait 2.5 ms"), "{line}");
-        let sync = serde_json::json!({"event": "disk_synced", "differing_chunks": 8, "chunks": 320,
-            "chunk_size": 65536, "sent_bytes": 458752, "zeroed_chunks": 1, "ms": 35.0});
+        let sync = serde_json::json!({"event": "disk_synced", "mode": "changed", "differing_chunks": 8, "chunks": 320,
+            "disk_chunks": 16384, "chunk_size": 65536, "sent_bytes": 458752, "zeroed_chunks": 1, "ms": 35.0});
         let line = protect_event(&sync);
         assert!(
-            line.starts_with("disk sync: 8 of 320 chunks (64 KiB each)"),
+            line.starts_with(
+                "disk sync (changed): 8 of 320 chunks compared (64 KiB each, of 16384 on the disks)"
+            ),
             "{line}"
         );
     }

@@ -62,8 +62,17 @@ pub enum Command {
     Pause { vm: String },
     /// Unpause a paused VM.
     Unpause { vm: String },
-    /// Stop a VM at once and remove it (no guest shutdown).
-    Destroy { vm: String },
+    /// Stop a VM at once and remove it (no guest shutdown). Its disk
+    /// images stay. A stale copy is forgotten.
+    Destroy {
+        /// Split-brain resolution, on the host whose copy you give up:
+        /// keep the copy's replication record, marked given up, so that
+        /// the next `remus protect` to this host overwrites what this copy
+        /// ran, copying only the blocks either copy changed.
+        #[arg(long)]
+        discard_this_copy: bool,
+        vm: String,
+    },
     /// Pin a vCPU (a number or `all`) to host CPUs (e.g. `0-1,3` or `all`).
     VcpuPin {
         vm: String,
@@ -89,6 +98,21 @@ pub enum Command {
         vm: String,
         /// The destination agent's replication address (HOST:PORT).
         host: String,
+    },
+    /// Planned role swap of a protected VM: at the next checkpoint the
+    /// backup takes the VM over (no data lost, TCP sessions intact; the
+    /// guest pauses for one checkpoint plus the switch) and protects it
+    /// back to this host, which becomes its backup.
+    ///
+    /// Run it on the primary. After a failover, first protect the VM
+    /// from the host that took over back to the old primary (`remus
+    /// protect VM OLD_PRIMARY:PORT`, which copies only the blocks either
+    /// copy changed), then `remus failback VM` there to move it home.
+    Failback {
+        /// Print the session's events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        vm: String,
     },
     /// Protect a VM: checkpoint it to a backup host, which resumes it if
     /// this host dies.
@@ -259,8 +283,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unpause { vm } => {
             client.unpause(&vm).await.map_err(api)?;
         }
-        Command::Destroy { vm } => {
-            client.destroy(&vm).await.map_err(api)?;
+        Command::Destroy {
+            vm,
+            discard_this_copy,
+        } => {
+            if discard_this_copy {
+                client.destroy_discarding(&vm).await.map_err(api)?;
+            } else {
+                client.destroy(&vm).await.map_err(api)?;
+            }
         }
         Command::VcpuPin { vm, vcpu, cpus } => {
             client.vcpu_pin(&vm, &vcpu, &cpus).await.map_err(api)?;
@@ -275,6 +306,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate { json, vm, host } => {
             return migrate(&client, &vm, &host, json).await;
+        }
+        Command::Failback { json, vm } => {
+            return failback(&client, &vm, json).await;
         }
         Command::Protect {
             interval_ms,
@@ -408,6 +442,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn failback(client: &Client, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let mut switched: Option<serde_json::Value> = None;
+    let mut failed: Option<String> = None;
+    if !json {
+        eprintln!("Switching '{vm}' over to its backup at the next checkpoint...");
+    }
+    client
+        .failback(vm, |ev| {
+            if json {
+                println!("{ev}");
+            }
+            match ev["event"].as_str().unwrap_or("") {
+                "switched_over" => switched = Some(ev),
+                "failed" => failed = Some(ev["reason"].as_str().unwrap_or("?").to_string()),
+                "backup_lost" => {
+                    failed = Some(format!(
+                        "the backup was lost ({}); the VM runs on here unprotected",
+                        ev["reason"].as_str().unwrap_or("?")
+                    ))
+                }
+                _ => {}
+            }
+        })
+        .await
+        .map_err(api)?;
+    if let Some(reason) = failed {
+        anyhow::bail!("failback of '{vm}' failed: {reason}");
+    }
+    let Some(s) = switched else {
+        anyhow::bail!("failback of '{vm}' ended without a switch-over; check both agents' logs");
+    };
+    if !json {
+        eprintln!(
+            "Switched over at epoch {}: the guest was paused {:.1} ms. The backup runs '{vm}' now and protects it back to this host (see `remus list` there).",
+            s["epoch"].as_u64().unwrap_or(0),
+            s["downtime_ms"].as_f64().unwrap_or(0.0),
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,9 @@ pub struct BackupConfig {
     pub timeout: Duration,
     /// How often the backup says it is alive.
     pub heartbeat: Duration,
+    /// The plan said `changed`: digests only of the chunks the primary
+    /// names (a DiskSyncRuns per disk) instead of every chunk.
+    pub changed_sync: bool,
 }
 
 /// What the receiver tells its owner.
@@ -129,13 +132,32 @@ pub fn receive(
         // The digests of the disks go out from a thread of their own while
         // this one reads: the primary answers each batch with the chunks
         // that differ, and neither side may wait for the other to read.
+        let (runs_tx, runs_rx) = std::sync::mpsc::channel::<Vec<(u64, u64)>>();
+        let changed = cfg.changed_sync;
         if let Some(d) = disks.as_deref() {
             let backends: Vec<_> = (0..d.disk_count())
                 .filter_map(|i| d.disk(i).cloned())
                 .collect();
             let (w, err, stop_ref) = (&writer, &digest_error, &stop);
             s.spawn(move || {
-                if let Err(e) = send_digests(&backends, w, stop_ref) {
+                let runs = |_disk: usize, total: u64| -> Option<Vec<(u64, u64)>> {
+                    if !changed {
+                        return Some(if total == 0 {
+                            Vec::new()
+                        } else {
+                            vec![(0, total)]
+                        });
+                    }
+                    loop {
+                        match runs_rx.recv_timeout(Duration::from_millis(100)) {
+                            Ok(r) => return Some(r),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                                if !stop_ref.load(std::sync::atomic::Ordering::SeqCst) => {}
+                            Err(_) => return None,
+                        }
+                    }
+                };
+                if let Err(e) = send_digests(&backends, w, stop_ref, &runs) {
                     tracing::error!(error = %e, "sending disk digests failed");
                     *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     // Ends the receive loop below.
@@ -151,6 +173,7 @@ pub fn receive(
             &writer,
             replica,
             disks,
+            changed.then_some(&runs_tx),
             &mut asm,
             events,
             on_switchover,
@@ -218,36 +241,79 @@ fn after_broken_ack(
     }
 }
 
-/// Sends the digests of every replicated disk (initial sync), in order.
+/// Sends the digests of every replicated disk (initial sync), in order:
+/// of the chunk runs `runs(disk, chunks)` gives (None: the session ended).
 fn send_digests(
     disks: &[std::sync::Arc<dyn remus_nbd::BlockBackend>],
     writer: &Mutex<TcpStream>,
     stop: &std::sync::atomic::AtomicBool,
+    runs: &dyn Fn(usize, u64) -> Option<Vec<(u64, u64)>>,
 ) -> Result<(), ReplError> {
     use remus_disk::sync::{CHUNK_SIZE, DIGESTS_PER_FRAME, chunk_count, digest_chunks};
     for (i, d) in disks.iter().enumerate() {
         let total = chunk_count(d.size());
-        let mut first = 0u64;
-        while first < total {
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(());
+        let Some(disk_runs) = runs(i, total) else {
+            return Ok(());
+        };
+        for (start, count) in disk_runs {
+            let end = start + count;
+            let mut first = start;
+            while first < end {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let want = usize::try_from(end - first)
+                    .unwrap_or(usize::MAX)
+                    .min(DIGESTS_PER_FRAME);
+                let digests = digest_chunks(&**d, first, want).map_err(|e| {
+                    ReplError::Io(format!("read replicated disk {i} for its digests"), e)
+                })?;
+                let n = digests.len() as u64;
+                let m = Message::DiskDigests(DiskDigests {
+                    disk: i as u16,
+                    chunk_size: CHUNK_SIZE,
+                    first_chunk: first,
+                    digests,
+                });
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                m.write_to(&mut *w)?;
+                w.flush()
+                    .map_err(|e| ReplError::Io("send disk digests".into(), e))?;
+                first += n;
+                if n == 0 {
+                    break;
+                }
             }
-            let digests = digest_chunks(&**d, first, DIGESTS_PER_FRAME).map_err(|e| {
-                ReplError::Io(format!("read replicated disk {i} for its digests"), e)
-            })?;
-            let n = digests.len() as u64;
-            let m = Message::DiskDigests(DiskDigests {
-                disk: i as u16,
-                chunk_size: CHUNK_SIZE,
-                first_chunk: first,
-                digests,
-            });
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            m.write_to(&mut *w)?;
-            w.flush()
-                .map_err(|e| ReplError::Io("send disk digests".into(), e))?;
-            first += n;
         }
+    }
+    Ok(())
+}
+
+/// The primary's sync runs for the next disk: that disk, our chunk size,
+/// within the disk.
+fn check_sync_runs(
+    r: &remus_proto::DiskSyncRuns,
+    d: &EpochBuffer,
+    expected_disk: usize,
+) -> Result<(), String> {
+    use remus_disk::sync::{CHUNK_SIZE, chunk_count};
+    if usize::from(r.disk) != expected_disk || r.chunk_size != CHUNK_SIZE {
+        return Err(format!(
+            "sync runs for disk {} in {}-byte chunks; expected disk {expected_disk} in {CHUNK_SIZE}",
+            r.disk, r.chunk_size
+        ));
+    }
+    let total = d
+        .disk(expected_disk)
+        .map(|b| chunk_count(b.size()))
+        .ok_or_else(|| format!("sync runs for disk {expected_disk}, which does not exist"))?;
+    if let Some(&(f, n)) = r.runs.last()
+        && f + n > total
+    {
+        return Err(format!(
+            "sync runs reach chunk {} beyond disk {expected_disk}'s {total}",
+            f + n
+        ));
     }
     Ok(())
 }
@@ -258,6 +324,7 @@ fn receive_loop(
     writer: &Mutex<TcpStream>,
     replica: &mut Replica,
     mut disks: Option<&mut EpochBuffer>,
+    sync_runs: Option<&std::sync::mpsc::Sender<Vec<(u64, u64)>>>,
     asm: &mut CheckpointAssembler,
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
@@ -296,6 +363,7 @@ fn receive_loop(
             reason: format!("checkpoint rejected: {reason}"),
         })
     };
+    let mut runs_seen = 0usize;
     loop {
         let msg = match Message::read_from(reader) {
             Ok(m) => m,
@@ -430,6 +498,21 @@ fn receive_loop(
                     if let Err(e) = d.seal(&seal, replica.committed()) {
                         return disk_failed(e, "disk seal");
                     }
+                }
+                Message::DiskSyncRuns(r) => {
+                    let (Some(tx), Some(d)) = (sync_runs, disks.as_deref()) else {
+                        return disk_failed(
+                            DiskError::Protocol(
+                                "sync runs, but this session's plan compares every chunk".into(),
+                            ),
+                            "sync runs",
+                        );
+                    };
+                    if let Err(e) = check_sync_runs(&r, d, runs_seen) {
+                        return disk_failed(DiskError::Protocol(e), "sync runs");
+                    }
+                    runs_seen += 1;
+                    let _ = tx.send(r.runs);
                 }
                 Message::Done => return Ok(BackupEnd::Done),
                 Message::SwitchOver { epoch } => {

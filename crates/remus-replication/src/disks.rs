@@ -61,7 +61,8 @@ impl Drop for PrimaryDisks {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DiskSyncProgress {
     pub disk: String,
-    /// Bytes of this disk compared so far, and its size.
+    /// Bytes of this disk compared so far, and how many will be (its size
+    /// for a full sync).
     pub compared_bytes: u64,
     pub disk_bytes: u64,
     /// Over all disks so far: chunks that differed, bytes sent for them.
@@ -73,7 +74,12 @@ pub struct DiskSyncProgress {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DiskSyncStats {
     pub disks: u64,
+    /// `full` (every chunk compared) or `changed` (only the chunks either
+    /// side's change records mark).
+    pub mode: String,
+    /// Chunks compared, and chunks the disks have.
     pub chunks: u64,
+    pub disk_chunks: u64,
     pub chunk_size: u32,
     pub differing_chunks: u64,
     /// Data bytes sent (zeroed chunks send none).
@@ -83,11 +89,55 @@ pub struct DiskSyncStats {
     pub ms: f64,
 }
 
-/// Compares every replicated disk against the backup's digests (one
-/// [`DiskDigests`] at a time from `next`) and hands a record for each
-/// differing chunk to `emit` (epoch 0: applied by the backup on arrival).
+/// The chunk runs of each replicated disk a sync compares: every chunk
+/// (`None`), or only the given runs (a resync of changed chunks).
+pub fn sync_runs(disks: &PrimaryDisks, only: Option<&[Vec<(u64, u64)>]>) -> Vec<Vec<(u64, u64)>> {
+    disks
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match only {
+            Some(r) => r.get(i).cloned().unwrap_or_default(),
+            None => {
+                let n = chunk_count(p.local().size());
+                if n == 0 { Vec::new() } else { vec![(0, n)] }
+            }
+        })
+        .collect()
+}
+
+/// The chunks each replicated disk's own change records mark (its change
+/// map, and its activity log), with `extra` (the backup's), as runs.
+pub fn changed_runs(disks: &PrimaryDisks, extra: &[Vec<(u64, u64)>]) -> Vec<Vec<(u64, u64)>> {
+    disks
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let total = chunk_count(p.local().size());
+            let mut chunks: Vec<u64> = p
+                .change_map()
+                .map(|m| m.marked_chunks())
+                .unwrap_or_default();
+            if let Some(al) = p.activity_log() {
+                chunks.extend(al.marked_chunks(CHUNK_SIZE));
+            }
+            if let Some(x) = extra.get(i) {
+                chunks.extend(crate::copy::from_runs(x));
+            }
+            chunks.retain(|&c| c < total);
+            crate::copy::to_runs(chunks)
+        })
+        .collect()
+}
+
+/// Compares the chunks `runs` names on every replicated disk (per disk,
+/// ascending) against the backup's digests of them (one [`DiskDigests`]
+/// at a time from `next`) and hands a record for each differing chunk to
+/// `emit` (epoch 0: applied by the backup on arrival).
 pub fn initial_sync(
     disks: &PrimaryDisks,
+    runs: &[Vec<(u64, u64)>],
     next: &mut dyn FnMut() -> Result<DiskDigests, ReplError>,
     emit: &mut dyn FnMut(DiskRecord) -> Result<(), ReplError>,
     progress: &mut dyn FnMut(DiskSyncProgress),
@@ -103,62 +153,76 @@ pub fn initial_sync(
         let local = port.local();
         let size = local.size();
         let total = chunk_count(size);
-        st.chunks += total;
-        let mut covered = 0u64;
-        while covered < total {
-            let d = next()?;
-            if d.disk as usize != i || d.first_chunk != covered || d.chunk_size != CHUNK_SIZE {
+        let disk_runs = runs.get(i).map(Vec::as_slice).unwrap_or_default();
+        let planned = crate::copy::run_chunks(disk_runs);
+        st.disk_chunks += total;
+        st.chunks += planned;
+        let mut done = 0u64;
+        for &(first, count) in disk_runs {
+            let end = first + count;
+            if end > total {
                 return Err(ReplError::Protocol(format!(
-                    "backup sent digests for disk {} from chunk {} ({} bytes each); expected disk {i} from chunk {covered} ({CHUNK_SIZE})",
-                    d.disk, d.first_chunk, d.chunk_size
-                )));
-            }
-            if covered + d.digests.len() as u64 > total {
-                return Err(ReplError::Protocol(format!(
-                    "backup sent digests beyond the end of disk {}",
+                    "sync runs reach chunk {end} beyond the end of disk {} ({total} chunks)",
                     port.target()
                 )));
             }
-            for (k, theirs) in d.digests.iter().enumerate() {
-                let chunk = covered + k as u64;
-                let data = read_chunk(&**local, chunk, &mut buf).map_err(|e| {
-                    ReplError::Io(format!("read disk {} chunk {chunk}", port.target()), e)
-                })?;
-                if digest(data) == *theirs {
-                    continue;
+            let mut covered = first;
+            while covered < end {
+                let d = next()?;
+                if d.disk as usize != i || d.first_chunk != covered || d.chunk_size != CHUNK_SIZE {
+                    return Err(ReplError::Protocol(format!(
+                        "backup sent digests for disk {} from chunk {} ({} bytes each); expected disk {i} from chunk {covered} ({CHUNK_SIZE})",
+                        d.disk, d.first_chunk, d.chunk_size
+                    )));
                 }
-                st.differing_chunks += 1;
-                let (offset, len) = chunk_range(size, chunk);
-                let op = if is_zero(data) {
-                    st.zeroed_chunks += 1;
-                    DiskOp::Zero {
-                        offset,
-                        len: len as u64,
-                        trim: true,
-                        fua: false,
+                if covered + d.digests.len() as u64 > end {
+                    return Err(ReplError::Protocol(format!(
+                        "backup sent digests beyond the planned chunks of disk {}",
+                        port.target()
+                    )));
+                }
+                for (k, theirs) in d.digests.iter().enumerate() {
+                    let chunk = covered + k as u64;
+                    let data = read_chunk(&**local, chunk, &mut buf).map_err(|e| {
+                        ReplError::Io(format!("read disk {} chunk {chunk}", port.target()), e)
+                    })?;
+                    if digest(data) == *theirs {
+                        continue;
                     }
-                } else {
-                    st.sent_bytes += len as u64;
-                    DiskOp::Write {
-                        offset,
-                        fua: false,
-                        data: data.to_vec(),
-                    }
-                };
-                emit(DiskRecord {
-                    epoch: Epoch(0),
-                    disk: i as u16,
-                    op,
-                })?;
+                    st.differing_chunks += 1;
+                    let (offset, len) = chunk_range(size, chunk);
+                    let op = if is_zero(data) {
+                        st.zeroed_chunks += 1;
+                        DiskOp::Zero {
+                            offset,
+                            len: len as u64,
+                            trim: true,
+                            fua: false,
+                        }
+                    } else {
+                        st.sent_bytes += len as u64;
+                        DiskOp::Write {
+                            offset,
+                            fua: false,
+                            data: data.to_vec(),
+                        }
+                    };
+                    emit(DiskRecord {
+                        epoch: Epoch(0),
+                        disk: i as u16,
+                        op,
+                    })?;
+                }
+                covered += d.digests.len() as u64;
+                done += d.digests.len() as u64;
+                progress(DiskSyncProgress {
+                    disk: port.target().to_string(),
+                    compared_bytes: (done * u64::from(CHUNK_SIZE)).min(size),
+                    disk_bytes: (planned * u64::from(CHUNK_SIZE)).min(size),
+                    differing_chunks: st.differing_chunks,
+                    sent_bytes: st.sent_bytes,
+                });
             }
-            covered += d.digests.len() as u64;
-            progress(DiskSyncProgress {
-                disk: port.target().to_string(),
-                compared_bytes: (covered * u64::from(CHUNK_SIZE)).min(size),
-                disk_bytes: size,
-                differing_chunks: st.differing_chunks,
-                sent_bytes: st.sent_bytes,
-            });
         }
     }
     st.ms = t.elapsed().as_secs_f64() * 1e3;

@@ -56,23 +56,23 @@ pub struct DiskTakeover {
 
 /// Prepares the standby's disks for running the VM: drops what never
 /// committed, makes what did durable, and from now on records which chunks
-/// the VM changes, in a persistent map per replicated disk (in the VM's
-/// state directory: `disk-TARGET.changed`), for a later resync. Call before
+/// the VM changes, in a persistent map per replicated disk (in
+/// `changes_dir`: `disk-TARGET.changed`), for a later resync. Call before
 /// [`resume`].
 pub fn take_over_disks(
     standby: &Vm,
     buffer: &mut remus_disk::EpochBuffer,
+    changes_dir: &std::path::Path,
 ) -> Result<DiskTakeover, ReplError> {
     let (discarded_records, discarded_bytes) = buffer.discard();
     buffer
         .sync_all()
         .map_err(|e| ReplError::Vm(format!("make the committed disk state durable: {e}")))?;
     let mut change_maps = Vec::new();
+    std::fs::create_dir_all(changes_dir)
+        .map_err(|e| ReplError::Io(format!("create {}", changes_dir.display()), e))?;
     for port in standby.replicated_disks() {
-        let path = standby
-            .paths
-            .dir()
-            .join(format!("disk-{}.changed", port.target()));
+        let path = changes_dir.join(format!("disk-{}.changed", port.target()));
         let map =
             remus_disk::ChangeMap::open(&path, port.local().size(), remus_disk::sync::CHUNK_SIZE)
                 .map_err(|e| ReplError::Io(format!("change map {}", path.display()), e))?;

@@ -10,6 +10,7 @@
 //! The wire format and handshake live in `remus-proto`.
 
 pub mod backup;
+pub mod copy;
 pub mod disks;
 pub mod failover;
 pub mod migrate;

@@ -129,8 +129,10 @@ pub fn migrate(
     let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
     if disks.active() {
         let journal = disks.journal.clone();
+        let runs = crate::disks::sync_runs(&disks, None);
         let stats = crate::disks::initial_sync(
             &disks,
+            &runs,
             &mut || next_digests(&mut reader),
             &mut |rec| {
                 // The guest's writes meanwhile go along, so the journal

@@ -49,6 +49,15 @@ pub struct ProtectConfig {
     /// a page cache of this many bytes; `None` for `--no-compress` or a
     /// peer older than protocol version 3.
     pub compress: Option<u64>,
+    /// How the disks are synchronised: `None` compares every chunk;
+    /// `Some(backup's runs)` (the backup's plan said `changed`) compares
+    /// only the chunks this host's change records mark (its change maps
+    /// and activity logs, read once journaling has started) and these.
+    pub changed_sync: Option<Vec<Vec<(u64, u64)>>>,
+    /// Set to hand the VM over to the backup at the next checkpoint
+    /// (`remus failback`): the guest stays stopped here after it, the
+    /// backup resumes it from that checkpoint.
+    pub switch_over: Arc<AtomicBool>,
 }
 
 /// One committed checkpoint, as reported to the operator.
@@ -111,6 +120,12 @@ pub enum ProtectEvent {
     Stopped {
         checkpoints: u64,
     },
+    /// Planned switch-over: the backup resumed the VM from `epoch`; the
+    /// guest was stopped here for `downtime_ms` until it confirmed.
+    SwitchedOver {
+        epoch: u64,
+        downtime_ms: f64,
+    },
 }
 
 /// How a protection session ended.
@@ -120,6 +135,12 @@ pub enum ProtectEnd {
     Stopped,
     /// The backup or the link failed; the VM runs on unprotected.
     BackupLost(String),
+    /// The backup runs the VM now (planned switch-over); the guest here is
+    /// stopped for good at `epoch` and must not run again.
+    SwitchedOver { epoch: u64, downtime_ms: f64 },
+    /// The switch-over was asked and sent but the backup's answer never
+    /// came: it may be running the VM. The guest here stays stopped.
+    SwitchOverUnconfirmed(String),
 }
 
 /// What the epoch loop hands to the sender.
@@ -130,6 +151,9 @@ enum Outgoing {
     /// Protection failed while the VM runs on here: tell the backup why,
     /// so that it discards its copy instead of resuming a second one.
     Abort(String),
+    /// The last checkpoint was acknowledged with the guest stopped here:
+    /// the backup resumes the VM from it.
+    SwitchOver(Epoch),
 }
 
 pub(crate) struct Staged {
@@ -196,6 +220,10 @@ impl Edges<'_> {
 struct InFlight {
     /// epoch → (stats so far, End sent at)
     sent: HashMap<u64, (EpochStats, Instant)>,
+    /// The highest epoch the backup acknowledged.
+    acked_up_to: Option<u64>,
+    /// The backup answered a switch-over with Done: it runs the VM now.
+    switched: bool,
 }
 
 /// Runs protection until `stop` is set or the backup is lost. `stream` is
@@ -243,10 +271,40 @@ pub fn protect(
     let (tx, rx) = sync_channel::<Outgoing>(1);
     let (dig_tx, dig_rx) = std::sync::mpsc::channel::<DiskDigests>();
     let committed = std::sync::atomic::AtomicU64::new(0);
+    let mut switch_sent: Option<(Epoch, Instant)> = None;
     // From here on the guest's disk writes are journaled (epoch 1 on).
     let disks = PrimaryDisks::start(vm, cfg.replicate_disks);
     let journal = &*disks.journal;
     let disk_on = disks.active();
+    // What the disk sync compares. The change records are read after
+    // journaling started: a write before is in them, a write after is in
+    // the journal (and applied after the sync data).
+    let sync_runs = if disk_on {
+        for p in &disks.ports {
+            if let Some(al) = p.activity_log() {
+                al.new_session();
+            }
+        }
+        match &cfg.changed_sync {
+            Some(theirs) => {
+                let runs = crate::disks::changed_runs(&disks, theirs);
+                for (i, r) in runs.iter().enumerate() {
+                    Message::DiskSyncRuns(remus_proto::DiskSyncRuns {
+                        disk: i as u16,
+                        chunk_size: remus_disk::sync::CHUNK_SIZE,
+                        runs: crate::copy::coalesce(r.clone(), crate::copy::MAX_RUNS),
+                    })
+                    .write_to(&mut &stream)?;
+                }
+                runs.into_iter()
+                    .map(|r| crate::copy::coalesce(r, crate::copy::MAX_RUNS))
+                    .collect()
+            }
+            None => crate::disks::sync_runs(&disks, None),
+        }
+    } else {
+        Vec::new()
+    };
     // Network output: held per epoch from the first checkpoint on.
     let nets: Vec<Arc<OutputCommit>> = if cfg.buffer_net {
         vm.output_commits().to_vec()
@@ -288,8 +346,9 @@ pub fn protect(
             // epoch 1 and applied after them.
             if disk_on {
                 let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let stats = crate::disks::initial_sync(
+                let mut stats = crate::disks::initial_sync(
                     &disks,
+                    &sync_runs,
                     &mut || {
                         // No deadline of its own: hashing a large disk
                         // takes the backup a while, and its heartbeats
@@ -328,7 +387,13 @@ pub fn protect(
                     },
                     &mut |p| events(ProtectEvent::DiskSync(p)),
                 )?;
-                tracing::info!(vm = %name, chunks = stats.chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
+                stats.mode = if cfg.changed_sync.is_some() {
+                    "changed"
+                } else {
+                    "full"
+                }
+                .into();
+                tracing::info!(vm = %name, mode = %stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
                 events(ProtectEvent::DiskSynced(stats));
             }
             // Initial sync: reset the dirty bits, then copy every page holding
@@ -361,6 +426,21 @@ pub fn protect(
                 ms: t.elapsed().as_secs_f64() * 1e3,
             });
             tracing::info!(vm = %name, pages, "initial sync staged");
+            // Checkpoints start once the backup holds the initial copy.
+            // Until the first checkpoint's cut the guest's output flows
+            // unheld (nothing can fail over before a first commit), so a
+            // long initial copy (a resync, a large VM) is no stall for its
+            // clients; the first checkpoint then carries what the guest
+            // dirtied meanwhile.
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(ProtectEnd::Stopped);
+                }
+                if wait_acked(&flight, &lost, Epoch(0), Duration::from_millis(100))? {
+                    break;
+                }
+            }
+            tracing::info!(vm = %name, ms = t.elapsed().as_secs_f64() * 1e3, "initial copy acknowledged; checkpoints start");
 
             let mut next_due = Instant::now();
             let mut epoch = 0u64;
@@ -389,6 +469,8 @@ pub fn protect(
                     continue;
                 }
                 epoch += 1;
+                let last = cfg.switch_over.load(Ordering::SeqCst);
+                let t_stop = Instant::now();
                 let staged = checkpoint(
                     vm,
                     &mut tracker,
@@ -397,9 +479,36 @@ pub fn protect(
                     &dev_file,
                     edges,
                     Epoch(epoch),
+                    last,
                 )?;
                 captured_paused = staged.operator_paused;
                 send(&tx, journal, staged, &lost)?;
+                if last {
+                    // The guest stays stopped: once this checkpoint is
+                    // acknowledged the backup resumes from it.
+                    let acked =
+                        wait_acked(&flight, &lost, Epoch(epoch), cfg.timeout * 4).and_then(|a| {
+                            if a {
+                                Ok(())
+                            } else {
+                                Err(ReplError::PeerLost(format!(
+                                    "the last checkpoint ({epoch}) was not acknowledged in time"
+                                )))
+                            }
+                        });
+                    if let Err(e) = acked {
+                        let _ = vm.qmp().execute("cont", None);
+                        tracing::warn!(vm = %name, error = %e, "switch-over abandoned before it was sent; the VM runs on here");
+                        return Err(e);
+                    }
+                    let _ = tx.send(Outgoing::SwitchOver(Epoch(epoch)));
+                    journal.notify();
+                    switch_sent = Some((Epoch(epoch), t_stop));
+                    return Ok(ProtectEnd::SwitchedOver {
+                        epoch,
+                        downtime_ms: 0.0,
+                    });
+                }
             }
         })();
         let said_goodbye = match &result {
@@ -429,6 +538,41 @@ pub fn protect(
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        if let Some((epoch, since)) = switch_sent {
+            // The backup answers a switch-over with Done once the VM runs
+            // there, or with an Error if it could not resume it.
+            let deadline = Instant::now() + cfg.timeout * 4;
+            while !ack_reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = closer.shutdown(std::net::Shutdown::Read);
+            let _ = ack_reader.join();
+            let reason = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let switched = flight.lock().unwrap_or_else(|p| p.into_inner()).switched;
+            let result = if switched {
+                let downtime_ms = since.elapsed().as_secs_f64() * 1e3;
+                events(ProtectEvent::SwitchedOver {
+                    epoch: epoch.0,
+                    downtime_ms,
+                });
+                Ok(ProtectEnd::SwitchedOver {
+                    epoch: epoch.0,
+                    downtime_ms,
+                })
+            } else if reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("backup reported"))
+            {
+                // It said it could not resume: nothing runs there.
+                let _ = vm.qmp().execute("cont", None);
+                Ok(ProtectEnd::BackupLost(reason.unwrap_or_default()))
+            } else {
+                Ok(ProtectEnd::SwitchOverUnconfirmed(
+                    reason.unwrap_or_else(|| "no answer from the backup".into()),
+                ))
+            };
+            return result;
+        }
         // Wake the ack reader (it may be waiting on a backup that already
         // said goodbye or died).
         let _ = closer.shutdown(std::net::Shutdown::Read);
@@ -442,7 +586,9 @@ pub fn protect(
                 checkpoints: committed.load(Ordering::SeqCst),
             }),
             Ok(ProtectEnd::BackupLost(r)) => events(ProtectEvent::BackupLost { reason: r.clone() }),
-            Err(_) => {}
+            // Reported where the switch-over ends (above).
+            Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed(_)) | Err(_) => {
+            }
         }
         result
     });
@@ -490,7 +636,37 @@ fn send(
     }
 }
 
+/// Waits until `epoch` has been acknowledged (true), or `within` passes
+/// (false); an error once the backup is lost.
+fn wait_acked(
+    flight: &Mutex<InFlight>,
+    lost: &Mutex<Option<String>>,
+    epoch: Epoch,
+    within: Duration,
+) -> Result<bool, ReplError> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(r) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(ReplError::PeerLost(r));
+        }
+        // The sender enters the checkpoint when it sends it; the ack
+        // reader removes it.
+        let f = flight.lock().unwrap_or_else(|p| p.into_inner());
+        if f.acked_up_to.is_some_and(|e| e >= epoch.0) {
+            return Ok(true);
+        }
+        drop(f);
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Takes one checkpoint: the only part that runs with the guest paused.
+/// With `keep_stopped` (the last one before a switch-over) the guest is
+/// not resumed.
+#[allow(clippy::too_many_arguments)]
 fn checkpoint(
     vm: &Vm,
     tracker: &mut DirtyTracker,
@@ -499,6 +675,7 @@ fn checkpoint(
     dev_file: &std::path::Path,
     edges: Edges<'_>,
     epoch: Epoch,
+    keep_stopped: bool,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
     let taken_at_ms = crate::now_us() / 1000;
@@ -547,7 +724,7 @@ fn checkpoint(
     // Held at the guard, or fenced since (the fence raises its flag
     // before it waits for this lock): the guest stays stopped.
     let held = operator_paused || vm.is_fenced();
-    let cont = if held {
+    let cont = if held || keep_stopped {
         Ok(serde_json::Value::Null)
     } else {
         qmp.execute("cont", None)
@@ -622,6 +799,9 @@ fn sender_loop(
         }
         match rx.try_recv() {
             Ok(Outgoing::Done) => return goodbye(&mut w, Some(Message::Done)),
+            Ok(Outgoing::SwitchOver(epoch)) => {
+                return goodbye(&mut w, Some(Message::SwitchOver { epoch }));
+            }
             Ok(Outgoing::Abort(reason)) => {
                 let m = Message::Error {
                     code: remus_proto::ErrorCode::Internal,
@@ -783,11 +963,11 @@ fn ack_loop(
                 // Output commit: the backup holds the state that sent
                 // these frames.
                 edges.acked(epoch);
-                let entry = flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .sent
-                    .remove(&epoch.0);
+                let entry = {
+                    let mut f = flight.lock().unwrap_or_else(|p| p.into_inner());
+                    f.acked_up_to = Some(f.acked_up_to.unwrap_or(0).max(epoch.0));
+                    f.sent.remove(&epoch.0)
+                };
                 if epoch.0 == 0 {
                     continue; // the initial sync
                 }
@@ -800,6 +980,11 @@ fn ack_loop(
             Ok(Message::Heartbeat { .. }) => {}
             Ok(Message::DiskDigests(d)) => {
                 let _ = digests.send(d);
+            }
+            // The backup's answer to a switch-over: it runs the VM now.
+            Ok(Message::Done) => {
+                flight.lock().unwrap_or_else(|p| p.into_inner()).switched = true;
+                break "the backup took the VM over (switch-over)".into();
             }
             Ok(Message::Error { code, message }) => {
                 break format!("backup reported {code}: {message}");

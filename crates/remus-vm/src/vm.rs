@@ -426,6 +426,15 @@ impl Vm {
         Ok(())
     }
 
+    /// Records as an operator's pause a guest that is already stopped
+    /// (the last checkpoint of a switch-over whose outcome is unknown
+    /// left it so): listed paused, it runs again only on `unpause`.
+    pub fn mark_operator_paused(&self) {
+        let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause_generation.fetch_add(1, SeqCst);
+        self.operator_paused.store(true, SeqCst);
+    }
+
     /// Pauses the guest because this host may no longer run it (the
     /// arbiter's lease could not be renewed: self-fencing). Checkpoints
     /// leave it paused and [`Vm::unpause`] refuses until [`Vm::unfence`].

@@ -39,6 +39,7 @@ pub fn session(
     let cfg = BackupConfig {
         timeout: Duration::from_secs(10),
         heartbeat: Duration::from_millis(200),
+        changed_sync: false,
     };
     let end = receive(
         stream,

@@ -195,6 +195,10 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The command (program, arguments) and extra agent arguments it was
+    /// started with, for [`Agent::restart`].
+    launch: (std::ffi::OsString, Vec<std::ffi::OsString>),
+    extra: Vec<String>,
 }
 
 impl Agent {
@@ -274,49 +278,74 @@ impl Agent {
         Self::start_with(bins, cmd, extra)
     }
 
-    fn start_with(bins: &Binaries, mut cmd: Command, extra: &[&str]) -> Result<Agent> {
+    fn start_with(bins: &Binaries, cmd: Command, extra: &[&str]) -> Result<Agent> {
         let dir = tempfile::Builder::new()
             .prefix("remus-t")
             .tempdir_in("/tmp")?;
         let socket = dir.path().join("a.sock");
         let state_dir = dir.path().join("st");
         let log = dir.path().join("remusd.log");
-        cmd.arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--ram-dir")
-            .arg(dir.path())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = cmd.spawn().context("start remusd")?;
+        std::fs::File::create(&log)?;
         let mut agent = Agent {
             bins: bins.clone(),
             dir,
             socket,
             state_dir,
             log,
-            child: Some(child),
+            child: None,
+            launch: (
+                cmd.get_program().to_owned(),
+                cmd.get_args().map(ToOwned::to_owned).collect(),
+            ),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process on this agent's state dir, socket and
+    /// namespaces, and waits until it answers (its log is appended to).
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.launch.0);
+        cmd.args(&self.launch.1)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--ram-dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&self.log)?);
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Some(cmd.spawn().context("start remusd")?);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if std::os::unix::net::UnixStream::connect(&agent.socket).is_ok() {
-                break;
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
             }
-            if let Some(c) = agent.child.as_mut()
+            if let Some(c) = self.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
             {
-                bail!("remusd exited at start ({st}): {}", agent.log_text());
+                bail!("remusd exited at start ({st}): {}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("remusd did not answer within 20 s: {}", agent.log_text());
+                bail!("remusd did not answer within 20 s: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(agent)
+    }
+
+    /// Starts the agent again, on the same state dir, socket, namespaces
+    /// and arguments, after [`kill_hard`](Self::kill_hard) or
+    /// [`stop`](Self::stop): a host coming back after a crash.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the agent still runs; kill or stop it first");
+        }
+        self.spawn()
     }
 
     /// The agent's log so far.

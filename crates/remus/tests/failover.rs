@@ -243,7 +243,7 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     );
     // After failover the backup records which chunks change: the records
     // diskload writes next are marked.
-    let maps = backup.state_dir.join("vms").join(&vm);
+    let maps = backup.state_dir.join("copies").join(&vm);
     let next_chunk = (DISKLOAD_OFFSET + verified * RECORD) / CHUNK;
     backup
         .wait_console(&vm, Duration::from_secs(30), "diskload after verify", |c| {

@@ -7,7 +7,11 @@
 //! replicated disk; a protects it to b; then a's plug is pulled (SIGKILL
 //! of its agent and QEMU). The VM carries on at b from its last
 //! checkpoint: the client's TCP session goes on without a gap, and the
-//! guest finds every record it completed on b's disk. A summary ends it.
+//! guest finds every record it completed on b's disk. Then a comes back
+//! (its agent restarts on its old state dir and lists the VM as stale),
+//! b protects the VM back to a, copying only the blocks either side
+//! changed, and `remus failback` moves it home to a at a checkpoint, the
+//! session still whole. A summary ends it.
 //!
 //! It uses `remus`/`remusd` next to its own executable and the guest
 //! image from `scripts/build-guest.sh`; it needs root (namespaces).
@@ -82,7 +86,12 @@ fn run() -> Result<()> {
         lan.addr("b"),
         lan.addr("c")
     ));
-    let mut a = Agent::start(&bins, Some(lan.host("a")), &["--key", key])?;
+    let a_listen = format!("{}:{REPL_PORT}", lan.addr("a"));
+    let mut a = Agent::start(
+        &bins,
+        Some(lan.host("a")),
+        &["--listen", &a_listen, "--key", key],
+    )?;
     let listen = format!("{}:{REPL_PORT}", lan.addr("b"));
     let os = OsStr::new;
     let b = Agent::start_in(
@@ -229,6 +238,59 @@ fn run() -> Result<()> {
         "== guest on b checks its disk against its own memory: {verdict}"
     ));
 
+    say("");
+    say("== host a comes back: its agent restarts on its old state dir");
+    a.restart()?;
+    say(
+        "   a's copy ran when its agent died and b has taken over since: it is stale and never runs on its own",
+    );
+    say(&indent(&a.cli(&["list"]).stdout));
+    say("");
+    say(&format!(
+        "== host b: remus protect -i 100 --timeout 1000 {VM} {a_listen}   (resync back to a)"
+    ));
+    let mut back = ProtectFollower::start(&b, VM, &a_listen, &["-i", "100", "--timeout", "1000"])?;
+    let plan = back.event("sync_plan")?;
+    say(&format!(
+        "   plan: {} ({})",
+        plan["mode"].as_str().unwrap_or("?"),
+        plan["reason"].as_str().unwrap_or("")
+    ));
+    let synced = back.event("disk_synced")?;
+    say(&format!(
+        "   compared {} of {} chunks (those a's activity log or b's change map mark), {} differed, {:.1} MiB sent",
+        synced["chunks"],
+        synced["disk_chunks"],
+        synced["differing_chunks"],
+        synced["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+    ));
+    back.checkpoint_after(0)?;
+    say("   checkpoints run b → a");
+    drop(back);
+    say("");
+    say(&format!(
+        "== host b: remus failback {VM}   (planned switch back to a)"
+    ));
+    let out = b.cli(&["failback", VM]);
+    if !out.ok {
+        bail!("failback: {}", out.stderr.trim());
+    }
+    say(&indent(out.stderr.trim()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.vm(VM).is_some_and(|v| v["role"] == "primary") {
+        if Instant::now() > deadline {
+            bail!("a does not protect the VM back to b: {}", a.log_text());
+        }
+        // Agent state has no change notification; poll the API.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let at = client.received();
+    client
+        .wait_received(at + 200, Duration::from_secs(60))
+        .context("the client's session after the failback")?;
+    say("== host a: remus list (runs the VM again, protected to b)");
+    say(&indent(&a.cli(&["list"]).stdout));
+
     pauses.sort_by(f64::total_cmp);
     say("");
     say("== summary");
@@ -241,14 +303,15 @@ fn run() -> Result<()> {
         "   failover: {failover_ms} ms from the kill to the VM running on b"
     ));
     say(&format!(
-        "   client: {} lines ({} bytes) received in order across the failover, longest pause {} ms",
+        "   client: {} lines ({} bytes) received in order across the failover, the resync and the failback, longest pause {} ms",
         client.received(),
         seq_bytes(client.received()),
         client.longest_gap().as_millis()
     ));
     let ok = client.error().is_none() && verdict.contains("verify ok");
     drop(client);
-    let _ = b.cli(&["destroy", VM]);
+    let _ = a.cli(&["protect", "--stop", VM]);
+    let _ = a.cli(&["destroy", VM]);
     if !ok {
         bail!("the demo's checks failed (see above)");
     }

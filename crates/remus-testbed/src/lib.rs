@@ -532,6 +532,27 @@ impl Drop for Agent {
     }
 }
 
+/// The `remus` and `remusd` binaries cargo built for the calling
+/// integration-test crate (`env!` is read there).
+#[macro_export]
+macro_rules! test_bins {
+    () => {
+        $crate::Binaries {
+            remus: std::path::PathBuf::from(env!("CARGO_BIN_EXE_remus")),
+            remusd: std::path::PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
+        }
+    };
+}
+
+/// A cheap pseudo-random delay in `0..max_ms` for a test's random
+/// moments, different per `seed` and per call time (no extra crate).
+pub fn jitter(seed: u64, max_ms: u64) -> u64 {
+    let x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(now_ms().wrapping_mul(1442695040888963407));
+    (x >> 33) % max_ms.max(1)
+}
+
 /// Writes a fresh 32-byte replication key into `dir` and returns its path.
 pub fn write_key(dir: &Path) -> PathBuf {
     use std::io::Read;

@@ -14,7 +14,6 @@
 //! - the arbiter down (two of three members): a pauses itself, b does
 //!   not resume; once etcd is back, a runs again, still protected.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use remus_testbed::etcd::EtcdCluster;
@@ -23,10 +22,7 @@ use remus_testbed::watch::{RunWatch, WatchReport};
 use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const VM_IP: &str = "198.18.0.10";

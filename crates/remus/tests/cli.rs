@@ -1,15 +1,11 @@
 //! CLI and agent behaviour that needs no guest: errors an operator meets.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 
 use remus_testbed::{Agent, Binaries, cli};
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
@@ -13,10 +13,7 @@ use remus_testbed::{
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const BOOT: Duration = Duration::from_secs(90);

@@ -10,7 +10,6 @@
 //! vdc has `replicate = false` (shared storage: the backup's own file is
 //! left as it is).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use remus_testbed::bootdisk::make_boot_disk;
@@ -19,10 +18,7 @@ use remus_testbed::{
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 /// Once a checkpoint taken after the guest's last seen tick is

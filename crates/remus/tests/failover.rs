@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, run_ok, ticks,
-    write_key,
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, jitter, last_tick, now_ms, run_ok,
+    ticks, write_key,
 };
 
 /// Where diskload starts on its disk, and its record size.
@@ -64,18 +64,7 @@ fn marked_chunks(map: &Path) -> Vec<u64> {
 }
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
-}
-
-/// A cheap pseudo-random number (no extra crate for a test's jitter).
-fn jitter(seed: u64, max_ms: u64) -> u64 {
-    let x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(now_ms().wrapping_mul(1442695040888963407));
-    (x >> 33) % max_ms.max(1)
+    remus_testbed::test_bins!()
 }
 
 /// The two hosts' views of the disk directory: the primary's images are

@@ -8,16 +8,12 @@
 //! can be pinned, a second create of the same name is refused, destroy
 //! removes QEMU.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use remus_testbed::{Agent, Binaries, GuestImage, Netns, last_tick, process_alive, ticks};
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const BOOT: Duration = Duration::from_secs(90);

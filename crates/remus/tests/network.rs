@@ -10,29 +10,18 @@
 //! guest's output (its data and its ACKs) never left before the backup
 //! held the state that sent it.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, now_ms, write_key,
+    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, jitter, write_key,
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const VM_IP: &str = "198.18.0.10";
 const REPL_PORT: u16 = 7100;
-
-fn jitter(seed: u64, max_ms: u64) -> u64 {
-    let x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(now_ms().wrapping_mul(1442695040888963407));
-    (x >> 33) % max_ms.max(1)
-}
 
 /// The guest: tick, the sequence server, an address on the LAN, a NIC on
 /// the host's br0 with a fixed MAC (it keeps MAC and IP across hosts).

@@ -7,16 +7,12 @@
 //! the LAN carries on from the backup (br1 is private to each host, so
 //! the other one ends with host a, as it must).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const IP0: &str = "198.18.0.10";

@@ -2,7 +2,7 @@
 //! `destroy` on the primary, through the real CLI and agents.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
@@ -10,10 +10,7 @@ use remus_testbed::{
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
+    remus_testbed::test_bins!()
 }
 
 const BOOT: Duration = Duration::from_secs(90);

@@ -19,11 +19,11 @@
 //!    overwrites the copy given up.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, now_ms, write_key,
+    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, jitter, now_ms, write_key,
 };
 
 const VM: &str = "rs";
@@ -37,17 +37,7 @@ const EXTENT_CHUNKS: u64 = 64;
 const DISK_BYTES: u64 = 512 << 20;
 
 fn bins() -> Binaries {
-    Binaries {
-        remus: PathBuf::from(env!("CARGO_BIN_EXE_remus")),
-        remusd: PathBuf::from(env!("CARGO_BIN_EXE_remusd")),
-    }
-}
-
-fn jitter(seed: u64, max_ms: u64) -> u64 {
-    let x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(now_ms().wrapping_mul(1442695040888963407));
-    (x >> 33) % max_ms.max(1)
+    remus_testbed::test_bins!()
 }
 
 /// An agent on host `h` that sees `store` at `images`.

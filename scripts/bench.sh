@@ -6,10 +6,13 @@
 # interval x dirty rate, bytes on the wire against raw dirty bytes,
 # pause against guest RAM size (256 MiB to 4 GiB), guest slowdown under
 # protection, failover times, `remus migrate` against QEMU's own live
-# migration, disk throughput and network latency and throughput; then a
-# table of the targets, each met or missed by how much. About 30 minutes
+# migration, disk throughput and network latency and throughput, resync
+# after a failover (changed chunks only) against a full compare and a full
+# copy for 1/4/16 GiB disks with 1%/10% rewritten; then a table of the
+# targets, each met or missed by how much. About 35 minutes
 # on a 2-core machine; needs root (network namespaces) and about 10 GiB of
-# free memory (the 4 GiB case runs a primary and a backup copy).
+# free memory (the 4 GiB case runs a primary and a backup copy), and about
+# 4 GiB free in /tmp (the 16 GiB resync case, two copies of 1.6 GiB data).
 #
 # Arguments go to remus-bench (`--help`), e.g.
 #   scripts/bench.sh --only matrix,wire --seconds 5

@@ -45,6 +45,23 @@
 //! interval/2 + 2 ms), throughput and its ratio to unprotected. Needs root
 //! (namespaces, bridges, taps).
 //!
+//! `--suite` runs the whole benchmark instead (`suite.rs`, what
+//! `scripts/bench.sh` runs): sections matrix, wire, ram, boot, slowdown,
+//! failover, migrate, disk, net and resync (`--only` picks some), one
+//! report with a table of the targets. `resync` measures the resync after
+//! a failover through two agents (127.0.0.1, each with its own image
+//! directory at the same path, B's through a mount namespace,
+//! `--al-extents 16`): a guest rewrites 1% or 10%
+//! of a 1, 4 or 16 GiB sparse raw disk (`diskbench --region-mb`), its
+//! primary is killed, the backup takes over, the old primary's agent comes
+//! back with a stale copy and is protected to again: a `changed` sync
+//! (only the chunks the change records mark); then, in the same run, the
+//! other way after `remus destroy` of the stale copy: a `full` digest
+//! compare of every chunk. Reported per case: chunks compared, differing,
+//! bytes sent, sync time and time to the first checkpoint of both, a full
+//! copy's bytes (and its time at the run's measured send rate, derived),
+//! and ratios changed/full.
+//!
 //! It uses the `remus` and `remusd` binaries next to its own executable
 //! (target/release or target/debug) and the guest image from
 //! `scripts/build-guest.sh`.
@@ -91,10 +108,13 @@ const USAGE: &str =
   --suite          the whole benchmark (what scripts/bench.sh runs): pause by
                    interval x dirty rate, wire vs raw bytes, pause vs RAM size,
                    a Debian VM booted from disk, guest slowdown (cpumem), failover times, remus migrate vs
-                   QEMU's live migration, the disk and network cases; one report
+                   QEMU's live migration, the disk and network cases, resync after a
+                   failover (changed chunks only) against a full compare and a full
+                   copy for 1/4/16 GiB disks with 1%/10% rewritten; one report
                    with every target met or missed (--seconds defaults to 8)
   --only L         with --suite: only these sections, comma-separated, of
-                   matrix, wire, ram, boot, slowdown, failover, migrate, disk, net
+                   matrix, wire, ram, boot, slowdown, failover, migrate, disk, net,
+                   resync
   --failover-rounds N  failover rounds (every third one freezes the primary)
   --seconds N      measured checkpoints per case = N s / interval (default 15);
                    disk cases: N of the guest's once-a-second lines per case;
@@ -1028,6 +1048,7 @@ struct Protecting {
     cps: Vec<Value>,
     initial_sync: Value,
     disk_synced: Value,
+    sync_plan: Value,
 }
 
 impl Protecting {
@@ -1069,6 +1090,7 @@ impl Protecting {
             cps: Vec::new(),
             initial_sync: Value::Null,
             disk_synced: Value::Null,
+            sync_plan: Value::Null,
         })
     }
 
@@ -1078,6 +1100,7 @@ impl Protecting {
         match ev["event"].as_str() {
             Some("initial_sync") => self.initial_sync = ev,
             Some("disk_synced") => self.disk_synced = ev,
+            Some("sync_plan") => self.sync_plan = ev,
             Some("checkpoint") => self.cps.push(ev),
             Some("backup_lost") | Some("failed") => bail!("protection ended: {ev}"),
             _ => {}
@@ -1149,6 +1172,29 @@ impl Protecting {
             let _ = r.join();
         }
         err
+    }
+
+    /// Ends the CLI at once (no `--stop`: protection goes on in the agent
+    /// unless its session is over) and returns its stderr, which says why
+    /// a session ended.
+    fn abort(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut err = String::new();
+        if let Some(mut se) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut se, &mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Protecting {
+    /// The CLI never outlives its follower (a no-op after `stop`/`abort`).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

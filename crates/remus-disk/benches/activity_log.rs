@@ -6,14 +6,16 @@
 //! acknowledged every 100 ms, as checkpoints do), written with and
 //! without an activity log, in the same run:
 //!
-//! - sequential 256 KiB writes over 1 GiB (each 4 MiB extent is new once);
-//! - random 4 KiB writes over 1 GiB (256 extents: all fit the default
-//!   limit, so each pays its sync once);
-//! - random 4 KiB writes over 16 GiB with the default limit (256 extents
+//! - sequential 256 KiB writes over 4 GiB (each 4 MiB extent is new once;
+//!   1024 extents fit the default limit of 1237);
+//! - random 4 KiB writes over 4 GiB (1024 extents: all fit the default
+//!   limit of 1237, so each pays its sync once);
+//! - random 4 KiB writes over 16 GiB with the default limit (1237 extents
 //!   kept, 4096 touched: extents keep being cleared and marked again, the
 //!   worst case), and with a limit of 4096 (all kept).
 //!
-//! Writes are buffered (no FUA), so the syncs the log adds are measured
+//! Each case runs twice, alternating with and without, after a sync(2),
+//! and the faster of each pair is kept. Writes are buffered (no FUA), so the syncs the log adds are measured
 //! against the cheapest writes there are: the ratio is an upper bound of
 //! its cost for a guest whose writes reach the disk.
 
@@ -88,6 +90,9 @@ fn run(dir: &std::path::Path, c: &Case, seconds: f64) -> (f64, u64, u64) {
             }
         })
     };
+    // Earlier runs' dirty pages are written back before this one starts.
+    // SAFETY: sync(2) has no memory effects.
+    unsafe { libc::sync() };
     let buf = vec![0x5au8; c.block];
     let blocks = c.disk / c.block as u64;
     let mut seed = 0x9e3779b97f4a7c15u64;
@@ -124,13 +129,19 @@ fn main() {
     let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
     let cases = [
         (
-            "sequential 256 KiB over 1 GiB",
-            GIB,
+            "sequential 256 KiB over 4 GiB",
+            4 * GIB,
             256 << 10,
             false,
             DEFAULT_LIMIT,
         ),
-        ("random 4 KiB over 1 GiB", GIB, 4096, true, DEFAULT_LIMIT),
+        (
+            "random 4 KiB over 4 GiB",
+            4 * GIB,
+            4096,
+            true,
+            DEFAULT_LIMIT,
+        ),
         (
             "random 4 KiB over 16 GiB",
             16 * GIB,
@@ -145,26 +156,19 @@ fn main() {
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (name, disk, block, random, limit) in cases {
-        let without = run(
-            dir.path(),
-            &Case {
-                disk,
-                block,
-                random,
-                limit: None,
-            },
-            seconds,
-        );
-        let with = run(
-            dir.path(),
-            &Case {
-                disk,
-                block,
-                random,
-                limit: Some(limit),
-            },
-            seconds,
-        );
+        // Each twice, alternating, the faster run kept: the page cache's
+        // writeback makes single runs noisy.
+        let case = |limit| Case {
+            disk,
+            block,
+            random,
+            limit,
+        };
+        let best = |a: (f64, u64, u64), b: (f64, u64, u64)| if b.0 > a.0 { b } else { a };
+        let mut without = run(dir.path(), &case(None), seconds);
+        let mut with = run(dir.path(), &case(Some(limit)), seconds);
+        without = best(without, run(dir.path(), &case(None), seconds));
+        with = best(with, run(dir.path(), &case(Some(limit)), seconds));
         println!(
             "| {name} | limit {limit} | {:.1} | {:.1} | {:.2}× | {} | {} |",
             without.0,

@@ -33,8 +33,11 @@ use crate::changes::ChangeMap;
 
 /// Bytes per activity-log extent.
 pub const EXTENT_SIZE: u32 = 4 << 20;
-/// Extents kept marked after their writes are acknowledged (1 GiB).
-pub const DEFAULT_LIMIT: usize = 256;
+/// Extents kept marked after their writes are acknowledged: DRBD's
+/// default al-extents (about 4.8 GiB). A guest whose random writes range
+/// over more than this pays a sync for most writes (bench/results.md,
+/// "Activity log"); a primary crash leaves at most this much to compare.
+pub const DEFAULT_LIMIT: usize = 1237;
 
 /// The extent's write is in progress (never cleared).
 const IN_FLIGHT: u64 = u64::MAX;

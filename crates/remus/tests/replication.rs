@@ -217,7 +217,9 @@ fn bad_peers_are_rejected_and_the_agent_carries_on() {
     assert!(friend.cli(&["create", cfg.to_str().unwrap()]).ok);
     let out = friend.cli(&["protect", "-d", "vm1", &listen]);
     assert!(
-        !out.ok && out.stderr.contains("already exists"),
+        !out.ok
+            && out.stderr.contains("already runs on this host")
+            && out.stderr.contains("--discard-this-copy"),
         "{}",
         out.stderr
     );

@@ -6,8 +6,10 @@
 # replicated disk and a TCP service, protects it to b, pulls a's plug
 # (SIGKILL of its agent and QEMU) and shows the VM carrying on at b: the
 # client's TCP session goes on without a gap, and the guest finds every
-# record it wrote on b's disk. Everything it made is removed at the end,
-# also on failure. Safe to run again.
+# record it wrote on b's disk. Then a comes back (listed stale), b
+# resyncs the VM to it (only changed blocks) and `remus failback` moves it
+# home, the session still whole. Everything it made is removed at the
+# end, also on failure. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

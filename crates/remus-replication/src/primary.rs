@@ -649,8 +649,7 @@ fn wait_acked(
         if let Some(r) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(ReplError::PeerLost(r));
         }
-        // The sender enters the checkpoint when it sends it; the ack
-        // reader removes it.
+        // The ack reader records the highest epoch acknowledged.
         let f = flight.lock().unwrap_or_else(|p| p.into_inner());
         if f.acked_up_to.is_some_and(|e| e >= epoch.0) {
             return Ok(true);
@@ -724,7 +723,10 @@ fn checkpoint(
     // Held at the guard, or fenced since (the fence raises its flag
     // before it waits for this lock): the guest stays stopped.
     let held = operator_paused || vm.is_fenced();
-    let cont = if held || keep_stopped {
+    // The last checkpoint before a switch-over leaves the guest stopped,
+    // unless it failed (then the guest runs on here, as after any failed
+    // checkpoint).
+    let cont = if held || (keep_stopped && staged.is_ok()) {
         Ok(serde_json::Value::Null)
     } else {
         qmp.execute("cont", None)

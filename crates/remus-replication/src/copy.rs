@@ -223,10 +223,11 @@ impl CopyState {
 }
 
 /// How the disks of a session are synchronised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncMode {
     /// Digests of every chunk are compared.
+    #[default]
     Full,
     /// Only the chunks either side's change records mark are compared.
     Changed,

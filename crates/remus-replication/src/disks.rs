@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use remus_disk::sync::{CHUNK_SIZE, chunk_count, chunk_range, digest, is_zero, read_chunk};
-use remus_disk::{DiskPort, Journal};
+use remus_disk::{ActivityLog, ChangeMap, DiskPort, Journal};
 use remus_proto::{DiskDigests, DiskLogDigest, DiskOp, DiskRecord, DiskSeal, Epoch, Message};
 use remus_vm::Vm;
 
@@ -76,7 +76,7 @@ pub struct DiskSyncStats {
     pub disks: u64,
     /// `full` (every chunk compared) or `changed` (only the chunks either
     /// side's change records mark).
-    pub mode: String,
+    pub mode: crate::copy::SyncMode,
     /// Chunks compared, and chunks the disks have.
     pub chunks: u64,
     pub disk_chunks: u64,
@@ -106,27 +106,40 @@ pub fn sync_runs(disks: &PrimaryDisks, only: Option<&[Vec<(u64, u64)>]>) -> Vec<
         .collect()
 }
 
-/// The chunks each replicated disk's own change records mark (its change
-/// map, and its activity log), with `extra` (the backup's), as runs.
+/// The chunks of a disk of `size` bytes that a copy's change records
+/// mark (its activity log, per extent; its change map, per chunk), with
+/// `extra`, as runs. Both sides of a resync read their records with it.
+pub fn record_runs(
+    al: Option<&ActivityLog>,
+    map: Option<&ChangeMap>,
+    extra: &[(u64, u64)],
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let total = chunk_count(size);
+    let mut chunks: Vec<u64> = map.map(ChangeMap::marked_chunks).unwrap_or_default();
+    if let Some(al) = al {
+        chunks.extend(al.marked_chunks(CHUNK_SIZE));
+    }
+    chunks.extend(crate::copy::from_runs(extra));
+    chunks.retain(|&c| c < total);
+    crate::copy::to_runs(chunks)
+}
+
+/// The chunks each replicated disk's own change records mark, with
+/// `extra` (the backup's), as runs of at most [`crate::copy::MAX_RUNS`].
 pub fn changed_runs(disks: &PrimaryDisks, extra: &[Vec<(u64, u64)>]) -> Vec<Vec<(u64, u64)>> {
     disks
         .ports
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let total = chunk_count(p.local().size());
-            let mut chunks: Vec<u64> = p
-                .change_map()
-                .map(|m| m.marked_chunks())
-                .unwrap_or_default();
-            if let Some(al) = p.activity_log() {
-                chunks.extend(al.marked_chunks(CHUNK_SIZE));
-            }
-            if let Some(x) = extra.get(i) {
-                chunks.extend(crate::copy::from_runs(x));
-            }
-            chunks.retain(|&c| c < total);
-            crate::copy::to_runs(chunks)
+            let runs = record_runs(
+                p.activity_log().as_deref(),
+                p.change_map().as_deref(),
+                extra.get(i).map(Vec::as_slice).unwrap_or_default(),
+                p.local().size(),
+            );
+            crate::copy::coalesce(runs, crate::copy::MAX_RUNS)
         })
         .collect()
 }
@@ -137,6 +150,7 @@ pub fn changed_runs(disks: &PrimaryDisks, extra: &[Vec<(u64, u64)>]) -> Vec<Vec<
 /// `emit` (epoch 0: applied by the backup on arrival).
 pub fn initial_sync(
     disks: &PrimaryDisks,
+    mode: crate::copy::SyncMode,
     runs: &[Vec<(u64, u64)>],
     next: &mut dyn FnMut() -> Result<DiskDigests, ReplError>,
     emit: &mut dyn FnMut(DiskRecord) -> Result<(), ReplError>,
@@ -145,6 +159,7 @@ pub fn initial_sync(
     let t = Instant::now();
     let mut st = DiskSyncStats {
         disks: disks.ports.len() as u64,
+        mode,
         chunk_size: CHUNK_SIZE,
         ..Default::default()
     };

@@ -292,13 +292,11 @@ pub fn protect(
                     Message::DiskSyncRuns(remus_proto::DiskSyncRuns {
                         disk: i as u16,
                         chunk_size: remus_disk::sync::CHUNK_SIZE,
-                        runs: crate::copy::coalesce(r.clone(), crate::copy::MAX_RUNS),
+                        runs: r.clone(),
                     })
                     .write_to(&mut &stream)?;
                 }
-                runs.into_iter()
-                    .map(|r| crate::copy::coalesce(r, crate::copy::MAX_RUNS))
-                    .collect()
+                runs
             }
             None => crate::disks::sync_runs(&disks, None),
         }
@@ -346,8 +344,13 @@ pub fn protect(
             // epoch 1 and applied after them.
             if disk_on {
                 let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let mut stats = crate::disks::initial_sync(
+                let stats = crate::disks::initial_sync(
                     &disks,
+                    if cfg.changed_sync.is_some() {
+                        crate::copy::SyncMode::Changed
+                    } else {
+                        crate::copy::SyncMode::Full
+                    },
                     &sync_runs,
                     &mut || {
                         // No deadline of its own: hashing a large disk
@@ -387,13 +390,7 @@ pub fn protect(
                     },
                     &mut |p| events(ProtectEvent::DiskSync(p)),
                 )?;
-                stats.mode = if cfg.changed_sync.is_some() {
-                    "changed"
-                } else {
-                    "full"
-                }
-                .into();
-                tracing::info!(vm = %name, mode = %stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
+                tracing::info!(vm = %name, mode = ?stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
                 events(ProtectEvent::DiskSynced(stats));
             }
             // Initial sync: reset the dirty bits, then copy every page holding

@@ -146,6 +146,8 @@ fn migration_there_and_back() {
             .find(|v| v["event"] == "disk_synced")
             .unwrap_or_else(|| panic!("no disk_synced event: {}", out.stdout));
         assert!(synced["differing_chunks"].as_u64().unwrap() > 0, "{synced}");
+        // A migration compares every chunk, and says so.
+        assert_eq!(synced["mode"], "full", "{synced}");
         let out = to.cli_stdin(&["console", "mig"], Some(b"\ntouch /run/diskload.verify\n"));
         assert!(out.ok, "{}", out.stderr);
         let text = to

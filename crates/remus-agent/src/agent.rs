@@ -564,25 +564,32 @@ impl Agent {
     /// that has taken its name since).
     pub fn destroy_slot(&self, slot: &Arc<VmSlot>, record: CopyRecord) {
         let name = slot.vm.name().to_string();
-        let ours = {
-            let mut vms = lock(&self.vms);
-            match vms.get(&name) {
-                Some(s) if Arc::ptr_eq(s, slot) => {
-                    // Reserved until its directory is gone: a new copy of
-                    // the same name waits (see `busy`).
-                    lock(&self.creating).insert(name.clone());
-                    vms.remove(&name)
-                }
-                _ => None,
-            }
-        };
-        match ours {
-            Some(s) => {
-                self.teardown(&name, &s, record);
-                lock(&self.creating).remove(&name);
-            }
+        match self.take_slot(&name, |s| Arc::ptr_eq(s, slot)) {
+            Some(s) => self.retire(&name, &s, record),
             None => slot.vm.destroy(),
         }
+    }
+
+    /// Takes VM `name` off the map if `which` accepts its slot. Its name
+    /// stays reserved until [`Agent::retire`] has removed its directory:
+    /// a new copy of the same name waits meanwhile (see `busy`).
+    fn take_slot(
+        &self,
+        name: &str,
+        which: impl FnOnce(&Arc<VmSlot>) -> bool,
+    ) -> Option<Arc<VmSlot>> {
+        let mut vms = lock(&self.vms);
+        if !vms.get(name).is_some_and(which) {
+            return None;
+        }
+        lock(&self.creating).insert(name.to_string());
+        vms.remove(name)
+    }
+
+    /// Tears down a slot [`Agent::take_slot`] took, then frees its name.
+    fn retire(&self, name: &str, slot: &Arc<VmSlot>, record: CopyRecord) {
+        self.teardown(name, slot, record);
+        lock(&self.creating).remove(name);
     }
 
     /// Whether a VM of this name is being created or torn down right now.
@@ -604,16 +611,10 @@ impl Agent {
             self.settle_record(name, Some(s.state), record);
             return Ok(());
         }
-        let slot = {
-            let mut vms = lock(&self.vms);
-            let slot = vms.remove(name).ok_or_else(|| {
-                AgentError::NotFound(format!("no VM named '{name}' on this host"))
-            })?;
-            lock(&self.creating).insert(name.to_string());
-            slot
-        };
-        self.teardown(name, &slot, record);
-        lock(&self.creating).remove(name);
+        let slot = self
+            .take_slot(name, |_| true)
+            .ok_or_else(|| AgentError::NotFound(format!("no VM named '{name}' on this host")))?;
+        self.retire(name, &slot, record);
         Ok(())
     }
 
@@ -702,9 +703,8 @@ impl Agent {
     pub fn shutdown(&self) {
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
-            let slot = lock(&self.vms).remove(&n);
-            if let Some(slot) = slot {
-                self.teardown(&n, &slot, CopyRecord::Keep);
+            if let Some(slot) = self.take_slot(&n, |_| true) {
+                self.retire(&n, &slot, CopyRecord::Keep);
             }
         }
     }

@@ -116,22 +116,24 @@ pub fn own_runs(dir: &Path, disks: &[(String, u64)]) -> Result<Vec<Vec<(u64, u64
     disks
         .iter()
         .map(|(target, size)| {
-            let mut chunks = Vec::new();
             let al = al_path(dir, target);
-            if al.exists() {
-                let log = ActivityLog::open(&al, *size, remus_disk::activity::DEFAULT_LIMIT)
-                    .map_err(|e| format!("activity log {}: {e}", al.display()))?;
-                chunks.extend(log.marked_chunks(CHUNK_SIZE));
-            }
+            let log = al
+                .exists()
+                .then(|| ActivityLog::open(&al, *size, remus_disk::activity::DEFAULT_LIMIT))
+                .transpose()
+                .map_err(|e| format!("activity log {}: {e}", al.display()))?;
             let ch = changed_path(dir, target);
-            if ch.exists() {
-                let map = ChangeMap::open(&ch, *size, CHUNK_SIZE)
-                    .map_err(|e| format!("change map {}: {e}", ch.display()))?;
-                chunks.extend(map.marked_chunks());
-            }
-            let total = remus_disk::sync::chunk_count(*size);
-            chunks.retain(|&c| c < total);
-            Ok(remus_replication::copy::to_runs(chunks))
+            let map = ch
+                .exists()
+                .then(|| ChangeMap::open(&ch, *size, CHUNK_SIZE))
+                .transpose()
+                .map_err(|e| format!("change map {}: {e}", ch.display()))?;
+            Ok(remus_replication::disks::record_runs(
+                log.as_ref(),
+                map.as_ref(),
+                &[],
+                *size,
+            ))
         })
         .collect()
 }

@@ -77,6 +77,27 @@ impl Netns {
         ns
     }
 
+    /// A tap on `br0`, returned once `br0` can transmit. The bridge gets
+    /// its carrier when this first port comes up, but the kernel attaches
+    /// its queueing discipline later, from the link-watch work queue; until
+    /// then (`qdisc noop`) everything `br0` sends, ARP replies included, is
+    /// dropped. That work is delayed behind the RTNL lock, which other
+    /// tests' namespace teardowns hold, so a test that sends at once can
+    /// lose its only request. A real guest retries ARP; these tests send
+    /// exactly once and count frames, so they wait for the bridge instead.
+    fn tap_on_bridge(&self, name: Option<&str>) -> Tap {
+        let tap = Tap::create_on_bridge(name, "br0").unwrap();
+        wait_for("br0 to be able to transmit", || {
+            let out = Command::new("ip")
+                .args(["-n", &self.name, "-o", "link", "show", "dev", "br0"])
+                .output()
+                .expect("run ip");
+            let line = String::from_utf8_lossy(&out.stdout);
+            out.status.success() && line.contains("state UP") && !line.contains("qdisc noop")
+        });
+        tap
+    }
+
     fn ip(&self, args: &[&str]) {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args));
     }
@@ -315,7 +336,7 @@ fn arp_and_icmp_round_trip_through_tap_and_bridge() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("n0.sock");
     let stats = ns.run_in(|| {
-        let tap = Tap::create_on_bridge(Some("remus-t0"), "br0").unwrap();
+        let tap = ns.tap_on_bridge(Some("remus-t0"));
         assert_eq!(tap.name(), "remus-t0");
         let relay = Relay::start(&sock, tap).unwrap();
         assert!(sock.exists());
@@ -357,7 +378,7 @@ fn qemu_can_disconnect_and_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("n0.sock");
     ns.run_in(|| {
-        let relay = Relay::start(&sock, Tap::create_on_bridge(None, "br0").unwrap()).unwrap();
+        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
         assert!(relay.tap_name().starts_with("tap"), "{}", relay.tap_name());
 
         let mut first = connect(&sock);
@@ -392,7 +413,7 @@ fn garbage_length_closes_only_that_connection() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("n0.sock");
     ns.run_in(|| {
-        let relay = Relay::start(&sock, Tap::create_on_bridge(None, "br0").unwrap()).unwrap();
+        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
         for (i, garbage) in [
             &[0xff, 0xff, 0xff, 0xff, 1, 2, 3][..],
             &[0, 0, 0, 0][..],
@@ -505,7 +526,7 @@ fn egress_seam_can_hold_and_release_vm_output() {
         let held = Arc::new(Mutex::new(Vec::new()));
         let relay = Relay::start_with_egress(
             &sock,
-            Tap::create_on_bridge(None, "br0").unwrap(),
+            ns.tap_on_bridge(None),
             Box::new(Holding { held: held.clone() }),
         )
         .unwrap();
@@ -543,7 +564,7 @@ fn shutdown_is_prompt_even_when_qemu_does_not_read() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("n0.sock");
     ns.run_in(|| {
-        let relay = Relay::start(&sock, Tap::create_on_bridge(None, "br0").unwrap()).unwrap();
+        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
         let mut qemu = connect(&sock);
         // Provoke far more ARP replies than the socket buffer holds, and
         // never read them: the tap → VM writer ends up blocked.
@@ -589,7 +610,7 @@ fn stale_socket_file_is_replaced_and_other_files_are_not() {
         // A socket file left behind by a crashed agent.
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
         assert!(sock.exists());
-        let relay = Relay::start(&sock, Tap::create_on_bridge(None, "br0").unwrap()).unwrap();
+        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
         let mut qemu = connect(&sock);
         arp_roundtrip(&mut qemu);
         drop(relay);

@@ -566,12 +566,23 @@ pub fn write_key(dir: &Path) -> PathBuf {
     path
 }
 
-/// A TCP port on loopback that was free a moment ago.
+/// A TCP port on loopback that was free a moment ago, and never handed
+/// out before in this process: the kernel may give a port it just gave
+/// (and which is free again until its user binds it) to the next caller,
+/// and an etcd cluster once got the same port for two members.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `remus protect --json` running in the background, read event by event.

@@ -127,6 +127,8 @@ struct State {
     error: Option<String>,
     /// The keeper has ended (pinned, stale or stopped).
     done: bool,
+    /// Given up for a planned switch-over ([`Guard::hand_over`]).
+    handed_over: bool,
 }
 
 /// One VM's key, as held by this host, and the threads that keep it.
@@ -169,6 +171,7 @@ impl Guard {
                 fence_at: Some(lease.fence_at()),
                 error: None,
                 done: false,
+                handed_over: false,
             }),
             cv: Condvar::new(),
         });
@@ -207,6 +210,74 @@ impl Guard {
     pub fn stop(&self) {
         lock(&self.state).want = Want::Stop;
         self.cv.notify_all();
+    }
+
+    /// [`Guard::stop`], then waits (at most a TTL) for the keeper to end:
+    /// a call of its still in flight (a pin, a renewal) must not land
+    /// after the caller's own write of the key.
+    pub fn stop_and_wait(&self) {
+        self.stop();
+        drop(self.wait_done());
+    }
+
+    /// Waits, at most a TTL, until the keeper has ended; returns the state.
+    fn wait_done(&self) -> std::sync::MutexGuard<'_, State> {
+        let deadline = Instant::now() + self.arb.ttl;
+        let mut st = lock(&self.state);
+        while !st.done {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(vm = %self.vm, "arbiter: the keeper did not end within the TTL");
+                break;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st
+    }
+
+    /// A planned switch-over, the last checkpoint acknowledged and the
+    /// guest stopped: this host gives up its right to run the VM so that
+    /// the backup can take the key at once. The VM is fenced first (and
+    /// under the state lock, so a renewal in flight cannot lift the fence
+    /// afterwards): from here it runs on this host again only once the key
+    /// is this host's again ([`reclaim`]). The keeper is stopped, then the
+    /// key deleted. If etcd does not answer, the lease, no longer renewed,
+    /// lapses within a TTL and the backup's takeover waits for that.
+    pub fn hand_over(&self, slot: &VmSlot) {
+        {
+            let mut st = lock(&self.state);
+            st.want = Want::Stop;
+            st.handed_over = true;
+            if let Err(e) = slot.vm.fence() {
+                tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot fence the VM for the switch-over");
+            }
+            st.tenure = Tenure::Fenced;
+            self.cv.notify_all();
+        }
+        // The keeper may be in an etcd call: wait for it to end, so that
+        // it cannot write the key again after the delete.
+        let mut st = self.wait_done();
+        let lease = st.lease.take();
+        st.fence_at = None;
+        drop(st);
+        let t = Instant::now();
+        match self.arb.arb.clear(&self.vm) {
+            Ok(deleted) => {
+                tracing::warn!(vm = %self.vm, deleted, ms = t.elapsed().as_secs_f64() * 1e3, "arbiter: switch-over: this host gave up the VM's key; the backup takes it");
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.vm, error = %e, lease = ?lease.map(|l| format!("{l:x}")), "arbiter: switch-over: cannot delete the VM's key; the backup takes it once this host's lease lapses (within the TTL)");
+            }
+        }
+    }
+
+    /// Whether [`Guard::hand_over`] gave the key up.
+    pub fn handed_over(&self) -> bool {
+        lock(&self.state).handed_over
     }
 
     /// Whether the key is still held on a lease (protection ended but the
@@ -412,7 +483,15 @@ impl Guard {
                 return;
             }
         }
-        match slot.vm.unfence() {
+        // Checked and acted on under the state lock: a hand-over (or a
+        // stop) that fenced the VM since the etcd call above wins.
+        let st = lock(&self.state);
+        if st.want == Want::Stop {
+            return;
+        }
+        let unfenced = slot.vm.unfence();
+        drop(st);
+        match unfenced {
             Ok(()) => {
                 // Output a session left held while fenced (see protect's
                 // end) is this VM's own history: it goes out now.
@@ -512,6 +591,86 @@ pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where the VM runs after a switch-over the backup did not confirm
+/// ([`reclaim`]).
+pub enum Reclaimed {
+    /// The key is pinned to this host now (at this revision): the backup
+    /// had not taken it, and cannot any more. The VM may run here.
+    Here(i64),
+    /// Another host holds the key: it took the VM over.
+    There { holder: String, revision: i64 },
+}
+
+/// After a planned switch-over that the backup did not confirm, or
+/// refused: the arbiter decides where the VM runs. Takes the key, pinned,
+/// if it is absent or still this host's; etcd serialises this with the
+/// backup's takeover, so exactly one of the two gets it.
+///
+/// The backup holds the key while it takes the VM over, on a lease of its
+/// own, and pins it once the VM runs there (or gives the lease back if it
+/// could not resume it). So a key pinned to the backup means it runs the
+/// VM; a key it holds on a lease means so only once that lease has lived
+/// longer than a takeover window (somebody renews it: only a running
+/// copy's keeper does); until then this host asks again. Retries while
+/// etcd does not answer (the VM stays fenced meanwhile) until `give_up`
+/// says so (None).
+pub fn reclaim(arb: &AgentArbiter, vm: &str, give_up: &dyn Fn() -> bool) -> Option<Reclaimed> {
+    let mut said = false;
+    let mut leased_since: Option<(String, Instant)> = None;
+    loop {
+        match arb.arb.pin(vm, None) {
+            Ok(revision) => return Some(Reclaimed::Here(revision)),
+            Err(ArbiterError::HeldByOther {
+                holder,
+                lease,
+                revision,
+                ..
+            }) => {
+                let since = match &leased_since {
+                    Some((h, t)) if *h == holder => *t,
+                    _ => Instant::now(),
+                };
+                if lease == 0 || since.elapsed() >= arb.takeover_window() {
+                    return Some(Reclaimed::There { holder, revision });
+                }
+                leased_since = Some((holder, since));
+            }
+            Err(e) => {
+                if !said {
+                    tracing::error!(vm, error = %e, "arbiter: cannot learn who runs the VM after the switch-over; it stays paused here, retrying");
+                    said = true;
+                }
+            }
+        }
+        if give_up() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Guard {
+    /// A key already pinned to this host (nothing to keep).
+    pub fn pinned(arb: &Arc<AgentArbiter>, slot: &VmSlot, revision: i64) -> Arc<Guard> {
+        Arc::new(Guard {
+            vm: slot.vm.name().to_string(),
+            arb: arb.clone(),
+            state: Mutex::new(State {
+                want: Want::Pin,
+                tenure: Tenure::Pinned,
+                holder: arb.arb.host().to_string(),
+                revision,
+                lease: None,
+                fence_at: None,
+                error: None,
+                done: true,
+                handed_over: false,
+            }),
+            cv: Condvar::new(),
+        })
     }
 }
 

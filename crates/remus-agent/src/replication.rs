@@ -25,7 +25,7 @@ use remus_proto::{
 };
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
-use remus_replication::primary::{ProtectConfig, ProtectEnd, ProtectEvent};
+use remus_replication::primary::{HandOver, ProtectConfig, ProtectEnd, ProtectEvent};
 use remus_replication::replica::Replica;
 use remus_vm::Role;
 use serde::{Deserialize, Serialize};
@@ -260,6 +260,11 @@ pub fn start_protect(
             .filter(|p| p.mode == SyncMode::Changed)
             .map(|p| p.target_runs),
         switch_over: Arc::new(AtomicBool::new(false)),
+        // An arbitrated VM's key moves with it at a switch-over.
+        hand_over: guard.clone().map(|g| {
+            let slot = slot.clone();
+            HandOver(Arc::new(move || g.hand_over(&slot)))
+        }),
     };
     slot.set_switch_over(cfg.switch_over.clone());
     let vm_name = name.to_string();
@@ -292,7 +297,16 @@ pub fn start_protect(
                 }
                 slot2.publish(serde_json::to_string(&ev).unwrap_or_default());
             };
-            let end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
+            let mut end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
+            // An arbitrated VM whose key was handed over, and whose backup
+            // did not confirm the switch-over (or refused it): the key
+            // decides where it runs.
+            if let (Some(g), Some(arb)) = (&guard, &agent2.opts.arbiter)
+                && g.handed_over()
+                && !matches!(end, Ok(ProtectEnd::SwitchedOver { .. }))
+            {
+                end = settle_hand_over(&slot2, arb, &peer, end);
+            }
             if let Ok(ProtectEnd::SwitchedOver { epoch, downtime_ms }) = &end {
                 // The backup runs the VM now and protects it back here:
                 // this copy stops, its record says what its disks hold.
@@ -301,7 +315,7 @@ pub fn start_protect(
                 slot2.publish(String::new());
                 return;
             }
-            if let Ok(ProtectEnd::SwitchOverUnconfirmed(reason)) = &end {
+            if let Ok(ProtectEnd::SwitchOverUnconfirmed { reason, .. }) = &end {
                 // Neither resumed here nor known to run there: the guest
                 // stays stopped and the operator decides.
                 tracing::error!(vm = %vm_name, %peer, %reason, "switch-over UNCONFIRMED: {peer} may be running the VM; it stays paused here. Check {peer}: if it runs the VM there, destroy this copy; if not, `remus unpause` it here");
@@ -330,8 +344,15 @@ pub fn start_protect(
                 }
                 // Logged as the event went out (above).
                 Ok(ProtectEnd::BackupLost(_)) => {}
+                // A fenced guest whose backup refused the switch-over: it
+                // runs again here once the arbiter lifts the fence.
+                Ok(ProtectEnd::SwitchOverRefused { reason, .. }) => {
+                    let msg = format!("the backup refused the switch-over ({reason}); the VM runs on here, unprotected, once the arbiter lifts its fence");
+                    tracing::error!(vm = %vm_name, %peer, "{msg}");
+                    slot2.publish(serde_json::json!({"event": "failed", "reason": msg}).to_string());
+                }
                 // Handled above.
-                Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed(_)) => {}
+                Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed { .. }) => {}
                 Err(e) => {
                     slot2.publish(
                         serde_json::json!({"event": "failed", "reason": e.to_string()}).to_string(),
@@ -388,11 +409,6 @@ pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> 
             role_name(role)
         )));
     }
-    if agent.opts.arbiter.is_some() && slot.vm.config.arbiter {
-        return Err(AgentError::Conflict(format!(
-            "VM '{name}' is arbitrated: a planned switch-over with an arbiter is not supported yet (the key would have to move with the VM); stop protection and migrate instead"
-        )));
-    }
     if slot.vm.is_held() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is paused; unpause it first"
@@ -405,6 +421,67 @@ pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> 
     }
     tracing::info!(vm = %name, "failback requested: switching over at the next checkpoint");
     Ok(())
+}
+
+/// After a switch-over of an arbitrated VM that its backup did not
+/// confirm, or refused: the etcd key, given up before the switch-over,
+/// says which host runs the VM ([`crate::arbiter::reclaim`]). Taken back
+/// here: the guest runs on here unprotected (`BackupLost`). Held by the
+/// backup: it runs the VM, as after a confirmed switch-over
+/// (`SwitchedOver`). The guest stays fenced until this is known, however
+/// long etcd takes to answer (`protect --stop` does not cut that short:
+/// only etcd may say that this copy can run); `remus destroy` ends it.
+fn settle_hand_over(
+    slot: &Arc<VmSlot>,
+    arb: &Arc<crate::arbiter::AgentArbiter>,
+    peer: &str,
+    end: Result<ProtectEnd, remus_replication::ReplError>,
+) -> Result<ProtectEnd, remus_replication::ReplError> {
+    let (epoch, why) = match &end {
+        Ok(
+            ProtectEnd::SwitchOverUnconfirmed { epoch, reason }
+            | ProtectEnd::SwitchOverRefused { epoch, reason },
+        ) => (*epoch, reason.clone()),
+        // The key is given up only right before the switch-over is sent.
+        _ => return end,
+    };
+    let name = slot.vm.name().to_string();
+    tracing::warn!(vm = %name, %peer, epoch, reason = %why, "switch-over not confirmed by {peer}; asking the arbiter which host runs the VM");
+    let gone = || slot.vm.exit_status().is_some();
+    match crate::arbiter::reclaim(arb, &name, &gone) {
+        Some(crate::arbiter::Reclaimed::Here(_)) if gone() => {
+            // Destroyed meanwhile: the key taken back goes too.
+            let _ = arb.arb.clear(&name);
+            end
+        }
+        Some(crate::arbiter::Reclaimed::Here(revision)) => {
+            *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(crate::arbiter::Guard::pinned(arb, slot, revision));
+            let reason = match slot.vm.unfence() {
+                Ok(()) => format!(
+                    "switch-over failed ({why}); the arbiter gave the VM back to this host (key pinned at revision {revision}): it runs on here UNPROTECTED"
+                ),
+                Err(e) => format!(
+                    "switch-over failed ({why}); the arbiter gave the VM back to this host (key pinned at revision {revision}), but it cannot be resumed: {e}"
+                ),
+            };
+            tracing::error!(vm = %name, %peer, revision, "{reason}");
+            slot.publish(serde_json::json!({"event": "failed", "reason": reason}).to_string());
+            Ok(ProtectEnd::BackupLost(reason))
+        }
+        Some(crate::arbiter::Reclaimed::There { holder, revision }) => {
+            tracing::warn!(vm = %name, %holder, revision, epoch, "switch-over not confirmed ({why}), but the arbiter says {holder} holds the VM's key: it runs the VM");
+            slot.publish(
+                serde_json::json!({"event": "switched_over", "epoch": epoch, "downtime_ms": null, "confirmed_by": "arbiter"}).to_string(),
+            );
+            Ok(ProtectEnd::SwitchedOver {
+                epoch,
+                downtime_ms: f64::NAN,
+            })
+        }
+        // Stopped or gone meanwhile: as it was.
+        None => end,
+    }
 }
 
 /// The VM was handed over to the backup (planned switch-over): every
@@ -477,7 +554,9 @@ fn arbitrate(
                 old.info().holder
             )));
         }
-        old.stop();
+        // Its keeper may be pinning the key right now (a copy that has
+        // just taken over): that write must not land after the new lease.
+        old.stop_and_wait();
     }
     let guard = crate::arbiter::Guard::acquire(arb, slot).map_err(|e| match e {
         remus_arbiter::ArbiterError::HeldByOther { .. } => AgentError::Conflict(format!(
@@ -988,14 +1067,41 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
                     .flush()
                     .map_err(|e| format!("sync disk {}: {e}", p.target()))?;
             }
+            // An arbitrated VM runs here only with its key, which the
+            // primary gave up before sending the switch-over (or, if it
+            // could not reach etcd, which lapses within its lease time).
+            let lease = match arbiter.as_ref().filter(|_| protect_purpose) {
+                Some(arb) => Some((
+                    arb,
+                    crate::arbiter::take_over(arb, &vm_name)
+                        .map_err(|why| format!("NOT resuming at the switch-over: {why}"))?,
+                )),
+                None => None,
+            };
             // A planned switch-over of a protected VM: this copy goes on
             // alone from here, its changes recorded from before it runs.
             let failback = protect_purpose && setup_replicates;
-            if failback {
-                crate::copies::track_changes(&slot2.vm, &copy_dir)?;
+            let resumed = (|| {
+                if failback {
+                    crate::copies::track_changes(&slot2.vm, &copy_dir)?;
+                }
+                remus_replication::failover::resume(&slot2.vm, replica).map_err(|e| e.to_string())
+            })();
+            let stats = match resumed {
+                Ok(stats) => stats,
+                Err(e) => {
+                    // Not running here: the key goes back.
+                    if let Some((arb, l)) = lease {
+                        let _ = arb.arb.release(l);
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some((arb, l)) = lease {
+                // Runs here, unprotected until protected back: pinned.
+                let g = crate::arbiter::keep_taken(arb, &slot2, l);
+                *slot2.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
             }
-            let stats = remus_replication::failover::resume(&slot2.vm, replica)
-                .map_err(|e| e.to_string())?;
             *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
             if failback && let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 st.gens.diverge();

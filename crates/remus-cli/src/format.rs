@@ -87,11 +87,16 @@ pub fn protect_event(ev: &serde_json::Value) -> String {
             ev["mode"].as_str().unwrap_or("?"),
             ev["reason"].as_str().unwrap_or("")
         ),
-        "switched_over" => format!(
-            "SWITCHED OVER at epoch {}: the backup runs the VM now (guest paused {:.1} ms)",
-            u("epoch"),
-            f("downtime_ms")
-        ),
+        "switched_over" => match ev["downtime_ms"].as_f64() {
+            Some(ms) => format!(
+                "SWITCHED OVER at epoch {}: the backup runs the VM now (guest paused {ms:.1} ms)",
+                u("epoch")
+            ),
+            None => format!(
+                "SWITCHED OVER at epoch {}: the backup's answer was lost, but the arbiter says it runs the VM now",
+                u("epoch")
+            ),
+        },
         "backup_lost" => format!(
             "BACKUP LOST: {} — the VM runs on UNPROTECTED; run remus protect again",
             ev["reason"].as_str().unwrap_or("?")

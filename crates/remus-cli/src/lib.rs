@@ -478,10 +478,15 @@ async fn failback(client: &Client, vm: &str, json: bool) -> anyhow::Result<ExitC
         anyhow::bail!("failback of '{vm}' ended without a switch-over; check both agents' logs");
     };
     if !json {
+        let paused = match s["downtime_ms"].as_f64() {
+            Some(ms) => format!("the guest was paused {ms:.1} ms"),
+            // The backup's answer was lost; the arbiter's key says it runs
+            // the VM.
+            None => "the backup's answer was lost, but the arbiter says it runs the VM".into(),
+        };
         eprintln!(
-            "Switched over at epoch {}: the guest was paused {:.1} ms. The backup runs '{vm}' now and protects it back to this host (see `remus list` there).",
+            "Switched over at epoch {}: {paused}. The backup runs '{vm}' now and protects it back to this host (see `remus list` there).",
             s["epoch"].as_u64().unwrap_or(0),
-            s["downtime_ms"].as_f64().unwrap_or(0.0),
         );
     }
     Ok(ExitCode::SUCCESS)

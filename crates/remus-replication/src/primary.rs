@@ -58,6 +58,21 @@ pub struct ProtectConfig {
     /// (`remus failback`): the guest stays stopped here after it, the
     /// backup resumes it from that checkpoint.
     pub switch_over: Arc<AtomicBool>,
+    /// Called at a switch-over once the last checkpoint is acknowledged,
+    /// before the backup is told to take over: an arbitrated primary gives
+    /// up its arbiter key here (and fences the guest, which then stays
+    /// stopped here unless the key comes back).
+    pub hand_over: Option<HandOver>,
+}
+
+/// See [`ProtectConfig::hand_over`].
+#[derive(Clone)]
+pub struct HandOver(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for HandOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandOver")
+    }
 }
 
 /// One committed checkpoint, as reported to the operator.
@@ -138,9 +153,15 @@ pub enum ProtectEnd {
     /// The backup runs the VM now (planned switch-over); the guest here is
     /// stopped for good at `epoch` and must not run again.
     SwitchedOver { epoch: u64, downtime_ms: f64 },
-    /// The switch-over was asked and sent but the backup's answer never
-    /// came: it may be running the VM. The guest here stays stopped.
-    SwitchOverUnconfirmed(String),
+    /// The switch-over at `epoch` was asked and sent but the backup's
+    /// answer never came: it may be running the VM. The guest here stays
+    /// stopped.
+    SwitchOverUnconfirmed { epoch: u64, reason: String },
+    /// The backup answered the switch-over at `epoch` with an error: it
+    /// does not run the VM. Returned only for a guest fenced by its
+    /// [`ProtectConfig::hand_over`] (the caller resumes it once it may);
+    /// any other guest is resumed here and the end is `BackupLost`.
+    SwitchOverRefused { epoch: u64, reason: String },
 }
 
 /// What the epoch loop hands to the sender.
@@ -498,6 +519,9 @@ pub fn protect(
                         tracing::warn!(vm = %name, error = %e, "switch-over abandoned before it was sent; the VM runs on here");
                         return Err(e);
                     }
+                    if let Some(h) = &cfg.hand_over {
+                        (h.0)();
+                    }
                     let _ = tx.send(Outgoing::SwitchOver(Epoch(epoch)));
                     journal.notify();
                     switch_sent = Some((Epoch(epoch), t_stop));
@@ -560,13 +584,24 @@ pub fn protect(
                 .as_deref()
                 .is_some_and(|r| r.starts_with("backup reported"))
             {
-                // It said it could not resume: nothing runs there.
-                let _ = vm.qmp().execute("cont", None);
-                Ok(ProtectEnd::BackupLost(reason.unwrap_or_default()))
+                // It said it could not resume: nothing runs there. A guest
+                // fenced by a hand-over runs again only once the caller
+                // has its arbiter key back.
+                let reason = reason.unwrap_or_default();
+                if vm.is_fenced() {
+                    Ok(ProtectEnd::SwitchOverRefused {
+                        epoch: epoch.0,
+                        reason,
+                    })
+                } else {
+                    let _ = vm.qmp().execute("cont", None);
+                    Ok(ProtectEnd::BackupLost(reason))
+                }
             } else {
-                Ok(ProtectEnd::SwitchOverUnconfirmed(
-                    reason.unwrap_or_else(|| "no answer from the backup".into()),
-                ))
+                Ok(ProtectEnd::SwitchOverUnconfirmed {
+                    epoch: epoch.0,
+                    reason: reason.unwrap_or_else(|| "no answer from the backup".into()),
+                })
             };
             return result;
         }
@@ -584,8 +619,12 @@ pub fn protect(
             }),
             Ok(ProtectEnd::BackupLost(r)) => events(ProtectEvent::BackupLost { reason: r.clone() }),
             // Reported where the switch-over ends (above).
-            Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed(_)) | Err(_) => {
-            }
+            Ok(
+                ProtectEnd::SwitchedOver { .. }
+                | ProtectEnd::SwitchOverUnconfirmed { .. }
+                | ProtectEnd::SwitchOverRefused { .. },
+            )
+            | Err(_) => {}
         }
         result
     });

@@ -12,7 +12,11 @@
 //! - the backup isolated: a runs on unprotected and says so; b never
 //!   resumes;
 //! - the arbiter down (two of three members): a pauses itself, b does
-//!   not resume; once etcd is back, a runs again, still protected.
+//!   not resume; once etcd is back, a runs again, still protected;
+//! - `remus failback`: the key moves with the VM to b, which runs it and
+//!   protects it back to a, the client's session whole;
+//! - `remus failback` while b cannot reach etcd: b never resumes, a takes
+//!   its key back and runs on.
 
 use std::time::{Duration, Instant};
 
@@ -79,9 +83,10 @@ impl Site {
             Agent::start(&bins(), Some(lan.host(host)), &args)
                 .unwrap_or_else(|e| panic!("agent on {host}: {e}"))
         };
-        let listen = format!("{}:{REPL_PORT}", lan.addr("b"));
-        let a = agent("a", &[]);
-        let b = agent("b", &["--listen", &listen]);
+        // Both listen: a failback protects the VM back to a.
+        let listen = |h: &str| format!("{}:{REPL_PORT}", lan.addr(h));
+        let a = agent("a", &["--listen", &listen("a")]);
+        let b = agent("b", &["--listen", &listen("b")]);
         Site {
             a,
             b,
@@ -181,6 +186,25 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Durat
 
 fn arbiter_state(agent: &Agent, vm: &str) -> Option<String> {
     agent.vm(vm)?["arbiter"]["state"].as_str().map(String::from)
+}
+
+/// The VM's key as etcd has it (asked with etcdctl from host e): the
+/// host it names and its lease (0: none, pinned).
+fn etcd_key(site: &Site, vm: &str) -> (String, i64) {
+    let endpoints = site.etcd.endpoints().join(",");
+    let key = format!("/remus-test/vms/{vm}/runner");
+    let e = site.lan.host("e");
+    let get = |extra: &[&str]| {
+        let mut args = vec!["--endpoints", &endpoints, "get", &key];
+        args.extend(extra);
+        e.exec_ok("etcdctl", &args).expect("etcdctl get")
+    };
+    let holder = get(&["--print-value-only"]).trim().to_string();
+    let json: serde_json::Value =
+        serde_json::from_str(&get(&["-w", "json"])).expect("etcdctl json");
+    // etcd leaves the field out when there is no lease.
+    let lease = json["kvs"][0]["lease"].as_i64().unwrap_or(0);
+    (holder, lease)
 }
 
 fn blackhole(lan: &Lan, host: &str, to: &str, add: bool) {
@@ -372,6 +396,111 @@ fn two_copies_never_run_at_once() {
         let report = watch.stop();
         check(&report, "arbiter down");
         assert!(!report.ever_ran("b"), "b resumed a second copy");
+        drop(follow);
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 5. A planned switch-over: a gives the key up with its last
+    //    checkpoint, b takes it, resumes, and protects the VM back to a.
+    {
+        let vm = "arb5";
+        let (client, follow, watch) = site.protected_vm(vm);
+        let out = site.a.cli(&["failback", vm]);
+        assert!(
+            out.ok,
+            "failback: {}\na:\n{}\nb:\n{}",
+            out.stderr,
+            site.a.log_text(),
+            site.b.log_text()
+        );
+        assert!(out.stderr.contains("guest was paused"), "{}", out.stderr);
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("session after failback: {e}\n{}", site.b.console(vm)));
+        // b runs it, protected back to a on a lease of its own.
+        let back = wait_for(
+            "b to protect the VM back to a",
+            Duration::from_secs(30),
+            || {
+                site.b.vm(vm).is_some_and(|v| {
+                    v["role"] == "primary"
+                        && v["arbiter"]["state"] == "leased"
+                        && v["arbiter"]["holder"] == "b"
+                })
+            },
+        );
+        eprintln!(
+            "failback: {}; b protected back within {back:?}",
+            out.stderr.trim()
+        );
+        // In etcd too: b's key on a lease (that a's takeover could wait
+        // out), not pinned.
+        let (holder, lease) = etcd_key(&site, vm);
+        assert_eq!(holder, "b");
+        assert_ne!(lease, 0, "b's key is not on a lease after protecting back");
+        wait_for("a to hold the standby", Duration::from_secs(30), || {
+            site.a.vm(vm).is_some_and(|v| v["role"] == "backup")
+        });
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(client.error(), None);
+        let console = site.b.console(vm);
+        assert!(
+            !console.contains("gap") && !console.contains("duplicate"),
+            "{console}"
+        );
+        let report = watch.stop();
+        check(&report, "failback");
+        assert!(report.ever_ran("b"), "b never ran the VM");
+        // b is the primary now: end its protection, then clean up.
+        let out = site.b.cli(&["protect", "--stop", vm]);
+        assert!(out.ok, "protect --stop on b: {}", out.stderr);
+        drop(follow);
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 6. A failback while b cannot reach etcd: b cannot take the key, so
+    //    it must not resume; a takes its key back and runs on.
+    {
+        let vm = "arb6";
+        let (client, follow, watch) = site.protected_vm(vm);
+        blackhole(&site.lan, "b", "e", true);
+        let out = site.a.cli(&["failback", vm]);
+        assert!(
+            !out.ok,
+            "failback succeeded without the arbiter: {}",
+            out.stderr
+        );
+        eprintln!("failback with b cut from etcd: {}", out.stderr.trim());
+        wait_for("a's key pinned", Duration::from_secs(30), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("pinned")
+        });
+        assert_eq!(etcd_key(&site, vm), ("a".to_string(), 0));
+        let a_vm = site.a.vm(vm).unwrap();
+        assert!(a_vm["state"] == "r" || a_vm["state"] == "b", "{a_vm}");
+        assert_eq!(a_vm["role"], "unprotected", "{a_vm}");
+        let n = client.received();
+        client
+            .wait_received(n + 100, Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "session after a failed failback: {e}\n{}",
+                    site.a.console(vm)
+                )
+            });
+        assert_eq!(client.error(), None);
+        wait_for("b to discard its copy", Duration::from_secs(30), || {
+            site.b.vm(vm).is_none()
+        });
+        blackhole(&site.lan, "b", "e", false);
+        let report = watch.stop();
+        check(&report, "failback without the arbiter");
+        assert!(!report.ever_ran("b"), "b resumed without the key");
         drop(follow);
         drop(client);
         site.clean(vm);

@@ -222,19 +222,12 @@ impl Guard {
 
     /// Waits, at most a TTL, until the keeper has ended; returns the state.
     fn wait_done(&self) -> std::sync::MutexGuard<'_, State> {
-        let deadline = Instant::now() + self.arb.ttl;
-        let mut st = lock(&self.state);
-        while !st.done {
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!(vm = %self.vm, "arbiter: the keeper did not end within the TTL");
-                break;
-            }
-            st = self
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (st, waited) = self
+            .cv
+            .wait_timeout_while(lock(&self.state), self.arb.ttl, |st| !st.done)
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() {
+            tracing::warn!(vm = %self.vm, "arbiter: the keeper did not end within the TTL");
         }
         st
     }
@@ -325,21 +318,16 @@ impl Guard {
         // of calls per renewal period, failed pins included.
         let mut seen = Want::Lease;
         loop {
-            let want = {
-                let mut st = lock(&self.state);
-                while st.want == seen {
-                    let now = Instant::now();
-                    if now >= next {
-                        break;
-                    }
-                    st = self
-                        .cv
-                        .wait_timeout(st, next - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-                st.want
-            };
+            let want = self
+                .cv
+                .wait_timeout_while(
+                    lock(&self.state),
+                    next.saturating_duration_since(Instant::now()),
+                    |st| st.want == seen,
+                )
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .want;
             seen = want;
             let Some(slot) = slot.upgrade() else {
                 return self.finish();

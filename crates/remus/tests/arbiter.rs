@@ -184,6 +184,15 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Durat
     t.elapsed()
 }
 
+/// The client's session goes on: `more` further lines (within 60 s) from
+/// the copy on `host`, whose console a failure shows.
+fn session_goes_on(client: &SeqClient, more: u64, host: &Agent, vm: &str, what: &str) {
+    let n = client.received();
+    client
+        .wait_received(n + more, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(vm)));
+}
+
 fn arbiter_state(agent: &Agent, vm: &str) -> Option<String> {
     agent.vm(vm)?["arbiter"]["state"].as_str().map(String::from)
 }
@@ -247,10 +256,7 @@ fn a_runs_alone(
     wait_for("a's key pinned", Duration::from_secs(10), || {
         arbiter_state(&site.a, vm).as_deref() == Some("pinned")
     });
-    let n = client.received();
-    client
-        .wait_received(n + 100, Duration::from_secs(30))
-        .unwrap();
+    session_goes_on(client, 100, &site.a, vm, case);
     let report = watch.stop();
     check(&report, case);
     assert!(!report.ever_ran("b"), "{case}: b resumed a second copy");
@@ -307,10 +313,7 @@ fn two_copies_never_run_at_once() {
             .unwrap();
         eprintln!("primary isolated: a fenced after {fenced:?}, b resumed after {failover} ms");
         // The session goes on from b: nothing the client had was lost.
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("session did not survive: {e}\n{}", site.b.console(vm)));
+        session_goes_on(&client, 100, &site.b, vm, "after the failover");
         assert_eq!(client.error(), None);
         let console = site.b.console(vm);
         assert!(
@@ -333,10 +336,7 @@ fn two_copies_never_run_at_once() {
         let out = site.a.cli(&["unpause", vm]);
         assert!(!out.ok && out.stderr.contains("fence"), "{}", out.stderr);
         // A while longer with a plugged in: still only b.
-        let n = client.received();
-        client
-            .wait_received(n + 50, Duration::from_secs(30))
-            .unwrap();
+        session_goes_on(&client, 50, &site.b, vm, "a plugged back in");
         let report = watch.stop();
         check(&report, "primary isolated");
         assert!(report.ever_ran("b"));
@@ -386,10 +386,7 @@ fn two_copies_never_run_at_once() {
             arbiter_state(&site.a, vm).as_deref() == Some("leased")
         });
         eprintln!("arbiter back: fence lifted after {lifted:?}");
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap();
+        session_goes_on(&client, 100, &site.a, vm, "fence lifted");
         assert_eq!(client.error(), None);
         // Still protected: checkpoints go on.
         follow.checkpoint_after(remus_testbed::now_ms()).unwrap();
@@ -415,10 +412,7 @@ fn two_copies_never_run_at_once() {
             site.b.log_text()
         );
         assert!(out.stderr.contains("guest was paused"), "{}", out.stderr);
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("session after failback: {e}\n{}", site.b.console(vm)));
+        session_goes_on(&client, 100, &site.b, vm, "after the failback");
         // b runs it, protected back to a on a lease of its own.
         let back = wait_for(
             "b to protect the VM back to a",
@@ -443,10 +437,7 @@ fn two_copies_never_run_at_once() {
         wait_for("a to hold the standby", Duration::from_secs(30), || {
             site.a.vm(vm).is_some_and(|v| v["role"] == "backup")
         });
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap();
+        session_goes_on(&client, 100, &site.b, vm, "protected back");
         assert_eq!(client.error(), None);
         let console = site.b.console(vm);
         assert!(
@@ -484,15 +475,7 @@ fn two_copies_never_run_at_once() {
         let a_vm = site.a.vm(vm).unwrap();
         assert!(a_vm["state"] == "r" || a_vm["state"] == "b", "{a_vm}");
         assert_eq!(a_vm["role"], "unprotected", "{a_vm}");
-        let n = client.received();
-        client
-            .wait_received(n + 100, Duration::from_secs(30))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "session after a failed failback: {e}\n{}",
-                    site.a.console(vm)
-                )
-            });
+        session_goes_on(&client, 100, &site.a, vm, "after a failed failback");
         assert_eq!(client.error(), None);
         wait_for("b to discard its copy", Duration::from_secs(30), || {
             site.b.vm(vm).is_none()

@@ -426,7 +426,7 @@ fn two_copies_never_run_at_once() {
             },
         );
         eprintln!(
-            "failback: {}; b protected back within {back:?}",
+            "failback: {}; b listed as protecting back {back:?} after the client's next 100 lines",
             out.stderr.trim()
         );
         // In etcd too: b's key on a lease (that a's takeover could wait

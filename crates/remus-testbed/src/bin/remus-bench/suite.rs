@@ -1939,12 +1939,34 @@ fn resync_protect(
     Ok((p, n))
 }
 
-/// Kills `primary` (agent and QEMU, SIGKILL) and waits until `backup` runs
-/// the VM; ms.
-fn resync_fail_over(primary: &mut Agent, backup: &Agent) -> Result<u64> {
+/// Kills `primary` (agent and QEMU, SIGKILL; its `protect` follower `p`
+/// goes once `backup` runs the VM) and waits until `backup` runs the VM;
+/// then until the guest there has rewritten its region; then restarts
+/// `primary`'s agent on its state dir, which must list its copy stale.
+/// `names`: the hosts as the errors call them. Returns the failover time
+/// (ms) and the MiB rewritten.
+fn resync_fail_over(
+    primary: &mut Agent,
+    backup: &Agent,
+    p: Protecting,
+    names: [&str; 2],
+    region_mib: u64,
+) -> Result<(u64, f64)> {
+    let [dead, alive] = names;
     let killed = Instant::now();
     primary.kill_hard();
-    backup.wait_failover(RESYNC_VM, killed, Duration::from_secs(60))
+    let ms = backup
+        .wait_failover(RESYNC_VM, killed, Duration::from_secs(60))
+        .with_context(|| format!("failover to {alive}"))?;
+    drop(p);
+    let seen = disk_samples(&backup.console(RESYNC_VM)).len();
+    let mib = wait_rewritten(backup, seen, region_mib)
+        .with_context(|| format!("the guest on {alive}"))?;
+    primary
+        .restart()
+        .with_context(|| format!("restart {dead}'s agent"))?;
+    expect_stale(primary, dead)?;
+    Ok((ms, mib))
 }
 
 /// Waits until the guest on `host` has written at least `region_mib` MiB
@@ -2089,12 +2111,7 @@ fn resync_steps(
     let (p, initial) = resync_protect(bins, o, a, &addr[1]).context("protect A → B")?;
     check_mode("initial copy A → B", &initial, "full", a, b);
     // A dies; B runs the VM and records what the guest changes.
-    let f1 = resync_fail_over(a, b).context("failover to B")?;
-    drop(p);
-    let seen = disk_samples(&b.console(vm)).len();
-    let rew1 = wait_rewritten(b, seen, region_mib).context("the guest on B")?;
-    a.restart().context("restart A's agent")?;
-    expect_stale(a, "A")?;
+    let (f1, rew1) = resync_fail_over(a, b, p, ["A", "B"], region_mib)?;
 
     // B → A: A's stale copy and B's records: only changed chunks.
     let (p, changed) = resync_protect(bins, o, b, &addr[0]).context("protect B → A (resync)")?;
@@ -2102,12 +2119,7 @@ fn resync_steps(
 
     // Baseline: B dies, A runs on; B comes back stale and its record is
     // forgotten (`remus destroy`), so protecting to it compares every chunk.
-    let f2 = resync_fail_over(b, a).context("failover to A")?;
-    drop(p);
-    let seen = disk_samples(&a.console(vm)).len();
-    let rew2 = wait_rewritten(a, seen, region_mib).context("the guest on A")?;
-    b.restart().context("restart B's agent")?;
-    expect_stale(b, "B")?;
+    let (f2, rew2) = resync_fail_over(b, a, p, ["B", "A"], region_mib)?;
     let out = b.cli(&["destroy", vm]);
     if !out.ok {
         bail!("destroy the stale copy on B: {}", out.stderr.trim());

@@ -193,6 +193,17 @@ fn session_goes_on(client: &SeqClient, more: u64, host: &Agent, vm: &str, what: 
         .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(vm)));
 }
 
+/// The client saw no error, and the guest on `host` no gap or duplicate
+/// in what it received.
+fn session_whole(client: &SeqClient, host: &Agent, vm: &str) {
+    assert_eq!(client.error(), None);
+    let console = host.console(vm);
+    assert!(
+        !console.contains("gap") && !console.contains("duplicate"),
+        "{console}"
+    );
+}
+
 fn arbiter_state(agent: &Agent, vm: &str) -> Option<String> {
     agent.vm(vm)?["arbiter"]["state"].as_str().map(String::from)
 }
@@ -314,12 +325,7 @@ fn two_copies_never_run_at_once() {
         eprintln!("primary isolated: a fenced after {fenced:?}, b resumed after {failover} ms");
         // The session goes on from b: nothing the client had was lost.
         session_goes_on(&client, 100, &site.b, vm, "after the failover");
-        assert_eq!(client.error(), None);
-        let console = site.b.console(vm);
-        assert!(
-            !console.contains("gap") && !console.contains("duplicate"),
-            "{console}"
-        );
+        session_whole(&client, &site.b, vm);
         wait_for("b's key pinned", Duration::from_secs(10), || {
             arbiter_state(&site.b, vm).as_deref() == Some("pinned")
         });
@@ -438,12 +444,7 @@ fn two_copies_never_run_at_once() {
             site.a.vm(vm).is_some_and(|v| v["role"] == "backup")
         });
         session_goes_on(&client, 100, &site.b, vm, "protected back");
-        assert_eq!(client.error(), None);
-        let console = site.b.console(vm);
-        assert!(
-            !console.contains("gap") && !console.contains("duplicate"),
-            "{console}"
-        );
+        session_whole(&client, &site.b, vm);
         let report = watch.stop();
         check(&report, "failback");
         assert!(report.ever_ran("b"), "b never ran the VM");

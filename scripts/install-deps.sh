@@ -66,15 +66,18 @@ qemu_ok() {
 }
 
 # etcd-server and etcd-client: the arbiter's tests start a real etcd;
-# protobuf-compiler: the etcd-client crate generates its gRPC code with
-# protoc at build time.
+# protobuf-compiler and libprotobuf-dev: the etcd-client crate generates its
+# gRPC code with protoc at build time, and protoc needs the well-known
+# google/protobuf/*.proto files, which only libprotobuf-dev ships
+# (protobuf-compiler merely recommends it, and we install without
+# recommends).
 # dosfstools, fdisk, mtools, syslinux, syslinux-common, syslinux-efi: the
 # guest's boot disk (a FAT partition with syslinux for BIOS and UEFI,
 # built without mounting anything);
 # ovmf: UEFI firmware for VMs that ask for it; debootstrap: the Debian VM
 # image (scripts/build-debian-image.sh).
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
-    etcd-server etcd-client protobuf-compiler
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev
     dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done

@@ -1,12 +1,21 @@
 //! Does KVM really work here?
 //!
 //! `/dev/kvm` can exist and open while virtualisation is unusable (nested
-//! setups without VMX, a broken host). `accel = "auto"` must pick KVM only
-//! when it runs guest code, so the probe creates a VM with 64 KiB of
-//! memory at the reset vector filled with `hlt`, runs one vCPU and expects
-//! a `KVM_EXIT_HLT`. The ioctl numbers are the kernel's stable ABI
-//! (`include/uapi/linux/kvm.h`); they are written out here because no
-//! maintained crate exposes them without pulling a whole VMM framework.
+//! setups without VMX, a broken host, a nested paravirtualised KVM that
+//! runs trivial code and fails every real guest). `accel = "auto"` must
+//! pick KVM only when it runs a guest like ours, so two probes run, the
+//! second only if the first passes:
+//!
+//! 1. [`kvm_usable`]: the kernel's API directly. A VM with 64 KiB of
+//!    memory at the reset vector filled with `hlt`, one vCPU, expecting
+//!    `KVM_EXIT_HLT`. Cheap, and it names the ioctl that fails. The ioctl
+//!    numbers are the kernel's stable ABI (`include/uapi/linux/kvm.h`);
+//!    they are written out here because no maintained crate exposes them
+//!    without pulling a whole VMM framework.
+//! 2. [`boot_probe`]: QEMU itself, with the VM's CPU model and machine
+//!    type and the machine's firmware, boots a tiny guest
+//!    ([`crate::probe_guest`]) that enters long mode with paging and
+//!    reports back from 64-bit code.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -150,85 +159,236 @@ fn probe() -> Result<(), String> {
 /// (QEMU binary, CPU model, machine).
 type ProbeKey = (std::path::PathBuf, String, String);
 
-/// Whether QEMU itself can start a VM with KVM for this CPU model and
-/// machine. The ioctl probe above can pass on hosts where QEMU's KVM setup
-/// still fails (seen on nested hosts: QEMU aborts setting MSRs for the
-/// `host` and `max` models), so `auto` also starts QEMU once, stopped
-/// (`-S`), and waits for QMP: QEMU sets up the vCPUs before QMP answers.
-/// Results are cached per (QEMU binary, CPU model, machine).
+/// How long the boot probe may take. A working KVM boots it in well under
+/// a second (firmware included); TCG on a loaded 2-core machine within a
+/// few seconds.
+pub const BOOT_PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether QEMU runs a 64-bit guest with KVM for this CPU model and
+/// machine: the ioctl probe above, then [`boot_probe`] of the probe guest
+/// (long mode with paging, through the machine's own firmware). A host
+/// can pass the first and fail the second (a nested, paravirtualised KVM
+/// that runs `hlt` but dies as soon as a guest enables paging). The
+/// verdict is cached per (QEMU binary, CPU model, machine) for the life
+/// of the process: the agent probes once at start.
 pub fn qemu_kvm_usable(qemu: &std::path::Path, cpu: &str, machine: &str) -> Result<(), String> {
     use std::collections::HashMap;
-    use std::sync::Mutex;
-    static CACHE: OnceLock<Mutex<HashMap<ProbeKey, Result<(), String>>>> = OnceLock::new();
+    use std::sync::{Arc, Mutex};
+    // One cell per key, so that concurrent callers of the same key wait
+    // for one probe instead of starting their own.
+    type Cell = Arc<OnceLock<Result<(), String>>>;
+    static CACHE: OnceLock<Mutex<HashMap<ProbeKey, Cell>>> = OnceLock::new();
     let key = (qemu.to_path_buf(), cpu.to_string(), machine.to_string());
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(r) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return r.clone();
-    }
-    let r = kvm_usable().and_then(|()| qemu_probe(qemu, cpu, machine));
-    cache
+    let cell = CACHE
+        .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(key, r.clone());
-    r
+        .entry(key)
+        .or_default()
+        .clone();
+    cell.get_or_init(|| {
+        kvm_usable()
+            .map_err(|why| format!("KVM does not run guest code here: {why}"))
+            .and_then(|()| {
+                boot_probe(qemu, "kvm", cpu, machine, BOOT_PROBE_TIMEOUT)
+                    .map(|took| {
+                        tracing::debug!(
+                            cpu,
+                            machine,
+                            ms = took.as_millis() as u64,
+                            "KVM boot probe passed"
+                        );
+                    })
+                    .map_err(|why| format!("KVM present but cannot run a 64-bit guest: {why}"))
+            })
+    })
+    .clone()
 }
 
-fn qemu_probe(qemu: &std::path::Path, cpu: &str, machine: &str) -> Result<(), String> {
+/// Boots the probe guest ([`crate::probe_guest`]) in QEMU with `accel`,
+/// `cpu` and `machine`, and waits until it has written its marker from
+/// 64-bit code and left through `isa-debug-exit`. Returns how long that
+/// took, or why it did not happen (QEMU's own error line when it gave
+/// one, e.g. "KVM internal error. Suberror: 1").
+pub fn boot_probe(
+    qemu: &std::path::Path,
+    accel: &str,
+    cpu: &str,
+    machine: &str,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    use std::io::Read;
     use std::process::{Command, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "remus-kvm-probe-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("probe dir: {e}"))?;
-    let sock = dir.join("qmp.sock");
-    let log = dir.join("qemu.log");
-    let result = (|| {
-        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let mut child = Command::new(qemu)
-            .args(["-accel", "kvm", "-cpu", cpu, "-machine", machine])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-m",
-                "32",
-                "-S",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let verdict = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                let last = said.lines().last().unwrap_or("").trim().to_string();
-                break Err(format!("QEMU with KVM (cpu {cpu}) exited ({st}): {last}"));
+    use std::sync::mpsc;
+
+    let dir = tempfile::Builder::new()
+        .prefix("remus-probe-")
+        .tempdir()
+        .map_err(|e| format!("probe directory: {e}"))?;
+    let kernel = dir.path().join("probe.elf");
+    std::fs::write(&kernel, crate::probe_guest::image())
+        .map_err(|e| format!("write {}: {e}", kernel.display()))?;
+    let started = std::time::Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-accel", accel, "-cpu", cpu, "-machine", machine])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        // A guest that faults beyond repair triple-faults; without a
+        // reboot QEMU then exits at once instead of looping in firmware.
+        .args(["-m", "64", "-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(&kernel)
+        .args([
+            "-device",
+            &format!(
+                "isa-debug-exit,iobase={:#x},iosize=0x04",
+                crate::probe_guest::DEBUG_EXIT_PORT
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+
+    enum Seen {
+        Serial(Vec<u8>),
+        Stderr(String),
+    }
+    let (tx, rx) = mpsc::channel();
+    let mut readers = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || tx.send(Seen::Serial(buf[..n].to_vec())).is_err() {
+                    break;
+                }
             }
-            if let Ok(q) = remus_qmp::Qmp::connect(&sock, Duration::from_millis(100)) {
-                let alive = q.status().is_ok();
-                let _ = q.execute_timeout("quit", None, Duration::from_secs(2));
-                break if alive {
-                    Ok(())
-                } else {
-                    Err("QEMU with KVM did not answer query-status".to_string())
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(Seen::Stderr(line)).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+
+    let deadline = started + timeout;
+    let mut serial = Vec::new();
+    let mut stderr: Vec<String> = Vec::new();
+    let marker = crate::probe_guest::MARKER.as_bytes();
+    let verdict = loop {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            break Err(format!(
+                "the probe guest did not finish within {} s{}",
+                timeout.as_secs(),
+                said(&serial, &stderr)
+            ));
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_millis(200))) {
+            Ok(Seen::Serial(b)) => serial.extend(b),
+            Ok(Seen::Stderr(l)) => {
+                // QEMU stops the VM on a KVM internal error but does not
+                // exit: the line itself is the verdict.
+                let fatal = l.contains("internal error") || l.contains("KVM_");
+                stderr.push(l.clone());
+                if fatal {
+                    break Err(l.trim().to_string());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Both pipes closed: QEMU has exited.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map_err(|e| e.to_string())?;
+                let ran = serial.windows(marker.len()).any(|w| w == marker);
+                break match status.code() {
+                    Some(code) if code == crate::probe_guest::EXIT_STATUS && ran => {
+                        Ok(started.elapsed())
+                    }
+                    _ => Err(format!(
+                        "QEMU exited ({status}) before the probe guest finished{}",
+                        said(&serial, &stderr)
+                    )),
                 };
             }
-            if std::time::Instant::now() > deadline {
-                break Err("QEMU with KVM did not start within 10 s".to_string());
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    for r in readers {
+        let _ = r.join();
+    }
+    verdict
+}
+
+/// What QEMU and the guest said, for an error message: QEMU's last error
+/// line, else the guest's last serial line.
+fn said(serial: &[u8], stderr: &[String]) -> String {
+    if let Some(l) = crate::qemu_log::last_error_line(stderr.iter().map(String::as_str)) {
+        return format!("; QEMU said: {l}");
+    }
+    let text = String::from_utf8_lossy(serial);
+    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(l) => format!("; last serial line: {l}"),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe guest itself is right: under TCG (which emulates exactly
+    /// what it does) it reaches 64-bit code and reports back, on both
+    /// machine types. A broken image would make every KVM host look
+    /// broken, so this is what the KVM verdict rests on.
+    #[test]
+    fn probe_guest_boots_under_tcg() {
+        let qemu = std::path::Path::new("qemu-system-x86_64");
+        for machine in ["q35", "microvm"] {
+            let took = boot_probe(qemu, "tcg", "max", machine, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("probe guest on {machine} under TCG: {e}"));
+            eprintln!(
+                "probe guest on {machine} under TCG: {} ms",
+                took.as_millis()
+            );
+        }
+        // A CPU without cmpxchg16b takes the plain-store path.
+        boot_probe(qemu, "tcg", "qemu64,-cx16", "q35", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("probe guest without CX16: {e}"));
+    }
+
+    /// The probe can say no: a CPU without long mode faults at the EFER
+    /// write and the probe reports it at once, not after its timeout.
+    #[test]
+    fn probe_fails_without_long_mode() {
+        let qemu = std::path::Path::new("qemu-system-x86_64");
+        let err = boot_probe(qemu, "tcg", "qemu64,-lm", "q35", Duration::from_secs(60))
+            .expect_err("no long mode, no marker");
+        assert!(err.contains("before the probe guest finished"), "{err}");
+    }
+
+    /// On this host, whatever it is, the KVM verdict comes with a reason
+    /// when it is no, and within the timeout.
+    #[test]
+    fn kvm_verdict_has_a_reason() {
+        let qemu = std::path::Path::new("qemu-system-x86_64");
+        let started = std::time::Instant::now();
+        match qemu_kvm_usable(qemu, "host", "q35") {
+            Ok(()) => eprintln!("KVM runs a 64-bit guest here"),
+            Err(why) => {
+                eprintln!("KVM not usable: {why}");
+                assert!(why.len() > 20, "a reason, not just a word: {why}");
             }
-        };
-        let _ = child.kill();
-        let _ = child.wait();
-        verdict
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        }
+        assert!(started.elapsed() < BOOT_PROBE_TIMEOUT + Duration::from_secs(5));
+    }
 }

@@ -235,7 +235,10 @@ impl Agent {
             Err(e) => Err(e),
         };
         match &qemu_version {
-            Ok(v) => tracing::info!(qemu = %v, "QEMU found"),
+            Ok(v) => {
+                tracing::info!(qemu = %v, "QEMU found");
+                probe_kvm_in_background(&opts.qemu.path);
+            }
             Err(e) => tracing::error!(error = %e, "QEMU unusable; VMs cannot be created"),
         }
         for leftover in leftover_vm_dirs(&opts.state_dir) {
@@ -493,14 +496,23 @@ impl Agent {
             .map_err(|e| AgentError::Internal(format!("remove stale {}: {e}", dir.display())))
     }
 
-    /// Keeps a VM's logs under `logs/` for debugging after it is gone.
+    /// Keeps a VM's logs (with their rotated parts) under `logs/` for
+    /// debugging after it is gone: one set per VM name and label, so the
+    /// directory is bounded by the names in use.
     fn archive_logs(&self, name: &str, paths: &VmPaths, label: &str) {
+        use remus_vm::logfile::with_backups;
         let logs = self.opts.state_dir.join("logs");
         for (src, kind) in [(paths.console_log(), "console"), (paths.qemu_log(), "qemu")] {
-            if src.exists() {
-                let dst = logs.join(format!("{name}.{label}.{kind}.log"));
-                if let Err(e) = std::fs::rename(&src, &dst) {
-                    tracing::warn!(file = %src.display(), error = %e, "cannot keep log");
+            let dst = logs.join(format!("{name}.{label}.{kind}.log"));
+            for (from, to) in with_backups(&src).into_iter().zip(with_backups(&dst)) {
+                let moved = std::fs::rename(&from, &to);
+                match moved {
+                    Ok(()) => {}
+                    // An older archive's part this VM did not write.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let _ = std::fs::remove_file(&to);
+                    }
+                    Err(e) => tracing::warn!(file = %from.display(), error = %e, "cannot keep log"),
                 }
             }
         }
@@ -759,6 +771,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             ResolvedAccel::Kvm => "kvm".into(),
         },
         pid: slot.vm.pid(),
+        crash: slot.vm.crash_report(),
         protection: slot.protected_to().map(|peer| remus_api::ProtectionInfo {
             peer,
             last_checkpoint: lock(&slot.last_checkpoint)
@@ -794,6 +807,7 @@ fn stale_info(name: &str, s: &StaleCopy) -> VmInfo {
         time_s: 0.0,
         accel: String::new(),
         pid: 0,
+        crash: None,
         protection: None,
         changed_chunks: Default::default(),
         arbiter: None,
@@ -804,6 +818,33 @@ fn online_cpus() -> usize {
     // SAFETY: sysconf has no memory effects.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
     if n > 0 { n as usize } else { 1 }
+}
+
+/// Runs the KVM probe (`remus_vm::kvm`) for the default CPU model and
+/// machine once, at agent start, on a thread of its own: it can take
+/// seconds on a broken host, and the first VM with `accel = "auto"` (or
+/// `remus info`) waits for the same verdict instead of starting another
+/// probe. The verdict is logged once, with the reason when `auto` will
+/// mean TCG.
+fn probe_kvm_in_background(qemu: &Path) {
+    let qemu = qemu.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("kvm-probe".into())
+        .spawn(move || {
+            let cpu = remus_vm::qemu_args::DEFAULT_KVM_CPU;
+            match remus_vm::kvm::qemu_kvm_usable(&qemu, cpu, "q35") {
+                Ok(()) => tracing::info!(
+                    "accel: a 64-bit test guest ran under KVM; accel = \"auto\" uses KVM"
+                ),
+                Err(why) if Path::new("/dev/kvm").exists() => {
+                    tracing::warn!("accel: accel = \"auto\" uses TCG (slow): {why}")
+                }
+                Err(why) => tracing::info!("accel: accel = \"auto\" uses TCG: {why}"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the KVM probe now; it runs with the first VM");
+    }
 }
 
 /// A 4-hex-digit tag stored in the state dir (created once).

@@ -146,16 +146,11 @@ async fn console_log(
 ) -> Result<Response, AgentError> {
     let slot = a.slot(&name)?;
     let path = slot.vm.paths.console_log();
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(AgentError::Internal(format!(
-                "read {}: {e}",
-                path.display()
-            )));
-        }
-    };
+    let read = path.clone();
+    let bytes = tokio::task::spawn_blocking(move || remus_vm::logfile::read_all(&read))
+        .await
+        .map_err(|e| AgentError::Internal(format!("read {}: {e}", path.display())))?
+        .map_err(|e| AgentError::Internal(format!("read {}: {e}", path.display())))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 

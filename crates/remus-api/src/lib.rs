@@ -53,6 +53,10 @@ pub struct VmInfo {
     pub accel: String,
     /// QEMU's pid on this host.
     pub pid: u32,
+    /// Why the VM crashed (state `c`): what happened, how long after its
+    /// start, and QEMU's last error line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<String>,
     /// The protection or migration session, while one runs here (as
     /// primary or source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,8 +117,10 @@ pub struct ProtectionInfo {
 pub struct HostInfo {
     pub agent_version: String,
     pub qemu: String,
+    /// Whether `accel = "auto"` uses KVM here: the agent booted a 64-bit
+    /// test guest under KVM at start (see `remus_vm::kvm`).
     pub kvm: bool,
-    /// Why KVM is not used, when it is not.
+    /// Why `auto` means TCG here, when it does.
     pub kvm_reason: Option<String>,
     pub state_dir: PathBuf,
     pub replication_listen: Option<String>,

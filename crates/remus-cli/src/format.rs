@@ -19,6 +19,11 @@ pub fn list_table(vms: &[VmInfo]) -> String {
             v.name, v.id, v.mem_mib, v.vcpus, flags, v.time_s
         ));
     }
+    for v in vms {
+        if let Some(why) = &v.crash {
+            out.push_str(&format!("{}: crashed: {why}\n", v.name));
+        }
+    }
     out
 }
 
@@ -168,6 +173,7 @@ mod tests {
             time_s: 12.34,
             accel: "tcg".into(),
             pid: 1,
+            crash: None,
             protection: None,
             changed_chunks: Default::default(),
             arbiter: None,

@@ -413,8 +413,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("agent      : remusd {}", h.agent_version);
                 println!("qemu       : {}", h.qemu);
                 match &h.kvm_reason {
-                    None => println!("accel      : kvm available"),
-                    Some(r) => println!("accel      : tcg only ({r})"),
+                    None => println!(
+                        "accel      : kvm (a 64-bit test guest ran under KVM: accel = \"auto\" uses it)"
+                    ),
+                    Some(r) => println!("accel      : tcg (accel = \"auto\" uses TCG: {r})"),
                 }
                 println!("state dir  : {}", h.state_dir.display());
                 if let Some(l) = &h.replication_listen {

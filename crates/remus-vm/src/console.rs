@@ -8,7 +8,7 @@
 //! everything to `console.log` and bridges one attached client at a time,
 //! which connects to `console-attach.sock`.
 
-use std::fs::{File, OpenOptions};
+use crate::logfile::CappedLog;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -52,10 +52,8 @@ impl ConsoleHub {
     pub fn start(qemu_path: &Path, attach_path: &Path, log_path: &Path) -> std::io::Result<Self> {
         let qemu_listener = bind(qemu_path)?;
         let attach_listener = bind(attach_path)?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)?;
+        // Capped: the guest decides how much it prints.
+        let log = CappedLog::open(log_path)?;
         let shared = Arc::new(Shared {
             client: Mutex::new(None),
             qemu: Mutex::new(None),
@@ -111,7 +109,7 @@ impl Drop for ConsoleHub {
 
 /// Accepts QEMU (again after a reconnect) and copies its output to the log
 /// and the attached client.
-fn output_loop(listener: UnixListener, mut log: File, shared: Arc<Shared>) {
+fn output_loop(listener: UnixListener, mut log: CappedLog, shared: Arc<Shared>) {
     let mut buf = [0u8; 4096];
     while !shared.stop.load(Ordering::SeqCst) {
         let Ok((mut qemu, _)) = listener.accept() else {
@@ -133,7 +131,7 @@ fn output_loop(listener: UnixListener, mut log: File, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if let Err(e) = log.write_all(&buf[..n]) {
+            if let Err(e) = log.write(&buf[..n]) {
                 tracing::warn!(error = %e, "console: cannot write the log");
             }
             let mut client = lock(&shared.client);

@@ -12,8 +12,11 @@ pub mod console;
 pub mod cpuset;
 pub mod devstate;
 pub mod kvm;
+pub mod logfile;
 pub mod paths;
+pub mod probe_guest;
 pub mod qemu_args;
+pub mod qemu_log;
 pub mod state;
 pub mod vm;
 

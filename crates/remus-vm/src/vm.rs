@@ -7,13 +7,12 @@
 //! child and records its exit status, so the VM's state can tell "QEMU
 //! died" from "QEMU is running".
 
-use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use remus_config::{DiskFormat, Firmware, VmConfig};
@@ -24,6 +23,7 @@ use remus_qmp::{Qmp, QmpError};
 use serde_json::json;
 
 use crate::console::ConsoleHub;
+use crate::logfile::CappedLog;
 use crate::paths::VmPaths;
 use crate::qemu_args::{Launch, ResolvedAccel, qemu_args};
 use crate::state::RunState;
@@ -73,15 +73,21 @@ pub enum VmError {
 #[derive(Debug, Clone)]
 pub struct QemuBinary {
     pub path: PathBuf,
-    /// Extra environment for QEMU (e.g. the dirty-tracking preload).
+    /// Extra environment for QEMU.
     pub env: Vec<(String, std::ffi::OsString)>,
+    /// The dirty-tracking preload library QEMU is started with; without
+    /// it a VM runs but cannot be protected or migrated.
+    pub preload: Option<PathBuf>,
 }
 
 impl Default for QemuBinary {
+    /// `qemu-system-x86_64` from `PATH`, with the preload found where a
+    /// build or the package puts it.
     fn default() -> Self {
         QemuBinary {
             path: "qemu-system-x86_64".into(),
             env: Vec::new(),
+            preload: remus_dirty::preload_path(),
         }
     }
 }
@@ -107,8 +113,10 @@ pub struct Vm {
     pub ram_file: PathBuf,
     pub tap_names: Vec<String>,
     pid: u32,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
     exit: ExitCell,
+    /// QEMU's last error line and, once it crashed, why.
+    watch: Arc<Watch>,
     disks: Mutex<Vec<(String, NbdServerHandle)>>,
     /// qemu-storage-daemons serving qcow2 disks (killed on destroy).
     daemons: Mutex<Vec<StorageDaemon>>,
@@ -248,13 +256,19 @@ impl Vm {
             uefi,
         });
         tracing::info!(vm = %name, qemu = %opts.qemu.path.display(), args = %args.join(" "), "starting QEMU");
-        let log = File::create(paths.qemu_log()).map_err(io_err(
+        // QEMU's stdout and stderr go through a pipe to the agent, which
+        // writes them to a capped qemu.log and keeps QEMU's last error
+        // line for the crash report.
+        let mut qemu_log = CappedLog::open(&paths.qemu_log()).map_err(io_err(
             &name,
             format!("create {}", paths.qemu_log().display()),
         ))?;
-        let log2 = log.try_clone().map_err(io_err(&name, "dup qemu.log"))?;
+        let (log_rx, log_tx) = std::io::pipe().map_err(io_err(&name, "pipe for QEMU's output"))?;
+        let log_tx2 = log_tx
+            .try_clone()
+            .map_err(io_err(&name, "pipe for QEMU's output"))?;
         let mut env = opts.qemu.env.clone();
-        let preload = remus_dirty::preload_path();
+        let preload = opts.qemu.preload.clone();
         match &preload {
             Some(lib) => env.extend(
                 remus_dirty::preload_env(lib, &opts.ram_file)
@@ -268,10 +282,14 @@ impl Vm {
         let mut cmd = Command::new(&opts.qemu.path);
         cmd.args(&args)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(log_tx)
+            .stderr(log_tx2)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_os_str())));
-        let mut child = cmd.spawn().map_err(|e| VmError::Start {
+        let spawned = cmd.spawn();
+        // Our copies of the pipe's write end go with the command, so that
+        // the reader sees the end of the output when QEMU exits.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| VmError::Start {
             vm: name.clone(),
             reason: format!("cannot run {}: {e}", opts.qemu.path.display()),
             log: String::new(),
@@ -279,15 +297,41 @@ impl Vm {
         let pid = child.id();
         let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
 
+        let watch = Arc::new(Watch {
+            vm: name.clone(),
+            started: Instant::now(),
+            last_error: Mutex::new(None),
+            crash: OnceLock::new(),
+            destroying: std::sync::atomic::AtomicBool::new(false),
+        });
+        let log_watch = watch.clone();
+        let log_thread = std::thread::Builder::new()
+            .name(format!("qemu-log-{pid}"))
+            .spawn(move || copy_qemu_output(log_rx, &mut qemu_log, &log_watch));
+        let log_thread = match log_thread {
+            Ok(t) => t,
+            Err(e) => {
+                kill_pid(pid);
+                let _ = child.wait();
+                return Err(io_err(&name, "spawn QEMU log thread")(e));
+            }
+        };
+
         let exit: ExitCell = Arc::new((Mutex::new(None), Condvar::new()));
         let exit2 = exit.clone();
         let vm_name = name.clone();
+        let exit_watch = watch.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qemu-wait-{pid}"))
             .spawn(move || {
                 let status = child.wait();
+                // QEMU's last words are read before its exit is reported.
+                let _ = log_thread.join();
                 match &status {
-                    Ok(s) => tracing::info!(vm = %vm_name, pid, status = %describe_exit(s), "QEMU exited"),
+                    Ok(s) => {
+                        tracing::info!(vm = %vm_name, pid, status = %describe_exit(s), "QEMU exited");
+                        exit_watch.crashed(&format!("QEMU exited ({})", describe_exit(s)));
+                    }
                     Err(e) => tracing::error!(vm = %vm_name, pid, error = %e, "waiting for QEMU failed"),
                 }
                 let (lock, cv) = &*exit2;
@@ -310,9 +354,12 @@ impl Vm {
             }
         };
         let qmp = match connect_qmp(&paths.qmp_socket(), &exit) {
-            Ok(q) => q,
+            Ok(q) => Arc::new(q),
             Err(reason) => return Err(fail(reason, &exit)),
         };
+        if let Err(e) = watch_stops(&qmp, &watch) {
+            return Err(fail(format!("watch QEMU's events: {e}"), &exit));
+        }
         let vcpu_tids = match vcpu_threads(&qmp) {
             Ok(t) => t,
             Err(e) => return Err(fail(format!("query-cpus-fast: {e}"), &exit)),
@@ -334,6 +381,7 @@ impl Vm {
             commits,
             console: Mutex::new(Some(console)),
             vcpu_tids,
+            watch,
             dirty_tracking: preload.is_some(),
             run_lock: Mutex::new(()),
             operator_paused: std::sync::atomic::AtomicBool::new(false),
@@ -355,6 +403,15 @@ impl Vm {
     /// The QMP session (for checkpointing and migration).
     pub fn qmp(&self) -> &Qmp {
         &self.qmp
+    }
+
+    /// Why the VM crashed, once it has (QEMU exited while nobody was
+    /// destroying it, or stopped the guest with `internal-error` or
+    /// `guest-panicked`), with how long after its start and QEMU's last
+    /// error line: "QEMU stopped the guest (internal-error) 0.4 s after
+    /// start; QEMU said: KVM internal error. Suberror: 1".
+    pub fn crash_report(&self) -> Option<String> {
+        self.watch.crash.get().cloned()
     }
 
     /// How QEMU exited, if it has.
@@ -612,6 +669,7 @@ impl Vm {
     /// and removes the RAM file. Safe to call more than once.
     pub fn destroy(&self) {
         let name = self.config.name.clone();
+        self.watch.destroying.store(true, SeqCst);
         if self.exit_status().is_none() {
             let quit = self
                 .qmp
@@ -655,6 +713,122 @@ impl Vm {
         }
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");
+    }
+}
+
+/// What the agent knows of how a VM's QEMU is doing, shared by the
+/// threads that watch it (output, exit, events).
+struct Watch {
+    vm: String,
+    started: Instant,
+    /// QEMU's last error line so far.
+    last_error: Mutex<Option<String>>,
+    /// Set once, by whoever sees the crash first.
+    crash: OnceLock<String>,
+    /// The agent is stopping QEMU itself: its exit is no crash.
+    destroying: std::sync::atomic::AtomicBool,
+}
+
+impl Watch {
+    /// Records a crash (the first report wins) and logs it once, quoting
+    /// QEMU's last error line.
+    fn crashed(&self, what: &str) {
+        if self.destroying.load(SeqCst) {
+            return;
+        }
+        let after = self.started.elapsed().as_secs_f64();
+        let said = match &*self.last_error.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(l) => format!("; QEMU said: {l}"),
+            None => String::new(),
+        };
+        let report = format!("{what} {after:.1} s after start{said}");
+        if self.crash.set(report.clone()).is_ok() {
+            tracing::error!(vm = %self.vm, "VM crashed: {report}");
+        }
+    }
+}
+
+/// Longest line of QEMU's output kept for the crash report.
+const MAX_ERROR_LINE: usize = 1024;
+
+/// Copies QEMU's output into its capped log until QEMU closes it, and
+/// remembers the last line that reads as an error.
+fn copy_qemu_output(mut from: std::io::PipeReader, log: &mut CappedLog, watch: &Watch) {
+    use std::io::Read;
+    let mut buf = [0u8; 8192];
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Err(e) = log.write(&buf[..n]) {
+            tracing::warn!(vm = %watch.vm, error = %e, "cannot write qemu.log");
+        }
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                let text = String::from_utf8_lossy(&line);
+                if let Some(err) = crate::qemu_log::last_error_line(std::iter::once(text.as_ref()))
+                {
+                    *watch.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                }
+                line.clear();
+            } else if line.len() < MAX_ERROR_LINE {
+                line.push(b);
+            }
+        }
+    }
+}
+
+/// How long a stopped guest may stay stopped before the watcher asks why.
+const STOP_SETTLE: Duration = Duration::from_secs(1);
+
+/// Watches QEMU's run-state events for a guest that stops for good with
+/// an error. A checkpoint stops and resumes the guest within milliseconds,
+/// so a STOP is looked into (one `query-status`) only when no RESUME
+/// follows within [`STOP_SETTLE`]; a GUEST_PANICKED says it at once.
+fn watch_stops(qmp: &Arc<Qmp>, watch: &Arc<Watch>) -> std::io::Result<()> {
+    let events = qmp.subscribe();
+    let qmp = Arc::downgrade(qmp);
+    let watch = watch.clone();
+    std::thread::Builder::new()
+        .name("qemu-events".into())
+        .spawn(move || watch_events(&events, &qmp, &watch))
+        .map(|_| ())
+}
+
+/// The loop of [`watch_stops`]'s thread; returns when QMP closes.
+fn watch_events(
+    events: &std::sync::mpsc::Receiver<remus_qmp::Event>,
+    qmp: &std::sync::Weak<Qmp>,
+    watch: &Watch,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    while let Ok(ev) = events.recv() {
+        match ev.name.as_str() {
+            "GUEST_PANICKED" => watch.crashed("the guest panicked"),
+            "STOP" => loop {
+                match events.recv_timeout(STOP_SETTLE) {
+                    Ok(ev) if ev.name == "RESUME" => break,
+                    Ok(ev) if ev.name == "GUEST_PANICKED" => {
+                        watch.crashed("the guest panicked");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let Some(q) = qmp.upgrade() else { return };
+                        if let Ok(st) = q.status()
+                            && matches!(st.as_str(), "internal-error" | "guest-panicked")
+                        {
+                            watch.crashed(&format!("QEMU stopped the guest ({st})"));
+                        }
+                        break;
+                    }
+                }
+            },
+            _ => {}
+        }
     }
 }
 
@@ -834,6 +1008,100 @@ pub fn announce_self(qmp: &Qmp) -> Result<(), QmpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted QEMU for the event watcher: greets, takes the
+    /// capabilities, waits for `go`, sends `events`, answers query-status
+    /// with `status`, then hangs up.
+    fn scripted_qemu(
+        events: &'static [&'static str],
+        status: &'static str,
+    ) -> (
+        Arc<Qmp>,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<u32>,
+    ) {
+        use std::io::{BufRead, Write};
+        let (a, b) = UnixStream::pair().unwrap();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let mut w = b.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(b);
+            writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"micro": 0, "minor": 0, "major": 10}}}}, "capabilities": []}}}}"#).unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let id = serde_json::from_str::<serde_json::Value>(&line).unwrap()["id"].clone();
+            writeln!(w, r#"{{"return": {{}}, "id": {id}}}"#).unwrap();
+            wait.recv().unwrap();
+            for ev in events {
+                writeln!(w, r#"{{"event": "{ev}", "data": {{}}}}"#).unwrap();
+            }
+            // Count the status queries until the watcher has had its say.
+            let mut queries = 0;
+            r.get_ref().set_read_timeout(Some(STOP_SETTLE * 3)).unwrap();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 => {
+                        let id =
+                            serde_json::from_str::<serde_json::Value>(&line).unwrap()["id"].clone();
+                        queries += 1;
+                        writeln!(w, r#"{{"return": {{"status": "{status}", "running": false}}, "id": {id}}}"#).unwrap();
+                    }
+                    _ => break,
+                }
+            }
+            queries
+        });
+        let qmp = Arc::new(Qmp::from_stream(a).unwrap());
+        (qmp, go, peer)
+    }
+
+    fn watch_for_test() -> Watch {
+        Watch {
+            vm: "t".into(),
+            started: Instant::now(),
+            last_error: Mutex::new(Some("KVM internal error. Suberror: 1".into())),
+            crash: OnceLock::new(),
+            destroying: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_guest_stopped_with_an_internal_error_is_a_crash() {
+        let (qmp, go, peer) = scripted_qemu(&["STOP"], "internal-error");
+        let events = qmp.subscribe();
+        go.send(()).unwrap();
+        let watch = watch_for_test();
+        let weak = Arc::downgrade(&qmp);
+        // Returns once the scripted QEMU hangs up.
+        watch_events(&events, &weak, &watch);
+        assert_eq!(
+            peer.join().unwrap(),
+            1,
+            "one query-status after the STOP settled"
+        );
+        let report = watch.crash.get().expect("a crash report");
+        assert!(
+            report.starts_with("QEMU stopped the guest (internal-error)")
+                && report.ends_with("; QEMU said: KVM internal error. Suberror: 1"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_stop_is_not_looked_into() {
+        let (qmp, go, peer) = scripted_qemu(&["STOP", "RESUME"], "running");
+        let events = qmp.subscribe();
+        go.send(()).unwrap();
+        let watch = watch_for_test();
+        watch_events(&events, &Arc::downgrade(&qmp), &watch);
+        assert_eq!(
+            peer.join().unwrap(),
+            0,
+            "a STOP with its RESUME costs no query"
+        );
+        assert!(watch.crash.get().is_none());
+    }
 
     #[test]
     fn proc_stat_parsing_handles_spaces_in_comm() {

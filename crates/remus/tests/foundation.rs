@@ -247,3 +247,78 @@ fn bad_vif_bridge_is_a_clear_error() {
     );
     assert!(agent.qemu_pids().is_empty());
 }
+
+/// A VM whose QEMU dies early says so: `remus list` shows it crashed with
+/// how long after its start and QEMU's last error line, and the agent logs
+/// exactly one line that quotes it. The QEMU here is a wrapper that starts
+/// the real one and fails it a second into the VM's life with an error
+/// line, as a broken host would (a nested KVM's "KVM internal error" is
+/// such a line); the probe and `--version` go to the real QEMU untouched.
+#[test]
+fn a_vm_that_crashes_early_says_why() {
+    let img = GuestImage::find().expect("guest image");
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("qemu-that-breaks");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n\
+         case \" $* \" in *\" -name \"*) ;; *) exec qemu-system-x86_64 \"$@\" ;; esac\n\
+         qemu-system-x86_64 \"$@\" &\n\
+         qemu=$!\n\
+         sleep 1\n\
+         echo 'qemu-system-x86_64: test: injected failure, the host broke' >&2\n\
+         kill -9 $qemu\n\
+         wait $qemu\n\
+         exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let agent = Agent::start(&bins(), None, &["--qemu", wrapper.to_str().unwrap()]).expect("agent");
+    let cfg = agent.write_file("early.toml", &img.config("early", "", ""));
+    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}{}", out.stderr, agent.log_text());
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let vm = loop {
+        let vm = agent.vm("early").expect("listed");
+        if vm["state"] == "c" {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not crashed within 30 s: {vm}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let crash = vm["crash"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no crash report: {vm}"));
+    assert!(crash.starts_with("QEMU exited (exit code 1) "), "{crash}");
+    assert!(
+        crash.contains(
+            " s after start; QEMU said: qemu-system-x86_64: test: injected failure, the host broke"
+        ),
+        "{crash}"
+    );
+    let human = agent.cli(&["list"]);
+    assert!(
+        human.stdout.contains(&format!("early: crashed: {crash}")),
+        "{}",
+        human.stdout
+    );
+    let log = agent.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("VM crashed")).collect();
+    assert_eq!(lines.len(), 1, "one log line: {log}");
+    assert!(
+        lines[0].contains("injected failure") && lines[0].contains("early"),
+        "{}",
+        lines[0]
+    );
+    // Destroying it is not another crash.
+    assert!(agent.cli(&["destroy", "early"]).ok);
+    assert_eq!(agent.log_text().matches("VM crashed").count(), 1);
+}

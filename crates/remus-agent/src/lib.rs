@@ -5,90 +5,28 @@
 //! - [`agent`]: VM registry and operations.
 //! - [`http`]: the local HTTP/JSON API.
 //!
+//! - [`cli`]: the settings (command line and config file).
+//! - [`host`]: what the host must offer (kernel, QEMU, preload).
+//!
 //! Stopping the agent (SIGTERM, SIGINT) stops its VMs: the agent carries
 //! their disk and network I/O, so a VM cannot outlive it usefully.
 
 pub mod agent;
 pub mod arbiter;
+pub mod cli;
 pub mod copies;
+pub mod host;
 pub mod http;
 pub mod replication;
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
 
 use agent::{Agent, AgentOptions};
-
-/// remusd: the remus host agent.
-#[derive(Debug, Parser)]
-#[command(name = "remusd", version, about, long_about = None)]
-pub struct Args {
-    /// Directory for VM state (one subdirectory per VM) and logs.
-    #[arg(long, default_value = "/var/lib/remus")]
-    pub state_dir: PathBuf,
-    /// Unix socket the CLI talks to.
-    #[arg(long, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// Address for replication from peer agents (HOST:PORT); this agent
-    /// then serves as a backup or migration destination. Needs --key.
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Shared key file authenticating replication peers (at least 32
-    /// bytes, the same file on both hosts: `head -c 32 /dev/urandom > KEY`).
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    /// Where guest RAM files live; a tmpfs keeps them out of the page
-    /// cache's writeback.
-    #[arg(long, default_value = "/dev/shm")]
-    pub ram_dir: PathBuf,
-    /// QEMU system emulator to run.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
-    /// Log filter (tracing syntax, e.g. `info`, `remus_vm=debug`); RUST_LOG
-    /// works too.
-    #[arg(long, default_value = "info")]
-    pub log: String,
-    /// etcd client URL of the arbiter that decides which host may run a
-    /// protected VM (split-brain protection); repeat it, or separate URLs
-    /// by commas, for each member. Both agents of a VM need the same
-    /// cluster and prefix. See docs/operations.md, "Split brain".
-    #[arg(long, value_delimiter = ',', value_name = "URL")]
-    pub arbiter: Vec<String>,
-    /// Key prefix under which the arbiter keeps VM keys.
-    #[arg(long, default_value = "/remus", value_name = "PREFIX")]
-    pub arbiter_prefix: String,
-    /// Lease time in seconds: a failover waits for the primary's lease to
-    /// lapse (up to this long after the primary's last renewal).
-    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
-    pub arbiter_ttl: u64,
-    /// A primary that cannot renew pauses its VM this long before its
-    /// lease can lapse (covers the time to pause the VM).
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    pub arbiter_margin_ms: u64,
-    /// CA certificate (PEM) of the etcd members, for https:// endpoints.
-    #[arg(long, value_name = "FILE")]
-    pub arbiter_ca: Option<PathBuf>,
-    /// Client certificate (PEM) when etcd asks for one.
-    #[arg(long, value_name = "FILE", requires = "arbiter_key")]
-    pub arbiter_cert: Option<PathBuf>,
-    /// Key (PEM) of --arbiter-cert.
-    #[arg(long, value_name = "FILE", requires = "arbiter_cert")]
-    pub arbiter_key: Option<PathBuf>,
-    /// This host's name in the arbiter's keys (default: the hostname).
-    /// Each host of a cluster needs its own.
-    #[arg(long, value_name = "NAME")]
-    pub host_name: Option<String>,
-    /// Activity-log extents (4 MiB each) a primary keeps marked per disk
-    /// after their writes are acknowledged (as DRBD's al-extents): more
-    /// means fewer syncs for guests that rewrite the same areas, fewer
-    /// means less to compare when resyncing this host after it crashed.
-    #[arg(long, default_value_t = remus_disk::activity::DEFAULT_LIMIT as u64, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub al_extents: u64,
-}
+pub use cli::Args;
 
 /// The arbiter of `--arbiter`, if given.
 fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>> {
@@ -131,15 +69,117 @@ fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>>
     Ok(Some(Arc::new(a)))
 }
 
-/// The agent's `main`.
-pub fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// The agent's `main`: settings, logging, then `--check` or the agent.
+pub fn main() -> ExitCode {
+    let args = match Args::load() {
+        Ok(a) => a,
+        Err(e) => return e.report(),
+    };
+    init_logging(&args.log);
+    if args.check {
+        return check(&args);
+    }
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("remusd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr: colours only on a terminal, and no timestamps of our
+/// own under systemd's journal (which stamps every line itself).
+fn init_logging(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
+}
+
+/// `remusd --check`: what the agent would find at start, one line each.
+fn check(args: &Args) -> ExitCode {
+    let mut ok = true;
+    let mut line = |what: &str, r: Result<String, String>, required: bool| match r {
+        Ok(v) => println!("{what:<9} ok: {v}"),
+        Err(e) if required => {
+            ok = false;
+            println!("{what:<9} FAILED: {e}")
+        }
+        Err(e) => println!("{what:<9} {e}"),
+    };
+    let config = match &args.config {
+        Some(p) => p.display().to_string(),
+        None if std::path::Path::new(cli::DEFAULT_CONFIG).exists() => cli::DEFAULT_CONFIG.into(),
+        None => "none (defaults and the command line)".into(),
+    };
+    line("settings", Ok(format!("config file {config}")), true);
+    line("kernel", host::check_kernel(), true);
+    line("qemu", qemu_version(&args.qemu), true);
+    line(
+        "preload",
+        host::find_preload(args.preload.as_deref()).map(|p| p.display().to_string()),
+        true,
+    );
+    let kvm =
+        remus_vm::kvm::qemu_kvm_usable(&args.qemu, remus_vm::qemu_args::DEFAULT_KVM_CPU, "q35");
+    line(
+        "accel",
+        Ok(match kvm {
+            Ok(()) => "kvm (a 64-bit test guest ran under KVM)".into(),
+            Err(why) => format!("tcg ({why})"),
+        }),
+        false,
+    );
+    match (&args.listen, &args.key) {
+        (_, Some(k)) => line(
+            "key",
+            remus_proto::Key::load(k)
+                .map(|_| k.display().to_string())
+                .map_err(|e| format!("{}: {e}", k.display())),
+            true,
+        ),
+        (Some(_), None) => line("key", Err("--listen needs --key FILE".into()), true),
+        (None, None) => line(
+            "key",
+            Ok("none (this agent cannot be a backup)".into()),
+            false,
+        ),
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// QEMU's version, if it is new enough.
+fn qemu_version(qemu: &std::path::Path) -> Result<String, String> {
+    match remus_vm::qemu_version(qemu)? {
+        v if v >= remus_vm::MIN_QEMU => Ok(format!("{} {}.{}", qemu.display(), v.0, v.1)),
+        v => Err(format!(
+            "QEMU {}.{} at {} is too old: remus needs QEMU {}.{} or newer (Debian 12: from bookworm-backports)",
+            v.0,
+            v.1,
+            qemu.display(),
+            remus_vm::MIN_QEMU.0,
+            remus_vm::MIN_QEMU.1
+        )),
+    }
+}
+
+/// Checks the host, then runs the agent until SIGTERM or SIGINT.
+fn start(args: Args) -> anyhow::Result<()> {
+    host::check_kernel().map_err(anyhow::Error::msg)?;
+    let preload = host::find_preload(args.preload.as_deref()).map_err(anyhow::Error::msg)?;
+    tracing::info!(preload = %preload.display(), kernel = %host::kernel_release(), "host checked");
     // Made (and finally dropped) outside the async runtime: the arbiter
     // runs a small runtime of its own.
     let arbiter = arbiter_of(&args)?;
@@ -147,13 +187,17 @@ pub fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let r = rt.block_on(run(args, arbiter.clone()));
+    let r = rt.block_on(run(args, preload, arbiter.clone()));
     drop(rt);
     drop(arbiter);
     r
 }
 
-async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    preload: std::path::PathBuf,
+    arbiter: Option<Arc<arbiter::AgentArbiter>>,
+) -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
     let key = match &args.key {
@@ -174,6 +218,7 @@ async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow:
         qemu: remus_vm::QemuBinary {
             path: args.qemu.clone(),
             env: Vec::new(),
+            preload: Some(preload),
         },
         replication_listen: args.listen.clone(),
         key,
@@ -211,6 +256,11 @@ async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow:
     }
 
     tracing::info!(socket = %args.socket.display(), state_dir = %state_dir.display(), "remusd ready");
+    // systemd (Type=notify) starts the units ordered after us only now.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving {}", args.socket.display())),
+    ]);
     let app = http::router(agent.clone());
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -224,6 +274,7 @@ async fn run(args: Args, arbiter: Option<Arc<arbiter::AgentArbiter>>) -> anyhow:
         .with_graceful_shutdown(shutdown)
         .await
         .context("API server")?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let a = agent.clone();
     tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
     let _ = std::fs::remove_file(&args.socket);

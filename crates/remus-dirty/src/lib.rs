@@ -35,10 +35,13 @@ mod range;
 mod scan;
 
 pub use error::DirtyError;
-pub use preload::{PRELOAD_FILE_NAME, TRACK_PATH_ENV, preload_env, preload_path};
+pub use preload::{
+    INSTALL_DIR as PRELOAD_INSTALL_DIR, PRELOAD_FILE_NAME, TRACK_PATH_ENV, preload_env,
+    preload_path,
+};
 pub use ram_file::{DataRanges, RamFile};
 pub use range::{DirtySet, PageRange};
-pub use scan::DirtyTracker;
+pub use scan::{DirtyTracker, kernel_has_pagemap_scan};
 
 /// The system page size in bytes: the unit of tracking.
 pub fn page_size() -> u64 {

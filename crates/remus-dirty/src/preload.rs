@@ -10,29 +10,42 @@ pub const TRACK_PATH_ENV: &str = "REMUS_DIRTY_TRACK_PATH";
 /// File name of the built preload library.
 pub const PRELOAD_FILE_NAME: &str = "libremus_dirty_preload.so";
 
-/// Finds the built preload: next to the current executable (installed side
-/// by side, or `target/<profile>/` for a binary), one level up (test and
-/// example binaries live in `target/<profile>/deps` or `examples`), then in
-/// `$CARGO_TARGET_DIR` or the nearest enclosing `target/` directory, release
-/// build first.
+/// Where the Debian package installs the preload (a private library of
+/// the package, not on the linker's path). A packager may build with
+/// `REMUS_PRELOAD_DIR` set to put it elsewhere.
+pub const INSTALL_DIR: &str = match option_env!("REMUS_PRELOAD_DIR") {
+    Some(d) => d,
+    None => "/usr/lib/remus",
+};
+
+/// Finds the preload when no path was given (`remusd --preload`): next to
+/// the current executable (installed side by side, or `target/<profile>/`
+/// for a binary), one level up (test and example binaries live in
+/// `target/<profile>/deps` or `examples`), in `$CARGO_TARGET_DIR` or the
+/// nearest enclosing `target/` directory (release build first), and last
+/// in [`INSTALL_DIR`], where the package puts it.
 pub fn preload_path() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let exe_dir = exe.parent()?;
-    let mut candidates: Vec<PathBuf> = vec![exe_dir.to_owned()];
-    candidates.extend(exe_dir.parent().map(Path::to_owned));
-    let target_dirs = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            exe_dir
-                .ancestors()
-                .find(|dir| dir.ends_with("target"))
-                .map(Path::to_owned),
-        );
-    for target in target_dirs {
-        candidates.push(target.join("release"));
-        candidates.push(target.join("debug"));
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(exe_dir) = exe.parent()
+    {
+        candidates.push(exe_dir.to_owned());
+        candidates.extend(exe_dir.parent().map(Path::to_owned));
+        let target_dirs = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(
+                exe_dir
+                    .ancestors()
+                    .find(|dir| dir.ends_with("target"))
+                    .map(Path::to_owned),
+            );
+        for target in target_dirs {
+            candidates.push(target.join("release"));
+            candidates.push(target.join("debug"));
+        }
     }
+    candidates.push(PathBuf::from(INSTALL_DIR));
     candidates
         .into_iter()
         .map(|dir| dir.join(PRELOAD_FILE_NAME))

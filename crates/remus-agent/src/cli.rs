@@ -1,0 +1,449 @@
+//! `remusd`'s settings: the command line, and the config file that can set
+//! every flag of it.
+//!
+//! The config file (`/etc/remus/remusd.toml` when it exists, or
+//! `--config FILE`) is TOML whose keys are the long names of the flags,
+//! with the values the flags take: `listen = "198.18.0.1:7001"`,
+//! `al-extents = 2048`, `arbiter = ["http://..."]`. It is read through the
+//! same definitions as the command line, so every flag, its checks and its
+//! help exist once. The command line (and an environment variable a flag
+//! reads) overrides the file; the file overrides the defaults.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/remus/remusd.toml";
+
+/// Longest config file read (a settings file is a few KiB).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// remusd: the remus host agent.
+///
+/// One remusd runs per host. It owns that host's VMs: it starts their QEMU
+/// processes, serves their disks over NBD, relays their network frames,
+/// and checkpoints protected VMs to a backup agent (or is that backup).
+/// The `remus` command talks to it over a unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "remusd", version, about, long_about)]
+pub struct Args {
+    /// Config file: TOML whose keys are this command's long flag names
+    /// (`state-dir = "/var/lib/remus"`); flags on the command line
+    /// override it. Default: /etc/remus/remusd.toml, when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check this host (kernel, QEMU, KVM, the preload library) and the
+    /// settings, print what was found, and exit: 0 when the agent can
+    /// start.
+    #[arg(long)]
+    pub check: bool,
+    /// Directory for VM state (one subdirectory per VM) and logs.
+    #[arg(long, default_value = "/var/lib/remus", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Unix socket the CLI talks to.
+    #[arg(long, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Address for replication from peer agents (HOST:PORT); this agent
+    /// then serves as a backup or migration destination. Needs --key.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Shared key file authenticating replication peers (at least 32
+    /// bytes, the same file on both hosts: `head -c 32 /dev/urandom > KEY`).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Where guest RAM files live; a tmpfs keeps them out of the page
+    /// cache's writeback.
+    #[arg(long, default_value = "/dev/shm", value_name = "DIR")]
+    pub ram_dir: PathBuf,
+    /// QEMU system emulator to run (version 10 or newer).
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    pub qemu: PathBuf,
+    /// The dirty-tracking library QEMU is started with
+    /// (libremus_dirty_preload.so). Default: next to remusd, in a cargo
+    /// target directory, or where the package installs it
+    /// (/usr/lib/remus).
+    #[arg(long, value_name = "PATH")]
+    pub preload: Option<PathBuf>,
+    /// Log filter (tracing syntax, e.g. `info`, `remus_vm=debug`); RUST_LOG
+    /// works too.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    pub log: String,
+    /// etcd client URL of the arbiter that decides which host may run a
+    /// protected VM (split-brain protection); repeat it, or separate URLs
+    /// by commas, for each member. Both agents of a VM need the same
+    /// cluster and prefix. See docs/operations.md, "Split brain".
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub arbiter: Vec<String>,
+    /// Key prefix under which the arbiter keeps VM keys.
+    #[arg(long, default_value = "/remus", value_name = "PREFIX")]
+    pub arbiter_prefix: String,
+    /// Lease time in seconds: a failover waits for the primary's lease to
+    /// lapse (up to this long after the primary's last renewal).
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub arbiter_ttl: u64,
+    /// A primary that cannot renew pauses its VM this long before its
+    /// lease can lapse (covers the time to pause the VM).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub arbiter_margin_ms: u64,
+    /// CA certificate (PEM) of the etcd members, for https:// endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub arbiter_ca: Option<PathBuf>,
+    /// Client certificate (PEM) when etcd asks for one.
+    #[arg(long, value_name = "FILE", requires = "arbiter_key")]
+    pub arbiter_cert: Option<PathBuf>,
+    /// Key (PEM) of --arbiter-cert.
+    #[arg(long, value_name = "FILE", requires = "arbiter_cert")]
+    pub arbiter_key: Option<PathBuf>,
+    /// This host's name in the arbiter's keys (default: the hostname).
+    /// Each host of a cluster needs its own.
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
+    /// Activity-log extents (4 MiB each) a primary keeps marked per disk
+    /// after their writes are acknowledged (as DRBD's al-extents): more
+    /// means fewer syncs for guests that rewrite the same areas, fewer
+    /// means less to compare when resyncing this host after it crashed.
+    #[arg(long, default_value_t = remus_disk::activity::DEFAULT_LIMIT as u64, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub al_extents: u64,
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A command-line error (or `--help`/`--version`): clap prints it.
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+impl SettingsError {
+    /// Prints the error (clap's own way for command-line errors, help
+    /// and version) and gives the process's exit code.
+    pub fn report(&self) -> std::process::ExitCode {
+        match self {
+            SettingsError::Clap(e) => {
+                let _ = e.print();
+                std::process::ExitCode::from(e.exit_code() as u8)
+            }
+            other => {
+                eprintln!("remusd: {other}");
+                std::process::ExitCode::from(2)
+            }
+        }
+    }
+}
+
+impl Args {
+    /// The settings from this process's command line and config file.
+    pub fn load() -> Result<Args, SettingsError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// The settings from `argv` and the config file it names (or the
+    /// default one, when it exists).
+    pub fn load_from<I, T>(argv: I) -> Result<Args, SettingsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let cmd = Args::command();
+        let given = cmd.clone().try_get_matches_from(&argv)?;
+        let (path, required) = match given.get_one::<PathBuf>("config") {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let file_err = |reason: String| SettingsError::File {
+            path: path.clone(),
+            reason,
+        };
+        let text = match read_config(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(e) => return Err(file_err(e.to_string())),
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let program = argv.first().cloned().unwrap_or_else(|| "remusd".into());
+        let from_file = file_args(&cmd, &table, &given).map_err(file_err)?;
+        // The file's settings on their own first, so that a bad value is
+        // reported as the file's, not the command line's.
+        let mut file_only = vec![program.clone()];
+        file_only.extend(from_file.iter().cloned());
+        cmd.clone()
+            .try_get_matches_from(&file_only)
+            .map_err(|e| file_err(clap_reason(&e)))?;
+        let mut all = vec![program];
+        all.extend(from_file);
+        all.extend(argv.into_iter().skip(1));
+        let matches = cmd.try_get_matches_from(all)?;
+        Ok(Args::from_arg_matches(&matches)?)
+    }
+}
+
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB; not a settings file",
+            MAX_CONFIG_BYTES / 1024
+        )));
+    }
+    Ok(text)
+}
+
+/// A clap error in one line, without its "error: " prefix and its usage
+/// and help hints (which speak of the command line, not the file).
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let said: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let joined = said.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
+}
+
+/// Keys a config file may not set: they choose the file or end the run.
+const NOT_IN_FILE: &[&str] = &["config", "check", "help", "version"];
+
+/// The file's settings as command-line arguments, for every key not given
+/// on the command line (or by its environment variable).
+fn file_args(
+    cmd: &clap::Command,
+    table: &toml::Table,
+    given: &clap::ArgMatches,
+) -> Result<Vec<OsString>, String> {
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()))
+            .ok_or_else(|| {
+                let known: Vec<&str> = cmd
+                    .get_arguments()
+                    .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()))
+                    .filter_map(|a| a.get_long())
+                    .collect();
+                format!("unknown setting '{key}' (settings: {})", known.join(", "))
+            })?;
+        let overridden = matches!(
+            given.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if overridden {
+            continue;
+        }
+        let flag = format!("--{key}");
+        match arg.get_action() {
+            ArgAction::SetTrue => match value {
+                toml::Value::Boolean(true) => out.push(flag.into()),
+                toml::Value::Boolean(false) => {}
+                other => return Err(format!("'{key}' is true or false, not {other}")),
+            },
+            ArgAction::Append => {
+                let items: Vec<&toml::Value> = match value {
+                    toml::Value::Array(a) => a.iter().collect(),
+                    one => vec![one],
+                };
+                for v in items {
+                    out.push(format!("{flag}={}", scalar(key, v)?).into());
+                }
+            }
+            _ => out.push(format!("{flag}={}", scalar(key, value)?).into()),
+        }
+    }
+    Ok(out)
+}
+
+/// A single value of the file as the flag's text.
+fn scalar(key: &str, v: &toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(format!(
+            "'{key}' takes one value (a string or a number), not {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// A commented `remusd.toml` with every setting, its help and its
+/// default: what the package installs in /etc/remus.
+pub fn example_config() -> String {
+    let cmd = Args::command();
+    let mut out = String::from(
+        "# remusd settings. Every key is the long name of a remusd flag (see\n\
+         # remusd(8)); a flag on the command line overrides the key here.\n\
+         # Uncomment a line to change it from its default.\n",
+    );
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(long) = arg.get_long() else { continue };
+        if NOT_IN_FILE.contains(&id) {
+            continue;
+        }
+        out.push('\n');
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        for line in wrap(&help, 74) {
+            out.push_str(&format!("# {line}\n"));
+        }
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let placeholder = arg
+            .get_value_names()
+            .and_then(|n| n.first())
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "VALUE".into());
+        let example = match (arg.get_action(), defaults.as_slice()) {
+            (ArgAction::SetTrue, _) => "false".to_string(),
+            (ArgAction::Append, _) => format!("[{placeholder:?}]    # none by default"),
+            (_, [d]) if d.parse::<i64>().is_ok() => d.clone(),
+            (_, [d]) => format!("{d:?}"),
+            // No default: a placeholder to replace, and say so.
+            _ => format!("{placeholder:?}    # no default"),
+        };
+        out.push_str(&format!("#{long} = {example}\n"));
+    }
+    out
+}
+
+/// Words of `text` in lines of at most `width` characters.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, argv: &[&str]) -> Result<Args, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("remusd.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut full = vec!["remusd".to_string(), format!("--config={}", path.display())];
+        full.extend(argv.iter().map(|s| s.to_string()));
+        Args::load_from(full)
+    }
+
+    #[test]
+    fn the_file_sets_flags_and_the_command_line_wins() {
+        let a = load(
+            "state-dir = \"/srv/remus\"\nlisten = \"198.18.0.1:7001\"\nal-extents = 2048\n\
+             arbiter = [\"http://198.18.0.9:2379\", \"http://198.18.0.10:2379\"]\n",
+            &["--listen", "198.18.0.1:7002"],
+        )
+        .unwrap();
+        assert_eq!(a.state_dir, PathBuf::from("/srv/remus"));
+        assert_eq!(a.listen.as_deref(), Some("198.18.0.1:7002"));
+        assert_eq!(a.al_extents, 2048);
+        assert_eq!(a.arbiter.len(), 2);
+        // Defaults stay where neither sets a value.
+        assert_eq!(a.ram_dir, PathBuf::from("/dev/shm"));
+    }
+
+    #[test]
+    fn a_list_on_the_command_line_replaces_the_files() {
+        let a = load(
+            "arbiter = [\"http://198.18.0.9:2379\"]\n",
+            &["--arbiter", "http://198.18.0.20:2379"],
+        )
+        .unwrap();
+        assert_eq!(a.arbiter, vec!["http://198.18.0.20:2379".to_string()]);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_key() {
+        let msg = |file: &str| load(file, &[]).unwrap_err().to_string();
+        let e = msg("listn = \"x\"\n");
+        assert!(
+            e.contains("unknown setting 'listn'") && e.contains("listen"),
+            "{e}"
+        );
+        let e = msg("al-extents = 0\n");
+        assert!(e.contains("config file") && e.contains("al-extents"), "{e}");
+        let e = msg("check = true\n");
+        assert!(e.contains("unknown setting 'check'"), "{e}");
+        let e = msg("state-dir = [\"a\", \"b\"]\n");
+        assert!(e.contains("'state-dir' takes one value"), "{e}");
+        let e = msg("state-dir = \n");
+        assert!(e.contains("config file"), "{e}");
+        let e = msg("arbiter-cert = \"/etc/remus/c.pem\"\n");
+        assert!(e.contains("arbiter-key"), "{e}");
+    }
+
+    #[test]
+    fn a_named_config_file_must_exist() {
+        let e = Args::load_from(["remusd", "--config", "/nonexistent/remusd.toml"]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/remusd.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_sets_nothing() {
+        let text = example_config();
+        // Every setting is there, commented out.
+        for long in ["state-dir", "listen", "arbiter", "al-extents", "preload"] {
+            assert!(text.contains(&format!("#{long} = ")), "{long}");
+        }
+        let without_config = |mut a: Args| {
+            a.config = None;
+            format!("{a:?}")
+        };
+        let commented = load(&text, &[]).unwrap();
+        let empty = Args::load_from(["remusd", "--config", "/dev/null"]).unwrap();
+        assert_eq!(without_config(commented), without_config(empty));
+        // The settings that have defaults, uncommented, give the defaults.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest.contains(" = ")
+                        && !rest.contains(" by default")
+                        && !rest.contains("# no default") =>
+                {
+                    rest.to_string()
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let a = load(&uncommented, &[]).unwrap();
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/remus"));
+        assert_eq!(a.al_extents, remus_disk::activity::DEFAULT_LIMIT as u64);
+    }
+}

@@ -112,7 +112,7 @@ impl DeltaEncoder {
     /// at most [`MAX_DELTA_PAGES`] pages each, and remembers them.
     pub fn encode_pages(&mut self, first_page: u64, data: &[u8]) -> Vec<PageDelta> {
         assert!(
-            data.len() % PAGE_SIZE == 0,
+            data.len().is_multiple_of(PAGE_SIZE),
             "{} bytes is not a whole number of pages",
             data.len()
         );

@@ -1003,7 +1003,7 @@ impl Message {
                     return Err(c.bad("chunk_size is 0".into()));
                 }
                 let rest = c.rest();
-                if rest.is_empty() || rest.len() % DIGEST_LEN != 0 {
+                if rest.is_empty() || !rest.len().is_multiple_of(DIGEST_LEN) {
                     return Err(c.bad(format!(
                         "{} digest bytes is not a positive multiple of {DIGEST_LEN}",
                         rest.len()
@@ -1031,7 +1031,7 @@ impl Message {
                     return Err(c.bad("chunk_size is 0".into()));
                 }
                 let rest = c.rest();
-                if rest.len() % 16 != 0 {
+                if !rest.len().is_multiple_of(16) {
                     return Err(c.bad(format!("{} run bytes is not a multiple of 16", rest.len())));
                 }
                 let mut runs = Vec::with_capacity(rest.len() / 16);
@@ -1075,7 +1075,7 @@ fn page_run_prefix(first_page: u64, page_count: u32) -> [u8; PAGE_RUN_PREFIX] {
 /// If `data` is not a whole number of pages: a sender bug.
 pub fn write_page_run(w: &mut impl Write, first_page: u64, data: &[u8]) -> Result<u64, WireError> {
     assert!(
-        data.len() % PAGE_SIZE == 0,
+        data.len().is_multiple_of(PAGE_SIZE),
         "page run of {} bytes is not a whole number of pages",
         data.len()
     );

@@ -165,6 +165,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for SHELL: `remus completions bash >
+    /// /etc/bash_completion.d/remus` (the package installs them).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The CLI's `main`.
@@ -199,6 +205,10 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(&cli.socket);
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "remus", &mut std::io::stdout());
+        }
         Command::Create {
             config,
             from_libvirt,

@@ -66,6 +66,7 @@ impl ConfigError {
 }
 
 /// How the VM's CPUs are emulated.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -89,6 +90,7 @@ impl fmt::Display for Accel {
 }
 
 /// Firmware of a VM that boots from disk.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
@@ -106,6 +108,7 @@ impl Firmware {
 }
 
 /// The QEMU machine type.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Machine {
@@ -187,6 +190,20 @@ impl std::str::FromStr for Mac {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Mac {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Mac".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$",
+            "description": "A unicast MAC address, six hex octets: 52:54:00:12:34:56."
+        })
+    }
+}
+
 impl TryFrom<String> for Mac {
     type Error = String;
     fn try_from(s: String) -> Result<Self, Self::Error> {
@@ -201,6 +218,7 @@ impl From<Mac> for String {
 }
 
 /// One virtual disk.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -223,6 +241,7 @@ pub struct DiskConfig {
 }
 
 /// A disk image's format.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
@@ -261,6 +280,7 @@ impl DiskFormat {
 }
 
 /// One virtual NIC.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VifConfig {
@@ -280,6 +300,7 @@ fn default_vcpus() -> u32 {
 }
 
 /// The whole VM configuration.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -320,7 +341,7 @@ pub struct VmConfig {
     pub vifs: Vec<VifConfig>,
     /// When protected by an agent that has an arbiter (`remusd
     /// --arbiter`), an etcd lease decides which host may run the VM.
-    /// `false` protects this VM without it.
+    /// `false` protects this VM without it. Default: true.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub arbiter: bool,
 }

@@ -75,10 +75,14 @@ qemu_ok() {
 # guest's boot disk (a FAT partition with syslinux for BIOS and UEFI,
 # built without mounting anything);
 # ovmf: UEFI firmware for VMs that ask for it; debootstrap: the Debian VM
-# image (scripts/build-debian-image.sh).
+# image (scripts/build-debian-image.sh) and the package's install test;
+# dpkg-dev: dpkg-shlibdeps, which computes the package's library
+# dependencies (scripts/package.sh); gcc and pkg-config: crates that build
+# C code.
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
     etcd-server etcd-client protobuf-compiler libprotobuf-dev
-    dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap)
+    dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap
+    dpkg-dev gcc libc6-dev pkg-config)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

@@ -108,7 +108,8 @@ fn init_logging(default_filter: &str) {
 fn check(args: &Args) -> ExitCode {
     let mut ok = true;
     let mut line = |what: &str, r: Result<String, String>, required: bool| match r {
-        Ok(v) => println!("{what:<9} ok: {v}"),
+        Ok(v) if required => println!("{what:<9} ok: {v}"),
+        Ok(v) => println!("{what:<9} {v}"),
         Err(e) if required => {
             ok = false;
             println!("{what:<9} FAILED: {e}")

@@ -308,6 +308,9 @@ impl Agent {
     fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(&self.launch.0);
         cmd.args(&self.launch.1)
+            // Never the host's /etc/remus/remusd.toml: a test's agent is
+            // exactly what the test says.
+            .args(["--config", "/dev/null"])
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--socket")

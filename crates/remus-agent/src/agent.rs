@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub arbiter: Option<Arc<crate::arbiter::AgentArbiter>>,
     /// Activity-log extents kept marked per disk (`--al-extents`).
     pub al_extents: usize,
+    /// Replicate with protocol-5 peers in the clear (a rolling upgrade).
+    pub allow_unencrypted: bool,
 }
 
 /// One VM owned by this agent.

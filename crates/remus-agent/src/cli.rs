@@ -50,10 +50,17 @@ pub struct Args {
     /// then serves as a backup or migration destination. Needs --key.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
-    /// Shared key file authenticating replication peers (at least 32
-    /// bytes, the same file on both hosts: `head -c 32 /dev/urandom > KEY`).
+    /// Shared key file authenticating replication peers and keying the
+    /// encrypted link (at least 32 bytes, the same file on both hosts:
+    /// `head -c 32 /dev/urandom > KEY`).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
+    /// Replicate with agents that speak protocol 5 (before encryption), in
+    /// the clear, authenticated by the key but readable and alterable on
+    /// the wire. Only for the length of a rolling upgrade; every such
+    /// session is logged as a warning.
+    #[arg(long)]
+    pub allow_unencrypted_peers: bool,
     /// Where guest RAM files live; a tmpfs keeps them out of the page
     /// cache's writeback.
     #[arg(long, default_value = "/dev/shm", value_name = "DIR")]

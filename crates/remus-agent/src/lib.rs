@@ -11,6 +11,7 @@
 //! Stopping the agent (SIGTERM, SIGINT) stops its VMs: the agent carries
 //! their disk and network I/O, so a VM cannot outlive it usefully.
 
+pub mod admission;
 pub mod agent;
 pub mod arbiter;
 pub mod cli;
@@ -225,6 +226,7 @@ async fn run(
         key,
         arbiter,
         al_extents: args.al_extents as usize,
+        allow_unencrypted: args.allow_unencrypted_peers,
     })?);
 
     if let Some(dir) = args.socket.parent() {

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use remus_config::VmConfig;
 use remus_proto::{
-    DiskCompat, ErrorCode, HelloParams, Message, Purpose, VmCompat, client_handshake,
-    server_handshake,
+    Channel, DiskCompat, ErrorCode, HelloParams, Message, Purpose, VmCompat, client_handshake,
+    client_handshake_unencrypted, server_handshake,
 };
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
@@ -30,6 +30,7 @@ use remus_replication::replica::Replica;
 use remus_vm::Role;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::Admitted;
 use crate::agent::{Agent, AgentError, VmSlot};
 
 pub use remus_api::ProtectRequest;
@@ -116,7 +117,7 @@ pub fn start_protect(
     req: ProtectRequest,
 ) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
-    let key = require_key(agent)?;
+    require_key(agent)?;
     {
         let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
         if role != Role::Unprotected {
@@ -222,8 +223,8 @@ pub fn start_protect(
             no_compress: req.no_compress,
         });
     let (stream, version, plan) = open_session(
+        &agent,
         &slot,
-        &key,
         &req.peer,
         Purpose::Protect,
         req.timeout_ms,
@@ -600,8 +601,8 @@ fn compression(peer: &str, version: u16, wanted: bool) -> Option<u64> {
 /// answers with its sync plan first.
 #[allow(clippy::too_many_arguments)]
 fn open_session(
+    agent: &Agent,
     slot: &VmSlot,
-    key: &remus_proto::Key,
     peer: &str,
     purpose: Purpose,
     timeout_ms: u64,
@@ -609,12 +610,25 @@ fn open_session(
     arbiter: Option<ArbiterSetup>,
     generations: Option<Generations>,
     return_to: Option<ReturnTo>,
-) -> Result<(TcpStream, u16, Option<SyncPlan>), AgentError> {
+) -> Result<(Channel, u16, Option<SyncPlan>), AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
-    let mut stream = connect(peer)?;
-    let session = client_handshake(&mut stream, key, &HelloParams::new(purpose, name, compat))
-        .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    let key = &require_key(agent)?;
+    let params = HelloParams::new(purpose, name, compat);
+    let (mut stream, session) = match client_handshake(connect(peer)?, key, &params) {
+        Ok(s) => s,
+        // A protocol-5 peer hangs up on the encrypted handshake; during a
+        // rolling upgrade the operator may allow talking to it in the clear.
+        Err(e)
+            if agent.opts.allow_unencrypted
+                && matches!(e.failure, remus_proto::HandshakeFailure::ClosedDuringNoise) =>
+        {
+            tracing::warn!(vm = %name, %peer, "the peer does not speak the encrypted protocol: replicating IN THE CLEAR (--allow-unencrypted-peers; end the rolling upgrade soon)");
+            client_handshake_unencrypted(connect(peer)?, key, &params)
+                .map_err(|e| AgentError::BadRequest(e.to_string()))?
+        }
+        Err(e) => return Err(AgentError::BadRequest(e.to_string())),
+    };
     if replicate_disks && session.version < remus_proto::DISK_PROTOCOL_VERSION {
         let _ = Message::Error {
             code: ErrorCode::VersionMismatch,
@@ -725,7 +739,7 @@ fn open_session(
 /// here.
 pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
-    let key = require_key(agent)?;
+    require_key(agent)?;
     {
         let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
         if role != Role::Unprotected || slot.protected_to().is_some() {
@@ -758,8 +772,8 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
     let (stream, version, _) = open_session(
+        agent,
         &slot,
-        &key,
         peer,
         Purpose::Migrate,
         30_000,
@@ -862,20 +876,31 @@ pub fn role_name(r: Role) -> &'static str {
 }
 
 /// Accepts replication sessions on the `--listen` port (blocking; runs on
-/// its own thread).
+/// its own thread). A connection gets a thread only if the admission caps
+/// for unauthenticated peers allow it (see [`crate::admission`]); others
+/// are closed at once.
 pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    let admission = crate::admission::Admission::new(
+        crate::admission::MAX_UNAUTHENTICATED,
+        crate::admission::MAX_PER_ADDRESS,
+    );
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                let Ok(peer_addr) = stream.peer_addr() else {
+                    continue;
+                };
+                let Some(admitted) = admission.admit(peer_addr.ip()) else {
+                    // Closed at once: no thread, nothing read.
+                    drop(stream);
+                    continue;
+                };
                 let a = agent.clone();
-                let peer = stream
-                    .peer_addr()
-                    .map(|p| p.to_string())
-                    .unwrap_or_default();
+                let peer = peer_addr.to_string();
                 let spawned = std::thread::Builder::new()
                     .name("repl-session".into())
                     .spawn(move || {
-                        if let Err(e) = backup_session(&a, stream) {
+                        if let Err(e) = backup_session(&a, stream, admitted) {
                             tracing::warn!(%peer, error = %e, "replication session refused");
                         }
                     });
@@ -891,16 +916,24 @@ pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
     }
 }
 
-fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), String> {
+fn backup_session(
+    agent: &Arc<Agent>,
+    mut tcp: TcpStream,
+    admitted: Admitted,
+) -> Result<(), String> {
     let Some(key) = agent.key() else {
         let _ = Message::Error {
             code: ErrorCode::Internal,
             message: "the backup agent has no replication key (--key)".into(),
         }
-        .write_to(&mut stream);
+        .write_to(&mut tcp);
         return Err("no --key: replication refused".into());
     };
-    let (session, hello) = server_handshake(&mut stream, &key, |vm, _purpose| {
+    let opts = remus_proto::ServerOptions {
+        allow_unencrypted: agent.opts.allow_unencrypted,
+        ..Default::default()
+    };
+    let handshake = server_handshake(tcp, &key, &opts, |vm, _purpose| {
         if agent.busy(vm) {
             return Err(format!(
                 "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"
@@ -918,10 +951,16 @@ fn backup_session(agent: &Arc<Agent>, mut stream: TcpStream) -> Result<(), Strin
         } else {
             Ok(None)
         }
-    })
-    .map_err(|e| e.to_string())?;
+    });
+    // Authenticated (or failed): the slot for unauthenticated peers is
+    // free again.
+    drop(admitted);
+    let (mut stream, session, hello) = handshake.map_err(|e| e.to_string())?;
+    if !session.encrypted {
+        tracing::warn!(peer = %session.peer, vm = %hello.vm_name, "replication session with a protocol-{} peer IN THE CLEAR (--allow-unencrypted-peers)", session.version);
+    }
     let peer = session.peer.clone();
-    let refuse = |stream: &mut TcpStream, msg: String| {
+    let refuse = |stream: &mut Channel, msg: String| {
         let _ = Message::Error {
             code: ErrorCode::Incompatible,
             message: msg.clone(),

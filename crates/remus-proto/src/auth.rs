@@ -27,6 +27,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 const SERVER_LABEL: &[u8] = b"remus-proto server proof\0";
 const CLIENT_LABEL: &[u8] = b"remus-proto client proof\0";
+const NOISE_PSK_LABEL: &[u8] = b"remus-proto noise psk\0";
 
 /// Failure to load the shared key; each names the file.
 #[derive(Debug, Error)]
@@ -138,6 +139,16 @@ impl Key {
             .map_err(io_err)?;
         Self::check_len(&bytes, Some(path))?;
         Ok(Key(bytes))
+    }
+
+    /// The 32-byte pre-shared key of the encrypted channel's Noise
+    /// handshake: HMAC-SHA256(key file, "remus-proto noise psk"), so a key
+    /// file of any accepted length gives a uniform key.
+    pub(crate) fn noise_psk(&self) -> [u8; 32] {
+        let mut m =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(NOISE_PSK_LABEL);
+        m.finalize().into_bytes().into()
     }
 
     fn mac(

@@ -76,6 +76,11 @@ pub enum DecodeError {
     UnknownType(u16),
     #[error("malformed {msg_type:?} payload: {what}")]
     Malformed { msg_type: MsgType, what: String },
+    #[error("expected {expected}, got a frame of {msg_type}")]
+    NotExpected {
+        msg_type: TypeCode,
+        expected: &'static str,
+    },
 }
 
 /// Result of looking at a buffer that may hold a frame.
@@ -268,6 +273,60 @@ pub fn read_frame(r: &mut impl Read) -> Result<Message, WireError> {
     }
     let header = FrameHeader::parse(&raw)?;
     // The length was bounded by `parse`, so this allocation is at most 64 MiB.
+    let mut payload = vec![0u8; header.payload_len as usize];
+    let got = read_full(r, &mut payload)?;
+    if got < payload.len() {
+        return Err(WireError::Truncated {
+            got: HEADER_LEN + got,
+            expected: header.frame_len(),
+        });
+    }
+    Ok(verify_and_parse(&header, &raw, &payload)?)
+}
+
+/// Reads one frame like [`read_frame`], but decides from its header alone,
+/// before reading or allocating its payload, whether it may come now: its
+/// type must satisfy `accept` (else [`DecodeError::NotExpected`], naming
+/// `expected`) and its payload must be at most `max_payload` bytes. This
+/// is how a server bounds what an unauthenticated peer can make it do.
+pub fn read_frame_bounded(
+    r: &mut impl Read,
+    max_payload: u32,
+    expected: &'static str,
+    accept: impl Fn(u16) -> bool,
+) -> Result<Message, WireError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let got = read_full(r, &mut raw)?;
+    if got == 0 {
+        return Err(WireError::Closed);
+    }
+    if got < HEADER_LEN {
+        if raw[..got.min(4)] != MAGIC[..got.min(4)] {
+            let mut found = [0u8; 4];
+            found[..got.min(4)].copy_from_slice(&raw[..got.min(4)]);
+            return Err(DecodeError::BadMagic { found }.into());
+        }
+        return Err(WireError::Truncated {
+            got,
+            expected: HEADER_LEN,
+        });
+    }
+    let header = FrameHeader::parse(&raw)?;
+    if !accept(header.msg_type) {
+        return Err(DecodeError::NotExpected {
+            msg_type: TypeCode(header.msg_type),
+            expected,
+        }
+        .into());
+    }
+    if header.payload_len > max_payload {
+        return Err(DecodeError::TooLarge {
+            msg_type: TypeCode(header.msg_type),
+            len: header.payload_len,
+            max: max_payload,
+        }
+        .into());
+    }
     let mut payload = vec![0u8; header.payload_len as usize];
     let got = read_full(r, &mut payload)?;
     if got < payload.len() {

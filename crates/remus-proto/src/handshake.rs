@@ -1,30 +1,55 @@
-//! The handshake: version negotiation, mutual authentication, compatibility.
+//! The handshake: the encrypted channel, version negotiation, mutual
+//! authentication, compatibility.
 //!
 //! The client is the side that sends VM state (primary, migration source); the
 //! server receives it (backup, destination). See the crate documentation for
 //! the sequence diagram. Until the client's AuthProof has verified, the server
 //! sends nothing about its VMs and accepts no message that carries VM state:
 //! anything but the expected handshake message ends the session.
+//!
+//! Work before authentication is bounded: the server reads one frame header,
+//! accepts only the handshake's own type from the header alone and at most
+//! [`PREAUTH_MAX_PAYLOAD`] bytes of it, and the whole handshake has one
+//! deadline ([`HANDSHAKE_TIMEOUT`]), not a timeout per read.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::ops::RangeInclusive;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::auth::{self, Key};
+use crate::channel::{self, Channel};
 use crate::compat::VmCompat;
-use crate::frame::{DecodeError, WireError, read_frame};
+use crate::frame::{DecodeError, WireError, read_frame_bounded};
 use crate::message::{ErrorCode, Hello, HelloAck, Message, MsgType, Purpose};
-use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::{ENCRYPTED_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-/// How long each handshake read or write may wait by default.
+/// How long a whole handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame payload a server reads before the client has proven it
+/// holds the key: a Noise message, or a protocol-5 Hello when unencrypted
+/// peers are allowed.
+pub const PREAUTH_MAX_PAYLOAD: u32 = 4096;
+/// Largest handshake message inside the channel (Hello with its VM shape,
+/// an Error's text).
+pub const HANDSHAKE_MAX_PAYLOAD: u32 = 64 * 1024;
 
 /// The versions this build speaks: the current and the previous one.
 pub fn supported_versions() -> RangeInclusive<u16> {
     MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION
+}
+
+/// The versions spoken inside the encrypted channel (protocol 6 on).
+pub fn encrypted_versions() -> RangeInclusive<u16> {
+    ENCRYPTED_PROTOCOL_VERSION..=PROTOCOL_VERSION
+}
+
+/// The versions spoken in the clear: only the one before encryption, and
+/// only when the operator allows it for a rolling upgrade.
+pub fn unencrypted_versions() -> RangeInclusive<u16> {
+    MIN_PROTOCOL_VERSION..=(ENCRYPTED_PROTOCOL_VERSION - 1).max(MIN_PROTOCOL_VERSION)
 }
 
 /// What went wrong, without the where (see [`HandshakeError`]).
@@ -66,6 +91,14 @@ pub enum HandshakeFailure {
     Incompatible(Vec<String>),
     #[error("the VM is not available here: {0}")]
     UnknownVm(String),
+    #[error(
+        "the peer speaks protocol {0}, without encryption; this agent requires the encrypted link of protocol {ENCRYPTED_PROTOCOL_VERSION}: upgrade the peer, or allow unencrypted peers on this agent during a rolling upgrade (remusd --allow-unencrypted-peers)"
+    )]
+    Unencrypted(u16),
+    #[error(
+        "the peer closed the connection during the encrypted handshake: a remus agent older than protocol {ENCRYPTED_PROTOCOL_VERSION} does that (upgrade it, or allow unencrypted peers on both agents during a rolling upgrade), or it refused this connection"
+    )]
+    ClosedDuringNoise,
 }
 
 /// A handshake failure: which peer, which step, what.
@@ -86,6 +119,9 @@ pub struct Session {
     pub vm_name: String,
     /// The peer's address, for messages.
     pub peer: String,
+    /// Whether the channel is encrypted (always, but with a protocol-5
+    /// peer allowed for a rolling upgrade).
+    pub encrypted: bool,
 }
 
 /// What the client announces.
@@ -94,9 +130,10 @@ pub struct HelloParams {
     pub purpose: Purpose,
     pub vm_name: String,
     pub compat: VmCompat,
-    /// Versions offered; [`supported_versions`] unless testing.
+    /// Versions offered inside the encrypted channel;
+    /// [`encrypted_versions`] unless testing.
     pub versions: RangeInclusive<u16>,
-    /// Per read/write timeout during the handshake.
+    /// How long the whole handshake may take.
     pub timeout: Duration,
 }
 
@@ -106,7 +143,7 @@ impl HelloParams {
             purpose,
             vm_name: vm_name.into(),
             compat,
-            versions: supported_versions(),
+            versions: encrypted_versions(),
             timeout: HANDSHAKE_TIMEOUT,
         }
     }
@@ -115,17 +152,21 @@ impl HelloParams {
 /// Server-side settings.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Versions accepted; [`supported_versions`] unless testing.
+    /// Versions accepted inside the encrypted channel;
+    /// [`encrypted_versions`] unless testing.
     pub versions: RangeInclusive<u16>,
-    /// Per read/write timeout during the handshake.
+    /// How long the whole handshake may take.
     pub timeout: Duration,
+    /// Accept a protocol-5 client in the clear (a rolling upgrade).
+    pub allow_unencrypted: bool,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
-            versions: supported_versions(),
+            versions: encrypted_versions(),
             timeout: HANDSHAKE_TIMEOUT,
+            allow_unencrypted: false,
         }
     }
 }
@@ -165,7 +206,24 @@ impl<S: Read + Write> Conn<'_, S> {
     }
 
     fn recv(&mut self, op: &'static str) -> Result<Message, HandshakeError> {
-        read_frame(self.stream).map_err(|e| self.wire(op, e))
+        read_frame_bounded(
+            self.stream,
+            HANDSHAKE_MAX_PAYLOAD,
+            "a handshake message",
+            |t| {
+                matches!(
+                    MsgType::from_u16(t),
+                    Some(
+                        MsgType::Hello
+                            | MsgType::HelloAck
+                            | MsgType::AuthProof
+                            | MsgType::Ready
+                            | MsgType::Error
+                    )
+                )
+            },
+        )
+        .map_err(|e| self.wire(op, e))
     }
 
     /// Best effort: tell the peer why we stop; the local error is what counts.
@@ -213,11 +271,6 @@ fn refused(code: ErrorCode, message: String) -> HandshakeFailure {
     }
 }
 
-fn set_timeouts(stream: &TcpStream, t: Option<Duration>) -> io::Result<()> {
-    stream.set_read_timeout(t)?;
-    stream.set_write_timeout(t)
-}
-
 fn peer_name(stream: &TcpStream) -> String {
     stream
         .peer_addr()
@@ -225,38 +278,304 @@ fn peer_name(stream: &TcpStream) -> String {
         .unwrap_or_else(|_| "unknown peer".to_string())
 }
 
-/// Runs `f` with the handshake timeouts on `stream`, restoring the previous
-/// timeouts afterwards (the session sets its own).
-fn with_timeouts<T>(
-    stream: &mut TcpStream,
-    timeout: Duration,
-    f: impl FnOnce(&mut TcpStream, String) -> Result<T, HandshakeError>,
-) -> Result<T, HandshakeError> {
-    let peer = peer_name(stream);
-    let prev = (stream.read_timeout(), stream.write_timeout());
-    set_timeouts(stream, Some(timeout)).map_err(|e| HandshakeError {
-        peer: peer.clone(),
-        op: "setting socket timeouts",
-        failure: HandshakeFailure::Io(e),
-    })?;
-    let r = f(stream, peer);
-    if let (Ok(rt), Ok(wt)) = prev {
-        let _ = stream.set_read_timeout(rt);
-        let _ = stream.set_write_timeout(wt);
-    }
-    r
+/// A stream whose every read and write may wait only until `deadline`:
+/// one deadline for a whole handshake, so a peer that sends a byte now
+/// and then cannot hold it open.
+struct Deadline<'a, S> {
+    stream: &'a mut S,
+    deadline: Instant,
 }
 
-/// Client side (primary / migration source): Hello, verify the server's
-/// proof, send ours, wait for Ready.
+/// Socket timeouts, on a TCP stream or a channel.
+trait Timeouts {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+}
+impl Timeouts for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+impl Timeouts for Channel {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl<S: Timeouts> Deadline<'_, S> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        self.stream.set_timeouts(Some(left))
+    }
+}
+impl<S: Timeouts + Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.stream.read(buf)
+    }
+}
+impl<S: Timeouts + Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// After a handshake, the session sets its own timeouts.
+fn clear_timeouts(s: &impl Timeouts) {
+    let _ = s.set_timeouts(None);
+}
+
+/// Client side (primary / migration source): the Noise handshake that
+/// opens the encrypted channel, then Hello, the server's proof, ours, and
+/// Ready inside it. Returns the channel the session runs on.
 pub fn client_handshake(
-    stream: &mut TcpStream,
+    mut tcp: TcpStream,
     key: &Key,
     params: &HelloParams,
-) -> Result<Session, HandshakeError> {
-    with_timeouts(stream, params.timeout, |s, peer| {
-        client_handshake_on(s, peer, key, params)
-    })
+) -> Result<(Channel, Session), HandshakeError> {
+    let peer = peer_name(&tcp);
+    let deadline = Instant::now() + params.timeout;
+    let fail = |op: &'static str, failure: HandshakeFailure| HandshakeError {
+        peer: peer.clone(),
+        op,
+        failure,
+    };
+    let mut noise = channel::noise(true, &key.noise_psk())
+        .map_err(|e| fail("starting the encrypted handshake", noise_failure(e)))?;
+    let transport = {
+        let mut c = Conn {
+            stream: &mut Deadline {
+                stream: &mut tcp,
+                deadline,
+            },
+            peer: peer.clone(),
+            timeout: params.timeout,
+        };
+        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
+        let n = noise
+            .write_message(&[], &mut out)
+            .map_err(|e| c.fail("starting the encrypted handshake", noise_failure(e)))?;
+        c.send(
+            "sending the encrypted handshake",
+            &Message::NoiseHandshake {
+                data: out[..n].to_vec(),
+            },
+        )?;
+        const OP: &str = "waiting for the encrypted handshake";
+        let reply = read_frame_bounded(
+            c.stream,
+            PREAUTH_MAX_PAYLOAD,
+            "the encrypted handshake",
+            |t| {
+                matches!(
+                    MsgType::from_u16(t),
+                    Some(MsgType::NoiseHandshake | MsgType::Error)
+                )
+            },
+        );
+        let data = match reply {
+            Ok(Message::NoiseHandshake { data }) => data,
+            Ok(Message::Error { code, message }) => return Err(c.fail(OP, refused(code, message))),
+            Ok(other) => return Err(c.unexpected(OP, "NoiseHandshake", other)),
+            Err(WireError::Closed) => return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise)),
+            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise));
+            }
+            Err(e) => return Err(c.wire(OP, e)),
+        };
+        let mut payload = [0u8; channel::MAX_NOISE_MESSAGE];
+        if noise.read_message(&data, &mut payload).is_err() {
+            c.send_error(
+                ErrorCode::AuthFailed,
+                "the encrypted handshake does not verify with our key",
+            );
+            return Err(c.fail(
+                "verifying the server's handshake",
+                HandshakeFailure::PeerNotAuthenticated,
+            ));
+        }
+        noise
+            .into_stateless_transport_mode()
+            .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))?
+    };
+    let mut ch = Channel::encrypted(tcp, transport);
+    let mut session = client_handshake_on(
+        &mut Deadline {
+            stream: &mut ch,
+            deadline,
+        },
+        peer,
+        key,
+        params,
+    )?;
+    clear_timeouts(&ch);
+    session.encrypted = true;
+    Ok((ch, session))
+}
+
+/// Client side in the clear, with a protocol-5 server during a rolling
+/// upgrade (the operator allowed it): Hello offering only the unencrypted
+/// version, then as before encryption existed.
+pub fn client_handshake_unencrypted(
+    mut tcp: TcpStream,
+    key: &Key,
+    params: &HelloParams,
+) -> Result<(Channel, Session), HandshakeError> {
+    let peer = peer_name(&tcp);
+    let deadline = Instant::now() + params.timeout;
+    let params = HelloParams {
+        versions: unencrypted_versions(),
+        ..params.clone()
+    };
+    let session = client_handshake_on(
+        &mut Deadline {
+            stream: &mut tcp,
+            deadline,
+        },
+        peer,
+        key,
+        &params,
+    )?;
+    clear_timeouts(&tcp);
+    Ok((Channel::plain(tcp), session))
+}
+
+/// Server side (backup / migration destination). Reads one bounded frame
+/// of the handshake's own type (checked from its header alone), completes
+/// the Noise handshake, then Hello, proofs and Ready inside the channel.
+/// `lookup` returns the local view of the named VM (or `None` when there
+/// is no local copy yet and the caller checks compatibility later) for
+/// that purpose, or why it cannot be taken; it is called only after the
+/// client has authenticated. Returns the channel, the session and the
+/// client's Hello.
+pub fn server_handshake(
+    mut tcp: TcpStream,
+    key: &Key,
+    opts: &ServerOptions,
+    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
+) -> Result<(Channel, Session, Hello), HandshakeError> {
+    let peer = peer_name(&tcp);
+    let deadline = Instant::now() + opts.timeout;
+    let (first, legacy_hello) = {
+        let mut c = Conn {
+            stream: &mut Deadline {
+                stream: &mut tcp,
+                deadline,
+            },
+            peer: peer.clone(),
+            timeout: opts.timeout,
+        };
+        const OP: &str = "waiting for the encrypted handshake";
+        let allow_hello = opts.allow_unencrypted;
+        let first = read_frame_bounded(
+            c.stream,
+            PREAUTH_MAX_PAYLOAD,
+            "the encrypted handshake",
+            |t| {
+                match MsgType::from_u16(t) {
+                    Some(MsgType::NoiseHandshake) => true,
+                    // A protocol-5 client starts with Hello in the clear.
+                    Some(MsgType::Hello) => true,
+                    _ => false,
+                }
+            },
+        )
+        .map_err(|e| c.wire(OP, e))?;
+        match first {
+            Message::NoiseHandshake { data } => (Some(data), None),
+            Message::Hello(h) if allow_hello => (None, Some(h)),
+            Message::Hello(h) => {
+                let failure = HandshakeFailure::Unencrypted(h.max_version);
+                c.send_error(ErrorCode::VersionMismatch, failure.to_string());
+                return Err(c.fail(OP, failure));
+            }
+            other => return Err(c.unexpected(OP, "NoiseHandshake", other)),
+        }
+    };
+    if let Some(hello) = legacy_hello {
+        let (session, hello) = server_handshake_on(
+            &mut Deadline {
+                stream: &mut tcp,
+                deadline,
+            },
+            peer,
+            key,
+            &unencrypted_versions(),
+            opts.timeout,
+            Some(hello),
+            lookup,
+        )?;
+        clear_timeouts(&tcp);
+        return Ok((Channel::plain(tcp), session, hello));
+    }
+    let data = first.unwrap_or_default();
+    let transport = {
+        let mut c = Conn {
+            stream: &mut Deadline {
+                stream: &mut tcp,
+                deadline,
+            },
+            peer: peer.clone(),
+            timeout: opts.timeout,
+        };
+        let mut noise = channel::noise(false, &key.noise_psk())
+            .map_err(|e| c.fail("starting the encrypted handshake", noise_failure(e)))?;
+        let mut payload = [0u8; channel::MAX_NOISE_MESSAGE];
+        if noise.read_message(&data, &mut payload).is_err() {
+            c.send_error(
+                ErrorCode::AuthFailed,
+                "the encrypted handshake does not verify with our key",
+            );
+            return Err(c.fail(
+                "verifying the client's handshake",
+                HandshakeFailure::PeerNotAuthenticated,
+            ));
+        }
+        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
+        let n = noise
+            .write_message(&[], &mut out)
+            .map_err(|e| c.fail("answering the encrypted handshake", noise_failure(e)))?;
+        c.send(
+            "answering the encrypted handshake",
+            &Message::NoiseHandshake {
+                data: out[..n].to_vec(),
+            },
+        )?;
+        noise
+            .into_stateless_transport_mode()
+            .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))?
+    };
+    let mut ch = Channel::encrypted(tcp, transport);
+    let (mut session, hello) = server_handshake_on(
+        &mut Deadline {
+            stream: &mut ch,
+            deadline,
+        },
+        peer,
+        key,
+        &opts.versions,
+        opts.timeout,
+        None,
+        lookup,
+    )?;
+    clear_timeouts(&ch);
+    session.encrypted = true;
+    Ok((ch, session, hello))
+}
+
+fn noise_failure(e: snow::Error) -> HandshakeFailure {
+    HandshakeFailure::Io(io::Error::other(format!("Noise: {e}")))
 }
 
 /// [`client_handshake`] over any byte stream; `peer` names it in errors.
@@ -325,59 +644,44 @@ pub fn client_handshake_on<S: Read + Write>(
             purpose: params.purpose,
             vm_name: params.vm_name.clone(),
             peer: c.peer,
+            encrypted: false,
         }),
         other => Err(c.unexpected(OP2, "Ready", other)),
     }
 }
 
-/// Server side (backup / migration destination). `lookup` returns the local
-/// view of the named VM (or `None` when there is no local copy yet and the
-/// caller checks compatibility later) for that purpose, or why it cannot be taken; it is
-/// called only after the client has authenticated. Returns the session and
-/// the client's Hello.
-pub fn server_handshake(
-    stream: &mut TcpStream,
-    key: &Key,
-    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
-) -> Result<(Session, Hello), HandshakeError> {
-    server_handshake_with(stream, key, &ServerOptions::default(), lookup)
-}
-
-/// [`server_handshake`] with explicit options.
-pub fn server_handshake_with(
-    stream: &mut TcpStream,
-    key: &Key,
-    opts: &ServerOptions,
-    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
-) -> Result<(Session, Hello), HandshakeError> {
-    with_timeouts(stream, opts.timeout, |s, peer| {
-        server_handshake_on(s, peer, key, opts, lookup)
-    })
-}
-
-/// [`server_handshake`] over any byte stream; `peer` names it in errors.
+/// [`server_handshake`] over any byte stream, after the channel is set
+/// up: Hello (read here, or `first` when the caller has read it already),
+/// HelloAck, AuthProof, Ready. `versions` are those acceptable on this
+/// stream; `peer` names it in errors.
 pub fn server_handshake_on<S: Read + Write>(
     stream: &mut S,
     peer: String,
     key: &Key,
-    opts: &ServerOptions,
+    versions: &RangeInclusive<u16>,
+    timeout: Duration,
+    first: Option<Hello>,
     lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
 ) -> Result<(Session, Hello), HandshakeError> {
     let mut c = Conn {
         stream,
         peer,
-        timeout: opts.timeout,
+        timeout,
     };
     const OP: &str = "waiting for Hello";
-    let hello = match c.recv(OP)? {
-        Message::Hello(h) => h,
-        other => return Err(c.unexpected(OP, "Hello", other)),
+    let hello = match first {
+        Some(h) => h,
+        None => match c.recv(OP)? {
+            Message::Hello(h) => h,
+            other => return Err(c.unexpected(OP, "Hello", other)),
+        },
     };
+    let opts_versions = versions;
     let theirs = hello.min_version..=hello.max_version;
-    let chosen = hello.max_version.min(*opts.versions.end());
-    if theirs.is_empty() || !theirs.contains(&chosen) || !opts.versions.contains(&chosen) {
+    let chosen = hello.max_version.min(*opts_versions.end());
+    if theirs.is_empty() || !theirs.contains(&chosen) || !opts_versions.contains(&chosen) {
         let failure = HandshakeFailure::VersionMismatch {
-            ours: opts.versions.clone(),
+            ours: opts_versions.clone(),
             theirs,
         };
         c.send_error(ErrorCode::VersionMismatch, failure.to_string());
@@ -442,6 +746,7 @@ pub fn server_handshake_on<S: Read + Write>(
             purpose: hello.purpose,
             vm_name: hello.vm_name.clone(),
             peer: c.peer,
+            encrypted: false,
         },
         hello,
     ))

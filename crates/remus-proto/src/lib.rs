@@ -173,6 +173,7 @@
 //! attacker matters.
 
 mod auth;
+pub mod channel;
 mod checkpoint;
 mod compat;
 pub mod delta;
@@ -181,6 +182,7 @@ mod handshake;
 mod message;
 
 pub use auth::{Key, KeyError};
+pub use channel::Channel;
 pub use checkpoint::{
     Accepted, CheckpointAssembler, CheckpointDigest, CheckpointError, CheckpointWriter,
     CompleteCheckpoint, MAX_DEVICE_STATE,
@@ -188,12 +190,13 @@ pub use checkpoint::{
 pub use compat::{DiskCompat, VmCompat};
 pub use frame::{
     CRITICAL_FLAGS, DecodeError, Decoded, FrameHeader, HEADER_LEN, MAGIC, MAX_PAYLOAD, TypeCode,
-    WireError, decode, encode_raw, read_frame, write_frame,
+    WireError, decode, encode_raw, read_frame, read_frame_bounded, write_frame,
 };
 pub use handshake::{
-    HANDSHAKE_TIMEOUT, HandshakeError, HandshakeFailure, HelloParams, ServerOptions, Session,
-    client_handshake, client_handshake_on, server_handshake, server_handshake_on,
-    server_handshake_with, supported_versions,
+    HANDSHAKE_MAX_PAYLOAD, HANDSHAKE_TIMEOUT, HandshakeError, HandshakeFailure, HelloParams,
+    PREAUTH_MAX_PAYLOAD, ServerOptions, Session, client_handshake, client_handshake_on,
+    client_handshake_unencrypted, encrypted_versions, server_handshake, server_handshake_on,
+    supported_versions, unencrypted_versions,
 };
 pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
@@ -203,7 +206,7 @@ pub use message::{
 };
 
 /// The protocol version this build speaks by preference.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The first version with disk replication (messages 32–36).
 pub const DISK_PROTOCOL_VERSION: u16 = 2;
 /// The first version with checkpoint compression (messages 22–23).
@@ -214,6 +217,9 @@ pub const ARBITER_PROTOCOL_VERSION: u16 = 4;
 /// The first version with generations and change-based resynchronisation
 /// (messages 9 and 37): a v5 backup answers the setup with a SyncPlan.
 pub const RESYNC_PROTOCOL_VERSION: u16 = 5;
+/// The first version whose sessions run in the encrypted channel
+/// ([`channel`]): every byte after the handshake authenticated.
+pub const ENCRYPTED_PROTOCOL_VERSION: u16 = 6;
 /// The oldest version this build still accepts: the previous one, once there
 /// is one (version 0 does not exist).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {

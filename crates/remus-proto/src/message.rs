@@ -49,6 +49,9 @@ pub enum MsgType {
     /// Version 5: the backup's answer to the VM config, before Ready: how
     /// the disks will be synchronised (JSON, defined by the agents).
     SyncPlan = 9,
+    /// Version 6: a message of the Noise handshake that opens the
+    /// encrypted channel; the only type a server reads before it.
+    NoiseHandshake = 10,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -92,6 +95,7 @@ impl MsgType {
             7 => Ack,
             8 => VmConfig,
             9 => SyncPlan,
+            10 => NoiseHandshake,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,
@@ -578,6 +582,11 @@ pub enum Message {
     SyncPlan {
         json: String,
     },
+    /// One message of the Noise handshake (version 6), in the clear: the
+    /// keys of the channel everything else travels in.
+    NoiseHandshake {
+        data: Vec<u8>,
+    },
     /// The receiver committed this epoch.
     Ack {
         epoch: Epoch,
@@ -621,6 +630,7 @@ impl Message {
             Message::Ack { .. } => MsgType::Ack,
             Message::VmConfig { .. } => MsgType::VmConfig,
             Message::SyncPlan { .. } => MsgType::SyncPlan,
+            Message::NoiseHandshake { .. } => MsgType::NoiseHandshake,
             Message::CheckpointBegin { .. } => MsgType::CheckpointBegin,
             Message::PageRun(_) => MsgType::PageRun,
             Message::DeviceState { .. } => MsgType::DeviceState,
@@ -667,6 +677,7 @@ impl Message {
             Message::VmConfig { json } | Message::SyncPlan { json } => {
                 p.extend_from_slice(json.as_bytes())
             }
+            Message::NoiseHandshake { data } => p.extend_from_slice(data),
             Message::CheckpointBegin { epoch, kind } => {
                 put_u64(&mut p, epoch.0);
                 p.push(*kind as u8);
@@ -840,6 +851,17 @@ impl Message {
             MsgType::SwitchOver => Message::SwitchOver {
                 epoch: Epoch(c.u64("epoch")?),
             },
+            MsgType::NoiseHandshake => {
+                let data = c.rest().to_vec();
+                if data.is_empty() || data.len() > crate::channel::MAX_NOISE_MESSAGE {
+                    return Err(c.bad(format!(
+                        "{} handshake bytes (1 to {} expected)",
+                        data.len(),
+                        crate::channel::MAX_NOISE_MESSAGE
+                    )));
+                }
+                Message::NoiseHandshake { data }
+            }
             MsgType::CheckpointBegin => {
                 let epoch = Epoch(c.u64("epoch")?);
                 let kind = match c.u8("kind")? {

@@ -6,8 +6,8 @@
 //! failover policy), in one place, so that a tie-breaker can later veto a
 //! failover when only the link failed.
 
+use remus_proto::Channel;
 use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,7 @@ pub enum BackupEnd {
 /// still buffered when the session ends was never committed: the caller
 /// discards it.
 pub fn receive(
-    stream: TcpStream,
+    stream: Channel,
     replica: &mut Replica,
     disks: Option<&mut EpochBuffer>,
     cfg: &BackupConfig,
@@ -215,7 +215,7 @@ fn decompress(msg: Message, replica: &Replica) -> Result<Message, remus_proto::d
 /// connection closed, to tell an orderly end (Done or Error queued before
 /// the close) from a lost primary.
 fn after_broken_ack(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Channel>,
     committed: Option<Epoch>,
     ack_error: ReplError,
 ) -> BackupEnd {
@@ -245,7 +245,7 @@ fn after_broken_ack(
 /// of the chunk runs `runs(disk, chunks)` gives (None: the session ended).
 fn send_digests(
     disks: &[std::sync::Arc<dyn remus_nbd::BlockBackend>],
-    writer: &Mutex<TcpStream>,
+    writer: &Mutex<Channel>,
     stop: &std::sync::atomic::AtomicBool,
     runs: &dyn Fn(usize, u64) -> Option<Vec<(u64, u64)>>,
 ) -> Result<(), ReplError> {
@@ -320,8 +320,8 @@ fn check_sync_runs(
 
 #[allow(clippy::too_many_arguments)]
 fn receive_loop(
-    reader: &mut BufReader<TcpStream>,
-    writer: &Mutex<TcpStream>,
+    reader: &mut BufReader<Channel>,
+    writer: &Mutex<Channel>,
     replica: &mut Replica,
     mut disks: Option<&mut EpochBuffer>,
     sync_runs: Option<&std::sync::mpsc::Sender<Vec<(u64, u64)>>>,

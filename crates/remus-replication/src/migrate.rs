@@ -25,8 +25,8 @@
 //! the source stays paused and the error says so (two running copies are
 //! worse than one paused one).
 
+use remus_proto::Channel;
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use remus_dirty::RamFile;
@@ -100,7 +100,7 @@ pub struct MigrateStats {
 /// error says otherwise.
 pub fn migrate(
     vm: &Vm,
-    stream: TcpStream,
+    stream: Channel,
     cfg: &MigrateConfig,
     events: &dyn Fn(MigrateEvent),
 ) -> Result<MigrateStats, ReplError> {
@@ -314,14 +314,14 @@ fn send_with_records(
 }
 
 /// The destination's next disk digests (initial disk sync).
-fn next_digests(r: &mut TcpStream) -> Result<DiskDigests, ReplError> {
+fn next_digests(r: &mut Channel) -> Result<DiskDigests, ReplError> {
     read_expected(r, "disk digests", |m| match m {
         Message::DiskDigests(d) => Some(d),
         _ => None,
     })
 }
 
-fn wait_ack(r: &mut TcpStream, epoch: Epoch) -> Result<(), ReplError> {
+fn wait_ack(r: &mut Channel, epoch: Epoch) -> Result<(), ReplError> {
     read_expected(r, &format!("Ack of {epoch}"), |m| match m {
         Message::Ack { epoch: e } if e == epoch => Some(()),
         _ => None,
@@ -332,7 +332,7 @@ fn wait_ack(r: &mut TcpStream, epoch: Epoch) -> Result<(), ReplError> {
 /// message; an Error from the destination, any other message or a broken
 /// stream ends the wait with an error naming `what` was awaited.
 fn read_expected<T>(
-    r: &mut TcpStream,
+    r: &mut Channel,
     what: &str,
     want: impl Fn(Message) -> Option<T>,
 ) -> Result<T, ReplError> {

@@ -12,9 +12,9 @@
 //! bounded hand-off to the sender makes the epoch loop wait: checkpoints
 //! are delayed, never dropped or merged silently.
 
+use remus_proto::Channel;
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -251,7 +251,7 @@ struct InFlight {
 /// an authenticated session to the backup.
 pub fn protect(
     vm: &Vm,
-    stream: TcpStream,
+    stream: Channel,
     cfg: &ProtectConfig,
     stop: &AtomicBool,
     events: &(dyn Fn(ProtectEvent) + Sync),
@@ -788,7 +788,7 @@ fn checkpoint(
 
 #[allow(clippy::too_many_arguments)]
 fn sender_loop(
-    stream: TcpStream,
+    stream: Channel,
     rx: Receiver<Outgoing>,
     heartbeat: Duration,
     flight: Arc<Mutex<InFlight>>,
@@ -812,7 +812,7 @@ fn sender_loop(
             .get_or_insert(e);
         journal.close();
     };
-    let goodbye = |w: &mut BufWriter<TcpStream>, m: Option<Message>| {
+    let goodbye = |w: &mut BufWriter<Channel>, m: Option<Message>| {
         if let Some(m) = m {
             let _ = m.write_to(w);
         }
@@ -987,7 +987,7 @@ pub(crate) fn send_checkpoint<W: Write>(
 }
 
 fn ack_loop(
-    mut r: TcpStream,
+    mut r: Channel,
     flight: Arc<Mutex<InFlight>>,
     lost: Arc<Mutex<Option<String>>>,
     events: &(dyn Fn(ProtectEvent) + Sync),

@@ -223,7 +223,7 @@ pub fn start_protect(
             no_compress: req.no_compress,
         });
     let (stream, version, plan) = open_session(
-        &agent,
+        agent,
         &slot,
         &req.peer,
         Purpose::Protect,

@@ -10,7 +10,7 @@ mod common;
 use common::next;
 
 use std::io::Write;
-use std::net::TcpStream;
+use remus_proto::Channel;
 
 use remus_proto::delta::DeltaEncoder;
 use remus_proto::{CheckpointKind, CheckpointWriter, Epoch, ErrorCode, Message, PAGE_SIZE};
@@ -26,7 +26,7 @@ fn pages(seed: u8, n: usize) -> Vec<u8> {
 }
 
 fn send(
-    w: &mut TcpStream,
+    w: &mut Channel,
     enc: &mut DeltaEncoder,
     epoch: u64,
     kind: CheckpointKind,
@@ -48,7 +48,7 @@ fn send(
 /// it while `primary` scripts the other end.
 fn session(
     dir: &std::path::Path,
-    primary: impl FnOnce(TcpStream) + Send + 'static,
+    primary: impl FnOnce(Channel) + Send + 'static,
 ) -> (BackupEnd, Replica) {
     let mut replica = Replica::create(&dir.join("ram"), RAM, dir).unwrap();
     let end = common::session(&mut replica, None, primary);

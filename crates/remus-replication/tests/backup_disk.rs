@@ -9,7 +9,7 @@ mod common;
 use common::{next, session};
 
 use std::io::Write;
-use std::net::TcpStream;
+use remus_proto::Channel;
 use std::sync::Arc;
 
 use remus_disk::EpochBuffer;
@@ -35,7 +35,7 @@ fn record(epoch: u64, offset: u64, byte: u8) -> DiskRecord {
 }
 
 /// Sends records, their seal and a checkpoint of `epoch`.
-fn send_epoch(w: &mut TcpStream, epoch: u64, kind: CheckpointKind, recs: &[DiskRecord]) {
+fn send_epoch(w: &mut Channel, epoch: u64, kind: CheckpointKind, recs: &[DiskRecord]) {
     let mut d = DiskLogDigest::default();
     for r in recs {
         r.write_to(w).unwrap();

@@ -1,16 +1,17 @@
 //! What the backup tests share: a scripted primary on one end of a real
-//! TCP connection, the backup's receive loop on the other.
+//! encrypted channel (a TCP connection after the real handshake), the
+//! backup's receive loop on the other.
 
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use remus_disk::EpochBuffer;
-use remus_proto::Message;
+use remus_proto::{Channel, HelloParams, Key, Message, Purpose, ServerOptions, VmCompat};
 use remus_replication::backup::{BackupConfig, BackupEnd, receive};
 use remus_replication::replica::Replica;
 
 /// The next frame from the backup that is not a heartbeat.
-pub fn next(r: &mut TcpStream) -> Message {
+pub fn next(r: &mut Channel) -> Message {
     loop {
         match Message::read_from(r).expect("frame from the backup") {
             Message::Heartbeat { .. } => continue,
@@ -26,16 +27,26 @@ pub fn next(r: &mut TcpStream) -> Message {
 pub fn session(
     replica: &mut Replica,
     disks: Option<&mut EpochBuffer>,
-    primary: impl FnOnce(TcpStream) + Send + 'static,
+    primary: impl FnOnce(Channel) + Send + 'static,
 ) -> BackupEnd {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let key = Key::from_bytes(&[3; 32]).unwrap();
+    let client_key = key.clone();
     let t = std::thread::spawn(move || {
-        let s = TcpStream::connect(addr).unwrap();
+        let (s, _) = remus_proto::client_handshake(
+            TcpStream::connect(addr).unwrap(),
+            &client_key,
+            &HelloParams::new(Purpose::Protect, "t", VmCompat::default()),
+        )
+        .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         primary(s);
     });
-    let (stream, _) = listener.accept().unwrap();
+    let (tcp, _) = listener.accept().unwrap();
+    let (stream, _, _) =
+        remus_proto::server_handshake(tcp, &key, &ServerOptions::default(), |_, _| Ok(None))
+            .unwrap();
     let cfg = BackupConfig {
         timeout: Duration::from_secs(10),
         heartbeat: Duration::from_millis(200),

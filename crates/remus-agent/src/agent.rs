@@ -41,6 +41,8 @@ pub struct AgentOptions {
     pub al_extents: usize,
     /// Replicate with protocol-5 peers in the clear (a rolling upgrade).
     pub allow_unencrypted: bool,
+    /// Where copies kept for peers live.
+    pub storage: crate::storage::Storage,
 }
 
 /// One VM owned by this agent.

@@ -61,6 +61,27 @@ pub struct Args {
     /// session is logged as a warning.
     #[arg(long)]
     pub allow_unencrypted_peers: bool,
+    /// Where this host creates the disk images of the copies it keeps for
+    /// peers: DIR/VM/TARGET.img (default: STATE_DIR/images). A peer never
+    /// chooses a path on this host; see --vm-config-dir to place a VM's
+    /// images elsewhere.
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// Where this host finds the kernel and initrd of a VM from a peer
+    /// that boots one directly, by the file name the peer's config gives
+    /// (default: STATE_DIR/boot).
+    #[arg(long, value_name = "DIR")]
+    pub boot_dir: Option<PathBuf>,
+    /// Per-VM placement files for copies kept for peers: DIR/VM.toml with
+    /// `kernel`, `initrd`, `[[disk]] target/path/format` and `[[vif]]
+    /// index/bridge` (see remus.toml(5) and docs/operations.md).
+    #[arg(long, default_value = "/etc/remus/vms", value_name = "DIR")]
+    pub vm_config_dir: PathBuf,
+    /// Bridges a VM from a peer may be plugged into under its own bridge
+    /// name; other bridges need a placement file. Separate names by commas
+    /// or repeat the flag.
+    #[arg(long, value_delimiter = ',', value_name = "BRIDGE")]
+    pub peer_bridges: Vec<String>,
     /// Where guest RAM files live; a tmpfs keeps them out of the page
     /// cache's writeback.
     #[arg(long, default_value = "/dev/shm", value_name = "DIR")]

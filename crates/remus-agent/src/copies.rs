@@ -156,6 +156,39 @@ pub fn stale_at_start(state_dir: &Path) -> Vec<(String, CopyState)> {
     out
 }
 
+/// This host's own configuration of its copy of a VM (`config.json` in
+/// the record): the paths it used, so that a later session reuses its
+/// disks where they are (see [`crate::storage`]).
+pub fn save_config(dir: &Path, cfg: &remus_config::VmConfig) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(cfg)?)?;
+        std::fs::rename(&tmp, dir.join("config.json"))
+    };
+    if let Err(e) = write() {
+        tracing::error!(vm = %cfg.name, error = %e, "cannot save this host's config of the copy");
+    }
+}
+
+/// [`save_config`]'s record, if there is a readable one.
+pub fn load_config(dir: &Path) -> Option<remus_config::VmConfig> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(dir.join("config.json"))
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    match serde_json::from_str::<remus_config::VmConfig>(&text) {
+        Ok(c) if c.validate().is_ok() => Some(c),
+        _ => {
+            tracing::warn!(dir = %dir.display(), "this host's config of the copy is unreadable; using the placement file or the defaults");
+            None
+        }
+    }
+}
+
 /// Forgets a copy's record entirely (`d`: its directory).
 pub fn forget(d: &Path, name: &str) {
     if d.exists()

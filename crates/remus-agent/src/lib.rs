@@ -19,6 +19,7 @@ pub mod copies;
 pub mod host;
 pub mod http;
 pub mod replication;
+pub mod storage;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -227,6 +228,24 @@ async fn run(
         arbiter,
         al_extents: args.al_extents as usize,
         allow_unencrypted: args.allow_unencrypted_peers,
+        storage: storage::Storage {
+            image_dir: args
+                .image_dir
+                .clone()
+                .map(std::path::absolute)
+                .transpose()
+                .context("--image-dir")?
+                .unwrap_or_else(|| state_dir.join("images")),
+            boot_dir: args
+                .boot_dir
+                .clone()
+                .map(std::path::absolute)
+                .transpose()
+                .context("--boot-dir")?
+                .unwrap_or_else(|| state_dir.join("boot")),
+            vm_config_dir: args.vm_config_dir.clone(),
+            peer_bridges: args.peer_bridges.clone(),
+        },
     })?);
 
     if let Some(dir) = args.socket.parent() {

@@ -198,6 +198,8 @@ pub fn start_protect(
     // The copy record: generations for the backup's sync plan, and the
     // activity logs that mark extents before they are written.
     let copy_dir = crate::copies::dir(&agent.opts.state_dir, name);
+    // This host's own config of the VM, for a resync back to it one day.
+    crate::copies::save_config(&copy_dir, &slot.vm.config);
     let copy = if replicate_disks {
         let mut st = crate::copies::load(&copy_dir, name)
             .ok()
@@ -984,18 +986,29 @@ fn backup_session(
         None => None,
         Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
     };
-    let mut cfg = setup.config.clone();
+    // This host's own configuration of the copy: the peer's shape, this
+    // host's paths (its record of the VM, the operator's placement file,
+    // or its own image and boot directories); never a path from the wire.
     // Each host keeps its own image format: replication is of guest-
     // visible blocks, so a raw image here may back a qcow2 one there.
-    for d in cfg.disks.iter_mut() {
-        if d.path.exists() {
-            let here = remus_config::DiskFormat::of_image(&d.path);
-            if here != d.format {
-                tracing::info!(vm = %cfg.name, disk = %d.target, here = here.as_str(), primary = d.format.as_str(), "this host's image has another format than the primary's; using it as it is");
-                d.format = here;
-            }
-        }
-    }
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &hello.vm_name);
+    let record = crate::copies::load_config(&copy_dir);
+    let sizes = hello
+        .compat
+        .disks
+        .iter()
+        .map(|d| (d.target.clone(), d.size_bytes))
+        .collect();
+    let (cfg, new_images) = agent
+        .opts
+        .storage
+        .local_config(&setup.config, record.as_ref(), &sizes)
+        .map_err(|e| {
+            refuse(
+                &mut stream,
+                format!("this host cannot keep '{}': {e}", hello.vm_name),
+            )
+        })?;
     if cfg.name != hello.vm_name {
         return Err(refuse(
             &mut stream,
@@ -1011,10 +1024,19 @@ fn backup_session(
     // A replicated disk missing here is created (and filled by the
     // initial sync) before the host check, which wants every disk present.
     if setup.replicate_disks {
-        create_missing_images(&cfg, &hello.compat, &agent.opts.qemu.path)
-            .map_err(|e| refuse(&mut stream, e))?;
+        create_images(agent, &cfg.name, &new_images).map_err(|e| refuse(&mut stream, e))?;
+    } else if let Some(missing) = new_images.first() {
+        return Err(refuse(
+            &mut stream,
+            format!(
+                "disk {} is not replicated in this session and this host has no image at {}",
+                missing.target,
+                missing.path.display()
+            ),
+        ));
     }
-    if let Err(e) = cfg.check_host() {
+    // Files only: the formats are this host's own (never sniffed).
+    if let Err(e) = cfg.check_files() {
         return Err(refuse(
             &mut stream,
             format!("this host cannot run '{}': {e}", cfg.name),
@@ -1026,15 +1048,16 @@ fn backup_session(
     }
     let name = cfg.name.clone();
     // This host's record of its copy decides how the disks are synced.
-    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &name);
     let (plan, copy) = plan_target(&setup, session.purpose, &copy_dir, &cfg, &local)
         .map_err(|e| refuse(&mut stream, e))?;
     if agent.take_stale(&name).is_some() {
         tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
     }
+    let own_config = cfg.clone();
     let (slot, replica) = agent
         .create_standby(cfg, session.purpose)
         .map_err(|e| refuse(&mut stream, e.to_string()))?;
+    crate::copies::save_config(&copy_dir, &own_config);
     if let Some(p) = &plan {
         tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %p.reason, "disk sync plan");
         let json = serde_json::to_string(p).map_err(|e| e.to_string())?;
@@ -1354,55 +1377,53 @@ fn check_arbiter(
     Ok(arb)
 }
 
-/// Creates each replicated disk image that does not exist here yet, as a
-/// sparse file of the primary's size; the initial sync then sends only
-/// the primary's non-zero chunks. The directory must exist.
-fn create_missing_images(
-    cfg: &VmConfig,
-    theirs: &VmCompat,
-    qemu: &std::path::Path,
+/// Creates the images this host keeps a copy in (missing ones, sparse, at
+/// the peer's size), each recorded with its format before it exists.
+fn create_images(
+    agent: &Agent,
+    vm: &str,
+    images: &[crate::storage::NewImage],
 ) -> Result<(), String> {
-    for d in cfg.disks_in_order() {
-        if !d.replicate || d.readonly || d.path.exists() {
-            continue;
-        }
-        let size = theirs
-            .disks
-            .iter()
-            .find(|c| c.target == d.target)
-            .map(|c| c.size_bytes)
-            .ok_or_else(|| format!("disk {}: the primary did not say its size", d.target))?;
-        if d.format == remus_config::DiskFormat::Qcow2 {
-            let out = std::process::Command::new(remus_vm::qemu_tool(qemu, "qemu-img"))
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&d.path)
-                .arg(size.to_string())
-                .output()
-                .map_err(|e| format!("disk {}: run qemu-img: {e}", d.target))?;
+    for img in images {
+        agent
+            .opts
+            .storage
+            .record_created(vm, &img.target, img.format)
+            .map_err(|e| format!("disk {}: {e}", img.target))?;
+        if img.format == remus_config::DiskFormat::Qcow2 {
+            let out =
+                std::process::Command::new(remus_vm::qemu_tool(&agent.opts.qemu.path, "qemu-img"))
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&img.path)
+                    .arg(img.size.to_string())
+                    .output()
+                    .map_err(|e| format!("disk {}: run qemu-img: {e}", img.target))?;
             if !out.status.success() {
                 return Err(format!(
-                    "disk {}: cannot create the missing qcow2 image {}: {}",
-                    d.target,
-                    d.path.display(),
+                    "disk {}: cannot create the qcow2 image {}: {}",
+                    img.target,
+                    img.path.display(),
                     String::from_utf8_lossy(&out.stderr).trim()
                 ));
             }
         } else {
+            use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&d.path)
+                .mode(0o600)
+                .open(&img.path)
                 .map_err(|e| {
                     format!(
-                        "disk {}: cannot create the missing image {}: {e}",
-                        d.target,
-                        d.path.display()
+                        "disk {}: cannot create {}: {e}",
+                        img.target,
+                        img.path.display()
                     )
                 })?;
-            f.set_len(size)
-                .map_err(|e| format!("disk {}: size {}: {e}", d.target, d.path.display()))?;
+            f.set_len(img.size)
+                .map_err(|e| format!("disk {}: size {}: {e}", img.target, img.path.display()))?;
         }
-        tracing::info!(disk = %d.target, path = %d.path.display(), size, format = d.format.as_str(), "created the missing disk image (sparse); the initial sync fills it");
+        tracing::info!(%vm, disk = %img.target, path = %img.path.display(), size = img.size, format = img.format.as_str(), "created the copy's disk image (sparse); the initial sync fills it");
     }
     Ok(())
 }

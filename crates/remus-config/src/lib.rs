@@ -542,7 +542,34 @@ impl VmConfig {
 
     /// Checks what depends on the host: the files named exist and are of
     /// the right kind.
+    /// [`check_files`](Self::check_files), then that each disk's declared
+    /// format matches its image (a qcow2 image handed to a guest as raw
+    /// would be destroyed by its first write): for configs an operator
+    /// writes, never for a copy whose formats this host recorded itself
+    /// (a guest decides its raw disk's first bytes).
     pub fn check_host(&self) -> Result<(), ConfigError> {
+        self.check_files()?;
+        for (i, d) in self.disks.iter().enumerate() {
+            let field = format!("disk[{i}].path");
+            let (path, t) = (d.path.display(), &d.target);
+            let problem = match (d.format, DiskFormat::of_image(&d.path)) {
+                (DiskFormat::Raw, DiskFormat::Qcow2) => Some(format!(
+                    "{path} starts with a qcow2 header: say format = \"qcow2\" for disk {t} if it is a qcow2 image (a raw disk whose guest wrote such a header is refused here; it keeps running where it was created)"
+                )),
+                (DiskFormat::Qcow2, DiskFormat::Raw) => Some(format!(
+                    "{path} is not a qcow2 image (format = \"qcow2\" for disk {t})"
+                )),
+                _ => None,
+            };
+            if let Some(p) = problem {
+                return Err(ConfigError::field(&field, p));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel, initrd and disk images exist as regular files.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
         let file = |field: &str, p: &Path| -> Result<(), ConfigError> {
             match std::fs::metadata(p) {
                 Ok(m) if m.is_file() => Ok(()),
@@ -560,23 +587,7 @@ impl VmConfig {
             file("initrd", i)?;
         }
         for (i, d) in self.disks.iter().enumerate() {
-            let field = format!("disk[{i}].path");
-            file(&field, &d.path)?;
-            // A qcow2 image handed to the guest as raw would be destroyed
-            // by its first write; a raw one read as qcow2 fails to open.
-            let (path, t) = (d.path.display(), &d.target);
-            let problem = match (d.format, DiskFormat::of_image(&d.path)) {
-                (DiskFormat::Raw, DiskFormat::Qcow2) => Some(format!(
-                    "{path} is a qcow2 image: say format = \"qcow2\" for disk {t}"
-                )),
-                (DiskFormat::Qcow2, DiskFormat::Raw) => Some(format!(
-                    "{path} is not a qcow2 image (format = \"qcow2\" for disk {t})"
-                )),
-                _ => None,
-            };
-            if let Some(p) = problem {
-                return Err(ConfigError::field(&field, p));
-            }
+            file(&format!("disk[{i}].path"), &d.path)?;
         }
         Ok(())
     }

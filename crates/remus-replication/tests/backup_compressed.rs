@@ -9,8 +9,8 @@ mod common;
 
 use common::next;
 
-use std::io::Write;
 use remus_proto::Channel;
+use std::io::Write;
 
 use remus_proto::delta::DeltaEncoder;
 use remus_proto::{CheckpointKind, CheckpointWriter, Epoch, ErrorCode, Message, PAGE_SIZE};

@@ -8,8 +8,8 @@ mod common;
 
 use common::{next, session};
 
-use std::io::Write;
 use remus_proto::Channel;
+use std::io::Write;
 use std::sync::Arc;
 
 use remus_disk::EpochBuffer;

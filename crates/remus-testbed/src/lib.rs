@@ -37,10 +37,16 @@ pub struct GuestImage {
 
 impl GuestImage {
     /// Finds the built image, or says how to build it.
-    pub fn find() -> Result<GuestImage> {
-        let dir = std::env::var_os("REMUS_GUEST_IMAGE")
+    /// Where the built image lives (`REMUS_GUEST_IMAGE`, else
+    /// `target/guest-image`).
+    pub fn dir() -> PathBuf {
+        std::env::var_os("REMUS_GUEST_IMAGE")
             .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target/guest-image"));
+            .unwrap_or_else(|| workspace_root().join("target/guest-image"))
+    }
+
+    pub fn find() -> Result<GuestImage> {
+        let dir = Self::dir();
         // The uncompressed kernel boots much faster under TCG (QEMU's PVH
         // entry, no decompression in emulated code).
         let vmlinux = dir.join("vmlinux");
@@ -316,8 +322,21 @@ impl Agent {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--ram-dir")
-            .arg(self.dir.path())
-            .args(&self.extra)
+            .arg(self.dir.path());
+        // What a test host keeps for its peers: the guest image as its
+        // boot files (peers name the kernel and initrd by file name), the
+        // tests' bridges, and no placement files but the test's own.
+        let given = |flag: &str| self.extra.iter().any(|a| a == flag);
+        if !given("--boot-dir") {
+            cmd.arg("--boot-dir").arg(GuestImage::dir());
+        }
+        if !given("--peer-bridges") {
+            cmd.args(["--peer-bridges", "br0,br1"]);
+        }
+        if !given("--vm-config-dir") {
+            cmd.arg("--vm-config-dir").arg(self.dir.path().join("vms"));
+        }
+        cmd.args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -672,9 +691,10 @@ impl Drop for ProtectFollower {
 }
 
 /// Two hosts on this machine for disk tests and benches: a shared key,
-/// the primary's image directory, and the backup's own directory, which
-/// its agent sees at the primary's path (a mount namespace of its own),
-/// as a second host would. The backup listens on a free loopback port.
+/// the primary's image directory, and the backup's own image directory
+/// (`--image-dir`), where it keeps its copy of a VM `V`'s disk `T` as
+/// `bdir/V/T.img` (see [`DiskHosts::backup_image`]), as a second host
+/// would. The backup listens on a free loopback port.
 pub struct DiskHosts {
     pub pdir: tempfile::TempDir,
     pub bdir: tempfile::TempDir,
@@ -696,15 +716,30 @@ impl DiskHosts {
         })
     }
 
-    /// The backup agent (listening, seeing `bdir` at `pdir`'s path).
+    /// The backup agent (listening, keeping its images in `bdir`).
     pub fn backup(&self, bins: &Binaries) -> Result<Agent> {
         let key = self.key.to_str().context("key path")?;
-        Agent::start_seeing(
+        let images = self.bdir.path().to_str().context("image dir")?;
+        Agent::start(
             bins,
-            self.pdir.path(),
-            self.bdir.path(),
-            &["--listen", &self.listen, "--key", key],
+            None,
+            &[
+                "--listen",
+                &self.listen,
+                "--key",
+                key,
+                "--image-dir",
+                images,
+            ],
         )
+    }
+
+    /// Where the backup keeps VM `vm`'s copy of disk `target` (its own
+    /// image directory; the primary's path means nothing there). A test
+    /// may put an image there before the first protect: the backup then
+    /// syncs it (as raw) instead of creating one.
+    pub fn backup_image(&self, vm: &str, target: &str) -> PathBuf {
+        self.bdir.path().join(vm).join(format!("{target}.img"))
     }
 
     /// The primary agent.

@@ -43,22 +43,31 @@ fn image() -> PathBuf {
     p
 }
 
-/// An agent in host `h` of the LAN that sees `store` at `images` (host a
-/// sees the directory itself, as the test and its CLI do).
-fn agent(lan: &Lan, h: &str, images: &Path, store: &Path, key: &Path, listen: bool) -> Agent {
-    let (mount, bind) = (OsStr::new("mount"), OsStr::new("--bind"));
-    let mounts: &[&[&OsStr]] = if store == images {
-        &[]
-    } else {
-        &[&[mount, bind, store.as_os_str(), images.as_os_str()]]
-    };
+/// An agent in host `h` of the LAN that keeps the copies it receives in
+/// `store`, its own image directory (an agent started again there finds
+/// them).
+fn agent(lan: &Lan, h: &str, store: &Path, key: &Path, listen: bool) -> Agent {
     let l = format!("{}:{REPL_PORT}", lan.addr(h));
-    let mut extra = vec!["--key", key.to_str().unwrap()];
+    let mut extra = vec![
+        "--key",
+        key.to_str().unwrap(),
+        "--image-dir",
+        store.to_str().unwrap(),
+    ];
     if listen {
         extra.extend(["--listen", &l]);
     }
-    Agent::start_in(&bins(), Some(lan.host(h)), mounts, &extra)
-        .unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+}
+
+/// The disk the agent uses for its copy of VM `vm`: the path in its own
+/// record of the copy (the disk it was created on, or the one its own
+/// image directory holds).
+fn disk_of(agent: &Agent, vm: &str) -> PathBuf {
+    let cfg = std::fs::read_to_string(agent.state_dir.join("copies").join(vm).join("config.json"))
+        .unwrap_or_else(|e| panic!("{vm}'s copy record: {e}"));
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    PathBuf::from(cfg["disk"][0]["path"].as_str().expect("a disk path"))
 }
 
 /// The root filesystem of `disk` (a qcow2 another process has open),
@@ -144,8 +153,8 @@ fn debian_survives_primary_kills_with_its_session_and_filesystem() {
     );
     let disk = images.join("deb.qcow2");
     let mut agents = [
-        agent(&lan, "a", &images, &store[0], &key, true),
-        agent(&lan, "b", &images, &store[1], &key, true),
+        agent(&lan, "a", &store[0], &key, true),
+        agent(&lan, "b", &store[1], &key, true),
     ];
     let cfg = agents[0].write_file(
         "deb.toml",
@@ -219,7 +228,7 @@ fn debian_survives_primary_kills_with_its_session_and_filesystem() {
         // The filesystem on the disk of the host that took over, copied
         // while the VM is paused.
         assert!(agents[q].cli(&["pause", VM]).ok);
-        let fsck = fsck_root(&store[q].join("deb.qcow2"), &scratch);
+        let fsck = fsck_root(&disk_of(&agents[q], VM), &scratch);
         assert!(agents[q].cli(&["unpause", VM]).ok);
         eprintln!(
             "round {n}: {} → {}: {} of {} chunks synced ({} MiB), failover {ms} ms, client's longest wait so far {} ms (the pauses for the fsck copies included), fsck clean ({})",
@@ -236,6 +245,6 @@ fn debian_survives_primary_kills_with_its_session_and_filesystem() {
         );
         // The dead host comes back with a fresh agent (same disk) and is
         // the next round's backup.
-        agents[p] = agent(&lan, hosts[p], &images, &store[p], &key, true);
+        agents[p] = agent(&lan, hosts[p], &store[p], &key, true);
     }
 }

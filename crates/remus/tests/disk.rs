@@ -64,10 +64,14 @@ fn boot(agent: &Agent, name: &str, img: &GuestImage, disks: &str) {
 #[test]
 fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     let img = GuestImage::find().expect("guest image");
-    // The primary's images; the backup sees its own directory at the same
-    // path, as a second host would.
+    // The primary's images; the backup keeps its copies in its own image
+    // directory, as a second host would.
     let hosts = DiskHosts::new().unwrap();
-    let (pdir, bdir, listen) = (&hosts.pdir, &hosts.bdir, &hosts.listen);
+    let (pdir, listen) = (&hosts.pdir, &hosts.listen);
+    let (b_vda, b_vdb) = (
+        hosts.backup_image("sync", "vda"),
+        hosts.backup_image("sync", "vdb"),
+    );
 
     // vda: 16 MiB of data except chunks 10..20, which are zero.
     let mut a = pattern(1, 256 * CHUNK);
@@ -81,16 +85,15 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
     b[15 * CHUNK..16 * CHUNK].copy_from_slice(&pattern(9, CHUNK));
     let vda = pdir.path().join("vda.img");
     std::fs::write(&vda, &a).unwrap();
-    std::fs::write(bdir.path().join("vda.img"), &b).unwrap();
+    std::fs::create_dir_all(b_vda.parent().unwrap()).unwrap();
+    std::fs::write(&b_vda, &b).unwrap();
     // vdb: 4 MiB, data in its first 4 chunks only; missing on the backup.
     let mut c = vec![0u8; 64 * CHUNK];
     c[..4 * CHUNK].copy_from_slice(&pattern(2, 4 * CHUNK));
     let vdb = pdir.path().join("vdb.img");
     std::fs::write(&vdb, &c).unwrap();
 
-    let backup = hosts
-        .backup(&bins())
-        .expect("backup agent in its own mount namespace");
+    let backup = hosts.backup(&bins()).expect("backup agent");
     let primary = hosts.primary(&bins()).unwrap();
     boot(
         &primary,
@@ -136,23 +139,18 @@ fn initial_sync_sends_only_differing_chunks_and_creates_missing_images() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        std::fs::read(bdir.path().join("vda.img")).unwrap() == a,
-        "backup vda differs"
-    );
-    let got = std::fs::read(bdir.path().join("vdb.img")).unwrap();
+    assert!(std::fs::read(&b_vda).unwrap() == a, "backup vda differs");
+    let got = std::fs::read(&b_vdb).unwrap();
     assert!(got == c, "backup vdb differs");
     // The created image stayed sparse: only the 4 data chunks allocated.
-    let blocks = std::fs::metadata(bdir.path().join("vdb.img"))
-        .unwrap()
-        .blocks();
+    let blocks = std::fs::metadata(&b_vdb).unwrap().blocks();
     assert!(
         blocks * 512 <= 8 * CHUNK as u64,
         "created image allocates {} bytes for 4 chunks of data",
         blocks * 512
     );
     let log = backup.log_text();
-    assert!(log.contains("created the missing disk image"), "{log}");
+    assert!(log.contains("created the copy's disk image"), "{log}");
     // An orderly stop is never taken for a lost primary.
     assert!(!log.contains("FAILOVER"), "{log}");
 }
@@ -166,8 +164,10 @@ fn backup_disk_full_stops_protection_with_the_reason() {
     let kd = tempfile::tempdir().unwrap();
     let key = write_key(kd.path());
     let pdir = tempfile::tempdir_in("/tmp").unwrap();
+    let bimages = tempfile::tempdir_in("/tmp").unwrap();
     let vda = pdir.path().join("vda.img");
-    // A 64 MiB sparse image; the backup's side lives on an 8 MiB tmpfs.
+    // A 64 MiB sparse image; the backup's image directory is an 8 MiB
+    // tmpfs (mounted in its own mount namespace, gone with it).
     std::fs::File::create(&vda)
         .unwrap()
         .set_len(64 << 20)
@@ -184,9 +184,16 @@ fn backup_disk_full_stops_protection_with_the_reason() {
             mount("-o"),
             mount("size=8m"),
             mount("tmpfs"),
-            pdir.path().as_os_str(),
+            bimages.path().as_os_str(),
         ]],
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
+        &[
+            "--listen",
+            &listen,
+            "--key",
+            key.to_str().unwrap(),
+            "--image-dir",
+            bimages.path().to_str().unwrap(),
+        ],
     )
     .expect("backup agent on a small tmpfs");
     let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
@@ -239,11 +246,12 @@ fn unwritable_backup_image_is_refused() {
     let bdir = tempfile::tempdir_in("/tmp").unwrap();
     let vda = pdir.path().join("vda.img");
     std::fs::write(&vda, vec![0u8; 4 << 20]).unwrap();
-    std::fs::write(bdir.path().join("vda.img"), vec![0u8; 4 << 20]).unwrap();
+    std::fs::create_dir(bdir.path().join("ro")).unwrap();
+    std::fs::write(bdir.path().join("ro/vda.img"), vec![0u8; 4 << 20]).unwrap();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let os = |w: &'static str| OsStr::new(w);
-    // The backup sees its directory read-only.
+    // The backup sees its image directory read-only.
     let backup = Agent::start_in_mount_ns(
         &bins(),
         &[
@@ -251,16 +259,23 @@ fn unwritable_backup_image_is_refused() {
                 os("mount"),
                 os("--bind"),
                 bdir.path().as_os_str(),
-                pdir.path().as_os_str(),
+                bdir.path().as_os_str(),
             ],
             &[
                 os("mount"),
                 os("-o"),
                 os("remount,bind,ro"),
-                pdir.path().as_os_str(),
+                bdir.path().as_os_str(),
             ],
         ],
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
+        &[
+            "--listen",
+            &listen,
+            "--key",
+            key.to_str().unwrap(),
+            "--image-dir",
+            bdir.path().to_str().unwrap(),
+        ],
     )
     .expect("backup agent with a read-only image");
     let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();

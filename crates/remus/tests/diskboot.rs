@@ -5,7 +5,8 @@
 //! sync fills), its primary is killed, and the backup's copy runs on from
 //! the acknowledged state. Afterwards the backup's image is a valid,
 //! sparse qcow2 with the same guest-visible contents as the primary's.
-//! Two more disks: vdb is raw on the primary and qcow2 on the backup
+//! Two more disks, placed on the backup by its operator's placement file
+//! (`vms/dboot.toml`): vdb is raw on the primary and qcow2 on the backup
 //! (each host keeps its format; the contents are brought in step), and
 //! vdc has `replicate = false` (shared storage: the backup's own file is
 //! left as it is).
@@ -88,7 +89,7 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     let vdb = pdir.path().join("data.img");
     let data: Vec<u8> = (0..(8usize << 20)).map(|i| (i % 253) as u8 | 1).collect();
     std::fs::write(&vdb, &data).unwrap();
-    let theirs_vdb = bdir.path().join("data.img");
+    let theirs_vdb = bdir.path().join("data.qcow2");
     run_ok(
         "qemu-img",
         &[
@@ -110,9 +111,21 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
         vdc.display()
     );
 
-    let backup = hosts
-        .backup(&bins())
-        .expect("backup agent in its own mount namespace");
+    let backup = hosts.backup(&bins()).expect("backup agent");
+    // The backup's operator places vdb and vdc; vda goes to the backup's
+    // image directory, created in the primary's format.
+    let placement = backup.dir.path().join("vms");
+    std::fs::create_dir_all(&placement).unwrap();
+    std::fs::write(
+        placement.join("dboot.toml"),
+        format!(
+            "[[disk]]\ntarget = \"vdb\"\npath = \"{}\"\nformat = \"qcow2\"\n\
+             [[disk]]\ntarget = \"vdc\"\npath = \"{}\"\n",
+            theirs_vdb.display(),
+            bdir.path().join("shared.img").display()
+        ),
+    )
+    .unwrap();
     let mut primary = hosts.primary(&bins()).unwrap();
     let cfg = primary.write_file(
         "vm.toml",
@@ -150,7 +163,7 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
 
     // The backup made a qcow2 of its own: valid, sparse, and the same
     // guest-visible bytes as the primary's (the guest wrote nothing).
-    let theirs = bdir.path().join("boot.qcow2");
+    let theirs = hosts.backup_image("dboot", "vda");
     let t = theirs.to_str().unwrap();
     let info = run_ok("qemu-img", &["info", "--output=json", t]);
     assert!(info.contains("\"format\": \"qcow2\""), "{info}");
@@ -203,9 +216,7 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
         "console=ttyS0 quiet remus.workload=tick",
     )
     .expect("boot disk");
-    let backup = hosts
-        .backup(&bins())
-        .expect("backup agent in its own mount namespace");
+    let backup = hosts.backup(&bins()).expect("backup agent");
     let mut primary = hosts.primary(&bins()).unwrap();
     let cfg = primary.write_file(
         "vm.toml",

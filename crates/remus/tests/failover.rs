@@ -67,8 +67,9 @@ fn bins() -> Binaries {
     remus_testbed::test_bins!()
 }
 
-/// The two hosts' views of the disk directory: the primary's images are
-/// in `primary`; the backup agent sees `backup` at that same path.
+/// The two hosts' disk directories: the primary's images are in
+/// `primary`; the backup keeps its copies of VM V's disk T in its own
+/// image directory, as `backup/V/T.img`.
 struct DiskDirs {
     primary: PathBuf,
     backup: PathBuf,
@@ -269,7 +270,7 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     assert!(!marked_chunks(&maps.join("disk-vdb.changed")).is_empty());
     let out = backup.cli(&["destroy", &vm]);
     assert!(out.ok, "{}", out.stderr);
-    let mut backup_fs = dirs.backup.join(format!("r{n}-ext4.{ext}"));
+    let mut backup_fs = dirs.backup.join(&vm).join("vdb.img");
     if qcow2 {
         // The backup made its own qcow2 copy (no backing file): check it,
         // then the filesystem in it.
@@ -277,7 +278,7 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
         let info = run_ok("qemu-img", &["info", "--output=json", &b]);
         assert!(info.contains("\"format\": \"qcow2\""), "{info}");
         run_ok("qemu-img", &["check", &b]);
-        let flat = dirs.backup.join(format!("r{n}-ext4.flat"));
+        let flat = dirs.backup.join(format!("{vm}-vdb.flat"));
         run_ok(
             "qemu-img",
             &["convert", "-O", "raw", &b, flat.to_str().unwrap()],
@@ -292,8 +293,8 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     );
     for f in [&raw, &fs, &fs_raw, &base, &backup_fs] {
         let _ = std::fs::remove_file(f);
-        let _ = std::fs::remove_file(dirs.backup.join(f.file_name().unwrap()));
     }
+    let _ = std::fs::remove_dir_all(dirs.backup.join(&vm));
     failover_ms
 }
 
@@ -310,13 +311,19 @@ fn failover_at_random_moments() {
         primary: pdir.path().to_path_buf(),
         backup: bdir.path().to_path_buf(),
     };
-    let backup = Agent::start_seeing(
+    let backup = Agent::start(
         &bins(),
-        &dirs.primary,
-        &dirs.backup,
-        &["--listen", &listen, "--key", key.to_str().unwrap()],
+        None,
+        &[
+            "--listen",
+            &listen,
+            "--key",
+            key.to_str().unwrap(),
+            "--image-dir",
+            dirs.backup.to_str().unwrap(),
+        ],
     )
-    .expect("backup agent in its own mount namespace");
+    .expect("backup agent");
     let rounds: u64 = std::env::var("REMUS_FAILOVER_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

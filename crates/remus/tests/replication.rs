@@ -54,10 +54,11 @@ fn migration_there_and_back() {
     let img = GuestImage::find().expect("guest image");
     let kd = tempfile::tempdir().unwrap();
     let key = write_key(kd.path());
-    // The VM's disk is local to each host: B sees its own directory where
-    // A has the image (and starts without one).
+    // The VM's disk is local to each host: A has the image; B keeps its
+    // copy in its own image directory (and starts without one), and so
+    // does A when the VM comes back (its record of the VM is gone with
+    // the migration).
     let adir = tempfile::tempdir_in("/tmp").unwrap();
-    let bdir = tempfile::tempdir_in("/tmp").unwrap();
     let disk = adir.path().join("mig.img");
     std::fs::File::create(&disk)
         .unwrap()
@@ -66,13 +67,12 @@ fn migration_there_and_back() {
     let (a, a_listen) = agent_with_port(&key);
     let b_port = free_port();
     let b_listen = format!("127.0.0.1:{b_port}");
-    let b = Agent::start_seeing(
+    let b = Agent::start(
         &bins(),
-        adir.path(),
-        bdir.path(),
+        None,
         &["--listen", &b_listen, "--key", key.to_str().unwrap()],
     )
-    .expect("agent B in its own mount namespace");
+    .expect("agent B");
     let cfg = a.write_file(
         "mig.toml",
         &img.config(
@@ -367,13 +367,23 @@ fn incompatible_backup_is_refused_with_the_mismatch() {
     std::fs::write(&other, vec![0u8; 2 << 20]).unwrap();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let backup = Agent::start_seeing(
+    let backup = Agent::start(
         &bins(),
-        &disk,
-        &other,
+        None,
         &["--listen", &listen, "--key", key.to_str().unwrap()],
     )
-    .expect("backup agent in its own mount namespace");
+    .expect("backup agent");
+    // The backup's operator placed a 2 MiB image for the VM's shared disk.
+    let placement = backup.dir.path().join("vms");
+    std::fs::create_dir_all(&placement).unwrap();
+    std::fs::write(
+        placement.join("inc.toml"),
+        format!(
+            "[[disk]]\ntarget = \"vda\"\npath = \"{}\"\n",
+            other.display()
+        ),
+    )
+    .unwrap();
     let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
     let cfg = primary.write_file(
         "vm.toml",

@@ -18,7 +18,6 @@
 //!    resync refuses and names `--discard-this-copy`; after it, the resync
 //!    overwrites the copy given up.
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,14 +39,10 @@ fn bins() -> Binaries {
     remus_testbed::test_bins!()
 }
 
-/// An agent on host `h` that sees `store` at `images`.
-fn agent(lan: &Lan, h: &str, images: &Path, store: &Path, key: &Path) -> Agent {
-    let (mount, bind) = (OsStr::new("mount"), OsStr::new("--bind"));
-    let mounts: &[&[&OsStr]] = if store == images {
-        &[]
-    } else {
-        &[&[mount, bind, store.as_os_str(), images.as_os_str()]]
-    };
+/// An agent on host `h` that keeps the copies it receives in `store`
+/// (its own image directory; the VM's creator keeps its own disk where
+/// the VM was created).
+fn agent(lan: &Lan, h: &str, store: &Path, key: &Path) -> Agent {
     let listen = format!("{}:{REPL_PORT}", lan.addr(h));
     let al = AL_EXTENTS.to_string();
     let extra = [
@@ -57,9 +52,10 @@ fn agent(lan: &Lan, h: &str, images: &Path, store: &Path, key: &Path) -> Agent {
         &listen,
         "--al-extents",
         &al,
+        "--image-dir",
+        store.to_str().unwrap(),
     ];
-    Agent::start_in(&bins(), Some(lan.host(h)), mounts, &extra)
-        .unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
 }
 
 /// Set bits of a remus bitmap file (change map or activity log), 0 if
@@ -273,8 +269,8 @@ fn resync_round_trips_failback_crash_and_split_brain() {
         .unwrap();
     let names = ["a", "b"];
     let mut hosts = [
-        agent(&lan, "a", &images, &store[0], &key),
-        agent(&lan, "b", &images, &store[1], &key),
+        agent(&lan, "a", &store[0], &key),
+        agent(&lan, "b", &store[1], &key),
     ];
     let cfg = hosts[0].write_file(
         "vm.toml",

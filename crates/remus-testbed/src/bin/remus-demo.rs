@@ -16,7 +16,6 @@
 //! It uses `remus`/`remusd` next to its own executable and the guest
 //! image from `scripts/build-guest.sh`; it needs root (namespaces).
 
-use std::ffi::OsStr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -93,17 +92,12 @@ fn run() -> Result<()> {
         &["--listen", &a_listen, "--key", key],
     )?;
     let listen = format!("{}:{REPL_PORT}", lan.addr("b"));
-    let os = OsStr::new;
-    let b = Agent::start_in(
+    // b keeps its copy of the VM's disk in its own image directory.
+    let b_images = b_disks.path().to_str().context("image dir")?;
+    let b = Agent::start(
         &bins,
         Some(lan.host("b")),
-        &[&[
-            os("mount"),
-            os("--bind"),
-            b_disks.path().as_os_str(),
-            a_disks.path().as_os_str(),
-        ]],
-        &["--listen", &listen, "--key", key],
+        &["--listen", &listen, "--key", key, "--image-dir", b_images],
     )?;
 
     say("");

@@ -2017,8 +2017,8 @@ fn resync_case(
     let key = write_key(keydir.path());
     let key_s = key.to_str().context("key path")?;
     // Host A's image directory (`images`, where the CLI, which checks the
-    // config here, sees it too), and host B's own, which B's agent sees at
-    // the same path (a mount namespace of its own), as DiskHosts does.
+    // config here, sees it too), and host B's own image directory, where
+    // B keeps its copy, as DiskHosts does.
     let images = tempfile::Builder::new()
         .prefix("remus-resync")
         .tempdir_in("/tmp")?;
@@ -2038,13 +2038,15 @@ fn resync_case(
     };
     let addr = [format!("127.0.0.1:{port_a}"), format!("127.0.0.1:{port_b}")];
     let al = RESYNC_AL_EXTENTS.to_string();
+    let b_images = b_store.path().to_str().context("image dir")?;
     let start = |i: usize| {
         let extra = ["--listen", &addr[i], "--key", key_s, "--al-extents", &al];
         if i == 0 {
             Agent::start(bins, None, &extra).context("start agent A")
         } else {
-            Agent::start_seeing(bins, images.path(), b_store.path(), &extra)
-                .context("start agent B (in a mount namespace of its own: needs root and unshare)")
+            let mut extra = extra.to_vec();
+            extra.extend(["--image-dir", b_images]);
+            Agent::start(bins, None, &extra).context("start agent B")
         }
     };
     let mut hosts = [start(0)?, start(1)?];

@@ -218,13 +218,24 @@ impl Agent {
     /// Prepares the state directory and checks QEMU.
     pub fn new(opts: AgentOptions) -> anyhow::Result<Agent> {
         use anyhow::Context;
-        std::fs::create_dir_all(opts.state_dir.join("vms"))
-            .with_context(|| format!("create state dir {}", opts.state_dir.display()))?;
-        std::fs::create_dir_all(opts.state_dir.join("logs"))
-            .with_context(|| format!("create {}", opts.state_dir.join("logs").display()))?;
+        // Guest memory, disks, consoles and sockets live here: readable
+        // by this agent's user only.
+        for d in [
+            opts.state_dir.clone(),
+            opts.state_dir.join("vms"),
+            opts.state_dir.join("logs"),
+            opts.state_dir.join("copies"),
+        ] {
+            private_dir(&d).with_context(|| format!("state dir {}", d.display()))?;
+        }
         std::fs::create_dir_all(&opts.ram_dir)
             .with_context(|| format!("create RAM dir {}", opts.ram_dir.display()))?;
         let tag = agent_tag(&opts.state_dir)?;
+        // RAM files go into a directory of this agent's own inside the
+        // RAM directory (often /dev/shm, writable by everyone): nobody
+        // else can create, replace or read a guest's memory there.
+        private_dir(&ram_files_dir(&opts.ram_dir, &tag))
+            .with_context(|| format!("RAM dir {}", opts.ram_dir.display()))?;
         let next_id = read_next_id(&opts.state_dir);
         let qemu_version = match remus_vm::qemu_version(&opts.qemu.path) {
             Ok(v) if v >= remus_vm::MIN_QEMU => Ok(format!("{}.{}", v.0, v.1)),
@@ -411,12 +422,23 @@ impl Agent {
         std::fs::write(paths.config(), config_json).map_err(|e| {
             AgentError::Internal(format!("write {}: {e}", paths.config().display()))
         })?;
-        let ram_file = self
-            .opts
-            .ram_dir
-            .join(format!("remus-{}-{name}.ram", self.tag));
-        // A standby's RAM file is the replica checkpoints are committed to;
-        // it exists (at its full size) before QEMU maps it.
+        let ram_file = ram_files_dir(&self.opts.ram_dir, &self.tag).join(format!("{name}.ram"));
+        // Created here, exclusively, mode 0600, at its full size, before
+        // QEMU maps it (a leftover of an earlier agent in our private
+        // directory is removed first). A standby's RAM file is the
+        // replica checkpoints are committed to.
+        match std::fs::remove_file(&ram_file) {
+            Ok(()) => {
+                tracing::info!(vm = %name, file = %ram_file.display(), "removed a RAM file left by an earlier agent")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "remove {}: {e}",
+                    ram_file.display()
+                )));
+            }
+        }
         let replica = match standby {
             Some(_) => Some(
                 remus_replication::replica::Replica::create(
@@ -426,7 +448,12 @@ impl Agent {
                 )
                 .map_err(|e| AgentError::Internal(e.to_string()))?,
             ),
-            None => None,
+            None => {
+                create_ram_file(&ram_file, config.memory * 1024 * 1024).map_err(|e| {
+                    AgentError::Internal(format!("RAM file {}: {e}", ram_file.display()))
+                })?;
+                None
+            }
         };
         let opts = StartOptions {
             qemu: self.opts.qemu.clone(),
@@ -849,6 +876,62 @@ fn probe_kvm_in_background(qemu: &Path) {
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the KVM probe now; it runs with the first VM");
     }
+}
+
+/// The directory of this agent's RAM files inside the RAM directory.
+fn ram_files_dir(ram_dir: &Path, tag: &str) -> PathBuf {
+    ram_dir.join(format!("remus-{tag}"))
+}
+
+/// Creates `dir` (mode 0700) or checks that it is this user's own private
+/// directory, making it private if it is ours but open: a directory
+/// someone else owns, or a symlink, is refused (whoever controls it
+/// controls what we write there).
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display())),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", dir.display())),
+        Ok(m) => {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if !m.is_dir() || m.uid() != me {
+                anyhow::bail!(
+                    "{} is {} owned by uid {}, not a directory of this agent's user ({me}): remove it or choose another directory",
+                    dir.display(),
+                    if m.is_dir() {
+                        "a directory"
+                    } else {
+                        "not a directory"
+                    },
+                    m.uid()
+                );
+            }
+            if m.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| anyhow::anyhow!("chmod 700 {}: {e}", dir.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A primary's RAM file: new (never a file someone else made), 0600, at
+/// `size`, sparse.
+fn create_ram_file(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .set_len(size)
 }
 
 /// A 4-hex-digit tag stored in the state dir (created once).

@@ -46,6 +46,10 @@ pub struct Args {
     /// Unix socket the CLI talks to.
     #[arg(long, env = "REMUS_SOCKET", default_value = remus_api::DEFAULT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
+    /// A group whose members may use the API socket besides root and the
+    /// agent's user (the API is root-equivalent: grant it with care).
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
     /// Address for replication from peer agents (HOST:PORT); this agent
     /// then serves as a backup or migration destination. Needs --key.
     #[arg(long, value_name = "HOST:PORT")]

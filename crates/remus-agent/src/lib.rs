@@ -13,6 +13,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod apiauth;
 pub mod arbiter;
 pub mod cli;
 pub mod copies;
@@ -180,6 +181,10 @@ fn qemu_version(qemu: &std::path::Path) -> Result<String, String> {
 
 /// Checks the host, then runs the agent until SIGTERM or SIGINT.
 fn start(args: Args) -> anyhow::Result<()> {
+    // Everything the agent and its QEMUs create (RAM files, replicas,
+    // device state, sockets, logs) is for this user only.
+    // SAFETY: umask has no preconditions; set before any thread starts.
+    unsafe { libc::umask(0o077) };
     host::check_kernel().map_err(anyhow::Error::msg)?;
     let preload = host::find_preload(args.preload.as_deref()).map_err(anyhow::Error::msg)?;
     tracing::info!(preload = %preload.display(), kernel = %host::kernel_release(), "host checked");
@@ -251,6 +256,17 @@ async fn run(
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
+    // SAFETY: geteuid has no preconditions.
+    let allowed = apiauth::Allowed {
+        uid: unsafe { libc::geteuid() },
+        gid: args
+            .api_group
+            .as_deref()
+            .map(apiauth::group_id)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--api-group")?,
+    };
     // A socket file nobody answers on is stale; one that answers belongs to
     // a running agent, which we must not steal from.
     if args.socket.exists() {
@@ -265,6 +281,12 @@ async fn run(
     }
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("bind {}", args.socket.display()))?;
+    apiauth::set_socket_access(&args.socket, &allowed)
+        .with_context(|| format!("permissions of {}", args.socket.display()))?;
+    let listener = apiauth::CheckedListener {
+        inner: listener,
+        allowed,
+    };
 
     if let Some(addr) = &args.listen {
         let l = std::net::TcpListener::bind(addr)

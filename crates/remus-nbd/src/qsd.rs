@@ -6,6 +6,15 @@
 //! The daemon is started with `discard=unmap` on both nodes, so zeroes and
 //! trims the guest sends (and the backup's initial sync writes) leave the
 //! image sparse. It is killed, by its PID, when the handle drops.
+//!
+//! The backing chain is pinned: the daemon is told each backing file and
+//! its format explicitly (`"backing": null` where there is none), so it
+//! never opens a file because an image header names it, and never guesses
+//! a format. [`backing_chain`] reads the chain once, before the image is
+//! served, and refuses a link whose format its parent does not record
+//! (QEMU would probe it: a raw base image whose guest wrote a qcow2
+//! header would then name any host file as its backing) and external
+//! data files.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,14 +32,112 @@ pub struct StorageDaemon {
 
 /// Image formats served through the daemon.
 pub const DAEMON_FORMATS: &[&str] = &["qcow2"];
+/// Formats a backing file may have.
+const BACKING_FORMATS: &[&str] = &["qcow2", "raw"];
+/// Longest backing chain accepted.
+const MAX_CHAIN: usize = 16;
+
+/// One backing file of an image, as the daemon is told to open it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    pub path: PathBuf,
+    pub format: String,
+}
+
+/// The backing chain of `image` (its backing file, that file's, and so
+/// on; empty when it has none), read with `qemu-img info`: from the image
+/// headers, which whoever made the images wrote, never a guest. Refused:
+/// a link whose format its parent does not record, a format other than
+/// qcow2 or raw, an external data file, a chain longer than 16.
+pub fn backing_chain(qemu_img: &Path, image: &Path) -> std::io::Result<Vec<ChainLink>> {
+    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let out = Command::new(qemu_img)
+        .args(["info", "--output=json", "--backing-chain"])
+        .arg(image)
+        .output()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("run {}: {e}", qemu_img.display())))?;
+    if !out.status.success() {
+        return Err(bad(format!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let infos: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| bad(format!("qemu-img info {}: {e}", image.display())))?;
+    if infos.len() > MAX_CHAIN {
+        return Err(bad(format!(
+            "{}: a backing chain of {} images (at most {MAX_CHAIN})",
+            image.display(),
+            infos.len()
+        )));
+    }
+    let mut chain = Vec::new();
+    for (i, info) in infos.iter().enumerate() {
+        let name = info["filename"].as_str().unwrap_or("?");
+        if info["format-specific"]["data"]["data-file"].is_string() {
+            return Err(bad(format!(
+                "{name} has an external data file, which remus does not serve"
+            )));
+        }
+        let Some(backing) = info["full-backing-filename"].as_str() else {
+            break;
+        };
+        let Some(format) = info["backing-filename-format"].as_str() else {
+            return Err(bad(format!(
+                "{name} names its backing file {backing} without its format; record it with `qemu-img rebase -u -F FORMAT -b {backing} {name}` (remus never guesses a format)"
+            )));
+        };
+        if !BACKING_FORMATS.contains(&format) {
+            return Err(bad(format!(
+                "{name}: backing file {backing} of format {format} (qcow2 or raw expected)"
+            )));
+        }
+        if infos.get(i + 1).is_none() {
+            return Err(bad(format!(
+                "{name}: backing file {backing} missing from qemu-img's answer"
+            )));
+        }
+        chain.push(ChainLink {
+            path: PathBuf::from(backing),
+            format: format.to_string(),
+        });
+    }
+    Ok(chain)
+}
+
+/// The daemon's `--blockdev` for `image` (qcow2) and its pinned `chain`,
+/// in QEMU's JSON syntax (the only one that says "no backing file").
+fn blockdev(image: &Path, chain: &[ChainLink], read_only: bool) -> serde_json::Value {
+    use serde_json::json;
+    let file = |p: &Path, ro: bool| {
+        json!({"driver": "file", "filename": p.display().to_string(), "read-only": ro,
+               "discard": "unmap", "cache": {"direct": false}})
+    };
+    // From the deepest backing file up: each node's backing is the one below.
+    let mut below = serde_json::Value::Null;
+    for link in chain.iter().rev() {
+        let mut node = json!({"driver": link.format, "read-only": true,
+                              "file": file(&link.path, true)});
+        if link.format == "qcow2" {
+            node["backing"] = below;
+        }
+        below = node;
+    }
+    json!({"driver": "qcow2", "node-name": "fmt0", "read-only": read_only, "discard": "unmap",
+           "file": file(image, read_only), "backing": below})
+}
 
 impl StorageDaemon {
-    /// Starts `binary` serving `image` (of `format`) as export `export` on
-    /// unix socket `socket`, logging to `log`; waits until it answers.
+    /// Starts `binary` serving `image` (of `format`, with the pinned
+    /// backing `chain` from [`backing_chain`]) as export `export` on unix
+    /// socket `socket`, logging to `log`; waits until it answers.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         binary: &Path,
         image: &Path,
         format: &str,
+        chain: &[ChainLink],
         read_only: bool,
         socket: &Path,
         export: &str,
@@ -43,20 +150,12 @@ impl StorageDaemon {
             ));
         }
         let _ = std::fs::remove_file(socket);
-        let ro = if read_only { "on" } else { "off" };
         let logf = std::fs::File::create(log)?;
         // Commas in a path would end the option: QEMU escapes them as ",,".
-        let path = image.display().to_string().replace(',', ",,");
         let sock = socket.display().to_string().replace(',', ",,");
         let child = Command::new(binary)
             .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={path},read-only={ro},discard=unmap,cache.direct=off"
-            ))
-            .arg("--blockdev")
-            .arg(format!(
-                "driver={format},node-name=fmt0,file=file0,read-only={ro},discard=unmap"
-            ))
+            .arg(blockdev(image, chain, read_only).to_string())
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={sock}"))
             .arg("--export")
@@ -71,7 +170,10 @@ impl StorageDaemon {
             .map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
-                    format!("start {} (Debian package qemu-utils): {e}", binary.display()),
+                    format!(
+                        "start {} (Debian package qemu-utils): {e}",
+                        binary.display()
+                    ),
                 )
             })?;
         // A pid file beside the socket: if the agent dies, whoever cleans

@@ -81,10 +81,12 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 fn daemon(img: &Path, ro: bool, dir: &Path, name: &str) -> StorageDaemon {
+    let chain = remus_nbd::qsd::backing_chain(Path::new("qemu-img"), img).expect("backing chain");
     StorageDaemon::start(
         Path::new("qemu-storage-daemon"),
         img,
         "qcow2",
+        &chain,
         ro,
         &dir.join(format!("{name}.sock")),
         "vda",
@@ -166,4 +168,67 @@ fn client_against_qemu_storage_daemon_on_qcow2() {
     assert!(e.to_string().contains("vda"), "{e}");
     let e = c.read_at(&mut b, 0).unwrap_err().to_string();
     assert!(e.contains("connection lost earlier"), "{e}");
+}
+
+/// The backing chain is pinned with formats: a raw base image whose bytes
+/// happen to be a qcow2 header naming a host file as *its* backing (what
+/// a guest could write to its raw disk) is served as the raw bytes it is;
+/// the daemon never opens the file the header names.
+#[test]
+fn a_raw_base_that_looks_like_qcow2_stays_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("host-secret");
+    std::fs::write(&secret, vec![b'S'; 4096]).unwrap();
+    // A qcow2 header pointing at the host file, as a guest could write.
+    let lure = dir.path().join("lure.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        secret.to_str().unwrap(),
+        lure.to_str().unwrap(),
+        "1M",
+    ]);
+    let mut base_bytes = std::fs::read(&lure).unwrap();
+    base_bytes.resize(4 * MIB as usize, 0);
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, &base_bytes).unwrap();
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        base.to_str().unwrap(),
+        top.to_str().unwrap(),
+    ]);
+    let chain = remus_nbd::qsd::backing_chain(Path::new("qemu-img"), &top).unwrap();
+    assert_eq!(
+        chain,
+        vec![remus_nbd::qsd::ChainLink {
+            path: base.clone(),
+            format: "raw".into()
+        }]
+    );
+    let d = daemon(&top, true, dir.path(), "pinned");
+    let c = d.connect().unwrap();
+    let mut head = [0u8; 4];
+    c.read_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"QFI\xfb", "the base's own bytes, not its 'backing'");
+    let fds: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(fds.contains(&top) && fds.contains(&base), "{fds:?}");
+    assert!(
+        !fds.contains(&secret),
+        "the daemon opened the host file: {fds:?}"
+    );
 }

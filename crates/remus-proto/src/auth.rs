@@ -48,6 +48,14 @@ pub enum KeyError {
         "replication key {path}: accessible by other users (mode {mode:o}); run `chmod 600 {path}`"
     )]
     WorldAccessible { path: PathBuf, mode: u32 },
+    #[error(
+        "replication key {path}: owned by uid {owner}, not by this agent's user ({ours}) or root; run `chown {ours} {path}`"
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        owner: u32,
+        ours: u32,
+    },
     #[error("replication key{}: {len} bytes, at least {min} needed", at(.path))]
     TooShort {
         path: Option<PathBuf>,
@@ -120,22 +128,40 @@ impl Key {
                 }
             }
         };
-        let meta = std::fs::metadata(path).map_err(io_err)?;
+        // Opened first, then checked through the open file: what is
+        // checked is what is read (no swap between the two), and a
+        // symlink is not followed.
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
         if !meta.is_file() {
             return Err(KeyError::NotAFile {
                 path: path.to_path_buf(),
             });
         }
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o007 != 0 {
+        if mode & 0o077 != 0 {
             return Err(KeyError::WorldAccessible {
                 path: path.to_path_buf(),
                 mode,
             });
         }
+        // SAFETY: geteuid has no preconditions.
+        let ours = unsafe { libc::geteuid() };
+        if meta.uid() != ours && meta.uid() != 0 {
+            return Err(KeyError::ForeignOwner {
+                path: path.to_path_buf(),
+                owner: meta.uid(),
+                ours,
+            });
+        }
         let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(Self::MAX_LEN as u64 + 1).read_to_end(&mut bytes))
+        file.take(Self::MAX_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
             .map_err(io_err)?;
         Self::check_len(&bytes, Some(path))?;
         Ok(Key(bytes))
@@ -260,6 +286,25 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let e = Key::load(&p).unwrap_err().to_string();
         assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+
+        // Group access is access by other users too.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let e = Key::load(&p).unwrap_err().to_string();
+        assert!(e.contains("mode 640"), "{e}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Key::load(&p).is_ok());
+
+        // A symlink is not followed (whoever can place one chooses the key).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(Key::load(&link).is_err());
+
+        // Another user's file is not this agent's secret.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&p, Some(12345), None).unwrap();
+            let e = Key::load(&p).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 12345"), "{e}");
+        }
 
         let e = Key::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");

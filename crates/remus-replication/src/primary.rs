@@ -537,7 +537,7 @@ pub fn protect(
             // Protection failed but the guest runs on here: the backup
             // must hear it, or it would take the silence for a dead
             // primary and resume a second copy.
-            Err(e) if vm.exit_status().is_none() => tx.send(Outgoing::Abort(e.to_string())).is_ok(),
+            Err(e) if vm.runs_on() => tx.send(Outgoing::Abort(e.to_string())).is_ok(),
             _ => false,
         };
         // Any other end (VM destroyed or failed, tracking lost) just drops

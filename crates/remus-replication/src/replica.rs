@@ -32,15 +32,19 @@ impl Replica {
             let what = format!("{op} {}", path.display());
             move |e: std::io::Error| ReplError::Io(what, e)
         };
+        // A new file, readable by this user only: never one someone else
+        // created (the caller removes a leftover of its own first), and no
+        // page of an earlier guest can survive where the primary sends
+        // nothing (its holes are zero).
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
-            .map_err(io("open RAM replica"))?;
-        // Truncated first: a leftover file's pages must not survive where
-        // the primary sends nothing (its holes are zero).
+            .map_err(io("create RAM replica"))?;
         file.set_len(size).map_err(io("size RAM replica"))?;
         Ok(Replica {
             file,

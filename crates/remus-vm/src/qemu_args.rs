@@ -62,6 +62,14 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     // Keep QEMU (and its state) when the guest powers off: `list` shows
     // it as shut down (`s`) until it is destroyed, as xl does.
     push(&["-no-shutdown"]);
+    // QEMU's seccomp filter: the guest-facing process may not use obsolete
+    // system calls, gain privileges, start programs or change scheduling
+    // and resource limits (the agent pins vCPUs from outside). As libvirt
+    // does with `seccomp_sandbox`.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     push(&["-accel", l.accel.as_str()]);
     let cpu = c.cpu.clone().unwrap_or_else(|| match l.accel {
         ResolvedAccel::Tcg => DEFAULT_TCG_CPU.into(),

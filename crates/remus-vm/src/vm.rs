@@ -175,10 +175,18 @@ impl Vm {
                 // replicating layer sits in front of it.
                 DiskFormat::Qcow2 => {
                     let dir = paths.dir();
+                    // Read once, then pinned: the daemon opens exactly
+                    // these files with these formats.
+                    let chain = remus_nbd::qsd::backing_chain(
+                        &qemu_tool(&opts.qemu.path, "qemu-img"),
+                        &d.path,
+                    )
+                    .map_err(|e| disk_err(e.to_string()))?;
                     let daemon = StorageDaemon::start(
                         &qemu_tool(&opts.qemu.path, "qemu-storage-daemon"),
                         &d.path,
                         d.format.as_str(),
+                        &chain,
                         d.readonly,
                         &dir.join(format!("qsd-{}.sock", d.target)),
                         &d.target,
@@ -186,7 +194,7 @@ impl Vm {
                     )
                     .map_err(|e| disk_err(e.to_string()))?;
                     let client = daemon.connect().map_err(|e| disk_err(e.to_string()))?;
-                    tracing::info!(vm = %name, disk = %d.target, path = %d.path.display(), pid = daemon.pid(), "qcow2 disk served by qemu-storage-daemon");
+                    tracing::info!(vm = %name, disk = %d.target, path = %d.path.display(), pid = daemon.pid(), backing = ?chain, "qcow2 disk served by qemu-storage-daemon (backing chain pinned)");
                     daemons.push(daemon);
                     Arc::new(client)
                 }
@@ -412,6 +420,13 @@ impl Vm {
     /// start; QEMU said: KVM internal error. Suberror: 1".
     pub fn crash_report(&self) -> Option<String> {
         self.watch.crash.get().cloned()
+    }
+
+    /// Whether the guest can still run here: QEMU has not exited, the
+    /// agent is not destroying it, and its QMP connection is open (QMP
+    /// closes as QEMU quits, a moment before the process is reaped).
+    pub fn runs_on(&self) -> bool {
+        self.exit_status().is_none() && !self.watch.destroying.load(SeqCst) && self.qmp.is_open()
     }
 
     /// How QEMU exited, if it has.

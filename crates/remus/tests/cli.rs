@@ -262,3 +262,96 @@ fn output_into_a_closed_pipe_is_not_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The API is for root, the agent's user and its API group only: the
+/// socket is 0600 in a 0700 directory, and even when an operator opens
+/// the socket's mode by mistake, the agent checks each caller's
+/// credentials and closes the connection of anyone else.
+#[test]
+fn only_root_or_the_api_group_may_use_the_api() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let agent = Agent::start(&bins(), None, &[]).expect("agent");
+    assert_eq!(
+        std::fs::metadata(&agent.socket).unwrap().mode() & 0o777,
+        0o600
+    );
+    let as_user = |uid: u32, gid: u32| {
+        std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".to_string(),
+            ])
+            .arg(&bins().remus)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("list")
+            .output()
+            .unwrap()
+    };
+    // The file system says no first.
+    let out = as_user(65534, 65534);
+    assert!(!out.status.success());
+    // Opened by mistake: the agent itself says no, and logs it.
+    let dir = agent.socket.parent().unwrap();
+    let open = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let dir_mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+    open(dir, 0o755);
+    open(&agent.socket, 0o666);
+    let out = as_user(65534, 65534);
+    open(dir, dir_mode);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        agent.log_text().contains("API connection refused")
+            && agent.log_text().contains("uid=65534"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.cli(&["list"]).ok, "root still can");
+}
+
+/// With `--api-group`, members of that group may use the API.
+#[test]
+fn the_api_group_may_use_the_api() {
+    use std::os::unix::fs::MetadataExt;
+    // A group every Debian system has.
+    let agent = Agent::start(&bins(), None, &["--api-group", "adm"]).expect("agent");
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    let adm = meta.gid();
+    // The test's temp dir above the socket must let the member through.
+    let mut p = agent.socket.parent().unwrap().parent();
+    while let Some(d) = p {
+        if d == std::path::Path::new("/") {
+            break;
+        }
+        let m = std::fs::metadata(d).unwrap().mode();
+        if m & 0o001 == 0 {
+            std::fs::set_permissions(
+                d,
+                std::os::unix::fs::PermissionsExt::from_mode((m & 0o7777) | 0o711),
+            )
+            .unwrap();
+        }
+        p = d.parent();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", &format!("--regid={adm}"), "--clear-groups"])
+        .arg(&bins().remus)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

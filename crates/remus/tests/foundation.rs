@@ -324,3 +324,52 @@ fn a_vm_that_crashes_early_says_why() {
     assert!(agent.cli(&["destroy", "early"]).ok);
     assert_eq!(agent.log_text().matches("VM crashed").count(), 1);
 }
+
+/// Everything of a running VM is private to the agent's user: the state
+/// directories (0700), the RAM file (0600, in a private directory of the
+/// agent's own inside the RAM directory), its sockets, logs and config.
+#[test]
+fn a_vms_files_are_private() {
+    use std::os::unix::fs::MetadataExt;
+    let img = GuestImage::find().expect("guest image");
+    let agent = Agent::start(&bins(), None, &[]).expect("agent");
+    let cfg = agent.write_file("priv.toml", &img.config("priv", "remus.workload=tick", ""));
+    assert!(agent.cli(&["create", cfg.to_str().unwrap()]).ok);
+    agent
+        .wait_console("priv", BOOT, "tick 1", |c| last_tick(c) >= Some(1))
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+    for d in ["", "vms", "vms/priv", "logs", "copies"] {
+        let p = agent.state_dir.join(d);
+        assert_eq!(mode(&p), 0o700, "{}", p.display());
+    }
+    let vm_dir = agent.state_dir.join("vms/priv");
+    for e in std::fs::read_dir(&vm_dir).unwrap() {
+        let p = e.unwrap().path();
+        let m = mode(&p);
+        assert_eq!(m & 0o077, 0, "{} is mode {m:o}", p.display());
+    }
+    // The RAM file: in the agent's own directory within the RAM dir.
+    let ram_dirs: Vec<_> = std::fs::read_dir(agent.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("remus-")
+        })
+        .collect();
+    assert_eq!(ram_dirs.len(), 1, "{ram_dirs:?}");
+    assert_eq!(mode(&ram_dirs[0]), 0o700);
+    let ram = ram_dirs[0].join("priv.ram");
+    assert_eq!(mode(&ram), 0o600, "{}", ram.display());
+    assert_eq!(std::fs::metadata(&ram).unwrap().uid(), 0);
+    // QEMU's own files too (it runs with the agent's umask).
+    let pid = agent.vm("priv").unwrap()["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let umask = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    assert!(umask.ends_with("0077"), "QEMU's {umask}");
+    assert!(agent.cli(&["destroy", "priv"]).ok);
+    assert!(!ram.exists(), "the RAM file goes with the VM");
+}

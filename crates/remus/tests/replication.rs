@@ -337,9 +337,16 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     // `destroy` on the primary is a primary failure to the backup.
     let out = primary.cli(&["destroy", "vm"]);
     assert!(out.ok, "{}", out.stderr);
-    wait_for("failover on b2", Duration::from_secs(30), || {
-        b2.vm("vm").is_some_and(|v| v["role"] == "unprotected")
-    });
+    let t = Instant::now();
+    while !b2.vm("vm").is_some_and(|v| v["role"] == "unprotected") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for failover on b2: {:?}\nb2's log:\n{}",
+            b2.vm("vm"),
+            b2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let text = b2
         .wait_console("vm", BOOT, "ticks on b2", |c| ticks(c).len() >= 2)
         .unwrap();

@@ -120,15 +120,30 @@ pub struct Args {
     /// lease can lapse (covers the time to pause the VM).
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub arbiter_margin_ms: u64,
-    /// CA certificate (PEM) of the etcd members, for https:// endpoints.
+    /// CA certificate (PEM) that signed the etcd members' certificates:
+    /// required with https:// endpoints, and the only CA the arbiter
+    /// trusts (not the system's). Each endpoint's host (name or IP
+    /// address) must be in its member's certificate.
     #[arg(long, value_name = "FILE")]
     pub arbiter_ca: Option<PathBuf>,
-    /// Client certificate (PEM) when etcd asks for one.
+    /// Client certificate (PEM) shown to etcd, for members started with
+    /// --client-cert-auth; signed by a CA in their --trusted-ca-file.
     #[arg(long, value_name = "FILE", requires = "arbiter_key")]
     pub arbiter_cert: Option<PathBuf>,
     /// Key (PEM) of --arbiter-cert.
     #[arg(long, value_name = "FILE", requires = "arbiter_cert")]
     pub arbiter_key: Option<PathBuf>,
+    /// etcd user the arbiter logs in as, when etcd has authentication on
+    /// (etcdctl auth enable). Give it a role with readwrite on the prefix
+    /// and nothing else. Needs --arbiter-password-file.
+    #[arg(long, value_name = "NAME", requires = "arbiter_password_file")]
+    pub arbiter_user: Option<String>,
+    /// File holding --arbiter-user's password, alone on one line (a
+    /// trailing newline is ignored). A regular file other users cannot
+    /// read (chmod 600), like --key; a password is never taken from the
+    /// command line.
+    #[arg(long, value_name = "FILE", requires = "arbiter_user")]
+    pub arbiter_password_file: Option<PathBuf>,
     /// This host's name in the arbiter's keys (default: the hostname).
     /// Each host of a cluster needs its own.
     #[arg(long, value_name = "NAME")]
@@ -383,6 +398,7 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn load(file: &str, argv: &[&str]) -> Result<Args, SettingsError> {
         let dir = tempfile::tempdir().unwrap();
@@ -437,6 +453,119 @@ mod tests {
         assert!(e.contains("config file"), "{e}");
         let e = msg("arbiter-cert = \"/etc/remus/c.pem\"\n");
         assert!(e.contains("arbiter-key"), "{e}");
+    }
+
+    #[test]
+    fn arbiter_credentials_come_from_the_file_or_flags_in_pairs() {
+        let a = load(
+            "arbiter = [\"https://198.18.0.9:2379\"]\narbiter-user = \"remus\"\n\
+             arbiter-password-file = \"/etc/remus/etcd-password\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(a.arbiter_user.as_deref(), Some("remus"));
+        assert_eq!(
+            a.arbiter_password_file.as_deref(),
+            Some(Path::new("/etc/remus/etcd-password"))
+        );
+        let e = load("arbiter-user = \"remus\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("arbiter-password-file"), "{e}");
+        let e = load("", &["--arbiter-password-file", "/p"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("arbiter-user"), "{e}");
+    }
+
+    /// What [`crate::arbiter_of`] logs and returns for these flags.
+    fn arbiter_of(argv: &[&str]) -> (anyhow::Result<bool>, String) {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf(Arc::new(Mutex::new(Vec::new())));
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let args = load("", argv).unwrap();
+        let r = tracing::subscriber::with_default(subscriber, || crate::arbiter_of(&args));
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (r.map(|a| a.is_some()), logged)
+    }
+
+    #[test]
+    fn a_plain_http_arbiter_draws_exactly_one_warning() {
+        // Two plain endpoints, nobody listening: one warning names both.
+        let (r, logged) = arbiter_of(&[
+            "--arbiter",
+            "http://127.0.0.1:9,http://127.0.0.1:11",
+            "--host-name",
+            "h",
+        ]);
+        assert!(r.unwrap(), "an arbiter is made (etcd may answer later)");
+        let warnings: Vec<&str> = logged
+            .lines()
+            .filter(|l| l.contains("not encrypted"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{logged}");
+        assert!(
+            warnings[0].contains("WARN")
+                && warnings[0].contains("http://127.0.0.1:9, http://127.0.0.1:11")
+                && warnings[0].contains("use https:// with --arbiter-ca"),
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn unsafe_arbiter_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |argv: &[&str]| {
+            let (r, logged) = arbiter_of(argv);
+            assert!(!logged.contains("not encrypted"), "{logged}");
+            r.unwrap_err().to_string()
+        };
+        // https without the CA that signed etcd's certificates.
+        let e = refused(&["--arbiter", "https://127.0.0.1:9", "--host-name", "h"]);
+        assert!(e.contains("--arbiter-ca"), "{e}");
+        // TLS files with a plain http endpoint.
+        let ca = dir.path().join("ca.pem");
+        let e = refused(&[
+            "--arbiter",
+            "http://127.0.0.1:9",
+            "--arbiter-ca",
+            ca.to_str().unwrap(),
+        ]);
+        assert!(e.contains("plain http"), "{e}");
+        // A password file others can read: refused, named, not quoted.
+        let pw = dir.path().join("password");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = refused(&[
+            "--arbiter",
+            "http://127.0.0.1:9",
+            "--arbiter-user",
+            "remus",
+            "--arbiter-password-file",
+            pw.to_str().unwrap(),
+        ]);
+        assert!(
+            e.contains(pw.to_str().unwrap()) && e.contains("chmod 600") && !e.contains("hunter2"),
+            "{e}"
+        );
+        // Arbiter settings without an arbiter.
+        let e = refused(&["--arbiter-user", "remus", "--arbiter-password-file", "/p"]);
+        assert!(e.contains("need --arbiter URL"), "{e}");
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub use cli::Args;
 /// The arbiter of `--arbiter`, if given.
 fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>> {
     if args.arbiter.is_empty() {
-        if args.arbiter_ca.is_some() || args.arbiter_cert.is_some() {
-            anyhow::bail!("--arbiter-ca/--arbiter-cert need --arbiter URL");
+        if args.arbiter_ca.is_some() || args.arbiter_cert.is_some() || args.arbiter_user.is_some() {
+            anyhow::bail!("--arbiter-ca/--arbiter-cert/--arbiter-user need --arbiter URL");
         }
         return Ok(None);
     }
@@ -46,6 +46,12 @@ fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>>
             cert: args.arbiter_cert.clone(),
             key: args.arbiter_key.clone(),
         })?;
+    }
+    if let (Some(user), Some(file)) = (&args.arbiter_user, &args.arbiter_password_file) {
+        cfg = cfg.with_user(user, remus_arbiter::Password::from_file(file)?)?;
+    }
+    if let Some(w) = cfg.plaintext_warning() {
+        tracing::warn!("{w}");
     }
     let host = match &args.host_name {
         Some(h) => h.clone(),

@@ -25,6 +25,22 @@
 //! a timeout: etcd-client's balanced multi-endpoint channel fails calls
 //! while one member is down (upstream etcd-client issue 39).
 //!
+//! Each endpoint's client is kept and reused (with authentication, a new
+//! client would log in again: a bcrypt check and a raft round on etcd's
+//! side); it is dropped after any failed call and made again on the next.
+//!
+//! **Security.** Over `http://` anyone on the network between the agents
+//! and etcd can read and forge the VMs' keys, and so decide where a VM
+//! runs: [`ArbiterConfig::plaintext_warning`] says so once. With
+//! `https://` endpoints the arbiter trusts only the CA it is given
+//! ([`ArbiterConfig::with_tls`]) and can show a client certificate (etcd's
+//! `--client-cert-auth`); with etcd's authentication on it logs in as a
+//! user ([`ArbiterConfig::with_user`]) whose role should grant read and
+//! write on the prefix only. Refusals come back as typed errors naming
+//! the endpoint, the file or the user ([`ArbiterError::Tls`],
+//! [`ArbiterError::AuthFailed`], [`ArbiterError::PermissionDenied`]),
+//! never the password.
+//!
 //! The API is blocking, for the agent's replication threads; a small
 //! tokio runtime of the arbiter's own runs the gRPC calls.
 //!
@@ -33,6 +49,11 @@
 //! past etcd's expiry believing it still holds it. Suspending an agent's
 //! host is not supported (as for any Remus host: its peer fails over).
 
+mod auth;
+mod tls;
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -40,11 +61,42 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
+pub use auth::{Credentials, Password};
+pub use tls::Tls;
+
 /// What went wrong talking to the arbiter.
 #[derive(Debug, thiserror::Error)]
 pub enum ArbiterError {
     #[error("no etcd endpoint answered ({tried}): {last}")]
     Unreachable { tried: String, last: String },
+    /// No endpoint answered, and TLS failed with this one (the first such).
+    #[error("TLS with etcd endpoint {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
+    /// etcd refused to log this user in (wrong password, no such user, or
+    /// authentication off).
+    #[error("etcd endpoint {endpoint} refused user '{user}': {reason}")]
+    AuthFailed {
+        endpoint: String,
+        user: String,
+        reason: String,
+    },
+    /// etcd refused an operation: the user's role does not cover the
+    /// prefix, or authentication is on and no user was given.
+    #[error("{}", denied(endpoint, user.as_deref(), what, prefix))]
+    PermissionDenied {
+        endpoint: String,
+        user: Option<String>,
+        what: String,
+        prefix: String,
+    },
+    #[error("arbiter password file {}: {reason}", path.display())]
+    PasswordFile { path: PathBuf, reason: String },
+    #[error("arbiter TLS {what} file {}: {reason}", path.display())]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("{vm} is held by {holder} (lease {lease:x}, revision {revision})")]
     HeldByOther {
         vm: String,
@@ -60,6 +112,20 @@ pub enum ArbiterError {
     Runtime(String),
 }
 
+fn denied(endpoint: &str, user: Option<&str>, what: &str, prefix: &str) -> String {
+    match user {
+        Some(u) => format!(
+            "etcd endpoint {endpoint}: user '{u}' may not {what} (permission denied): its role \
+             needs read and write on the keys under {prefix}/ (etcdctl role grant-permission \
+             ROLE readwrite {prefix}/ --prefix=true)"
+        ),
+        None => format!(
+            "etcd endpoint {endpoint}: {what}: permission denied: etcd has authentication on; \
+             give the arbiter a user (--arbiter-user, --arbiter-password-file)"
+        ),
+    }
+}
+
 /// An agent's arbiter settings.
 #[derive(Debug, Clone)]
 pub struct ArbiterConfig {
@@ -69,13 +135,16 @@ pub struct ArbiterConfig {
     pub prefix: String,
     /// Timeout of each call to one endpoint.
     pub call_timeout: Duration,
-    /// TLS settings for `https://` endpoints.
-    pub tls: Option<etcd_client::TlsOptions>,
+    /// TLS settings, needed by `https://` endpoints.
+    pub tls: Option<Tls>,
+    /// The user to log in as when etcd has authentication on.
+    pub auth: Option<Credentials>,
 }
 
 /// PEM files for talking TLS to etcd: the CA that signed the members'
-/// certificates, and this host's client certificate and key when etcd
-/// asks for one (`--client-cert-auth`).
+/// certificates (required: the arbiter trusts no other), and this host's
+/// client certificate and key when etcd asks for one
+/// (`--client-cert-auth`).
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
     pub ca: Option<std::path::PathBuf>,
@@ -106,42 +175,101 @@ impl ArbiterConfig {
             prefix: prefix.to_string(),
             call_timeout: Duration::from_millis(500),
             tls: None,
+            auth: None,
         })
     }
 
-    /// Uses TLS with these files (read now: a missing or unreadable file
-    /// is an error naming it). Every endpoint must then be `https://`.
+    /// Uses TLS with these files, read and checked now (the CA is
+    /// required; a certificate needs its key): errors name the file.
+    /// Every endpoint must then be `https://`.
     pub fn with_tls(mut self, files: &TlsFiles) -> Result<ArbiterConfig, ArbiterError> {
-        let read = |p: &std::path::Path, what: &str| {
-            std::fs::read(p).map_err(|e| {
-                ArbiterError::Config(format!("arbiter TLS {what} {}: {e}", p.display()))
-            })
-        };
         if let Some(e) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
             return Err(ArbiterError::Config(format!(
-                "TLS files were given but endpoint '{e}' is not https://"
+                "TLS files (--arbiter-ca, --arbiter-cert) were given but endpoint '{e}' is \
+                 plain http: use https:// for every endpoint"
             )));
         }
-        let mut tls = etcd_client::TlsOptions::new();
-        if let Some(ca) = &files.ca {
-            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca, "CA")?));
-        }
-        match (&files.cert, &files.key) {
-            (Some(c), Some(k)) => {
-                tls = tls.identity(etcd_client::Identity::from_pem(
-                    read(c, "certificate")?,
-                    read(k, "key")?,
-                ));
-            }
-            (None, None) => {}
-            _ => {
-                return Err(ArbiterError::Config(
-                    "a client certificate needs its key and the key its certificate".into(),
-                ));
-            }
-        }
-        self.tls = Some(tls);
+        self.tls = Some(Tls::load(files)?);
         Ok(self)
+    }
+
+    /// Logs in to etcd as `user` (etcd's authentication on).
+    pub fn with_user(
+        mut self,
+        user: &str,
+        password: Password,
+    ) -> Result<ArbiterConfig, ArbiterError> {
+        if user.is_empty() || user.chars().any(char::is_control) {
+            return Err(ArbiterError::Config(format!(
+                "etcd user name {user:?} is empty or has control characters"
+            )));
+        }
+        self.auth = Some(Credentials {
+            user: user.to_string(),
+            password,
+        });
+        Ok(self)
+    }
+
+    /// The one warning a configuration with `http://` endpoints deserves
+    /// (none without): they are not encrypted, so whoever is on that
+    /// network decides where VMs run (and reads the password, if any).
+    pub fn plaintext_warning(&self) -> Option<String> {
+        let plain: Vec<&str> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://"))
+            .map(String::as_str)
+            .collect();
+        if plain.is_empty() {
+            return None;
+        }
+        let (what, verb) = match plain.len() {
+            1 => ("endpoint", "is"),
+            _ => ("endpoints", "are"),
+        };
+        let password = match &self.auth {
+            Some(c) => format!(", and read the password of etcd user '{}'", c.user),
+            None => String::new(),
+        };
+        Some(format!(
+            "arbiter {what} {} {verb} not encrypted: anyone on that network can read and forge \
+             the VMs' ownership{password}; use https:// with --arbiter-ca",
+            plain.join(", ")
+        ))
+    }
+
+    /// Refuses `https://` endpoints without TLS settings (they would
+    /// trust no CA and fail every handshake).
+    fn check(&self) -> Result<(), ArbiterError> {
+        if self.tls.is_none()
+            && let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://"))
+        {
+            return Err(ArbiterError::Config(format!(
+                "endpoint '{e}' is https:// but no CA was given (--arbiter-ca): the arbiter \
+                 trusts only the CA that signed the etcd members' certificates"
+            )));
+        }
+        Ok(())
+    }
+
+    /// etcd-client's options for a connection to `endpoint`.
+    fn connect_options(&self, endpoint: &str) -> ConnectOptions {
+        let t = self.call_timeout;
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(t)
+            .with_timeout(t);
+        if let Some(tls) = &self.tls {
+            opts = opts.with_tls(tls.options_for(url_host(endpoint), t));
+        }
+        if let Some(c) = &self.auth {
+            // A kept client's token lapses (etcd's --auth-token-ttl, or a
+            // restarted member): log in again rather than fail.
+            opts = opts
+                .with_user(c.user.clone(), c.password.expose())
+                .with_auto_token_refresh(true);
+        }
+        opts
     }
 
     /// The key naming the host that may run `vm`.
@@ -163,7 +291,73 @@ pub struct Holder {
 pub struct Arbiter {
     cfg: ArbiterConfig,
     host: String,
+    /// Each endpoint's client, once connected (and logged in). Dropped
+    /// before the runtime that drives them.
+    clients: Mutex<Vec<Option<Client>>>,
     rt: tokio::runtime::Runtime,
+}
+
+/// Why one call to one endpoint failed.
+enum Failure {
+    Timeout(String),
+    Etcd(&'static str, etcd_client::Error),
+}
+
+/// What a failure means for the call.
+enum Verdict {
+    /// etcd's own answer, the same from every member: stop here.
+    Final(ArbiterError),
+    /// A TLS failure with this endpoint: try the next.
+    Tls(String),
+    /// Down, slow or unreachable: try the next.
+    Other(String),
+}
+
+/// The host of an `http(s)://HOST:PORT/...` URL, an IPv6 address without
+/// its brackets (as a TLS server name wants it).
+fn url_host(url: &str) -> &str {
+    let authority = url_authority(url);
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.split(':').next().unwrap_or(authority),
+    }
+}
+
+/// The `HOST:PORT` of a URL.
+fn url_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// `e` and its sources, one after the other.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(x) = cur {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = x.source();
+    }
+    s
+}
+
+/// Whether `e` is etcd's own answer (a gRPC status without a local
+/// cause), rather than a failure to reach it.
+fn is_answer(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if std::error::Error::source(s).is_none())
+}
+
+/// The error inside an etcd-client error, for its chain of sources.
+fn inner(e: &etcd_client::Error) -> Option<&(dyn std::error::Error + 'static)> {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => None,
+    }
 }
 
 impl Arbiter {
@@ -173,6 +367,7 @@ impl Arbiter {
         if host.is_empty() {
             return Err(ArbiterError::Config("empty host name".into()));
         }
+        cfg.check()?;
         // One worker drives the connections; every calling thread blocks
         // on its own call (several VMs' keepers call at once).
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -181,9 +376,11 @@ impl Arbiter {
             .enable_all()
             .build()
             .map_err(|e| ArbiterError::Runtime(format!("start the arbiter's runtime: {e}")))?;
+        let clients = Mutex::new(vec![None; cfg.endpoints.len()]);
         Ok(Arbiter {
             cfg,
             host: host.to_string(),
+            clients,
             rt,
         })
     }
@@ -206,7 +403,9 @@ impl Arbiter {
         self.call_at(what, op).map(|(v, _)| v)
     }
 
-    /// [`Arbiter::call`], also saying which endpoint answered.
+    /// [`Arbiter::call`], also saying which endpoint answered. etcd's
+    /// refusals (login, permissions) end the call at once: every member
+    /// would say the same.
     fn call_at<T, F, Fut>(&self, what: &str, mut op: F) -> Result<(T, String), ArbiterError>
     where
         F: FnMut(Client) -> Fut,
@@ -214,35 +413,145 @@ impl Arbiter {
     {
         let t = self.cfg.call_timeout;
         let mut last = String::new();
-        for ep in &self.cfg.endpoints {
-            let r = self.rt.block_on(async {
-                let mut opts = ConnectOptions::new()
-                    .with_connect_timeout(t)
-                    .with_timeout(t);
-                if let Some(tls) = &self.cfg.tls {
-                    opts = opts.with_tls(tls.clone());
+        let mut tls_failed: Option<(String, String)> = None;
+        for (i, ep) in self.cfg.endpoints.iter().enumerate() {
+            let mut first = true;
+            let failure = loop {
+                let (r, kept) = self.rt.block_on(async {
+                    let (client, kept) = match self.client(i).await {
+                        Ok(c) => c,
+                        Err(f) => return (Err(f), false),
+                    };
+                    let r = match tokio::time::timeout(t, op(client)).await {
+                        Err(_) => Err(Failure::Timeout(format!("{what} timed out after {t:?}"))),
+                        Ok(Err(e)) => Err(Failure::Etcd("call", e)),
+                        Ok(Ok(v)) => Ok(v),
+                    };
+                    (r, kept)
+                });
+                let f = match r {
+                    Ok(v) => return Ok((v, ep.clone())),
+                    Err(f) => f,
+                };
+                self.forget(i);
+                // A kept connection may have died since its last call (a
+                // restarted member): once more on a new one, unless it
+                // timed out or etcd itself answered.
+                let local = matches!(&f, Failure::Etcd(_, e) if !is_answer(e));
+                if !(first && kept && local) {
+                    break f;
                 }
-                let client = tokio::time::timeout(t, Client::connect([ep.as_str()], Some(opts)))
-                    .await
-                    .map_err(|_| format!("{ep}: connect timed out after {t:?}"))?
-                    .map_err(|e| format!("{ep}: {e}"))?;
-                tokio::time::timeout(t, op(client))
-                    .await
-                    .map_err(|_| format!("{ep}: {what} timed out after {t:?}"))?
-                    .map_err(|e| format!("{ep}: {what}: {e}"))
-            });
-            match r {
-                Ok(v) => return Ok((v, ep.clone())),
-                Err(e) => {
+                first = false;
+            };
+            match self.rt.block_on(self.verdict(ep, what, failure)) {
+                Verdict::Final(e) => return Err(e),
+                Verdict::Tls(reason) => {
+                    tracing::debug!(endpoint = %ep, error = %reason, "TLS with etcd failed; trying the next endpoint");
+                    last = format!("{ep}: {reason}");
+                    tls_failed.get_or_insert((ep.clone(), reason));
+                }
+                Verdict::Other(e) => {
                     tracing::debug!(endpoint = %ep, error = %e, "etcd call failed; trying the next endpoint");
-                    last = e;
+                    last = format!("{ep}: {e}");
                 }
             }
+        }
+        if let Some((endpoint, reason)) = tls_failed {
+            return Err(ArbiterError::Tls { endpoint, reason });
         }
         Err(ArbiterError::Unreachable {
             tried: self.cfg.endpoints.join(", "),
             last,
         })
+    }
+
+    fn clients(&self) -> MutexGuard<'_, Vec<Option<Client>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Endpoint `i`'s client: the kept one (`true`), or a new one (logged
+    /// in, with a user), kept for the next calls.
+    async fn client(&self, i: usize) -> Result<(Client, bool), Failure> {
+        if let Some(c) = self.clients()[i].clone() {
+            return Ok((c, true));
+        }
+        let t = self.cfg.call_timeout;
+        let ep = &self.cfg.endpoints[i];
+        let opts = self.cfg.connect_options(ep);
+        let c = tokio::time::timeout(t, Client::connect([ep.as_str()], Some(opts)))
+            .await
+            .map_err(|_| Failure::Timeout(format!("connect timed out after {t:?}")))?
+            .map_err(|e| Failure::Etcd("connect", e))?;
+        self.clients()[i] = Some(c.clone());
+        Ok((c, false))
+    }
+
+    /// Drops endpoint `i`'s client (after a failure): the next call
+    /// connects again.
+    fn forget(&self, i: usize) {
+        self.clients()[i] = None;
+    }
+
+    /// What a failed call to `ep` means.
+    async fn verdict(&self, ep: &str, what: &str, f: Failure) -> Verdict {
+        let (stage, e) = match f {
+            Failure::Timeout(m) => return Verdict::Other(m),
+            Failure::Etcd(stage, e) => (stage, e),
+        };
+        let step = if stage == "connect" { "connect" } else { what };
+        let source = inner(&e);
+        if let (Some(tls), Some(r)) = (&self.cfg.tls, source.and_then(tls::rustls_error)) {
+            return Verdict::Tls(tls.describe(r));
+        }
+        if let etcd_client::Error::GRpcStatus(s) = &e
+            && is_answer(&e)
+        {
+            use tonic::Code;
+            let msg = s.message();
+            let user = self.cfg.auth.as_ref().map(|c| c.user.clone());
+            let auth_failed = |reason: &str| {
+                Verdict::Final(ArbiterError::AuthFailed {
+                    endpoint: ep.to_string(),
+                    user: user.clone().unwrap_or_default(),
+                    reason: reason.to_string(),
+                })
+            };
+            let code = s.code();
+            if code == Code::InvalidArgument && msg.contains("authentication failed") {
+                return auth_failed("wrong password, or no such user");
+            }
+            if code == Code::FailedPrecondition && msg.contains("authentication is not enabled") {
+                return auth_failed(
+                    "etcd has authentication off (etcdctl auth enable), so a user cannot log in",
+                );
+            }
+            // With authentication on and no user given, etcd takes a
+            // client certificate's CN as the user (and finds it may do
+            // nothing), or without one has no name at all.
+            if code == Code::PermissionDenied
+                || (code == Code::InvalidArgument && msg.contains("user name is empty"))
+            {
+                return Verdict::Final(ArbiterError::PermissionDenied {
+                    endpoint: ep.to_string(),
+                    user,
+                    what: step.to_string(),
+                    prefix: self.cfg.prefix.clone(),
+                });
+            }
+            return Verdict::Other(format!("{step}: {msg}"));
+        }
+        let said = format!("{step}: {}", source.map_or_else(|| e.to_string(), chain));
+        // A member that refuses our client certificate just closes the
+        // connection as tonic sees it: ask it ourselves why.
+        if let Some(tls) = &self.cfg.tls
+            && source.is_some()
+            && let Some(reason) = tls
+                .probe(url_host(ep), url_authority(ep), self.cfg.call_timeout)
+                .await
+        {
+            return Verdict::Tls(reason);
+        }
+        Verdict::Other(said)
     }
 
     /// The first endpoint that answers a linearizable read (which needs
@@ -524,5 +833,63 @@ impl std::fmt::Debug for Lease {
             .field("id", &format_args!("{:x}", self.id))
             .field("revision", &self.revision)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_draws_one_warning_naming_every_plain_endpoint() {
+        let cfg = ArbiterConfig::new(
+            vec![
+                "http://192.0.2.1:2379".into(),
+                "http://192.0.2.2:2379".into(),
+            ],
+            "/remus",
+        )
+        .unwrap();
+        let w = cfg.plaintext_warning().expect("a warning");
+        assert_eq!(w.lines().count(), 1);
+        assert!(
+            w.starts_with(
+                "arbiter endpoints http://192.0.2.1:2379, http://192.0.2.2:2379 are not encrypted"
+            ) && w.contains("use https:// with --arbiter-ca"),
+            "{w}"
+        );
+        let cfg = cfg
+            .with_user("remus", Password::new("hunter2").unwrap())
+            .unwrap();
+        let w = cfg.plaintext_warning().unwrap();
+        assert!(
+            w.contains("password of etcd user 'remus'") && !w.contains("hunter2"),
+            "{w}"
+        );
+        assert!(
+            !format!("{cfg:?}").contains("hunter2"),
+            "Debug shows no password"
+        );
+        let https = ArbiterConfig::new(vec!["https://192.0.2.1:2379".into()], "/remus").unwrap();
+        assert_eq!(https.plaintext_warning(), None);
+    }
+
+    #[test]
+    fn user_names_are_checked() {
+        let cfg = || ArbiterConfig::new(vec!["http://192.0.2.1:2379".into()], "/remus").unwrap();
+        let pw = || Password::new("x").unwrap();
+        assert!(cfg().with_user("", pw()).is_err());
+        assert!(cfg().with_user("re\nmus", pw()).is_err());
+        assert!(cfg().with_user("remus", pw()).is_ok());
+        assert!(Password::new("").is_err());
+    }
+
+    #[test]
+    fn url_hosts_lose_ports_and_brackets() {
+        assert_eq!(url_host("https://192.0.2.1:2379"), "192.0.2.1");
+        assert_eq!(url_host("https://[2001:db8::1]:2379/"), "2001:db8::1");
+        assert_eq!(url_host("https://etcd1.example:2379"), "etcd1.example");
+        assert_eq!(url_host("https://etcd1"), "etcd1");
+        assert_eq!(url_authority("https://[::1]:2379/x"), "[::1]:2379");
     }
 }

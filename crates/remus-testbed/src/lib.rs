@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 pub mod bootdisk;
 pub mod etcd;
 pub mod lan;
+pub mod pki;
 pub mod seqclient;
 pub mod watch;
 

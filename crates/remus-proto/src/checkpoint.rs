@@ -27,6 +27,16 @@
 //! Yielding a [`CompleteCheckpoint`] advances the last committed epoch: the
 //! caller applies it and acks. If the caller cannot apply it, the session is
 //! broken anyway and must be restarted with a full resync.
+//!
+//! **Pre-copy epochs stream.** The pages of an InitialSync or Round epoch
+//! (the copy of all of RAM before the first checkpoint, and a migration's
+//! rounds) are handed back one run at a time as [`Accepted::PreCopy`], for
+//! the caller to write to its replica at once, instead of being held until
+//! End: so the receiver's memory does not grow with the guest's. That is
+//! safe because nothing exists to protect before the first committed
+//! Checkpoint (no failover is possible yet); End still checks their counts
+//! and digest, and a mismatch ends the session. A Checkpoint epoch is held
+//! whole until its End verifies, as above.
 
 use std::io::Write;
 
@@ -257,10 +267,13 @@ pub enum CheckpointError {
 }
 
 /// What [`CheckpointAssembler::accept`] did with a message.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum Accepted {
     /// Part of an open checkpoint, stored.
     Pending,
+    /// A page run of a pre-copy epoch (InitialSync or Round), counted into
+    /// its digest and handed back for the caller to write now.
+    PreCopy(PageRun),
     /// The End of a checkpoint that verified.
     Complete(CompleteCheckpoint),
     /// Not a checkpoint message: handed back for the caller to handle.
@@ -374,6 +387,12 @@ impl CheckpointAssembler {
                     return Err(CheckpointError::TooManyPages { epoch, guest_pages });
                 }
                 open.digest.add_pages(run.first_page, &run.data);
+                if matches!(
+                    open.kind,
+                    CheckpointKind::InitialSync | CheckpointKind::Round
+                ) {
+                    return Ok(Accepted::PreCopy(run));
+                }
                 open.runs.push(run);
                 Ok(Accepted::Pending)
             }
@@ -501,14 +520,57 @@ mod tests {
         msgs: Vec<Message>,
     ) -> Result<Option<CompleteCheckpoint>, CheckpointError> {
         let mut out = None;
+        // Pre-copy runs come back as they arrive; gathered here so the
+        // tests can compare a whole epoch either way.
+        let mut streamed = Vec::new();
         for m in msgs {
             match a.accept(m)? {
-                Accepted::Complete(c) => out = Some(c),
+                Accepted::Complete(mut c) => {
+                    if !streamed.is_empty() {
+                        assert!(c.runs.is_empty(), "pre-copy runs are not held");
+                        c.runs = std::mem::take(&mut streamed);
+                    }
+                    out = Some(c)
+                }
+                Accepted::PreCopy(r) => streamed.push(r),
                 Accepted::Pending => {}
                 Accepted::Other(m) => panic!("unexpected handback {m:?}"),
             }
         }
         Ok(out)
+    }
+
+    /// The pages of pre-copy epochs are handed back as they arrive (the
+    /// assembler holds none of them); End still checks what came, and a
+    /// Checkpoint's pages are held until its End.
+    #[test]
+    fn pre_copy_pages_stream_and_end_still_checks_them() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        let runs = [run(0, 2, 1), run(10, 1, 2)];
+        let mut msgs = stream(0, CheckpointKind::InitialSync, &runs, b"").into_iter();
+        assert_eq!(a.accept(msgs.next().unwrap()).unwrap(), Accepted::Pending);
+        for r in &runs {
+            assert_eq!(
+                a.accept(msgs.next().unwrap()).unwrap(),
+                Accepted::PreCopy(r.clone())
+            );
+        }
+        assert!(matches!(
+            a.accept(msgs.next().unwrap()).unwrap(),
+            Accepted::Complete(_)
+        ));
+        // A pre-copy epoch whose End does not match what streamed: refused.
+        let mut bad = stream(1, CheckpointKind::Round, &runs, b"");
+        let last = bad.len() - 1;
+        if let Message::CheckpointEnd(e) = &mut bad[last] {
+            e.digest[0] ^= 1;
+        }
+        assert!(feed(&mut a, bad).is_err());
+        // A checkpoint's pages wait for its End.
+        let msgs = stream(2, CheckpointKind::Checkpoint, &runs, b"d");
+        for m in msgs.into_iter().take(3) {
+            assert_eq!(a.accept(m).unwrap(), Accepted::Pending);
+        }
     }
 
     #[test]

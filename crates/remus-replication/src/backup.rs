@@ -412,6 +412,21 @@ fn receive_loop(
         }
         match asm.accept(msg) {
             Ok(Accepted::Pending) => {}
+            // The copy of RAM before the first checkpoint streams into the
+            // replica as it arrives (the assembler holds none of it).
+            Ok(Accepted::PreCopy(run)) => {
+                if replica.committed().is_some() {
+                    let _ = send(Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: "pre-copy pages after a committed checkpoint".into(),
+                    });
+                    return Err(ReplError::Protocol(format!(
+                        "pre-copy pages after committed {:?}",
+                        replica.committed()
+                    )));
+                }
+                replica.write_run(&run)?;
+            }
             Ok(Accepted::Complete(cp)) => {
                 let pages: u64 = cp.runs.iter().map(|r| u64::from(r.page_count())).sum();
                 match cp.kind {

@@ -152,8 +152,17 @@ pub fn migrate(
     tracker
         .scan()
         .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-    let mut runs = staging::stage_data_ranges(&ram)?;
-    let initial_pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+    // The first round reads guest RAM as it goes out (its memory is one
+    // page run, not the guest's size); later rounds send what was dirtied.
+    let mut lazy = Some(staging::LazyPages {
+        pieces: staging::data_pieces(&ram)?,
+        ram: std::sync::Arc::new(
+            remus_dirty::RamFile::open(&vm.ram_file)
+                .map_err(|e| ReplError::Setup(e.to_string()))?,
+        ),
+    });
+    let mut runs: Vec<remus_proto::PageRun> = Vec::new();
+    let initial_pages = lazy.as_ref().map_or(0, |l| l.page_count());
     events(MigrateEvent::Start {
         pages: initial_pages,
         bytes: initial_pages * remus_proto::PAGE_SIZE as u64,
@@ -162,11 +171,14 @@ pub fn migrate(
     let mut kind = CheckpointKind::InitialSync;
     loop {
         let t = Instant::now();
-        let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+        let lazy = lazy.take();
+        let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum::<u64>()
+            + lazy.as_ref().map_or(0, |l| l.page_count());
         let staged = Staged {
             epoch: Epoch(round),
             kind,
             runs,
+            lazy,
             device_state: Vec::new(),
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,
@@ -238,6 +250,7 @@ pub fn migrate(
             epoch,
             kind: CheckpointKind::Checkpoint,
             runs,
+            lazy: None,
             device_state,
             pause_ms: 0.0,
             taken_at_ms: crate::now_us() / 1000,

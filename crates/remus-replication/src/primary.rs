@@ -181,6 +181,9 @@ pub(crate) struct Staged {
     pub(crate) epoch: Epoch,
     pub(crate) kind: CheckpointKind,
     pub(crate) runs: Vec<PageRun>,
+    /// Pages read from guest RAM as they are sent, after `runs` (the
+    /// initial copy: its memory is one run, not the guest's size).
+    pub(crate) lazy: Option<staging::LazyPages>,
     pub(crate) device_state: Vec<u8>,
     pub(crate) pause_ms: f64,
     pub(crate) taken_at_ms: u64,
@@ -420,8 +423,13 @@ pub fn protect(
             tracker
                 .scan()
                 .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-            let runs = staging::stage_data_ranges(&ram)?;
-            let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+            let lazy = staging::LazyPages {
+                pieces: staging::data_pieces(&ram)?,
+                ram: std::sync::Arc::new(
+                    RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?,
+                ),
+            };
+            let pages = lazy.page_count();
             let bytes = pages * remus_proto::PAGE_SIZE as u64;
             send(
                 &tx,
@@ -429,7 +437,8 @@ pub fn protect(
                 Staged {
                     epoch: Epoch(0),
                     kind: CheckpointKind::InitialSync,
-                    runs,
+                    runs: Vec::new(),
+                    lazy: Some(lazy),
                     device_state: Vec::new(),
                     pause_ms: 0.0,
                     taken_at_ms: crate::now_us() / 1000,
@@ -713,12 +722,14 @@ fn checkpoint(
     keep_stopped: bool,
 ) -> Result<Staged, ReplError> {
     let qmp = vm.qmp();
-    let taken_at_ms = crate::now_us() / 1000;
     let mut phases = PausePhases::default();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     // An operator's pause stands: the checkpoint then neither stops nor
     // resumes the guest (it is already stopped).
     let (_guard, operator_paused) = vm.checkpoint_guard();
+    // The moment the state is taken: once the run state is ours (a pause
+    // or unpause that held it finished before this checkpoint began).
+    let taken_at_ms = crate::now_us() / 1000;
     let t0 = Instant::now();
     if !operator_paused {
         // `stop` waits for the guest's disk writes in flight; none of them
@@ -778,6 +789,7 @@ fn checkpoint(
         epoch,
         kind: CheckpointKind::Checkpoint,
         runs,
+        lazy: None,
         device_state,
         pause_ms,
         taken_at_ms,
@@ -972,6 +984,18 @@ pub(crate) fn send_checkpoint<W: Write>(
         sent.wire += cp.pages(w, run.first_page, &run.data, enc.as_deref_mut())?;
         sent.raw += run.data.len() as u64;
         between(w)?;
+    }
+    if let Some(lazy) = &s.lazy {
+        let mut buf = Vec::new();
+        for piece in &lazy.pieces {
+            buf.resize(lazy.ram.range_len(*piece), 0);
+            lazy.ram
+                .read_pages(*piece, &mut buf)
+                .map_err(|e| ReplError::Setup(format!("read guest RAM: {e}")))?;
+            sent.wire += cp.pages(w, piece.first, &buf, enc.as_deref_mut())?;
+            sent.raw += buf.len() as u64;
+            between(w)?;
+        }
     }
     if s.kind.has_device_state() {
         sent.wire += cp.device_state(w, &s.device_state, enc.as_deref_mut())?;

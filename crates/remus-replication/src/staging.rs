@@ -101,10 +101,10 @@ impl BufferPool {
     }
 }
 
-/// Copies every page that holds data (holes skipped), for the initial
-/// copy while the guest runs. With `pread`, not the mapping: reading a hole
-/// through a mapping would allocate it.
-pub fn stage_data_ranges(ram: &RamFile) -> Result<Vec<PageRun>, ReplError> {
+/// The pieces (at most a page run each) of every range of the RAM file
+/// that holds data, holes skipped: what the initial copy sends, read one
+/// piece at a time as it goes out ([`LazyPages`]).
+pub fn data_pieces(ram: &RamFile) -> Result<Vec<PageRange>, ReplError> {
     if ram.page_size() != PAGE_SIZE as u64 {
         return Err(ReplError::Setup(format!(
             "host page size {} is not the protocol's {PAGE_SIZE}",
@@ -115,17 +115,22 @@ pub fn stage_data_ranges(ram: &RamFile) -> Result<Vec<PageRun>, ReplError> {
         .data_ranges()
         .collect::<Result<_, _>>()
         .map_err(|e| ReplError::Setup(format!("scan RAM file for data: {e}")))?;
-    let mut runs = Vec::new();
-    for piece in ranges.into_iter().flat_map(pieces) {
-        let mut data = vec![0u8; ram.range_len(piece)];
-        ram.read_pages(piece, &mut data)
-            .map_err(|e| ReplError::Setup(format!("read guest RAM: {e}")))?;
-        runs.push(PageRun {
-            first_page: piece.first,
-            data,
-        });
+    Ok(ranges.into_iter().flat_map(pieces).collect())
+}
+
+/// Pages still in guest RAM, read when they are sent: the initial copy of
+/// a large guest costs one page run of memory, not the guest's size.
+/// Reading while the guest runs is what the initial copy does anyway
+/// (pages written meanwhile are caught by the first checkpoint's scan).
+pub struct LazyPages {
+    pub ram: std::sync::Arc<RamFile>,
+    pub pieces: Vec<PageRange>,
+}
+
+impl LazyPages {
+    pub fn page_count(&self) -> u64 {
+        self.pieces.iter().map(|p| p.count).sum()
     }
-    Ok(runs)
 }
 
 #[cfg(test)]

@@ -417,3 +417,55 @@ fn incompatible_backup_is_refused_with_the_mismatch() {
     assert!(backup.list().is_empty(), "nothing left on the backup");
     assert_eq!(primary.vm("inc").unwrap()["role"], "unprotected");
 }
+
+/// The initial copy of a guest's memory streams: neither agent holds it
+/// whole. A 1 GiB guest fills 640 MiB with data, is protected, and once
+/// the initial copy is acknowledged each agent's peak memory (VmHWM) is
+/// far below what it copied.
+#[test]
+fn the_initial_copy_streams_on_both_sides() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    let (backup, listen) = agent_with_port(&key);
+    let cfg = img
+        .config("big", "remus.workload=cpumem:--data-mb:640", "")
+        .replace("memory = 256", "memory = 1024");
+    let cfg = primary.write_file("big.toml", &cfg);
+    assert!(primary.cli(&["create", cfg.to_str().unwrap()]).ok);
+    primary
+        .wait_console("big", Duration::from_secs(180), "the data filled", |c| {
+            c.contains("cpumem:")
+        })
+        .unwrap();
+    let mut follow = ProtectFollower::start(&primary, "big", &listen, &["-i", "200"]).unwrap();
+    let initial = follow.event("initial_sync").unwrap();
+    let copied = initial["bytes"].as_u64().unwrap();
+    assert!(copied > 640 << 20, "{initial}");
+    follow.checkpoint_after(0).unwrap();
+    let peak = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: u64 = s
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        kb << 10
+    };
+    let (p, b) = (peak(primary.pid().unwrap()), peak(backup.pid().unwrap()));
+    eprintln!(
+        "initial copy {} MiB; peak memory: primary agent {} MiB, backup agent {} MiB",
+        copied >> 20,
+        p >> 20,
+        b >> 20
+    );
+    for (who, m) in [("primary", p), ("backup", b)] {
+        assert!(
+            m < 256 << 20,
+            "the {who} agent peaked at {} MiB for a {} MiB copy",
+            m >> 20,
+            copied >> 20
+        );
+    }
+}

@@ -43,6 +43,8 @@ pub struct AgentOptions {
     pub allow_unencrypted: bool,
     /// Where copies kept for peers live.
     pub storage: crate::storage::Storage,
+    /// Bound of a backup's spill file of uncommitted disk writes (MiB).
+    pub max_spill_mib: u64,
 }
 
 /// One VM owned by this agent.

@@ -148,6 +148,13 @@ pub struct Args {
     /// Each host of a cluster needs its own.
     #[arg(long, value_name = "NAME")]
     pub host_name: Option<String>,
+    /// Largest spill file a backup keeps for the disk writes of epochs
+    /// not yet committed (beyond the 128 MiB held in memory), per VM.
+    /// Reaching it ends that session with a clear error; what committed
+    /// last stays intact.
+    #[arg(long, default_value_t = remus_disk::epochs::DEFAULT_SPILL_LIMIT >> 20, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub max_spill_mib: u64,
     /// Activity-log extents (4 MiB each) a primary keeps marked per disk
     /// after their writes are acknowledged (as DRBD's al-extents): more
     /// means fewer syncs for guests that rewrite the same areas, fewer

@@ -239,6 +239,7 @@ async fn run(
         arbiter,
         al_extents: args.al_extents as usize,
         allow_unencrypted: args.allow_unencrypted_peers,
+        max_spill_mib: args.max_spill_mib,
         storage: storage::Storage {
             image_dir: args
                 .image_dir

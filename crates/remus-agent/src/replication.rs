@@ -1089,7 +1089,7 @@ fn backup_session(
     // Disk replication: the standby's replicated disks, written only when
     // an epoch commits.
     let mut disks = setup.replicate_disks.then(|| {
-        remus_disk::EpochBuffer::new(
+        remus_disk::EpochBuffer::with_spill_limit(
             slot.vm
                 .replicated_disks()
                 .iter()
@@ -1097,6 +1097,7 @@ fn backup_session(
                 .collect(),
             DISK_BUFFER_MEMORY,
             &slot.vm.paths.dir().join("disk-epochs.spill"),
+            agent.opts.max_spill_mib << 20,
         )
     });
     let vm_name = name.clone();

@@ -12,6 +12,11 @@
 //!   error: nothing of it is applied.
 //! - [`discard`](EpochBuffer::discard) drops everything uncommitted (a
 //!   failover resumes from the last commit; later epochs never happened).
+//! - Bounded, whatever the primary sends: at most `spill_limit` bytes in
+//!   the spill file, [`MAX_PENDING_RECORDS`] records and
+//!   [`MAX_OPEN_EPOCHS`] epochs waiting for their commit. Past a bound the
+//!   record is refused with [`DiskError::Limit`]: the session ends, and
+//!   what committed last stays as it is (nothing uncommitted is applied).
 //!
 //! Durability: when a committed epoch contains a flush or a FUA write, the
 //! disks it touched are synced (fdatasync) before `commit` returns, that is
@@ -60,8 +65,19 @@ pub struct ApplyStats {
     pub synced: bool,
 }
 
+/// Records of uncommitted epochs held at once (memory for their
+/// headers, even when their data is in the spill file).
+pub const MAX_PENDING_RECORDS: usize = 1 << 20;
+/// Epochs with records waiting for their commit at once (the primary has
+/// one or two in flight).
+pub const MAX_OPEN_EPOCHS: usize = 64;
+/// The spill file's default bound.
+pub const DEFAULT_SPILL_LIMIT: u64 = 8 << 30;
+
 /// See the module documentation.
 pub struct EpochBuffer {
+    spill_limit: u64,
+    pending_records: usize,
     disks: Vec<Arc<dyn BlockBackend>>,
     names: Vec<String>,
     mem_limit: u64,
@@ -86,8 +102,21 @@ impl EpochBuffer {
         mem_limit: u64,
         spill_path: &Path,
     ) -> EpochBuffer {
+        Self::with_spill_limit(disks, mem_limit, spill_path, DEFAULT_SPILL_LIMIT)
+    }
+
+    /// [`new`](Self::new) with the spill file bounded to `spill_limit`
+    /// bytes.
+    pub fn with_spill_limit(
+        disks: Vec<(String, Arc<dyn BlockBackend>)>,
+        mem_limit: u64,
+        spill_path: &Path,
+        spill_limit: u64,
+    ) -> EpochBuffer {
         let (names, disks) = disks.into_iter().unzip();
         EpochBuffer {
+            spill_limit,
+            pending_records: 0,
             disks,
             names,
             mem_limit,
@@ -188,6 +217,17 @@ impl EpochBuffer {
                 rec.epoch
             )));
         }
+        if self.pending_records >= MAX_PENDING_RECORDS {
+            return Err(DiskError::Limit(format!(
+                "{MAX_PENDING_RECORDS} disk records of uncommitted epochs are held here already"
+            )));
+        }
+        if !self.pending.contains_key(&rec.epoch.0) && self.pending.len() >= MAX_OPEN_EPOCHS {
+            return Err(DiskError::Limit(format!(
+                "records for {MAX_OPEN_EPOCHS} uncommitted epochs are held here already (the primary sent {} ahead)",
+                rec.epoch
+            )));
+        }
         let p = self.pending.entry(rec.epoch.0).or_default();
         if p.sealed {
             return Err(DiskError::Protocol(format!(
@@ -201,6 +241,12 @@ impl EpochBuffer {
                 if self.mem_used + data.len() as u64 > self.mem_limit =>
             {
                 let at = self.spill_end;
+                if at + data.len() as u64 > self.spill_limit {
+                    return Err(DiskError::Limit(format!(
+                        "the disk writes of uncommitted epochs fill this backup's spill file to its limit of {} MiB (the primary writes faster than its checkpoints commit; raise --max-spill-mib)",
+                        self.spill_limit >> 20
+                    )));
+                }
                 let spill = match &self.spill {
                     Some(f) => f,
                     None => {
@@ -257,6 +303,7 @@ impl EpochBuffer {
             .or_default()
             .items
             .push(item);
+        self.pending_records += 1;
         Ok(())
     }
 
@@ -308,6 +355,12 @@ impl EpochBuffer {
                 seal.epoch
             )));
         }
+        if !self.pending.contains_key(&seal.epoch.0) && self.pending.len() >= MAX_OPEN_EPOCHS {
+            return Err(DiskError::Limit(format!(
+                "seals for {MAX_OPEN_EPOCHS} uncommitted epochs are held here already (the primary sealed {} ahead)",
+                seal.epoch
+            )));
+        }
         let p = self.pending.entry(seal.epoch.0).or_default();
         if p.sealed {
             return Err(DiskError::Protocol(format!("{} sealed twice", seal.epoch)));
@@ -335,6 +388,7 @@ impl EpochBuffer {
             None => std::collections::BTreeMap::new(),
         };
         let now = std::mem::replace(&mut self.pending, later);
+        self.pending_records = self.pending.values().map(|p| p.items.len()).sum();
         let mut stats = ApplyStats::default();
         let mut flush = vec![false; self.disks.len()];
         for (e, p) in now {
@@ -428,6 +482,7 @@ impl EpochBuffer {
             (r + p.digest.records, b + p.digest.bytes)
         });
         self.pending.clear();
+        self.pending_records = 0;
         self.reclaim();
         dropped
     }

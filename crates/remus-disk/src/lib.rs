@@ -44,6 +44,10 @@ pub enum DiskError {
     /// was applied.
     #[error("disk protocol: {0}")]
     Protocol(String),
+    /// A bound on what this host holds for uncommitted epochs was reached:
+    /// nothing of the record was kept.
+    #[error("backup buffer limit: {0}")]
+    Limit(String),
     /// Local I/O failed (the disk is full, unwritable, ...).
     #[error("{what}: {source}")]
     Io {

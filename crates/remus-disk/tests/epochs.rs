@@ -221,6 +221,72 @@ fn a_full_disk_fails_the_commit_with_a_clear_error() {
     );
 }
 
+/// What a primary can make the backup hold for uncommitted epochs is
+/// bounded: the spill file's size, the number of records and of open
+/// epochs. Past a bound the record is refused with a clear error, and
+/// what committed before is untouched.
+#[test]
+fn uncommitted_data_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![0xEEu8; SIZE]).unwrap();
+    let disk: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img, false).unwrap());
+    // No memory, a 64 KiB spill file.
+    let mut b = EpochBuffer::with_spill_limit(
+        vec![("vda".into(), disk)],
+        0,
+        &dir.path().join("spill"),
+        64 << 10,
+    );
+    let committed = vec![write(1, 0, 7, 4096)];
+    b.accept(committed[0].clone(), None).unwrap();
+    b.seal(&seal_of(&committed, 1), None).unwrap();
+    b.commit(Epoch(1)).unwrap();
+    // 16 writes of 4 KiB fill it; the 17th is refused.
+    for i in 0..16 {
+        b.accept(write(2, i * 4096, 9, 4096), Some(Epoch(1)))
+            .unwrap();
+    }
+    let e = b
+        .accept(write(2, 0, 9, 4096), Some(Epoch(1)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fill this backup's spill file to its limit"),
+        "{e}"
+    );
+    assert!(e.contains("backup buffer limit"), "{e}");
+    b.discard();
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[..4096],
+        &[7u8; 4096][..],
+        "the commit stays"
+    );
+
+    // Epochs far ahead: at most MAX_OPEN_EPOCHS at once.
+    let limit = remus_disk::epochs::MAX_OPEN_EPOCHS as u64;
+    for e in 0..limit {
+        let z = DiskRecord {
+            epoch: Epoch(2 + e),
+            disk: 0,
+            op: DiskOp::Flush,
+        };
+        b.accept(z, Some(Epoch(1))).unwrap();
+    }
+    let z = DiskRecord {
+        epoch: Epoch(2 + limit),
+        disk: 0,
+        op: DiskOp::Flush,
+    };
+    let e = b.accept(z, Some(Epoch(1))).unwrap_err().to_string();
+    assert!(
+        e.contains("uncommitted epochs are held here already"),
+        "{e}"
+    );
+    let seal = DiskLogDigest::default().seal(Epoch(3 + limit));
+    assert!(b.seal(&seal, Some(Epoch(1))).is_err());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

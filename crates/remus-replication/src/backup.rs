@@ -341,6 +341,7 @@ fn receive_loop(
         let (code, reason) = match &e {
             DiskError::Protocol(_) => (ErrorCode::Protocol, format!("{what}: {e}")),
             DiskError::Io { .. } => (ErrorCode::Internal, format!("backup disk: {what}: {e}")),
+            DiskError::Limit(_) => (ErrorCode::Internal, format!("{what}: {e}")),
         };
         tracing::error!(%reason, "disk replication failed on the backup");
         let _ = send(Message::Error {

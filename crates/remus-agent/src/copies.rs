@@ -128,11 +128,12 @@ pub fn own_runs(dir: &Path, disks: &[(String, u64)]) -> Result<Vec<Vec<(u64, u64
                 .then(|| ChangeMap::open(&ch, *size, CHUNK_SIZE))
                 .transpose()
                 .map_err(|e| format!("change map {}: {e}", ch.display()))?;
-            Ok(remus_replication::disks::record_runs(
-                log.as_ref(),
-                map.as_ref(),
-                &[],
-                *size,
+            // At most MAX_RUNS per disk (comparing a few more chunks,
+            // never fewer), so the plan fits its frame and the peer's
+            // bounds.
+            Ok(remus_replication::copy::coalesce(
+                remus_replication::disks::record_runs(log.as_ref(), map.as_ref(), &[], *size),
+                remus_replication::copy::MAX_RUNS,
             ))
         })
         .collect()

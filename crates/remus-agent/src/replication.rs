@@ -690,12 +690,37 @@ fn open_session(
     if expect_plan {
         match Message::read_from(&mut stream) {
             Ok(Message::SyncPlan { json }) => {
-                plan = Some(serde_json::from_str::<SyncPlan>(&json).map_err(|e| {
+                let p = serde_json::from_str::<SyncPlan>(&json).map_err(|e| {
                     AgentError::Internal(format!(
                         "{theirs} {} sent a bad sync plan: {e}",
                         session.peer
                     ))
-                })?);
+                })?;
+                // Bounded before anything is made of it: one run per
+                // replicated disk list, each within that disk.
+                let disks = slot.vm.replicated_disks();
+                let bad = |why: String| {
+                    AgentError::Internal(format!(
+                        "{theirs} {} sent a sync plan this host refuses: {why}",
+                        session.peer
+                    ))
+                };
+                if p.target_runs.len() > disks.len() {
+                    return Err(bad(format!(
+                        "runs for {} disks, the VM replicates {}",
+                        p.target_runs.len(),
+                        disks.len()
+                    )));
+                }
+                for (runs, port) in p.target_runs.iter().zip(&disks) {
+                    let total = port
+                        .local()
+                        .size()
+                        .div_ceil(u64::from(remus_disk::sync::CHUNK_SIZE));
+                    remus_replication::copy::check_peer_runs(runs, total, port.target())
+                        .map_err(bad)?;
+                }
+                plan = Some(p);
             }
             Ok(Message::Error { code, message }) => {
                 return Err(AgentError::BadRequest(format!(

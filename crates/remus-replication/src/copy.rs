@@ -372,6 +372,39 @@ pub fn coalesce(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
     runs
 }
 
+/// The union of `runs` (in any order, overlapping or not) as ascending,
+/// disjoint runs: merged as intervals, never expanded into chunks.
+pub fn union_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.retain(|r| r.1 > 0);
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (f, n) in runs {
+        let end = f.saturating_add(n);
+        match out.last_mut() {
+            Some((lf, ln)) if f <= *lf + *ln => *ln = (*ln).max(end - *lf),
+            _ => out.push((f, end - f)),
+        }
+    }
+    out
+}
+
+/// Checks runs a peer sent for a disk of `total` chunks before anything
+/// is made of them: at most [`MAX_RUNS`], each non-empty and within the
+/// disk.
+pub fn check_peer_runs(runs: &[(u64, u64)], total: u64, what: &str) -> Result<(), String> {
+    if runs.len() > MAX_RUNS {
+        return Err(format!("{what}: {} runs, at most {MAX_RUNS}", runs.len()));
+    }
+    for &(f, n) in runs {
+        if n == 0 || f.checked_add(n).is_none_or(|end| end > total) {
+            return Err(format!(
+                "{what}: run of {n} chunks at {f} is empty or beyond the disk's {total} chunks"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The chunks of some runs.
 pub fn from_runs(runs: &[(u64, u64)]) -> impl Iterator<Item = u64> + '_ {
     runs.iter().flat_map(|&(f, n)| f..f + n)
@@ -391,6 +424,24 @@ mod tests {
             gens: g.clone(),
             ..CopyState::new(256, 1)
         }
+    }
+
+    /// Runs are merged as intervals (one naming billions of chunks costs
+    /// nothing), and a peer's runs are checked against the disk first.
+    #[test]
+    fn runs_merge_as_intervals_and_peer_runs_are_bounded() {
+        assert_eq!(
+            union_runs(vec![(10, 5), (0, 3), (12, 10), (3, 2), (30, 0), (25, 1)]),
+            vec![(0, 5), (10, 12), (25, 1)]
+        );
+        assert_eq!(union_runs(vec![(0, 1 << 50), (5, 3)]), vec![(0, 1 << 50)]);
+        assert!(check_peer_runs(&[(0, 10)], 10, "vda").is_ok());
+        let e = check_peer_runs(&[(5, 1 << 50)], 1000, "vda").unwrap_err();
+        assert!(e.contains("beyond the disk's 1000 chunks"), "{e}");
+        assert!(check_peer_runs(&[(u64::MAX, 2)], 1000, "vda").is_err());
+        assert!(check_peer_runs(&[(3, 0)], 1000, "vda").is_err());
+        let many = vec![(0, 1); MAX_RUNS + 1];
+        assert!(check_peer_runs(&many, 1 << 40, "vda").is_err());
     }
 
     #[test]

@@ -120,9 +120,17 @@ pub fn record_runs(
     if let Some(al) = al {
         chunks.extend(al.marked_chunks(CHUNK_SIZE));
     }
-    chunks.extend(crate::copy::from_runs(extra));
     chunks.retain(|&c| c < total);
-    crate::copy::to_runs(chunks)
+    // The peer's runs are merged as intervals, clipped to the disk, never
+    // expanded into chunk numbers (one run may name billions).
+    let mut runs = crate::copy::to_runs(chunks);
+    runs.extend(
+        extra
+            .iter()
+            .filter(|r| r.0 < total)
+            .map(|&(f, n)| (f, n.min(total - f))),
+    );
+    crate::copy::union_runs(runs)
 }
 
 /// The chunks each replicated disk's own change records mark, with

@@ -236,7 +236,7 @@ pub fn start_protect(
         return_to,
     )?;
     if let Some(p) = &plan {
-        tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %p.reason, "disk sync plan");
+        tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
         slot.publish(
             serde_json::json!({"event": "sync_plan", "mode": p.mode, "reason": p.reason})
                 .to_string(),
@@ -1084,7 +1084,7 @@ fn backup_session(
         .map_err(|e| refuse(&mut stream, e.to_string()))?;
     crate::copies::save_config(&copy_dir, &own_config);
     if let Some(p) = &plan {
-        tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %p.reason, "disk sync plan");
+        tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
         let json = serde_json::to_string(p).map_err(|e| e.to_string())?;
         Message::SyncPlan { json }
             .write_to(&mut stream)

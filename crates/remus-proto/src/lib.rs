@@ -202,7 +202,7 @@ pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
     DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
     MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageDelta, PageRun,
-    Purpose, write_device_state, write_page_run,
+    Purpose, printable, write_device_state, write_page_run,
 };
 
 /// The protocol version this build speaks by preference.

@@ -618,6 +618,23 @@ pub enum Message {
     DiskSyncRuns(DiskSyncRuns),
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): safe to
+/// put into a log line or print on a terminal, whoever wrote it.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 impl Message {
     pub fn msg_type(&self) -> MsgType {
         match self {
@@ -827,10 +844,23 @@ impl Message {
             },
             MsgType::Ready => Message::Ready,
             MsgType::Done => Message::Done,
-            MsgType::Error => Message::Error {
-                code: ErrorCode::from_u16(c.u16("code")?),
-                message: c.string("message")?,
-            },
+            MsgType::Error => {
+                let code = ErrorCode::from_u16(c.u16("code")?);
+                let text = c.string("message")?;
+                // The peer's words end up in log lines and terminals:
+                // control characters (a newline forging a log line, an
+                // escape sequence) are shown escaped, never passed on;
+                // only an incompatibility keeps its one field per line.
+                let message = if code == ErrorCode::Incompatible {
+                    text.split('\n')
+                        .map(printable)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                } else {
+                    printable(&text)
+                };
+                Message::Error { code, message }
+            }
             MsgType::Heartbeat => Message::Heartbeat {
                 seq: c.u64("seq")?,
                 sent_at_us: c.u64("sent_at_us")?,

@@ -78,7 +78,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<[u8; 32]>().prop_map(|client_proof| Message::AuthProof { client_proof }),
         Just(Message::Ready),
         Just(Message::Done),
-        (any::<u16>(), ".{0,40}").prop_map(|(c, message)| Message::Error {
+        // Printable text: control characters are escaped on arrival (see
+        // `error_text_arrives_without_control_characters`).
+        (any::<u16>(), "\\PC{0,40}").prop_map(|(c, message)| Message::Error {
             code: ErrorCode::from_u16(c),
             message
         }),
@@ -436,4 +438,22 @@ fn large_page_ranges_are_split_into_frames() {
 #[test]
 fn clean_end_of_stream_is_closed() {
     assert!(matches!(read_frame(&mut &b""[..]), Err(WireError::Closed)));
+}
+
+/// A peer's error text cannot forge log lines or drive a terminal:
+/// control characters arrive escaped.
+#[test]
+fn error_text_arrives_without_control_characters() {
+    let m = remus_proto::Message::Error {
+        code: remus_proto::ErrorCode::Internal,
+        message: "bad\nINFO forged line\x1b[2J".into(),
+    };
+    let mut bytes = Vec::new();
+    m.write_to(&mut bytes).unwrap();
+    let got = remus_proto::read_frame(&mut bytes.as_slice()).unwrap();
+    let remus_proto::Message::Error { message, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(message, "bad\\nINFO forged line\\u{1b}[2J");
+    assert!(!message.chars().any(char::is_control));
 }

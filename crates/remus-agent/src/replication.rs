@@ -961,6 +961,11 @@ fn backup_session(
         ..Default::default()
     };
     let handshake = server_handshake(tcp, &key, &opts, |vm, _purpose| {
+        // A name from the wire is checked as a name before it is used for
+        // anything (it names directories of this host).
+        remus_config::validate_name(vm)
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::storage::check_name("VM", vm))?;
         if agent.busy(vm) {
             return Err(format!(
                 "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"

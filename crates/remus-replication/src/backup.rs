@@ -381,6 +381,22 @@ fn receive_loop(
                         reason: format!("bad frame from the primary: {d}"),
                     });
                 }
+                // A record that fails authentication was altered on the
+                // way (or injected): the primary is alive, someone is
+                // tampering with the link. Never a reason to resume a
+                // second copy; nothing of the record was delivered.
+                if let remus_proto::WireError::Io(io) = &e
+                    && io.kind() == std::io::ErrorKind::InvalidData
+                {
+                    tracing::error!(error = %io, "the replication stream failed authentication: the link is being tampered with (or corrupts data); this copy is discarded, not resumed");
+                    let _ = send(Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: format!("the backup received altered data: {io}"),
+                    });
+                    return Ok(BackupEnd::Aborted {
+                        reason: format!("the replication stream was altered: {io}"),
+                    });
+                }
                 let reason = if e.is_timeout() {
                     "no checkpoint or heartbeat within the timeout".to_string()
                 } else {

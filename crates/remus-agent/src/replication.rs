@@ -234,6 +234,7 @@ pub fn start_protect(
         arbiter_setup,
         copy.as_ref().map(|c| c.gens.clone()),
         return_to,
+        req.unencrypted,
     )?;
     if let Some(p) = &plan {
         tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
@@ -612,12 +613,19 @@ fn open_session(
     arbiter: Option<ArbiterSetup>,
     generations: Option<Generations>,
     return_to: Option<ReturnTo>,
+    unencrypted: bool,
 ) -> Result<(Channel, u16, Option<SyncPlan>), AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let key = &require_key(agent)?;
     let params = HelloParams::new(purpose, name, compat);
-    let (mut stream, session) = match client_handshake(connect(peer)?, key, &params) {
+    let handshake = if unencrypted {
+        tracing::warn!(vm = %name, %peer, "replicating IN THE CLEAR as asked (remus protect --unencrypted)");
+        client_handshake_unencrypted(connect(peer)?, key, &params)
+    } else {
+        client_handshake(connect(peer)?, key, &params)
+    };
+    let (mut stream, session) = match handshake {
         Ok(s) => s,
         // A protocol-5 peer hangs up on the encrypted handshake; during a
         // rolling upgrade the operator may allow talking to it in the clear.
@@ -808,6 +816,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
         None,
         None,
         None,
+        false,
     )?;
     let mcfg = remus_replication::migrate::MigrateConfig {
         compress: compression(peer, version, true),
@@ -1240,6 +1249,7 @@ fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
         no_net: back.no_net,
         no_disk: !setup.replicate_disks,
         no_compress: back.no_compress,
+        unencrypted: false,
     };
     // The old primary tears its copy down as soon as it has our Done; its
     // agent refuses the session while the VM is still listed there.

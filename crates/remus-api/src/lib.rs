@@ -184,6 +184,10 @@ pub struct ProtectRequest {
     /// Send checkpoints uncompressed (`remus protect -u`).
     #[serde(default)]
     pub no_compress: bool,
+    /// Replicate in the clear (protocol 5), for a link that is encrypted
+    /// already; the backup must allow it (`--allow-unencrypted-peers`).
+    #[serde(default)]
+    pub unencrypted: bool,
 }
 
 fn default_interval_ms() -> u64 {

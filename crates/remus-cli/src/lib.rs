@@ -145,6 +145,13 @@ pub enum Command {
         /// for some CPU on this host.
         #[arg(short = 'u', long)]
         no_compress: bool,
+        /// Replicate in the clear instead of over the encrypted link: only
+        /// for a link that is encrypted already (WireGuard, IPsec), to
+        /// save the CPU. The key still authenticates the peers, but
+        /// anyone on the wire can read the VM's memory and disks and alter
+        /// them. The backup must allow it (remusd --allow-unencrypted-peers).
+        #[arg(long)]
+        unencrypted: bool,
         /// Stop protecting VM (the backup discards its standby copy).
         #[arg(long)]
         stop: bool,
@@ -326,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_net,
             no_disk,
             no_compress,
+            unencrypted,
             stop,
             json,
             detach,
@@ -348,6 +356,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "remus: warning: --no-disk: disk writes are not replicated; after a failover the guest's disk may not match its memory"
                 );
             }
+            if unencrypted {
+                eprintln!(
+                    "remus: warning: --unencrypted: the VM's memory and disk writes cross the link in the clear; use it only on a link that is encrypted already"
+                );
+            }
             let req = remus_api::ProtectRequest {
                 peer: peer.clone(),
                 interval_ms,
@@ -355,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_net,
                 no_disk,
                 no_compress,
+                unencrypted,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

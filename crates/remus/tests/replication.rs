@@ -469,3 +469,44 @@ fn the_initial_copy_streams_on_both_sides() {
         );
     }
 }
+
+/// `remus protect --unencrypted` (for a link encrypted already) works only
+/// with a backup that allows it, and both sides say so in their logs.
+#[test]
+fn unencrypted_replication_only_where_the_backup_allows_it() {
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let primary = Agent::start(&bins(), None, &["--key", key.to_str().unwrap()]).unwrap();
+    boot(&primary, "clear", &img);
+    let (strict, strict_listen) = agent_with_port(&key);
+    let out = primary.cli(&["protect", "-d", "--unencrypted", "clear", &strict_listen]);
+    assert!(!out.ok, "a backup that does not allow it refuses");
+    assert!(
+        out.stderr.contains("--allow-unencrypted-peers"),
+        "{}",
+        out.stderr
+    );
+    assert!(strict.vm("clear").is_none());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let lax = Agent::start(
+        &bins(),
+        None,
+        &[
+            "--listen",
+            &listen,
+            "--key",
+            key.to_str().unwrap(),
+            "--allow-unencrypted-peers",
+        ],
+    )
+    .unwrap();
+    let mut follow =
+        ProtectFollower::start(&primary, "clear", &listen, &["-i", "100", "--unencrypted"])
+            .unwrap();
+    follow.checkpoint_after(0).unwrap();
+    assert!(primary.log_text().contains("IN THE CLEAR"));
+    assert!(lax.log_text().contains("IN THE CLEAR"));
+    assert_eq!(lax.vm("clear").unwrap()["role"], "backup");
+}

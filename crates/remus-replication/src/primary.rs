@@ -423,6 +423,7 @@ pub fn protect(
             tracker
                 .scan()
                 .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+            let t_copy = Instant::now();
             let lazy = staging::LazyPages {
                 pieces: staging::data_pieces(&ram)?,
                 ram: std::sync::Arc::new(
@@ -447,12 +448,7 @@ pub fn protect(
                 },
                 &lost,
             )?;
-            events(ProtectEvent::InitialSync {
-                pages,
-                bytes,
-                ms: t.elapsed().as_secs_f64() * 1e3,
-            });
-            tracing::info!(vm = %name, pages, "initial sync staged");
+            tracing::info!(vm = %name, pages, "initial copy of RAM under way");
             // Checkpoints start once the backup holds the initial copy.
             // Until the first checkpoint's cut the guest's output flows
             // unheld (nothing can fail over before a first commit), so a
@@ -467,7 +463,15 @@ pub fn protect(
                     break;
                 }
             }
-            tracing::info!(vm = %name, ms = t.elapsed().as_secs_f64() * 1e3, "initial copy acknowledged; checkpoints start");
+            // The copy's time is until the backup holds it (pages are read
+            // and sent as they go out).
+            let copy_ms = t_copy.elapsed().as_secs_f64() * 1e3;
+            events(ProtectEvent::InitialSync {
+                pages,
+                bytes,
+                ms: copy_ms,
+            });
+            tracing::info!(vm = %name, ms = copy_ms, setup_ms = t.elapsed().as_secs_f64() * 1e3, "initial copy acknowledged; checkpoints start");
 
             let mut next_due = Instant::now();
             let mut epoch = 0u64;

@@ -315,6 +315,8 @@ enum Workload {
     Idle,
     /// `dirty` at N MiB/s, changing M bytes of each page it visits.
     Dirty(u64, u64),
+    /// `cpumem` holding N MiB of data (the initial copy's throughput).
+    Fill(u64),
 }
 
 impl Workload {
@@ -323,6 +325,7 @@ impl Workload {
             Workload::Idle => "idle".into(),
             Workload::Dirty(mb, 1) => format!("dirty {mb} MB/s"),
             Workload::Dirty(mb, b) => format!("dirty {mb} MB/s ({b} B/page)"),
+            Workload::Fill(mb) => format!("{mb} MiB of data"),
         }
     }
     fn cmdline(&self) -> String {
@@ -331,6 +334,7 @@ impl Workload {
             Workload::Dirty(mb, b) => {
                 format!("remus.workload=tick,dirty:--mb-per-s:{mb}:--write-bytes:{b}")
             }
+            Workload::Fill(mb) => format!("remus.workload=tick,cpumem:--data-mb:{mb}"),
         }
     }
 }
@@ -362,6 +366,9 @@ impl CaseSpec {
     fn compressed(&self) -> bool {
         !self.protect_args.iter().any(|a| a == "-u")
     }
+    fn encrypted(&self) -> bool {
+        !self.protect_args.iter().any(|a| a == "--unencrypted")
+    }
 }
 
 /// One case's measurements.
@@ -373,6 +380,8 @@ struct CaseResult {
     workload: Workload,
     memory_mib: u64,
     compressed: bool,
+    /// Over the encrypted link (else `--unencrypted`).
+    encrypted: bool,
     pause: Vec<f64>,
     dirty: Vec<f64>,
     bytes: Vec<f64>,
@@ -426,6 +435,18 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
         // A disk-booted VM: the backup sees a directory of its own at the
         // primary's image directory (as a second host would).
         Some(_) => hosts.backup(bins),
+        // A case in the clear needs a backup that allows it.
+        None if !spec.encrypted() => Agent::start(
+            bins,
+            None,
+            &[
+                "--listen",
+                &peer,
+                "--key",
+                key_s,
+                "--allow-unencrypted-peers",
+            ],
+        ),
         None => Agent::start(bins, None, &["--listen", &peer, "--key", key_s]),
     }
     .context("start backup agent")?;
@@ -436,6 +457,7 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
             (_, Some(_)) => "disk",
             (Workload::Idle, None) => "idle",
             (Workload::Dirty(..), None) => "dirty",
+            (Workload::Fill(_), None) => "fill",
         }
     );
     let cfg = match &spec.disk_boot {
@@ -470,6 +492,9 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
         }
         (Workload::Dirty(..), None) => {
             primary.wait_console(&vm, boot, "a 'dirty:' line", |c| !dirty_rates(c).is_empty())?
+        }
+        (Workload::Fill(_), None) => {
+            primary.wait_console(&vm, boot, "the data filled", |c| c.contains("cpumem:"))?
         }
     };
     let accel = primary
@@ -609,6 +634,7 @@ fn run_case(bins: &Binaries, img: &GuestImage, o: &Opts, spec: &CaseSpec) -> Res
         workload,
         memory_mib: spec.memory_mib,
         compressed: spec.compressed(),
+        encrypted: spec.encrypted(),
         pause: col("pause_ms"),
         dirty: col("dirty_pages"),
         bytes: col("bytes"),
@@ -838,11 +864,13 @@ fn case_json(all: &[CaseResult], c: &CaseResult) -> Value {
     json!({
         "name": case_name(c),
         "interval_ms": c.interval_ms,
-        "workload": match c.workload { Workload::Idle => "idle", Workload::Dirty(..) => "dirty" },
-        "mb_per_s": match c.workload { Workload::Idle => 0, Workload::Dirty(mb, _) => mb },
-        "write_bytes_per_page": match c.workload { Workload::Idle => 0, Workload::Dirty(_, b) => b },
+        "workload": match c.workload { Workload::Idle => "idle", Workload::Dirty(..) => "dirty", Workload::Fill(_) => "fill" },
+        "mb_per_s": match c.workload { Workload::Dirty(mb, _) => mb, _ => 0 },
+        "write_bytes_per_page": match c.workload { Workload::Dirty(_, b) => b, _ => 0 },
+        "fill_mib": match c.workload { Workload::Fill(mb) => mb, _ => 0 },
         "memory_mib": c.memory_mib,
         "compressed": c.compressed,
+        "encrypted": c.encrypted,
         "raw_bytes": stats(&c.raw_bytes).json(),
         "xor_pages": stats(&c.xor_pages).json(),
         "wire_over_raw": r3(ratio(c.bytes.iter().sum(), c.raw_bytes.iter().sum())),

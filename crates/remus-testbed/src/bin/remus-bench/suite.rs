@@ -42,6 +42,7 @@ use super::*;
 
 pub(crate) const SECTIONS: &[&str] = &[
     "matrix", "wire", "ram", "boot", "slowdown", "failover", "migrate", "disk", "net", "resync",
+    "crypto",
 ];
 
 const MATRIX_INTERVALS: [u64; 4] = [25, 50, 100, 200];
@@ -238,7 +239,7 @@ pub(crate) fn suite_main(
                 !c.compressed,
                 match c.workload {
                     Workload::Dirty(_, b) => b,
-                    Workload::Idle => 0,
+                    _ => 0,
                 },
             )
         });
@@ -458,6 +459,42 @@ pub(crate) fn suite_main(
         }
     }
 
+    if only("crypto") {
+        // The encrypted link against the same sessions in the clear
+        // (`--unencrypted`), in one run: pauses and acks on the reference
+        // workload, and the initial copy of a guest holding
+        // CRYPTO_FILL_MIB of data.
+        let clear = |mut s: CaseSpec| {
+            s.protect_args.push("--unencrypted".into());
+            s
+        };
+        let fill = || {
+            let mut s = CaseSpec::new(REF_INTERVAL_MS, Workload::Fill(CRYPTO_FILL_MIB));
+            s.memory_mib = CRYPTO_FILL_GUEST_MIB;
+            s
+        };
+        let mut specs = vec![clear(CaseSpec::new(REF_INTERVAL_MS, reference()))];
+        if !cases.iter().any(is_reference) {
+            specs.push(CaseSpec::new(REF_INTERVAL_MS, reference()));
+        }
+        specs.push(clear(fill()));
+        specs.push(fill());
+        let start = cases.len();
+        run_specs(specs, &mut cases)?;
+        let crypto = with_reference(&cases, start);
+        sections.push(render_crypto(&crypto));
+        runs.insert(
+            "crypto".into(),
+            json!(
+                crypto
+                    .iter()
+                    .map(|c| case_json(&crypto, c))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        targets.extend(crypto_targets(&crypto));
+    }
+
     let mut other_accel: Vec<String> = Vec::new();
     if only("resync") {
         eprintln!("remus-bench: resync after a failover against a full compare ...");
@@ -539,6 +576,7 @@ fn is_reference(c: &CaseResult) -> bool {
         && c.workload == reference()
         && c.memory_mib == 256
         && c.compressed
+        && c.encrypted
 }
 
 fn wire_ratio(c: &CaseResult) -> f64 {
@@ -558,7 +596,116 @@ fn case_label(c: &CaseResult) -> String {
     if !c.compressed {
         s.push_str(", -u");
     }
+    if !c.encrypted {
+        s.push_str(", --unencrypted");
+    }
     s
+}
+
+/// The crypto section's initial copy: a guest of this size holding this
+/// much data (random, so neither zero pages nor compression shorten it).
+const CRYPTO_FILL_MIB: u64 = 640;
+const CRYPTO_FILL_GUEST_MIB: u64 = 1024;
+/// Targets of the encrypted link against the clear one.
+const TARGET_CRYPTO_PAUSE: f64 = 1.1;
+const TARGET_CRYPTO_ACK: f64 = 1.1;
+const TARGET_CRYPTO_SYNC: f64 = 0.8;
+
+/// The initial copy's rate, MB/s (bytes over the time until acknowledged).
+fn sync_mb_per_s(c: &CaseResult) -> f64 {
+    let bytes = c.initial_sync["bytes"].as_f64().unwrap_or(0.0);
+    let ms = c.initial_sync["ms"].as_f64().unwrap_or(f64::NAN);
+    bytes / 1e6 / (ms / 1e3)
+}
+
+fn render_crypto(cases: &[CaseResult]) -> String {
+    let mut s = String::from(
+        "### The encrypted link against the clear one
+
+         The same sessions over the encrypted link (protocol 6: Noise_NNpsk0_25519_AESGCM_SHA256,          AES-256-GCM records of up to 64 KiB) and in the clear (`--unencrypted`, protocol 5).          Pause and ack on the reference workload; the initial copy's rate on a 1 GiB guest holding          640 MiB of random data (bytes copied over the time until the backup acknowledged them).
+
+",
+    );
+    s.push_str(CASE_HEADER);
+    for c in cases {
+        s.push_str(&case_row(c));
+    }
+    s.push_str(
+        "
+| initial copy | MiB | ms | MB/s |
+|---|---:|---:|---:|
+",
+    );
+    for c in cases
+        .iter()
+        .filter(|c| matches!(c.workload, Workload::Fill(_)))
+    {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} |
+",
+            if c.encrypted {
+                "encrypted"
+            } else {
+                "in the clear"
+            },
+            c.initial_sync["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            c.initial_sync["ms"].as_f64().unwrap_or(f64::NAN),
+            sync_mb_per_s(c)
+        ));
+    }
+    s.push('\n');
+    s
+}
+
+fn crypto_targets(cases: &[CaseResult]) -> Vec<Target> {
+    let find = |fill: bool, enc: bool| {
+        cases.iter().find(|c| {
+            c.encrypted == enc
+                && if fill {
+                    matches!(c.workload, Workload::Fill(_))
+                } else {
+                    c.workload == reference() && c.memory_mib == 256 && c.compressed
+                }
+        })
+    };
+    let mut t = Vec::new();
+    if let (Some(e), Some(p)) = (find(false, true), find(false, false)) {
+        let (ep, pp) = (stats(&e.pause).p50, stats(&p.pause).p50);
+        let r = ratio(ep, pp);
+        t.push(Target::at_most(
+            format!("encrypted checkpoint pause ≤ {TARGET_CRYPTO_PAUSE}× the clear one (p50, reference workload)"),
+            format!("{r:.2}× ({ep:.2} / {pp:.2} ms)"),
+            r,
+            TARGET_CRYPTO_PAUSE,
+            "×",
+            2,
+        ));
+        let (ea, pa) = (stats(&e.ack).p50, stats(&p.ack).p50);
+        let r = ratio(ea, pa);
+        t.push(Target::at_most(
+            format!(
+                "encrypted ack time ≤ {TARGET_CRYPTO_ACK}× the clear one (p50, reference workload)"
+            ),
+            format!("{r:.2}× ({ea:.2} / {pa:.2} ms)"),
+            r,
+            TARGET_CRYPTO_ACK,
+            "×",
+            2,
+        ));
+    }
+    if let (Some(e), Some(p)) = (find(true, true), find(true, false)) {
+        let (es, ps) = (sync_mb_per_s(e), sync_mb_per_s(p));
+        let r = ratio(es, ps);
+        t.push(Target::at_least(
+            format!("encrypted initial copy ≥ {TARGET_CRYPTO_SYNC}× the clear one's rate"),
+            format!("{r:.2}× ({es:.0} / {ps:.0} MB/s)"),
+            r,
+            TARGET_CRYPTO_SYNC,
+            "×",
+            2,
+        ));
+    }
+    t
 }
 
 const CASE_HEADER: &str = "| case | checkpoints | pause p50 ms | p99 | max | dirty pages p50 | raw KiB/checkpoint p50 | wire KiB p50 | wire/raw | XOR pages % | ack p50 ms | guest MB/s |\n\
@@ -1383,6 +1530,7 @@ fn wait_workload(agent: &Agent, vm: &str, w: Workload) -> Result<String> {
     agent.wait_console(vm, Duration::from_secs(180), "the workload", |c| match w {
         Workload::Idle => last_tick(c) >= Some(3),
         Workload::Dirty(..) => dirty_rates(c).len() >= 2,
+        Workload::Fill(_) => c.contains("cpumem:"),
     })
 }
 
@@ -1500,6 +1648,7 @@ fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
         let ready = match w {
             Workload::Idle => last_tick(&text) >= Some(3),
             Workload::Dirty(..) => dirty_rates(&text).len() >= 2,
+            Workload::Fill(_) => text.contains("cpumem:"),
         };
         if ready {
             break;

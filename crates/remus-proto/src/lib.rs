@@ -83,6 +83,9 @@
 //!
 //! ```text
 //!  client (primary / source)                         server (backup / destination)
+//!    │── NoiseHandshake(-> psk, e)     48 bytes ────────►│ only this type, ≤ 4 KiB, is read
+//!    │◄──────────── NoiseHandshake(<- e, ee)  48 bytes ──│ before it (checked from the header)
+//!    │═══════════ everything below: AES-256-GCM records ═│ (see [`channel`])
 //!    │── Hello(versions, purpose, vm, compat, Nc) ──────►│ pick version v
 //!    │◄──────────── HelloAck(v, Ns, Ps) ─────────────────│ Ps = HMAC(K, "server" ‖ Hello ‖ v ‖ Ns)
 //!    │ verify Ps                                         │
@@ -160,17 +163,21 @@
 //!
 //! ## Security
 //!
-//! Both agents hold the same secret key file (32 to 4096 bytes, no access
-//! for other users: `head -c 32 /dev/urandom > /etc/remus/key; chmod 600
-//! /etc/remus/key`, then copy it to the peer). The handshake is a mutual
-//! HMAC-SHA256 challenge-response bound to both nonces, the version, the VM
-//! name and shape, so a host without the key can neither push VM state to a
-//! backup nor receive a primary's VM state. The link is **authenticated, not
-//! encrypted** (like DRBD's `cram-hmac-alg`), and frames after the handshake
-//! carry a CRC, not a MAC: an attacker who can modify traffic on the wire
-//! can still tamper with it. Run replication on a private link, or under
-//! WireGuard or IPsec when confidentiality or integrity against an active
-//! attacker matters.
+//! Both agents hold the same secret key file (32 to 4096 bytes, readable by
+//! its owner only: `head -c 32 /dev/urandom > /etc/remus/key; chmod 600
+//! /etc/remus/key`, then copy it to the peer). From version 6 the session
+//! runs in an encrypted, authenticated channel ([`channel`]): a Noise
+//! handshake keyed by the key file, then AES-256-GCM records whose nonces
+//! are their numbers, so a flipped, injected, replayed, dropped or
+//! reordered byte ends the session and is never delivered. Before the
+//! handshake completes, the server reads only a bounded frame of the
+//! handshake's own type, with one deadline for the whole handshake
+//! ([`PREAUTH_MAX_PAYLOAD`], [`HANDSHAKE_TIMEOUT`]). Inside the channel
+//! the HMAC challenge-response of version 5 still authenticates both sides
+//! and binds the version, the VM name and its shape. A protocol-5 peer is
+//! served in the clear only where the operator allows it
+//! ([`ServerOptions::allow_unencrypted`]). The CRC of each frame stays, as
+//! a check on our own code.
 
 mod auth;
 pub mod channel;

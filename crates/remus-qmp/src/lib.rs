@@ -115,7 +115,7 @@ impl Qmp {
         stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
+        if std::io::Read::take(&mut reader, MAX_MESSAGE).read_line(&mut line)? == 0 {
             return Err(QmpError::Closed);
         }
         let greeting: Value = serde_json::from_str(&line)
@@ -235,12 +235,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Longest QMP message read: QEMU's answers are a few KiB (a guest can
+/// make some longer, and QEMU itself is reachable from the guest).
+const MAX_MESSAGE: u64 = 16 << 20;
+
 fn read_loop(mut reader: BufReader<UnixStream>, shared: Arc<Shared>) {
+    use std::io::Read;
     let mut line = String::new();
     let end = loop {
         line.clear();
-        match reader.read_line(&mut line) {
+        match (&mut reader).take(MAX_MESSAGE).read_line(&mut line) {
             Ok(0) => break QmpError::Closed,
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_MESSAGE => {
+                break QmpError::Protocol(format!(
+                    "a QMP message longer than {} MiB",
+                    MAX_MESSAGE >> 20
+                ));
+            }
             Ok(_) => {}
             Err(e) => break QmpError::Io(e),
         }

@@ -620,11 +620,11 @@ fn sync_mb_per_s(c: &CaseResult) -> f64 {
 
 fn render_crypto(cases: &[CaseResult]) -> String {
     let mut s = String::from(
-        "### The encrypted link against the clear one
-
-         The same sessions over the encrypted link (protocol 6: Noise_NNpsk0_25519_AESGCM_SHA256,          AES-256-GCM records of up to 64 KiB) and in the clear (`--unencrypted`, protocol 5).          Pause and ack on the reference workload; the initial copy's rate on a 1 GiB guest holding          640 MiB of random data (bytes copied over the time until the backup acknowledged them).
-
-",
+        "### The encrypted link against the clear one\n\n\
+         The same sessions over the encrypted link (protocol 6: Noise_NNpsk0_25519_AESGCM_SHA256, \
+         AES-256-GCM records of up to 64 KiB) and in the clear (`--unencrypted`, protocol 5). \
+         Pause and ack on the reference workload; the initial copy's rate on a 1 GiB guest holding \
+         640 MiB of random data (bytes copied over the time until the backup acknowledged them).\n\n",
     );
     s.push_str(CASE_HEADER);
     for c in cases {

@@ -31,8 +31,9 @@ use anyhow::Context;
 use agent::{Agent, AgentOptions};
 pub use cli::Args;
 
-/// The arbiter of `--arbiter`, if given.
-fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>> {
+/// The etcd client of `--arbiter` and this host's name in it, if given:
+/// its files (CA, certificate, key, password) read and checked.
+fn arbiter_client(args: &Args) -> anyhow::Result<Option<(remus_arbiter::Arbiter, String)>> {
     if args.arbiter.is_empty() {
         if args.arbiter_ca.is_some() || args.arbiter_cert.is_some() || args.arbiter_user.is_some() {
             anyhow::bail!("--arbiter-ca/--arbiter-cert/--arbiter-user need --arbiter URL");
@@ -60,7 +61,14 @@ fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>>
             .trim()
             .to_string(),
     };
-    let arb = remus_arbiter::Arbiter::new(cfg, &host)?;
+    Ok(Some((remus_arbiter::Arbiter::new(cfg, &host)?, host)))
+}
+
+/// The arbiter of `--arbiter`, if given.
+fn arbiter_of(args: &Args) -> anyhow::Result<Option<Arc<arbiter::AgentArbiter>>> {
+    let Some((arb, host)) = arbiter_client(args)? else {
+        return Ok(None);
+    };
     let a = arbiter::AgentArbiter::new(
         arb,
         std::time::Duration::from_secs(args.arbiter_ttl),
@@ -162,6 +170,26 @@ fn check(args: &Args) -> ExitCode {
             Ok("none (this agent cannot be a backup)".into()),
             false,
         ),
+    }
+    match arbiter_client(args) {
+        Ok(None) => line(
+            "arbiter",
+            Ok("none (split-brain protection needs --arbiter)".into()),
+            false,
+        ),
+        Ok(Some((arb, host))) => line(
+            "arbiter",
+            arb.health()
+                .map(|ep| {
+                    format!(
+                        "{ep} answers; this host is {host:?} under {:?}",
+                        args.arbiter_prefix
+                    )
+                })
+                .map_err(|e| e.to_string()),
+            true,
+        ),
+        Err(e) => line("arbiter", Err(format!("{e:#}")), true),
     }
     if ok {
         ExitCode::SUCCESS

@@ -31,27 +31,7 @@ impl Password {
             path: path.to_path_buf(),
             reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(err("not a regular file".into()));
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o007 != 0 {
-            return Err(err(format!(
-                "other users can access it (mode {mode:o}): chmod 600 {}",
-                path.display()
-            )));
-        }
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(Self::MAX_LEN as u64 + 1).read_to_end(&mut bytes))
-            .map_err(|e| err(e.to_string()))?;
-        if bytes.len() > Self::MAX_LEN {
-            return Err(err(format!(
-                "longer than {} bytes: not a password file",
-                Self::MAX_LEN
-            )));
-        }
+        let bytes = read_private(path, Self::MAX_LEN as u64, "a password file").map_err(err)?;
         let text = String::from_utf8(bytes).map_err(|_| err("not UTF-8 text".into()))?;
         let pw = text.trim_end_matches(['\n', '\r']);
         if pw.contains(['\n', '\r']) {
@@ -73,6 +53,41 @@ impl Password {
     pub(crate) fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// Reads a file that holds a secret (a password, a TLS private key): a
+/// regular file that other users cannot access (its group may read it:
+/// `root:remus 0640` is a usual way to share it), at most `max` bytes.
+/// The checks are made on the opened file, so what is checked is what is
+/// read. A symlink is followed (certbot's keys are symlinks); the file it
+/// leads to is what is checked. Errors never quote the contents.
+pub(crate) fn read_private(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // A FIFO must not block the agent's start.
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "other users can access it (mode {mode:o}): chmod 600 {}",
+            path.display()
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("longer than {max} bytes: not {what}"));
+    }
+    Ok(bytes)
 }
 
 /// The etcd user the arbiter logs in as.

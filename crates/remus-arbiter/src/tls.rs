@@ -76,7 +76,12 @@ impl Tls {
             (Some(cert_path), Some(key_path)) => {
                 let cert = read_pem(cert_path, "certificate")?;
                 let chain = certificates(&cert, cert_path, "certificate")?;
-                let key = read_pem(key_path, "key")?;
+                let key = crate::auth::read_private(key_path, MAX_PEM_BYTES, "a PEM file")
+                    .map_err(|reason| ArbiterError::TlsFile {
+                        what: "key",
+                        path: key_path.clone(),
+                        reason,
+                    })?;
                 let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| ArbiterError::TlsFile {
                     what: "key",
                     path: key_path.clone(),

@@ -279,6 +279,38 @@ fn tls_settings_are_checked_when_given_and_errors_name_the_file() {
         e.contains(&junk.display().to_string()) && e.contains("no certificate"),
         "{e}"
     );
+    // A private key other users can read: refused, naming the mode.
+    use std::os::unix::fs::PermissionsExt;
+    let e = msg(https().with_tls(&TlsFiles {
+        ca: Some(pki.ca.clone()),
+        cert: Some(pki.client.cert.clone()),
+        key: Some(junk.clone()),
+    }));
+    assert!(
+        e.contains("key file") && e.contains("other users can access it (mode 644)"),
+        "{e}"
+    );
+    let open_key = dir.path().join("open-key.pem");
+    std::fs::copy(&pki.client.key, &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let e = msg(https().with_tls(&TlsFiles {
+        ca: Some(pki.ca.clone()),
+        cert: Some(pki.client.cert.clone()),
+        key: Some(open_key.clone()),
+    }));
+    assert!(e.contains("mode 604") && e.contains("chmod 600"), "{e}");
+    // Its group may read it (root:remus 0640).
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(
+        https()
+            .with_tls(&TlsFiles {
+                ca: Some(pki.ca.clone()),
+                cert: Some(pki.client.cert.clone()),
+                key: Some(open_key),
+            })
+            .is_ok()
+    );
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
     let e = msg(https().with_tls(&TlsFiles {
         ca: Some(pki.ca.clone()),
         cert: Some(pki.client.cert.clone()),

@@ -355,3 +355,40 @@ fn the_api_group_may_use_the_api() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn remusd_check_says_whether_the_arbiter_answers() {
+    let etcd = remus_testbed::etcd::EtcdCluster::start(1, "127.0.0.1", None).unwrap();
+    let ep = etcd.endpoints()[0].clone();
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(&bins().remusd)
+            .args(["--config", "/dev/null", "--check", "--host-name", "h1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("arbiter"))
+            .unwrap_or_else(|| panic!("no arbiter line in:\n{stdout}"))
+            .to_string();
+        (out.status.success(), line)
+    };
+    let (_, line) = check(&[]);
+    assert!(
+        line.contains("none (split-brain protection needs --arbiter)"),
+        "{line}"
+    );
+    let (_, line) = check(&["--arbiter", &ep]);
+    assert!(
+        line.starts_with("arbiter   ok: ") && line.contains("answers") && line.contains("\"h1\""),
+        "{line}"
+    );
+    // A member that does not answer fails the check.
+    drop(etcd);
+    let (ok, line) = check(&["--arbiter", &ep]);
+    assert!(
+        !ok && line.contains("FAILED: no etcd endpoint answered"),
+        "{line}"
+    );
+}

@@ -229,7 +229,8 @@ pub fn boot_probe(
     std::fs::write(&kernel, crate::probe_guest::image())
         .map_err(|e| format!("write {}: {e}", kernel.display()))?;
     let started = std::time::Instant::now();
-    let mut child = Command::new(qemu)
+    let mut command = Command::new(qemu);
+    command
         .args(["-accel", accel, "-cpu", cpu, "-machine", machine])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         // A guest that faults beyond repair triple-faults; without a
@@ -245,7 +246,21 @@ pub fn boot_probe(
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The probe QEMU dies with the thread that waits for it: a KVM
+    // internal error leaves QEMU paused, not gone, and an agent killed
+    // during the probe would otherwise leave it behind for good.
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
 
@@ -390,5 +405,85 @@ mod tests {
             }
         }
         assert!(started.elapsed() < BOOT_PROBE_TIMEOUT + Duration::from_secs(5));
+    }
+
+    /// A process killed while its probe runs takes the probe's QEMU with
+    /// it (QEMU stays alive, paused, after a KVM internal error). The
+    /// probe runs in a child process of this test with a stand-in "QEMU"
+    /// that only sleeps; the child is killed with SIGKILL and the
+    /// stand-in must be gone too.
+    #[test]
+    fn the_probe_dies_with_its_process() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(fake) = std::env::var("REMUS_PROBE_CHILD_QEMU") {
+            let _ = boot_probe(
+                std::path::Path::new(&fake),
+                "kvm",
+                "host",
+                "q35",
+                Duration::from_secs(600),
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("qemu.pid");
+        let fake = dir.path().join("qemu");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho $$ > {}.tmp\nmv {0}.tmp {0}\nexec sleep 600\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "kvm::tests::the_probe_dies_with_its_process",
+                "--nocapture",
+            ])
+            .env("REMUS_PROBE_CHILD_QEMU", &fake)
+            .spawn()
+            .unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        let pid: i32 = loop {
+            if let Ok(t) = std::fs::read_to_string(&pidfile) {
+                break t.trim().parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "the stand-in QEMU never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // A pidfd becomes readable when the process ends (a zombie its
+        // new parent has yet to reap counts as ended).
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        if ready != 1 {
+            // SAFETY: kill has no preconditions; this test started it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(pidfd) };
+        assert_eq!(
+            ready, 1,
+            "the probe's QEMU outlived the process that ran the probe"
+        );
     }
 }

@@ -254,34 +254,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// frame, so the stream can be handed to another reader afterwards. A clean
 /// end of stream between frames is [`WireError::Closed`].
 pub fn read_frame(r: &mut impl Read) -> Result<Message, WireError> {
-    let mut raw = [0u8; HEADER_LEN];
-    let got = read_full(r, &mut raw)?;
-    if got == 0 {
-        return Err(WireError::Closed);
-    }
-    if got < HEADER_LEN {
-        // Report garbage as garbage even when it is shorter than a header.
-        if raw[..got.min(4)] != MAGIC[..got.min(4)] {
-            let mut found = [0u8; 4];
-            found[..got.min(4)].copy_from_slice(&raw[..got.min(4)]);
-            return Err(DecodeError::BadMagic { found }.into());
-        }
-        return Err(WireError::Truncated {
-            got,
-            expected: HEADER_LEN,
-        });
-    }
-    let header = FrameHeader::parse(&raw)?;
+    let (header, raw) = read_header(r)?;
     // The length was bounded by `parse`, so this allocation is at most 64 MiB.
-    let mut payload = vec![0u8; header.payload_len as usize];
-    let got = read_full(r, &mut payload)?;
-    if got < payload.len() {
-        return Err(WireError::Truncated {
-            got: HEADER_LEN + got,
-            expected: header.frame_len(),
-        });
-    }
-    Ok(verify_and_parse(&header, &raw, &payload)?)
+    read_payload(r, &header, &raw)
 }
 
 /// Reads one frame like [`read_frame`], but decides from its header alone,
@@ -295,23 +270,7 @@ pub fn read_frame_bounded(
     expected: &'static str,
     accept: impl Fn(u16) -> bool,
 ) -> Result<Message, WireError> {
-    let mut raw = [0u8; HEADER_LEN];
-    let got = read_full(r, &mut raw)?;
-    if got == 0 {
-        return Err(WireError::Closed);
-    }
-    if got < HEADER_LEN {
-        if raw[..got.min(4)] != MAGIC[..got.min(4)] {
-            let mut found = [0u8; 4];
-            found[..got.min(4)].copy_from_slice(&raw[..got.min(4)]);
-            return Err(DecodeError::BadMagic { found }.into());
-        }
-        return Err(WireError::Truncated {
-            got,
-            expected: HEADER_LEN,
-        });
-    }
-    let header = FrameHeader::parse(&raw)?;
+    let (header, raw) = read_header(r)?;
     if !accept(header.msg_type) {
         return Err(DecodeError::NotExpected {
             msg_type: TypeCode(header.msg_type),
@@ -327,6 +286,40 @@ pub fn read_frame_bounded(
         }
         .into());
     }
+    read_payload(r, &header, &raw)
+}
+
+/// Reads and parses one frame header. A clean end of stream before it is
+/// [`WireError::Closed`]; garbage is reported as garbage even when it is
+/// shorter than a header.
+fn read_header(r: &mut impl Read) -> Result<(FrameHeader, [u8; HEADER_LEN]), WireError> {
+    let mut raw = [0u8; HEADER_LEN];
+    let got = read_full(r, &mut raw)?;
+    if got == 0 {
+        return Err(WireError::Closed);
+    }
+    if got < HEADER_LEN {
+        if raw[..got.min(4)] != MAGIC[..got.min(4)] {
+            let mut found = [0u8; 4];
+            found[..got.min(4)].copy_from_slice(&raw[..got.min(4)]);
+            return Err(DecodeError::BadMagic { found }.into());
+        }
+        return Err(WireError::Truncated {
+            got,
+            expected: HEADER_LEN,
+        });
+    }
+    Ok((FrameHeader::parse(&raw)?, raw))
+}
+
+/// Reads the payload `header` announces (its length already bounded by
+/// the caller or by [`FrameHeader::parse`]), then checks and decodes the
+/// frame.
+fn read_payload(
+    r: &mut impl Read,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+) -> Result<Message, WireError> {
     let mut payload = vec![0u8; header.payload_len as usize];
     let got = read_full(r, &mut payload)?;
     if got < payload.len() {
@@ -335,7 +328,7 @@ pub fn read_frame_bounded(
             expected: header.frame_len(),
         });
     }
-    Ok(verify_and_parse(&header, &raw, &payload)?)
+    Ok(verify_and_parse(header, raw, &payload)?)
 }
 
 /// Writes one frame carrying `message` (does not flush).

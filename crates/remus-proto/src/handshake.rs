@@ -205,6 +205,24 @@ impl<S: Read + Write> Conn<'_, S> {
             .map_err(|e| self.wire(op, e))
     }
 
+    /// Writes our next Noise handshake message and sends it.
+    fn send_noise(
+        &mut self,
+        op: &'static str,
+        noise: &mut snow::HandshakeState,
+    ) -> Result<(), HandshakeError> {
+        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
+        let n = noise
+            .write_message(&[], &mut out)
+            .map_err(|e| self.fail(op, noise_failure(e)))?;
+        self.send(
+            op,
+            &Message::NoiseHandshake {
+                data: out[..n].to_vec(),
+            },
+        )
+    }
+
     fn recv(&mut self, op: &'static str) -> Result<Message, HandshakeError> {
         read_frame_bounded(
             self.stream,
@@ -362,16 +380,7 @@ pub fn client_handshake(
             peer: peer.clone(),
             timeout: params.timeout,
         };
-        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
-        let n = noise
-            .write_message(&[], &mut out)
-            .map_err(|e| c.fail("starting the encrypted handshake", noise_failure(e)))?;
-        c.send(
-            "sending the encrypted handshake",
-            &Message::NoiseHandshake {
-                data: out[..n].to_vec(),
-            },
-        )?;
+        c.send_noise("sending the encrypted handshake", &mut noise)?;
         const OP: &str = "waiting for the encrypted handshake";
         let reply = read_frame_bounded(
             c.stream,
@@ -542,16 +551,7 @@ pub fn server_handshake(
                 HandshakeFailure::PeerNotAuthenticated,
             ));
         }
-        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
-        let n = noise
-            .write_message(&[], &mut out)
-            .map_err(|e| c.fail("answering the encrypted handshake", noise_failure(e)))?;
-        c.send(
-            "answering the encrypted handshake",
-            &Message::NoiseHandshake {
-                data: out[..n].to_vec(),
-            },
-        )?;
+        c.send_noise("answering the encrypted handshake", &mut noise)?;
         noise
             .into_stateless_transport_mode()
             .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))?

@@ -122,23 +122,7 @@ impl Channel {
     pub(crate) fn encrypted(tcp: TcpStream, transport: StatelessTransportState) -> Channel {
         Channel {
             tcp,
-            crypto: Some(Arc::new(Crypto {
-                transport,
-                tx: Mutex::new(Tx {
-                    nonce: 0,
-                    out: Vec::new(),
-                    broken: false,
-                }),
-                rx: Mutex::new(Rx {
-                    nonce: 0,
-                    buf: vec![0; READ_BUFFER],
-                    start: 0,
-                    end: 0,
-                    plain: Vec::new(),
-                    pos: 0,
-                    failed: None,
-                }),
-            })),
+            crypto: Some(Arc::new(Crypto::new(transport))),
         }
     }
 
@@ -191,7 +175,28 @@ fn dead(why: &str) -> io::Error {
 }
 
 impl Crypto {
-    fn read(&self, mut tcp: &TcpStream, out: &mut [u8]) -> io::Result<usize> {
+    fn new(transport: StatelessTransportState) -> Crypto {
+        Crypto {
+            transport,
+            tx: Mutex::new(Tx {
+                nonce: 0,
+                out: Vec::new(),
+                broken: false,
+            }),
+            rx: Mutex::new(Rx {
+                nonce: 0,
+                buf: vec![0; READ_BUFFER],
+                start: 0,
+                end: 0,
+                plain: Vec::new(),
+                pos: 0,
+                failed: None,
+            }),
+        }
+    }
+
+    /// Reads plaintext from the records that arrive on `src`.
+    fn read(&self, src: &mut impl Read, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -267,7 +272,7 @@ impl Crypto {
                 rx.start = 0;
             }
             let end = rx.end;
-            let n = tcp.read(&mut rx.buf[end..])?;
+            let n = src.read(&mut rx.buf[end..])?;
             if n == 0 {
                 if rx.start == rx.end {
                     return Ok(0);
@@ -281,7 +286,8 @@ impl Crypto {
         }
     }
 
-    fn write(&self, mut tcp: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    /// Seals `data` (a batch of it) into records and writes them to `dst`.
+    fn write(&self, dst: &mut impl Write, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             return Ok(0);
         }
@@ -306,7 +312,7 @@ impl Crypto {
             debug_assert_eq!(n, sealed_len);
             tx.nonce += 1;
         }
-        if let Err(e) = tcp.write_all(&tx.out) {
+        if let Err(e) = dst.write_all(&tx.out) {
             // The peer may have part of a record: nothing can follow it.
             tx.broken = true;
             return Err(e);
@@ -318,7 +324,7 @@ impl Crypto {
 impl Read for &Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.crypto {
-            Some(c) => c.read(&self.tcp, buf),
+            Some(c) => c.read(&mut &self.tcp, buf),
             None => (&self.tcp).read(buf),
         }
     }
@@ -327,7 +333,7 @@ impl Read for &Channel {
 impl Write for &Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &self.crypto {
-            Some(c) => c.write(&self.tcp, buf),
+            Some(c) => c.write(&mut &self.tcp, buf),
             None => (&self.tcp).write(buf),
         }
     }
@@ -360,6 +366,54 @@ pub(crate) fn noise(initiator: bool, psk: &[u8; 32]) -> Result<snow::HandshakeSt
         b.build_initiator()
     } else {
         b.build_responder()
+    }
+}
+
+/// The record layer of an encrypted channel over any reader or writer,
+/// for the fuzz targets (`fuzz/`): the very code a [`Channel`] runs, with
+/// both ends' keys from a Noise handshake made in memory. Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// The sending end.
+    pub struct Sender(Crypto);
+    /// The receiving end.
+    pub struct Receiver(Crypto);
+
+    /// Two ends keyed by `psk` (a finished NNpsk0 handshake).
+    pub fn pair(psk: &[u8; 32]) -> (Sender, Receiver) {
+        let mut i = noise(true, psk).expect("Noise parameters");
+        let mut r = noise(false, psk).expect("Noise parameters");
+        let mut msg = [0u8; MAX_NOISE_MESSAGE];
+        let mut payload = [0u8; MAX_NOISE_MESSAGE];
+        let n = i.write_message(&[], &mut msg).expect("first message");
+        r.read_message(&msg[..n], &mut payload).expect("same key");
+        let n = r.write_message(&[], &mut msg).expect("second message");
+        i.read_message(&msg[..n], &mut payload).expect("same key");
+        (
+            Sender(Crypto::new(
+                i.into_stateless_transport_mode().expect("finished"),
+            )),
+            Receiver(Crypto::new(
+                r.into_stateless_transport_mode().expect("finished"),
+            )),
+        )
+    }
+
+    impl Sender {
+        /// What `Write::write` of a channel does: seals a batch of `data`.
+        pub fn write(&self, dst: &mut impl Write, data: &[u8]) -> io::Result<usize> {
+            self.0.write(dst, data)
+        }
+    }
+
+    impl Receiver {
+        /// What `Read::read` of a channel does.
+        pub fn read(&self, src: &mut impl Read, out: &mut [u8]) -> io::Result<usize> {
+            self.0.read(src, out)
+        }
     }
 }
 

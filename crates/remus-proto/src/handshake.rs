@@ -364,60 +364,7 @@ pub fn client_handshake(
 ) -> Result<(Channel, Session), HandshakeError> {
     let peer = peer_name(&tcp);
     let deadline = Instant::now() + params.timeout;
-    let fail = |op: &'static str, failure: HandshakeFailure| HandshakeError {
-        peer: peer.clone(),
-        op,
-        failure,
-    };
-    let mut noise = channel::noise(true, &key.noise_psk())
-        .map_err(|e| fail("starting the encrypted handshake", noise_failure(e)))?;
-    let transport = {
-        let mut c = Conn {
-            stream: &mut Deadline {
-                stream: &mut tcp,
-                deadline,
-            },
-            peer: peer.clone(),
-            timeout: params.timeout,
-        };
-        c.send_noise("sending the encrypted handshake", &mut noise)?;
-        const OP: &str = "waiting for the encrypted handshake";
-        let reply = read_frame_bounded(
-            c.stream,
-            PREAUTH_MAX_PAYLOAD,
-            "the encrypted handshake",
-            |t| {
-                matches!(
-                    MsgType::from_u16(t),
-                    Some(MsgType::NoiseHandshake | MsgType::Error)
-                )
-            },
-        );
-        let data = match reply {
-            Ok(Message::NoiseHandshake { data }) => data,
-            Ok(Message::Error { code, message }) => return Err(c.fail(OP, refused(code, message))),
-            Ok(other) => return Err(c.unexpected(OP, "NoiseHandshake", other)),
-            Err(WireError::Closed) => return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise)),
-            Err(WireError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise));
-            }
-            Err(e) => return Err(c.wire(OP, e)),
-        };
-        let mut payload = [0u8; channel::MAX_NOISE_MESSAGE];
-        if noise.read_message(&data, &mut payload).is_err() {
-            c.send_error(
-                ErrorCode::AuthFailed,
-                "the encrypted handshake does not verify with our key",
-            );
-            return Err(c.fail(
-                "verifying the server's handshake",
-                HandshakeFailure::PeerNotAuthenticated,
-            ));
-        }
-        noise
-            .into_stateless_transport_mode()
-            .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))?
-    };
+    let transport = client_noise(&mut tcp, key, &peer, params.timeout, deadline)?;
     let mut ch = Channel::encrypted(tcp, transport);
     let mut session = client_handshake_on(
         &mut Deadline {
@@ -431,6 +378,80 @@ pub fn client_handshake(
     clear_timeouts(&ch);
     session.encrypted = true;
     Ok((ch, session))
+}
+
+/// The client's side of the Noise handshake on `tcp`: the keys of the
+/// encrypted channel, or why there are none.
+fn client_noise(
+    tcp: &mut TcpStream,
+    key: &Key,
+    peer: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<snow::StatelessTransportState, HandshakeError> {
+    let mut c = Conn {
+        stream: &mut Deadline {
+            stream: tcp,
+            deadline,
+        },
+        peer: peer.to_string(),
+        timeout,
+    };
+    let mut noise = channel::noise(true, &key.noise_psk())
+        .map_err(|e| c.fail("starting the encrypted handshake", noise_failure(e)))?;
+    c.send_noise("sending the encrypted handshake", &mut noise)?;
+    const OP: &str = "waiting for the encrypted handshake";
+    let reply = read_frame_bounded(
+        c.stream,
+        PREAUTH_MAX_PAYLOAD,
+        "the encrypted handshake",
+        |t| {
+            matches!(
+                MsgType::from_u16(t),
+                Some(MsgType::NoiseHandshake | MsgType::Error)
+            )
+        },
+    );
+    let data = match reply {
+        Ok(Message::NoiseHandshake { data }) => data,
+        Ok(Message::Error { code, message }) => return Err(c.fail(OP, refused(code, message))),
+        Ok(other) => return Err(c.unexpected(OP, "NoiseHandshake", other)),
+        Err(WireError::Closed) => return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise)),
+        Err(WireError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+            return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise));
+        }
+        Err(e) => return Err(c.wire(OP, e)),
+    };
+    let mut payload = [0u8; channel::MAX_NOISE_MESSAGE];
+    if noise.read_message(&data, &mut payload).is_err() {
+        c.send_error(
+            ErrorCode::AuthFailed,
+            "the encrypted handshake does not verify with our key",
+        );
+        return Err(c.fail(
+            "verifying the server's handshake",
+            HandshakeFailure::PeerNotAuthenticated,
+        ));
+    }
+    noise
+        .into_stateless_transport_mode()
+        .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))
+}
+
+/// The encrypted channel a key-holding client would have before its
+/// Hello, for the fuzz targets (`fuzz/`): what follows on it is the
+/// target's to send. Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzzing_client_channel(
+    mut tcp: TcpStream,
+    key: &Key,
+    timeout: Duration,
+) -> Result<Channel, HandshakeError> {
+    let peer = peer_name(&tcp);
+    let transport = client_noise(&mut tcp, key, &peer, timeout, Instant::now() + timeout)?;
+    clear_timeouts(&tcp);
+    Ok(Channel::encrypted(tcp, transport))
 }
 
 /// Client side in the clear, with a protocol-5 server during a rolling

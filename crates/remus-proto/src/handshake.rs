@@ -454,6 +454,21 @@ pub fn fuzzing_client_channel(
     Ok(Channel::encrypted(tcp, transport))
 }
 
+/// The AuthProof a key-holding client sends for `hello` (as the server
+/// re-encodes it), `version` and the server's nonce, for the fuzz targets.
+/// Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzzing_client_proof(
+    key: &Key,
+    hello: &Hello,
+    version: u16,
+    server_nonce: &[u8; crate::NONCE_LEN],
+) -> [u8; crate::PROOF_LEN] {
+    let hello_bytes = Message::Hello(hello.clone()).encode_payload();
+    key.client_proof(&hello_bytes, version, server_nonce)
+}
+
 /// Client side in the clear, with a protocol-5 server during a rolling
 /// upgrade (the operator allowed it): Hello offering only the unencrypted
 /// version, then as before encryption existed.

@@ -199,15 +199,15 @@ pub use frame::{
     CRITICAL_FLAGS, DecodeError, Decoded, FrameHeader, HEADER_LEN, MAGIC, MAX_PAYLOAD, TypeCode,
     WireError, decode, encode_raw, read_frame, read_frame_bounded, write_frame,
 };
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub use handshake::fuzzing_client_channel;
 pub use handshake::{
     HANDSHAKE_MAX_PAYLOAD, HANDSHAKE_TIMEOUT, HandshakeError, HandshakeFailure, HelloParams,
     PREAUTH_MAX_PAYLOAD, ServerOptions, Session, client_handshake, client_handshake_on,
     client_handshake_unencrypted, encrypted_versions, server_handshake, server_handshake_on,
     supported_versions, unencrypted_versions,
 };
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use handshake::{fuzzing_client_channel, fuzzing_client_proof};
 pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
     DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,

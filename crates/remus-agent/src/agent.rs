@@ -39,7 +39,8 @@ pub struct AgentOptions {
     pub arbiter: Option<Arc<crate::arbiter::AgentArbiter>>,
     /// Activity-log extents kept marked per disk (`--al-extents`).
     pub al_extents: usize,
-    /// Replicate with protocol-5 peers in the clear (a rolling upgrade).
+    /// As a backup, accept sessions in the clear (protocol-5 peers during a
+    /// rolling upgrade, `protect --unencrypted`).
     pub allow_unencrypted: bool,
     /// Where copies kept for peers live.
     pub storage: crate::storage::Storage,

@@ -59,10 +59,12 @@ pub struct Args {
     /// `head -c 32 /dev/urandom > KEY`).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Replicate with agents that speak protocol 5 (before encryption), in
-    /// the clear, authenticated by the key but readable and alterable on
-    /// the wire. Only for the length of a rolling upgrade; every such
-    /// session is logged as a warning.
+    /// As a backup, accept sessions in the clear: from agents that speak
+    /// protocol 5 (before encryption), and `remus protect --unencrypted`.
+    /// They are authenticated by the key but readable and alterable on the
+    /// wire. Only for the length of a rolling upgrade (or on a link that is
+    /// encrypted already); every such session is logged as a warning. A
+    /// primary never steps down to the clear by itself.
     #[arg(long)]
     pub allow_unencrypted_peers: bool,
     /// Where this host creates the disk images of the copies it keeps for

@@ -625,20 +625,11 @@ fn open_session(
     } else {
         client_handshake(connect(peer)?, key, &params)
     };
-    let (mut stream, session) = match handshake {
-        Ok(s) => s,
-        // A protocol-5 peer hangs up on the encrypted handshake; during a
-        // rolling upgrade the operator may allow talking to it in the clear.
-        Err(e)
-            if agent.opts.allow_unencrypted
-                && matches!(e.failure, remus_proto::HandshakeFailure::ClosedDuringNoise) =>
-        {
-            tracing::warn!(vm = %name, %peer, "the peer does not speak the encrypted protocol: replicating IN THE CLEAR (--allow-unencrypted-peers; end the rolling upgrade soon)");
-            client_handshake_unencrypted(connect(peer)?, key, &params)
-                .map_err(|e| AgentError::BadRequest(e.to_string()))?
-        }
-        Err(e) => return Err(AgentError::BadRequest(e.to_string())),
-    };
+    // Never a silent step down to the clear: a closed or reset connection
+    // during the encrypted handshake is also what a flood of the backup's
+    // admission slots, or someone on the path, produces. Talking to an
+    // older agent in the clear is asked for per session (--unencrypted).
+    let (mut stream, session) = handshake.map_err(|e| AgentError::BadRequest(e.to_string()))?;
     if replicate_disks && session.version < remus_proto::DISK_PROTOCOL_VERSION {
         let _ = Message::Error {
             code: ErrorCode::VersionMismatch,

@@ -46,7 +46,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snow::StatelessTransportState;
 
@@ -75,6 +75,10 @@ const READ_BUFFER: usize = 4 * MAX_RECORD;
 pub struct Channel {
     tcp: TcpStream,
     crypto: Option<Arc<Crypto>>,
+    /// While set (during the handshake), every socket read and write
+    /// below the record layer may wait only until then: a record trickled
+    /// in byte by byte cannot stretch it.
+    deadline: Mutex<Option<Instant>>,
 }
 
 struct Crypto {
@@ -123,12 +127,23 @@ impl Channel {
         Channel {
             tcp,
             crypto: Some(Arc::new(Crypto::new(transport))),
+            deadline: Mutex::new(None),
         }
     }
 
     /// A channel in the clear (a protocol-5 peer).
     pub(crate) fn plain(tcp: TcpStream) -> Channel {
-        Channel { tcp, crypto: None }
+        Channel {
+            tcp,
+            crypto: None,
+            deadline: Mutex::new(None),
+        }
+    }
+
+    /// Sets or clears the deadline of every socket read and write (see
+    /// the field).
+    pub(crate) fn set_deadline(&self, deadline: Option<Instant>) {
+        *lock(&self.deadline) = deadline;
     }
 
     /// Whether bytes travel encrypted.
@@ -141,6 +156,7 @@ impl Channel {
         Ok(Channel {
             tcp: self.tcp.try_clone()?,
             crypto: self.crypto.clone(),
+            deadline: Mutex::new(*lock(&self.deadline)),
         })
     }
 
@@ -227,13 +243,16 @@ impl Crypto {
                 if have >= 2 + len {
                     let sealed = &rx.buf[rx.start + 2..rx.start + 2 + len];
                     let plain_len = len - TAG_LEN;
-                    // Straight into the caller's buffer when it has room.
-                    let direct = out.len() >= plain_len;
+                    // Straight into the caller's buffer when it has room
+                    // for the sealed record: the AEAD opens in place
+                    // there, where a smaller buffer would cost it a copy
+                    // of its own.
+                    let direct = out.len() >= len;
                     if !direct {
-                        rx.plain.resize(plain_len, 0);
+                        rx.plain.resize(len, 0);
                     }
                     let target: &mut [u8] = if direct {
-                        &mut out[..plain_len]
+                        &mut out[..len]
                     } else {
                         &mut rx.plain[..]
                     };
@@ -261,6 +280,7 @@ impl Crypto {
                         }
                         return Ok(plain_len);
                     }
+                    rx.plain.truncate(plain_len);
                     rx.pos = 0;
                     continue;
                 }
@@ -305,10 +325,21 @@ impl Crypto {
             let sealed_len = chunk.len() + TAG_LEN;
             tx.out.resize(at + 2 + sealed_len, 0);
             tx.out[at..at + 2].copy_from_slice(&(sealed_len as u16).to_be_bytes());
-            let n = self
+            let n = match self
                 .transport
                 .write_message(tx.nonce, chunk, &mut tx.out[at + 2..])
-                .map_err(|e| io::Error::other(format!("encrypting record {}: {e}", tx.nonce)))?;
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    // Records before it in this batch took nonces but
+                    // were never sent: nothing may follow.
+                    tx.broken = true;
+                    return Err(io::Error::other(format!(
+                        "encrypting record {}: {e}",
+                        tx.nonce
+                    )));
+                }
+            };
             debug_assert_eq!(n, sealed_len);
             tx.nonce += 1;
         }
@@ -323,22 +354,61 @@ impl Crypto {
 
 impl Read for &Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &self.crypto {
-            Some(c) => c.read(&mut &self.tcp, buf),
-            None => (&self.tcp).read(buf),
+        let deadline = *lock(&self.deadline);
+        match (&self.crypto, deadline) {
+            (Some(c), None) => c.read(&mut &self.tcp, buf),
+            (Some(c), Some(d)) => c.read(&mut Until(&self.tcp, d), buf),
+            (None, None) => (&self.tcp).read(buf),
+            (None, Some(d)) => Until(&self.tcp, d).read(buf),
         }
     }
 }
 
 impl Write for &Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &self.crypto {
-            Some(c) => c.write(&mut &self.tcp, buf),
-            None => (&self.tcp).write(buf),
+        let deadline = *lock(&self.deadline);
+        match (&self.crypto, deadline) {
+            (Some(c), None) => c.write(&mut &self.tcp, buf),
+            (Some(c), Some(d)) => c.write(&mut Until(&self.tcp, d), buf),
+            (None, None) => (&self.tcp).write(buf),
+            (None, Some(d)) => Until(&self.tcp, d).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         (&self.tcp).flush()
+    }
+}
+
+/// A socket whose every read and write waits at most until a deadline.
+struct Until<'a>(&'a TcpStream, Instant);
+
+impl Until<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.1.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.0).read(buf)
+    }
+}
+
+impl Write for Until<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.0).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&mut &*self.0).flush()
     }
 }
 

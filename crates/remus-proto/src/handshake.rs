@@ -96,7 +96,7 @@ pub enum HandshakeFailure {
     )]
     Unencrypted(u16),
     #[error(
-        "the peer closed the connection during the encrypted handshake: a remus agent older than protocol {ENCRYPTED_PROTOCOL_VERSION} does that (upgrade it, or allow unencrypted peers on both agents during a rolling upgrade), or it refused this connection"
+        "the peer closed the connection during the encrypted handshake: a remus agent older than protocol {ENCRYPTED_PROTOCOL_VERSION} does that (upgrade it, or during a rolling upgrade protect with --unencrypted to a backup started with --allow-unencrypted-peers), as does an agent that refuses connections (too many unauthenticated ones at once; see its log)"
     )]
     ClosedDuringNoise,
 }
@@ -289,6 +289,23 @@ fn refused(code: ErrorCode, message: String) -> HandshakeFailure {
     }
 }
 
+/// An Error that came before the peer proved it holds our key: anyone
+/// who can answer on the peer's address could have sent it, so it is
+/// reported as such and never read as a verdict on the VM (a real server
+/// sends only AuthFailed or VersionMismatch there).
+fn refused_unverified(code: ErrorCode, message: String) -> HandshakeFailure {
+    let hint = match code {
+        ErrorCode::AuthFailed => " (the two replication key files differ, or this is not our peer)",
+        _ => "",
+    };
+    HandshakeFailure::Refused {
+        code,
+        message: format!(
+            "{message}{hint} [said before the peer proved it holds our key: unverified]"
+        ),
+    }
+}
+
 fn peer_name(stream: &TcpStream) -> String {
     stream
         .peer_addr()
@@ -366,6 +383,7 @@ pub fn client_handshake(
     let deadline = Instant::now() + params.timeout;
     let transport = client_noise(&mut tcp, key, &peer, params.timeout, deadline)?;
     let mut ch = Channel::encrypted(tcp, transport);
+    ch.set_deadline(Some(deadline));
     let mut session = client_handshake_on(
         &mut Deadline {
             stream: &mut ch,
@@ -375,6 +393,7 @@ pub fn client_handshake(
         key,
         params,
     )?;
+    ch.set_deadline(None);
     clear_timeouts(&ch);
     session.encrypted = true;
     Ok((ch, session))
@@ -414,7 +433,9 @@ fn client_noise(
     );
     let data = match reply {
         Ok(Message::NoiseHandshake { data }) => data,
-        Ok(Message::Error { code, message }) => return Err(c.fail(OP, refused(code, message))),
+        Ok(Message::Error { code, message }) => {
+            return Err(c.fail(OP, refused_unverified(code, message)));
+        }
         Ok(other) => return Err(c.unexpected(OP, "NoiseHandshake", other)),
         Err(WireError::Closed) => return Err(c.fail(OP, HandshakeFailure::ClosedDuringNoise)),
         Err(WireError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -593,6 +614,7 @@ pub fn server_handshake(
             .map_err(|e| c.fail("finishing the encrypted handshake", noise_failure(e)))?
     };
     let mut ch = Channel::encrypted(tcp, transport);
+    ch.set_deadline(Some(deadline));
     let (mut session, hello) = server_handshake_on(
         &mut Deadline {
             stream: &mut ch,
@@ -605,6 +627,7 @@ pub fn server_handshake(
         None,
         lookup,
     )?;
+    ch.set_deadline(None);
     clear_timeouts(&ch);
     session.encrypted = true;
     Ok((ch, session, hello))
@@ -795,5 +818,63 @@ impl HandshakeError {
             HandshakeFailure::Wire(WireError::Decode(d)) => Some(d),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// The deadline holds inside the encrypted channel too: someone who
+    /// replays a genuine client's first Noise message (it carries no
+    /// freshness, so the server answers it) and then trickles one record a
+    /// byte at a time cannot keep the server's handshake going past its
+    /// deadline. (Each socket read of the record layer gets only what is
+    /// left of it, not the whole timeout again.)
+    #[test]
+    fn a_trickled_record_cannot_outlast_the_deadline() {
+        let key = Key::from_bytes(&[4; 32]).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_key = key.clone();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let opts = ServerOptions {
+                timeout: Duration::from_millis(800),
+                ..ServerOptions::default()
+            };
+            let start = Instant::now();
+            let r = server_handshake(s, &server_key, &opts, |_, _| Ok(None));
+            (r.map(|_| ()), start.elapsed())
+        });
+        // A genuine first message, as a recording of a real client holds.
+        let mut noise = channel::noise(true, &key.noise_psk()).unwrap();
+        let mut out = [0u8; channel::MAX_NOISE_MESSAGE];
+        let n = noise.write_message(&[], &mut out).unwrap();
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        Message::NoiseHandshake {
+            data: out[..n].to_vec(),
+        }
+        .write_to(&mut tcp)
+        .unwrap();
+        // The server answers; then one record of the largest size, slowly.
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reply = crate::read_frame(&mut tcp).unwrap();
+        assert!(matches!(reply, Message::NoiseHandshake { .. }), "{reply:?}");
+        let trickle = std::thread::spawn(move || {
+            let _ = tcp.write_all(&[0xff, 0xff]);
+            for _ in 0..40 {
+                if tcp.write_all(&[0x55]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (r, took) = server.join().unwrap();
+        let e = r.unwrap_err();
+        assert!(matches!(e.failure, HandshakeFailure::Timeout(_)), "{e}");
+        assert!(took < Duration::from_millis(2000), "took {took:?}");
+        trickle.join().unwrap();
     }
 }

@@ -12,8 +12,9 @@
 //!   error: nothing of it is applied.
 //! - [`discard`](EpochBuffer::discard) drops everything uncommitted (a
 //!   failover resumes from the last commit; later epochs never happened).
-//! - Bounded, whatever the primary sends: at most `spill_limit` bytes in
-//!   the spill file, [`MAX_PENDING_RECORDS`] records and
+//! - Bounded, whatever the primary sends: at most `spill_limit` bytes of
+//!   uncommitted data in the spill file (committed epochs' space is given
+//!   back as they commit, also while later epochs are pending), [`MAX_PENDING_RECORDS`] records and
 //!   [`MAX_OPEN_EPOCHS`] epochs waiting for their commit. Past a bound the
 //!   record is refused with [`DiskError::Limit`]: the session ends, and
 //!   what committed last stays as it is (nothing uncommitted is applied).
@@ -28,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +86,11 @@ pub struct EpochBuffer {
     mem_used: u64,
     spill_path: PathBuf,
     spill: Option<File>,
+    /// Spilled data of uncommitted epochs lies in `spill_start..spill_end`
+    /// of the file; what lies before was committed or discarded, and its
+    /// blocks are given back (a hole is punched), so under steady writes
+    /// the file's blocks follow the live data while its offsets grow.
+    spill_start: u64,
     spill_end: u64,
     pending: BTreeMap<u64, Pending>,
     sync: DiskLogDigest,
@@ -123,6 +130,7 @@ impl EpochBuffer {
             mem_used: 0,
             spill_path: spill_path.to_path_buf(),
             spill: None,
+            spill_start: 0,
             spill_end: 0,
             pending: BTreeMap::new(),
             sync: DiskLogDigest::default(),
@@ -241,7 +249,7 @@ impl EpochBuffer {
                 if self.mem_used + data.len() as u64 > self.mem_limit =>
             {
                 let at = self.spill_end;
-                if at + data.len() as u64 > self.spill_limit {
+                if at - self.spill_start + data.len() as u64 > self.spill_limit {
                     return Err(DiskError::Limit(format!(
                         "the disk writes of uncommitted epochs fill this backup's spill file to its limit of {} MiB (the primary writes faster than its checkpoints commit; raise --max-spill-mib)",
                         self.spill_limit >> 20
@@ -487,16 +495,46 @@ impl EpochBuffer {
         dropped
     }
 
-    /// Empties the spill file and the memory count once nothing is pending.
+    /// Gives back the spill file's space that no pending epoch uses: all
+    /// of it once nothing is pending (and the memory count), else the
+    /// blocks before the first live spilled record.
     fn reclaim(&mut self) {
         if self.pending.is_empty() {
             self.mem_used = 0;
-            if self.spill_end > 0 {
-                if let Some(f) = &self.spill {
-                    let _ = f.set_len(0);
-                }
+        }
+        let live_start = self
+            .pending
+            .values()
+            .flat_map(|p| &p.items)
+            .filter_map(|i| match i {
+                Item::Spilled { at, .. } => Some(*at),
+                Item::Mem(_) => None,
+            })
+            .min();
+        let Some(f) = &self.spill else { return };
+        match live_start {
+            None if self.spill_end > 0 => {
+                let _ = f.set_len(0);
+                self.spill_start = 0;
                 self.spill_end = 0;
             }
+            None => {}
+            Some(start) if start > self.spill_start => {
+                // Best effort: a file system without hole punching keeps
+                // the blocks until the file is emptied; the bound on live
+                // data holds either way.
+                // SAFETY: fallocate on our own open file descriptor.
+                unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        self.spill_start as libc::off_t,
+                        (start - self.spill_start) as libc::off_t,
+                    )
+                };
+                self.spill_start = start;
+            }
+            Some(_) => {}
         }
     }
 

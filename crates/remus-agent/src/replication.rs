@@ -928,7 +928,10 @@ pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
                     .name("repl-session".into())
                     .spawn(move || {
                         if let Err(e) = backup_session(&a, stream, admitted) {
-                            tracing::warn!(%peer, error = %e, "replication session refused");
+                            // The reason may quote the peer (a VM name, a
+                            // field of its setup): escaped, so it cannot
+                            // forge log lines.
+                            tracing::warn!(%peer, error = %remus_proto::printable(&e), "replication session refused");
                         }
                     });
                 if let Err(e) = spawned {

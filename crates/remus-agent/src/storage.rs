@@ -69,6 +69,10 @@ pub struct PlacedDisk {
     pub path: PathBuf,
     #[serde(default)]
     pub format: DiskFormat,
+    /// A file the copy may only read (a shared ISO or base image): the
+    /// guest gets it read-only and a peer cannot replicate onto it.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,14 +179,31 @@ impl Storage {
     ) -> Result<(), String> {
         let dir = self.vm_image_dir(name);
         create_private_dir(&dir)?;
+        // The root too (it may be a link the operator made): others who
+        // can write there could swap the VM's directory.
+        check_not_writable_by_others(&self.image_dir)?;
         let mut rec = self.image_record(name)?;
         rec.formats.insert(target.to_string(), format);
         let path = dir.join("images.json");
         let tmp = dir.join("images.json.tmp");
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("{}: {e}", path.display()))
+        // A leftover of an interrupted write is ours: replaced, never
+        // followed (the directory is private and checked).
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// This host's configuration of its copy of `theirs` (a peer's VM
@@ -197,7 +218,9 @@ impl Storage {
         sizes: &BTreeMap<String, u64>,
     ) -> Result<(VmConfig, Vec<NewImage>), String> {
         let name = &theirs.name;
-        remus_config::validate_name(name).map_err(|e| e.to_string())?;
+        // The peer's values are checked as values before any of them
+        // (a disk target, say) goes into a path here.
+        theirs.validate().map_err(|e| e.to_string())?;
         check_name("VM", name)?;
         if let Some(cpu) = &theirs.cpu
             && (cpu.len() > MAX_CPU
@@ -263,6 +286,29 @@ impl Storage {
         for d in cfg.disks.iter_mut() {
             let from_record = record.and_then(|r| r.disks.iter().find(|x| x.target == d.target));
             let from_place = placement.disks.iter().find(|x| x.target == d.target);
+            // Whether this host's own file may be written comes from this
+            // host too: a peer cannot replicate onto a file the record or
+            // the placement holds read-only.
+            let local_readonly = match (from_record, from_place) {
+                (Some(r), _) => Some(r.readonly),
+                (None, Some(p)) => Some(p.readonly),
+                (None, None) => None,
+            };
+            if local_readonly == Some(true) {
+                if d.replicate && !d.readonly {
+                    return Err(format!(
+                        "disk {} of VM '{name}' is read-only on this host ({}), but the peer replicates it: make it read-only there, or change {}",
+                        d.target,
+                        if from_record.is_some() {
+                            "this host's record of the VM"
+                        } else {
+                            "its placement"
+                        },
+                        place_file.display()
+                    ));
+                }
+                d.readonly = true;
+            }
             match (from_record, from_place) {
                 (Some(r), _) => {
                     d.path = r.path.clone();
@@ -329,14 +375,45 @@ impl Storage {
     }
 }
 
-/// Creates `dir` (and its parents) readable by root only.
+/// Creates `dir` (and its parents) readable by this user only, and checks
+/// that it is a directory (not a symlink) owned by this user or root that
+/// nobody else can write to: root creates and truncates images in it, so
+/// a directory others can write would let them plant links to host files.
 pub fn create_private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("create {}: {e}", dir.display()))
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory (a symlink?)", dir.display()));
+    }
+    if meta.uid() != ours && meta.uid() != 0 {
+        return Err(format!(
+            "{} belongs to user {}, not to this agent's user or root",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    check_not_writable_by_others(dir)
+}
+
+/// Refuses a directory that users other than its owner can write to.
+fn check_not_writable_by_others(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "other users can write to {} (mode {:o}): chmod go-w it",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -476,5 +553,69 @@ mod tests {
         s.record_created("web", "vda", DiskFormat::Qcow2).unwrap();
         let (cfg, _) = s.local_config(&t, None, &sizes()).unwrap();
         assert_eq!(cfg.disks[0].format, DiskFormat::Qcow2);
+    }
+
+    /// A file the operator placed read-only (a shared ISO, a base image)
+    /// is never written for a peer: a peer that replicates onto it is
+    /// refused; one that has it read-only too gets it read-only.
+    #[test]
+    fn a_disk_placed_read_only_is_never_replicated_onto() {
+        let d = tempfile::tempdir().unwrap();
+        let s = storage(d.path());
+        std::fs::create_dir_all(&s.boot_dir).unwrap();
+        std::fs::write(s.boot_dir.join("vmlinuz"), b"k").unwrap();
+        std::fs::create_dir_all(&s.vm_config_dir).unwrap();
+        std::fs::write(
+            s.vm_config_dir.join("web.toml"),
+            "[[disk]]\ntarget = \"vdb\"\npath = \"/srv/shared.iso\"\nreadonly = true\n",
+        )
+        .unwrap();
+        let e = s
+            .local_config(
+                &theirs("[[disk]]\npath = \"/x\"\ntarget = \"vdb\"\nreplicate = true\n"),
+                None,
+                &[("vdb".to_string(), 1 << 20)].into(),
+            )
+            .unwrap_err();
+        assert!(
+            e.contains("read-only on this host") && e.contains("vdb"),
+            "{e}"
+        );
+        let (cfg, create) = s
+            .local_config(
+                &theirs("[[disk]]\npath = \"/x\"\ntarget = \"vdb\"\nreplicate = false\n"),
+                None,
+                &[("vdb".to_string(), 1 << 20)].into(),
+            )
+            .unwrap();
+        assert!(create.is_empty());
+        assert!(cfg.disks[0].readonly, "the guest gets it read-only");
+        assert_eq!(cfg.disks[0].path, PathBuf::from("/srv/shared.iso"));
+    }
+
+    /// Root creates and truncates images in the image directory: a VM's
+    /// directory that is a symlink, or a root others can write to, is
+    /// refused before anything is created there.
+    #[test]
+    fn image_directories_others_could_plant_links_in_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = storage(d.path());
+        std::fs::create_dir_all(&s.image_dir).unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, s.image_dir.join("web")).unwrap();
+        let e = s.record_created("web", "vda", DiskFormat::Raw).unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        assert!(!elsewhere.join("images.json").exists());
+        std::fs::remove_file(s.image_dir.join("web")).unwrap();
+        std::fs::set_permissions(&s.image_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = s.record_created("web", "vda", DiskFormat::Raw).unwrap_err();
+        assert!(
+            e.contains("other users can write") && e.contains("777"),
+            "{e}"
+        );
+        std::fs::set_permissions(&s.image_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        s.record_created("web", "vda", DiskFormat::Raw).unwrap();
     }
 }

@@ -621,12 +621,19 @@ pub enum Message {
 /// `text` with its control characters escaped (`\n`, `\u{1b}`): safe to
 /// put into a log line or print on a terminal, whoever wrote it.
 pub fn printable(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    // Control characters, and the invisible ones that reorder or break
+    // what a terminal or a log viewer shows: line and paragraph
+    // separators, bidirectional embeddings, overrides and isolates.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
         return text.to_string();
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if hidden(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()

@@ -457,3 +457,12 @@ fn error_text_arrives_without_control_characters() {
     assert_eq!(message, "bad\\nINFO forged line\\u{1b}[2J");
     assert!(!message.chars().any(char::is_control));
 }
+
+/// `printable` also escapes what a log viewer would show misleadingly:
+/// line separators and bidirectional overrides.
+#[test]
+fn printable_escapes_separators_and_bidi_controls() {
+    let p = remus_proto::printable("vm\u{2028}INFO x\u{202e}gnp.exe\u{2066}");
+    assert_eq!(p, "vm\\u{2028}INFO x\\u{202e}gnp.exe\\u{2066}");
+    assert_eq!(remus_proto::printable("plain vm-1 ü"), "plain vm-1 ü");
+}

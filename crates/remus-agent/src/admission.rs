@@ -3,10 +3,12 @@
 //! Every connection to `--listen` is unauthenticated until its handshake
 //! completes, and anyone who can reach the port can open one. So at most
 //! [`MAX_UNAUTHENTICATED`] handshakes run at once, at most
-//! [`MAX_PER_ADDRESS`] from one source address (as sshd's `MaxStartups`
-//! and per-source limits do); a connection beyond either is closed at once,
+//! [`MAX_PER_ADDRESS`] from one source (an IPv4 address, or an IPv6 /64,
+//! which one host usually holds whole) (as sshd's `MaxStartups` and
+//! per-source limits do); a connection beyond either is closed at once,
 //! without a thread, and counted. Refusals are logged in one line per
-//! [`LOG_EVERY`], with their number, so a flood cannot flood the log.
+//! [`LOG_EVERY`], with their number, and so are failed handshakes (the
+//! first of each period in full), so a flood cannot flood the log.
 //! Each admitted handshake has one deadline for all of it
 //! (`remus_proto::HANDSHAKE_TIMEOUT`) and reads at most a few KiB before
 //! authentication, so the whole pre-authentication surface costs a few
@@ -38,6 +40,23 @@ struct State {
     refused_total: u64,
     refused_unlogged: u64,
     last_log: Option<Instant>,
+    failed_unlogged: u64,
+    last_failure_log: Option<Instant>,
+}
+
+/// The source a connection is counted against: an IPv4 address (also when
+/// it arrives IPv4-mapped), or the /64 of an IPv6 one.
+fn source(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(a) => IpAddr::V4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = a.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 /// A place among the unauthenticated connections, given back on drop
@@ -45,6 +64,14 @@ struct State {
 pub struct Admitted {
     admission: Arc<Admission>,
     address: IpAddr,
+}
+
+impl Admitted {
+    /// This connection's handshake failed: logged, rate-limited (see
+    /// [`Admission`]).
+    pub fn handshake_failed(&self, peer: &str, error: &str) {
+        self.admission.handshake_failed(peer, error);
+    }
 }
 
 impl Drop for Admitted {
@@ -76,6 +103,7 @@ impl Admission {
     /// A place for a connection from `address`, or `None` (and the
     /// refusal counted and, at most every [`LOG_EVERY`], logged).
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Admitted> {
+        let address = source(address);
         let mut st = self.lock();
         let from_here = st.by_address.get(&address).copied().unwrap_or(0);
         if st.total >= self.max || from_here >= self.per_address {
@@ -104,6 +132,24 @@ impl Admission {
             admission: self.clone(),
             address,
         })
+    }
+
+    /// Logs a failed handshake: the first of each [`LOG_EVERY`] in full,
+    /// the others counted into the next line.
+    fn handshake_failed(&self, peer: &str, error: &str) {
+        let mut st = self.lock();
+        if st.last_failure_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            tracing::warn!(
+                %peer,
+                error = %remus_proto::printable(error),
+                failed_since_last_report = st.failed_unlogged,
+                "replication handshake failed"
+            );
+            st.failed_unlogged = 0;
+            st.last_failure_log = Some(Instant::now());
+        } else {
+            st.failed_unlogged += 1;
+        }
     }
 
     /// Connections refused since the agent started.
@@ -137,5 +183,25 @@ mod tests {
         let _z = a.admit(z).expect("a place came back");
         assert!(a.admit(x).is_none(), "the global cap is full again");
         assert_eq!(a.refused(), 3);
+    }
+
+    /// One host with an IPv6 /64 cannot take more places by changing its
+    /// address; IPv4-mapped addresses count as IPv4.
+    #[test]
+    fn an_ipv6_slash_64_is_one_source() {
+        let a = Admission::new(10, 2);
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let two: IpAddr = "2001:db8:1:2:ffff::7".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _p1 = a.admit(one).unwrap();
+        let _p2 = a.admit(two).unwrap();
+        assert!(a.admit("2001:db8:1:2::99".parse().unwrap()).is_none());
+        let _p3 = a.admit(other).expect("another /64");
+        let _v4 = a.admit("198.18.0.9".parse().unwrap()).unwrap();
+        let _v4b = a.admit("::ffff:198.18.0.9".parse().unwrap()).unwrap();
+        assert!(
+            a.admit("198.18.0.9".parse().unwrap()).is_none(),
+            "mapped counts as v4"
+        );
     }
 }

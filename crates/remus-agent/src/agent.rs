@@ -368,30 +368,43 @@ impl Agent {
         result
     }
 
+    /// Reserves `name` for a copy a peer is setting up here: from the
+    /// handshake's lookup until the standby exists (or the setup fails and
+    /// the reservation drops), no other session, `create` or teardown can
+    /// use the name: two sessions for one VM never both create its images
+    /// or its record. `None` if the name is taken or busy.
+    pub fn reserve(self: &Arc<Self>, name: &str) -> Option<Reservation> {
+        let vms = lock(&self.vms);
+        if vms.contains_key(name) || !lock(&self.creating).insert(name.to_string()) {
+            return None;
+        }
+        Some(Reservation {
+            agent: self.clone(),
+            name: name.to_string(),
+        })
+    }
+
     /// Creates a standby copy (QEMU with `-incoming defer` on a RAM
-    /// replica) for a replication session; listed as paused, role backup.
+    /// replica) for a replication session, under the session's
+    /// reservation of the name; listed as paused, role backup.
     pub fn create_standby(
         &self,
         config: VmConfig,
         purpose: remus_proto::Purpose,
+        reserved: &Reservation,
     ) -> Result<(Arc<VmSlot>, remus_replication::replica::Replica), AgentError> {
         let qemu = self
             .qemu_version
             .as_ref()
             .map_err(|e| AgentError::Internal(e.clone()))?
             .clone();
-        let name = config.name.clone();
-        {
-            let vms = lock(&self.vms);
-            if vms.contains_key(&name) || !lock(&self.creating).insert(name.clone()) {
-                return Err(AgentError::Conflict(format!(
-                    "a VM named '{name}' already exists on this host"
-                )));
-            }
+        if config.name != reserved.name {
+            return Err(AgentError::Internal(format!(
+                "the standby '{}' is not the reserved '{}'",
+                config.name, reserved.name
+            )));
         }
-        let r = self.start_vm(config, &qemu, Some(purpose));
-        lock(&self.creating).remove(&name);
-        let (slot, replica) = r?;
+        let (slot, replica) = self.start_vm(config, &qemu, Some(purpose))?;
         Ok((
             slot,
             replica.ok_or_else(|| AgentError::Internal("no replica".into()))?,
@@ -892,35 +905,39 @@ fn ram_files_dir(ram_dir: &Path, tag: &str) -> PathBuf {
 /// controls what we write there).
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display())),
-        Err(e) => Err(anyhow::anyhow!("{}: {e}", dir.display())),
-        Ok(m) => {
-            // SAFETY: geteuid has no preconditions.
-            let me = unsafe { libc::geteuid() };
-            if !m.is_dir() || m.uid() != me {
-                anyhow::bail!(
-                    "{} is {} owned by uid {}, not a directory of this agent's user ({me}): remove it or choose another directory",
-                    dir.display(),
-                    if m.is_dir() {
-                        "a directory"
-                    } else {
-                        "not a directory"
-                    },
-                    m.uid()
-                );
-            }
-            if m.mode() & 0o077 != 0 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(|e| anyhow::anyhow!("chmod 700 {}: {e}", dir.display()))?;
-            }
-            Ok(())
-        }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("create {}: {e}", parent.display()))?;
     }
+    // Made by us, or checked as found: never "created unless it exists"
+    // between a look and a use (in a world-writable directory such as
+    // /dev/shm someone could put their own there in between).
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => anyhow::bail!("create {}: {e}", dir.display()),
+    }
+    let m =
+        std::fs::symlink_metadata(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me {
+        anyhow::bail!(
+            "{} is {} owned by uid {}, not a directory of this agent's user ({me}): remove it or choose another directory",
+            dir.display(),
+            if m.is_dir() {
+                "a directory"
+            } else {
+                "not a directory"
+            },
+            m.uid()
+        );
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| anyhow::anyhow!("chmod 700 {}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// A primary's RAM file: new (never a file someone else made), 0600, at
@@ -967,4 +984,55 @@ fn leftover_vm_dirs(state_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(state_dir.join("vms"))
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default()
+}
+
+/// A VM name held for a copy being set up (see [`Agent::reserve`]); freed
+/// when dropped.
+pub struct Reservation {
+    agent: Arc<Agent>,
+    name: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        lock(&self.agent.creating).remove(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// The RAM directory lives in a world-writable place: what someone
+    /// else put at its name is refused, never adopted; our own is made
+    /// private.
+    #[test]
+    fn private_dirs_are_ours_or_refused() {
+        let d = tempfile::tempdir().unwrap();
+        // New: created 0700 (parents too).
+        let new = d.path().join("a/b");
+        private_dir(&new).unwrap();
+        assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o777, 0o700);
+        // Ours but open: made private.
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o777, 0o700);
+        // A symlink to a directory of ours: refused.
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        let e = private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        // Someone else's directory (as root, give one away): refused.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = d.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = private_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
+    }
 }

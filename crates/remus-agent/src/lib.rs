@@ -288,7 +288,14 @@ async fn run(
         },
     })?);
 
+    // The socket's directory is made private only if it is the agent's
+    // own: created now, or the default one (systemd's RuntimeDirectory).
+    // A directory the operator pointed --socket into (say /tmp) keeps its
+    // modes; the socket's own mode and SO_PEERCRED still guard the API.
+    let mut own_socket_dir = false;
     if let Some(dir) = args.socket.parent() {
+        own_socket_dir =
+            !dir.exists() || std::path::Path::new(remus_api::DEFAULT_SOCKET).parent() == Some(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     // SAFETY: geteuid has no preconditions.
@@ -316,11 +323,12 @@ async fn run(
     }
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("bind {}", args.socket.display()))?;
-    apiauth::set_socket_access(&args.socket, &allowed)
+    apiauth::set_socket_access(&args.socket, &allowed, own_socket_dir)
         .with_context(|| format!("permissions of {}", args.socket.display()))?;
     let listener = apiauth::CheckedListener {
         inner: listener,
         allowed,
+        refusals: Default::default(),
     };
 
     if let Some(addr) = &args.listen {

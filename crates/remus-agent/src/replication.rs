@@ -963,12 +963,19 @@ fn backup_session(
         allow_unencrypted: agent.opts.allow_unencrypted,
         ..Default::default()
     };
+    let mut reservation = None;
     let handshake = server_handshake(tcp, &key, &opts, |vm, _purpose| {
         // A name from the wire is checked as a name before it is used for
         // anything (it names directories of this host).
         remus_config::validate_name(vm)
             .map_err(|e| e.to_string())
             .and_then(|()| crate::storage::check_name("VM", vm))?;
+        if let Some(r) = agent.reserve(vm) {
+            // Held until the standby exists: no other session sets up
+            // the same copy meanwhile.
+            reservation = Some(r);
+            return Ok(None);
+        }
         if agent.busy(vm) {
             return Err(format!(
                 "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"
@@ -984,13 +991,21 @@ fn backup_session(
                 "a VM named '{vm}' already runs on this host. If both copies ran on their own after a failover (split brain), give one up: on its host run `remus destroy --discard-this-copy {vm}`, then protect from the copy you keep"
             ))
         } else {
-            Ok(None)
+            Err(format!(
+                "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"
+            ))
         }
     });
-    // Authenticated (or failed): the slot for unauthenticated peers is
-    // free again.
+    let (mut stream, session, hello) = match handshake {
+        Ok(h) => h,
+        Err(e) => {
+            // Anyone can make a handshake fail: logged, rate-limited.
+            admitted.handshake_failed(&e.peer, &e.to_string());
+            return Ok(());
+        }
+    };
+    // Authenticated: the slot for unauthenticated peers is free again.
     drop(admitted);
-    let (mut stream, session, hello) = handshake.map_err(|e| e.to_string())?;
     if !session.encrypted {
         tracing::warn!(peer = %session.peer, vm = %hello.vm_name, "replication session with a protocol-{} peer IN THE CLEAR (--allow-unencrypted-peers)", session.version);
     }
@@ -1087,9 +1102,13 @@ fn backup_session(
         tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
     }
     let own_config = cfg.clone();
+    let reserved = reservation
+        .take()
+        .ok_or_else(|| refuse(&mut stream, format!("'{name}' is not reserved here")))?;
     let (slot, replica) = agent
-        .create_standby(cfg, session.purpose)
+        .create_standby(cfg, session.purpose, &reserved)
         .map_err(|e| refuse(&mut stream, e.to_string()))?;
+    drop(reserved);
     crate::copies::save_config(&copy_dir, &own_config);
     if let Some(p) = &plan {
         tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");

@@ -56,8 +56,9 @@ impl Password {
 }
 
 /// Reads a file that holds a secret (a password, a TLS private key): a
-/// regular file that other users cannot access (its group may read it:
-/// `root:remus 0640` is a usual way to share it), at most `max` bytes.
+/// regular file owned by this user or root that other users cannot access
+/// (its group may read it, not write it: `root:remus 0640` is a usual way
+/// to share it), at most `max` bytes.
 /// The checks are made on the opened file, so what is checked is what is
 /// read. A symlink is followed (certbot's keys are symlinks); the file it
 /// leads to is what is checked. Errors never quote the contents.
@@ -74,10 +75,18 @@ pub(crate) fn read_private(path: &Path, max: u64, what: &str) -> Result<Vec<u8>,
         return Err("not a regular file".into());
     }
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o007 != 0 {
+    if mode & 0o027 != 0 {
         return Err(format!(
             "other users can access it (mode {mode:o}): chmod 600 {}",
             path.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != ours && owner != 0 {
+        return Err(format!(
+            "it belongs to user {owner}, not to this agent's user ({ours}) or root"
         ));
     }
     let mut bytes = Vec::new();
@@ -135,6 +144,8 @@ mod tests {
         assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
         let e = msg(b"hunter2\n", 0o604);
         assert!(e.contains("mode 604"), "{e}");
+        let e = msg(b"hunter2\n", 0o660);
+        assert!(e.contains("mode 660"), "group-writable: {e}");
         let e = msg(b"\n", 0o600);
         assert!(e.contains("empty"), "{e}");
         let e = msg(b"hunter2\nhunter3\n", 0o600);

@@ -9,8 +9,11 @@
 //! side that produced it. Proofs are compared in constant time by
 //! [`hmac::Mac::verify_slice`].
 //!
-//! This authenticates the peer; it does not encrypt the stream (see the crate
-//! documentation, "Security").
+//! The same key, through [`Key::noise_psk`], keys the Noise handshake that
+//! encrypts and authenticates every byte of a protocol-6 session (see
+//! `channel` and the crate documentation, "Security"); these proofs then
+//! run inside that channel. In a protocol-5 session in the clear they
+//! authenticate the peer only.
 
 use std::fmt;
 use std::io::{self, Read};

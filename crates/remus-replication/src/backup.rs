@@ -211,6 +211,17 @@ fn decompress(msg: Message, replica: &Replica) -> Result<Message, remus_proto::d
     })
 }
 
+/// Why a stream error means the data was altered on the way (a record
+/// that fails authentication), if it does.
+fn altered(e: &remus_proto::WireError) -> Option<String> {
+    match e {
+        remus_proto::WireError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            Some(io.to_string())
+        }
+        _ => None,
+    }
+}
+
 /// The Ack could not be sent: reads what the primary sent before its
 /// connection closed, to tell an orderly end (Done or Error queued before
 /// the close) from a lost primary.
@@ -229,6 +240,16 @@ fn after_broken_ack(
             // Anything else it sent before closing cannot be committed
             // any more (no Ack can reach it); keep looking for a Done.
             Ok(_) => {}
+            // Altered or malformed data is tampering, corruption or a
+            // broken primary, never a lost one: no second copy is resumed
+            // for it (as in the main loop).
+            Err(e) if altered(&e).is_some() || matches!(e, remus_proto::WireError::Decode(_)) => {
+                let why = altered(&e).unwrap_or_else(|| e.to_string());
+                tracing::error!(error = %why, "the replication stream failed authentication or was malformed after a lost Ack: this copy is discarded, not resumed");
+                return BackupEnd::Aborted {
+                    reason: format!("the replication stream was altered: {why}"),
+                };
+            }
             Err(e) => {
                 return BackupEnd::PrimaryLost {
                     committed,
@@ -385,9 +406,7 @@ fn receive_loop(
                 // way (or injected): the primary is alive, someone is
                 // tampering with the link. Never a reason to resume a
                 // second copy; nothing of the record was delivered.
-                if let remus_proto::WireError::Io(io) = &e
-                    && io.kind() == std::io::ErrorKind::InvalidData
-                {
+                if let Some(io) = altered(&e) {
                     tracing::error!(error = %io, "the replication stream failed authentication: the link is being tampered with (or corrupts data); this copy is discarded, not resumed");
                     let _ = send(Message::Error {
                         code: ErrorCode::Protocol,

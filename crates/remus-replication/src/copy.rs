@@ -243,9 +243,63 @@ pub struct SyncPlan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub common: Option<Gen>,
     /// Changed mode: per replicated disk, the chunks the target's own
-    /// change records mark, as (first, count) runs.
-    #[serde(default)]
+    /// change records mark, as (first, count) runs. Bounded as it is
+    /// read (at most [`MAX_PLAN_DISKS`] lists of [`MAX_RUNS`] runs): a
+    /// peer's plan is parsed before it is checked against the VM, and an
+    /// unbounded list of empty lists would cost 8 times its size.
+    #[serde(default, deserialize_with = "bounded_runs")]
     pub target_runs: Vec<Vec<(u64, u64)>>,
+}
+
+/// Most disk lists in a sync plan: a VM has at most 26 disks (vda..vdz).
+pub const MAX_PLAN_DISKS: usize = 26;
+
+fn bounded_runs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<(u64, u64)>>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+    struct Bounded<T>(usize, std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {} items", self.0)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if v.len() == self.0 {
+                    return Err(A::Error::custom(format!("more than {} items", self.0)));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    struct Runs;
+    impl<'de> serde::de::DeserializeSeed<'de> for Runs {
+        type Value = Vec<(u64, u64)>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(Bounded(MAX_RUNS, std::marker::PhantomData))
+        }
+    }
+    struct Disks;
+    impl<'de> Visitor<'de> for Disks {
+        type Value = Vec<Vec<(u64, u64)>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {MAX_PLAN_DISKS} lists of runs")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut v = Vec::new();
+            while let Some(runs) = seq.next_element_seed(Runs)? {
+                if v.len() == MAX_PLAN_DISKS {
+                    return Err(A::Error::custom(format!(
+                        "runs for more than {MAX_PLAN_DISKS} disks"
+                    )));
+                }
+                v.push(runs);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Disks)
 }
 
 /// Decides how a target (`target`: its record, if any) is synchronised
@@ -562,5 +616,25 @@ mod tests {
         let covered: std::collections::HashSet<u64> = from_runs(&few).collect();
         assert!(from_runs(&many).all(|c| covered.contains(&c)), "a superset");
         assert_eq!(coalesce(many.clone(), 100), many);
+    }
+
+    /// A peer's plan is bounded while it is parsed: lists for more disks
+    /// than a VM can have, or more runs than a disk can need, are refused
+    /// before they are built.
+    #[test]
+    fn a_sync_plan_is_bounded_as_it_is_read() {
+        let parse = |runs: &str| {
+            serde_json::from_str::<SyncPlan>(&format!(
+                r#"{{"mode":"changed","reason":"r","target_runs":{runs}}}"#
+            ))
+        };
+        let ok = parse("[[[0,4],[10,1]],[]]").unwrap();
+        assert_eq!(ok.target_runs, vec![vec![(0, 4), (10, 1)], vec![]]);
+        let many_disks = format!("[{}[]]", "[],".repeat(MAX_PLAN_DISKS));
+        let e = parse(&many_disks).unwrap_err().to_string();
+        assert!(e.contains("more than 26 disks"), "{e}");
+        let many_runs = format!("[[{}[0,1]]]", "[0,1],".repeat(MAX_RUNS));
+        let e = parse(&many_runs).unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {MAX_RUNS} items")), "{e}");
     }
 }

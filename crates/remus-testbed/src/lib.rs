@@ -289,7 +289,8 @@ impl Agent {
         let dir = tempfile::Builder::new()
             .prefix("remus-t")
             .tempdir_in("/tmp")?;
-        let socket = dir.path().join("a.sock");
+        // In a directory the agent creates (and so makes its own).
+        let socket = dir.path().join("run/a.sock");
         let state_dir = dir.path().join("st");
         let log = dir.path().join("remusd.log");
         std::fs::File::create(&log)?;

@@ -18,9 +18,7 @@ use std::process::{Command, Output};
 use remus_testbed::workspace_root;
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}\n{}",
@@ -84,8 +82,18 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
     let built = run(Command::new("bash")
         .arg(root.join("scripts/package.sh"))
         .current_dir(&root));
-    let deb = PathBuf::from(stdout(&built).lines().last().expect("the .deb's path").trim());
-    let deb = if deb.is_absolute() { deb } else { root.join(deb) };
+    let deb = PathBuf::from(
+        stdout(&built)
+            .lines()
+            .last()
+            .expect("the .deb's path")
+            .trim(),
+    );
+    let deb = if deb.is_absolute() {
+        deb
+    } else {
+        root.join(deb)
+    };
     assert!(deb.is_file(), "{}", deb.display());
 
     let dir = tempfile::Builder::new()
@@ -157,7 +165,10 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
         std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0,
         "{program} is not executable"
     );
-    assert!(unit.contains("Type=notify") && unit.contains("KillMode=mixed"), "{unit}");
+    assert!(
+        unit.contains("Type=notify") && unit.contains("KillMode=mixed"),
+        "{unit}"
+    );
     assert!(
         tree.join("etc/systemd/system/multi-user.target.wants/remusd.service")
             .symlink_metadata()
@@ -166,7 +177,11 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
     );
     let verify = in_tree(
         &tree,
-        &["systemd-analyze", "verify", "/usr/lib/systemd/system/remusd.service"],
+        &[
+            "systemd-analyze",
+            "verify",
+            "/usr/lib/systemd/system/remusd.service",
+        ],
     );
     assert!(
         verify.status.success() && verify.stderr.is_empty(),
@@ -187,7 +202,10 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
         "qemu      ok:",
         "preload   ok: /usr/lib/remus/libremus_dirty_preload.so",
     ] {
-        assert!(check.contains(want), "remusd --check lacks '{want}':\n{check}");
+        assert!(
+            check.contains(want),
+            "remusd --check lacks '{want}':\n{check}"
+        );
     }
     let version = in_tree_ok(&tree, &["remus", "--version"]);
     assert!(version.starts_with("remus "), "{version}");

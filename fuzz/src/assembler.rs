@@ -264,6 +264,15 @@ pub fn page_data(first_page: u64, count: usize, fill: u8) -> Vec<u8> {
     data
 }
 
+/// Device state of an [`Op::DeviceState`] (mostly `fill`: cheap to make).
+pub fn device_state(len: usize, fill: u8) -> Vec<u8> {
+    let mut data = vec![fill; len];
+    for (i, b) in data.iter_mut().step_by(61).enumerate() {
+        *b = fill ^ (i as u8);
+    }
+    data
+}
+
 fn kind(k: u8) -> CheckpointKind {
     match k % 3 {
         0 => CheckpointKind::InitialSync,
@@ -558,9 +567,7 @@ fn message(op: &Op, model: &Model) -> Option<Message> {
             })
         }
         Op::DeviceState { len, fill } => Message::DeviceState {
-            data: (0..usize::from(*len))
-                .map(|i| fill.wrapping_add((i / 7) as u8))
-                .collect(),
+            data: device_state(usize::from(*len), *fill),
         },
         Op::End {
             epoch,

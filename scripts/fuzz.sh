@@ -81,6 +81,9 @@ libfuzzer_args() {
     fi
 }
 
+# Bytes in the files under a directory, in KB.
+kbytes() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", (s + 1023) / 1024 }'; }
+
 mkdir -p "$work"
 if [ "$mode" = cmin ]; then
     for t in "${targets[@]}"; do
@@ -89,7 +92,7 @@ if [ "$mode" = cmin ]; then
         cargo "+$TOOLCHAIN" fuzz cmin --target-dir "$target/fuzz" "$t" "fuzz/corpus/$t" \
             -- $(libfuzzer_args "$t") 2>"$work/cmin-$t.log" >&2 ||
             { log "$t: cmin failed, see $work/cmin-$t.log"; exit 1; }
-        echo "$t: $(find "fuzz/corpus/$t" -type f | wc -l) inputs, $(du -sk "fuzz/corpus/$t" | cut -f1) KB"
+        echo "$t: $(find "fuzz/corpus/$t" -type f | wc -l) inputs, $(kbytes "fuzz/corpus/$t") KB"
     done
     exit 0
 fi
@@ -147,7 +150,7 @@ for t in "${targets[@]}"; do
             { log "$t: merge failed, see $d/merge.log"; failed=1; }
     fi
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
-    kb=$(du -sk "fuzz/corpus/$t" | cut -f1)
+    kb=$(kbytes "fuzz/corpus/$t")
     rows+=("$(printf '%-21s %12s %8s %7s %7s %8s %8s %7s  %s' "$t" \
         "$(final_stat "$d/log" number_of_executed_units)" "$(final_stat "$d/log" average_exec_per_sec)" \
         "$(field "$d/log" cov)" "$(field "$d/log" ft)" "$corpus" "$kb" "$found" "$status")")

@@ -26,7 +26,7 @@ log() { echo "fuzz: $*" >&2; }
 
 CARGO_FUZZ_VERSION=0.13.2
 TOOLCHAIN=${FUZZ_TOOLCHAIN:-nightly}
-ALL_TARGETS=(frame_decode message_decode delta_decode checkpoint_assembler nbd_request config_toml libvirt_xml)
+ALL_TARGETS=(frame_decode message_decode delta_decode checkpoint_assembler nbd_request config_toml libvirt_xml channel_records handshake)
 
 secs=60 mode=run merge=1 targets=()
 for arg in "$@"; do

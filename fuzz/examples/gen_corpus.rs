@@ -31,7 +31,7 @@ fn main() {
         .nth(1)
         .map(PathBuf::from)
         .expect("usage: gen_corpus OUT_DIR");
-    let targets: [Target; 7] = [
+    let targets: [Target; 9] = [
         ("frame_decode", frame_seeds(), frame::run),
         ("message_decode", message_seeds(), message::run),
         ("delta_decode", delta_seeds(), delta::run),
@@ -41,6 +41,16 @@ fn main() {
         ("nbd_request", nbd_seeds(), nbd::run),
         ("config_toml", config_seeds(), remus_fuzz::config::run),
         ("libvirt_xml", libvirt_seeds(), remus_fuzz::libvirt::run),
+        (
+            "channel_records",
+            remus_fuzz::channel::seeds().into_iter().collect(),
+            remus_fuzz::channel::run,
+        ),
+        (
+            "handshake",
+            remus_fuzz::handshake::seeds().into_iter().collect(),
+            remus_fuzz::handshake::run,
+        ),
     ];
     for (target, seeds, run) in targets {
         let dir = out.join(target);
@@ -290,6 +300,12 @@ fn messages() -> Vec<(String, Message)> {
                 chunk_size: 4096,
                 runs: vec![],
             }),
+        ),
+        (
+            "noise-handshake",
+            Message::NoiseHandshake {
+                data: (0..48).collect(),
+            },
         ),
     ];
     // Every type number this build knows has a sample.

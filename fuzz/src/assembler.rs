@@ -4,13 +4,14 @@
 //! documentation of `remus_proto`, "Receiver state machine").
 //!
 //! After every message the assembler and the model must agree on the
-//! outcome (pending, a complete checkpoint, handed back, or the same
-//! error), the last committed epoch, the open epoch and the bytes
+//! outcome (pending, a pre-copy page run streamed back, a complete
+//! checkpoint, handed back, or the same error), the last committed epoch, the open epoch and the bytes
 //! buffered. Besides, each checkpoint yielded is checked on its own: its
 //! epoch is above the previous one, its pages lie in guest memory, its page
 //! count, device-state length and digest are those its End announced
-//! (recomputed from the checkpoint itself), and it holds exactly what was
-//! fed since its Begin. The bytes buffered never exceed the configured
+//! (recomputed from the checkpoint itself and, for a pre-copy epoch, from
+//! the runs streamed back before it), and it holds exactly what was fed
+//! since its Begin. The bytes buffered never exceed the configured
 //! guest memory plus [`MAX_DEVICE_STATE`].
 //!
 //! Messages are built rather than decoded from frames so that the fuzzer
@@ -305,6 +306,7 @@ pub struct Model {
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Pending,
+    PreCopy(PageRun),
     Complete(CompleteCheckpoint),
     Other(Message),
     Rejected(CheckpointError),
@@ -373,6 +375,11 @@ impl Model {
                 }
                 o.pages += count;
                 o.digest.add_pages(run.first_page, &run.data);
+                // Pre-copy pages stream back at once; a checkpoint's are
+                // held until its End verifies.
+                if matches!(o.kind, CheckpointKind::InitialSync | CheckpointKind::Round) {
+                    return Outcome::PreCopy(run.clone());
+                }
                 o.runs.push(run.clone());
                 Outcome::Pending
             }
@@ -491,6 +498,8 @@ pub fn run(data: &[u8]) -> Stats {
         open: None,
     };
     let mut fed = 0usize;
+    // The runs of the open epoch streamed back as PreCopy.
+    let mut streamed: Vec<PageRun> = Vec::new();
     while fed < FEED_LIMIT
         && let Some(op) = Op::read(&mut r)
     {
@@ -498,6 +507,7 @@ pub fn run(data: &[u8]) -> Stats {
             Op::Discard => {
                 asm.discard();
                 model.open = None;
+                streamed.clear();
                 check_state(&asm, &model);
                 continue;
             }
@@ -520,13 +530,17 @@ pub fn run(data: &[u8]) -> Stats {
         let want = model.step(&msg);
         let got = match asm.accept(msg) {
             Ok(Accepted::Pending) => Outcome::Pending,
+            Ok(Accepted::PreCopy(r)) => Outcome::PreCopy(r),
             Ok(Accepted::Complete(c)) => Outcome::Complete(c),
             Ok(Accepted::Other(m)) => Outcome::Other(m),
             Err(e) => Outcome::Rejected(e),
         };
+        if let Outcome::PreCopy(r) = &got {
+            streamed.push(r.clone());
+        }
         if let Outcome::Complete(c) = &got {
             let end = end.as_ref().expect("completed by a CheckpointEnd");
-            check_complete(c, end, before, guest_pages, &want);
+            check_complete(c, end, before, guest_pages, &streamed, &want);
             stats.complete += 1;
         }
         if let Outcome::Rejected(e) = &got {
@@ -535,6 +549,9 @@ pub fn run(data: &[u8]) -> Stats {
         }
         assert_eq!(got, want, "assembler and model disagree");
         check_state(&asm, &model);
+        if model.open.is_none() {
+            streamed.clear();
+        }
     }
     stats
 }
@@ -628,13 +645,22 @@ fn check_complete(
     end: &CheckpointEnd,
     before: Option<Epoch>,
     guest_pages: u64,
+    streamed: &[PageRun],
     want: &Outcome,
 ) {
     assert_eq!(c.epoch, end.epoch, "epoch");
     assert!(before.is_none_or(|b| c.epoch > b), "epoch did not advance");
+    if c.kind == CheckpointKind::Checkpoint {
+        assert!(
+            streamed.is_empty(),
+            "a checkpoint's pages streamed before its End"
+        );
+    } else {
+        assert!(c.runs.is_empty(), "a {:?} held pages until its End", c.kind);
+    }
     let mut digest = CheckpointDigest::new();
     let mut pages = 0u64;
-    for run in &c.runs {
+    for run in streamed.iter().chain(&c.runs) {
         assert!(!run.data.is_empty() && run.data.len().is_multiple_of(PAGE_SIZE));
         let count = (run.data.len() / PAGE_SIZE) as u64;
         assert!(

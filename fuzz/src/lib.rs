@@ -9,9 +9,11 @@
 //! encoders defined next to the readers here, so the two cannot drift.
 
 pub mod assembler;
+pub mod channel;
 pub mod config;
 pub mod delta;
 pub mod frame;
+pub mod handshake;
 pub mod libvirt;
 pub mod message;
 pub mod nbd;

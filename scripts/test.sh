@@ -21,6 +21,11 @@ echo "== cargo build"
 # Builds every member, including the dirty-tracking preload (a cdylib that
 # `cargo test` alone does not produce) that QEMU loads in the tests.
 cargo build --workspace --quiet
+echo "== fuzz smoke"
+# Each fuzz target for 10 s from its committed corpus (nightly, cargo-fuzz
+# pinned in target/tools; about 2 minutes with the build): a decoder that
+# now panics on an input of the corpus, or soon after, stops the run here.
+bash scripts/fuzz.sh --smoke
 echo "== cargo test"
 # Tests that boot guests share the 2 cores; keep at most two at a time.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"

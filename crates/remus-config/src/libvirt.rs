@@ -344,5 +344,31 @@ fn mib(value: &str, unit: &str) -> Result<u64, String> {
             "memory {value} {unit} is not a whole number of MiB"
         ));
     }
-    Ok((total >> 20) as u64)
+    u64::try_from(total >> 20).map_err(|_| format!("memory {value} {unit} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found writing the libvirt_xml fuzz target, whose memory check fails
+    /// on it (the fuzzer itself did not get there): 2^44 + 1 TiB is
+    /// 2^64 + 2^20 MiB, which a plain cast turned into 1 TiB, a valid
+    /// size, so the domain was imported with 1 TiB of memory.
+    #[test]
+    fn memory_beyond_u64_mib_is_refused_not_wrapped() {
+        assert_eq!(mib("17592186044417", "TiB").ok(), None);
+        assert_eq!(mib("18014398509481985", "GiB").ok(), None);
+        assert_eq!(mib("17592186044415", "TiB"), Ok(u64::MAX - (1 << 20) + 1));
+        let xml = "<domain><name>big</name><memory unit='TiB'>17592186044417</memory>\
+                   <os/><devices><disk type='file'><source file='a.img'/>\
+                   <target dev='vda'/></disk></devices></domain>";
+        match from_libvirt_xml(xml, Path::new("/base")) {
+            Err(LibvirtError::Parse(why)) => assert!(why.contains("too large"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let fits = xml.replace("17592186044417", "1");
+        let c = from_libvirt_xml(&fits, Path::new("/base")).unwrap();
+        assert_eq!(c.config.memory, 1 << 20);
+    }
 }

@@ -317,6 +317,16 @@ impl CheckpointAssembler {
         self.open.as_ref().map(|o| o.epoch)
     }
 
+    /// Bytes of page data and device state held for the open checkpoint:
+    /// what a peer can make this receiver buffer, never more than
+    /// `guest_pages` pages plus [`MAX_DEVICE_STATE`].
+    pub fn buffered_bytes(&self) -> u64 {
+        self.open.as_ref().map_or(0, |o| {
+            let pages: u64 = o.runs.iter().map(|r| r.data.len() as u64).sum();
+            pages + o.device_state.as_ref().map_or(0, |d| d.len() as u64)
+        })
+    }
+
     /// Drops the partial checkpoint, if any (connection lost).
     pub fn discard(&mut self) {
         self.open = None;
@@ -770,6 +780,25 @@ mod tests {
             feed(&mut a, msgs),
             Err(CheckpointError::CountMismatch { what: "pages", .. })
         ));
+    }
+
+    #[test]
+    fn buffered_bytes_counts_the_open_checkpoint_only() {
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        assert_eq!(a.buffered_bytes(), 0);
+        let mut msgs = stream(1, CheckpointKind::Checkpoint, &[run(0, 2, 1)], b"dev");
+        let end = msgs.pop().unwrap();
+        feed(&mut a, msgs).unwrap();
+        assert_eq!(a.buffered_bytes(), 2 * PAGE_SIZE as u64 + 3);
+        assert!(feed(&mut a, vec![end]).unwrap().is_some());
+        assert_eq!(a.buffered_bytes(), 0, "released once yielded");
+        let mut msgs = stream(2, CheckpointKind::Round, &[run(0, 1, 1)], b"");
+        msgs.pop();
+        feed(&mut a, msgs).unwrap();
+        assert_eq!(a.buffered_bytes(), PAGE_SIZE as u64);
+        a.accept(Message::DeviceState { data: vec![1] })
+            .unwrap_err();
+        assert_eq!(a.buffered_bytes(), 0, "released on error");
     }
 
     #[test]

@@ -78,6 +78,27 @@ pub fn pick_type(first: u8, rest: &[u8]) -> (u16, usize) {
     }
 }
 
+/// Whether `m` is an Error whose text was escaped as it was decoded (a
+/// peer's words reach logs and terminals with their control, line
+/// separator and bidi characters escaped): such a message re-encodes to
+/// other bytes than it came from, by design. Its text then holds none of
+/// those characters (an incompatibility keeps its newlines, one field per
+/// line).
+pub fn escaped_error(m: &Message) -> bool {
+    let Message::Error { code, message } = m else {
+        return false;
+    };
+    for c in message.chars() {
+        let hidden = c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        assert!(
+            !hidden || (c == '\n' && *code == remus_proto::ErrorCode::Incompatible),
+            "{c:?} passed unescaped in {message:?}"
+        );
+    }
+    true
+}
+
 /// What every decoded message must satisfy, whatever bytes it came from:
 /// the bounds the protocol documents for each payload (see
 /// `remus_proto`'s crate documentation), which the receiver relies on.

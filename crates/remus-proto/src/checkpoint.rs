@@ -795,9 +795,21 @@ mod tests {
         let mut msgs = stream(2, CheckpointKind::Round, &[run(0, 1, 1)], b"");
         msgs.pop();
         feed(&mut a, msgs).unwrap();
+        assert_eq!(
+            a.buffered_bytes(),
+            0,
+            "a pre-copy round's pages are handed back, not held"
+        );
+        a.discard();
+        let mut msgs = stream(3, CheckpointKind::Checkpoint, &[run(0, 1, 1)], b"");
+        msgs.truncate(2);
+        feed(&mut a, msgs).unwrap();
         assert_eq!(a.buffered_bytes(), PAGE_SIZE as u64);
-        a.accept(Message::DeviceState { data: vec![1] })
-            .unwrap_err();
+        a.accept(Message::CheckpointBegin {
+            epoch: Epoch(4),
+            kind: CheckpointKind::Checkpoint,
+        })
+        .unwrap_err();
         assert_eq!(a.buffered_bytes(), 0, "released on error");
     }
 

@@ -167,7 +167,8 @@ fn backup_disk_full_stops_protection_with_the_reason() {
     let bimages = tempfile::tempdir_in("/tmp").unwrap();
     let vda = pdir.path().join("vda.img");
     // A 64 MiB sparse image; the backup's image directory is an 8 MiB
-    // tmpfs (mounted in its own mount namespace, gone with it).
+    // tmpfs (mounted in its own mount namespace, gone with it; 0700, as
+    // the agent refuses an image directory others could write to).
     std::fs::File::create(&vda)
         .unwrap()
         .set_len(64 << 20)
@@ -182,7 +183,7 @@ fn backup_disk_full_stops_protection_with_the_reason() {
             mount("-t"),
             mount("tmpfs"),
             mount("-o"),
-            mount("size=8m"),
+            mount("size=8m,mode=0700"),
             mount("tmpfs"),
             bimages.path().as_os_str(),
         ]],

@@ -91,7 +91,7 @@ fn server(allow_unencrypted: bool) -> Server {
                 match name {
                     "vm" => Ok(Some(local_vm())),
                     "new" => Ok(None),
-                    _ => Err("no such VM here".to_string()),
+                    _ => Err("no such VM here".into()),
                 }
             });
             let result = match r {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use remus_api::{HostInfo, VcpuInfo, VmInfo};
+use remus_api::{HostInfo, SessionEvent, VcpuInfo, VmInfo};
 use remus_config::VmConfig;
 use remus_vm::{QemuBinary, ResolvedAccel, Role, RunState, StartOptions, Vm, VmPaths};
 
@@ -23,6 +23,13 @@ pub enum AgentError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// The peer agent refused the session: its code says what may help
+    /// (e.g. `Busy`: try again), the text is for people.
+    #[error("{message}")]
+    PeerRefused {
+        code: remus_proto::ErrorCode,
+        message: String,
+    },
 }
 
 /// Agent settings (from the command line).
@@ -48,27 +55,51 @@ pub struct AgentOptions {
     pub max_spill_mib: u64,
 }
 
+/// What a VM's event channel carries.
+#[derive(Debug, Clone)]
+pub enum Published {
+    Event(SessionEvent),
+    /// The session is over: a follower's stream ends here.
+    End,
+}
+
 /// One VM owned by this agent.
 pub struct VmSlot {
     pub id: u32,
     pub vm: Vm,
     pub role: Mutex<Role>,
     console_attached: AtomicBool,
-    /// Replication progress, one JSON object per line; an empty line ends
-    /// a session.
-    events: tokio::sync::broadcast::Sender<String>,
+    /// The session's events as they happen, for followers.
+    events: tokio::sync::broadcast::Sender<Published>,
     /// The current session's milestone events (everything but the
     /// per-checkpoint and progress lines), replayed to a follower that
     /// subscribes late, so that it never misses how the session started.
-    history: Mutex<Vec<String>>,
+    history: Mutex<Vec<SessionEvent>>,
     /// The current session's last checkpoint event.
-    last_checkpoint: Mutex<Option<String>>,
+    last_checkpoint: Mutex<Option<remus_api::CheckpointStats>>,
     /// The running protection session: its stop flag and peer.
     protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
     /// The running protection session's switch-over flag (`failback`).
     switch_over: Mutex<Option<Arc<AtomicBool>>>,
     /// The VM's arbiter key, once this host has held it.
     pub arbiter: Mutex<Option<Arc<crate::arbiter::Guard>>>,
+}
+
+/// The arbiter's guard sees the slot through this (and so does not
+/// depend on the agent).
+impl crate::arbiter::Guarded for VmSlot {
+    fn vm(&self) -> &Vm {
+        &self.vm
+    }
+    fn publish(&self, event: SessionEvent) {
+        VmSlot::publish(self, event)
+    }
+    fn release_held_output(&self) {
+        VmSlot::release_held_output(self)
+    }
+    fn protected(&self) -> bool {
+        self.protected_to().is_some()
+    }
 }
 
 impl VmSlot {
@@ -87,25 +118,31 @@ impl VmSlot {
         }
     }
     /// Publishes a replication event (nobody listening is fine).
-    pub fn publish(&self, line: String) {
+    pub fn publish(&self, event: SessionEvent) {
         let mut h = lock(&self.history);
-        let progress = ["\"event\":\"checkpoint\"", "\"event\":\"disk_sync\""]
-            .iter()
-            .any(|k| line.contains(k));
-        if !line.is_empty() && !progress && h.len() < 64 {
-            h.push(line.clone());
+        if let SessionEvent::Checkpoint(c) = &event {
+            *lock(&self.last_checkpoint) = Some(c.clone());
         }
-        if line.contains("\"event\":\"checkpoint\"") {
-            *lock(&self.last_checkpoint) = Some(line.clone());
+        if !event.is_progress() && h.len() < 64 {
+            h.push(event.clone());
         }
-        let _ = self.events.send(line);
+        let _ = self.events.send(Published::Event(event));
     }
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// Ends the session's stream: followers stop there.
+    pub fn end_session(&self) {
+        let _ = self.events.send(Published::End);
+    }
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Published> {
         self.events.subscribe()
     }
     /// The session's milestones so far and a subscription to what follows
     /// (taken together: nothing is missed or repeated).
-    pub fn follow(&self) -> (Vec<String>, tokio::sync::broadcast::Receiver<String>) {
+    pub fn follow(
+        &self,
+    ) -> (
+        Vec<SessionEvent>,
+        tokio::sync::broadcast::Receiver<Published>,
+    ) {
         let h = lock(&self.history);
         (h.clone(), self.events.subscribe())
     }
@@ -704,7 +741,7 @@ impl Agent {
         tracing::info!(vm = %name, id = slot.id, "destroying");
         // A protected VM's destroy is a primary failure to its backup (the
         // link drops without an orderly end), as in the Remus docs.
-        slot.publish(String::new());
+        slot.end_session();
         let guard = lock(&slot.arbiter).take();
         if let Some(g) = &guard {
             g.stop();
@@ -821,9 +858,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
         crash: slot.vm.crash_report(),
         protection: slot.protected_to().map(|peer| remus_api::ProtectionInfo {
             peer,
-            last_checkpoint: lock(&slot.last_checkpoint)
-                .as_deref()
-                .and_then(|l| serde_json::from_str(l).ok()),
+            last_checkpoint: lock(&slot.last_checkpoint).clone(),
             held_frames: slot
                 .vm
                 .output_commits()

@@ -28,7 +28,18 @@ use std::time::{Duration, Instant};
 use remus_api::{ArbiterHost, ArbiterInfo};
 use remus_arbiter::{Arbiter, ArbiterError, Lease};
 
-use crate::agent::VmSlot;
+/// What a [`Guard`] needs of the VM it keeps the key for (the agent's
+/// `VmSlot`). The guard's threads hold it weakly: the VM may go first.
+pub trait Guarded: Send + Sync {
+    fn vm(&self) -> &remus_vm::Vm;
+    /// Tells the VM's followers (`remus protect`'s output) what happened.
+    fn publish(&self, event: remus_api::SessionEvent);
+    /// Lets out the network output a session left held while fenced.
+    fn release_held_output(&self);
+    /// Whether a protection session runs (its output is its own to
+    /// release or drop).
+    fn protected(&self) -> bool;
+}
 
 /// The agent's arbiter: the etcd cluster, this host's name in it, and the
 /// lease timing.
@@ -148,9 +159,9 @@ impl Guard {
     /// (refused when another host holds it) and starts keeping it.
     pub fn acquire(
         arb: &Arc<AgentArbiter>,
-        slot: &Arc<VmSlot>,
+        slot: &Arc<impl Guarded + 'static>,
     ) -> Result<Arc<Guard>, ArbiterError> {
-        let lease = arb.arb.acquire(slot.vm.name(), arb.ttl, arb.margin)?;
+        let lease = arb.arb.acquire(slot.vm().name(), arb.ttl, arb.margin)?;
         Ok(Guard::start(arb, slot, lease, Want::Lease))
     }
 
@@ -158,9 +169,15 @@ impl Guard {
     /// when it cannot, until asked to pin or stop. `want` Pin rewrites the
     /// key without a lease as soon as etcd answers (a backup that has just
     /// taken over).
-    fn start(arb: &Arc<AgentArbiter>, slot: &Arc<VmSlot>, lease: Lease, want: Want) -> Arc<Guard> {
+    fn start(
+        arb: &Arc<AgentArbiter>,
+        slot: &Arc<impl Guarded + 'static>,
+        lease: Lease,
+        want: Want,
+    ) -> Arc<Guard> {
+        let weak = || -> Weak<dyn Guarded> { Arc::downgrade(slot) as Weak<dyn Guarded> };
         let g = Arc::new(Guard {
-            vm: slot.vm.name().to_string(),
+            vm: slot.vm().name().to_string(),
             arb: arb.clone(),
             state: Mutex::new(State {
                 want,
@@ -175,8 +192,8 @@ impl Guard {
             }),
             cv: Condvar::new(),
         });
-        let (g1, s1) = (g.clone(), Arc::downgrade(slot));
-        let (g2, s2) = (g.clone(), Arc::downgrade(slot));
+        let (g1, s1) = (g.clone(), weak());
+        let (g2, s2) = (g.clone(), weak());
         let name = g.vm.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("lease-{name}"))
@@ -189,7 +206,7 @@ impl Guard {
         if let Err(e) = spawned {
             // Without its threads nobody renews the lease: fence now.
             tracing::error!(vm = %name, error = %e, "cannot start the arbiter threads; pausing the VM");
-            let _ = slot.vm.fence();
+            let _ = slot.vm().fence();
             lock(&g.state).tenure = Tenure::Fenced;
         }
         g
@@ -240,12 +257,12 @@ impl Guard {
     /// is this host's again ([`reclaim`]). The keeper is stopped, then the
     /// key deleted. If etcd does not answer, the lease, no longer renewed,
     /// lapses within a TTL and the backup's takeover waits for that.
-    pub fn hand_over(&self, slot: &VmSlot) {
+    pub fn hand_over(&self, slot: &dyn Guarded) {
         {
             let mut st = lock(&self.state);
             st.want = Want::Stop;
             st.handed_over = true;
-            if let Err(e) = slot.vm.fence() {
+            if let Err(e) = slot.vm().fence() {
                 tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot fence the VM for the switch-over");
             }
             st.tenure = Tenure::Fenced;
@@ -303,15 +320,16 @@ impl Guard {
         }
     }
 
-    fn publish(&self, slot: &VmSlot, state: &str, message: &str) {
-        slot.publish(
-            serde_json::json!({"event": "arbiter", "state": state, "message": message}).to_string(),
-        );
+    fn publish(&self, slot: &dyn Guarded, state: &str, message: &str) {
+        slot.publish(remus_api::SessionEvent::Arbiter {
+            state: state.to_string(),
+            message: message.to_string(),
+        });
     }
 
     /// Renews the lease, re-takes the key once it has lapsed, pins it when
     /// asked, and lifts the fence when the key is ours again.
-    fn keeper(self: Arc<Guard>, slot: Weak<VmSlot>, mut lease: Option<Lease>) {
+    fn keeper(self: Arc<Guard>, slot: Weak<dyn Guarded>, mut lease: Option<Lease>) {
         let a = &*self.arb;
         let mut next = Instant::now() + a.renew_every();
         // A new wish (pin, stop) is acted on at once; otherwise one round
@@ -338,7 +356,7 @@ impl Guard {
             if want == Want::Pin {
                 match a.arb.pin(&self.vm, lease.as_ref().map(|l| l.id)) {
                     Ok(revision) => {
-                        self.lift_fence(&slot, revision, "the key is pinned to this host");
+                        self.lift_fence(&*slot, revision, "the key is pinned to this host");
                         let mut st = lock(&self.state);
                         st.tenure = Tenure::Pinned;
                         st.revision = revision;
@@ -350,7 +368,7 @@ impl Guard {
                     }
                     Err(ArbiterError::HeldByOther {
                         holder, revision, ..
-                    }) => return self.go_stale(&slot, holder, revision),
+                    }) => return self.go_stale(&*slot, holder, revision),
                     Err(e) => self.failed(&e),
                 }
             }
@@ -359,8 +377,8 @@ impl Guard {
                 Some(l) => match a.arb.renew(l, a.margin) {
                     Ok(_) => {
                         self.leased(l);
-                        if slot.vm.is_fenced() {
-                            self.lift_fence(&slot, l.revision, "the lease was renewed");
+                        if slot.vm().is_fenced() {
+                            self.lift_fence(&*slot, l.revision, "the lease was renewed");
                         }
                         false
                     }
@@ -380,7 +398,7 @@ impl Guard {
                     Ok(l) => {
                         self.leased(&l);
                         self.lift_fence(
-                            &slot,
+                            &*slot,
                             l.revision,
                             "the key was taken again on a new lease",
                         );
@@ -388,7 +406,7 @@ impl Guard {
                     }
                     Err(ArbiterError::HeldByOther {
                         holder, revision, ..
-                    }) => return self.go_stale(&slot, holder, revision),
+                    }) => return self.go_stale(&*slot, holder, revision),
                     Err(e) => self.failed(&e),
                 }
             }
@@ -408,7 +426,7 @@ impl Guard {
     }
 
     /// Pauses the VM when the fence deadline passes without a renewal.
-    fn fencer(self: Arc<Guard>, slot: Weak<VmSlot>) {
+    fn fencer(self: Arc<Guard>, slot: Weak<dyn Guarded>) {
         let mut st = lock(&self.state);
         loop {
             if st.done || st.want == Want::Stop {
@@ -421,14 +439,14 @@ impl Guard {
                     // Under the state lock: a renewal cannot land between
                     // the check and the pause.
                     let late = now.duration_since(at);
-                    match slot.vm.fence() {
+                    match slot.vm().fence() {
                         Ok(()) => {
                             let msg = format!(
                                 "FENCED: the lease (revision {}) was not renewed in time; the VM is paused here (held output stays held) until the arbiter answers",
                                 st.revision
                             );
                             tracing::error!(vm = %self.vm, revision = st.revision, lease = ?st.lease.map(|l| format!("{l:x}")), late_ms = late.as_millis() as u64, last_error = ?st.error, "{msg}");
-                            self.publish(&slot, "fenced", &msg);
+                            self.publish(&*slot, "fenced", &msg);
                         }
                         Err(e) => {
                             tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot pause the VM at its fence deadline");
@@ -450,8 +468,8 @@ impl Guard {
 
     /// Resumes a fenced VM once the key is this host's again (checked in
     /// etcd: our host name, and our lease or none).
-    fn lift_fence(&self, slot: &VmSlot, revision: i64, why: &str) {
-        if !slot.vm.is_fenced() {
+    fn lift_fence(&self, slot: &dyn Guarded, revision: i64, why: &str) {
+        if !slot.vm().is_fenced() {
             let mut st = lock(&self.state);
             if st.tenure == Tenure::Fenced {
                 st.tenure = Tenure::Leased;
@@ -477,7 +495,7 @@ impl Guard {
         if st.want == Want::Stop {
             return;
         }
-        let unfenced = slot.vm.unfence();
+        let unfenced = slot.vm().unfence();
         drop(st);
         match unfenced {
             Ok(()) => {
@@ -498,16 +516,16 @@ impl Guard {
     }
 
     /// Another host holds the key: this copy must never run again.
-    fn go_stale(&self, slot: &VmSlot, holder: String, revision: i64) {
-        if !slot.vm.is_fenced()
-            && let Err(e) = slot.vm.fence()
+    fn go_stale(&self, slot: &dyn Guarded, holder: String, revision: i64) {
+        if !slot.vm().is_fenced()
+            && let Err(e) = slot.vm().fence()
         {
             tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot pause the stale copy");
         }
         // Output it still holds came from a state the other host never
         // had: it must never leave.
-        if slot.protected_to().is_none() {
-            for n in slot.vm.output_commits() {
+        if !slot.protected() {
+            for n in slot.vm().output_commits() {
                 n.close();
             }
         }
@@ -541,10 +559,24 @@ impl Guard {
     }
 }
 
+/// Why a standby may not take a VM over ([`take_over`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TakeOverRefused {
+    /// Another host holds the key pinned: it runs the VM unprotected.
+    #[error(
+        "the arbiter says {holder} runs the VM unprotected (key pinned at revision {revision})"
+    )]
+    RunsElsewhere { holder: String, revision: i64 },
+    /// etcd did not grant the key within the window: the primary's lease
+    /// is still being renewed, or etcd cannot be reached.
+    #[error("the arbiter did not let this host take the VM within {window:?} ({last})")]
+    NotGranted { window: Duration, last: String },
+}
+
 /// The backup, having lost its primary: takes the VM's key, waiting for
 /// the primary's lease to lapse, within the takeover window. `Err` says
 /// why the copy must not run.
-pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, String> {
+pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, TakeOverRefused> {
     let t = Instant::now();
     let deadline = t + arb.takeover_window();
     let mut last;
@@ -565,18 +597,14 @@ pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, String> {
                 lease: 0,
                 revision,
                 ..
-            }) => {
-                return Err(format!(
-                    "the arbiter says {holder} runs the VM unprotected (key pinned at revision {revision})"
-                ));
-            }
+            }) => return Err(TakeOverRefused::RunsElsewhere { holder, revision }),
             Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "the arbiter did not let this host take the VM within {:?} ({last})",
-                arb.takeover_window()
-            ));
+            return Err(TakeOverRefused::NotGranted {
+                window: arb.takeover_window(),
+                last,
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -642,9 +670,9 @@ pub fn reclaim(arb: &AgentArbiter, vm: &str, give_up: &dyn Fn() -> bool) -> Opti
 
 impl Guard {
     /// A key already pinned to this host (nothing to keep).
-    pub fn pinned(arb: &Arc<AgentArbiter>, slot: &VmSlot, revision: i64) -> Arc<Guard> {
+    pub fn pinned(arb: &Arc<AgentArbiter>, slot: &dyn Guarded, revision: i64) -> Arc<Guard> {
         Arc::new(Guard {
-            vm: slot.vm.name().to_string(),
+            vm: slot.vm().name().to_string(),
             arb: arb.clone(),
             state: Mutex::new(State {
                 want: Want::Pin,
@@ -664,6 +692,10 @@ impl Guard {
 
 /// The backup, after resuming: keeps the lease it took until the key is
 /// pinned (the VM now runs here unprotected).
-pub fn keep_taken(arb: &Arc<AgentArbiter>, slot: &Arc<VmSlot>, lease: Lease) -> Arc<Guard> {
+pub fn keep_taken(
+    arb: &Arc<AgentArbiter>,
+    slot: &Arc<impl Guarded + 'static>,
+    lease: Lease,
+) -> Arc<Guard> {
     Guard::start(arb, slot, lease, Want::Pin)
 }

@@ -10,15 +10,15 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::TokioIo;
-use remus_api::{CONSOLE_UPGRADE, CreateRequest, ErrorBody, PinRequest};
+use remus_api::{CONSOLE_UPGRADE, CreateRequest, ErrorBody, PinRequest, SessionEvent};
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{Agent, AgentError, Published};
 use crate::replication::ProtectRequest;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let status = match &self {
-            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::BadRequest(_) | AgentError::PeerRefused { .. } => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -247,24 +247,29 @@ async fn failback(
     Ok(ndjson(rx))
 }
 
-/// A response streaming the event channel as JSON lines until an empty
-/// line (the end of the session).
-fn ndjson(rx: tokio::sync::broadcast::Receiver<String>) -> Response {
+/// A response streaming the event channel as JSON lines until the end of
+/// the session.
+fn ndjson(rx: tokio::sync::broadcast::Receiver<Published>) -> Response {
     ndjson_replay(Vec::new(), rx)
 }
 
+/// One event as a line of the stream.
+fn line(event: &SessionEvent) -> Result<String, std::convert::Infallible> {
+    // An event is plain data: it always serialises.
+    Ok(serde_json::to_string(event).unwrap_or_default() + "\n")
+}
+
 /// `replay` first, then what arrives on `rx`.
-fn ndjson_replay(replay: Vec<String>, rx: tokio::sync::broadcast::Receiver<String>) -> Response {
-    let replay = futures_util::stream::iter(
-        replay
-            .into_iter()
-            .map(|l| Ok::<_, std::convert::Infallible>(l + "\n")),
-    );
+fn ndjson_replay(
+    replay: Vec<SessionEvent>,
+    rx: tokio::sync::broadcast::Receiver<Published>,
+) -> Response {
+    let replay = futures_util::stream::iter(replay.iter().map(line).collect::<Vec<_>>());
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
-                Ok(line) if line.is_empty() => return None,
-                Ok(line) => return Some((Ok::<_, std::convert::Infallible>(line + "\n"), rx)),
+                Ok(Published::End) => return None,
+                Ok(Published::Event(ev)) => return Some((line(&ev), rx)),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }

@@ -17,6 +17,7 @@ pub mod apiauth;
 pub mod arbiter;
 pub mod cli;
 pub mod copies;
+pub mod failover;
 pub mod host;
 pub mod http;
 pub mod replication;

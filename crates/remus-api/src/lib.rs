@@ -29,6 +29,23 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use remus_config::VmConfig;
 
+pub mod events;
+pub use events::{
+    CheckpointStats, DiskSyncProgress, DiskSyncStats, MigrateStats, PausePhases, SessionEvent,
+    SyncMode,
+};
+
+/// Longest line of a session's event stream the client accepts.
+const MAX_EVENT_LINE: usize = 1 << 20;
+
+/// One event as streamed by the agent: decoded, and the line it came in
+/// (for `--json`, which passes the agent's lines on as they are).
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub event: SessionEvent,
+    pub line: String,
+}
+
 /// Default agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/remus/remusd.sock";
 /// The `Upgrade:` protocol name of an interactive console.
@@ -104,10 +121,9 @@ pub struct ArbiterInfo {
 pub struct ProtectionInfo {
     /// The backup (or migration destination) address.
     pub peer: String,
-    /// The last committed checkpoint's event (epoch, taken_at_ms,
-    /// pause_ms, dirty_pages, bytes, ack_ms, disk_*), if any yet.
+    /// The last committed checkpoint, if any yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_checkpoint: Option<serde_json::Value>,
+    pub last_checkpoint: Option<CheckpointStats>,
     /// Network frames held right now, waiting for their checkpoint.
     pub held_frames: u64,
 }
@@ -407,7 +423,7 @@ impl Client {
     pub async fn follow_protection(
         &self,
         name: &str,
-        each: impl FnMut(serde_json::Value),
+        each: impl FnMut(Streamed),
     ) -> Result<(), ClientError> {
         self.stream_lines(Method::GET, &vm_path(name, "/protection"), None, each)
             .await
@@ -419,7 +435,7 @@ impl Client {
         &self,
         name: &str,
         peer: &str,
-        each: impl FnMut(serde_json::Value),
+        each: impl FnMut(Streamed),
     ) -> Result<(), ClientError> {
         let body = Self::body(&MigrateRequest { peer: peer.into() })?;
         self.stream_lines(Method::POST, &vm_path(name, "/migrate"), body, each)
@@ -431,7 +447,7 @@ impl Client {
     pub async fn failback(
         &self,
         name: &str,
-        each: impl FnMut(serde_json::Value),
+        each: impl FnMut(Streamed),
     ) -> Result<(), ClientError> {
         self.stream_lines(Method::POST, &vm_path(name, "/failback"), None, each)
             .await
@@ -442,7 +458,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-        mut each: impl FnMut(serde_json::Value),
+        mut each: impl FnMut(Streamed),
     ) -> Result<(), ClientError> {
         let resp = self.send(method, path, body, &[]).await?;
         let status = resp.status();
@@ -461,10 +477,20 @@ impl Client {
             if let Ok(data) = frame.into_data() {
                 buf.extend_from_slice(&data);
                 while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=nl).collect();
-                    if let Ok(v) = serde_json::from_slice(&line[..line.len() - 1]) {
-                        each(v);
-                    }
+                    let raw: Vec<u8> = buf.drain(..=nl).collect();
+                    let line = String::from_utf8_lossy(&raw[..raw.len() - 1]).into_owned();
+                    let event = serde_json::from_str(&line).map_err(|e| {
+                        ClientError::Transport(format!(
+                            "the agent sent a line that is not a session event ({e}): {}",
+                            line.chars().take(200).collect::<String>()
+                        ))
+                    })?;
+                    each(Streamed { event, line });
+                }
+                if buf.len() > MAX_EVENT_LINE {
+                    return Err(ClientError::Transport(format!(
+                        "the agent sent an event line over {MAX_EVENT_LINE} bytes"
+                    )));
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Human output in xl's layout.
 
-use remus_api::{VcpuInfo, VmInfo};
+use remus_api::{SessionEvent, SyncMode, VcpuInfo, VmInfo};
 
 /// `xl list`'s table: Name, ID, Mem, VCPUs, State, Time(s).
 pub fn list_table(vms: &[VmInfo]) -> String {
@@ -28,92 +28,109 @@ pub fn list_table(vms: &[VmInfo]) -> String {
 }
 
 /// One replication event as a line, in the spirit of `xl remus`.
-pub fn protect_event(ev: &serde_json::Value) -> String {
-    let f = |k: &str| ev[k].as_f64().unwrap_or(0.0);
-    let u = |k: &str| ev[k].as_u64().unwrap_or(0);
-    match ev["event"].as_str().unwrap_or("") {
-        "initial_sync" => format!(
-            "initial sync: {} pages ({:.1} MiB) in {:.0} ms",
-            u("pages"),
-            f("bytes") / 1048576.0,
-            f("ms")
+pub fn protect_event(ev: &SessionEvent) -> String {
+    const MIB: f64 = 1048576.0;
+    match ev {
+        SessionEvent::InitialSync { pages, bytes, ms } => format!(
+            "initial sync: {pages} pages ({:.1} MiB) in {ms:.0} ms",
+            *bytes as f64 / MIB
         ),
-        "checkpoint" => {
-            let mut sent = format!("{:>8} B", u("bytes"));
-            if u("raw_bytes") > u("bytes") {
+        SessionEvent::Checkpoint(c) => {
+            let mut sent = format!("{:>8} B", c.bytes);
+            if c.raw_bytes > c.bytes {
                 // Compressed: how much of the raw checkpoint went out.
                 sent.push_str(&format!(
                     " ({:.0}% of {} B)",
-                    f("bytes") * 100.0 / f("raw_bytes"),
-                    u("raw_bytes")
+                    c.bytes as f64 * 100.0 / c.raw_bytes as f64,
+                    c.raw_bytes
                 ));
             }
             let mut line = format!(
                 "epoch {:>6}  pause {:>6.2} ms  dirty {:>6} pages  sent {sent}  ack {:>6.2} ms",
-                u("epoch"),
-                f("pause_ms"),
-                u("dirty_pages"),
-                f("ack_ms")
+                c.epoch, c.pause_ms, c.dirty_pages, c.ack_ms
             );
-            if u("disk_records") > 0 {
+            if c.disk_records > 0 {
                 line.push_str(&format!(
                     "  disk {:>4} ops {:>8} B",
-                    u("disk_records"),
-                    u("disk_bytes")
+                    c.disk_records, c.disk_bytes
                 ));
             }
-            if f("disk_wait_ms") > 0.0 {
+            if c.disk_wait_ms > 0.0 {
                 // Guest writes waited for the link: replication is behind.
-                line.push_str(&format!("  disk wait {:.1} ms", f("disk_wait_ms")));
+                line.push_str(&format!("  disk wait {:.1} ms", c.disk_wait_ms));
             }
             line
         }
-        "disk_sync" => format!(
+        SessionEvent::DiskSync(p) => format!(
             "disk sync {}: {:.1}/{:.1} MiB compared, {} chunks differ, {:.1} MiB to send",
-            ev["disk"].as_str().unwrap_or("?"),
-            f("compared_bytes") / 1048576.0,
-            f("disk_bytes") / 1048576.0,
-            u("differing_chunks"),
-            f("sent_bytes") / 1048576.0
+            p.disk,
+            p.compared_bytes as f64 / MIB,
+            p.disk_bytes as f64 / MIB,
+            p.differing_chunks,
+            p.sent_bytes as f64 / MIB
         ),
-        "disk_synced" => format!(
+        SessionEvent::DiskSynced(d) => format!(
             "disk sync ({}): {} of {} chunks compared ({} KiB each, of {} on the disks) differed from the backup's copy; {:.1} MiB of data sent, {} chunks zeroed, in {:.0} ms",
-            ev["mode"].as_str().unwrap_or("full"),
-            u("differing_chunks"),
-            u("chunks"),
-            u("chunk_size") / 1024,
-            u("disk_chunks"),
-            f("sent_bytes") / 1048576.0,
-            u("zeroed_chunks"),
-            f("ms")
+            sync_mode(d.mode),
+            d.differing_chunks,
+            d.chunks,
+            d.chunk_size / 1024,
+            d.disk_chunks,
+            d.sent_bytes as f64 / MIB,
+            d.zeroed_chunks,
+            d.ms
         ),
-        "sync_plan" => format!(
-            "disk sync plan: {} ({})",
-            ev["mode"].as_str().unwrap_or("?"),
-            ev["reason"].as_str().unwrap_or("")
+        SessionEvent::SyncPlan { mode, reason } => {
+            format!("disk sync plan: {} ({reason})", sync_mode(*mode))
+        }
+        SessionEvent::SwitchedOver {
+            epoch,
+            downtime_ms: Some(ms),
+            ..
+        } => format!(
+            "SWITCHED OVER at epoch {epoch}: the backup runs the VM now (guest paused {ms:.1} ms)"
         ),
-        "switched_over" => match ev["downtime_ms"].as_f64() {
-            Some(ms) => format!(
-                "SWITCHED OVER at epoch {}: the backup runs the VM now (guest paused {ms:.1} ms)",
-                u("epoch")
-            ),
-            None => format!(
-                "SWITCHED OVER at epoch {}: the backup's answer was lost, but the arbiter says it runs the VM now",
-                u("epoch")
-            ),
-        },
-        "backup_lost" => format!(
-            "BACKUP LOST: {} — the VM runs on UNPROTECTED; run remus protect again",
-            ev["reason"].as_str().unwrap_or("?")
+        SessionEvent::SwitchedOver { epoch, .. } => format!(
+            "SWITCHED OVER at epoch {epoch}: the backup's answer was lost, but the arbiter says it runs the VM now"
         ),
-        "stopped" => format!("protection stopped after {} checkpoints", u("checkpoints")),
-        "failed" => format!(
-            "PROTECTION FAILED: {} — the VM runs on UNPROTECTED",
-            ev["reason"].as_str().unwrap_or("?")
+        SessionEvent::BackupLost { reason } => {
+            format!("BACKUP LOST: {reason} — the VM runs on UNPROTECTED; run remus protect again")
+        }
+        SessionEvent::Stopped { checkpoints } => {
+            format!("protection stopped after {checkpoints} checkpoints")
+        }
+        SessionEvent::Failed { reason } => {
+            format!("PROTECTION FAILED: {reason} — the VM runs on UNPROTECTED")
+        }
+        SessionEvent::Warning { message } => format!("warning: {message}"),
+        SessionEvent::Arbiter { message, .. } => format!("arbiter: {message}"),
+        SessionEvent::Start { pages, bytes } => {
+            format!(
+                "migration: {pages} pages ({:.1} MiB) to copy",
+                *bytes as f64 / MIB
+            )
+        }
+        SessionEvent::Round {
+            round,
+            pages,
+            bytes,
+            ms,
+        } => format!(
+            "round {round}: {pages} pages in {ms:.0} ms ({:.1} MiB sent so far)",
+            *bytes as f64 / MIB
         ),
-        "warning" => format!("warning: {}", ev["message"].as_str().unwrap_or("?")),
-        "arbiter" => format!("arbiter: {}", ev["message"].as_str().unwrap_or("?")),
-        _ => ev.to_string(),
+        SessionEvent::Done(m) => format!(
+            "migrated in {:.0} ms, downtime {:.1} ms, {} rounds",
+            m.total_ms, m.downtime_ms, m.rounds
+        ),
+        SessionEvent::Unknown => "(an event this remus does not know; see --json)".into(),
+    }
+}
+
+fn sync_mode(m: SyncMode) -> &'static str {
+    match m {
+        SyncMode::Full => "full",
+        SyncMode::Changed => "changed",
     }
 }
 
@@ -190,24 +207,38 @@ mod tests {
 
     #[test]
     fn checkpoint_lines_show_disk_work_only_when_there_is_some() {
-        let mut ev = serde_json::json!({"event": "checkpoint", "epoch": 7, "pause_ms": 4.5,
-            "dirty_pages": 12, "bytes": 1000, "ack_ms": 1.25, "disk_records": 0, "disk_bytes": 0,
-            "disk_wait_ms": 0.0});
-        let line = protect_event(&ev);
+        let mut c = remus_api::CheckpointStats {
+            epoch: 7,
+            pause_ms: 4.5,
+            dirty_pages: 12,
+            bytes: 1000,
+            ack_ms: 1.25,
+            ..Default::default()
+        };
+        let line = protect_event(&SessionEvent::Checkpoint(c.clone()));
         assert!(line.starts_with("epoch      7  pause   4.50 ms"), "{line}");
         assert!(!line.contains("disk"), "{line}");
         assert!(!line.contains('%'), "uncompressed: no ratio: {line}");
-        ev["raw_bytes"] = 53248.into();
-        let line = protect_event(&ev);
+        c.raw_bytes = 53248;
+        let line = protect_event(&SessionEvent::Checkpoint(c.clone()));
         assert!(line.contains("sent     1000 B (2% of 53248 B)"), "{line}");
-        ev["disk_records"] = 3.into();
-        ev["disk_bytes"] = 8192.into();
-        ev["disk_wait_ms"] = 2.5.into();
-        let line = protect_event(&ev);
+        c.disk_records = 3;
+        c.disk_bytes = 8192;
+        c.disk_wait_ms = 2.5;
+        let line = protect_event(&SessionEvent::Checkpoint(c));
         assert!(line.contains("disk    3 ops     8192 B"), "{line}");
         assert!(line.contains("disk wait 2.5 ms"), "{line}");
-        let sync = serde_json::json!({"event": "disk_synced", "mode": "changed", "differing_chunks": 8, "chunks": 320,
-            "disk_chunks": 16384, "chunk_size": 65536, "sent_bytes": 458752, "zeroed_chunks": 1, "ms": 35.0});
+        let sync = SessionEvent::DiskSynced(remus_api::DiskSyncStats {
+            disks: 1,
+            mode: SyncMode::Changed,
+            chunks: 320,
+            disk_chunks: 16384,
+            chunk_size: 65536,
+            differing_chunks: 8,
+            sent_bytes: 458752,
+            zeroed_chunks: 1,
+            ms: 35.0,
+        });
         let line = protect_event(&sync);
         assert!(
             line.starts_with(

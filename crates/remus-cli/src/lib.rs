@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use remus_api::{Client, ClientError};
+use remus_api::{Client, ClientError, MigrateStats, SessionEvent};
 use remus_config::VmConfig;
 
 /// remus: keep VMs running when their host dies (Remus for QEMU).
@@ -393,27 +393,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            let follow = client.follow_protection(&vm, |ev| {
+            let follow = client.follow_protection(&vm, |s| {
                 if json {
-                    println!("{ev}");
+                    println!("{}", s.line);
                     return;
                 }
-                if ev["event"] == "disk_sync" && tty {
-                    bar.set_message(ev["disk"].as_str().unwrap_or("").to_string());
-                    bar.set_length(ev["disk_bytes"].as_u64().unwrap_or(0));
-                    bar.set_position(ev["compared_bytes"].as_u64().unwrap_or(0));
-                    return;
+                match &s.event {
+                    SessionEvent::DiskSync(p) if tty => {
+                        bar.set_message(p.disk.clone());
+                        bar.set_length(p.disk_bytes);
+                        bar.set_position(p.compared_bytes);
+                        return;
+                    }
+                    SessionEvent::DiskSynced(_) => bar.finish_and_clear(),
+                    SessionEvent::Checkpoint(c) => {
+                        n += 1;
+                        pause_sum += c.pause_ms;
+                        pause_max = pause_max.max(c.pause_ms);
+                    }
+                    _ => {}
                 }
-                if ev["event"] == "disk_synced" {
-                    bar.finish_and_clear();
-                }
-                println!("{}", format::protect_event(&ev));
-                if ev["event"] == "checkpoint" {
-                    n += 1;
-                    let p = ev["pause_ms"].as_f64().unwrap_or(0.0);
-                    pause_sum += p;
-                    pause_max = pause_max.max(p);
-                }
+                println!("{}", format::protect_event(&s.event));
             });
             tokio::select! {
                 r = follow => r.map_err(api)?,
@@ -473,23 +473,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn failback(client: &Client, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let mut switched: Option<serde_json::Value> = None;
+    // (epoch, guest pause; None when the arbiter confirmed it)
+    let mut switched: Option<(u64, Option<f64>)> = None;
     let mut failed: Option<String> = None;
     if !json {
         eprintln!("Switching '{vm}' over to its backup at the next checkpoint...");
     }
     client
-        .failback(vm, |ev| {
+        .failback(vm, |s| {
             if json {
-                println!("{ev}");
+                println!("{}", s.line);
             }
-            match ev["event"].as_str().unwrap_or("") {
-                "switched_over" => switched = Some(ev),
-                "failed" => failed = Some(ev["reason"].as_str().unwrap_or("?").to_string()),
-                "backup_lost" => {
+            match s.event {
+                SessionEvent::SwitchedOver {
+                    epoch, downtime_ms, ..
+                } => switched = Some((epoch, downtime_ms)),
+                SessionEvent::Failed { reason } => failed = Some(reason),
+                SessionEvent::BackupLost { reason } => {
                     failed = Some(format!(
-                        "the backup was lost ({}); the VM runs on here unprotected",
-                        ev["reason"].as_str().unwrap_or("?")
+                        "the backup was lost ({reason}); the VM runs on here unprotected"
                     ))
                 }
                 _ => {}
@@ -500,19 +502,18 @@ async fn failback(client: &Client, vm: &str, json: bool) -> anyhow::Result<ExitC
     if let Some(reason) = failed {
         anyhow::bail!("failback of '{vm}' failed: {reason}");
     }
-    let Some(s) = switched else {
+    let Some((epoch, downtime_ms)) = switched else {
         anyhow::bail!("failback of '{vm}' ended without a switch-over; check both agents' logs");
     };
     if !json {
-        let paused = match s["downtime_ms"].as_f64() {
+        let paused = match downtime_ms {
             Some(ms) => format!("the guest was paused {ms:.1} ms"),
             // The backup's answer was lost; the arbiter's key says it runs
             // the VM.
             None => "the backup's answer was lost, but the arbiter says it runs the VM".into(),
         };
         eprintln!(
-            "Switched over at epoch {}: {paused}. The backup runs '{vm}' now and protects it back to this host (see `remus list` there).",
-            s["epoch"].as_u64().unwrap_or(0),
+            "Switched over at epoch {epoch}: {paused}. The backup runs '{vm}' now and protects it back to this host (see `remus list` there).",
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -532,37 +533,36 @@ async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::R
         .progress_chars("=> "),
     );
     bar.set_message("initial copy");
-    let mut done: Option<serde_json::Value> = None;
+    let mut done: Option<MigrateStats> = None;
     let mut failed: Option<String> = None;
     client
-        .migrate(vm, host, |ev| {
+        .migrate(vm, host, |s| {
             if json {
-                println!("{ev}");
+                println!("{}", s.line);
             }
-            match ev["event"].as_str().unwrap_or("") {
-                "disk_sync" => {
-                    bar.set_message(format!("disk sync {}", ev["disk"].as_str().unwrap_or("")));
-                    bar.set_length(ev["disk_bytes"].as_u64().unwrap_or(0));
-                    bar.set_position(ev["compared_bytes"].as_u64().unwrap_or(0));
+            match s.event {
+                SessionEvent::DiskSync(p) => {
+                    bar.set_message(format!("disk sync {}", p.disk));
+                    bar.set_length(p.disk_bytes);
+                    bar.set_position(p.compared_bytes);
                 }
-                "disk_synced" if !json => {
+                ev @ SessionEvent::DiskSynced(_) if !json => {
                     bar.suspend(|| eprintln!("{}", format::protect_event(&ev)));
                 }
-                "start" => {
+                SessionEvent::Start { bytes, .. } => {
                     bar.set_message("initial copy");
                     bar.set_position(0);
-                    bar.set_length(ev["bytes"].as_u64().unwrap_or(0));
+                    bar.set_length(bytes);
                 }
-                "round" => {
-                    let sent = ev["bytes"].as_u64().unwrap_or(0);
-                    if sent > bar.length().unwrap_or(0) {
-                        bar.set_length(sent);
+                SessionEvent::Round { round, bytes, .. } => {
+                    if bytes > bar.length().unwrap_or(0) {
+                        bar.set_length(bytes);
                     }
-                    bar.set_position(sent);
-                    bar.set_message(format!("round {}", ev["round"].as_u64().unwrap_or(0) + 1));
+                    bar.set_position(bytes);
+                    bar.set_message(format!("round {}", round + 1));
                 }
-                "done" => done = Some(ev),
-                "failed" => failed = Some(ev["reason"].as_str().unwrap_or("?").to_string()),
+                SessionEvent::Done(stats) => done = Some(stats),
+                SessionEvent::Failed { reason } => failed = Some(reason),
                 _ => {}
             }
         })
@@ -578,11 +578,11 @@ async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::R
     if !json {
         eprintln!(
             "Migrated '{vm}' to {host} in {:.2} s: downtime {:.1} ms, {:.1} MiB sent in {} pre-copy rounds (last copy {} pages).",
-            d["total_ms"].as_f64().unwrap_or(0.0) / 1e3,
-            d["downtime_ms"].as_f64().unwrap_or(0.0),
-            d["bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-            d["rounds"].as_u64().unwrap_or(0),
-            d["final_pages"].as_u64().unwrap_or(0)
+            d.total_ms / 1e3,
+            d.downtime_ms,
+            d.bytes as f64 / 1048576.0,
+            d.rounds,
+            d.final_pages
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -54,7 +54,8 @@ fn run(dir: &std::path::Path, c: &Case, seconds: f64) -> (f64, u64, u64) {
         .expect("image");
     let backend = Arc::new(FileBackend::open(&img, false).expect("open image"));
     let port = Arc::new(DiskPort::new("vda", backend));
-    let journal = Arc::new(Journal::new(Epoch(1), 64 << 20));
+    let bell = Arc::new(remus_disk::Doorbell::new());
+    let journal = Arc::new(Journal::new(Epoch(1), 64 << 20, bell.clone()));
     port.journal_to(journal.clone(), 0);
     let al = c.limit.map(|limit| {
         let p = dir.join("al");
@@ -65,12 +66,12 @@ fn run(dir: &std::path::Path, c: &Case, seconds: f64) -> (f64, u64, u64) {
     let done = Arc::new(AtomicBool::new(false));
     // The sender: takes what the guest writes.
     let drain = {
-        let (j, d) = (journal.clone(), done.clone());
+        let (j, d, bell) = (journal.clone(), done.clone(), bell.clone());
         std::thread::spawn(move || {
             while !d.load(Ordering::SeqCst) {
-                let g = j.generation();
+                let seen = bell.rings();
                 drop(j.take());
-                j.wait(g, Duration::from_millis(10));
+                bell.wait(seen, Duration::from_millis(10));
             }
         })
     };

@@ -8,9 +8,13 @@
 //! queue is bounded: when the link cannot keep up, a guest write waits for
 //! room (back-pressure, as a slow disk would), it is never dropped. Closing
 //! the journal (end of the session) releases every waiter.
+//!
+//! The journal rings a [`Doorbell`] whenever it queues a record or
+//! closes: the sender's, which other sources (a staged checkpoint, the end
+//! of the session) ring too, so the sender sleeps on one thing.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use remus_proto::{DiskOp, DiskRecord, Epoch};
@@ -18,11 +22,50 @@ use remus_proto::{DiskOp, DiskRecord, Epoch};
 /// Per-record bookkeeping counted against the bound besides its data.
 const RECORD_OVERHEAD: u64 = 64;
 
+/// A wake-up for one waiter with several sources: each [`ring`](Self::ring)
+/// bumps a counter, so a waiter that read the counter before it looked for
+/// work cannot miss a ring that came in between.
+#[derive(Default)]
+pub struct Doorbell {
+    rings: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Doorbell {
+    pub fn new() -> Doorbell {
+        Doorbell::default()
+    }
+
+    /// The rings so far (read before looking for work).
+    pub fn rings(&self) -> u64 {
+        *self.rings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the waiter.
+    pub fn ring(&self) {
+        let mut n = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until it rang after `seen` was read, or `timeout` passes.
+    pub fn wait(&self, seen: u64, timeout: Duration) {
+        let n = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .cv
+            .wait_timeout_while(n, timeout, |n| *n == seen)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
 /// See the module documentation.
 pub struct Journal {
     state: Mutex<State>,
+    /// Writers waiting for room.
     cv: Condvar,
     limit: std::sync::atomic::AtomicU64,
+    /// The sender's: rung when a record is queued or the journal closes.
+    doorbell: Arc<Doorbell>,
 }
 
 struct State {
@@ -31,9 +74,6 @@ struct State {
     queue: VecDeque<DiskRecord>,
     queued_bytes: u64,
     closed: bool,
-    /// Bumped by every push and [`Journal::notify`], so a waiter cannot
-    /// miss a wake-up that happened between its check and its wait.
-    generation: u64,
     /// Time guest writes spent waiting for room.
     blocked: Duration,
 }
@@ -48,19 +88,20 @@ fn cost(r: &DiskRecord) -> u64 {
 
 impl Journal {
     /// A journal whose first guest writes belong to `first_epoch`, holding
-    /// at most about `limit_bytes` of queued data.
-    pub fn new(first_epoch: Epoch, limit_bytes: u64) -> Journal {
+    /// at most about `limit_bytes` of queued data, ringing `doorbell`
+    /// when there is something to take.
+    pub fn new(first_epoch: Epoch, limit_bytes: u64, doorbell: Arc<Doorbell>) -> Journal {
         Journal {
             state: Mutex::new(State {
                 epoch: first_epoch.0,
                 queue: VecDeque::new(),
                 queued_bytes: 0,
                 closed: false,
-                generation: 0,
                 blocked: Duration::ZERO,
             }),
             cv: Condvar::new(),
             limit: std::sync::atomic::AtomicU64::new(limit_bytes.max(1)),
+            doorbell,
         }
     }
 
@@ -106,8 +147,8 @@ impl Journal {
         }
         st.queued_bytes += c;
         st.queue.push_back(rec);
-        st.generation += 1;
-        self.cv.notify_all();
+        drop(st);
+        self.doorbell.ring();
         true
     }
 
@@ -137,30 +178,6 @@ impl Journal {
         out
     }
 
-    /// The wake-up counter (see [`wait`](Self::wait)).
-    pub fn generation(&self) -> u64 {
-        self.lock().generation
-    }
-
-    /// Wakes [`wait`](Self::wait)ers: something else (a staged checkpoint)
-    /// is ready for the sender.
-    pub fn notify(&self) {
-        let mut st = self.lock();
-        st.generation += 1;
-        self.cv.notify_all();
-    }
-
-    /// Waits until the generation differs from `seen` (a record was pushed
-    /// or [`notify`](Self::notify) called), the journal closes, or
-    /// `timeout` passes.
-    pub fn wait(&self, seen: u64, timeout: Duration) {
-        let st = self.lock();
-        let _ = self
-            .cv
-            .wait_timeout_while(st, timeout, |s| s.generation == seen && !s.closed)
-            .unwrap_or_else(|p| p.into_inner());
-    }
-
     /// Ends the journal: pushes fail from now on and every waiter returns.
     pub fn close(&self) {
         let mut st = self.lock();
@@ -168,6 +185,8 @@ impl Journal {
         st.queue.clear();
         st.queued_bytes = 0;
         self.cv.notify_all();
+        drop(st);
+        self.doorbell.ring();
     }
 
     /// Changes the bound (`u64::MAX`: writers never wait).
@@ -199,7 +218,7 @@ mod tests {
 
     #[test]
     fn records_carry_the_epoch_open_when_they_were_pushed() {
-        let j = Journal::new(Epoch(1), 1 << 20);
+        let j = Journal::new(Epoch(1), 1 << 20, Arc::default());
         assert_eq!(j.push(0, write(1)), Some(Epoch(1)));
         j.cut(Epoch(1)).unwrap();
         assert_eq!(j.push(1, write(2)), Some(Epoch(2)));
@@ -214,14 +233,13 @@ mod tests {
 
     #[test]
     fn a_full_queue_blocks_the_writer_until_taken_and_close_releases_it() {
-        let j = Arc::new(Journal::new(Epoch(1), 1200));
+        let j = Arc::new(Journal::new(Epoch(1), 1200, Arc::default()));
         assert!(j.push(0, write(1)).is_some());
         assert!(j.push(0, write(2)).is_some());
         let j2 = j.clone();
         let writer = std::thread::spawn(move || j2.push(0, write(3)));
         // The writer waits (about 1.2 KB queued against 1.2 KB allowed)...
-        let seen = j.generation();
-        j.wait(seen, Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
         assert!(!writer.is_finished(), "the writer waits for room");
         assert_eq!(j.take().len(), 2);
         // ...and gets through once the sender took the queue.
@@ -240,16 +258,26 @@ mod tests {
     }
 
     #[test]
-    fn wait_returns_on_push_notify_or_timeout() {
-        let j = Arc::new(Journal::new(Epoch(1), 1 << 20));
-        let g = j.generation();
+    fn the_doorbell_rings_on_push_and_close_and_waits_out_its_timeout() {
+        let bell = Arc::new(Doorbell::new());
+        let j = Arc::new(Journal::new(Epoch(1), 1 << 20, bell.clone()));
+        let seen = bell.rings();
         let t = Instant::now();
-        j.wait(g, Duration::from_millis(30));
-        assert!(t.elapsed() >= Duration::from_millis(30));
+        bell.wait(seen, Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30), "nothing rang");
         let j2 = j.clone();
-        let h = std::thread::spawn(move || j2.notify());
-        j.wait(g, Duration::from_secs(10));
-        h.join().unwrap();
-        assert_ne!(j.generation(), g);
+        let h = std::thread::spawn(move || j2.push(0, write(1)));
+        bell.wait(seen, Duration::from_secs(10));
+        assert!(h.join().unwrap().is_some());
+        assert_ne!(bell.rings(), seen, "a push rings");
+        let seen = bell.rings();
+        j.close();
+        assert_ne!(bell.rings(), seen, "closing rings");
+        // A ring before the wait is not missed.
+        let seen = bell.rings();
+        bell.ring();
+        let t = Instant::now();
+        bell.wait(seen, Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

@@ -34,7 +34,7 @@ pub mod sync;
 pub use activity::ActivityLog;
 pub use changes::ChangeMap;
 pub use epochs::{ApplyStats, EpochBuffer};
-pub use journal::Journal;
+pub use journal::{Doorbell, Journal};
 pub use port::DiskPort;
 
 /// Disk replication errors, naming the disk, epoch and range involved.

@@ -266,7 +266,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = port(dir.path());
         p.write_at(b"before", 0, false).unwrap();
-        let j = Arc::new(Journal::new(Epoch(1), 1 << 20));
+        let j = Arc::new(Journal::new(Epoch(1), 1 << 20, Arc::default()));
         p.journal_to(j.clone(), 3);
         assert_eq!(p.mode_name(), "journal");
         p.write_at(b"hello", 4096, true).unwrap();
@@ -312,7 +312,7 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let ro = DiskPort::new("vda", Arc::new(FileBackend::open(&path, true).unwrap()));
-        let j = Arc::new(Journal::new(Epoch(1), 1 << 20));
+        let j = Arc::new(Journal::new(Epoch(1), 1 << 20, Arc::default()));
         ro.journal_to(j.clone(), 0);
         assert!(ro.write_at(b"x", 0, false).is_err());
         assert!(j.take().is_empty());
@@ -331,7 +331,7 @@ mod tests {
         assert_eq!(again.marked_chunks(), vec![0, 1, 3], "persistent");
         // Protected again after the failover: tracking goes on alongside
         // the journal, and after it.
-        let j = Arc::new(Journal::new(Epoch(1), 1 << 20));
+        let j = Arc::new(Journal::new(Epoch(1), 1 << 20, Arc::default()));
         p.journal_to(j.clone(), 0);
         assert_eq!(p.mode_name(), "journal+track");
         p.write_at(&[2u8; 10], 65536 * 7, false).unwrap();

@@ -24,7 +24,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::message::{NONCE_LEN, PROOF_LEN};
+use crate::wire::{NONCE_LEN, PROOF_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -44,15 +44,12 @@ use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::delta::DeltaEncoder;
-use crate::frame::WireError;
 use crate::message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, Epoch, Message, PAGE_SIZE, PageRun, write_counted,
     write_device_state, write_page_run,
 };
-
-/// Largest device state accepted in one checkpoint (512 MiB). QEMU's device
-/// state is normally well under a few MiB, since guest RAM travels as pages.
-pub const MAX_DEVICE_STATE: u64 = 512 << 20;
+pub use crate::wire::MAX_DEVICE_STATE;
+use crate::wire::WireError;
 
 /// XXH3-128 over an epoch's contents, computed the same way by sender and
 /// receiver. Pages are hashed one at a time with their page number, so the

@@ -8,8 +8,7 @@
 
 use std::fmt;
 
-use crate::frame::DecodeError;
-use crate::message::{Cursor, put_str, put_u16, put_u32, put_u64};
+use crate::wire::{Cursor, DecodeError, put_str, put_u16, put_u32, put_u64};
 
 /// One disk as the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

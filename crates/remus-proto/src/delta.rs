@@ -30,7 +30,9 @@
 //! guest for CPU), and LZ4's block format compresses XOR deltas at several
 //! GB/s; `lz4_flex` is pure Rust and decodes untrusted input safely.
 
-use crate::message::{DeviceStateDelta, MAX_DELTA_PAGES, PAGE_SIZE, PageDelta, PageRun};
+use crate::message::{DeviceStateDelta, PageDelta, PageRun};
+pub use crate::wire::DEVICE_CHUNK;
+use crate::wire::{MAX_DELTA_PAGES, PAGE_SIZE};
 
 /// Why a delta frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,10 +47,6 @@ pub enum DeltaError {
 
 /// Cache sizing: the default, as QEMU's `xbzrle-cache-size`.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
-
-/// Raw bytes of device state per DeviceStateDelta frame, at most: a
-/// receiver refuses longer ones before allocating anything.
-pub const DEVICE_CHUNK: usize = 16 << 20;
 
 const EMPTY: u64 = u64::MAX;
 

@@ -517,6 +517,36 @@ pub fn client_handshake_unencrypted(
     Ok((Channel::plain(tcp), session))
 }
 
+/// Why a server will not take a VM (the `lookup` of [`server_handshake`]):
+/// the code the client decides on, the text for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A refusal without a more precise code: the VM is not available here.
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal::new(ErrorCode::UnknownVm, message)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Refusal {
+        Refusal::new(ErrorCode::UnknownVm, message)
+    }
+}
+
 /// Server side (backup / migration destination). Reads one bounded frame
 /// of the handshake's own type (checked from its header alone), completes
 /// the Noise handshake, then Hello, proofs and Ready inside the channel.
@@ -529,7 +559,7 @@ pub fn server_handshake(
     mut tcp: TcpStream,
     key: &Key,
     opts: &ServerOptions,
-    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
+    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, Refusal>,
 ) -> Result<(Channel, Session, Hello), HandshakeError> {
     let peer = peer_name(&tcp);
     let deadline = Instant::now() + opts.timeout;
@@ -720,7 +750,7 @@ pub fn server_handshake_on<S: Read + Write>(
     versions: &RangeInclusive<u16>,
     timeout: Duration,
     first: Option<Hello>,
-    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, String>,
+    lookup: impl FnOnce(&str, Purpose) -> Result<Option<VmCompat>, Refusal>,
 ) -> Result<(Session, Hello), HandshakeError> {
     let mut c = Conn {
         stream,
@@ -779,12 +809,9 @@ pub fn server_handshake_on<S: Read + Write>(
     // Authenticated from here on: only now may we talk about our VMs.
     let local = match lookup(&hello.vm_name, hello.purpose) {
         Ok(v) => v,
-        Err(why) => {
-            c.send_error(
-                ErrorCode::UnknownVm,
-                format!("VM {:?}: {why}", hello.vm_name),
-            );
-            return Err(c.fail("looking up the VM", HandshakeFailure::UnknownVm(why)));
+        Err(Refusal { code, message }) => {
+            c.send_error(code, format!("VM {:?}: {message}", hello.vm_name));
+            return Err(c.fail("looking up the VM", HandshakeFailure::UnknownVm(message)));
         }
     };
     let (ours, theirs) = hello.purpose.side_names();

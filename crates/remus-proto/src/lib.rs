@@ -187,6 +187,7 @@ pub mod delta;
 mod frame;
 mod handshake;
 mod message;
+mod wire;
 
 pub use auth::{Key, KeyError};
 pub use channel::Channel;
@@ -201,7 +202,7 @@ pub use frame::{
 };
 pub use handshake::{
     HANDSHAKE_MAX_PAYLOAD, HANDSHAKE_TIMEOUT, HandshakeError, HandshakeFailure, HelloParams,
-    PREAUTH_MAX_PAYLOAD, ServerOptions, Session, client_handshake, client_handshake_on,
+    PREAUTH_MAX_PAYLOAD, Refusal, ServerOptions, Session, client_handshake, client_handshake_on,
     client_handshake_unencrypted, encrypted_versions, server_handshake, server_handshake_on,
     supported_versions, unencrypted_versions,
 };

@@ -10,132 +10,16 @@ use std::fmt;
 use std::io::Write;
 
 use crate::compat::VmCompat;
-use crate::frame::{self, DecodeError, HEADER_LEN, MAX_PAYLOAD, WireError};
+use crate::wire::{
+    Cursor, DecodeError, HEADER_LEN, MAX_PAYLOAD, WireError, encode_raw, put_str, put_u16, put_u32,
+    put_u64, raw_header,
+};
+pub use crate::wire::{DIGEST_LEN, MAX_DELTA_PAGES, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN};
 
-/// Size of a guest page as carried in page runs.
-pub const PAGE_SIZE: usize = 4096;
 /// Bytes of a PageRun payload before the page data.
 const PAGE_RUN_PREFIX: usize = 12;
 /// The most pages one PageRun frame can carry (just under 64 MiB).
 pub const MAX_PAGES_PER_RUN: u32 = ((MAX_PAYLOAD as usize - PAGE_RUN_PREFIX) / PAGE_SIZE) as u32;
-/// The most pages one PageDelta frame carries (1 MiB before compression).
-pub const MAX_DELTA_PAGES: u32 = 256;
-/// Length of the handshake nonces.
-pub const NONCE_LEN: usize = 32;
-/// Length of an HMAC-SHA256 proof.
-pub const PROOF_LEN: usize = 32;
-/// Length of a checkpoint digest (XXH3-128).
-pub const DIGEST_LEN: usize = 16;
-
-/// Message type numbers. Zero is reserved as invalid so that a zeroed header
-/// never means anything. New types are added with new numbers; numbers are
-/// never reused.
-#[repr(u16)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MsgType {
-    Invalid = 0,
-    // Session set-up and control: 1..=15.
-    Hello = 1,
-    HelloAck = 2,
-    AuthProof = 3,
-    Ready = 4,
-    Error = 5,
-    Heartbeat = 6,
-    Ack = 7,
-    /// The VM's configuration and session parameters (JSON), sent by the
-    /// client right after Ready so that the server can prepare the copy.
-    /// Added after version 1 shipped as an additive type (no version bump).
-    VmConfig = 8,
-    /// Version 5: the backup's answer to the VM config, before Ready: how
-    /// the disks will be synchronised (JSON, defined by the agents).
-    SyncPlan = 9,
-    /// Version 6: a message of the Noise handshake that opens the
-    /// encrypted channel; the only type a server reads before it.
-    NoiseHandshake = 10,
-    // Checkpoint stream: 16..=31.
-    CheckpointBegin = 16,
-    PageRun = 17,
-    DeviceState = 18,
-    CheckpointEnd = 19,
-    SwitchOver = 20,
-    Done = 21,
-    /// Version 3: pages XOR'd against the receiver's copy, LZ4-compressed.
-    PageDelta = 22,
-    /// Version 3: device state XOR'd against the previous one, LZ4.
-    DeviceStateDelta = 23,
-    // Disk replication (protocol D), version 2: 32..=47.
-    /// Data the guest wrote, tagged with its epoch.
-    DiskWrite = 32,
-    /// A range the guest trimmed or wrote zeroes to: it reads as zero.
-    DiskZero = 33,
-    /// The guest asked for everything written so far to be durable.
-    DiskFlush = 34,
-    /// Closes one epoch's disk log: counts and digest of its records.
-    DiskSeal = 35,
-    /// Backup → primary at the start of a session: digests of the backup's
-    /// copy of a disk, so the initial sync sends only differing chunks.
-    DiskDigests = 36,
-    /// Version 5, primary → backup at the start of a session whose plan
-    /// syncs only changed chunks: which chunks the digest exchange covers.
-    DiskSyncRuns = 37,
-}
-
-impl MsgType {
-    /// The known type with number `v`, if any (including `Invalid`).
-    pub fn from_u16(v: u16) -> Option<MsgType> {
-        use MsgType::*;
-        Some(match v {
-            0 => Invalid,
-            1 => Hello,
-            2 => HelloAck,
-            3 => AuthProof,
-            4 => Ready,
-            5 => Error,
-            6 => Heartbeat,
-            7 => Ack,
-            8 => VmConfig,
-            9 => SyncPlan,
-            10 => NoiseHandshake,
-            16 => CheckpointBegin,
-            17 => PageRun,
-            18 => DeviceState,
-            19 => CheckpointEnd,
-            20 => SwitchOver,
-            21 => Done,
-            22 => PageDelta,
-            23 => DeviceStateDelta,
-            32 => DiskWrite,
-            33 => DiskZero,
-            34 => DiskFlush,
-            35 => DiskSeal,
-            36 => DiskDigests,
-            37 => DiskSyncRuns,
-            _ => return None,
-        })
-    }
-
-    /// True for the types whose payload carries or commits VM state; the
-    /// server accepts none of them before the peer has authenticated.
-    pub fn carries_vm_state(self) -> bool {
-        use MsgType::*;
-        matches!(
-            self,
-            CheckpointBegin
-                | PageRun
-                | DeviceState
-                | PageDelta
-                | DeviceStateDelta
-                | CheckpointEnd
-                | SwitchOver
-                | DiskWrite
-                | DiskZero
-                | DiskFlush
-                | DiskSeal
-                | DiskDigests
-                | DiskSyncRuns
-        )
-    }
-}
 
 /// A checkpoint epoch number. Epochs of one protected VM strictly increase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -206,6 +90,13 @@ pub enum ErrorCode {
     CheckpointRejected,
     /// Anything else that stops the session on the sender of the Error.
     Internal,
+    /// The receiver is setting up or tearing down a copy of this VM (or
+    /// still holds one from an ending session): the same request may
+    /// succeed in a moment.
+    Busy,
+    /// The VM runs on the receiving host (a copy that took over, or the
+    /// other half of a split brain): it cannot also be a standby there.
+    AlreadyRuns,
     Other(u16),
 }
 
@@ -219,6 +110,8 @@ impl ErrorCode {
             ErrorCode::Protocol => 5,
             ErrorCode::CheckpointRejected => 6,
             ErrorCode::Internal => 7,
+            ErrorCode::Busy => 8,
+            ErrorCode::AlreadyRuns => 9,
             ErrorCode::Other(v) => v,
         }
     }
@@ -232,6 +125,8 @@ impl ErrorCode {
             5 => ErrorCode::Protocol,
             6 => ErrorCode::CheckpointRejected,
             7 => ErrorCode::Internal,
+            8 => ErrorCode::Busy,
+            9 => ErrorCode::AlreadyRuns,
             v => ErrorCode::Other(v),
         }
     }
@@ -247,6 +142,8 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Protocol => f.write_str("protocol violation"),
             ErrorCode::CheckpointRejected => f.write_str("checkpoint rejected"),
             ErrorCode::Internal => f.write_str("internal error"),
+            ErrorCode::Busy => f.write_str("busy, try again"),
+            ErrorCode::AlreadyRuns => f.write_str("the VM runs there"),
             ErrorCode::Other(v) => write!(f, "error code {v}"),
         }
     }
@@ -448,7 +345,7 @@ impl DiskRecord {
             DiskOp::Write { data, .. } => data,
             _ => &[],
         };
-        let header = frame::raw_header(self.msg_type() as u16, &[&head, data]);
+        let header = raw_header(self.msg_type() as u16, &[&head, data]);
         w.write_all(&header)?;
         w.write_all(&head)?;
         w.write_all(data)?;
@@ -781,7 +678,7 @@ impl Message {
 
     /// Appends this message as one complete frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        frame::encode_raw(self.msg_type() as u16, &self.encode_payload(), out);
+        encode_raw(self.msg_type() as u16, &self.encode_payload(), out);
     }
 
     /// Writes this message as one frame. Page data is written from where it
@@ -790,7 +687,7 @@ impl Message {
         match self {
             Message::PageRun(run) => write_page_run(w, run.first_page, &run.data).map(|_| ()),
             Message::DeviceState { data } => {
-                let header = frame::raw_header(MsgType::DeviceState as u16, &[data]);
+                let header = raw_header(MsgType::DeviceState as u16, &[data]);
                 w.write_all(&header)?;
                 w.write_all(data)?;
                 Ok(())
@@ -803,11 +700,6 @@ impl Message {
                 Ok(())
             }
         }
-    }
-
-    /// Reads one frame and returns its message (see [`frame::read_frame`]).
-    pub fn read_from(r: &mut impl std::io::Read) -> Result<Message, WireError> {
-        frame::read_frame(r)
     }
 
     /// Parses the payload of a frame of type `msg_type` (CRC already checked).
@@ -968,15 +860,15 @@ impl Message {
                 let offset = c.u64("offset")?;
                 let len = c.u32("len")?;
                 if len == 0
-                    || len > crate::delta::DEVICE_CHUNK as u32
+                    || len > crate::wire::DEVICE_CHUNK as u32
                     || offset
                         .checked_add(u64::from(len))
-                        .is_none_or(|end| end > crate::checkpoint::MAX_DEVICE_STATE)
+                        .is_none_or(|end| end > crate::wire::MAX_DEVICE_STATE)
                 {
                     return Err(c.bad(format!(
                         "device state range {offset}+{len} is empty, longer than {} bytes or beyond {} bytes",
-                        crate::delta::DEVICE_CHUNK,
-                        crate::checkpoint::MAX_DEVICE_STATE
+                        crate::wire::DEVICE_CHUNK,
+                        crate::wire::MAX_DEVICE_STATE
                     )));
                 }
                 let compressed = c.rest().to_vec();
@@ -1143,7 +1035,7 @@ pub fn write_page_run(w: &mut impl Write, first_page: u64, data: &[u8]) -> Resul
     for (i, part) in data.chunks(chunk).enumerate() {
         let first = first_page + (i * MAX_PAGES_PER_RUN as usize) as u64;
         let prefix = page_run_prefix(first, (part.len() / PAGE_SIZE) as u32);
-        let header = frame::raw_header(MsgType::PageRun as u16, &[&prefix, part]);
+        let header = raw_header(MsgType::PageRun as u16, &[&prefix, part]);
         let mut head = [0u8; HEADER_LEN + PAGE_RUN_PREFIX];
         head[..HEADER_LEN].copy_from_slice(&header);
         head[HEADER_LEN..].copy_from_slice(&prefix);
@@ -1162,7 +1054,7 @@ pub fn write_device_state(w: &mut impl Write, data: &[u8]) -> Result<u64, WireEr
         .chunks(MAX_PAYLOAD as usize)
         .chain(data.is_empty().then_some(data))
     {
-        let header = frame::raw_header(MsgType::DeviceState as u16, &[part]);
+        let header = raw_header(MsgType::DeviceState as u16, &[part]);
         w.write_all(&header)?;
         w.write_all(part)?;
         written += (header.len() + part.len()) as u64;
@@ -1181,91 +1073,4 @@ pub(crate) fn write_counted(
         written += m.wire_len();
     }
     Ok(written)
-}
-
-pub(crate) fn put_u16(p: &mut Vec<u8>, v: u16) {
-    p.extend_from_slice(&v.to_be_bytes());
-}
-pub(crate) fn put_u32(p: &mut Vec<u8>, v: u32) {
-    p.extend_from_slice(&v.to_be_bytes());
-}
-pub(crate) fn put_u64(p: &mut Vec<u8>, v: u64) {
-    p.extend_from_slice(&v.to_be_bytes());
-}
-/// Strings are a u16 byte length then UTF-8. Longer strings are cut at a
-/// character boundary (they are names and operator messages, never data).
-pub(crate) fn put_str(p: &mut Vec<u8>, s: &str) {
-    let mut end = s.len().min(u16::MAX as usize);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    put_u16(p, end as u16);
-    p.extend_from_slice(&s.as_bytes()[..end]);
-}
-
-/// Bounds-checked reader over one payload; every failure names the field.
-pub(crate) struct Cursor<'a> {
-    msg_type: MsgType,
-    buf: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn new(msg_type: MsgType, buf: &'a [u8]) -> Self {
-        Cursor { msg_type, buf }
-    }
-
-    pub(crate) fn bad(&self, what: String) -> DecodeError {
-        DecodeError::Malformed {
-            msg_type: self.msg_type,
-            what,
-        }
-    }
-
-    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() < n {
-            return Err(self.bad(format!(
-                "payload ends inside {field} (needs {n} bytes, {} left)",
-                self.buf.len()
-            )));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    pub(crate) fn u8(&mut self, field: &str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, field)?[0])
-    }
-    pub(crate) fn u16(&mut self, field: &str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn u32(&mut self, field: &str) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn u64(&mut self, field: &str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(field)?))
-    }
-    pub(crate) fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, field)?);
-        Ok(a)
-    }
-    pub(crate) fn string(&mut self, field: &str) -> Result<String, DecodeError> {
-        let len = self.u16(field)? as usize;
-        let bytes = self.take(len, field)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.bad(format!("{field} is not UTF-8")))
-    }
-    fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
-    }
-    fn finish(&self) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(self.bad(format!("{} trailing bytes", self.buf.len())))
-        }
-    }
 }

@@ -29,6 +29,7 @@
 //! the same source resumes the same plan; another source gets a full
 //! compare.
 
+pub use remus_api::SyncMode;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -220,17 +221,6 @@ impl CopyState {
         })()
         .map_err(|e| format!("{}: {e}", path.display()))
     }
-}
-
-/// How the disks of a session are synchronised.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncMode {
-    /// Digests of every chunk are compared.
-    #[default]
-    Full,
-    /// Only the chunks either side's change records mark are compared.
-    Changed,
 }
 
 /// The backup's answer to a session setup (the SyncPlan message).

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use remus_disk::sync::{CHUNK_SIZE, chunk_count, chunk_range, digest, is_zero, read_chunk};
-use remus_disk::{ActivityLog, ChangeMap, DiskPort, Journal};
+use remus_disk::{ActivityLog, ChangeMap, DiskPort, Doorbell, Journal};
 use remus_proto::{DiskDigests, DiskLogDigest, DiskOp, DiskRecord, DiskSeal, Epoch, Message};
 use remus_vm::Vm;
+
+pub use remus_api::{DiskSyncProgress, DiskSyncStats};
 
 use crate::ReplError;
 
@@ -28,10 +30,10 @@ pub struct PrimaryDisks {
 
 impl PrimaryDisks {
     /// Starts journaling the VM's replicated disks (none when `replicate`
-    /// is false; the journal then only wakes the sender). Guest writes
-    /// from now on belong to epoch 1, the first checkpoint.
-    pub fn start(vm: &Vm, replicate: bool) -> PrimaryDisks {
-        let journal = Arc::new(Journal::new(Epoch(1), JOURNAL_LIMIT));
+    /// is false: the journal then stays empty). Guest writes from now on
+    /// belong to epoch 1, the first checkpoint; each rings `doorbell`.
+    pub fn start(vm: &Vm, replicate: bool, doorbell: Arc<Doorbell>) -> PrimaryDisks {
+        let journal = Arc::new(Journal::new(Epoch(1), JOURNAL_LIMIT, doorbell));
         let ports = if replicate {
             vm.replicated_disks()
         } else {
@@ -55,38 +57,6 @@ impl Drop for PrimaryDisks {
             p.plain();
         }
     }
-}
-
-/// Progress of the initial disk sync, per digest frame.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskSyncProgress {
-    pub disk: String,
-    /// Bytes of this disk compared so far, and how many will be (its size
-    /// for a full sync).
-    pub compared_bytes: u64,
-    pub disk_bytes: u64,
-    /// Over all disks so far: chunks that differed, bytes sent for them.
-    pub differing_chunks: u64,
-    pub sent_bytes: u64,
-}
-
-/// What the initial disk sync did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DiskSyncStats {
-    pub disks: u64,
-    /// `full` (every chunk compared) or `changed` (only the chunks either
-    /// side's change records mark).
-    pub mode: crate::copy::SyncMode,
-    /// Chunks compared, and chunks the disks have.
-    pub chunks: u64,
-    pub disk_chunks: u64,
-    pub chunk_size: u32,
-    pub differing_chunks: u64,
-    /// Data bytes sent (zeroed chunks send none).
-    pub sent_bytes: u64,
-    /// Differing chunks that were all zero here, sent as a zeroing.
-    pub zeroed_chunks: u64,
-    pub ms: f64,
 }
 
 /// The chunk runs of each replicated disk a sync compares: every chunk

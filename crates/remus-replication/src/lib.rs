@@ -3,6 +3,8 @@
 //! - [`primary`]: the epoch loop on the protected VM's host.
 //! - [`backup`]: receive, verify, commit, ack; report a lost primary.
 //! - [`replica`]: the backup's RAM replica and committed device state.
+//! - `capture`: taking a VM's state (the checkpoint pause), shared by
+//!   protection and migration.
 //! - [`staging`]: copying guest pages into page runs.
 //! - [`failover`]: resuming the standby from the last committed checkpoint.
 //! - [`migrate`]: live migration (pre-copy), source side.
@@ -10,6 +12,7 @@
 //! The wire format and handshake live in `remus-proto`.
 
 pub mod backup;
+mod capture;
 pub mod copy;
 pub mod disks;
 pub mod failover;
@@ -31,6 +34,9 @@ pub enum ReplError {
     Io(String, std::io::Error),
     #[error("peer lost: {0}")]
     PeerLost(String),
+    /// A protection session's backup is gone (see [`primary::LostBackup`]).
+    #[error("backup lost: {0}")]
+    BackupLost(primary::LostBackup),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error(transparent)]

@@ -29,13 +29,15 @@ use remus_proto::Channel;
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
-use remus_dirty::RamFile;
 use remus_proto::{CheckpointKind, DiskDigests, Epoch, Message};
-use remus_vm::{Vm, devstate};
+use remus_vm::Vm;
 
+pub use remus_api::MigrateStats;
+
+use crate::ReplError;
+use crate::capture::{Capture, Staged, resume_unless_held};
 use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
-use crate::primary::{Staged, send_checkpoint};
-use crate::{ReplError, staging};
+use crate::primary::send_checkpoint;
 
 /// Migration settings.
 #[derive(Debug, Clone)]
@@ -64,8 +66,8 @@ impl Default for MigrateConfig {
 }
 
 /// Progress of a migration.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+/// (Streamed to the operator as [`remus_api::SessionEvent`]s.)
+#[derive(Debug, Clone)]
 pub enum MigrateEvent {
     /// Initial disk sync: one more batch of chunks compared.
     DiskSync(DiskSyncProgress),
@@ -84,15 +86,27 @@ pub enum MigrateEvent {
     Done(MigrateStats),
 }
 
-/// What a migration cost.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MigrateStats {
-    pub total_ms: f64,
-    /// Guest paused at the source → running at the destination.
-    pub downtime_ms: f64,
-    pub bytes: u64,
-    pub rounds: u64,
-    pub final_pages: u64,
+impl From<MigrateEvent> for remus_api::SessionEvent {
+    fn from(ev: MigrateEvent) -> Self {
+        use remus_api::SessionEvent as S;
+        match ev {
+            MigrateEvent::DiskSync(p) => S::DiskSync(p),
+            MigrateEvent::DiskSynced(s) => S::DiskSynced(s),
+            MigrateEvent::Start { pages, bytes } => S::Start { pages, bytes },
+            MigrateEvent::Round {
+                round,
+                pages,
+                bytes,
+                ms,
+            } => S::Round {
+                round,
+                pages,
+                bytes,
+                ms,
+            },
+            MigrateEvent::Done(s) => S::Done(s),
+        }
+    }
 }
 
 /// Migrates `vm` over an authenticated session. On success the caller
@@ -105,14 +119,7 @@ pub fn migrate(
     events: &dyn Fn(MigrateEvent),
 ) -> Result<MigrateStats, ReplError> {
     let t_start = Instant::now();
-    let mut tracker = vm
-        .dirty_tracker()
-        .map_err(|e| ReplError::Setup(e.to_string()))?;
-    let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
-    let map = staging::RamMap::open(&vm.ram_file)?;
-    let pool = staging::BufferPool::new(64);
-    devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
-    let dev_file = vm.paths.dir().join("dev.migrate");
+    let mut capture = Capture::open(vm, "dev.migrate")?;
     stream.set_nodelay(true).ok();
     stream
         .set_read_timeout(Some(cfg.timeout))
@@ -123,8 +130,9 @@ pub fn migrate(
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut bytes = 0u64;
     // Guest disk writes are journaled from here on (all of them belong to
-    // the final checkpoint, epoch 1 of the journal).
-    let disks = PrimaryDisks::start(vm, true);
+    // the final checkpoint, epoch 1 of the journal). Nobody sleeps on its
+    // doorbell: each round takes what it queued.
+    let disks = PrimaryDisks::start(vm, true, Default::default());
     let mut sealer = Sealer::default();
     let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
     if disks.active() {
@@ -148,19 +156,10 @@ pub fn migrate(
         events(MigrateEvent::DiskSynced(stats));
     }
 
-    // Pre-copy while the guest runs.
-    tracker
-        .scan()
-        .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-    // The first round reads guest RAM as it goes out (its memory is one
-    // page run, not the guest's size); later rounds send what was dirtied.
-    let mut lazy = Some(staging::LazyPages {
-        pieces: staging::data_pieces(&ram)?,
-        ram: std::sync::Arc::new(
-            remus_dirty::RamFile::open(&vm.ram_file)
-                .map_err(|e| ReplError::Setup(e.to_string()))?,
-        ),
-    });
+    // Pre-copy while the guest runs. The first round reads guest RAM as
+    // it goes out (its memory is one page run, not the guest's size);
+    // later rounds send what was dirtied.
+    let mut lazy = Some(capture.all_pages()?);
     let mut runs: Vec<remus_proto::PageRun> = Vec::new();
     let initial_pages = lazy.as_ref().map_or(0, |l| l.page_count());
     events(MigrateEvent::Start {
@@ -171,20 +170,8 @@ pub fn migrate(
     let mut kind = CheckpointKind::InitialSync;
     loop {
         let t = Instant::now();
-        let lazy = lazy.take();
-        let pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum::<u64>()
-            + lazy.as_ref().map_or(0, |l| l.page_count());
-        let staged = Staged {
-            epoch: Epoch(round),
-            kind,
-            runs,
-            lazy,
-            device_state: Vec::new(),
-            pause_ms: 0.0,
-            taken_at_ms: crate::now_us() / 1000,
-            phases: Default::default(),
-            operator_paused: None,
-        };
+        let staged = Staged::precopy(Epoch(round), kind, runs, lazy.take());
+        let pages = staged.dirty_pages() + staged.lazy.as_ref().map_or(0, |l| l.page_count());
         if disks.active() {
             bytes += sealer.write_records(&mut w, &disks.journal.take())?;
             if kind == CheckpointKind::InitialSync {
@@ -193,7 +180,7 @@ pub fn migrate(
         }
         bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
         for run in staged.runs {
-            pool.give(run.data);
+            capture.pool.give(run.data);
         }
         wait_ack(&mut reader, Epoch(round))?;
         events(MigrateEvent::Round {
@@ -202,70 +189,52 @@ pub fn migrate(
             bytes,
             ms: t.elapsed().as_secs_f64() * 1e3,
         });
-        let dirty = tracker
-            .scan()
-            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        runs = capture.dirty_runs()?;
         round += 1;
-        if dirty.page_count() < cfg.converge_pages || round > cfg.max_rounds {
-            // Put back what was scanned: it belongs to the final copy.
-            runs = map.stage(&dirty, &pool)?;
+        let dirty: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
+        if dirty < cfg.converge_pages || round > cfg.max_rounds {
+            // What was scanned belongs to the final copy.
             break;
         }
-        runs = map.stage(&dirty, &pool)?;
         kind = CheckpointKind::Round;
     }
 
-    // Stop and copy. The pages scanned just above were dirtied while the
-    // guest ran; the final scan under pause adds what changed since.
+    // Stop and copy: the pages scanned just above were dirtied while the
+    // guest ran; the final checkpoint adds what changed since, with the
+    // guest left stopped. No operator pause or unpause may interleave
+    // until the destination has answered; a guest the operator paused
+    // stays paused whatever happens.
     let t_down = Instant::now();
-    // No operator pause/unpause may interleave with the final copy.
-    let _run_state = vm.checkpoint_guard();
-    // `stop` waits for the guest's disk writes in flight: none may wait
-    // for room in the journal now, as nothing drains it until after stop.
-    disks.journal.set_limit(u64::MAX);
-    vm.qmp()
-        .execute("stop", None)
-        .map_err(|e| ReplError::Vm(format!("stop: {e}")))?;
-    let result = (|| -> Result<(u64, Epoch), ReplError> {
-        let last = tracker
-            .scan()
-            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-        runs.extend(map.stage(&last, &pool)?);
-        let final_pages: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
-        devstate::save(vm.qmp(), &dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
-        let device_state = std::fs::read(&dev_file)
-            .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
-        let epoch = Epoch(round);
+    let (_run_state, held) = vm.checkpoint_guard();
+    let epoch = Epoch(round);
+    let result = (|| -> Result<u64, ReplError> {
+        let staged = capture.take_checkpoint(
+            epoch,
+            held,
+            &disks.journal,
+            &|| disks.journal.cut(Epoch(1)).map_err(ReplError::Protocol),
+            true,
+            std::mem::take(&mut runs),
+        )?;
+        let final_pages = staged.dirty_pages();
         if disks.active() {
             // Every guest write since the sync, then the seals: the
             // destination applies them with this checkpoint.
-            disks.journal.cut(Epoch(1)).map_err(ReplError::Protocol)?;
             bytes += sealer.write_records(&mut w, &disks.journal.take())?;
             sealer.seal(&mut w, Epoch(1))?;
             if epoch != Epoch(1) {
                 sealer.seal(&mut w, epoch)?;
             }
         }
-        let staged = Staged {
-            epoch,
-            kind: CheckpointKind::Checkpoint,
-            runs,
-            lazy: None,
-            device_state,
-            pause_ms: 0.0,
-            taken_at_ms: crate::now_us() / 1000,
-            phases: Default::default(),
-            operator_paused: None,
-        };
         bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
         wait_ack(&mut reader, epoch)?;
-        Ok((final_pages, epoch))
+        Ok(final_pages)
     })();
-    let (final_pages, epoch) = match result {
+    let final_pages = match result {
         Ok(v) => v,
         Err(e) => {
             // Nothing switched: the source carries on.
-            let _ = vm.qmp().execute("cont", None);
+            resume_unless_held(vm);
             return Err(e);
         }
     };
@@ -283,7 +252,7 @@ pub fn migrate(
         Ok(Message::Done) => {}
         Ok(Message::Error { code, message }) => {
             // The destination refused to resume: it does not run the VM.
-            let _ = vm.qmp().execute("cont", None);
+            resume_unless_held(vm);
             return Err(ReplError::PeerLost(format!(
                 "destination could not resume the VM ({code}: {message}); it runs here again"
             )));

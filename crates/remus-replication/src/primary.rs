@@ -1,33 +1,55 @@
-//! The primary side: live initial sync, then one checkpoint per epoch.
+//! The primary side of a protection session.
 //!
-//! Per epoch, only this happens while the guest is paused (DESIGN 1.2):
-//! `stop` → dirty scan → copy the dirty pages into a staging buffer →
-//! device state saved through QMP → `cont`. The staged checkpoint then goes
-//! to a sender thread and is transmitted while the guest runs the next
-//! epoch; an ack reader thread matches the backup's acks to epochs.
+//! A session goes through named phases, each a function here:
+//!
+//! 1. [`protect`] sets up: the dirty tracker and RAM mapping ([`Capture`]),
+//!    disk journaling, held network output, the sender and the ack reader.
+//! 2. [`Session::initial_copy`]: the disks' differing chunks, then every
+//!    page of RAM, while the guest runs; checkpoints start once the backup
+//!    acknowledges it.
+//! 3. [`Session::epoch_loop`]: one checkpoint per interval, taken by
+//!    [`Capture::take_checkpoint`] (the only pause) and handed to the
+//!    sender, which transmits it while the guest runs the next epoch.
+//! 4. [`Session::switch_over`] (`remus failback`): the last checkpoint,
+//!    with the guest left stopped, then the backup resumes it.
+//! 5. [`Session::teardown`]: the goodbye (Done, or an Abort naming why),
+//!    the threads' end, and how the session ended ([`ProtectEnd`]).
+//!
+//! The epoch loop, the sender and the ack reader share one state behind
+//! one lock ([`Shared`]): the hand-off slot, what is in flight, why the
+//! backup was lost ([`LostBackup`]). The epoch loop waits on its condition
+//! variable (for room to hand off, for an ack); the sender sleeps on its
+//! own [`Doorbell`], rung by a hand-off, a queued disk record or the end.
+//! Everything an acknowledgement means happens in one place,
+//! [`acknowledged`]: held output leaves, the activity logs forget the
+//! extents, the caller's copy record learns of the commit, the checkpoint
+//! is reported.
 //!
 //! The timer runs at a fixed rate (epoch k starts at start + k·interval),
 //! not "interval after the last commit" as Xen's did, so the checkpoint
 //! rate is what the operator asked for. When the link cannot keep up, the
-//! bounded hand-off to the sender makes the epoch loop wait: checkpoints
+//! one-slot hand-off to the sender makes the epoch loop wait: checkpoints
 //! are delayed, never dropped or merged silently.
 
 use remus_proto::Channel;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use remus_dirty::{DirtySet, DirtyTracker, RamFile};
-use remus_disk::Journal;
+use remus_disk::{DiskPort, Doorbell, Journal};
 use remus_net::OutputCommit;
-use remus_proto::{CheckpointKind, CheckpointWriter, DiskDigests, Epoch, Message, PageRun};
-use remus_vm::{Vm, devstate};
+use remus_proto::{
+    CheckpointKind, CheckpointWriter, DiskDigests, Epoch, ErrorCode, Message, MsgType,
+};
+use remus_vm::Vm;
 
+pub use crate::capture::PausePhases;
+use crate::capture::{Capture, Staged, resume_unless_held};
 use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
 use crate::{ReplError, staging};
+pub use remus_api::CheckpointStats;
 
 /// Settings of a protection session.
 #[derive(Debug, Clone)]
@@ -63,6 +85,10 @@ pub struct ProtectConfig {
     /// up its arbiter key here (and fences the guest, which then stays
     /// stopped here unless the key comes back).
     pub hand_over: Option<HandOver>,
+    /// Called for each checkpoint the backup acknowledges (see
+    /// [`acknowledged`]): the caller's record of what the backup's copy
+    /// holds.
+    pub on_commit: Option<OnCommit>,
 }
 
 /// See [`ProtectConfig::hand_over`].
@@ -75,49 +101,66 @@ impl std::fmt::Debug for HandOver {
     }
 }
 
-/// One committed checkpoint, as reported to the operator.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct EpochStats {
-    pub epoch: u64,
-    /// When the guest was paused for this checkpoint (Unix ms).
-    pub taken_at_ms: u64,
-    /// Guest paused for this long (stop → cont acknowledged).
-    pub pause_ms: f64,
-    pub dirty_pages: u64,
-    /// Bytes of page data and device state put on the wire (compressed
-    /// when compression is on; frame headers included).
-    pub bytes: u64,
-    /// The same before compression: dirty pages × 4096 plus the device
-    /// state.
-    pub raw_bytes: u64,
-    /// Pages sent as XOR against the backup's copy (the rest went plain).
-    pub xor_pages: u64,
-    /// End frame sent → ack received.
-    pub ack_ms: f64,
-    /// Disk records of this epoch and the bytes they wrote or zeroed.
-    pub disk_records: u64,
-    pub disk_bytes: u64,
-    /// Time guest disk writes spent waiting for room in the journal since
-    /// the previous checkpoint (the link or the backup fell behind).
-    pub disk_wait_ms: f64,
-    /// Where the pause went: QMP stop, dirty scan, page copy, device
-    /// state save, QMP cont (ms).
-    pub phases: PausePhases,
+/// See [`ProtectConfig::on_commit`].
+#[derive(Clone)]
+pub struct OnCommit(pub Arc<dyn Fn(Epoch) + Send + Sync>);
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
 }
 
-/// The parts of one checkpoint pause, in ms.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct PausePhases {
-    pub stop: f64,
-    pub scan: f64,
-    pub copy: f64,
-    pub devstate: f64,
-    pub cont: f64,
+/// Why the primary lost its backup.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LostBackup {
+    /// No frame (not even a heartbeat) within the timeout.
+    Silent,
+    /// The connection closed or failed while reading.
+    Closed(String),
+    /// The backup stopped the session with an Error.
+    Reported { code: ErrorCode, message: String },
+    /// The backup sent a frame the session does not allow here.
+    Unexpected(MsgType),
+    /// Sending to the backup failed.
+    SendFailed { what: String, error: String },
+    /// The sender stopped before the epoch loop did (after a send failure
+    /// whose reason was already recorded, or a bug).
+    SenderStopped,
+    /// The backup answered a switch-over with Done: it runs the VM.
+    TookOver,
+    /// The last checkpoint before a switch-over was not acknowledged in
+    /// time; the guest runs on here.
+    NoAck(Epoch),
+    /// A switch-over the backup did not confirm, settled by the arbiter in
+    /// favour of this host (the text says how).
+    SwitchOverFailed(String),
+}
+
+impl std::fmt::Display for LostBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostBackup::Silent => f.write_str("no word from the backup within the timeout"),
+            LostBackup::Closed(e) => write!(f, "backup connection: {e}"),
+            LostBackup::Reported { code, message } => {
+                write!(f, "backup reported {code}: {message}")
+            }
+            LostBackup::Unexpected(t) => write!(f, "unexpected {t:?} from the backup"),
+            LostBackup::SendFailed { what, error } => write!(f, "{what}: {error}"),
+            LostBackup::SenderStopped => f.write_str("the sender stopped"),
+            LostBackup::TookOver => f.write_str("the backup took the VM over (switch-over)"),
+            LostBackup::NoAck(epoch) => write!(
+                f,
+                "the last checkpoint ({epoch}) was not acknowledged in time"
+            ),
+            LostBackup::SwitchOverFailed(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Progress of a protection session.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+/// (Streamed to the operator as [`remus_api::SessionEvent`]s.)
+#[derive(Debug, Clone)]
 pub enum ProtectEvent {
     /// Initial disk sync: one more batch of chunks compared.
     DiskSync(DiskSyncProgress),
@@ -128,7 +171,7 @@ pub enum ProtectEvent {
         bytes: u64,
         ms: f64,
     },
-    Checkpoint(EpochStats),
+    Checkpoint(CheckpointStats),
     BackupLost {
         reason: String,
     },
@@ -143,13 +186,32 @@ pub enum ProtectEvent {
     },
 }
 
+impl From<ProtectEvent> for remus_api::SessionEvent {
+    fn from(ev: ProtectEvent) -> Self {
+        use remus_api::SessionEvent as S;
+        match ev {
+            ProtectEvent::DiskSync(p) => S::DiskSync(p),
+            ProtectEvent::DiskSynced(s) => S::DiskSynced(s),
+            ProtectEvent::InitialSync { pages, bytes, ms } => S::InitialSync { pages, bytes, ms },
+            ProtectEvent::Checkpoint(s) => S::Checkpoint(s),
+            ProtectEvent::BackupLost { reason } => S::BackupLost { reason },
+            ProtectEvent::Stopped { checkpoints } => S::Stopped { checkpoints },
+            ProtectEvent::SwitchedOver { epoch, downtime_ms } => S::SwitchedOver {
+                epoch,
+                downtime_ms: Some(downtime_ms),
+                confirmed_by: None,
+            },
+        }
+    }
+}
+
 /// How a protection session ended.
 #[derive(Debug, Clone)]
 pub enum ProtectEnd {
     /// The operator stopped it; the backup was told (it does not fail over).
     Stopped,
     /// The backup or the link failed; the VM runs on unprotected.
-    BackupLost(String),
+    BackupLost(LostBackup),
     /// The backup runs the VM now (planned switch-over); the guest here is
     /// stopped for good at `epoch` and must not run again.
     SwitchedOver { epoch: u64, downtime_ms: f64 },
@@ -175,22 +237,6 @@ enum Outgoing {
     /// The last checkpoint was acknowledged with the guest stopped here:
     /// the backup resumes the VM from it.
     SwitchOver(Epoch),
-}
-
-pub(crate) struct Staged {
-    pub(crate) epoch: Epoch,
-    pub(crate) kind: CheckpointKind,
-    pub(crate) runs: Vec<PageRun>,
-    /// Pages read from guest RAM as they are sent, after `runs` (the
-    /// initial copy: its memory is one run, not the guest's size).
-    pub(crate) lazy: Option<staging::LazyPages>,
-    pub(crate) device_state: Vec<u8>,
-    pub(crate) pause_ms: f64,
-    pub(crate) taken_at_ms: u64,
-    pub(crate) phases: PausePhases,
-    /// Taken while the operator had the guest paused: that pause's
-    /// generation.
-    pub(crate) operator_paused: Option<u64>,
 }
 
 /// What a checkpoint closes while the guest is stopped and an ack
@@ -220,8 +266,6 @@ impl Edges<'_> {
         }
     }
 
-    /// The session is over: guest writes stop waiting for the journal and
-    /// held output leaves (the VM runs on alone).
     /// No backup will acknowledge anything more: the journal closes and
     /// held output goes out (the VM runs on alone) — unless the arbiter's
     /// fence holds the VM: its unacknowledged output may come from a state
@@ -240,14 +284,179 @@ impl Edges<'_> {
     }
 }
 
+/// What the epoch loop, the sender and the ack reader share.
+struct Shared {
+    state: Mutex<State>,
+    /// The epoch loop's waits: the hand-off slot emptied, an ack, disk
+    /// digests, the backup lost, a thread ended.
+    changed: Condvar,
+    /// The sender's: a hand-off, a queued disk record, the end.
+    doorbell: Arc<Doorbell>,
+}
+
 #[derive(Default)]
-struct InFlight {
-    /// epoch → (stats so far, End sent at)
-    sent: HashMap<u64, (EpochStats, Instant)>,
+struct State {
+    /// The hand-off: at most one item waits for the sender.
+    outgoing: Option<Outgoing>,
+    /// The epoch loop hands over nothing more.
+    finished: bool,
+    /// Checkpoints sent and not yet acknowledged: epoch → (stats so far,
+    /// End sent at).
+    in_flight: HashMap<u64, (CheckpointStats, Instant)>,
     /// The highest epoch the backup acknowledged.
     acked_up_to: Option<u64>,
+    /// Checkpoints acknowledged (the initial copy not counted).
+    committed: u64,
     /// The backup answered a switch-over with Done: it runs the VM now.
     switched: bool,
+    /// Why the backup was lost; the first reason stands.
+    lost: Option<LostBackup>,
+    /// The backup's chunk digests for the initial disk sync, in order.
+    digests: VecDeque<DiskDigests>,
+    sender_done: bool,
+    reader_done: bool,
+}
+
+/// What the sender finds in the hand-off slot.
+enum Next {
+    Item(Outgoing),
+    Empty,
+    /// Empty, and nothing more will come.
+    Finished,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            doorbell: Arc::new(Doorbell::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the state and wakes every waiter.
+    fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.changed.notify_all();
+        self.doorbell.ring();
+        out
+    }
+
+    fn lost(&self) -> Option<LostBackup> {
+        self.lock().lost.clone()
+    }
+
+    /// Records why the backup is lost (the first reason stands).
+    fn lose(&self, why: LostBackup) {
+        self.update(|s| {
+            s.lost.get_or_insert(why);
+        });
+    }
+
+    /// Waits for `ready` (or `within`), giving up with the reason once the
+    /// backup is lost. Returns whether `ready` held.
+    fn wait_for(
+        &self,
+        within: Duration,
+        ready: impl Fn(&State) -> bool,
+    ) -> Result<(MutexGuard<'_, State>, bool), ReplError> {
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(self.lock(), within, |s| !ready(s) && s.lost.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        if ready(&st) {
+            return Ok((st, true));
+        }
+        if let Some(why) = &st.lost {
+            return Err(ReplError::BackupLost(why.clone()));
+        }
+        Ok((st, false))
+    }
+
+    /// Hands `item` to the sender, waiting while the slot is taken (the
+    /// back-pressure that delays the next epoch), giving up as soon as the
+    /// backup is lost.
+    fn hand_off(&self, item: Outgoing) -> Result<(), ReplError> {
+        let mut st = self.lock();
+        loop {
+            if let Some(why) = &st.lost {
+                return Err(ReplError::BackupLost(why.clone()));
+            }
+            if st.sender_done {
+                return Err(ReplError::BackupLost(LostBackup::SenderStopped));
+            }
+            if st.outgoing.is_none() {
+                st.outgoing = Some(item);
+                drop(st);
+                self.doorbell.ring();
+                return Ok(());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Hands the session's last word to the sender, lost backup or not;
+    /// false if the sender is gone.
+    fn hand_off_last(&self, item: Outgoing) -> bool {
+        let mut st = self.lock();
+        while st.outgoing.is_some() && !st.sender_done {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.sender_done {
+            return false;
+        }
+        st.outgoing = Some(item);
+        drop(st);
+        self.doorbell.ring();
+        true
+    }
+
+    /// The sender's side of the hand-off.
+    fn next(&self) -> Next {
+        let mut st = self.lock();
+        match st.outgoing.take() {
+            Some(item) => {
+                drop(st);
+                self.changed.notify_all();
+                Next::Item(item)
+            }
+            None if st.finished => Next::Finished,
+            None => Next::Empty,
+        }
+    }
+
+    /// Waits until `epoch` has been acknowledged (true), or `within`
+    /// passes (false); an error once the backup is lost.
+    fn wait_acked(&self, epoch: Epoch, within: Duration) -> Result<bool, ReplError> {
+        self.wait_for(within, |s| s.acked_up_to.is_some_and(|e| e >= epoch.0))
+            .map(|(_, acked)| acked)
+    }
+
+    /// The backup's next disk digests, if they come `within`.
+    fn next_digests(&self, within: Duration) -> Result<Option<DiskDigests>, ReplError> {
+        let (mut st, ready) = self.wait_for(within, |s| !s.digests.is_empty() || s.reader_done)?;
+        match st.digests.pop_front() {
+            Some(d) => Ok(Some(d)),
+            None if ready => {
+                Err(ReplError::BackupLost(st.lost.clone().unwrap_or(
+                    LostBackup::Closed("closed during the disk sync".into()),
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until the ack reader has ended, or `deadline`.
+    fn wait_reader_done(&self, within: Duration) {
+        let _ = self
+            .changed
+            .wait_timeout_while(self.lock(), within, |s| !s.reader_done)
+            .unwrap_or_else(|p| p.into_inner());
+    }
 }
 
 /// Runs protection until `stop` is set or the backup is lost. `stream` is
@@ -259,74 +468,13 @@ pub fn protect(
     stop: &AtomicBool,
     events: &(dyn Fn(ProtectEvent) + Sync),
 ) -> Result<ProtectEnd, ReplError> {
-    let name = vm.name().to_string();
-    let mut tracker = vm
-        .dirty_tracker()
-        .map_err(|e| ReplError::Setup(e.to_string()))?;
-    let ram = RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
-    let map = staging::RamMap::open(&vm.ram_file)?;
-    // 64 MiB of recycled staging buffers: a checkpoint of up to 16k dirty
-    // pages copies into memory that is already backed.
-    let pool = Arc::new(staging::BufferPool::new(64));
-    devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
-    let dev_file = vm.paths.dir().join("dev.out");
-
-    stream.set_nodelay(true).ok();
-    // Liveness is the backup's heartbeats: the ack reader declares it lost
-    // after `timeout` of silence and shuts the socket down, which also
-    // frees a sender blocked in a write. A backup that is alive but busy
-    // (applying a large epoch to a slow disk) is waited for; only one that
-    // stops reading for much longer while still sending heartbeats (a
-    // stuck receiver) is given up by the write timeout.
-    let write_timeout = (cfg.timeout * 15).max(Duration::from_secs(30));
-    stream
-        .set_read_timeout(Some(cfg.timeout))
-        .and_then(|()| stream.set_write_timeout(Some(write_timeout)))
-        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
-    let reader = stream
-        .try_clone()
-        .map_err(|e| ReplError::Io("clone stream".into(), e))?;
-    let closer = stream
-        .try_clone()
-        .map_err(|e| ReplError::Io("clone stream".into(), e))?;
-
-    let lost: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let flight = Arc::new(Mutex::new(InFlight::default()));
-    let (tx, rx) = sync_channel::<Outgoing>(1);
-    let (dig_tx, dig_rx) = std::sync::mpsc::channel::<DiskDigests>();
-    let committed = std::sync::atomic::AtomicU64::new(0);
-    let mut switch_sent: Option<(Epoch, Instant)> = None;
+    let mut capture = Capture::open(vm, "dev.out")?;
+    let pool = capture.pool.clone();
+    let (writer, reader, closer) = open_link(stream, cfg.timeout)?;
+    let shared = Shared::new();
     // From here on the guest's disk writes are journaled (epoch 1 on).
-    let disks = PrimaryDisks::start(vm, cfg.replicate_disks);
-    let journal = &*disks.journal;
-    let disk_on = disks.active();
-    // What the disk sync compares. The change records are read after
-    // journaling started: a write before is in them, a write after is in
-    // the journal (and applied after the sync data).
-    let sync_runs = if disk_on {
-        for p in &disks.ports {
-            if let Some(al) = p.activity_log() {
-                al.new_session();
-            }
-        }
-        match &cfg.changed_sync {
-            Some(theirs) => {
-                let runs = crate::disks::changed_runs(&disks, theirs);
-                for (i, r) in runs.iter().enumerate() {
-                    Message::DiskSyncRuns(remus_proto::DiskSyncRuns {
-                        disk: i as u16,
-                        chunk_size: remus_disk::sync::CHUNK_SIZE,
-                        runs: r.clone(),
-                    })
-                    .write_to(&mut &stream)?;
-                }
-                runs
-            }
-            None => crate::disks::sync_runs(&disks, None),
-        }
-    } else {
-        Vec::new()
-    };
+    let disks = PrimaryDisks::start(vm, cfg.replicate_disks, shared.doorbell.clone());
+    let sync_runs = announce_disk_sync(&disks, cfg, &writer)?;
     // Network output: held per epoch from the first checkpoint on.
     let nets: Vec<Arc<OutputCommit>> = if cfg.buffer_net {
         vm.output_commits().to_vec()
@@ -338,226 +486,331 @@ pub fn protect(
     }
     let edges = Edges {
         vm,
-        journal,
+        journal: &disks.journal,
         nets: &nets[..],
     };
-
-    let result = std::thread::scope(|s| -> Result<ProtectEnd, ReplError> {
-        let lost_s = lost.clone();
-        let flight_s = flight.clone();
-        let hb = cfg.heartbeat;
-        let pool_s = pool.clone();
-        let compress = cfg.compress;
+    let result = std::thread::scope(|s| {
+        let (shared, disks) = (&shared, &disks);
         let sender = s.spawn(move || {
-            let enc = compress.map(remus_proto::delta::DeltaEncoder::new);
-            sender_loop(
-                stream, rx, hb, flight_s, lost_s, &pool_s, journal, disk_on, enc,
-            )
+            let enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
+            sender_loop(writer, cfg.heartbeat, shared, disks, enc, &pool);
         });
-        let lost_r = lost.clone();
-        let flight_r = flight.clone();
-        let committed_r = &committed;
         let ack_reader = s.spawn(move || {
-            ack_loop(reader, flight_r, lost_r, events, committed_r, dig_tx, edges);
+            ack_loop(
+                reader,
+                shared,
+                edges,
+                &disks.ports,
+                cfg.on_commit.as_ref(),
+                events,
+            );
         });
-
-        let t = Instant::now();
-        let result = (|| -> Result<ProtectEnd, ReplError> {
-            // Disks first: only the chunks that differ from the backup's
-            // copy are sent; guest writes meanwhile are journaled for
-            // epoch 1 and applied after them.
-            if disk_on {
-                let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let stats = crate::disks::initial_sync(
-                    &disks,
-                    if cfg.changed_sync.is_some() {
-                        crate::copy::SyncMode::Changed
-                    } else {
-                        crate::copy::SyncMode::Full
-                    },
-                    &sync_runs,
-                    &mut || {
-                        // No deadline of its own: hashing a large disk
-                        // takes the backup a while, and its heartbeats
-                        // (watched by the ack reader) say it is alive.
-                        loop {
-                            if stop.load(Ordering::SeqCst) {
-                                return Err(ReplError::Setup(
-                                    "stopped by the operator during the initial disk sync".into(),
-                                ));
-                            }
-                            if let Some(r) = lost_reason() {
-                                return Err(ReplError::PeerLost(r));
-                            }
-                            match dig_rx.recv_timeout(Duration::from_millis(100)) {
-                                Ok(d) => return Ok(d),
-                                Err(RecvTimeoutError::Timeout) => {}
-                                Err(RecvTimeoutError::Disconnected) => {
-                                    return Err(ReplError::PeerLost(lost_reason().unwrap_or_else(
-                                        || {
-                                            "the backup connection closed during the disk sync"
-                                                .into()
-                                        },
-                                    )));
-                                }
-                            }
-                        }
-                    },
-                    &mut |rec| {
-                        if journal.push_sync(rec) {
-                            Ok(())
-                        } else {
-                            Err(ReplError::PeerLost(
-                                lost_reason().unwrap_or_else(|| "disk journal closed".into()),
-                            ))
-                        }
-                    },
-                    &mut |p| events(ProtectEvent::DiskSync(p)),
-                )?;
-                tracing::info!(vm = %name, mode = ?stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
-                events(ProtectEvent::DiskSynced(stats));
-            }
-            // Initial sync: reset the dirty bits, then copy every page holding
-            // data while the guest runs; pages written meanwhile are caught by
-            // the first checkpoint's scan.
-            tracker
-                .scan()
-                .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-            let t_copy = Instant::now();
-            let lazy = staging::LazyPages {
-                pieces: staging::data_pieces(&ram)?,
-                ram: std::sync::Arc::new(
-                    RamFile::open(&vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?,
-                ),
-            };
-            let pages = lazy.page_count();
-            let bytes = pages * remus_proto::PAGE_SIZE as u64;
-            send(
-                &tx,
-                journal,
-                Staged {
-                    epoch: Epoch(0),
-                    kind: CheckpointKind::InitialSync,
-                    runs: Vec::new(),
-                    lazy: Some(lazy),
-                    device_state: Vec::new(),
-                    pause_ms: 0.0,
-                    taken_at_ms: crate::now_us() / 1000,
-                    phases: PausePhases::default(),
-                    operator_paused: None,
-                },
-                &lost,
-            )?;
-            tracing::info!(vm = %name, pages, "initial copy of RAM under way");
-            // Checkpoints start once the backup holds the initial copy.
-            // Until the first checkpoint's cut the guest's output flows
-            // unheld (nothing can fail over before a first commit), so a
-            // long initial copy (a resync, a large VM) is no stall for its
-            // clients; the first checkpoint then carries what the guest
-            // dirtied meanwhile.
-            loop {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(ProtectEnd::Stopped);
-                }
-                if wait_acked(&flight, &lost, Epoch(0), Duration::from_millis(100))? {
-                    break;
-                }
-            }
-            // The copy's time is until the backup holds it (pages are read
-            // and sent as they go out).
-            let copy_ms = t_copy.elapsed().as_secs_f64() * 1e3;
-            events(ProtectEvent::InitialSync {
-                pages,
-                bytes,
-                ms: copy_ms,
+        let session = Session {
+            vm,
+            cfg,
+            stop,
+            events,
+            shared,
+            edges,
+            disks,
+        };
+        let end = session
+            .initial_copy(&mut capture, &sync_runs)
+            .and_then(|end| match end {
+                Some(end) => Ok(end),
+                None => session.epoch_loop(&mut capture),
             });
-            tracing::info!(vm = %name, ms = copy_ms, setup_ms = t.elapsed().as_secs_f64() * 1e3, "initial copy acknowledged; checkpoints start");
+        session.teardown(end, closer, sender, ack_reader)
+    });
+    // Journal closed, disks back to local-only; held output released
+    // unless fenced (see Edges::end).
+    edges.end();
+    drop(disks);
+    result
+}
 
-            let mut next_due = Instant::now();
-            let mut epoch = 0u64;
-            // Set once a checkpoint has captured an operator-paused guest:
-            // its state cannot change until it is unpaused, and QEMU will
-            // not save it twice (it stays in `postmigrate`), so further
-            // checkpoints wait for the unpause; heartbeats go on.
-            let mut captured_paused: Option<u64> = None;
-            loop {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(ProtectEnd::Stopped);
-                }
-                if let Some(reason) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                    return Ok(ProtectEnd::BackupLost(reason));
-                }
-                // Fixed rate: the next slot of the schedule; slots missed
-                // while the link was slow are skipped, not caught up in a
-                // burst.
-                next_due += cfg.interval;
-                let now = Instant::now();
-                match next_due.checked_duration_since(now) {
-                    Some(wait) => std::thread::sleep(wait),
-                    None => next_due = now,
-                }
-                if captured_paused.is_some() && captured_paused == vm.hold_generation() {
-                    continue;
-                }
-                epoch += 1;
-                let last = cfg.switch_over.load(Ordering::SeqCst);
-                let t_stop = Instant::now();
-                let staged = checkpoint(
-                    vm,
-                    &mut tracker,
-                    &map,
-                    &pool,
-                    &dev_file,
-                    edges,
-                    Epoch(epoch),
-                    last,
-                )?;
-                captured_paused = staged.operator_paused;
-                send(&tx, journal, staged, &lost)?;
-                if last {
-                    // The guest stays stopped: once this checkpoint is
-                    // acknowledged the backup resumes from it.
-                    let acked =
-                        wait_acked(&flight, &lost, Epoch(epoch), cfg.timeout * 4).and_then(|a| {
-                            if a {
-                                Ok(())
-                            } else {
-                                Err(ReplError::PeerLost(format!(
-                                    "the last checkpoint ({epoch}) was not acknowledged in time"
-                                )))
-                            }
-                        });
-                    if let Err(e) = acked {
-                        let _ = vm.qmp().execute("cont", None);
-                        tracing::warn!(vm = %name, error = %e, "switch-over abandoned before it was sent; the VM runs on here");
-                        return Err(e);
-                    }
-                    if let Some(h) = &cfg.hand_over {
-                        (h.0)();
-                    }
-                    let _ = tx.send(Outgoing::SwitchOver(Epoch(epoch)));
-                    journal.notify();
-                    switch_sent = Some((Epoch(epoch), t_stop));
-                    return Ok(ProtectEnd::SwitchedOver {
-                        epoch,
-                        downtime_ms: 0.0,
-                    });
-                }
+/// Sets the link's timeouts; returns the sender's, the ack reader's and a
+/// handle to shut it down.
+fn open_link(stream: Channel, timeout: Duration) -> Result<(Channel, Channel, Channel), ReplError> {
+    stream.set_nodelay(true).ok();
+    // Liveness is the backup's heartbeats: the ack reader declares it lost
+    // after `timeout` of silence and shuts the socket down, which also
+    // frees a sender blocked in a write. A backup that is alive but busy
+    // (applying a large epoch to a slow disk) is waited for; only one that
+    // stops reading for much longer while still sending heartbeats (a
+    // stuck receiver) is given up by the write timeout.
+    let write_timeout = (timeout * 15).max(Duration::from_secs(30));
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(write_timeout)))
+        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
+    let clone = || {
+        stream
+            .try_clone()
+            .map_err(|e| ReplError::Io("clone stream".into(), e))
+    };
+    let (reader, closer) = (clone()?, clone()?);
+    Ok((stream, reader, closer))
+}
+
+/// What the disk sync compares, told to the backup for a changed-only
+/// sync. The change records are read after journaling started: a write
+/// before is in them, a write after is in the journal (and applied after
+/// the sync data).
+fn announce_disk_sync(
+    disks: &PrimaryDisks,
+    cfg: &ProtectConfig,
+    stream: &Channel,
+) -> Result<Vec<Vec<(u64, u64)>>, ReplError> {
+    if !disks.active() {
+        return Ok(Vec::new());
+    }
+    for p in &disks.ports {
+        if let Some(al) = p.activity_log() {
+            al.new_session();
+        }
+    }
+    let Some(theirs) = &cfg.changed_sync else {
+        return Ok(crate::disks::sync_runs(disks, None));
+    };
+    let runs = crate::disks::changed_runs(disks, theirs);
+    for (i, r) in runs.iter().enumerate() {
+        Message::DiskSyncRuns(remus_proto::DiskSyncRuns {
+            disk: i as u16,
+            chunk_size: remus_disk::sync::CHUNK_SIZE,
+            runs: r.clone(),
+        })
+        .write_to(&mut &*stream)?;
+    }
+    Ok(runs)
+}
+
+/// The epoch loop's view of a running session.
+struct Session<'s> {
+    vm: &'s Vm,
+    cfg: &'s ProtectConfig,
+    stop: &'s AtomicBool,
+    events: &'s (dyn Fn(ProtectEvent) + Sync),
+    shared: &'s Shared,
+    edges: Edges<'s>,
+    disks: &'s PrimaryDisks,
+}
+
+/// How the epoch loop ended.
+enum LoopEnd {
+    Stopped,
+    Lost(LostBackup),
+    /// The switch-over at `epoch` was handed to the sender; the guest has
+    /// been stopped here since `since`.
+    SwitchOverSent {
+        epoch: Epoch,
+        since: Instant,
+    },
+}
+
+impl Session<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Phase 2: disks, then RAM, while the guest runs. `Some` if the
+    /// session ended meanwhile.
+    fn initial_copy(
+        &self,
+        capture: &mut Capture<'_>,
+        sync_runs: &[Vec<(u64, u64)>],
+    ) -> Result<Option<LoopEnd>, ReplError> {
+        let t = Instant::now();
+        let name = self.vm.name();
+        // Disks first: only the chunks that differ from the backup's copy
+        // are sent; guest writes meanwhile are journaled for epoch 1 and
+        // applied after them.
+        if self.disks.active() {
+            self.disk_sync(sync_runs)?;
+        }
+        // Every page holding data, read as it goes out while the guest
+        // runs; pages written meanwhile are caught by the first
+        // checkpoint's scan.
+        let lazy = capture.all_pages()?;
+        let t_copy = Instant::now();
+        let pages = lazy.page_count();
+        let bytes = pages * remus_proto::PAGE_SIZE as u64;
+        self.shared.hand_off(Outgoing::Checkpoint(Staged::precopy(
+            Epoch(0),
+            CheckpointKind::InitialSync,
+            Vec::new(),
+            Some(lazy),
+        )))?;
+        tracing::info!(vm = %name, pages, "initial copy of RAM under way");
+        // Checkpoints start once the backup holds the initial copy. Until
+        // the first checkpoint's cut the guest's output flows unheld
+        // (nothing can fail over before a first commit), so a long initial
+        // copy (a resync, a large VM) is no stall for its clients; the
+        // first checkpoint then carries what the guest dirtied meanwhile.
+        // The operator's stop is looked at every 100 ms.
+        while !self
+            .shared
+            .wait_acked(Epoch(0), Duration::from_millis(100))?
+        {
+            if self.stopped() {
+                return Ok(Some(LoopEnd::Stopped));
             }
-        })();
-        let said_goodbye = match &result {
-            Ok(ProtectEnd::Stopped) => tx.send(Outgoing::Done).is_ok(),
+        }
+        // The copy's time is until the backup holds it (pages are read and
+        // sent as they go out).
+        let copy_ms = t_copy.elapsed().as_secs_f64() * 1e3;
+        (self.events)(ProtectEvent::InitialSync {
+            pages,
+            bytes,
+            ms: copy_ms,
+        });
+        tracing::info!(vm = %name, ms = copy_ms, setup_ms = t.elapsed().as_secs_f64() * 1e3, "initial copy acknowledged; checkpoints start");
+        Ok(None)
+    }
+
+    /// The chunks of the replicated disks that differ from the backup's.
+    fn disk_sync(&self, sync_runs: &[Vec<(u64, u64)>]) -> Result<(), ReplError> {
+        let journal = &self.disks.journal;
+        let stats = crate::disks::initial_sync(
+            self.disks,
+            if self.cfg.changed_sync.is_some() {
+                crate::copy::SyncMode::Changed
+            } else {
+                crate::copy::SyncMode::Full
+            },
+            sync_runs,
+            &mut || {
+                // No deadline of its own: hashing a large disk takes the
+                // backup a while, and its heartbeats (watched by the ack
+                // reader) say it is alive. The operator's stop is looked
+                // at every 100 ms.
+                loop {
+                    if self.stopped() {
+                        return Err(ReplError::Setup(
+                            "stopped by the operator during the initial disk sync".into(),
+                        ));
+                    }
+                    if let Some(d) = self.shared.next_digests(Duration::from_millis(100))? {
+                        return Ok(d);
+                    }
+                }
+            },
+            &mut |rec| {
+                if journal.push_sync(rec) {
+                    Ok(())
+                } else {
+                    Err(ReplError::BackupLost(self.shared.lost().unwrap_or(
+                        LostBackup::Closed("the disk journal closed".into()),
+                    )))
+                }
+            },
+            &mut |p| (self.events)(ProtectEvent::DiskSync(p)),
+        )?;
+        tracing::info!(vm = %self.vm.name(), mode = ?stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
+        (self.events)(ProtectEvent::DiskSynced(stats));
+        Ok(())
+    }
+
+    /// Phase 3: one checkpoint per interval until the operator stops, the
+    /// backup is lost, or a switch-over is asked.
+    fn epoch_loop(&self, capture: &mut Capture<'_>) -> Result<LoopEnd, ReplError> {
+        let mut next_due = Instant::now();
+        let mut epoch = 0u64;
+        // Set once a checkpoint has captured an operator-paused guest: its
+        // state cannot change until it is unpaused, and QEMU will not save
+        // it twice (it stays in `postmigrate`), so further checkpoints wait
+        // for the unpause; heartbeats go on.
+        let mut captured_paused: Option<u64> = None;
+        loop {
+            if self.stopped() {
+                return Ok(LoopEnd::Stopped);
+            }
+            if let Some(why) = self.shared.lost() {
+                return Ok(LoopEnd::Lost(why));
+            }
+            // Fixed rate: the next slot of the schedule; slots missed while
+            // the link was slow are skipped, not caught up in a burst.
+            next_due += self.cfg.interval;
+            let now = Instant::now();
+            match next_due.checked_duration_since(now) {
+                Some(wait) => std::thread::sleep(wait),
+                None => next_due = now,
+            }
+            if captured_paused.is_some() && captured_paused == self.vm.hold_generation() {
+                continue;
+            }
+            epoch += 1;
+            let last = self.cfg.switch_over.load(Ordering::SeqCst);
+            let t_stop = Instant::now();
+            let staged = {
+                // An operator's pause or unpause cannot interleave with
+                // the checkpoint's stop and cont.
+                let (_guard, held) = self.vm.checkpoint_guard();
+                let epoch = Epoch(epoch);
+                capture.take_checkpoint(
+                    epoch,
+                    held,
+                    self.edges.journal,
+                    &|| self.edges.cut(epoch),
+                    last,
+                    Vec::new(),
+                )?
+            };
+            captured_paused = staged.operator_paused;
+            self.shared.hand_off(Outgoing::Checkpoint(staged))?;
+            if last {
+                return self.switch_over(Epoch(epoch), t_stop);
+            }
+        }
+    }
+
+    /// Phase 4: the last checkpoint (`epoch`) was handed over with the
+    /// guest left stopped; once the backup acknowledges it, the backup is
+    /// told to resume the VM from it.
+    fn switch_over(&self, epoch: Epoch, since: Instant) -> Result<LoopEnd, ReplError> {
+        let acked = self
+            .shared
+            .wait_acked(epoch, self.cfg.timeout * 4)
+            .and_then(|acked| {
+                acked
+                    .then_some(())
+                    .ok_or(ReplError::BackupLost(LostBackup::NoAck(epoch)))
+            });
+        if let Err(e) = acked {
+            resume_unless_held(self.vm);
+            tracing::warn!(vm = %self.vm.name(), error = %e, "switch-over abandoned before it was sent; the VM runs on here");
+            return Err(e);
+        }
+        if let Some(h) = &self.cfg.hand_over {
+            (h.0)();
+        }
+        self.shared.hand_off_last(Outgoing::SwitchOver(epoch));
+        Ok(LoopEnd::SwitchOverSent { epoch, since })
+    }
+
+    /// Phase 5: says goodbye, waits for the threads, and tells how the
+    /// session ended.
+    fn teardown(
+        &self,
+        end: Result<LoopEnd, ReplError>,
+        closer: Channel,
+        sender: std::thread::ScopedJoinHandle<'_, ()>,
+        ack_reader: std::thread::ScopedJoinHandle<'_, ()>,
+    ) -> Result<ProtectEnd, ReplError> {
+        let said_goodbye = match &end {
+            Ok(LoopEnd::Stopped) => self.shared.hand_off_last(Outgoing::Done),
             // Protection failed but the guest runs on here: the backup
             // must hear it, or it would take the silence for a dead
             // primary and resume a second copy.
-            Err(e) if vm.runs_on() => tx.send(Outgoing::Abort(e.to_string())).is_ok(),
+            Err(e) if self.vm.runs_on() => {
+                self.shared.hand_off_last(Outgoing::Abort(e.to_string()))
+            }
             _ => false,
         };
         // Any other end (VM destroyed or failed, tracking lost) just drops
         // the link: to the backup that is a failed primary, and it fails
         // over, as the Remus docs specify for `destroy` on the primary.
-        drop(tx);
-        journal.notify();
+        self.shared.update(|s| s.finished = true);
         let _ = sender.join();
         if said_goodbye {
             // The Done (or Error) may still sit in our send queue behind
@@ -567,253 +820,186 @@ pub fn protect(
             // see a lost primary and fail over. So keep reading until the
             // backup, having read the goodbye, closes its end (the ack
             // reader then ends), within a bound.
-            let deadline = Instant::now() + (cfg.timeout * 2).max(Duration::from_secs(5));
-            while !ack_reader.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            self.shared
+                .wait_reader_done((self.cfg.timeout * 2).max(Duration::from_secs(5)));
         }
-        if let Some((epoch, since)) = switch_sent {
+        if let Ok(LoopEnd::SwitchOverSent { .. }) = &end {
             // The backup answers a switch-over with Done once the VM runs
             // there, or with an Error if it could not resume it.
-            let deadline = Instant::now() + cfg.timeout * 4;
-            while !ack_reader.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let _ = closer.shutdown(std::net::Shutdown::Read);
-            let _ = ack_reader.join();
-            let reason = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let switched = flight.lock().unwrap_or_else(|p| p.into_inner()).switched;
-            let result = if switched {
-                let downtime_ms = since.elapsed().as_secs_f64() * 1e3;
-                events(ProtectEvent::SwitchedOver {
-                    epoch: epoch.0,
-                    downtime_ms,
-                });
-                Ok(ProtectEnd::SwitchedOver {
-                    epoch: epoch.0,
-                    downtime_ms,
-                })
-            } else if reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with("backup reported"))
-            {
-                // It said it could not resume: nothing runs there. A guest
-                // fenced by a hand-over runs again only once the caller
-                // has its arbiter key back.
-                let reason = reason.unwrap_or_default();
-                if vm.is_fenced() {
-                    Ok(ProtectEnd::SwitchOverRefused {
-                        epoch: epoch.0,
-                        reason,
-                    })
-                } else {
-                    let _ = vm.qmp().execute("cont", None);
-                    Ok(ProtectEnd::BackupLost(reason))
-                }
-            } else {
-                Ok(ProtectEnd::SwitchOverUnconfirmed {
-                    epoch: epoch.0,
-                    reason: reason.unwrap_or_else(|| "no answer from the backup".into()),
-                })
-            };
-            return result;
+            self.shared.wait_reader_done(self.cfg.timeout * 4);
         }
         // Wake the ack reader (it may be waiting on a backup that already
         // said goodbye or died).
         let _ = closer.shutdown(std::net::Shutdown::Read);
         let _ = ack_reader.join();
-        let result = match result {
-            Err(ReplError::PeerLost(r)) => Ok(ProtectEnd::BackupLost(r)),
-            other => other,
+        let (lost, switched, committed) = {
+            let st = self.shared.lock();
+            (st.lost.clone(), st.switched, st.committed)
         };
-        match &result {
-            Ok(ProtectEnd::Stopped) => events(ProtectEvent::Stopped {
-                checkpoints: committed.load(Ordering::SeqCst),
+        let end = match end {
+            Ok(LoopEnd::Stopped) => ProtectEnd::Stopped,
+            Ok(LoopEnd::Lost(why)) | Err(ReplError::BackupLost(why)) => ProtectEnd::BackupLost(why),
+            Ok(LoopEnd::SwitchOverSent { epoch, since }) => {
+                return Ok(self.switch_over_answer(epoch, since, switched, lost));
+            }
+            Err(e) => return Err(e),
+        };
+        match &end {
+            ProtectEnd::Stopped => (self.events)(ProtectEvent::Stopped {
+                checkpoints: committed,
             }),
-            Ok(ProtectEnd::BackupLost(r)) => events(ProtectEvent::BackupLost { reason: r.clone() }),
-            // Reported where the switch-over ends (above).
-            Ok(
-                ProtectEnd::SwitchedOver { .. }
-                | ProtectEnd::SwitchOverUnconfirmed { .. }
-                | ProtectEnd::SwitchOverRefused { .. },
-            )
-            | Err(_) => {}
+            ProtectEnd::BackupLost(why) => (self.events)(ProtectEvent::BackupLost {
+                reason: why.to_string(),
+            }),
+            _ => {}
         }
-        result
-    });
-    // Journal closed, disks back to local-only; held output released
-    // unless fenced (see Edges::end).
-    edges.end();
-    drop(disks);
-    result
-}
+        Ok(end)
+    }
 
-fn dirty_pages(runs: &[PageRun]) -> u64 {
-    runs.iter().map(|r| u64::from(r.page_count())).sum()
-}
-
-/// Hands a checkpoint to the sender, waiting while it is busy (the
-/// back-pressure that delays the next epoch) but giving up as soon as the
-/// backup is lost.
-fn send(
-    tx: &SyncSender<Outgoing>,
-    journal: &Journal,
-    s: Staged,
-    lost: &Mutex<Option<String>>,
-) -> Result<(), ReplError> {
-    let lost_reason = || lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut item = Outgoing::Checkpoint(s);
-    loop {
-        match tx.try_send(item) {
-            Ok(()) => {
-                journal.notify();
-                return Ok(());
-            }
-            Err(std::sync::mpsc::TrySendError::Full(back)) => {
-                if let Some(r) = lost_reason() {
-                    return Err(ReplError::PeerLost(r));
+    /// What the backup made of the switch-over at `epoch`.
+    fn switch_over_answer(
+        &self,
+        epoch: Epoch,
+        since: Instant,
+        switched: bool,
+        lost: Option<LostBackup>,
+    ) -> ProtectEnd {
+        if switched {
+            let downtime_ms = since.elapsed().as_secs_f64() * 1e3;
+            (self.events)(ProtectEvent::SwitchedOver {
+                epoch: epoch.0,
+                downtime_ms,
+            });
+            return ProtectEnd::SwitchedOver {
+                epoch: epoch.0,
+                downtime_ms,
+            };
+        }
+        match lost {
+            // It said it could not resume: nothing runs there. A guest
+            // fenced by a hand-over runs again only once the caller has
+            // its arbiter key back.
+            Some(why @ LostBackup::Reported { .. }) => {
+                if self.vm.is_fenced() {
+                    ProtectEnd::SwitchOverRefused {
+                        epoch: epoch.0,
+                        reason: why.to_string(),
+                    }
+                } else {
+                    resume_unless_held(self.vm);
+                    ProtectEnd::BackupLost(why)
                 }
-                item = back;
-                std::thread::sleep(Duration::from_millis(1));
             }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                return Err(ReplError::PeerLost(
-                    lost_reason().unwrap_or_else(|| "sender stopped".into()),
-                ));
-            }
+            other => ProtectEnd::SwitchOverUnconfirmed {
+                epoch: epoch.0,
+                reason: other.map_or_else(|| "no answer from the backup".into(), |w| w.to_string()),
+            },
         }
     }
 }
 
-/// Waits until `epoch` has been acknowledged (true), or `within` passes
-/// (false); an error once the backup is lost.
-fn wait_acked(
-    flight: &Mutex<InFlight>,
-    lost: &Mutex<Option<String>>,
+/// Everything an acknowledgement of `epoch` means, in order: the backup
+/// holds that state, so the output it produced may leave; the epoch is
+/// no longer in flight; the activity logs may forget the extents written
+/// up to it; the caller's copy record learns of the commit; the checkpoint
+/// is reported with its ack time. Epoch 0 (the initial copy) only
+/// releases the epoch loop.
+fn acknowledged(
     epoch: Epoch,
-    within: Duration,
-) -> Result<bool, ReplError> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(r) = lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Err(ReplError::PeerLost(r));
-        }
-        // The ack reader records the highest epoch acknowledged.
-        let f = flight.lock().unwrap_or_else(|p| p.into_inner());
-        if f.acked_up_to.is_some_and(|e| e >= epoch.0) {
-            return Ok(true);
-        }
-        drop(f);
-        if Instant::now() > deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Takes one checkpoint: the only part that runs with the guest paused.
-/// With `keep_stopped` (the last one before a switch-over) the guest is
-/// not resumed.
-#[allow(clippy::too_many_arguments)]
-fn checkpoint(
-    vm: &Vm,
-    tracker: &mut DirtyTracker,
-    map: &staging::RamMap,
-    pool: &staging::BufferPool,
-    dev_file: &std::path::Path,
+    shared: &Shared,
     edges: Edges<'_>,
-    epoch: Epoch,
-    keep_stopped: bool,
-) -> Result<Staged, ReplError> {
-    let qmp = vm.qmp();
-    let mut phases = PausePhases::default();
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    // An operator's pause stands: the checkpoint then neither stops nor
-    // resumes the guest (it is already stopped).
-    let (_guard, operator_paused) = vm.checkpoint_guard();
-    // The moment the state is taken: once the run state is ours (a pause
-    // or unpause that held it finished before this checkpoint began).
-    let taken_at_ms = crate::now_us() / 1000;
-    let t0 = Instant::now();
-    if !operator_paused {
-        // `stop` waits for the guest's disk writes in flight; none of them
-        // may wait for room in the journal meanwhile (the sender could be
-        // stuck on a slow backup): the bound is lifted for the stop.
-        edges.journal.set_limit(u64::MAX);
-        let stopped = qmp.execute("stop", None);
-        edges.journal.set_limit(crate::disks::JOURNAL_LIMIT);
-        if let Err(e) = stopped {
-            // Whatever state QEMU got to, the guest must not stay paused.
-            let _ = qmp.execute("cont", None);
-            return Err(ReplError::Vm(format!("stop: {e}")));
+    ports: &[Arc<DiskPort>],
+    on_commit: Option<&OnCommit>,
+    events: &(dyn Fn(ProtectEvent) + Sync),
+) {
+    // Output commit.
+    edges.acked(epoch);
+    let entry = shared.update(|s| {
+        s.acked_up_to = Some(s.acked_up_to.unwrap_or(0).max(epoch.0));
+        if epoch.0 > 0 {
+            s.committed += 1;
+        }
+        s.in_flight.remove(&epoch.0)
+    });
+    if epoch.0 == 0 {
+        return;
+    }
+    for p in ports {
+        if let Some(al) = p.activity_log()
+            && let Err(e) = al.acked(epoch.0)
+        {
+            tracing::warn!(vm = %edges.vm.name(), disk = %p.target(), error = %e, "activity log");
         }
     }
-    phases.stop = ms(t0);
-    let staged = (|| -> Result<Vec<PageRun>, ReplError> {
-        // `stop` drained the guest's disk I/O: every write it has seen
-        // complete belongs to this epoch; later ones to the next.
-        // Likewise the network: frames the guest sends from now on are
-        // held until the next epoch is acknowledged.
-        edges.cut(epoch)?;
-        let t = Instant::now();
-        let dirty: DirtySet = tracker
-            .scan()
-            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-        phases.scan = ms(t);
-        let t = Instant::now();
-        let runs = map.stage(&dirty, pool)?;
-        phases.copy = ms(t);
-        let t = Instant::now();
-        devstate::save(qmp, dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
-        phases.devstate = ms(t);
-        Ok(runs)
-    })();
-    // Resume whatever happened: a failed checkpoint must not leave the
-    // guest paused.
-    let t = Instant::now();
-    // Held at the guard, or fenced since (the fence raises its flag
-    // before it waits for this lock): the guest stays stopped.
-    let held = operator_paused || vm.is_fenced();
-    // The last checkpoint before a switch-over leaves the guest stopped,
-    // unless it failed (then the guest runs on here, as after any failed
-    // checkpoint).
-    let cont = if held || (keep_stopped && staged.is_ok()) {
-        Ok(serde_json::Value::Null)
-    } else {
-        qmp.execute("cont", None)
-    };
-    phases.cont = ms(t);
-    let pause_ms = ms(t0);
-    let runs = staged?;
-    cont.map_err(|e| ReplError::Vm(format!("cont after checkpoint: {e}")))?;
-    // The device state file is read after the guest runs again.
-    let device_state = std::fs::read(dev_file)
-        .map_err(|e| ReplError::Io(format!("read {}", dev_file.display()), e))?;
-    Ok(Staged {
-        epoch,
-        kind: CheckpointKind::Checkpoint,
-        runs,
-        lazy: None,
-        device_state,
-        pause_ms,
-        taken_at_ms,
-        phases,
-        operator_paused: held.then(|| vm.hold_generation()).flatten(),
-    })
+    if let Some(c) = on_commit {
+        (c.0)(epoch);
+    }
+    if let Some((mut stats, at)) = entry {
+        stats.ack_ms = at.elapsed().as_secs_f64() * 1e3;
+        events(ProtectEvent::Checkpoint(stats));
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Reads the backup's acks, heartbeats and disk digests until it is lost
+/// or the session ends.
+fn ack_loop(
+    mut r: Channel,
+    shared: &Shared,
+    edges: Edges<'_>,
+    ports: &[Arc<DiskPort>],
+    on_commit: Option<&OnCommit>,
+    events: &(dyn Fn(ProtectEvent) + Sync),
+) {
+    let why = loop {
+        match Message::read_from(&mut r) {
+            Ok(Message::Ack { epoch }) => {
+                acknowledged(epoch, shared, edges, ports, on_commit, events);
+            }
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::DiskDigests(d)) => shared.update(|s| s.digests.push_back(d)),
+            // The backup's answer to a switch-over: it runs the VM now.
+            Ok(Message::Done) => {
+                shared.update(|s| s.switched = true);
+                break LostBackup::TookOver;
+            }
+            Ok(Message::Error { code, message }) => break LostBackup::Reported { code, message },
+            Ok(other) => break LostBackup::Unexpected(other.msg_type()),
+            Err(e) if e.is_timeout() => break LostBackup::Silent,
+            Err(e) => break LostBackup::Closed(e.to_string()),
+        }
+    };
+    shared.lose(why);
+    // Unblock a sender stuck writing to a backup that is gone, and guest
+    // writes waiting for room in the journal.
+    let _ = r.shutdown(std::net::Shutdown::Both);
+    // No backup will acknowledge anything more: the VM runs on alone.
+    edges.end();
+    shared.update(|s| s.reader_done = true);
+}
+
+/// Marks the sender gone however it ends.
+struct SenderDone<'a>(&'a Shared);
+
+impl Drop for SenderDone<'_> {
+    fn drop(&mut self) {
+        self.0.update(|s| s.sender_done = true);
+    }
+}
+
+/// Sends what the epoch loop hands over, the disk records the journal
+/// queues (as soon as they are queued, while the guest runs: they only
+/// have to be there before their epoch's seal), and heartbeats when there
+/// is nothing else to send.
 fn sender_loop(
     stream: Channel,
-    rx: Receiver<Outgoing>,
     heartbeat: Duration,
-    flight: Arc<Mutex<InFlight>>,
-    lost: Arc<Mutex<Option<String>>>,
-    pool: &staging::BufferPool,
-    journal: &Journal,
-    disk_on: bool,
+    shared: &Shared,
+    disks: &PrimaryDisks,
     mut enc: Option<remus_proto::delta::DeltaEncoder>,
+    pool: &staging::BufferPool,
 ) {
+    let _done = SenderDone(shared);
+    let journal = &*disks.journal;
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut seq = 0u64;
     let mut sealer = Sealer::default();
@@ -821,25 +1007,19 @@ fn sender_loop(
     let mut waited = journal.blocked();
     // Any end of the sender ends the journal: a guest write waiting for
     // room must not wait for a sender that is gone.
-    let fail = |e: String| {
-        tracing::warn!(error = %e, "replication send failed");
-        lost.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
+    let fail = |what: String, error: String| {
+        tracing::warn!(%what, %error, "replication send failed");
+        shared.lose(LostBackup::SendFailed { what, error });
         journal.close();
     };
-    let goodbye = |w: &mut BufWriter<Channel>, m: Option<Message>| {
-        if let Some(m) = m {
-            let _ = m.write_to(w);
-        }
+    let goodbye = |w: &mut BufWriter<Channel>, m: Message| {
+        let _ = m.write_to(w);
         let _ = w.flush();
         let _ = w.get_ref().shutdown(std::net::Shutdown::Write);
         journal.close();
     };
     loop {
-        let generation = journal.generation();
-        // Disk records travel as soon as they are queued, while the guest
-        // runs; they only have to be there before their epoch's seal.
+        let rings = shared.doorbell.rings();
         let records = journal.take();
         if !records.is_empty() {
             let r = sealer.write_records(&mut w, &records).and_then(|_| {
@@ -847,110 +1027,109 @@ fn sender_loop(
                     .map_err(|e| ReplError::Io("send disk records".into(), e))
             });
             if let Err(e) = r {
-                return fail(format!("sending disk records: {e}"));
+                return fail("sending disk records".into(), e.to_string());
             }
             last_sent = Instant::now();
         }
-        match rx.try_recv() {
-            Ok(Outgoing::Done) => return goodbye(&mut w, Some(Message::Done)),
-            Ok(Outgoing::SwitchOver(epoch)) => {
-                return goodbye(&mut w, Some(Message::SwitchOver { epoch }));
+        let staged = match shared.next() {
+            Next::Item(Outgoing::Done) => return goodbye(&mut w, Message::Done),
+            Next::Item(Outgoing::SwitchOver(epoch)) => {
+                return goodbye(&mut w, Message::SwitchOver { epoch });
             }
-            Ok(Outgoing::Abort(reason)) => {
+            Next::Item(Outgoing::Abort(reason)) => {
                 let m = Message::Error {
-                    code: remus_proto::ErrorCode::Internal,
+                    code: ErrorCode::Internal,
                     message: format!("the primary stopped protecting and runs on: {reason}"),
                 };
-                return goodbye(&mut w, Some(m));
+                return goodbye(&mut w, m);
             }
-            Ok(Outgoing::Checkpoint(staged)) => {
-                let epoch = staged.epoch.0;
-                // Every record of this epoch was queued before the
-                // checkpoint was handed over: send them, seal, then the
-                // checkpoint itself.
-                let records = journal.take();
-                let sent = (|| -> Result<(Sent, u64, u64), ReplError> {
-                    sealer.write_records(&mut w, &records)?;
-                    let (recs, disk_bytes) = if disk_on {
-                        let seal = sealer.seal(&mut w, staged.epoch)?;
-                        (seal.records, seal.bytes)
-                    } else {
-                        (0, 0)
-                    };
-                    let sent = send_checkpoint(&mut w, &staged, enc.as_mut(), &mut |w| {
-                        sealer.write_records(w, &journal.take()).map(|_| ())
-                    })?;
-                    Ok((sent, recs, disk_bytes))
-                })();
-                last_sent = Instant::now();
-                let stats = EpochStats {
-                    epoch,
-                    taken_at_ms: staged.taken_at_ms,
-                    pause_ms: staged.pause_ms,
-                    dirty_pages: dirty_pages(&staged.runs),
-                    bytes: 0,
-                    raw_bytes: 0,
-                    xor_pages: 0,
-                    ack_ms: 0.0,
-                    disk_records: 0,
-                    disk_bytes: 0,
-                    disk_wait_ms: {
-                        let now = journal.blocked();
-                        let d = now.saturating_sub(waited);
-                        waited = now;
-                        d.as_secs_f64() * 1e3
-                    },
-                    phases: staged.phases,
-                };
-                for run in staged.runs {
-                    pool.give(run.data);
-                }
-                match sent {
-                    // Only checkpoints are reported (the initial sync's
-                    // ack is not a checkpoint).
-                    Ok((sent, disk_records, disk_bytes))
-                        if staged.kind == CheckpointKind::Checkpoint =>
-                    {
-                        let stats = EpochStats {
-                            bytes: sent.wire,
-                            raw_bytes: sent.raw,
-                            xor_pages: sent.xor_pages,
-                            disk_records,
-                            disk_bytes,
-                            ..stats
-                        };
-                        let f = &mut flight.lock().unwrap_or_else(|p| p.into_inner());
-                        f.sent.insert(epoch, (stats, Instant::now()));
-                    }
-                    Ok(_) => {}
-                    Err(e) => return fail(format!("sending epoch {epoch}: {e}")),
-                }
-            }
-            Err(TryRecvError::Empty) => {
+            Next::Item(Outgoing::Checkpoint(staged)) => staged,
+            Next::Empty => {
                 let idle = last_sent.elapsed();
-                if idle >= heartbeat {
-                    seq += 1;
-                    let hb = Message::Heartbeat {
-                        seq,
-                        sent_at_us: crate::now_us(),
-                    };
-                    if let Err(e) = hb
-                        .write_to(&mut w)
-                        .and_then(|()| w.flush().map_err(Into::into))
-                    {
-                        return fail(format!("heartbeat: {e}"));
-                    }
-                    last_sent = Instant::now();
-                } else {
-                    journal.wait(generation, heartbeat - idle);
+                if idle < heartbeat {
+                    shared.doorbell.wait(rings, heartbeat - idle);
+                    continue;
                 }
+                seq += 1;
+                let hb = Message::Heartbeat {
+                    seq,
+                    sent_at_us: crate::now_us(),
+                };
+                if let Err(e) = hb
+                    .write_to(&mut w)
+                    .and_then(|()| w.flush().map_err(Into::into))
+                {
+                    return fail("heartbeat".into(), e.to_string());
+                }
+                last_sent = Instant::now();
+                continue;
             }
-            Err(TryRecvError::Disconnected) => {
+            Next::Finished => {
                 let _ = w.flush();
                 let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
                 journal.close();
                 return;
             }
+        };
+        let epoch = staged.epoch.0;
+        // Every record of this epoch was queued before the checkpoint was
+        // handed over: send them, seal, then the checkpoint itself.
+        let records = journal.take();
+        let sent = (|| -> Result<(Sent, u64, u64), ReplError> {
+            sealer.write_records(&mut w, &records)?;
+            let (recs, disk_bytes) = if disks.active() {
+                let seal = sealer.seal(&mut w, staged.epoch)?;
+                (seal.records, seal.bytes)
+            } else {
+                (0, 0)
+            };
+            let sent = send_checkpoint(&mut w, &staged, enc.as_mut(), &mut |w| {
+                sealer.write_records(w, &journal.take()).map(|_| ())
+            })?;
+            Ok((sent, recs, disk_bytes))
+        })();
+        last_sent = Instant::now();
+        let stats = CheckpointStats {
+            epoch,
+            taken_at_ms: staged.taken_at_ms,
+            pause_ms: staged.pause_ms,
+            dirty_pages: staged.dirty_pages(),
+            bytes: 0,
+            raw_bytes: 0,
+            xor_pages: 0,
+            ack_ms: 0.0,
+            disk_records: 0,
+            disk_bytes: 0,
+            disk_wait_ms: {
+                let now = journal.blocked();
+                let d = now.saturating_sub(waited);
+                waited = now;
+                d.as_secs_f64() * 1e3
+            },
+            phases: staged.phases,
+        };
+        for run in staged.runs {
+            pool.give(run.data);
+        }
+        match sent {
+            // Only checkpoints are reported (the initial copy's ack is not
+            // a checkpoint).
+            Ok((sent, disk_records, disk_bytes)) if staged.kind == CheckpointKind::Checkpoint => {
+                let stats = CheckpointStats {
+                    bytes: sent.wire,
+                    raw_bytes: sent.raw,
+                    xor_pages: sent.xor_pages,
+                    disk_records,
+                    disk_bytes,
+                    ..stats
+                };
+                shared
+                    .lock()
+                    .in_flight
+                    .insert(epoch, (stats, Instant::now()));
+            }
+            Ok(_) => {}
+            Err(e) => return fail(format!("sending epoch {epoch}"), e.to_string()),
         }
     }
 }
@@ -1014,61 +1193,140 @@ pub(crate) fn send_checkpoint<W: Write>(
     Ok(sent)
 }
 
-fn ack_loop(
-    mut r: Channel,
-    flight: Arc<Mutex<InFlight>>,
-    lost: Arc<Mutex<Option<String>>>,
-    events: &(dyn Fn(ProtectEvent) + Sync),
-    committed: &std::sync::atomic::AtomicU64,
-    digests: Sender<DiskDigests>,
-    edges: Edges<'_>,
-) {
-    let reason = loop {
-        match Message::read_from(&mut r) {
-            Ok(Message::Ack { epoch }) => {
-                // Output commit: the backup holds the state that sent
-                // these frames.
-                edges.acked(epoch);
-                let entry = {
-                    let mut f = flight.lock().unwrap_or_else(|p| p.into_inner());
-                    f.acked_up_to = Some(f.acked_up_to.unwrap_or(0).max(epoch.0));
-                    f.sent.remove(&epoch.0)
-                };
-                if epoch.0 == 0 {
-                    continue; // the initial sync
-                }
-                committed.fetch_add(1, Ordering::SeqCst);
-                if let Some((mut stats, at)) = entry {
-                    stats.ack_ms = at.elapsed().as_secs_f64() * 1e3;
-                    events(ProtectEvent::Checkpoint(stats));
-                }
-            }
-            Ok(Message::Heartbeat { .. }) => {}
-            Ok(Message::DiskDigests(d)) => {
-                let _ = digests.send(d);
-            }
-            // The backup's answer to a switch-over: it runs the VM now.
-            Ok(Message::Done) => {
-                flight.lock().unwrap_or_else(|p| p.into_inner()).switched = true;
-                break "the backup took the VM over (switch-over)".into();
-            }
-            Ok(Message::Error { code, message }) => {
-                break format!("backup reported {code}: {message}");
-            }
-            Ok(other) => break format!("unexpected {:?} from the backup", other.msg_type()),
-            Err(e) if e.is_timeout() => break "no word from the backup within the timeout".into(),
-            Err(e) => break format!("backup connection: {e}"),
-        }
-    };
-    {
-        let mut l = lost.lock().unwrap_or_else(|p| p.into_inner());
-        if l.is_none() {
-            *l = Some(reason);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(epoch: u64) -> Outgoing {
+        Outgoing::Checkpoint(Staged::precopy(
+            Epoch(epoch),
+            CheckpointKind::Checkpoint,
+            Vec::new(),
+            None,
+        ))
     }
-    // Unblock a sender stuck writing to a backup that is gone, and guest
-    // writes waiting for room in the journal.
-    let _ = r.shutdown(std::net::Shutdown::Both);
-    // No backup will acknowledge anything more: the VM runs on alone.
-    edges.end();
+
+    #[test]
+    fn a_hand_off_waits_for_the_sender_and_gives_up_once_the_backup_is_lost() {
+        let shared = Arc::new(Shared::new());
+        let rings = shared.doorbell.rings();
+        shared.hand_off(staged(1)).unwrap();
+        assert_ne!(shared.doorbell.rings(), rings, "the sender is woken");
+        // The slot is taken: the next hand-off waits...
+        let s2 = shared.clone();
+        let waiting = std::thread::spawn(move || s2.hand_off(staged(2)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiting.is_finished(),
+            "back-pressure: the epoch loop waits"
+        );
+        // ...until the sender takes the first.
+        assert!(
+            matches!(shared.next(), Next::Item(Outgoing::Checkpoint(s)) if s.epoch == Epoch(1))
+        );
+        waiting.join().unwrap().unwrap();
+        // A hand-off waiting on a backup that is lost returns its reason.
+        let s2 = shared.clone();
+        let waiting = std::thread::spawn(move || s2.hand_off(staged(3)));
+        std::thread::sleep(Duration::from_millis(50));
+        shared.lose(LostBackup::Silent);
+        assert!(matches!(
+            waiting.join().unwrap(),
+            Err(ReplError::BackupLost(LostBackup::Silent))
+        ));
+        // The first reason stands.
+        shared.lose(LostBackup::TookOver);
+        assert_eq!(shared.lost(), Some(LostBackup::Silent));
+        // The last word still goes to a sender that is alive...
+        assert!(matches!(shared.next(), Next::Item(_)));
+        assert!(shared.hand_off_last(Outgoing::Done));
+        assert!(matches!(shared.next(), Next::Item(Outgoing::Done)));
+        // ...and the sender learns when nothing more will come.
+        assert!(matches!(shared.next(), Next::Empty));
+        shared.update(|s| s.finished = true);
+        assert!(matches!(shared.next(), Next::Finished));
+    }
+
+    #[test]
+    fn nothing_is_handed_to_a_sender_that_is_gone() {
+        let shared = Shared::new();
+        drop(SenderDone(&shared));
+        assert!(matches!(
+            shared.hand_off(staged(1)),
+            Err(ReplError::BackupLost(LostBackup::SenderStopped))
+        ));
+        assert!(!shared.hand_off_last(Outgoing::Done));
+    }
+
+    #[test]
+    fn waits_for_an_ack_end_on_the_ack_the_loss_or_the_deadline() {
+        let shared = Arc::new(Shared::new());
+        let t = Instant::now();
+        assert!(
+            !shared
+                .wait_acked(Epoch(1), Duration::from_millis(30))
+                .unwrap()
+        );
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        let s2 = shared.clone();
+        let waiter = std::thread::spawn(move || s2.wait_acked(Epoch(2), Duration::from_secs(30)));
+        shared.update(|s| s.acked_up_to = Some(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !waiter.is_finished(),
+            "epoch 1 does not acknowledge epoch 2"
+        );
+        shared.update(|s| s.acked_up_to = Some(3));
+        assert!(waiter.join().unwrap().unwrap(), "a later ack covers it");
+        let s2 = shared.clone();
+        let waiter = std::thread::spawn(move || s2.wait_acked(Epoch(9), Duration::from_secs(30)));
+        shared.lose(LostBackup::Closed("reset".into()));
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(ReplError::BackupLost(LostBackup::Closed(_)))
+        ));
+    }
+
+    #[test]
+    fn disk_digests_come_in_order_until_the_reader_ends() {
+        let shared = Shared::new();
+        assert!(
+            shared
+                .next_digests(Duration::from_millis(10))
+                .unwrap()
+                .is_none()
+        );
+        for disk in [0, 1] {
+            shared.update(|s| {
+                s.digests.push_back(DiskDigests {
+                    disk,
+                    chunk_size: 4096,
+                    first_chunk: 0,
+                    digests: Vec::new(),
+                })
+            });
+        }
+        let got = |s: &Shared| {
+            s.next_digests(Duration::from_secs(5))
+                .unwrap()
+                .unwrap()
+                .disk
+        };
+        assert_eq!((got(&shared), got(&shared)), (0, 1));
+        shared.update(|s| s.reader_done = true);
+        assert!(shared.next_digests(Duration::from_secs(5)).is_err());
+    }
+
+    #[test]
+    fn lost_reasons_read_as_before() {
+        let r = LostBackup::Reported {
+            code: ErrorCode::Internal,
+            message: "disk full".into(),
+        };
+        assert_eq!(r.to_string(), "backup reported internal error: disk full");
+        assert_eq!(
+            LostBackup::NoAck(Epoch(7)).to_string(),
+            "the last checkpoint (epoch 7) was not acknowledged in time"
+        );
+    }
 }

@@ -1,0 +1,93 @@
+//! The source's side of a live migration (`remus migrate`).
+
+use super::*;
+
+/// Starts migrating `name` to the agent at `peer`; progress goes to the
+/// VM's event channel (subscribe first). On success the VM is destroyed
+/// here.
+pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    require_key(agent)?;
+    {
+        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+        if role != Role::Unprotected || slot.protected_to().is_some() {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is {} or busy; migrate needs an unprotected running VM (stop protection first)",
+                role_name(role)
+            )));
+        }
+    }
+    if slot.vm.is_held() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is paused; unpause it before migrating"
+        )));
+    }
+    if slot.arbiter_guard().is_some_and(|g| g.is_leased()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' still holds its arbiter lease from the last protection (the arbiter has not answered since); migrate once `remus list --json` shows it pinned"
+        )));
+    }
+    if !slot.try_claim(Arc::new(AtomicBool::new(false)), peer.to_string()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is already being protected or migrated"
+        )));
+    }
+    let claimed = Claim(&slot);
+    slot.vm
+        .dirty_tracker()
+        .map_err(|e| AgentError::Conflict(e.to_string()))?;
+    // Replicated disks travel with the VM; disks marked `replicate =
+    // false` are taken to be shared storage both hosts see.
+    let replicate_disks = !slot.vm.replicated_disks().is_empty();
+    let (stream, version, _) = open_session(
+        agent,
+        &slot,
+        peer,
+        Purpose::Migrate,
+        30_000,
+        replicate_disks,
+        None,
+        None,
+        None,
+        false,
+    )?;
+    let mcfg = remus_replication::migrate::MigrateConfig {
+        compress: compression(peer, version, true),
+        ..Default::default()
+    };
+    claimed.keep();
+    let agent = agent.clone();
+    let vm_name = name.to_string();
+    let peer = peer.to_string();
+    std::thread::Builder::new()
+        .name(format!("migrate-{vm_name}"))
+        .spawn(move || {
+            tracing::info!(vm = %vm_name, %peer, "migration started");
+            let emit = |ev: remus_replication::migrate::MigrateEvent| {
+                slot.publish(ev.into());
+            };
+            let r = remus_replication::migrate::migrate(
+                &slot.vm,
+                stream,
+                &mcfg,
+                &emit,
+            );
+            slot.clear_protection();
+            match r {
+                Ok(stats) => {
+                    tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");
+                    slot.end_session();
+                    agent.destroy_slot(&slot, crate::agent::CopyRecord::Forget);
+                }
+                Err(e) => {
+                    tracing::error!(vm = %vm_name, %peer, error = %e, "migration failed");
+                    slot.publish(SessionEvent::Failed {
+                        reason: e.to_string(),
+                    });
+                    slot.end_session();
+                }
+            }
+        })
+        .map_err(|e| AgentError::Internal(format!("spawn migrate thread: {e}")))?;
+    Ok(())
+}

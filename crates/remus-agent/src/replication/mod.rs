@@ -1,0 +1,362 @@
+//! Replication sessions of this agent, in both roles, and the failover
+//! policy.
+//!
+//! Primary: `POST /v1/vms/NAME/protect` connects to the backup agent,
+//! authenticates, sends the VM's config, waits for the standby to be
+//! ready, then runs the epoch loop (remus-replication) on a thread of its
+//! own. Events go to a broadcast channel the CLI follows.
+//!
+//! Backup: the `--listen` port accepts sessions; each one authenticates,
+//! receives the config, checks that this host can run it (same shape,
+//! disks present with the same sizes), starts a standby QEMU with
+//! `-incoming defer` on a RAM replica and receives checkpoints. When the
+//! session ends, [`standby::decide_failover`] decides what happens to the
+//! standby — the one place where the arbiter (etcd) can veto a failover.
+//!
+//! By job: [`protect`] (the primary's session and switch-over),
+//! [`migrate`] (the migration source), [`standby`] (the backup's server
+//! and its standbys), [`resync`] (the backup's copy record and images);
+//! here, what they share: the session setup sent to the peer and opening
+//! a session to it.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use remus_api::SessionEvent;
+use remus_config::VmConfig;
+use remus_proto::{
+    Channel, DiskCompat, ErrorCode, HandshakeFailure, HelloParams, Message, Purpose, Refusal,
+    VmCompat, client_handshake, client_handshake_unencrypted, server_handshake,
+};
+use remus_replication::backup::{BackupConfig, BackupEnd};
+use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
+use remus_replication::primary::{
+    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, ProtectEvent,
+};
+use remus_replication::replica::Replica;
+use remus_vm::Role;
+use serde::{Deserialize, Serialize};
+
+use crate::admission::Admitted;
+use crate::agent::{Agent, AgentError, VmSlot};
+use crate::failover::Decision;
+
+mod migrate;
+mod protect;
+mod resync;
+mod standby;
+
+pub use migrate::start_migrate;
+pub use protect::{start_failback, start_protect};
+pub use standby::serve;
+
+pub use remus_api::ProtectRequest;
+
+/// What the primary sends after the handshake (the `VmConfig` message's
+/// JSON): the VM's config and the session's parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSetup {
+    pub config: VmConfig,
+    /// No checkpoint or heartbeat for this long: the primary is lost.
+    pub timeout_ms: u64,
+    /// The VM's replicated disks are replicated in this session (protocol
+    /// D): the backup syncs and buffers them. False for `--no-disk`, for
+    /// VMs without replicated disks, and from agents that predate it.
+    #[serde(default)]
+    pub replicate_disks: bool,
+    /// The primary holds the VM's arbiter key: the backup may resume only
+    /// after taking it (protocol version 4 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterSetup>,
+    /// The primary's generations (protocol version 5 on, with replicated
+    /// disks): the backup plans the disk sync from them and answers with
+    /// a SyncPlan before Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<Generations>,
+    /// Where the primary's agent takes replication sessions, and the
+    /// session's settings: after a planned switch-over (`remus failback`)
+    /// the backup protects the VM back to it with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_to: Option<ReturnTo>,
+}
+
+/// How the new primary protects back after a planned switch-over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReturnTo {
+    pub address: String,
+    pub interval_ms: u64,
+    pub no_net: bool,
+    pub no_compress: bool,
+}
+
+/// The arbiter a protection session is decided by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArbiterSetup {
+    /// etcd's cluster ID as the primary sees it: the backup must talk to
+    /// the same cluster.
+    pub cluster_id: u64,
+    pub prefix: String,
+    /// The primary's lease (hex) and the revision it was taken at.
+    pub lease: String,
+    pub revision: i64,
+}
+
+/// Backup memory for buffered disk writes of uncommitted epochs before
+/// they spill to a file in the VM's state directory.
+const DISK_BUFFER_MEMORY: u64 = 128 << 20;
+
+/// The replication-relevant shape of a VM on this host.
+pub fn compat_of(cfg: &VmConfig) -> Result<VmCompat, String> {
+    let mut disks = Vec::new();
+    for d in cfg.disks_in_order() {
+        let size = remus_nbd::qsd::image_size(&d.path, d.format.as_str())
+            .map_err(|e| format!("disk {}: {}: {e}", d.target, d.path.display()))?;
+        disks.push(DiskCompat {
+            target: d.target.clone(),
+            size_bytes: size,
+        });
+    }
+    Ok(VmCompat {
+        memory_mib: cfg.memory,
+        vcpus: cfg.vcpus,
+        machine: cfg.machine.to_string(),
+        cpu_model: cfg.cpu.clone().unwrap_or_default(),
+        disks,
+        macs: (0..cfg.vifs.len()).map(|i| cfg.vif_mac(i).0).collect(),
+    })
+}
+
+/// The page cache for checkpoint compression, when wanted and the peer
+/// speaks a version that has it.
+fn compression(peer: &str, version: u16, wanted: bool) -> Option<u64> {
+    if !wanted {
+        return None;
+    }
+    if version < remus_proto::COMPRESSION_PROTOCOL_VERSION {
+        tracing::warn!(%peer, version, "the peer speaks a protocol version without checkpoint compression: checkpoints travel uncompressed");
+        return None;
+    }
+    Some(remus_proto::delta::DEFAULT_CACHE_BYTES)
+}
+
+/// Connects to a peer agent, authenticates, sends the VM's config and
+/// waits until the peer has prepared its copy (standby or destination).
+/// With `generations` (a protected VM's replicated disks) a version-5 peer
+/// answers with its sync plan first.
+#[allow(clippy::too_many_arguments)]
+fn open_session(
+    agent: &Agent,
+    slot: &VmSlot,
+    peer: &str,
+    purpose: Purpose,
+    timeout_ms: u64,
+    replicate_disks: bool,
+    arbiter: Option<ArbiterSetup>,
+    generations: Option<Generations>,
+    return_to: Option<ReturnTo>,
+    unencrypted: bool,
+) -> Result<(Channel, u16, Option<SyncPlan>), AgentError> {
+    let name = slot.vm.name();
+    let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
+    let key = &require_key(agent)?;
+    let params = HelloParams::new(purpose, name, compat);
+    let handshake = if unencrypted {
+        tracing::warn!(vm = %name, %peer, "replicating IN THE CLEAR as asked (remus protect --unencrypted)");
+        client_handshake_unencrypted(connect(peer)?, key, &params)
+    } else {
+        client_handshake(connect(peer)?, key, &params)
+    };
+    // Never a silent step down to the clear: a closed or reset connection
+    // during the encrypted handshake is also what a flood of the backup's
+    // admission slots, or someone on the path, produces. Talking to an
+    // older agent in the clear is asked for per session (--unencrypted).
+    let (mut stream, session) = handshake.map_err(|e| match &e.failure {
+        HandshakeFailure::Refused { code, .. } => AgentError::PeerRefused {
+            code: *code,
+            message: e.to_string(),
+        },
+        _ => AgentError::BadRequest(e.to_string()),
+    })?;
+    if replicate_disks && session.version < remus_proto::DISK_PROTOCOL_VERSION {
+        let _ = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: "disk replication needs protocol version 2".into(),
+        }
+        .write_to(&mut stream);
+        return Err(AgentError::BadRequest(format!(
+            "the agent at {peer} speaks replication protocol {}, which cannot replicate disks (version {} can): upgrade it, or protect with --no-disk",
+            session.version,
+            remus_proto::DISK_PROTOCOL_VERSION
+        )));
+    }
+    if arbiter.is_some() && session.version < remus_proto::ARBITER_PROTOCOL_VERSION {
+        let _ = Message::Error {
+            code: ErrorCode::VersionMismatch,
+            message: "an arbitrated session needs protocol version 4".into(),
+        }
+        .write_to(&mut stream);
+        return Err(AgentError::BadRequest(format!(
+            "the agent at {peer} speaks replication protocol {}, which does not honour the arbiter (version {} does): upgrade it",
+            session.version,
+            remus_proto::ARBITER_PROTOCOL_VERSION
+        )));
+    }
+    let generations =
+        generations.filter(|_| session.version >= remus_proto::RESYNC_PROTOCOL_VERSION);
+    let expect_plan = generations.is_some();
+    // An agent listening on every address is reached back at the address
+    // this session leaves from.
+    let return_to = return_to.map(|mut r| {
+        if let (Ok(listen), Ok(local)) = (
+            r.address.parse::<std::net::SocketAddr>(),
+            stream.local_addr(),
+        ) && listen.ip().is_unspecified()
+        {
+            r.address = std::net::SocketAddr::new(local.ip(), listen.port()).to_string();
+        }
+        r
+    });
+    let setup = serde_json::to_string(&SessionSetup {
+        config: slot.vm.config.clone(),
+        timeout_ms,
+        replicate_disks,
+        arbiter,
+        generations,
+        return_to,
+    })
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    Message::VmConfig { json: setup }
+        .write_to(&mut stream)
+        .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
+    let (_, theirs) = purpose.side_names();
+    let mut plan = None;
+    if expect_plan {
+        match Message::read_from(&mut stream) {
+            Ok(Message::SyncPlan { json }) => {
+                let p = serde_json::from_str::<SyncPlan>(&json).map_err(|e| {
+                    AgentError::Internal(format!(
+                        "{theirs} {} sent a bad sync plan: {e}",
+                        session.peer
+                    ))
+                })?;
+                // Bounded before anything is made of it: one run per
+                // replicated disk list, each within that disk.
+                let disks = slot.vm.replicated_disks();
+                let bad = |why: String| {
+                    AgentError::Internal(format!(
+                        "{theirs} {} sent a sync plan this host refuses: {why}",
+                        session.peer
+                    ))
+                };
+                if p.target_runs.len() > disks.len() {
+                    return Err(bad(format!(
+                        "runs for {} disks, the VM replicates {}",
+                        p.target_runs.len(),
+                        disks.len()
+                    )));
+                }
+                for (runs, port) in p.target_runs.iter().zip(&disks) {
+                    let total = port
+                        .local()
+                        .size()
+                        .div_ceil(u64::from(remus_disk::sync::CHUNK_SIZE));
+                    remus_replication::copy::check_peer_runs(runs, total, port.target())
+                        .map_err(bad)?;
+                }
+                plan = Some(p);
+            }
+            Ok(Message::Error { code, message }) => {
+                return Err(AgentError::BadRequest(format!(
+                    "{theirs} {} refused: {code}: {message}",
+                    session.peer
+                )));
+            }
+            Ok(other) => {
+                return Err(AgentError::Internal(format!(
+                    "{theirs} {} answered {:?} instead of its sync plan",
+                    session.peer,
+                    other.msg_type()
+                )));
+            }
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "{theirs} {} did not prepare the VM: {e}",
+                    session.peer
+                )));
+            }
+        }
+    }
+    match Message::read_from(&mut stream) {
+        Ok(Message::Ready) => Ok((stream, session.version, plan)),
+        Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
+            "{theirs} {} refused: {code}: {message}",
+            session.peer
+        ))),
+        Ok(other) => Err(AgentError::Internal(format!(
+            "{theirs} {} answered {:?} instead of Ready",
+            session.peer,
+            other.msg_type()
+        ))),
+        Err(e) => Err(AgentError::Internal(format!(
+            "{theirs} {} did not prepare the VM: {e}",
+            session.peer
+        ))),
+    }
+}
+
+fn connect(peer: &str) -> Result<TcpStream, AgentError> {
+    let addrs: Vec<_> = peer
+        .to_socket_addrs()
+        .map_err(|e| AgentError::BadRequest(format!("peer '{peer}': {e} (want HOST:PORT)")))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(AgentError::BadRequest(format!(
+        "cannot reach the backup agent at {peer}: {}",
+        last.map(|e| e.to_string())
+            .unwrap_or_else(|| "no address".into())
+    )))
+}
+
+/// A claim on a VM for a session being set up: released on drop (any
+/// early return) unless kept.
+struct Claim<'a>(&'a VmSlot);
+
+impl Claim<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.clear_protection();
+    }
+}
+
+/// The replication key, or the error telling the operator how to set one.
+fn require_key(agent: &Agent) -> Result<remus_proto::Key, AgentError> {
+    agent.key().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
+        )
+    })
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Unprotected => "unprotected",
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+    }
+}

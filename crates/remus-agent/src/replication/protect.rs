@@ -1,0 +1,492 @@
+//! The primary's side: starting a protection session (`remus protect`),
+//! carrying out how it ends (backup lost, stopped, switched over), and the
+//! planned switch-over (`remus failback`).
+
+use super::*;
+
+/// Starts protecting `name` (blocking: connects, authenticates, waits for
+/// the standby). Returns once the session runs.
+pub fn start_protect(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: ProtectRequest,
+) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    require_key(agent)?;
+    {
+        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+        if role != Role::Unprotected {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is {} already; protect needs an unprotected running VM",
+                role_name(role)
+            )));
+        }
+    }
+    // Claimed before connecting (which takes seconds): two sessions on one
+    // VM would each clear the other's dirty bits and both miss pages.
+    let stop = Arc::new(AtomicBool::new(false));
+    if !slot.try_claim(stop.clone(), req.peer.clone()) {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is already being protected or migrated"
+        )));
+    }
+    let claimed = Claim(&slot);
+    if !(5..=60_000).contains(&req.interval_ms) {
+        return Err(AgentError::BadRequest(format!(
+            "interval {} ms is out of range 5..=60000",
+            req.interval_ms
+        )));
+    }
+    if req.timeout_ms < 2 * req.interval_ms.max(50) {
+        return Err(AgentError::BadRequest(format!(
+            "timeout {} ms must be at least twice the interval ({} ms)",
+            req.timeout_ms, req.interval_ms
+        )));
+    }
+    if slot.vm.is_fenced() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is fenced (its arbiter lease lapsed); protect it again once the arbiter has answered and lifted the fence"
+        )));
+    }
+    let cfg = &slot.vm.config;
+    let replicate_disks = !req.no_disk && !slot.vm.replicated_disks().is_empty();
+    let buffer_net = !req.no_net && !cfg.vifs.is_empty();
+    slot.vm
+        .dirty_tracker()
+        .map_err(|e| AgentError::Conflict(e.to_string()))?;
+    // Split-brain protection: this host takes the VM's key before the
+    // backup exists; the backup resumes only after taking it over.
+    let guard = match agent.opts.arbiter.as_ref().filter(|_| cfg.arbiter) {
+        Some(arb) => Some(arbitrate(arb, &slot)?),
+        None => {
+            let why = if agent.opts.arbiter.is_some() {
+                "the VM's config says arbiter = false"
+            } else {
+                "this agent has no --arbiter"
+            };
+            let msg = format!(
+                "no arbiter ({why}): if the link between the hosts fails while both are up, the backup resumes a second running copy (split brain); see docs/operations.md"
+            );
+            tracing::warn!(vm = %name, "{msg}");
+            slot.publish(SessionEvent::Warning {
+                message: msg.clone(),
+            });
+            None
+        }
+    };
+    // Any early return from here keeps the VM running unprotected: its
+    // key is pinned to this host.
+    let mut pin_on_error = PinOnDrop(guard.clone());
+    let arbiter_setup = match (&guard, &agent.opts.arbiter) {
+        (Some(g), Some(arb)) => {
+            let held = g.info();
+            Some(ArbiterSetup {
+                cluster_id: arb
+                    .arb
+                    .cluster_id()
+                    .map_err(|e| AgentError::Conflict(format!("the arbiter: {e}")))?,
+                prefix: arb.arb.config().prefix.clone(),
+                lease: held.lease.unwrap_or_default(),
+                revision: held.revision,
+            })
+        }
+        _ => None,
+    };
+    // The copy record: generations for the backup's sync plan, and the
+    // activity logs that mark extents before they are written.
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, name);
+    // This host's own config of the VM, for a resync back to it one day.
+    crate::copies::save_config(&copy_dir, &slot.vm.config);
+    let copy = if replicate_disks {
+        let mut st = crate::copies::load(&copy_dir, name)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| CopyState::new(cfg.memory, cfg.vcpus));
+        st.running = true;
+        st.discarded = false;
+        crate::copies::save(&copy_dir, name, &st);
+        crate::copies::attach_activity_logs(&slot.vm, &copy_dir, agent.opts.al_extents)
+            .map_err(AgentError::Internal)?;
+        Some(st)
+    } else {
+        None
+    };
+    let return_to = agent
+        .opts
+        .replication_listen
+        .clone()
+        .map(|address| ReturnTo {
+            address,
+            interval_ms: req.interval_ms,
+            no_net: req.no_net,
+            no_compress: req.no_compress,
+        });
+    let (stream, version, plan) = open_session(
+        agent,
+        &slot,
+        &req.peer,
+        Purpose::Protect,
+        req.timeout_ms,
+        replicate_disks,
+        arbiter_setup,
+        copy.as_ref().map(|c| c.gens.clone()),
+        return_to,
+        req.unencrypted,
+    )?;
+    if let Some(p) = &plan {
+        tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
+        slot.publish(SessionEvent::SyncPlan {
+            mode: p.mode,
+            reason: p.reason.clone(),
+        });
+    }
+    let compress = compression(&req.peer, version, !req.no_compress);
+    if req.no_disk && !cfg.disks.is_empty() {
+        tracing::warn!(vm = %name, "--no-disk: disk writes are not replicated; after a failover the backup's disk may not match its memory");
+    }
+    if req.no_net && !cfg.vifs.is_empty() {
+        tracing::warn!(vm = %name, "--no-net: network output is not held for its checkpoint");
+    }
+    *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
+    claimed.keep();
+    pin_on_error.0 = None;
+    let copy = Arc::new(std::sync::Mutex::new(copy));
+    let committed_any = Arc::new(AtomicBool::new(false));
+    let on_commit = {
+        let (slot, copy, dir, any) = (
+            slot.clone(),
+            copy.clone(),
+            copy_dir.clone(),
+            committed_any.clone(),
+        );
+        OnCommit(Arc::new(move |epoch| {
+            source_committed(&slot.vm, &copy, &dir, epoch.0, &any);
+        }))
+    };
+    let cfg = ProtectConfig {
+        interval: Duration::from_millis(req.interval_ms),
+        heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
+        timeout: Duration::from_millis(req.timeout_ms),
+        replicate_disks,
+        buffer_net,
+        compress,
+        changed_sync: plan
+            .filter(|p| p.mode == SyncMode::Changed)
+            .map(|p| p.target_runs),
+        switch_over: Arc::new(AtomicBool::new(false)),
+        // An arbitrated VM's key moves with it at a switch-over.
+        hand_over: guard.clone().map(|g| {
+            let slot = slot.clone();
+            HandOver(Arc::new(move || g.hand_over(&*slot)))
+        }),
+        on_commit: Some(on_commit),
+    };
+    slot.set_switch_over(cfg.switch_over.clone());
+    let vm_name = name.to_string();
+    let slot2 = slot.clone();
+    let agent2 = agent.clone();
+    let peer = req.peer.clone();
+    std::thread::Builder::new()
+        .name(format!("protect-{vm_name}"))
+        .spawn(move || {
+            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.interval.as_millis() as u64, "protection started");
+            let emit = |ev: ProtectEvent| {
+                match &ev {
+                    ProtectEvent::Checkpoint(s) => {
+                        tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
+                    }
+                    // The session's last word: whoever reads it and then
+                    // asks `list` must already see the VM unprotected (and
+                    // find the reason in the log).
+                    ProtectEvent::BackupLost { reason } => {
+                        tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
+                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                    }
+                    ProtectEvent::Stopped { .. } => {
+                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                    }
+                    _ => {}
+                }
+                slot2.publish(ev.into());
+            };
+            let mut end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
+            // An arbitrated VM whose key was handed over, and whose backup
+            // did not confirm the switch-over (or refused it): the key
+            // decides where it runs.
+            if let (Some(g), Some(arb)) = (&guard, &agent2.opts.arbiter)
+                && g.handed_over()
+                && !matches!(end, Ok(ProtectEnd::SwitchedOver { .. }))
+            {
+                end = settle_hand_over(&slot2, arb, &peer, end);
+            }
+            if let Ok(ProtectEnd::SwitchedOver { epoch, downtime_ms }) = &end {
+                // The backup runs the VM now and protects it back here:
+                // this copy stops, its record says what its disks hold.
+                tracing::warn!(vm = %vm_name, %peer, epoch, downtime_ms, "SWITCHED OVER: {peer} runs the VM from epoch {epoch} and protects it back to this host");
+                switched_out(&agent2, &slot2, &copy, &copy_dir, *epoch);
+                slot2.end_session();
+                return;
+            }
+            if let Ok(ProtectEnd::SwitchOverUnconfirmed { reason, .. }) = &end {
+                // Neither resumed here nor known to run there: the guest
+                // stays stopped and the operator decides.
+                tracing::error!(vm = %vm_name, %peer, %reason, "switch-over UNCONFIRMED: {peer} may be running the VM; it stays paused here. Check {peer}: if it runs the VM there, destroy this copy; if not, `remus unpause` it here");
+                slot2.vm.mark_operator_paused();
+                slot2.clear_protection();
+                slot2.publish(SessionEvent::Failed {
+                    reason: format!("switch-over unconfirmed ({reason}): {peer} may be running the VM; it stays paused here until you check"),
+                });
+                slot2.end_session();
+                return;
+            }
+            source_alone(&slot2.vm, &copy, &copy_dir, committed_any.load(std::sync::atomic::Ordering::SeqCst));
+            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            // Runs on here unprotected: nobody may take over any more.
+            if let Some(g) = &guard {
+                g.pin();
+            }
+            slot2.clear_protection();
+            // Output the session left held (it ended while fenced) goes
+            // out once the fence is lifted: here if it already is, else
+            // by the arbiter's keeper when it lifts it.
+            slot2.release_held_output();
+            match end {
+                Ok(ProtectEnd::Stopped) => {
+                    tracing::info!(vm = %vm_name, "protection stopped by the operator");
+                }
+                // Logged as the event went out (above).
+                Ok(ProtectEnd::BackupLost(_)) => {}
+                // A fenced guest whose backup refused the switch-over: it
+                // runs again here once the arbiter lifts the fence.
+                Ok(ProtectEnd::SwitchOverRefused { reason, .. }) => {
+                    let msg = format!("the backup refused the switch-over ({reason}); the VM runs on here, unprotected, once the arbiter lifts its fence");
+                    tracing::error!(vm = %vm_name, %peer, "{msg}");
+                    slot2.publish(SessionEvent::Failed { reason: msg });
+                }
+                // Handled above.
+                Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed { .. }) => {}
+                Err(e) => {
+                    slot2.publish(SessionEvent::Failed {
+                        reason: e.to_string(),
+                    });
+                    tracing::error!(vm = %vm_name, error = %e, "protection failed: the VM runs on UNPROTECTED");
+                }
+            }
+            slot2.end_session();
+        })
+        .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
+    Ok(())
+}
+
+/// A checkpoint of this primary's session committed on the backup (the
+/// session's activity logs already dropped the extents it covers): the
+/// first commit completes the resync (the backup holds this copy's
+/// generation now).
+fn source_committed(
+    vm: &remus_vm::Vm,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    epoch: u64,
+    committed_any: &AtomicBool,
+) {
+    let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(st) = copy.as_mut() else {
+        return;
+    };
+    if !committed_any.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        crate::copies::source_synced(vm);
+        st.gens.synced();
+        st.common_epoch = Some(epoch);
+        crate::copies::save(dir, vm.name(), st);
+        tracing::info!(vm = %vm.name(), epoch, generation = %st.gens.current, "resync complete: the backup holds this copy's data; change maps cleared");
+    }
+}
+
+/// `remus failback VM`: a planned role swap of a protected VM. At the next
+/// checkpoint the guest stops here for good, the backup resumes it from
+/// that checkpoint and protects it back to this host. Progress goes to
+/// the VM's event channel (subscribe first).
+pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> {
+    let slot = agent.slot(name)?;
+    let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
+    if role != Role::Primary || slot.protected_to().is_none() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is {} here: failback swaps the roles of a protected VM, run it on the primary. After a failover, first protect the VM back to the old primary (`remus protect {name} OLD_PRIMARY:PORT`), which resyncs it, then fail back",
+            role_name(role)
+        )));
+    }
+    if slot.vm.is_held() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' is paused; unpause it first"
+        )));
+    }
+    if !slot.request_switch_over() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' has no protection session running"
+        )));
+    }
+    tracing::info!(vm = %name, "failback requested: switching over at the next checkpoint");
+    Ok(())
+}
+
+/// After a switch-over of an arbitrated VM that its backup did not
+/// confirm, or refused: the etcd key, given up before the switch-over,
+/// says which host runs the VM ([`crate::arbiter::reclaim`]). Taken back
+/// here: the guest runs on here unprotected (`BackupLost`). Held by the
+/// backup: it runs the VM, as after a confirmed switch-over
+/// (`SwitchedOver`). The guest stays fenced until this is known, however
+/// long etcd takes to answer (`protect --stop` does not cut that short:
+/// only etcd may say that this copy can run); `remus destroy` ends it.
+fn settle_hand_over(
+    slot: &Arc<VmSlot>,
+    arb: &Arc<crate::arbiter::AgentArbiter>,
+    peer: &str,
+    end: Result<ProtectEnd, remus_replication::ReplError>,
+) -> Result<ProtectEnd, remus_replication::ReplError> {
+    let (epoch, why) = match &end {
+        Ok(
+            ProtectEnd::SwitchOverUnconfirmed { epoch, reason }
+            | ProtectEnd::SwitchOverRefused { epoch, reason },
+        ) => (*epoch, reason.clone()),
+        // The key is given up only right before the switch-over is sent.
+        _ => return end,
+    };
+    let name = slot.vm.name().to_string();
+    tracing::warn!(vm = %name, %peer, epoch, reason = %why, "switch-over not confirmed by {peer}; asking the arbiter which host runs the VM");
+    let gone = || slot.vm.exit_status().is_some();
+    match crate::arbiter::reclaim(arb, &name, &gone) {
+        Some(crate::arbiter::Reclaimed::Here(_)) if gone() => {
+            // Destroyed meanwhile: the key taken back goes too.
+            let _ = arb.arb.clear(&name);
+            end
+        }
+        Some(crate::arbiter::Reclaimed::Here(revision)) => {
+            *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(crate::arbiter::Guard::pinned(arb, &**slot, revision));
+            let reason = match slot.vm.unfence() {
+                Ok(()) => format!(
+                    "switch-over failed ({why}); the arbiter gave the VM back to this host (key pinned at revision {revision}): it runs on here UNPROTECTED"
+                ),
+                Err(e) => format!(
+                    "switch-over failed ({why}); the arbiter gave the VM back to this host (key pinned at revision {revision}), but it cannot be resumed: {e}"
+                ),
+            };
+            tracing::error!(vm = %name, %peer, revision, "{reason}");
+            slot.publish(SessionEvent::Failed {
+                reason: reason.clone(),
+            });
+            Ok(ProtectEnd::BackupLost(LostBackup::SwitchOverFailed(reason)))
+        }
+        Some(crate::arbiter::Reclaimed::There { holder, revision }) => {
+            tracing::warn!(vm = %name, %holder, revision, epoch, "switch-over not confirmed ({why}), but the arbiter says {holder} holds the VM's key: it runs the VM");
+            slot.publish(SessionEvent::SwitchedOver {
+                epoch,
+                downtime_ms: None,
+                confirmed_by: Some("arbiter".into()),
+            });
+            Ok(ProtectEnd::SwitchedOver {
+                epoch,
+                downtime_ms: f64::NAN,
+            })
+        }
+        // Stopped or gone meanwhile: as it was.
+        None => end,
+    }
+}
+
+/// The VM was handed over to the backup (planned switch-over): every
+/// write of this copy is acknowledged, so its activity logs are cleared;
+/// the record stays (not running) for the session that protects it back
+/// here; the QEMU process goes.
+fn switched_out(
+    agent: &Arc<Agent>,
+    slot: &Arc<VmSlot>,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    epoch: u64,
+) {
+    let name = slot.vm.name().to_string();
+    if let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        for p in slot.vm.replicated_disks() {
+            if let Some(al) = p.activity_log() {
+                let _ = al.acked_all(epoch);
+            }
+        }
+        st.running = false;
+        st.common_epoch = Some(epoch);
+        crate::copies::save(dir, &name, st);
+    }
+    slot.clear_protection();
+    agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
+}
+
+/// This primary's session ended and the VM (if it still runs) goes on
+/// alone: from a new generation once the backup had committed one of
+/// ours (so that the two copies can tell what each did since), with its
+/// changes recorded in change maps from now on.
+fn source_alone(
+    vm: &remus_vm::Vm,
+    copy: &std::sync::Mutex<Option<CopyState>>,
+    dir: &std::path::Path,
+    committed_any: bool,
+) {
+    let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(st) = copy.as_mut() else {
+        return;
+    };
+    // Destroyed meanwhile: its record was settled by the destroy.
+    if vm.exit_status().is_some() || !dir.exists() {
+        return;
+    }
+    if let Err(e) = crate::copies::track_changes(vm, dir) {
+        tracing::error!(vm = %vm.name(), error = %e, "cannot record disk changes after the session; the next resync compares every chunk");
+        crate::copies::forget(dir, vm.name());
+        return;
+    }
+    if committed_any {
+        st.gens.diverge();
+    }
+    crate::copies::save(dir, vm.name(), st);
+    tracing::info!(vm = %vm.name(), generation = %st.gens.current, since = ?st.gens.bitmap.map(|g| g.to_string()), "the VM goes on alone; its disk changes are recorded for the next resync");
+}
+
+/// Takes the VM's arbiter key for a protection session (a key this host
+/// already holds, pinned or leased, is taken over on a new lease).
+fn arbitrate(
+    arb: &Arc<crate::arbiter::AgentArbiter>,
+    slot: &Arc<VmSlot>,
+) -> Result<Arc<crate::arbiter::Guard>, AgentError> {
+    if let Some(old) = slot.arbiter_guard() {
+        if old.is_stale() {
+            return Err(AgentError::Conflict(format!(
+                "VM '{}' is a stale copy: {} holds its arbiter key and runs it; destroy this copy",
+                slot.vm.name(),
+                old.info().holder
+            )));
+        }
+        // Its keeper may be pinning the key right now (a copy that has
+        // just taken over): that write must not land after the new lease.
+        old.stop_and_wait();
+    }
+    let guard = crate::arbiter::Guard::acquire(arb, slot).map_err(|e| match e {
+        remus_arbiter::ArbiterError::HeldByOther { .. } => AgentError::Conflict(format!(
+            "the arbiter refuses: {e}. If that host no longer runs the VM, delete the key: etcdctl del {}",
+            arb.arb.config().runner_key(slot.vm.name())
+        )),
+        e => AgentError::Conflict(format!("the arbiter: {e}")),
+    })?;
+    *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard.clone());
+    Ok(guard)
+}
+
+/// Pins the VM's key to this host when dropped (a protect that failed
+/// before its session ran: the VM runs on unprotected).
+struct PinOnDrop(Option<Arc<crate::arbiter::Guard>>);
+
+impl Drop for PinOnDrop {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.pin();
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! The backup's side: the `--listen` server, one standby per session, and
+//! what becomes of the standby when its session ends ([`decide_failover`],
+//! on the pure decision of [`crate::failover`]).
+
+use super::resync::{create_images, plan_target, target_committed};
+use super::*;
+
+/// Accepts replication sessions on the `--listen` port (blocking; runs on
+/// its own thread). A connection gets a thread only if the admission caps
+/// for unauthenticated peers allow it (see [`crate::admission`]); others
+/// are closed at once.
+pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    let admission = crate::admission::Admission::new(
+        crate::admission::MAX_UNAUTHENTICATED,
+        crate::admission::MAX_PER_ADDRESS,
+    );
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let Ok(peer_addr) = stream.peer_addr() else {
+                    continue;
+                };
+                let Some(admitted) = admission.admit(peer_addr.ip()) else {
+                    // Closed at once: no thread, nothing read.
+                    drop(stream);
+                    continue;
+                };
+                let a = agent.clone();
+                let peer = peer_addr.to_string();
+                let spawned = std::thread::Builder::new()
+                    .name("repl-session".into())
+                    .spawn(move || {
+                        if let Err(e) = backup_session(&a, stream, admitted) {
+                            // The reason may quote the peer (a VM name, a
+                            // field of its setup): escaped, so it cannot
+                            // forge log lines.
+                            tracing::warn!(%peer, error = %remus_proto::printable(&e), "replication session refused");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a session thread");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replication accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn backup_session(
+    agent: &Arc<Agent>,
+    mut tcp: TcpStream,
+    admitted: Admitted,
+) -> Result<(), String> {
+    let Some(key) = agent.key() else {
+        let _ = Message::Error {
+            code: ErrorCode::Internal,
+            message: "the backup agent has no replication key (--key)".into(),
+        }
+        .write_to(&mut tcp);
+        return Err("no --key: replication refused".into());
+    };
+    let opts = remus_proto::ServerOptions {
+        allow_unencrypted: agent.opts.allow_unencrypted,
+        ..Default::default()
+    };
+    let mut reservation = None;
+    let handshake = server_handshake(tcp, &key, &opts, |vm, _purpose| {
+        // A name from the wire is checked as a name before it is used for
+        // anything (it names directories of this host).
+        remus_config::validate_name(vm)
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::storage::check_name("VM", vm))?;
+        if let Some(r) = agent.reserve(vm) {
+            // Held until the standby exists: no other session sets up
+            // the same copy meanwhile.
+            reservation = Some(r);
+            return Ok(None);
+        }
+        let busy = || {
+            Refusal::new(
+                ErrorCode::Busy,
+                format!(
+                    "a copy of '{vm}' is being set up or torn down on this host; try again in a moment"
+                ),
+            )
+        };
+        if agent.busy(vm) {
+            return Err(busy());
+        }
+        let Ok(slot) = agent.slot(vm) else {
+            return Err(busy());
+        };
+        if *slot.role.lock().unwrap_or_else(|p| p.into_inner()) == Role::Backup {
+            return Err(Refusal::new(
+                ErrorCode::Busy,
+                format!(
+                    "this host still holds a standby copy of '{vm}' from another session (it is discarded when that session ends); try again in a moment"
+                ),
+            ));
+        }
+        Err(Refusal::new(
+            ErrorCode::AlreadyRuns,
+            format!(
+                "a VM named '{vm}' already runs on this host. If both copies ran on their own after a failover (split brain), give one up: on its host run `remus destroy --discard-this-copy {vm}`, then protect from the copy you keep"
+            ),
+        ))
+    });
+    let (mut stream, session, hello) = match handshake {
+        Ok(h) => h,
+        Err(e) => {
+            // Anyone can make a handshake fail: logged, rate-limited.
+            admitted.handshake_failed(&e.peer, &e.to_string());
+            return Ok(());
+        }
+    };
+    // Authenticated: the slot for unauthenticated peers is free again.
+    drop(admitted);
+    if !session.encrypted {
+        tracing::warn!(peer = %session.peer, vm = %hello.vm_name, "replication session with a protocol-{} peer IN THE CLEAR (--allow-unencrypted-peers)", session.version);
+    }
+    let peer = session.peer.clone();
+    let refuse = |stream: &mut Channel, msg: String| {
+        let _ = Message::Error {
+            code: ErrorCode::Incompatible,
+            message: msg.clone(),
+        }
+        .write_to(stream);
+        msg
+    };
+    let setup = match Message::read_from(&mut stream) {
+        Ok(Message::VmConfig { json }) => serde_json::from_str::<SessionSetup>(&json)
+            .map_err(|e| refuse(&mut stream, format!("bad VM config from {peer}: {e}")))?,
+        Ok(other) => {
+            return Err(format!(
+                "{peer} sent {:?} instead of the VM config",
+                other.msg_type()
+            ));
+        }
+        Err(e) => return Err(format!("{peer}: {e}")),
+    };
+    let timeout = Duration::from_millis(setup.timeout_ms.clamp(100, 600_000));
+    let arbiter = match &setup.arbiter {
+        None => None,
+        Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
+    };
+    // This host's own configuration of the copy: the peer's shape, this
+    // host's paths (its record of the VM, the operator's placement file,
+    // or its own image and boot directories); never a path from the wire.
+    // Each host keeps its own image format: replication is of guest-
+    // visible blocks, so a raw image here may back a qcow2 one there.
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &hello.vm_name);
+    let record = crate::copies::load_config(&copy_dir);
+    let sizes = hello
+        .compat
+        .disks
+        .iter()
+        .map(|d| (d.target.clone(), d.size_bytes))
+        .collect();
+    let (cfg, new_images) = agent
+        .opts
+        .storage
+        .local_config(&setup.config, record.as_ref(), &sizes)
+        .map_err(|e| {
+            refuse(
+                &mut stream,
+                format!("this host cannot keep '{}': {e}", hello.vm_name),
+            )
+        })?;
+    if cfg.name != hello.vm_name {
+        return Err(refuse(
+            &mut stream,
+            "config name differs from the Hello".into(),
+        ));
+    }
+    if let Err(e) = cfg.validate() {
+        return Err(refuse(
+            &mut stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    // A replicated disk missing here is created (and filled by the
+    // initial sync) before the host check, which wants every disk present.
+    if setup.replicate_disks {
+        create_images(agent, &cfg.name, &new_images).map_err(|e| refuse(&mut stream, e))?;
+    } else if let Some(missing) = new_images.first() {
+        return Err(refuse(
+            &mut stream,
+            format!(
+                "disk {} is not replicated in this session and this host has no image at {}",
+                missing.target,
+                missing.path.display()
+            ),
+        ));
+    }
+    // Files only: the formats are this host's own (never sniffed).
+    if let Err(e) = cfg.check_files() {
+        return Err(refuse(
+            &mut stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    let local = compat_of(&cfg).map_err(|e| refuse(&mut stream, e))?;
+    if let Err(diffs) = hello.compat.check_sides(&local, "primary", "backup") {
+        return Err(refuse(&mut stream, diffs.join("; ")));
+    }
+    let name = cfg.name.clone();
+    // This host's record of its copy decides how the disks are synced.
+    let (plan, copy) = plan_target(&setup, session.purpose, &copy_dir, &cfg, &local)
+        .map_err(|e| refuse(&mut stream, e))?;
+    if agent.take_stale(&name).is_some() {
+        tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
+    }
+    let own_config = cfg.clone();
+    let reserved = reservation
+        .take()
+        .ok_or_else(|| refuse(&mut stream, format!("'{name}' is not reserved here")))?;
+    let (slot, replica) = agent
+        .create_standby(cfg, session.purpose, &reserved)
+        .map_err(|e| refuse(&mut stream, e.to_string()))?;
+    drop(reserved);
+    crate::copies::save_config(&copy_dir, &own_config);
+    if let Some(p) = &plan {
+        tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
+        let json = serde_json::to_string(p).map_err(|e| e.to_string())?;
+        Message::SyncPlan { json }
+            .write_to(&mut stream)
+            .map_err(|e| format!("{peer}: {e}"))?;
+    }
+    Message::Ready
+        .write_to(&mut stream)
+        .map_err(|e| format!("{peer}: {e}"))?;
+    tracing::info!(vm = %name, %peer, purpose = ?session.purpose, "standby ready; receiving checkpoints");
+    let mut replica = replica;
+    let cfg = BackupConfig {
+        timeout,
+        heartbeat: timeout / 4,
+        changed_sync: plan.as_ref().is_some_and(|p| p.mode == SyncMode::Changed),
+    };
+    let copy = std::sync::Mutex::new(copy);
+    let protect_purpose = session.purpose == Purpose::Protect;
+    let setup_replicates = setup.replicate_disks;
+    let source_gens = setup.generations.clone();
+    let first_commit = AtomicBool::new(false);
+    let targets: Vec<String> = slot
+        .vm
+        .replicated_disks()
+        .iter()
+        .map(|p| p.target().to_string())
+        .collect();
+    // Disk replication: the standby's replicated disks, written only when
+    // an epoch commits.
+    let mut disks = setup.replicate_disks.then(|| {
+        remus_disk::EpochBuffer::with_spill_limit(
+            slot.vm
+                .replicated_disks()
+                .iter()
+                .map(|p| (p.target().to_string(), p.local().clone()))
+                .collect(),
+            DISK_BUFFER_MEMORY,
+            &slot.vm.paths.dir().join("disk-epochs.spill"),
+            agent.opts.max_spill_mib << 20,
+        )
+    });
+    let vm_name = name.clone();
+    let slot2 = slot.clone();
+    let slot3 = slot.clone();
+    let end = remus_replication::backup::receive(
+        stream,
+        &mut replica,
+        disks.as_mut(),
+        &cfg,
+        &|ev| {
+            tracing::debug!(vm = %vm_name, event = ?ev, "backup");
+            if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev
+                && !first_commit.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                target_committed(
+                    &vm_name,
+                    &copy,
+                    &copy_dir,
+                    source_gens.as_ref(),
+                    &targets,
+                    epoch,
+                );
+            }
+        },
+        &|replica| {
+            // Every epoch up to the switch-over committed: make it durable.
+            for p in slot2.vm.replicated_disks() {
+                p.local()
+                    .flush()
+                    .map_err(|e| format!("sync disk {}: {e}", p.target()))?;
+            }
+            // An arbitrated VM runs here only with its key, which the
+            // primary gave up before sending the switch-over (or, if it
+            // could not reach etcd, which lapses within its lease time).
+            let lease = match arbiter.as_ref().filter(|_| protect_purpose) {
+                Some(arb) => Some((
+                    arb,
+                    crate::arbiter::take_over(arb, &vm_name)
+                        .map_err(|why| format!("NOT resuming at the switch-over: {why}"))?,
+                )),
+                None => None,
+            };
+            // A planned switch-over of a protected VM: this copy goes on
+            // alone from here, its changes recorded from before it runs.
+            let failback = protect_purpose && setup_replicates;
+            let resumed = (|| {
+                if failback {
+                    crate::copies::track_changes(&slot2.vm, &copy_dir)?;
+                }
+                remus_replication::failover::resume(&slot2.vm, replica).map_err(|e| e.to_string())
+            })();
+            let stats = match resumed {
+                Ok(stats) => stats,
+                Err(e) => {
+                    // Not running here: the key goes back.
+                    if let Some((arb, l)) = lease {
+                        let _ = arb.arb.release(l);
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some((arb, l)) = lease {
+                // Runs here, unprotected until protected back: pinned.
+                let g = crate::arbiter::keep_taken(arb, &slot2, l);
+                *slot2.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+            }
+            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            if failback && let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                st.gens.diverge();
+                st.running = true;
+                st.common_epoch = Some(stats.epoch);
+                crate::copies::save(&copy_dir, &vm_name, st);
+            }
+            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "switch-over: VM resumed here");
+            Ok(())
+        },
+        &|| slot3.vm.exit_status().is_none(),
+    );
+    let copy = copy.into_inner().unwrap_or_else(|p| p.into_inner());
+    let switched = matches!(end, Ok(BackupEnd::SwitchOver(_)));
+    decide_failover(
+        agent,
+        &slot,
+        session.purpose,
+        arbiter.as_ref(),
+        &replica,
+        disks.as_mut(),
+        end,
+        (&copy_dir, copy),
+    );
+    if switched && session.purpose == Purpose::Protect {
+        protect_back(agent, &name, &setup);
+    }
+    Ok(())
+}
+
+/// After a planned switch-over this host runs the VM: it protects it back
+/// to the old primary (which takes the session once its own copy is gone),
+/// with the session's settings.
+fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
+    let Some(back) = setup.return_to.clone() else {
+        tracing::warn!(vm = %name, "switched over, but the old primary gave no address to protect back to: the VM runs here UNPROTECTED; run `remus protect`");
+        return;
+    };
+    let req = ProtectRequest {
+        peer: back.address.clone(),
+        interval_ms: back.interval_ms,
+        timeout_ms: setup.timeout_ms,
+        no_net: back.no_net,
+        no_disk: !setup.replicate_disks,
+        no_compress: back.no_compress,
+        unencrypted: false,
+    };
+    // The old primary tears its copy down as soon as it has our Done; its
+    // agent refuses the session while the VM is still listed there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match start_protect(agent, name, req.clone()) {
+            Ok(()) => {
+                tracing::info!(vm = %name, peer = %back.address, "switch-over: protecting the VM back to the old primary");
+                return;
+            }
+            Err(AgentError::PeerRefused {
+                code: ErrorCode::Busy | ErrorCode::AlreadyRuns,
+                ..
+            }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, peer = %back.address, error = %e, "switch-over: cannot protect the VM back; it runs here UNPROTECTED; run `remus protect`");
+                return;
+            }
+        }
+    }
+}
+
+/// The backup's side of an arbitrated session: this agent must have an
+/// arbiter on the same etcd cluster, under the same prefix.
+fn check_arbiter(
+    agent: &Agent,
+    theirs: &ArbiterSetup,
+) -> Result<Arc<crate::arbiter::AgentArbiter>, String> {
+    let Some(arb) = agent.opts.arbiter.clone() else {
+        return Err(
+            "the primary protects this VM with an arbiter but this agent has none: start remusd with the same --arbiter".into(),
+        );
+    };
+    let prefix = &arb.arb.config().prefix;
+    if *prefix != theirs.prefix {
+        return Err(format!(
+            "arbiter prefixes differ: the primary uses '{}', this host '{prefix}'",
+            theirs.prefix
+        ));
+    }
+    let id = arb
+        .arb
+        .cluster_id()
+        .map_err(|e| format!("this host cannot reach the arbiter: {e}"))?;
+    if id != theirs.cluster_id {
+        return Err(format!(
+            "the primary's arbiter is etcd cluster {:x}, this host's is {id:x}: they must be the same cluster",
+            theirs.cluster_id
+        ));
+    }
+    Ok(arb)
+}
+
+/// The failover policy: the one place that decides whether the standby
+/// runs. It resumes only when a protected VM's primary went silent or its
+/// connection closed after at least one committed checkpoint. A migration
+/// resumes only at its switch-over (done in the session already). In every
+/// other case (orderly end, an aborted session whose primary was told and
+/// runs on, a local failure) the copy is discarded: never two running
+/// copies. With an arbiter, a failover also needs the VM's etcd key,
+/// which the primary's lease holds until it lapses.
+#[allow(clippy::too_many_arguments)]
+fn decide_failover(
+    agent: &Arc<Agent>,
+    slot: &Arc<VmSlot>,
+    purpose: Purpose,
+    arbiter: Option<&Arc<crate::arbiter::AgentArbiter>>,
+    replica: &Replica,
+    disks: Option<&mut remus_disk::EpochBuffer>,
+    end: Result<BackupEnd, remus_replication::ReplError>,
+    (copy_dir, copy): (&std::path::Path, Option<CopyState>),
+) {
+    let name = slot.vm.name().to_string();
+    // A discarded standby keeps its record: it says what its disks hold
+    // (a committed checkpoint of the primary's generation, or an
+    // interrupted resync), for the next session to this host.
+    let discard = |why: &str| {
+        tracing::warn!(vm = %name, "{why}; the copy here is discarded");
+        agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
+    };
+    let reason = match crate::failover::decide(purpose, &end) {
+        Decision::RunsHere { epoch, what } => {
+            tracing::info!(vm = %name, epoch, "{what}: the VM runs on this host");
+            return;
+        }
+        Decision::Discard(why) => return discard(&why),
+        Decision::Resume { reason } => reason,
+    };
+    // The arbiter first: resume only holding the VM's key, which etcd
+    // grants only once the primary's lease has lapsed.
+    let lease = match arbiter {
+        Some(arb) => {
+            tracing::warn!(vm = %name, %reason, window_ms = arb.takeover_window().as_millis() as u64, "primary lost; asking the arbiter before resuming");
+            let answer = crate::arbiter::take_over(arb, &name);
+            if let Decision::Discard(why) =
+                crate::failover::after_arbiter(&reason, answer.as_ref().map(|_| ()))
+            {
+                return discard(&why);
+            }
+            answer.ok().map(|l| (arb, l))
+        }
+        None => None,
+    };
+    // Gives the key back if this copy does not run after all.
+    let give_back = |lease: Option<(&Arc<crate::arbiter::AgentArbiter>, remus_arbiter::Lease)>| {
+        if let Some((arb, l)) = lease {
+            let _ = arb.arb.release(l);
+        }
+    };
+    // The disks first: drop what never committed, make the rest
+    // durable, and record what changes from now on.
+    if let Some(d) = disks {
+        match remus_replication::failover::take_over_disks(&slot.vm, d, copy_dir) {
+            Ok(t) => {
+                tracing::info!(vm = %name, discarded_records = t.discarded_records, discarded_bytes = t.discarded_bytes, change_maps = ?t.change_maps, "failover: uncommitted disk writes discarded; changes from now on are recorded");
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "failover FAILED: the disks cannot take over");
+                agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
+                give_back(lease);
+                return;
+            }
+        }
+        // This copy goes on alone from here: a new generation,
+        // recorded before the VM runs.
+        let mut rec =
+            copy.unwrap_or_else(|| CopyState::new(slot.vm.config.memory, slot.vm.config.vcpus));
+        rec.gens.diverge();
+        rec.running = true;
+        rec.resync_from = None;
+        rec.common_epoch = replica.committed().map(|e| e.0);
+        crate::copies::save(copy_dir, &name, &rec);
+        tracing::info!(vm = %name, generation = %rec.gens.current, since = ?rec.gens.bitmap.map(|g| g.to_string()), "failover: this copy goes on alone from a new generation");
+    } else {
+        // Its disks were not replicated: what they hold is not
+        // what any record says.
+        crate::copies::forget(copy_dir, &name);
+    }
+    match remus_replication::failover::resume(&slot.vm, replica) {
+        Ok(stats) => {
+            *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: primary lost ({reason}); resumed from the last committed checkpoint, epoch {}", stats.epoch);
+            // Runs here unprotected now: the key is pinned to this
+            // host (the lease is kept, and fenced, until it is).
+            if let Some((arb, l)) = lease {
+                let g = crate::arbiter::keep_taken(arb, slot, l);
+                *slot.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+            }
+        }
+        Err(e) => {
+            tracing::error!(vm = %name, error = %e, "failover FAILED");
+            agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
+            give_back(lease);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Taking a VM's state: the one place the guest is paused for a
+//! checkpoint, shared by protection and migration.
+//!
+//! [`Capture::take_checkpoint`] is the whole pause (DESIGN 1.2):
+//! `stop` → cut the epoch (disk journal, held output) → dirty scan → copy
+//! the dirty pages into staging buffers → device state through QMP →
+//! `cont` (or not: the last checkpoint before a switch-over leaves the
+//! guest stopped). An operator's pause, or the arbiter's fence, stands:
+//! the checkpoint then neither stops nor resumes the guest.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use remus_dirty::{DirtyTracker, RamFile};
+use remus_disk::Journal;
+use remus_proto::{CheckpointKind, Epoch, PageRun};
+use remus_vm::{Vm, devstate};
+
+pub use remus_api::PausePhases;
+
+use crate::{ReplError, staging};
+
+/// One checkpoint (or pre-copy round) ready to send.
+pub(crate) struct Staged {
+    pub(crate) epoch: Epoch,
+    pub(crate) kind: CheckpointKind,
+    pub(crate) runs: Vec<PageRun>,
+    /// Pages read from guest RAM as they are sent, after `runs` (the
+    /// initial copy: its memory is one run, not the guest's size).
+    pub(crate) lazy: Option<staging::LazyPages>,
+    pub(crate) device_state: Vec<u8>,
+    pub(crate) pause_ms: f64,
+    pub(crate) taken_at_ms: u64,
+    pub(crate) phases: PausePhases,
+    /// Taken while the guest was held paused (by the operator or the
+    /// fence): that pause's generation. Such a guest is never resumed by
+    /// the checkpoint, nor by whoever abandons it.
+    pub(crate) operator_paused: Option<u64>,
+}
+
+impl Staged {
+    /// A pre-copy epoch (no pause, no device state).
+    pub(crate) fn precopy(
+        epoch: Epoch,
+        kind: CheckpointKind,
+        runs: Vec<PageRun>,
+        lazy: Option<staging::LazyPages>,
+    ) -> Staged {
+        Staged {
+            epoch,
+            kind,
+            runs,
+            lazy,
+            device_state: Vec::new(),
+            pause_ms: 0.0,
+            taken_at_ms: crate::now_us() / 1000,
+            phases: PausePhases::default(),
+            operator_paused: None,
+        }
+    }
+
+    pub(crate) fn dirty_pages(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.page_count())).sum()
+    }
+}
+
+/// What a checkpoint cuts while the guest is stopped, before anything is
+/// copied: later disk writes and network frames belong to the next epoch.
+pub(crate) type Cut<'a> = &'a dyn Fn() -> Result<(), ReplError>;
+
+/// The means of taking a VM's state: its dirty tracker, a mapping of its
+/// RAM, recycled staging buffers and the device-state file.
+pub(crate) struct Capture<'v> {
+    vm: &'v Vm,
+    tracker: DirtyTracker,
+    map: staging::RamMap,
+    pub(crate) pool: Arc<staging::BufferPool>,
+    dev_file: PathBuf,
+}
+
+impl<'v> Capture<'v> {
+    /// Opens the tracker and the RAM mapping and readies QEMU for device
+    /// state saves into `dev_name` in the VM's directory.
+    pub(crate) fn open(vm: &'v Vm, dev_name: &str) -> Result<Capture<'v>, ReplError> {
+        let tracker = vm
+            .dirty_tracker()
+            .map_err(|e| ReplError::Setup(e.to_string()))?;
+        let map = staging::RamMap::open(&vm.ram_file)?;
+        devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
+        Ok(Capture {
+            vm,
+            tracker,
+            map,
+            // 64 MiB of recycled staging buffers: a checkpoint of up to 16k
+            // dirty pages copies into memory that is already backed.
+            pool: Arc::new(staging::BufferPool::new(64)),
+            dev_file: vm.paths.dir().join(dev_name),
+        })
+    }
+
+    /// Every page holding data, read as it is sent, with the dirty bits
+    /// reset first: pages written from now on are caught by the next
+    /// scan.
+    pub(crate) fn all_pages(&mut self) -> Result<staging::LazyPages, ReplError> {
+        self.tracker
+            .scan()
+            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        let ram = RamFile::open(&self.vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+        Ok(staging::LazyPages {
+            pieces: staging::data_pieces(&ram)?,
+            ram: Arc::new(ram),
+        })
+    }
+
+    /// The pages dirtied since the last scan, copied while the guest runs
+    /// (a pre-copy round).
+    pub(crate) fn dirty_runs(&mut self) -> Result<Vec<PageRun>, ReplError> {
+        let dirty = self
+            .tracker
+            .scan()
+            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        self.map.stage(&dirty, &self.pool)
+    }
+
+    /// Takes checkpoint `epoch`: the only part that runs with the guest
+    /// paused. `held` is what [`Vm::checkpoint_guard`] said (the caller
+    /// holds that guard across this call, and on past it where nothing
+    /// may resume the guest). `cut` runs with the guest stopped. With
+    /// `keep_stopped` (the last checkpoint before a switch-over) the guest
+    /// is not resumed. The pages in `earlier` (a migration's last round,
+    /// scanned while the guest ran) go first.
+    pub(crate) fn take_checkpoint(
+        &mut self,
+        epoch: Epoch,
+        held: bool,
+        journal: &Journal,
+        cut: Cut<'_>,
+        keep_stopped: bool,
+        earlier: Vec<PageRun>,
+    ) -> Result<Staged, ReplError> {
+        let vm = self.vm;
+        let qmp = vm.qmp();
+        let mut phases = PausePhases::default();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        // The moment the state is taken: once the run state is ours (a
+        // pause or unpause that held it finished before this began).
+        let taken_at_ms = crate::now_us() / 1000;
+        let t0 = Instant::now();
+        if !held {
+            // `stop` waits for the guest's disk writes in flight; none of
+            // them may wait for room in the journal meanwhile (the sender
+            // could be stuck on a slow backup): the bound is lifted for
+            // the stop.
+            journal.set_limit(u64::MAX);
+            let stopped = qmp.execute("stop", None);
+            journal.set_limit(crate::disks::JOURNAL_LIMIT);
+            if let Err(e) = stopped {
+                // Whatever state QEMU got to, the guest must not stay
+                // paused.
+                let _ = qmp.execute("cont", None);
+                return Err(ReplError::Vm(format!("stop: {e}")));
+            }
+        }
+        phases.stop = ms(t0);
+        let staged = (|| -> Result<Vec<PageRun>, ReplError> {
+            // `stop` drained the guest's disk I/O: every write it has seen
+            // complete belongs to this epoch; later ones to the next.
+            // Likewise the network: frames the guest sends from now on
+            // are held until the next epoch is acknowledged.
+            cut()?;
+            let t = Instant::now();
+            let dirty = self
+                .tracker
+                .scan()
+                .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+            phases.scan = ms(t);
+            let t = Instant::now();
+            let mut runs = earlier;
+            runs.extend(self.map.stage(&dirty, &self.pool)?);
+            phases.copy = ms(t);
+            let t = Instant::now();
+            devstate::save(qmp, &self.dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
+            phases.devstate = ms(t);
+            Ok(runs)
+        })();
+        // Resume whatever happened: a failed checkpoint must not leave the
+        // guest paused.
+        let t = Instant::now();
+        // Held at the guard, or fenced since (the fence raises its flag
+        // before it waits for the guard): the guest stays stopped.
+        let held = held || vm.is_fenced();
+        // The last checkpoint before a switch-over leaves the guest
+        // stopped, unless it failed (then the guest runs on here, as after
+        // any failed checkpoint).
+        let cont = if held || (keep_stopped && staged.is_ok()) {
+            Ok(serde_json::Value::Null)
+        } else {
+            qmp.execute("cont", None)
+        };
+        phases.cont = ms(t);
+        let pause_ms = ms(t0);
+        let runs = staged?;
+        cont.map_err(|e| ReplError::Vm(format!("cont after checkpoint: {e}")))?;
+        // The device state file is read after the guest runs again.
+        let device_state = std::fs::read(&self.dev_file)
+            .map_err(|e| ReplError::Io(format!("read {}", self.dev_file.display()), e))?;
+        Ok(Staged {
+            epoch,
+            kind: CheckpointKind::Checkpoint,
+            runs,
+            lazy: None,
+            device_state,
+            pause_ms,
+            taken_at_ms,
+            phases,
+            operator_paused: held.then(|| vm.hold_generation()).flatten(),
+        })
+    }
+}
+
+/// Resumes a guest a checkpoint left stopped, unless it is held paused
+/// (the operator's pause or the fence stands).
+pub(crate) fn resume_unless_held(vm: &Vm) {
+    if !vm.is_held() {
+        let _ = vm.qmp().execute("cont", None);
+    }
+}

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use remus_api::{HostInfo, SessionEvent, VcpuInfo, VmInfo};
+
+use crate::lifecycle::{Life, Refused, Stage};
 use remus_config::VmConfig;
 use remus_vm::{QemuBinary, ResolvedAccel, Role, RunState, StartOptions, Vm, VmPaths};
 
@@ -67,7 +69,8 @@ pub enum Published {
 pub struct VmSlot {
     pub id: u32,
     pub vm: Vm,
-    pub role: Mutex<Role>,
+    /// What the VM is here, and the session that holds it.
+    pub life: Life,
     console_attached: AtomicBool,
     /// The session's events as they happen, for followers.
     events: tokio::sync::broadcast::Sender<Published>,
@@ -77,10 +80,6 @@ pub struct VmSlot {
     history: Mutex<Vec<SessionEvent>>,
     /// The current session's last checkpoint event.
     last_checkpoint: Mutex<Option<remus_api::CheckpointStats>>,
-    /// The running protection session: its stop flag and peer.
-    protection: Mutex<Option<(Arc<AtomicBool>, String)>>,
-    /// The running protection session's switch-over flag (`failback`).
-    switch_over: Mutex<Option<Arc<AtomicBool>>>,
     /// The VM's arbiter key, once this host has held it.
     pub arbiter: Mutex<Option<Arc<crate::arbiter::Guard>>>,
 }
@@ -103,17 +102,15 @@ impl crate::arbiter::Guarded for VmSlot {
 }
 
 impl VmSlot {
-    fn new(id: u32, vm: Vm, role: Role) -> VmSlot {
+    fn new(id: u32, vm: Vm, stage: Stage) -> VmSlot {
         VmSlot {
             id,
             vm,
-            role: Mutex::new(role),
+            life: Life::new(stage),
             console_attached: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(256).0,
             history: Mutex::new(Vec::new()),
             last_checkpoint: Mutex::new(None),
-            protection: Mutex::new(None),
-            switch_over: Mutex::new(None),
             arbiter: Mutex::new(None),
         }
     }
@@ -146,50 +143,22 @@ impl VmSlot {
         let h = lock(&self.history);
         (h.clone(), self.events.subscribe())
     }
-    /// Claims the VM for a protection or migration session; false if one
-    /// already has it.
-    pub fn try_claim(&self, stop: Arc<AtomicBool>, peer: String) -> bool {
-        let mut p = lock(&self.protection);
-        if p.is_some() {
-            return false;
-        }
-        *p = Some((stop, peer));
+    /// Claims the VM for a protection or migration session to `peer`
+    /// ([`Life::claim`]); a new session's events start afresh.
+    pub fn claim(
+        &self,
+        purpose: remus_proto::Purpose,
+        peer: &str,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), Refused> {
+        self.life.claim(purpose, peer, stop)?;
         lock(&self.history).clear();
         *lock(&self.last_checkpoint) = None;
-        true
+        Ok(())
     }
-    pub fn clear_protection(&self) {
-        *lock(&self.protection) = None;
-        *lock(&self.switch_over) = None;
-    }
-    /// Arms the running protection session's switch-over flag.
-    pub fn set_switch_over(&self, flag: Arc<AtomicBool>) {
-        *lock(&self.switch_over) = Some(flag);
-    }
-    /// Asks the protection session to hand the VM over to its backup at
-    /// the next checkpoint; false if no session runs.
-    pub fn request_switch_over(&self) -> bool {
-        match lock(&self.switch_over).as_ref() {
-            Some(f) => {
-                f.store(true, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
-    }
-    /// The backup this VM is protected to, if any.
+    /// The peer of the session that holds the VM, if one does.
     pub fn protected_to(&self) -> Option<String> {
-        lock(&self.protection).as_ref().map(|(_, p)| p.clone())
-    }
-    /// Asks the protection session to stop; false if none runs.
-    pub fn stop_protection(&self) -> bool {
-        match lock(&self.protection).as_ref() {
-            Some((stop, _)) => {
-                stop.store(true, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
+        self.life.peer()
     }
     /// Marks the console attached; false when someone already is.
     pub fn claim_console(&self) -> bool {
@@ -528,12 +497,11 @@ impl Agent {
                 _ => AgentError::Internal(e.to_string()),
             }
         })?;
-        let role = if standby.is_some() {
-            Role::Backup
-        } else {
-            Role::Unprotected
+        let stage = match standby {
+            Some(purpose) => Stage::Standby { purpose },
+            None => Stage::Unprotected,
         };
-        let slot = Arc::new(VmSlot::new(id, vm, role));
+        let slot = Arc::new(VmSlot::new(id, vm, stage));
         lock(&self.vms).insert(name.clone(), slot.clone());
         Ok((slot, replica))
     }
@@ -808,7 +776,7 @@ impl Agent {
 
 /// A standby copy is paused by design; only a failover resumes it.
 fn refuse_standby(slot: &VmSlot, what: &str) -> Result<(), AgentError> {
-    if *lock(&slot.role) == Role::Backup {
+    if slot.life.role() == Role::Backup {
         return Err(AgentError::Conflict(format!(
             "VM '{}' is a standby copy (role backup): it cannot be {what}; it runs only after a failover",
             slot.vm.name()
@@ -828,7 +796,7 @@ fn vm_err(e: remus_vm::VmError) -> AgentError {
 
 /// The API view of a VM.
 pub fn info(slot: &VmSlot) -> VmInfo {
-    let role = *lock(&slot.role);
+    let role = slot.life.role();
     let mut state = slot.vm.run_state();
     // A checkpoint pauses a protected VM for a few ms many times a second;
     // that is not the operator's pause, so do not show it as one.

@@ -304,7 +304,7 @@ async fn unprotect(
     Path(name): Path<String>,
 ) -> Result<StatusCode, AgentError> {
     let slot = a.slot(&name)?;
-    if !slot.stop_protection() {
+    if !slot.life.stop() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is not being protected"
         )));

@@ -20,6 +20,7 @@ pub mod copies;
 pub mod failover;
 pub mod host;
 pub mod http;
+pub mod lifecycle;
 pub mod replication;
 pub mod storage;
 
@@ -322,16 +323,9 @@ async fn run(
         std::fs::remove_file(&args.socket)
             .with_context(|| format!("remove stale socket {}", args.socket.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("bind {}", args.socket.display()))?;
-    apiauth::set_socket_access(&args.socket, &allowed, own_socket_dir)
-        .with_context(|| format!("permissions of {}", args.socket.display()))?;
-    let listener = apiauth::CheckedListener {
-        inner: listener,
-        allowed,
-        refusals: Default::default(),
-    };
-
+    // The replication port before the API socket: whoever can connect to
+    // the socket finds an agent that will stay (a port taken by another
+    // agent ends this one before it answers anybody).
     if let Some(addr) = &args.listen {
         let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("bind replication address {addr}"))?;
@@ -342,6 +336,15 @@ async fn run(
             .spawn(move || replication::serve(a, l))
             .context("start the replication listener")?;
     }
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("bind {}", args.socket.display()))?;
+    apiauth::set_socket_access(&args.socket, &allowed, own_socket_dir)
+        .with_context(|| format!("permissions of {}", args.socket.display()))?;
+    let listener = apiauth::CheckedListener {
+        inner: listener,
+        allowed,
+        refusals: Default::default(),
+    };
 
     tracing::info!(socket = %args.socket.display(), state_dir = %state_dir.display(), "remusd ready");
     // systemd (Type=notify) starts the units ordered after us only now.

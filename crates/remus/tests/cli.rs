@@ -238,10 +238,28 @@ fn two_agents_side_by_side_and_a_port_clash() {
         assert_eq!(v["replication_listen"], listen.as_str());
         assert_eq!(v["state_dir"], agent.state_dir.to_str().unwrap());
     }
-    // A third agent on the first one's port fails at start, saying why.
-    let c = Agent::start(&bins(), None, &["--listen", &l1, "--key", key]);
-    let err = c.err().expect("port clash must fail").to_string();
+    // A third agent on the first one's port fails at start, saying why,
+    // and never opens its API socket: nobody can reach an agent that is
+    // about to exit (the testbed, which waits for the socket, once took
+    // such an agent for a running one).
+    let socket = a.dir.path().join("third.sock");
+    let out = std::process::Command::new(&bins().remusd)
+        .args(["--config", "/dev/null", "--listen", &l1, "--key", key])
+        .arg("--state-dir")
+        .arg(a.dir.path().join("third"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--ram-dir")
+        .arg(a.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "port clash must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bind replication address"), "{err}");
+    assert!(
+        !socket.exists(),
+        "the API socket was opened before the port"
+    );
     assert!(a.cli(&["list"]).ok && b.cli(&["list"]).ok);
 }
 

@@ -8,15 +8,6 @@ use super::*;
 pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
     require_key(agent)?;
-    {
-        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
-        if role != Role::Unprotected || slot.protected_to().is_some() {
-            return Err(AgentError::Conflict(format!(
-                "VM '{name}' is {} or busy; migrate needs an unprotected running VM (stop protection first)",
-                role_name(role)
-            )));
-        }
-    }
     if slot.vm.is_held() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is paused; unpause it before migrating"
@@ -27,11 +18,12 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
             "VM '{name}' still holds its arbiter lease from the last protection (the arbiter has not answered since); migrate once `remus list --json` shows it pinned"
         )));
     }
-    if !slot.try_claim(Arc::new(AtomicBool::new(false)), peer.to_string()) {
-        return Err(AgentError::Conflict(format!(
-            "VM '{name}' is already being protected or migrated"
-        )));
-    }
+    slot.claim(Purpose::Migrate, peer, Arc::new(AtomicBool::new(false)))
+        .map_err(|why| {
+            AgentError::Conflict(format!(
+                "VM '{name}' cannot be migrated: {why}; migrate needs an unprotected running VM (stop protection first)"
+            ))
+        })?;
     let claimed = Claim(&slot);
     slot.vm
         .dirty_tracker()
@@ -72,7 +64,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
                 &mcfg,
                 &emit,
             );
-            slot.clear_protection();
+            slot.life.release();
             match r {
                 Ok(stats) => {
                     tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");

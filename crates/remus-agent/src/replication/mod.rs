@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::admission::Admitted;
 use crate::agent::{Agent, AgentError, VmSlot};
 use crate::failover::Decision;
+use crate::lifecycle::Stage;
 
 mod migrate;
 mod protect;
@@ -340,7 +341,7 @@ impl Claim<'_> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.0.clear_protection();
+        self.0.life.release();
     }
 }
 
@@ -351,12 +352,4 @@ fn require_key(agent: &Agent) -> Result<remus_proto::Key, AgentError> {
             "this agent has no replication key: start remusd with --key FILE (the same key file on both hosts)".into(),
         )
     })
-}
-
-pub fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Unprotected => "unprotected",
-        Role::Primary => "primary",
-        Role::Backup => "backup",
-    }
 }

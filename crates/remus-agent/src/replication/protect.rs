@@ -13,23 +13,15 @@ pub fn start_protect(
 ) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
     require_key(agent)?;
-    {
-        let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
-        if role != Role::Unprotected {
-            return Err(AgentError::Conflict(format!(
-                "VM '{name}' is {} already; protect needs an unprotected running VM",
-                role_name(role)
-            )));
-        }
-    }
     // Claimed before connecting (which takes seconds): two sessions on one
     // VM would each clear the other's dirty bits and both miss pages.
     let stop = Arc::new(AtomicBool::new(false));
-    if !slot.try_claim(stop.clone(), req.peer.clone()) {
-        return Err(AgentError::Conflict(format!(
-            "VM '{name}' is already being protected or migrated"
-        )));
-    }
+    slot.claim(Purpose::Protect, &req.peer, stop.clone())
+        .map_err(|why| {
+            AgentError::Conflict(format!(
+                "VM '{name}' cannot be protected: {why}; protect needs an unprotected running VM"
+            ))
+        })?;
     let claimed = Claim(&slot);
     if !(5..=60_000).contains(&req.interval_ms) {
         return Err(AgentError::BadRequest(format!(
@@ -147,7 +139,10 @@ pub fn start_protect(
     if req.no_net && !cfg.vifs.is_empty() {
         tracing::warn!(vm = %name, "--no-net: network output is not held for its checkpoint");
     }
-    *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Primary;
+    let switch_over = Arc::new(AtomicBool::new(false));
+    slot.life
+        .protecting(switch_over.clone())
+        .map_err(|why| AgentError::Internal(format!("VM '{name}': {why}")))?;
     claimed.keep();
     pin_on_error.0 = None;
     let copy = Arc::new(std::sync::Mutex::new(copy));
@@ -173,7 +168,7 @@ pub fn start_protect(
         changed_sync: plan
             .filter(|p| p.mode == SyncMode::Changed)
             .map(|p| p.target_runs),
-        switch_over: Arc::new(AtomicBool::new(false)),
+        switch_over,
         // An arbitrated VM's key moves with it at a switch-over.
         hand_over: guard.clone().map(|g| {
             let slot = slot.clone();
@@ -181,7 +176,6 @@ pub fn start_protect(
         }),
         on_commit: Some(on_commit),
     };
-    slot.set_switch_over(cfg.switch_over.clone());
     let vm_name = name.to_string();
     let slot2 = slot.clone();
     let agent2 = agent.clone();
@@ -200,11 +194,9 @@ pub fn start_protect(
                     // find the reason in the log).
                     ProtectEvent::BackupLost { reason } => {
                         tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
-                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+                        slot2.life.session_over();
                     }
-                    ProtectEvent::Stopped { .. } => {
-                        *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
-                    }
+                    ProtectEvent::Stopped { .. } => slot2.life.session_over(),
                     _ => {}
                 }
                 slot2.publish(ev.into());
@@ -232,7 +224,7 @@ pub fn start_protect(
                 // stays stopped and the operator decides.
                 tracing::error!(vm = %vm_name, %peer, %reason, "switch-over UNCONFIRMED: {peer} may be running the VM; it stays paused here. Check {peer}: if it runs the VM there, destroy this copy; if not, `remus unpause` it here");
                 slot2.vm.mark_operator_paused();
-                slot2.clear_protection();
+                slot2.life.release();
                 slot2.publish(SessionEvent::Failed {
                     reason: format!("switch-over unconfirmed ({reason}): {peer} may be running the VM; it stays paused here until you check"),
                 });
@@ -240,12 +232,12 @@ pub fn start_protect(
                 return;
             }
             source_alone(&slot2.vm, &copy, &copy_dir, committed_any.load(std::sync::atomic::Ordering::SeqCst));
-            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            slot2.life.session_over();
             // Runs on here unprotected: nobody may take over any more.
             if let Some(g) = &guard {
                 g.pin();
             }
-            slot2.clear_protection();
+            slot2.life.release();
             // Output the session left held (it ended while fenced) goes
             // out once the fence is lifted: here if it already is, else
             // by the arbiter's keeper when it lifts it.
@@ -308,11 +300,11 @@ fn source_committed(
 /// the VM's event channel (subscribe first).
 pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
-    let role = *slot.role.lock().unwrap_or_else(|p| p.into_inner());
-    if role != Role::Primary || slot.protected_to().is_none() {
+    let stage = slot.life.stage();
+    if !matches!(stage, Stage::Protecting { .. }) {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is {} here: failback swaps the roles of a protected VM, run it on the primary. After a failover, first protect the VM back to the old primary (`remus protect {name} OLD_PRIMARY:PORT`), which resyncs it, then fail back",
-            role_name(role)
+            crate::lifecycle::name(&stage)
         )));
     }
     if slot.vm.is_held() {
@@ -320,7 +312,7 @@ pub fn start_failback(agent: &Arc<Agent>, name: &str) -> Result<(), AgentError> 
             "VM '{name}' is paused; unpause it first"
         )));
     }
-    if !slot.request_switch_over() {
+    if !slot.life.request_switch_over() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' has no protection session running"
         )));
@@ -416,7 +408,7 @@ fn switched_out(
         st.common_epoch = Some(epoch);
         crate::copies::save(dir, &name, st);
     }
-    slot.clear_protection();
+    slot.life.release();
     agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
 }
 

@@ -93,7 +93,7 @@ fn backup_session(
         let Ok(slot) = agent.slot(vm) else {
             return Err(busy());
         };
-        if *slot.role.lock().unwrap_or_else(|p| p.into_inner()) == Role::Backup {
+        if slot.life.role() == Role::Backup {
             return Err(Refusal::new(
                 ErrorCode::Busy,
                 format!(
@@ -329,7 +329,7 @@ fn backup_session(
                 let g = crate::arbiter::keep_taken(arb, &slot2, l);
                 *slot2.arbiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
             }
-            *slot2.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            slot2.life.took_over();
             if failback && let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 st.gens.diverge();
                 st.running = true;
@@ -517,7 +517,7 @@ fn decide_failover(
     }
     match remus_replication::failover::resume(&slot.vm, replica) {
         Ok(stats) => {
-            *slot.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Unprotected;
+            slot.life.took_over();
             tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: primary lost ({reason}); resumed from the last committed checkpoint, epoch {}", stats.epoch);
             // Runs here unprotected now: the key is pinned to this
             // host (the lease is kept, and fenced, until it is).

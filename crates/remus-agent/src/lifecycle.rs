@@ -1,0 +1,289 @@
+//! A VM's life on this host as one state machine: what the VM is here
+//! (runs unprotected, is claimed by a session being set up, is protected,
+//! is migrating away, has just lost its session, is a standby) and the
+//! only transitions between those states. Every session start, end and
+//! failover goes through [`Life`]; the role `remus list` shows is read
+//! from it.
+//!
+//! ```text
+//!                     claim(Protect)           protecting()
+//!   Unprotected ───────────────────► Claimed ────────────────► Protecting
+//!     ▲   ▲ │ claim(Migrate)           │ release()               │ session_over()
+//!     │   │ └───────────────► Claimed ─┘ (setup failed,          ▼
+//!     │   │                  (migrating) migration failed)     Ending
+//!     │   └──────────────────────── release() ─────────────────────┘
+//!     │ took_over() (failover, switch-over)
+//!   Standby ◄── created as a standby copy
+//! ```
+//!
+//! Kept elsewhere, on purpose: the guest's run-state holds (the operator's
+//! pause and the arbiter's fence) live in `remus_vm::Vm`, where every
+//! checkpoint reads them under the run-state lock; the arbiter's tenure
+//! of the VM's key (leased, pinned, stale) lives in its `Guard`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use remus_proto::Purpose;
+use remus_vm::Role;
+
+/// Where a VM stands on this host.
+#[derive(Debug, Clone)]
+pub enum Stage {
+    /// Runs here with no session.
+    Unprotected,
+    /// A session to `peer` is being set up (protect), or runs (migrate):
+    /// no other session may start.
+    Claimed {
+        purpose: Purpose,
+        peer: String,
+        stop: Arc<AtomicBool>,
+    },
+    /// Runs here and is checkpointed to `peer`.
+    Protecting {
+        peer: String,
+        stop: Arc<AtomicBool>,
+        /// Set by `failback`: the session hands the VM over at the next
+        /// checkpoint.
+        switch_over: Arc<AtomicBool>,
+    },
+    /// The session to `peer` has ended (backup lost, stopped, switch-over
+    /// being settled); the VM runs here unprotected, and no new session
+    /// starts until the old one has finished.
+    Ending { peer: String },
+    /// A standby copy receiving checkpoints (protection) or a migration.
+    Standby { purpose: Purpose },
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("it is a standby copy (role backup)")]
+    Standby,
+    #[error("it is already being protected or migrated")]
+    Busy,
+    #[error("it is {0} here")]
+    Role(&'static str),
+}
+
+/// The state, behind one lock.
+pub struct Life(Mutex<Stage>);
+
+impl Life {
+    pub fn new(stage: Stage) -> Life {
+        Life(Mutex::new(stage))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stage> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.lock().clone()
+    }
+
+    /// The role `remus list` shows.
+    pub fn role(&self) -> Role {
+        match &*self.lock() {
+            Stage::Protecting { .. } => Role::Primary,
+            Stage::Standby { .. } => Role::Backup,
+            Stage::Unprotected | Stage::Claimed { .. } | Stage::Ending { .. } => Role::Unprotected,
+        }
+    }
+
+    /// The peer of the session that holds the VM, if one does.
+    pub fn peer(&self) -> Option<String> {
+        match &*self.lock() {
+            Stage::Claimed { peer, .. }
+            | Stage::Protecting { peer, .. }
+            | Stage::Ending { peer } => Some(peer.clone()),
+            Stage::Unprotected | Stage::Standby { .. } => None,
+        }
+    }
+
+    /// Unprotected → Claimed: a session to `peer` starts setting up. Its
+    /// `stop` flag ends it.
+    pub fn claim(
+        &self,
+        purpose: Purpose,
+        peer: &str,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), Refused> {
+        let mut st = self.lock();
+        match &*st {
+            Stage::Unprotected => {
+                *st = Stage::Claimed {
+                    purpose,
+                    peer: peer.to_string(),
+                    stop,
+                };
+                Ok(())
+            }
+            Stage::Standby { .. } => Err(Refused::Standby),
+            _ => Err(Refused::Busy),
+        }
+    }
+
+    /// Claimed (protect) → Protecting: the backup is ready.
+    pub fn protecting(&self, switch_over: Arc<AtomicBool>) -> Result<(), Refused> {
+        let mut st = self.lock();
+        match &*st {
+            Stage::Claimed {
+                purpose: Purpose::Protect,
+                peer,
+                stop,
+            } => {
+                *st = Stage::Protecting {
+                    peer: peer.clone(),
+                    stop: stop.clone(),
+                    switch_over,
+                };
+                Ok(())
+            }
+            other => Err(Refused::Role(name(other))),
+        }
+    }
+
+    /// Protecting → Ending: the session's last word is out (the role shows
+    /// unprotected from here).
+    pub fn session_over(&self) {
+        let mut st = self.lock();
+        if let Stage::Protecting { peer, .. } = &*st {
+            *st = Stage::Ending { peer: peer.clone() };
+        }
+    }
+
+    /// Claimed, Protecting or Ending → Unprotected: the session is gone.
+    pub fn release(&self) {
+        let mut st = self.lock();
+        if matches!(
+            *st,
+            Stage::Claimed { .. } | Stage::Protecting { .. } | Stage::Ending { .. }
+        ) {
+            *st = Stage::Unprotected;
+        }
+    }
+
+    /// Standby → Unprotected: this copy runs now (failover, switch-over,
+    /// migration).
+    pub fn took_over(&self) {
+        let mut st = self.lock();
+        if matches!(*st, Stage::Standby { .. }) {
+            *st = Stage::Unprotected;
+        }
+    }
+
+    /// Asks the running session to stop; false if none can be stopped.
+    pub fn stop(&self) -> bool {
+        match &*self.lock() {
+            Stage::Claimed { stop, .. } | Stage::Protecting { stop, .. } => {
+                stop.store(true, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks the protection session to hand the VM over at the next
+    /// checkpoint; false if the VM is not being protected.
+    pub fn request_switch_over(&self) -> bool {
+        match &*self.lock() {
+            Stage::Protecting { switch_over, .. } => {
+                switch_over.store(true, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How the state reads in messages.
+pub fn name(stage: &Stage) -> &'static str {
+    match stage {
+        Stage::Unprotected => "unprotected",
+        Stage::Claimed {
+            purpose: Purpose::Protect,
+            ..
+        } => "setting up protection",
+        Stage::Claimed {
+            purpose: Purpose::Migrate,
+            ..
+        } => "migrating",
+        Stage::Protecting { .. } => "primary",
+        Stage::Ending { .. } => "ending its protection session",
+        Stage::Standby { .. } => "backup",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flag() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
+    }
+
+    #[test]
+    fn a_protection_session_goes_claimed_protecting_ending_unprotected() {
+        let life = Life::new(Stage::Unprotected);
+        assert_eq!((life.role(), life.peer()), (Role::Unprotected, None));
+        let stop = flag();
+        life.claim(Purpose::Protect, "b:7000", stop.clone())
+            .unwrap();
+        assert_eq!(life.peer().as_deref(), Some("b:7000"));
+        assert_eq!(life.role(), Role::Unprotected, "not protected until ready");
+        assert_eq!(
+            life.claim(Purpose::Protect, "c:7000", flag()),
+            Err(Refused::Busy),
+            "one session at a time"
+        );
+        assert!(!life.request_switch_over(), "nothing to switch over yet");
+        let switch = flag();
+        life.protecting(switch.clone()).unwrap();
+        assert_eq!(life.role(), Role::Primary);
+        assert!(life.request_switch_over() && switch.load(Ordering::SeqCst));
+        assert!(life.stop() && stop.load(Ordering::SeqCst));
+        life.session_over();
+        assert_eq!(life.role(), Role::Unprotected, "shown unprotected at once");
+        assert_eq!(life.peer().as_deref(), Some("b:7000"), "still winding down");
+        assert_eq!(
+            life.claim(Purpose::Protect, "b:7000", flag()),
+            Err(Refused::Busy)
+        );
+        life.release();
+        assert!(matches!(life.stage(), Stage::Unprotected));
+        life.claim(Purpose::Protect, "b:7000", flag()).unwrap();
+    }
+
+    #[test]
+    fn a_failed_setup_or_a_migration_releases_the_claim() {
+        let life = Life::new(Stage::Unprotected);
+        life.claim(Purpose::Migrate, "b:7000", flag()).unwrap();
+        assert_eq!(
+            life.protecting(flag()),
+            Err(Refused::Role("migrating")),
+            "a migration never becomes protection"
+        );
+        assert_eq!(life.role(), Role::Unprotected);
+        life.release();
+        assert!(matches!(life.stage(), Stage::Unprotected));
+    }
+
+    #[test]
+    fn a_standby_takes_no_session_until_it_has_taken_over() {
+        let life = Life::new(Stage::Standby {
+            purpose: Purpose::Protect,
+        });
+        assert_eq!(life.role(), Role::Backup);
+        assert_eq!(
+            life.claim(Purpose::Protect, "a:7000", flag()),
+            Err(Refused::Standby)
+        );
+        assert!(!life.stop(), "a standby's session is the peer's");
+        life.release();
+        assert_eq!(life.role(), Role::Backup, "release is not a takeover");
+        life.took_over();
+        assert_eq!(life.role(), Role::Unprotected);
+        life.claim(Purpose::Protect, "a:7000", flag()).unwrap();
+    }
+}

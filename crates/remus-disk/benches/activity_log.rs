@@ -85,7 +85,7 @@ fn run(dir: &std::path::Path, c: &Case, seconds: f64) -> (f64, u64, u64) {
                 std::thread::sleep(Duration::from_millis(100));
                 j.cut(Epoch(e)).expect("cut");
                 if let Some(al) = &al {
-                    al.acked(e - 1).expect("ack");
+                    al.acked(Epoch(e - 1)).expect("ack");
                 }
                 e += 1;
             }

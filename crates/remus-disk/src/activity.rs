@@ -29,6 +29,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use remus_proto::Epoch;
+
 use crate::changes::ChangeMap;
 
 /// Bytes per activity-log extent.
@@ -104,17 +106,18 @@ impl ActivityLog {
 
     /// After the write: the epoch it was replicated in, or None when it
     /// was not replicated.
-    pub fn end(&self, offset: u64, len: u64, epoch: Option<u64>) {
+    pub fn end(&self, offset: u64, len: u64, epoch: Option<Epoch>) {
         let mut last = self.lock();
         for e in self.extents(offset, len) {
-            last.insert(e, epoch.unwrap_or(UNREPLICATED));
+            last.insert(e, epoch.map_or(UNREPLICATED, |e| e.0));
         }
     }
 
     /// The backup acknowledged `epoch`: extents written only in epochs up
     /// to it may be cleared, oldest first, while more than the limit are
     /// marked. Returns how many were cleared.
-    pub fn acked(&self, epoch: u64) -> io::Result<usize> {
+    pub fn acked(&self, epoch: Epoch) -> io::Result<usize> {
+        let epoch = epoch.0;
         let mut last = self.lock();
         if last.len() <= self.limit {
             return Ok(0);
@@ -137,7 +140,8 @@ impl ActivityLog {
     /// Every write up to `epoch` is acknowledged and nothing is written
     /// after it (a planned switch-over): clears every extent whose writes
     /// the backup has, whatever the limit.
-    pub fn acked_all(&self, epoch: u64) -> io::Result<usize> {
+    pub fn acked_all(&self, epoch: Epoch) -> io::Result<usize> {
+        let epoch = epoch.0;
         let mut last = self.lock();
         let clear: Vec<u64> = last
             .iter()
@@ -218,9 +222,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let al = ActivityLog::open(&dir.path().join("al"), 10 * E, 4).unwrap();
         al.begin(E - 1, 2).unwrap(); // extents 0 and 1
-        al.end(E - 1, 2, Some(1));
+        al.end(E - 1, 2, Some(Epoch(1)));
         al.begin(10, 10).unwrap(); // extent 0 again: no sync
-        al.end(10, 10, Some(1));
+        al.end(10, 10, Some(Epoch(1)));
         assert_eq!(al.marked_extents(), vec![0, 1]);
         assert_eq!(al.syncs(), 1);
         // Persistent: a crash now leaves both marked.
@@ -239,22 +243,22 @@ mod tests {
         let al = ActivityLog::open(&dir.path().join("al"), 10 * E, 2).unwrap();
         for (ext, epoch) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
             al.begin(ext * E, 1).unwrap();
-            al.end(ext * E, 1, Some(epoch));
+            al.end(ext * E, 1, Some(Epoch(epoch)));
         }
         // Nothing acknowledged yet: all four stay.
-        assert_eq!(al.acked(0).unwrap(), 0);
+        assert_eq!(al.acked(Epoch(0)).unwrap(), 0);
         assert_eq!(al.count(), 4);
         // Epoch 1 acknowledged: only extent 0 may go.
-        assert_eq!(al.acked(1).unwrap(), 1);
+        assert_eq!(al.acked(Epoch(1)).unwrap(), 1);
         assert_eq!(al.marked_extents(), vec![1, 2, 3]);
         // Everything acknowledged: down to the limit, oldest first.
-        assert_eq!(al.acked(10).unwrap(), 1);
+        assert_eq!(al.acked(Epoch(10)).unwrap(), 1);
         assert_eq!(al.marked_extents(), vec![2, 3]);
         // A write in flight or never replicated is never cleared.
         al.begin(5 * E, 1).unwrap();
         al.begin(6 * E, 1).unwrap();
         al.end(6 * E, 1, None);
-        assert_eq!(al.acked(100).unwrap(), 2);
+        assert_eq!(al.acked(Epoch(100)).unwrap(), 2);
         assert_eq!(al.marked_extents(), vec![5, 6]);
     }
 
@@ -269,7 +273,7 @@ mod tests {
         let al = ActivityLog::open(&p, 10 * E, 8).unwrap();
         al.new_session();
         al.begin(3 * E, 1).unwrap();
-        al.end(3 * E, 1, Some(1));
+        al.end(3 * E, 1, Some(Epoch(1)));
         al.forget_before_session().unwrap();
         assert_eq!(al.marked_extents(), vec![3]);
     }

@@ -169,7 +169,7 @@ impl DiskPort {
             _ => None,
         };
         if let Some(al) = &al {
-            al.end(offset, len, epoch.map(|e| e.0));
+            al.end(offset, len, epoch);
         }
         done
     }

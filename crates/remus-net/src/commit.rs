@@ -31,6 +31,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use remus_proto::Epoch;
+
 use crate::relay::{Egress, TapSink};
 
 /// Where released frames go: the relay's tap ([`TapSink`]), or anything
@@ -140,7 +142,8 @@ impl OutputCommit {
 
     /// With the guest stopped for checkpoint `closing`: frames from now on
     /// belong to epoch `closing + 1`.
-    pub fn cut(&self, closing: u64) {
+    pub fn cut(&self, closing: Epoch) {
+        let closing = closing.0;
         let mut st = self.lock();
         if st.mode == Mode::Live {
             return;
@@ -151,7 +154,8 @@ impl OutputCommit {
 
     /// The backup acknowledged checkpoint `acked`: sends every held frame
     /// of epochs up to it, in order.
-    pub fn release(&self, acked: u64) {
+    pub fn release(&self, acked: Epoch) {
+        let acked = acked.0;
         let mut st = self.lock();
         let mut n = 0;
         while st.queue.front().is_some_and(|(e, _)| *e <= acked) {
@@ -171,7 +175,7 @@ impl OutputCommit {
 
     /// Protection ended: sends everything held, then lets frames through.
     pub fn go_live(&self) {
-        self.release(u64::MAX);
+        self.release(Epoch(u64::MAX));
         let mut st = self.lock();
         st.mode = Mode::Live;
         self.cv.notify_all();
@@ -264,15 +268,15 @@ mod tests {
         oc.frame(&[1], &*wire); // live: out at once
         oc.arm();
         oc.frame(&[2], &*wire); // armed, before the first checkpoint: out
-        oc.cut(1); // checkpoint 1: from now on held
+        oc.cut(Epoch(1)); // checkpoint 1: from now on held
         oc.frame(&[3], &*wire);
         oc.frame(&[4], &*wire);
-        oc.cut(2);
+        oc.cut(Epoch(2));
         oc.frame(&[5], &*wire);
         assert_eq!(wire.seen(), vec![1, 2]);
-        oc.release(1); // nothing of epoch 1 is held (it flowed)
+        oc.release(Epoch(1)); // nothing of epoch 1 is held (it flowed)
         assert_eq!(wire.seen(), vec![1, 2]);
-        oc.release(2);
+        oc.release(Epoch(2));
         assert_eq!(wire.seen(), vec![1, 2, 3, 4]);
         assert_eq!(oc.held(), 1);
         oc.go_live();
@@ -287,7 +291,7 @@ mod tests {
     fn a_full_buffer_holds_the_vm_back_until_a_release() {
         let (oc, wire) = setup(100);
         oc.arm();
-        oc.cut(1);
+        oc.cut(Epoch(1));
         oc.frame(&[1; 60], &*wire);
         let (oc2, wire2) = (oc.clone(), wire.clone());
         let vm = std::thread::spawn(move || oc2.frame(&[2; 60], &*wire2));
@@ -296,13 +300,13 @@ mod tests {
         assert!(!vm.is_finished(), "back-pressure, not a drop");
         assert_eq!(oc.held(), 1);
         // ...until the ack of epoch 2 frees the room.
-        oc.release(2);
+        oc.release(Epoch(2));
         vm.join().unwrap();
         assert_eq!(oc.held(), 1);
         assert_eq!(wire.seen(), vec![1]);
         assert!(oc.stats().blocked > Duration::ZERO);
         // close() wakes a waiting VM side and drops what is held.
-        oc.release(2);
+        oc.release(Epoch(2));
         oc.frame(&[3; 60], &*wire);
         let (oc2, wire2) = (oc.clone(), wire.clone());
         let vm = std::thread::spawn(move || oc2.frame(&[4; 60], &*wire2));
@@ -314,7 +318,7 @@ mod tests {
     #[test]
     fn an_unarmed_buffer_never_holds() {
         let (oc, wire) = setup(1 << 20);
-        oc.cut(1);
+        oc.cut(Epoch(1));
         oc.frame(&[7], &*wire);
         assert_eq!(wire.seen(), vec![7]);
     }

@@ -254,7 +254,7 @@ impl Edges<'_> {
     fn cut(&self, epoch: Epoch) -> Result<(), ReplError> {
         self.journal.cut(epoch).map_err(ReplError::Protocol)?;
         for n in self.nets {
-            n.cut(epoch.0);
+            n.cut(epoch);
         }
         Ok(())
     }
@@ -262,7 +262,7 @@ impl Edges<'_> {
     /// The backup holds `epoch`: its output may leave.
     fn acked(&self, epoch: Epoch) {
         for n in self.nets {
-            n.release(epoch.0);
+            n.release(epoch);
         }
     }
 
@@ -926,7 +926,7 @@ fn acknowledged(
     }
     for p in ports {
         if let Some(al) = p.activity_log()
-            && let Err(e) = al.acked(epoch.0)
+            && let Err(e) = al.acked(epoch)
         {
             tracing::warn!(vm = %edges.vm.name(), disk = %p.target(), error = %e, "activity log");
         }

@@ -401,7 +401,7 @@ fn switched_out(
     if let Some(st) = copy.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
         for p in slot.vm.replicated_disks() {
             if let Some(al) = p.activity_log() {
-                let _ = al.acked_all(epoch);
+                let _ = al.acked_all(remus_proto::Epoch(epoch));
             }
         }
         st.running = false;

@@ -33,10 +33,11 @@ use remus_proto::{CheckpointKind, DiskDigests, Epoch, Message};
 use remus_vm::Vm;
 
 pub use remus_api::MigrateStats;
+use remus_api::SessionEvent;
 
 use crate::ReplError;
 use crate::capture::{Capture, Staged, resume_unless_held};
-use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
+use crate::disks::{PrimaryDisks, Sealer};
 use crate::primary::send_checkpoint;
 
 /// Migration settings.
@@ -65,50 +66,6 @@ impl Default for MigrateConfig {
     }
 }
 
-/// Progress of a migration.
-/// (Streamed to the operator as [`remus_api::SessionEvent`]s.)
-#[derive(Debug, Clone)]
-pub enum MigrateEvent {
-    /// Initial disk sync: one more batch of chunks compared.
-    DiskSync(DiskSyncProgress),
-    /// Initial disk sync finished.
-    DiskSynced(DiskSyncStats),
-    /// Before the initial copy: how much there is to send.
-    Start { pages: u64, bytes: u64 },
-    /// A pre-copy round was sent (round 0 is the initial copy).
-    Round {
-        round: u64,
-        pages: u64,
-        bytes: u64,
-        ms: f64,
-    },
-    /// The destination runs the VM.
-    Done(MigrateStats),
-}
-
-impl From<MigrateEvent> for remus_api::SessionEvent {
-    fn from(ev: MigrateEvent) -> Self {
-        use remus_api::SessionEvent as S;
-        match ev {
-            MigrateEvent::DiskSync(p) => S::DiskSync(p),
-            MigrateEvent::DiskSynced(s) => S::DiskSynced(s),
-            MigrateEvent::Start { pages, bytes } => S::Start { pages, bytes },
-            MigrateEvent::Round {
-                round,
-                pages,
-                bytes,
-                ms,
-            } => S::Round {
-                round,
-                pages,
-                bytes,
-                ms,
-            },
-            MigrateEvent::Done(s) => S::Done(s),
-        }
-    }
-}
-
 /// Migrates `vm` over an authenticated session. On success the caller
 /// destroys the source; on error the source is running again unless the
 /// error says otherwise.
@@ -116,7 +73,7 @@ pub fn migrate(
     vm: &Vm,
     stream: Channel,
     cfg: &MigrateConfig,
-    events: &dyn Fn(MigrateEvent),
+    events: &dyn Fn(SessionEvent),
 ) -> Result<MigrateStats, ReplError> {
     let t_start = Instant::now();
     let mut capture = Capture::open(vm, "dev.migrate")?;
@@ -151,9 +108,9 @@ pub fn migrate(
                 bytes += sealer.write_records(&mut w, &recs)?;
                 Ok(())
             },
-            &mut |p| events(MigrateEvent::DiskSync(p)),
+            &mut |p| events(SessionEvent::DiskSync(p)),
         )?;
-        events(MigrateEvent::DiskSynced(stats));
+        events(SessionEvent::DiskSynced(stats));
     }
 
     // Pre-copy while the guest runs. The first round reads guest RAM as
@@ -162,7 +119,7 @@ pub fn migrate(
     let mut lazy = Some(capture.all_pages()?);
     let mut runs: Vec<remus_proto::PageRun> = Vec::new();
     let initial_pages = lazy.as_ref().map_or(0, |l| l.page_count());
-    events(MigrateEvent::Start {
+    events(SessionEvent::Start {
         pages: initial_pages,
         bytes: initial_pages * remus_proto::PAGE_SIZE as u64,
     });
@@ -183,7 +140,7 @@ pub fn migrate(
             capture.pool.give(run.data);
         }
         wait_ack(&mut reader, Epoch(round))?;
-        events(MigrateEvent::Round {
+        events(SessionEvent::Round {
             round,
             pages,
             bytes,
@@ -274,7 +231,7 @@ pub fn migrate(
         rounds: round,
         final_pages,
     };
-    events(MigrateEvent::Done(stats.clone()));
+    events(SessionEvent::Done(stats.clone()));
     Ok(stats)
 }
 

@@ -47,9 +47,10 @@ use remus_vm::Vm;
 
 pub use crate::capture::PausePhases;
 use crate::capture::{Capture, Staged, resume_unless_held};
-use crate::disks::{DiskSyncProgress, DiskSyncStats, PrimaryDisks, Sealer};
+use crate::disks::{PrimaryDisks, Sealer};
 use crate::{ReplError, staging};
 pub use remus_api::CheckpointStats;
+use remus_api::SessionEvent;
 
 /// Settings of a protection session.
 #[derive(Debug, Clone)]
@@ -154,53 +155,6 @@ impl std::fmt::Display for LostBackup {
                 "the last checkpoint ({epoch}) was not acknowledged in time"
             ),
             LostBackup::SwitchOverFailed(why) => f.write_str(why),
-        }
-    }
-}
-
-/// Progress of a protection session.
-/// (Streamed to the operator as [`remus_api::SessionEvent`]s.)
-#[derive(Debug, Clone)]
-pub enum ProtectEvent {
-    /// Initial disk sync: one more batch of chunks compared.
-    DiskSync(DiskSyncProgress),
-    /// Initial disk sync finished (queued for sending).
-    DiskSynced(DiskSyncStats),
-    InitialSync {
-        pages: u64,
-        bytes: u64,
-        ms: f64,
-    },
-    Checkpoint(CheckpointStats),
-    BackupLost {
-        reason: String,
-    },
-    Stopped {
-        checkpoints: u64,
-    },
-    /// Planned switch-over: the backup resumed the VM from `epoch`; the
-    /// guest was stopped here for `downtime_ms` until it confirmed.
-    SwitchedOver {
-        epoch: u64,
-        downtime_ms: f64,
-    },
-}
-
-impl From<ProtectEvent> for remus_api::SessionEvent {
-    fn from(ev: ProtectEvent) -> Self {
-        use remus_api::SessionEvent as S;
-        match ev {
-            ProtectEvent::DiskSync(p) => S::DiskSync(p),
-            ProtectEvent::DiskSynced(s) => S::DiskSynced(s),
-            ProtectEvent::InitialSync { pages, bytes, ms } => S::InitialSync { pages, bytes, ms },
-            ProtectEvent::Checkpoint(s) => S::Checkpoint(s),
-            ProtectEvent::BackupLost { reason } => S::BackupLost { reason },
-            ProtectEvent::Stopped { checkpoints } => S::Stopped { checkpoints },
-            ProtectEvent::SwitchedOver { epoch, downtime_ms } => S::SwitchedOver {
-                epoch,
-                downtime_ms: Some(downtime_ms),
-                confirmed_by: None,
-            },
         }
     }
 }
@@ -466,7 +420,7 @@ pub fn protect(
     stream: Channel,
     cfg: &ProtectConfig,
     stop: &AtomicBool,
-    events: &(dyn Fn(ProtectEvent) + Sync),
+    events: &(dyn Fn(SessionEvent) + Sync),
 ) -> Result<ProtectEnd, ReplError> {
     let mut capture = Capture::open(vm, "dev.out")?;
     let pool = capture.pool.clone();
@@ -590,7 +544,7 @@ struct Session<'s> {
     vm: &'s Vm,
     cfg: &'s ProtectConfig,
     stop: &'s AtomicBool,
-    events: &'s (dyn Fn(ProtectEvent) + Sync),
+    events: &'s (dyn Fn(SessionEvent) + Sync),
     shared: &'s Shared,
     edges: Edges<'s>,
     disks: &'s PrimaryDisks,
@@ -659,7 +613,7 @@ impl Session<'_> {
         // The copy's time is until the backup holds it (pages are read and
         // sent as they go out).
         let copy_ms = t_copy.elapsed().as_secs_f64() * 1e3;
-        (self.events)(ProtectEvent::InitialSync {
+        (self.events)(SessionEvent::InitialSync {
             pages,
             bytes,
             ms: copy_ms,
@@ -704,10 +658,10 @@ impl Session<'_> {
                     )))
                 }
             },
-            &mut |p| (self.events)(ProtectEvent::DiskSync(p)),
+            &mut |p| (self.events)(SessionEvent::DiskSync(p)),
         )?;
         tracing::info!(vm = %self.vm.name(), mode = ?stats.mode, chunks = stats.chunks, disk_chunks = stats.disk_chunks, differing = stats.differing_chunks, sent_bytes = stats.sent_bytes, ms = stats.ms, "initial disk sync queued");
-        (self.events)(ProtectEvent::DiskSynced(stats));
+        (self.events)(SessionEvent::DiskSynced(stats));
         Ok(())
     }
 
@@ -845,10 +799,10 @@ impl Session<'_> {
             Err(e) => return Err(e),
         };
         match &end {
-            ProtectEnd::Stopped => (self.events)(ProtectEvent::Stopped {
+            ProtectEnd::Stopped => (self.events)(SessionEvent::Stopped {
                 checkpoints: committed,
             }),
-            ProtectEnd::BackupLost(why) => (self.events)(ProtectEvent::BackupLost {
+            ProtectEnd::BackupLost(why) => (self.events)(SessionEvent::BackupLost {
                 reason: why.to_string(),
             }),
             _ => {}
@@ -866,9 +820,10 @@ impl Session<'_> {
     ) -> ProtectEnd {
         if switched {
             let downtime_ms = since.elapsed().as_secs_f64() * 1e3;
-            (self.events)(ProtectEvent::SwitchedOver {
+            (self.events)(SessionEvent::SwitchedOver {
                 epoch: epoch.0,
-                downtime_ms,
+                downtime_ms: Some(downtime_ms),
+                confirmed_by: None,
             });
             return ProtectEnd::SwitchedOver {
                 epoch: epoch.0,
@@ -910,7 +865,7 @@ fn acknowledged(
     edges: Edges<'_>,
     ports: &[Arc<DiskPort>],
     on_commit: Option<&OnCommit>,
-    events: &(dyn Fn(ProtectEvent) + Sync),
+    events: &(dyn Fn(SessionEvent) + Sync),
 ) {
     // Output commit.
     edges.acked(epoch);
@@ -936,7 +891,7 @@ fn acknowledged(
     }
     if let Some((mut stats, at)) = entry {
         stats.ack_ms = at.elapsed().as_secs_f64() * 1e3;
-        events(ProtectEvent::Checkpoint(stats));
+        events(SessionEvent::Checkpoint(stats));
     }
 }
 
@@ -948,7 +903,7 @@ fn ack_loop(
     edges: Edges<'_>,
     ports: &[Arc<DiskPort>],
     on_commit: Option<&OnCommit>,
-    events: &(dyn Fn(ProtectEvent) + Sync),
+    events: &(dyn Fn(SessionEvent) + Sync),
 ) {
     let why = loop {
         match Message::read_from(&mut r) {

@@ -55,8 +55,8 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
         .name(format!("migrate-{vm_name}"))
         .spawn(move || {
             tracing::info!(vm = %vm_name, %peer, "migration started");
-            let emit = |ev: remus_replication::migrate::MigrateEvent| {
-                slot.publish(ev.into());
+            let emit = |ev: SessionEvent| {
+                slot.publish(ev);
             };
             let r = remus_replication::migrate::migrate(
                 &slot.vm,

@@ -32,9 +32,7 @@ use remus_proto::{
 };
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
-use remus_replication::primary::{
-    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, ProtectEvent,
-};
+use remus_replication::primary::{HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd};
 use remus_replication::replica::Replica;
 use remus_vm::Role;
 use serde::{Deserialize, Serialize};
@@ -180,29 +178,27 @@ fn open_session(
         },
         _ => AgentError::BadRequest(e.to_string()),
     })?;
-    if replicate_disks && session.version < remus_proto::DISK_PROTOCOL_VERSION {
-        let _ = Message::Error {
-            code: ErrorCode::VersionMismatch,
-            message: "disk replication needs protocol version 2".into(),
-        }
-        .write_to(&mut stream);
-        return Err(AgentError::BadRequest(format!(
-            "the agent at {peer} speaks replication protocol {}, which cannot replicate disks (version {} can): upgrade it, or protect with --no-disk",
+    // (Both hold for every version this build accepts today; they stay
+    // as the rule for the versions that made them features.)
+    if replicate_disks {
+        needs_version(
+            &mut stream,
+            peer,
             session.version,
-            remus_proto::DISK_PROTOCOL_VERSION
-        )));
+            remus_proto::DISK_PROTOCOL_VERSION,
+            "cannot replicate disks",
+            ": upgrade it, or protect with --no-disk",
+        )?;
     }
-    if arbiter.is_some() && session.version < remus_proto::ARBITER_PROTOCOL_VERSION {
-        let _ = Message::Error {
-            code: ErrorCode::VersionMismatch,
-            message: "an arbitrated session needs protocol version 4".into(),
-        }
-        .write_to(&mut stream);
-        return Err(AgentError::BadRequest(format!(
-            "the agent at {peer} speaks replication protocol {}, which does not honour the arbiter (version {} does): upgrade it",
+    if arbiter.is_some() {
+        needs_version(
+            &mut stream,
+            peer,
             session.version,
-            remus_proto::ARBITER_PROTOCOL_VERSION
-        )));
+            remus_proto::ARBITER_PROTOCOL_VERSION,
+            "does not honour the arbiter",
+            ": upgrade it",
+        )?;
     }
     let generations =
         generations.filter(|_| session.version >= remus_proto::RESYNC_PROTOCOL_VERSION);
@@ -308,6 +304,29 @@ fn open_session(
             session.peer
         ))),
     }
+}
+
+/// Ends the session (telling the peer why) when the peer's protocol
+/// `version` is below `need`, the first with a feature this session uses.
+fn needs_version(
+    stream: &mut Channel,
+    peer: &str,
+    version: u16,
+    need: u16,
+    lacks: &str,
+    advice: &str,
+) -> Result<(), AgentError> {
+    if version >= need {
+        return Ok(());
+    }
+    let _ = Message::Error {
+        code: ErrorCode::VersionMismatch,
+        message: format!("this session needs protocol version {need}"),
+    }
+    .write_to(stream);
+    Err(AgentError::BadRequest(format!(
+        "the agent at {peer} speaks replication protocol {version}, which {lacks} (that needs version {need}){advice}"
+    )))
 }
 
 fn connect(peer: &str) -> Result<TcpStream, AgentError> {

@@ -184,22 +184,22 @@ pub fn start_protect(
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
             tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.interval.as_millis() as u64, "protection started");
-            let emit = |ev: ProtectEvent| {
+            let emit = |ev: SessionEvent| {
                 match &ev {
-                    ProtectEvent::Checkpoint(s) => {
+                    SessionEvent::Checkpoint(s) => {
                         tracing::debug!(vm = %vm_name, epoch = s.epoch, pause_ms = s.pause_ms, dirty = s.dirty_pages, "checkpoint committed");
                     }
                     // The session's last word: whoever reads it and then
                     // asks `list` must already see the VM unprotected (and
                     // find the reason in the log).
-                    ProtectEvent::BackupLost { reason } => {
+                    SessionEvent::BackupLost { reason } => {
                         tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
                         slot2.life.session_over();
                     }
-                    ProtectEvent::Stopped { .. } => slot2.life.session_over(),
+                    SessionEvent::Stopped { .. } => slot2.life.session_over(),
                     _ => {}
                 }
-                slot2.publish(ev.into());
+                slot2.publish(ev);
             };
             let mut end = remus_replication::primary::protect(&slot2.vm, stream, &cfg, &stop, &emit);
             // An arbitrated VM whose key was handed over, and whose backup

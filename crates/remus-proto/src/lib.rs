@@ -187,6 +187,7 @@ pub mod delta;
 mod frame;
 mod handshake;
 mod message;
+pub mod setup;
 mod wire;
 
 pub use auth::{Key, KeyError};

@@ -29,7 +29,7 @@
 //! the same source resumes the same plan; another source gets a full
 //! compare.
 
-pub use remus_api::SyncMode;
+pub use remus_proto::setup::{Gen, Generations, MAX_PLAN_DISKS, MAX_RUNS, SyncMode, SyncPlan};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -37,123 +37,6 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the copy's record in its directory.
 pub const COPY_FILE: &str = "copy.json";
-/// Generations kept in `history`.
-const HISTORY: usize = 4;
-
-/// A generation identifier: random, never 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Gen(#[serde(with = "hex_u64")] pub u64);
-
-impl std::fmt::Display for Gen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-mod hex_u64 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{v:016x}"))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let s = String::deserialize(d)?;
-        u64::from_str_radix(&s, 16).map_err(serde::de::Error::custom)
-    }
-}
-
-impl Gen {
-    /// A fresh random generation.
-    pub fn new() -> Gen {
-        loop {
-            let mut b = [0u8; 8];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = std::io::Read::read_exact(&mut f, &mut b);
-            }
-            let mut v = u64::from_ne_bytes(b);
-            if v == 0 {
-                // No urandom: time and pid, which still differ per call.
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1);
-                v = t ^ (u64::from(std::process::id()) << 40);
-            }
-            if v != 0 {
-                return Gen(v);
-            }
-        }
-    }
-}
-
-impl Default for Gen {
-    fn default() -> Gen {
-        Gen::new()
-    }
-}
-
-/// A copy's generations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Generations {
-    /// The line of data this copy holds.
-    pub current: Gen,
-    /// Set while this copy has gone on alone: the generation its change
-    /// records count from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bitmap: Option<Gen>,
-    /// Earlier generations of this copy, newest first.
-    #[serde(default)]
-    pub history: Vec<Gen>,
-}
-
-impl Generations {
-    pub fn fresh() -> Generations {
-        Generations {
-            current: Gen::new(),
-            bitmap: None,
-            history: Vec::new(),
-        }
-    }
-
-    fn push_history(&mut self, g: Gen) {
-        if !self.history.contains(&g) {
-            self.history.insert(0, g);
-            self.history.truncate(HISTORY);
-        }
-    }
-
-    /// This copy goes on alone (failover, or its session ended): a new
-    /// current generation; change records count from the old one unless
-    /// they already count from an earlier one.
-    pub fn diverge(&mut self) {
-        if self.bitmap.is_none() {
-            self.bitmap = Some(self.current);
-        }
-        self.push_history(self.current);
-        self.current = Gen::new();
-    }
-
-    /// A resync from `source` committed here: this copy now holds the
-    /// source's generation and has no changes of its own.
-    pub fn adopt(&mut self, source: &Generations) {
-        if self.current != source.current {
-            self.push_history(self.current);
-        }
-        self.current = source.current;
-        self.bitmap = None;
-        for g in source.history.iter().rev() {
-            self.push_history(*g);
-        }
-    }
-
-    /// A resync from this copy committed on its peer: its change records
-    /// are spent.
-    pub fn synced(&mut self) {
-        if let Some(b) = self.bitmap.take() {
-            self.push_history(b);
-        }
-    }
-}
 
 /// The record of one copy (`copy.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,75 +104,6 @@ impl CopyState {
         })()
         .map_err(|e| format!("{}: {e}", path.display()))
     }
-}
-
-/// The backup's answer to a session setup (the SyncPlan message).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncPlan {
-    pub mode: SyncMode,
-    /// Why, in words, for the logs and the operator.
-    pub reason: String,
-    /// The generation both copies descend from (changed mode).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub common: Option<Gen>,
-    /// Changed mode: per replicated disk, the chunks the target's own
-    /// change records mark, as (first, count) runs. Bounded as it is
-    /// read (at most [`MAX_PLAN_DISKS`] lists of [`MAX_RUNS`] runs): a
-    /// peer's plan is parsed before it is checked against the VM, and an
-    /// unbounded list of empty lists would cost 8 times its size.
-    #[serde(default, deserialize_with = "bounded_runs")]
-    pub target_runs: Vec<Vec<(u64, u64)>>,
-}
-
-/// Most disk lists in a sync plan: a VM has at most 26 disks (vda..vdz).
-pub const MAX_PLAN_DISKS: usize = 26;
-
-fn bounded_runs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<(u64, u64)>>, D::Error> {
-    use serde::de::{Error, SeqAccess, Visitor};
-    struct Bounded<T>(usize, std::marker::PhantomData<T>);
-    impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for Bounded<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "a list of at most {} items", self.0)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut v = Vec::new();
-            while let Some(x) = seq.next_element()? {
-                if v.len() == self.0 {
-                    return Err(A::Error::custom(format!("more than {} items", self.0)));
-                }
-                v.push(x);
-            }
-            Ok(v)
-        }
-    }
-    struct Runs;
-    impl<'de> serde::de::DeserializeSeed<'de> for Runs {
-        type Value = Vec<(u64, u64)>;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_seq(Bounded(MAX_RUNS, std::marker::PhantomData))
-        }
-    }
-    struct Disks;
-    impl<'de> Visitor<'de> for Disks {
-        type Value = Vec<Vec<(u64, u64)>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            write!(f, "at most {MAX_PLAN_DISKS} lists of runs")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut v = Vec::new();
-            while let Some(runs) = seq.next_element_seed(Runs)? {
-                if v.len() == MAX_PLAN_DISKS {
-                    return Err(A::Error::custom(format!(
-                        "runs for more than {MAX_PLAN_DISKS} disks"
-                    )));
-                }
-                v.push(runs);
-            }
-            Ok(v)
-        }
-    }
-    d.deserialize_seq(Disks)
 }
 
 /// Decides how a target (`target`: its record, if any) is synchronised
@@ -394,9 +208,6 @@ pub fn to_runs(chunks: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
     }
     out
 }
-
-/// Most runs sent for one disk (16 MiB of DiskSyncRuns).
-pub const MAX_RUNS: usize = 1 << 20;
 
 /// `runs` with at most `max` entries: the smallest gaps are filled first
 /// (comparing a few more chunks, never fewer).

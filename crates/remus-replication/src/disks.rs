@@ -128,7 +128,7 @@ pub fn changed_runs(disks: &PrimaryDisks, extra: &[Vec<(u64, u64)>]) -> Vec<Vec<
 /// `emit` (epoch 0: applied by the backup on arrival).
 pub fn initial_sync(
     disks: &PrimaryDisks,
-    mode: crate::copy::SyncMode,
+    mode: remus_api::SyncMode,
     runs: &[Vec<(u64, u64)>],
     next: &mut dyn FnMut() -> Result<DiskDigests, ReplError>,
     emit: &mut dyn FnMut(DiskRecord) -> Result<(), ReplError>,

@@ -97,7 +97,7 @@ pub fn migrate(
         let runs = crate::disks::sync_runs(&disks, None);
         let stats = crate::disks::initial_sync(
             &disks,
-            crate::copy::SyncMode::Full,
+            remus_api::SyncMode::Full,
             &runs,
             &mut || next_digests(&mut reader),
             &mut |rec| {

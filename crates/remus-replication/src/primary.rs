@@ -628,9 +628,9 @@ impl Session<'_> {
         let stats = crate::disks::initial_sync(
             self.disks,
             if self.cfg.changed_sync.is_some() {
-                crate::copy::SyncMode::Changed
+                remus_api::SyncMode::Changed
             } else {
-                crate::copy::SyncMode::Full
+                remus_api::SyncMode::Full
             },
             sync_runs,
             &mut || {

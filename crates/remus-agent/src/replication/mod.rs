@@ -35,7 +35,6 @@ use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
 use remus_replication::primary::{HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd};
 use remus_replication::replica::Replica;
 use remus_vm::Role;
-use serde::{Deserialize, Serialize};
 
 use crate::admission::Admitted;
 use crate::agent::{Agent, AgentError, VmSlot};
@@ -52,55 +51,7 @@ pub use protect::{start_failback, start_protect};
 pub use standby::serve;
 
 pub use remus_api::ProtectRequest;
-
-/// What the primary sends after the handshake (the `VmConfig` message's
-/// JSON): the VM's config and the session's parameters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionSetup {
-    pub config: VmConfig,
-    /// No checkpoint or heartbeat for this long: the primary is lost.
-    pub timeout_ms: u64,
-    /// The VM's replicated disks are replicated in this session (protocol
-    /// D): the backup syncs and buffers them. False for `--no-disk`, for
-    /// VMs without replicated disks, and from agents that predate it.
-    #[serde(default)]
-    pub replicate_disks: bool,
-    /// The primary holds the VM's arbiter key: the backup may resume only
-    /// after taking it (protocol version 4 on).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub arbiter: Option<ArbiterSetup>,
-    /// The primary's generations (protocol version 5 on, with replicated
-    /// disks): the backup plans the disk sync from them and answers with
-    /// a SyncPlan before Ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generations: Option<Generations>,
-    /// Where the primary's agent takes replication sessions, and the
-    /// session's settings: after a planned switch-over (`remus failback`)
-    /// the backup protects the VM back to it with them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub return_to: Option<ReturnTo>,
-}
-
-/// How the new primary protects back after a planned switch-over.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReturnTo {
-    pub address: String,
-    pub interval_ms: u64,
-    pub no_net: bool,
-    pub no_compress: bool,
-}
-
-/// The arbiter a protection session is decided by.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ArbiterSetup {
-    /// etcd's cluster ID as the primary sees it: the backup must talk to
-    /// the same cluster.
-    pub cluster_id: u64,
-    pub prefix: String,
-    /// The primary's lease (hex) and the revision it was taken at.
-    pub lease: String,
-    pub revision: i64,
-}
+pub use remus_proto::setup::{ArbiterSetup, ReturnTo, SessionSetup};
 
 /// Backup memory for buffered disk writes of uncommitted epochs before
 /// they spill to a file in the VM's state directory.

@@ -128,7 +128,11 @@ pub fn start_protect(
     if let Some(p) = &plan {
         tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
         slot.publish(SessionEvent::SyncPlan {
-            mode: p.mode,
+            // The wire's plan, as the API shows it.
+            mode: match p.mode {
+                SyncMode::Full => remus_api::SyncMode::Full,
+                SyncMode::Changed => remus_api::SyncMode::Changed,
+            },
             reason: p.reason.clone(),
         });
     }

@@ -1591,9 +1591,14 @@ fn disk_main(
     date: &str,
 ) -> Result<()> {
     let run = run_disk(bins, img, o)?;
-    let md = render_disk_md(date, m, profile, o, &run);
-    print!("{md}");
-    let target = disk_ratios(&run)
+    let (md, json_run) = disk_report(date, m, profile, o, &run);
+    emit(o, &md, json_run)
+}
+
+/// The disk run's report: markdown and JSON run.
+fn disk_report(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRun) -> (String, Value) {
+    let md = render_disk_md(date, m, profile, o, run);
+    let target = disk_ratios(run)
         .into_iter()
         .find(|x| x.0 == DISK_TARGET_INTERVAL_MS)
         .map(|(_, r)| json!({"interval_ms": DISK_TARGET_INTERVAL_MS, "ratio": DISK_TARGET_RATIO, "measured": r3(r), "met": r >= DISK_TARGET_RATIO}));
@@ -1608,12 +1613,9 @@ fn disk_main(
             "block_kb": DISKBENCH_BLOCK_KB, "fsync_every": DISKBENCH_FSYNC_EVERY, "region_mb": DISKBENCH_REGION_MB,
         },
         "target": target,
-        "cases": run.cases.iter().map(|c| disk_case_json(&run, c)).collect::<Vec<_>>(),
+        "cases": run.cases.iter().map(|c| disk_case_json(run, c)).collect::<Vec<_>>(),
     });
-    if o.write {
-        write_results(&o.out, &md, json_run)?;
-    }
-    Ok(())
+    (md, json_run)
 }
 
 // ---------------------------------------------------------------------------
@@ -2290,8 +2292,13 @@ fn net_main(
     date: &str,
 ) -> Result<()> {
     let run = run_net(bins, img, o)?;
-    let md = render_net_md(date, m, profile, o, &run);
-    print!("{md}");
+    let (md, json_run) = net_report(date, m, profile, o, &run);
+    emit(o, &md, json_run)
+}
+
+/// The net run's report: markdown and JSON run.
+fn net_report(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun) -> (String, Value) {
+    let md = render_net_md(date, m, profile, o, run);
     let target: Vec<Value> = run
         .cases
         .iter()
@@ -2317,12 +2324,9 @@ fn net_main(
             "intervals_ms": o.intervals, "no_net_interval_ms": o.intervals.first(),
         },
         "target": target,
-        "cases": run.cases.iter().map(|c| net_case_json(&run, c)).collect::<Vec<_>>(),
+        "cases": run.cases.iter().map(|c| net_case_json(run, c)).collect::<Vec<_>>(),
     });
-    if o.write {
-        write_results(&o.out, &md, json_run)?;
-    }
-    Ok(())
+    (md, json_run)
 }
 
 fn real_main() -> Result<()> {
@@ -2362,17 +2366,35 @@ fn real_main() -> Result<()> {
         );
         all.push(c);
     }
-    let md = render_md(&date, &m, &profile, &o, &all);
-    print!("{md}");
+    let (md, run) = pause_report(&date, &m, &profile, &o, &all);
+    emit(&o, &md, run)
+}
+
+/// The default run's report: markdown and JSON run.
+fn pause_report(
+    date: &str,
+    m: &Machine,
+    profile: &str,
+    o: &Opts,
+    all: &[CaseResult],
+) -> (String, Value) {
+    let md = render_md(date, m, profile, o, all);
     let run = json!({
         "date": date,
         "machine": {"kernel": m.kernel, "nproc": m.nproc, "cpu": m.cpu, "qemu": m.qemu, "loadavg": m.loadavg},
         "profile": profile,
         "settings": {"seconds": o.seconds, "warmup": o.warmup, "timeout_ms": o.timeout_ms, "memory_mib": 256, "working_set_mb": 64},
-        "cases": all.iter().map(|c| case_json(&all, c)).collect::<Vec<_>>(),
+        "cases": all.iter().map(|c| case_json(all, c)).collect::<Vec<_>>(),
     });
+    (md, run)
+}
+
+/// Prints a run's report and, unless `--no-write`, appends it to the
+/// results files.
+fn emit(o: &Opts, md: &str, run: Value) -> Result<()> {
+    print!("{md}");
     if o.write {
-        write_results(&o.out, &md, run)?;
+        write_results(&o.out, md, run)?;
     }
     Ok(())
 }

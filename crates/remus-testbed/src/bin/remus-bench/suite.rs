@@ -505,6 +505,34 @@ pub(crate) fn suite_main(
         other_accel.extend(run.ok().map(|(_, c)| c.accel.clone()));
     }
 
+    let (md, run) = suite_report(
+        date,
+        m,
+        profile,
+        o,
+        &cases,
+        other_accel,
+        &targets,
+        &sections,
+        runs,
+    );
+    emit(o, &md, run)
+}
+
+/// The suite's report, markdown and JSON run: a header, the table of the
+/// targets, then the sections in the order they ran.
+#[allow(clippy::too_many_arguments)]
+fn suite_report(
+    date: &str,
+    m: &Machine,
+    profile: &str,
+    o: &Opts,
+    cases: &[CaseResult],
+    other_accel: Vec<String>,
+    targets: &[Target],
+    sections: &[String],
+    runs: serde_json::Map<String, Value>,
+) -> (String, Value) {
     let accel: Vec<String> = {
         let mut v: Vec<String> = cases.iter().map(|c| c.accel.clone()).collect();
         v.extend(other_accel);
@@ -538,7 +566,7 @@ pub(crate) fn suite_main(
         o.seconds,
         o.warmup,
     );
-    for t in &targets {
+    for t in targets {
         let v = if t.met {
             "met".to_string()
         } else {
@@ -547,13 +575,12 @@ pub(crate) fn suite_main(
         md.push_str(&format!("| {} | {} | {} |\n", t.what, t.measured, v));
     }
     md.push('\n');
-    for s in &sections {
+    for s in sections {
         md.push_str(s);
         if !md.ends_with("\n\n") {
             md.push('\n');
         }
     }
-    print!("{md}");
     let run = json!({
         "date": date,
         "kind": "suite",
@@ -565,10 +592,7 @@ pub(crate) fn suite_main(
         "targets": targets.iter().map(Target::json).collect::<Vec<_>>(),
         "sections": Value::Object(runs),
     });
-    if o.write {
-        write_results(&o.out, &md, run)?;
-    }
-    Ok(())
+    (md, run)
 }
 
 fn is_reference(c: &CaseResult) -> bool {

@@ -30,7 +30,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use remus_testbed::{Binaries, GuestImage};
 
-use crate::opts::parse_opts;
+use crate::opts::Opts;
 use crate::report::{machine, utc_now};
 
 /// `remus` and `remusd` next to this executable, or a clear error.
@@ -54,8 +54,7 @@ fn find_bins() -> Result<(Binaries, String)> {
 }
 
 fn real_main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let o = parse_opts(&args)?;
+    let o = Opts::parse();
     let (bins, profile) = find_bins()?;
     let img = GuestImage::find()?;
     let m = machine(qemu_version().unwrap_or_else(|| "?".into()));

@@ -645,7 +645,7 @@ mod tests {
         assert_eq!(run.cases[2].replicated_mb_s(), 40.0);
         assert_eq!(run.cases[2].achieved_interval_ms(), 200.0);
         let m = test_machine();
-        let o = crate::opts::parse_opts(&["--disk".to_string()]).unwrap();
+        let o = Opts::try_parse_from(["remus-bench", "--disk"]).unwrap();
         assert!(o.disk);
         let md = render_disk_md("2026-01-01 00:00 UTC", &m, "release", &o, &run);
         assert!(

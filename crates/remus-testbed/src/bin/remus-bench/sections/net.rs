@@ -797,9 +797,9 @@ mod tests {
         );
         assert_eq!(NetMode::Buffered(100).target_ms(), Some(52.0));
         assert_eq!(NetMode::NoNet(100).target_ms(), None);
-        let o = crate::opts::parse_opts(&["--net".to_string()]).unwrap();
+        let o = Opts::try_parse_from(["remus-bench", "--net"]).unwrap();
         assert!(o.net && !o.disk);
-        assert!(crate::opts::parse_opts(&["--net".to_string(), "--disk".to_string()]).is_err());
+        assert!(Opts::try_parse_from(["remus-bench", "--net", "--disk"]).is_err());
         let cp = |t: u64| {
             json!({"event": "checkpoint", "taken_at_ms": t, "pause_ms": 3.0, "dirty_pages": 100,
                    "bytes": 500000, "ack_ms": 1.5})

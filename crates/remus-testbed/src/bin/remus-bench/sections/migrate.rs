@@ -1,0 +1,258 @@
+//! `migrate`: `remus migrate` against QEMU's own live migration of the
+//! same guest over the same loopback link: total time, downtime, bytes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, write_key};
+use serde_json::{Value, json};
+
+use crate::harness::own_qemu;
+use crate::pause::{Workload, dirty_rates};
+use crate::report::{Target, r3};
+use crate::suite::{Ctx, Report, reference};
+
+/// The `migrate` section of the suite.
+pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
+    let Ctx { bins, img, .. } = *cx;
+    let Report {
+        sections,
+        runs,
+        targets,
+        ..
+    } = r;
+    eprintln!("remus-bench: remus migrate against QEMU's live migration ...");
+    let mg = run_migrate(bins, img)?;
+    sections.push(render_migrate(&mg));
+    runs.insert(
+        "migrate".into(),
+        json!(mg.iter().map(MigrateCase::json).collect::<Vec<_>>()),
+    );
+    for c in &mg {
+        targets.push(Target::at_most(
+            format!(
+                "`remus migrate` downtime no worse than QEMU's own ({})",
+                c.workload.label()
+            ),
+            format!(
+                "{:.0} ms against {:.0} ms",
+                c.remus.downtime_ms, c.qemu.downtime_ms
+            ),
+            c.remus.downtime_ms,
+            c.qemu.downtime_ms,
+            " ms",
+            1,
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MigrationResult {
+    total_ms: f64,
+    /// Guest paused at the source → running at the destination.
+    downtime_ms: f64,
+    bytes: u64,
+    /// QEMU only: `query-migrate`'s own downtime (source stop → end of
+    /// the transfer, without the destination's start).
+    reported_downtime_ms: Option<f64>,
+}
+
+/// The run with the median downtime.
+fn median_run(mut v: Vec<MigrationResult>) -> MigrationResult {
+    v.sort_by(|a, b| a.downtime_ms.total_cmp(&b.downtime_ms));
+    v[v.len() / 2]
+}
+
+struct MigrateCase {
+    workload: Workload,
+    remus: MigrationResult,
+    qemu: MigrationResult,
+}
+
+impl MigrateCase {
+    fn json(&self) -> Value {
+        let j = |r: &MigrationResult| {
+            json!({"total_ms": r3(r.total_ms), "downtime_ms": r3(r.downtime_ms), "bytes": r.bytes,
+            "reported_downtime_ms": r.reported_downtime_ms})
+        };
+        json!({"workload": self.workload.label(), "remus": j(&self.remus), "qemu": j(&self.qemu)})
+    }
+}
+
+fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
+    let mut out = Vec::new();
+    for w in [Workload::Idle, reference()] {
+        let mut rs = Vec::new();
+        let mut qs = Vec::new();
+        for _ in 0..MIGRATE_RUNS {
+            rs.push(remus_migration(bins, img, w)?);
+            qs.push(qemu_migration(img, w)?);
+        }
+        let (remus, qemu) = (median_run(rs), median_run(qs));
+        eprintln!(
+            "remus-bench:   {}: remus {:.0} ms total, {:.0} ms down; QEMU {:.0} ms total, {:.0} ms down",
+            w.label(),
+            remus.total_ms,
+            remus.downtime_ms,
+            qemu.total_ms,
+            qemu.downtime_ms
+        );
+        out.push(MigrateCase {
+            workload: w,
+            remus,
+            qemu,
+        });
+    }
+    Ok(out)
+}
+
+/// Migrations per workload and kind; the one with the median downtime is
+/// reported.
+const MIGRATE_RUNS: usize = 3;
+
+/// Whether a console shows `w` under way.
+fn workload_ready(w: Workload, console: &str) -> bool {
+    match w {
+        Workload::Idle => last_tick(console) >= Some(3),
+        Workload::Dirty(..) => dirty_rates(console).len() >= 2,
+        Workload::Fill(_) => console.contains("cpumem:"),
+    }
+}
+
+fn wait_workload(agent: &Agent, vm: &str, w: Workload) -> Result<String> {
+    agent.wait_console(vm, Duration::from_secs(180), "the workload", |c| {
+        workload_ready(w, c)
+    })
+}
+
+fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<MigrationResult> {
+    let keydir = tempfile::tempdir()?;
+    let key = write_key(keydir.path());
+    let key_s = key.to_str().context("key path")?;
+    let peer = format!("127.0.0.1:{}", free_port());
+    let dest = Agent::start(bins, None, &["--listen", &peer, "--key", key_s])?;
+    let src = Agent::start(bins, None, &["--key", key_s])?;
+    let vm = "bench-migrate";
+    let cfg = src.write_file("vm.toml", &img.config(vm, &w.cmdline(), ""));
+    let o = src.cli(&["create", cfg.to_str().context("config path")?]);
+    if !o.ok {
+        bail!("create: {}", o.stderr.trim());
+    }
+    wait_workload(&src, vm, w)?;
+    let o = src.cli(&["migrate", "--json", vm, &peer]);
+    if !o.ok {
+        bail!("remus migrate: {}", o.stderr.trim());
+    }
+    let done = o
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "done")
+        .context("remus migrate printed no done event")?;
+    wait_workload(&dest, vm, w)?;
+    let _ = dest.cli(&["destroy", vm]);
+    Ok(MigrationResult {
+        total_ms: done["total_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        bytes: done["bytes"].as_u64().unwrap_or(0),
+        reported_downtime_ms: None,
+    })
+}
+
+fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let dst = own_qemu(dir.path(), "dst", img, &w.cmdline(), Some(&uri))?;
+    let src = own_qemu(dir.path(), "src", img, &w.cmdline(), None)?;
+    let wait = Duration::from_secs(30);
+    let sq = remus_qmp::Qmp::connect(&src.qmp, wait).context("QMP of the source QEMU")?;
+    let dq = remus_qmp::Qmp::connect(&dst.qmp, wait).context("QMP of the destination QEMU")?;
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&src.serial).unwrap_or_default();
+        if workload_ready(w, &text) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(180) {
+            bail!("the source guest did not start its workload");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No bandwidth cap (QEMU's default is 128 MiB/s; remus has none);
+    // QEMU's default downtime limit (300 ms) stays.
+    sq.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 100u64 << 30})),
+    )
+    .context("migrate-set-parameters")?;
+    // Downtime as remus measures its own: the source's STOP event to the
+    // destination's RESUME, by QEMU's event timestamps (one host clock).
+    let src_events = sq.subscribe();
+    let dst_events = dq.subscribe();
+    sq.execute("migrate", Some(json!({"uri": uri})))
+        .context("migrate")?;
+    let t = Instant::now();
+    let info = loop {
+        let info = sq.execute("query-migrate", None).context("query-migrate")?;
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {info}"),
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("QEMU migration did not complete in 300 s: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let event_at = |rx: &std::sync::mpsc::Receiver<remus_qmp::Event>, name: &str| {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(ev) if ev.name == name => return ev.timestamp_us,
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    };
+    let stop = event_at(&src_events, "STOP").context("no STOP event from the source")?;
+    let resume = event_at(&dst_events, "RESUME").context("no RESUME event from the destination")?;
+    Ok(MigrationResult {
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: resume.saturating_sub(stop) as f64 / 1e3,
+        bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        reported_downtime_ms: info["downtime"].as_f64(),
+    })
+}
+
+fn render_migrate(cases: &[MigrateCase]) -> String {
+    let mut md = String::from(
+        "### `remus migrate` against QEMU's live migration\n\n\
+         The same 256 MiB guest (q35, TCG, RAM in a shared file) over 127.0.0.1. QEMU: `migrate` with `max-bandwidth` \
+         raised to 100 GiB/s (its default caps at 128 MiB/s; remus has no cap) and its default 300 ms downtime limit; \
+         its total time and bytes are `query-migrate`'s total-time and ram.transferred; its downtime is the source's STOP event \
+         to the destination's RESUME event (QEMU's timestamps), as remus counts its own, with `query-migrate`'s downtime \
+         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime is source \
+         paused → destination running; bytes include device state (compressed). Each figure is the run with the median \
+         downtime of three.\n\n\
+         | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | remus MiB | QEMU MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for c in cases {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.1} | {:.1} |\n",
+            c.workload.label(),
+            c.remus.total_ms,
+            c.qemu.total_ms,
+            c.remus.downtime_ms,
+            c.qemu.downtime_ms,
+            c.qemu.reported_downtime_ms.unwrap_or(f64::NAN),
+            c.remus.bytes as f64 / 1048576.0,
+            c.qemu.bytes as f64 / 1048576.0
+        ));
+    }
+    md.push('\n');
+    md
+}

@@ -1,0 +1,870 @@
+//! The network cases, the `net` section of the suite and the `--net` run
+//! (only them): ping round-trip time and TCP throughput between a client
+//! and the guest, unprotected, protected with `--no-net` and protected with
+//! output buffering (output commit), in one run on one VM. Three network
+//! namespaces on one bridged LAN ([`Lan::standard`]): the primary agent in
+//! host a, the backup in b (listening on 198.18.0.2), the client in c. The
+//! guest (256 MiB) has a NIC on a's br0 and 198.18.0.10, and runs
+//! `tick,seqserver`. Cases, in order: unprotected; `remus protect -i I
+//! --no-net` at the first `--intervals` value; `remus protect -i I`
+//! (buffered) at each value; protection is stopped in between and the
+//! backup's standby awaited. Each protected case first lets `--warmup`
+//! checkpoints pass. Per case, from c, one after the other: `ping -c N -i
+//! 0.02` (N = `--seconds` × 50; RTT p50/p90/max over the replies, loss),
+//! then TCP guest→client (`send S` on the guest's bulk port 7001, read to
+//! EOF: bytes over request-to-EOF time), then TCP client→guest (`recv`, S
+//! seconds of writes, the guest's byte count over request-to-answer time),
+//! S = `--seconds`; and the pause and ack of the checkpoints taken
+//! meanwhile. Reported: RTT increase over unprotected against the issue's
+//! target (buffered: p50 increase at most interval/2 + 2 ms), throughput
+//! and its ratio to unprotected. Needs root (namespaces, bridges, taps).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use remus_testbed::{Agent, Binaries, GuestImage, Lan, Netns, now_ms, write_key};
+use serde_json::{Value, json};
+
+use crate::harness::{
+    Protecting, accel_of, achieved_interval_ms, create_vm, destroy_or_warn, event_col, logs_of,
+    tail, wait_standby_gone,
+};
+use crate::opts::Opts;
+use crate::report::{Machine, Target, emit, merge_json, percentile, r3, ratio, stats};
+use crate::suite::{Ctx, Report};
+
+/// Net cases: the guest's address and MAC (hosts a, b, c are those of
+/// [`Lan::standard`]), seqserver's bulk port, the backup's replication port
+/// in host b.
+pub(crate) const NET_VM_IP: &str = "198.18.0.10";
+const NET_VM_MAC: &str = "52:54:00:c6:12:0a";
+const NET_BULK_PORT: u16 = 7001;
+pub(crate) const NET_REPL_PORT: u16 = 7100;
+/// `ping -i 0.02`: 50 pings a second.
+const PING_INTERVAL: &str = "0.02";
+const PINGS_PER_S: u64 = 50;
+/// The issue's target: with buffering, the median RTT at most
+/// interval/2 + this over unprotected.
+const NET_TARGET_SLACK_MS: f64 = 2.0;
+
+/// The `net` section of the suite.
+pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
+    let Ctx {
+        o,
+        bins,
+        profile,
+        img,
+        m,
+        date,
+    } = *cx;
+    let Report {
+        sections,
+        runs,
+        targets,
+        ..
+    } = r;
+    eprintln!("remus-bench: network cases ...");
+    let run = run_net(bins, img, o)?;
+    sections.push(render_net_md(date, m, profile, o, &run).replacen("## ", "### Network: ", 1));
+    runs.insert(
+        "net".into(),
+        json!(
+            run.cases
+                .iter()
+                .map(|c| net_case_json(&run, c))
+                .collect::<Vec<_>>()
+        ),
+    );
+    for c in &run.cases {
+        if let Some(t) = c.mode.target_ms() {
+            let (p50, _) = run.rtt_increase(c);
+            targets.push(Target::at_most(
+                format!("ping RTT p50 increase ≤ {t:.0} ms ({})", c.mode.name()),
+                format!("+{p50:.1} ms"),
+                p50,
+                t,
+                " ms",
+                1,
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn net_main(
+    o: &Opts,
+    bins: &Binaries,
+    profile: &str,
+    img: &GuestImage,
+    m: &Machine,
+    date: &str,
+) -> Result<()> {
+    let run = run_net(bins, img, o)?;
+    let (md, json_run) = net_report(date, m, profile, o, &run);
+    emit(o, &md, json_run)
+}
+
+/// The net run's report: markdown and JSON run.
+fn net_report(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun) -> (String, Value) {
+    let md = render_net_md(date, m, profile, o, run);
+    let target: Vec<Value> = run
+        .cases
+        .iter()
+        .filter_map(|c| {
+            let t = c.mode.target_ms()?;
+            Some(json!({
+                "interval_ms": c.mode.interval_ms(),
+                "rtt_p50_increase_max_ms": t,
+                "measured_ms": r3(run.rtt_increase(c).0),
+                "met": run.target_met(c),
+            }))
+        })
+        .collect();
+    let json_run = json!({
+        "date": date,
+        "kind": "net",
+        "machine": m.json(),
+        "profile": profile,
+        "settings": {
+            "seconds": o.seconds, "warmup_checkpoints": o.warmup, "timeout_ms": o.timeout_ms,
+            "memory_mib": 256, "workload": net_workload(), "vm_ip": NET_VM_IP,
+            "pings": o.seconds * PINGS_PER_S, "ping_interval_ms": 1000 / PINGS_PER_S,
+            "intervals_ms": o.intervals, "no_net_interval_ms": o.intervals.first(),
+        },
+        "target": target,
+        "cases": run.cases.iter().map(|c| net_case_json(run, c)).collect::<Vec<_>>(),
+    });
+    (md, json_run)
+}
+
+fn net_workload() -> String {
+    format!("remus.workload=tick,seqserver remus.ip={NET_VM_IP}/24")
+}
+
+/// The net cases' VM: seqserver, an address on the LAN, a NIC on the
+/// host's br0 with a fixed MAC (it keeps MAC and IP across hosts).
+pub(crate) fn net_vm_config(img: &GuestImage, vm: &str) -> String {
+    let vif = format!("[[vif]]\nbridge = \"br0\"\nmac = \"{NET_VM_MAC}\"\n");
+    img.config(vm, &net_workload(), &vif)
+}
+
+/// How a net case runs the VM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NetMode {
+    Unprotected,
+    /// `remus protect -i I --no-net`: checkpoints, output not held.
+    NoNet(u64),
+    /// `remus protect -i I`: output held until the backup acks the
+    /// checkpoint holding the state that sent it.
+    Buffered(u64),
+}
+
+impl NetMode {
+    fn name(&self) -> String {
+        match self {
+            NetMode::Unprotected => "unprotected".into(),
+            NetMode::NoNet(i) => format!("protected -i {i} --no-net"),
+            NetMode::Buffered(i) => format!("protected -i {i}, buffered"),
+        }
+    }
+    fn key(&self) -> &'static str {
+        match self {
+            NetMode::Unprotected => "unprotected",
+            NetMode::NoNet(_) => "no_net",
+            NetMode::Buffered(_) => "buffered",
+        }
+    }
+    fn interval_ms(&self) -> Option<u64> {
+        match *self {
+            NetMode::Unprotected => None,
+            NetMode::NoNet(i) | NetMode::Buffered(i) => Some(i),
+        }
+    }
+    /// The most the RTT p50 may rise over unprotected (buffered only).
+    fn target_ms(&self) -> Option<f64> {
+        match *self {
+            NetMode::Buffered(i) => Some(i as f64 / 2.0 + NET_TARGET_SLACK_MS),
+            _ => None,
+        }
+    }
+}
+
+/// The cases of a run, in order: unprotected, `--no-net` at the first
+/// interval, buffered at each.
+fn net_modes(intervals: &[u64]) -> Vec<NetMode> {
+    let mut v = vec![NetMode::Unprotected];
+    v.extend(intervals.first().map(|&i| NetMode::NoNet(i)));
+    v.extend(intervals.iter().map(|&i| NetMode::Buffered(i)));
+    v
+}
+
+/// What `ping` printed: each reply's RTT in ms (duplicates left out) and
+/// the summary's counts (0 when it has none).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Ping {
+    rtts: Vec<f64>,
+    transmitted: u64,
+    received: u64,
+    duplicates: u64,
+}
+
+impl Ping {
+    /// Unanswered pings, % of those sent (from the summary).
+    fn loss_pct(&self) -> f64 {
+        if self.transmitted > 0 {
+            100.0 * self.transmitted.saturating_sub(self.received) as f64 / self.transmitted as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// iputils ping's output: `64 bytes from A: icmp_seq=1 ttl=64 time=0.345 ms`
+/// per reply (`(DUP!)` appended to duplicates) and the summary
+/// `N packets transmitted, M received, [+D duplicates, ]X% packet loss, ...`.
+fn parse_ping(out: &str) -> Ping {
+    let mut p = Ping::default();
+    for line in out.lines() {
+        if let Some(at) = line.find(" time=") {
+            if line.contains("DUP!") {
+                continue;
+            }
+            let v = line[at + 6..].split_whitespace().next().unwrap_or("");
+            if let Ok(ms) = v.trim_end_matches("ms").parse::<f64>() {
+                p.rtts.push(ms);
+            }
+        } else if line.contains("packets transmitted") {
+            for part in line.split(',') {
+                let w: Vec<&str> = part.split_whitespace().collect();
+                let n = |s: &str| s.trim_start_matches('+').parse::<u64>().ok();
+                match w.as_slice() {
+                    [n_, "packets", "transmitted"] => p.transmitted = n(n_).unwrap_or(0),
+                    [n_, "received"] => p.received = n(n_).unwrap_or(0),
+                    [n_, "duplicates"] => p.duplicates = n(n_).unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    p
+}
+
+/// RTT percentiles (nearest-rank), ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rtt {
+    p50: f64,
+    p90: f64,
+    max: f64,
+    mean: f64,
+}
+
+fn rtt_stats(rtts: &[f64]) -> Rtt {
+    let mut s = rtts.to_vec();
+    s.sort_by(f64::total_cmp);
+    let st = stats(&s);
+    Rtt {
+        p50: st.p50,
+        p90: percentile(&s, 90.0),
+        max: st.max,
+        mean: st.mean,
+    }
+}
+
+impl Rtt {
+    fn json(&self) -> Value {
+        json!({"p50": r3(self.p50), "p90": r3(self.p90), "max": r3(self.max), "mean": r3(self.mean)})
+    }
+}
+
+/// One TCP bulk transfer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Transfer {
+    bytes: u64,
+    secs: f64,
+}
+
+impl Transfer {
+    /// MiB per second.
+    fn mb_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.bytes as f64 / 1048576.0 / self.secs
+        } else {
+            f64::NAN
+        }
+    }
+    fn json(&self, base: Option<&Transfer>) -> Value {
+        json!({
+            "bytes": self.bytes,
+            "secs": r3(self.secs),
+            "mb_s": r3(self.mb_s()),
+            "vs_unprotected": base.map(|b| r3(ratio(self.mb_s(), b.mb_s()))),
+        })
+    }
+}
+
+/// `ping -n -c COUNT -i 0.02 -W 2 VM` in `ns`.
+fn ping_from(ns: &Netns, count: u64) -> Result<Ping> {
+    let n = count.to_string();
+    let out = ns.exec(
+        "ping",
+        &["-n", "-c", &n, "-i", PING_INTERVAL, "-W", "2", NET_VM_IP],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p = parse_ping(&text);
+    if p.rtts.is_empty() {
+        bail!(
+            "no reply to {count} pings of {NET_VM_IP} ({}): {}{}",
+            out.status,
+            tail(&text, 3),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(p)
+}
+
+fn connect_vm(port: u16) -> Result<TcpStream> {
+    let ip: Ipv4Addr = NET_VM_IP.parse().context("VM address")?;
+    TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(10))
+        .with_context(|| format!("connect to {NET_VM_IP}:{port}"))
+}
+
+/// Guest → client: `send SECONDS`, read to EOF; the bytes over the time
+/// from the request to EOF.
+fn tcp_from_guest(ns: &Netns, seconds: u64) -> Result<Transfer> {
+    ns.run_in(|| -> Result<Transfer> {
+        let mut s = connect_vm(NET_BULK_PORT)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let t = Instant::now();
+        s.write_all(format!("send {seconds}\n").as_bytes())
+            .context("send request")?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut bytes = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => bytes += n as u64,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).with_context(|| format!("read after {bytes} bytes")),
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if bytes == 0 {
+            bail!("the guest sent nothing");
+        }
+        Ok(Transfer { bytes, secs })
+    })?
+}
+
+/// Client → guest: `recv`, SECONDS of writes, half-close; the guest's
+/// count of bytes over the time from the request to its answer.
+fn tcp_to_guest(ns: &Netns, seconds: u64) -> Result<Transfer> {
+    ns.run_in(|| -> Result<Transfer> {
+        let mut s = connect_vm(NET_BULK_PORT)?;
+        let t = Instant::now();
+        s.write_all(b"recv\n").context("recv request")?;
+        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+        let buf = vec![0x5au8; 256 << 10];
+        let d = Duration::from_secs(seconds);
+        while t.elapsed() < d {
+            match s.write(&buf) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e).context("write"),
+            }
+        }
+        s.shutdown(Shutdown::Write).context("half-close")?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)
+            .context("read the guest's answer")?;
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = reply
+            .trim()
+            .strip_prefix("received ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("the guest answered {reply:?}"))?;
+        Ok(Transfer { bytes, secs })
+    })?
+}
+
+/// One net case.
+#[derive(Debug, Clone)]
+struct NetCase {
+    mode: NetMode,
+    ping: Ping,
+    /// Guest → client and client → guest.
+    down: Transfer,
+    up: Transfer,
+    /// Host wall time of the measurements, ms.
+    window_ms: f64,
+    /// Checkpoint events taken during the measurements.
+    cps: Vec<Value>,
+    initial_sync: Value,
+}
+
+impl NetCase {
+    fn col(&self, k: &str) -> Vec<f64> {
+        event_col(&self.cps, k)
+    }
+    fn rtt(&self) -> Rtt {
+        rtt_stats(&self.ping.rtts)
+    }
+    fn achieved_interval_ms(&self) -> f64 {
+        achieved_interval_ms(&self.cps)
+    }
+}
+
+struct NetRun {
+    accel: String,
+    cases: Vec<NetCase>,
+}
+
+impl NetRun {
+    fn base(&self) -> Option<&NetCase> {
+        self.cases.iter().find(|c| c.mode == NetMode::Unprotected)
+    }
+    /// RTT p50 and p90 over the unprotected case's, ms.
+    fn rtt_increase(&self, c: &NetCase) -> (f64, f64) {
+        match self.base() {
+            Some(b) => {
+                let (r, br) = (c.rtt(), b.rtt());
+                (r.p50 - br.p50, r.p90 - br.p90)
+            }
+            None => (f64::NAN, f64::NAN),
+        }
+    }
+    /// Whether a buffered case met the target (None: no target).
+    fn target_met(&self, c: &NetCase) -> Option<bool> {
+        c.mode.target_ms().map(|t| self.rtt_increase(c).0 <= t)
+    }
+}
+
+/// Pings, then TCP each way, calling `poll` between them: the results and
+/// the host's window (Unix ms).
+fn measure_net(
+    client: &Netns,
+    seconds: u64,
+    poll: &mut dyn FnMut() -> Result<()>,
+) -> Result<(Ping, Transfer, Transfer, u64, u64)> {
+    let t0 = now_ms();
+    let ping = ping_from(client, seconds * PINGS_PER_S).context("ping")?;
+    poll()?;
+    let down = tcp_from_guest(client, seconds).context("TCP guest → client")?;
+    poll()?;
+    let up = tcp_to_guest(client, seconds).context("TCP client → guest")?;
+    poll()?;
+    Ok((ping, down, up, t0, now_ms()))
+}
+
+fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
+    // Declared first, dropped last: after the agents living in its hosts.
+    let lan = Lan::standard("bench")
+        .context("LAN of network namespaces (needs root, ip and bridge support)")?;
+    let keydir = tempfile::tempdir()?;
+    let key = write_key(keydir.path());
+    let key_s = key.to_str().context("key path")?;
+    let peer = format!("{}:{NET_REPL_PORT}", lan.addr("b"));
+    let backup = Agent::start(
+        bins,
+        Some(lan.host("b")),
+        &["--listen", &peer, "--key", key_s],
+    )
+    .context("start backup agent in host b")?;
+    let primary = Agent::start(bins, Some(lan.host("a")), &["--key", key_s])
+        .context("start primary agent in host a")?;
+    let vm = "bench-net";
+    let cfg = primary.write_file("vm.toml", &net_vm_config(img, vm));
+    create_vm(&primary, vm, &cfg)?;
+    let logs = logs_of(&primary, &backup, vm);
+    primary
+        .wait_console(vm, Duration::from_secs(180), "seqserver: listening", |c| {
+            c.contains("seqserver: listening")
+        })
+        .map_err(logs)?;
+    let ip: Ipv4Addr = NET_VM_IP.parse().context("VM address")?;
+    let t = Instant::now();
+    while !lan.ping("c", ip) {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(logs(anyhow::anyhow!(
+                "{NET_VM_IP} does not answer pings from host c"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let accel = accel_of(&primary, vm);
+    let client = lan.host("c");
+    let mut cases: Vec<NetCase> = Vec::new();
+    for mode in net_modes(&o.intervals) {
+        eprintln!("remus-bench: net, {} ...", mode.name());
+        let c = match mode.interval_ms() {
+            None => {
+                let (ping, down, up, t0, t1) =
+                    measure_net(client, o.seconds, &mut || Ok(())).map_err(logs)?;
+                NetCase {
+                    mode,
+                    ping,
+                    down,
+                    up,
+                    window_ms: (t1 - t0) as f64,
+                    cps: Vec::new(),
+                    initial_sync: Value::Null,
+                }
+            }
+            Some(i) => {
+                let extra: &[&str] = match mode {
+                    NetMode::NoNet(_) => &["--no-net"],
+                    _ => &[],
+                };
+                let mut p = Protecting::start(bins, &primary, vm, &peer, i, o, extra)?;
+                let settle =
+                    Duration::from_secs(60) + Duration::from_millis(5 * i * o.warmup as u64);
+                let measured = p
+                    .first_checkpoint(Duration::from_secs(300))
+                    .and_then(|()| p.wait_checkpoints(1 + o.warmup, settle))
+                    .and_then(|()| measure_net(client, o.seconds, &mut || p.drain()))
+                    .and_then(|m| {
+                        // Checkpoints of the window's end are reported at their ack.
+                        std::thread::sleep(Duration::from_millis(2 * i + 500));
+                        p.drain().map(|()| m)
+                    });
+                let initial_sync = p.initial_sync.clone();
+                let cps = std::mem::take(&mut p.cps);
+                let err = p.stop(&primary, vm);
+                let (ping, down, up, t0, t1) = measured.map_err(|e| {
+                    logs(e.context(format!("{}: remus protect: {}", mode.name(), err.trim())))
+                })?;
+                // The backup drops its standby when protection stops; the
+                // next protect needs it gone.
+                wait_standby_gone(&backup, vm).map_err(logs)?;
+                NetCase {
+                    mode,
+                    ping,
+                    down,
+                    up,
+                    window_ms: (t1 - t0) as f64,
+                    cps: cps
+                        .into_iter()
+                        .filter(|e| (t0..=t1).contains(&e["taken_at_ms"].as_u64().unwrap_or(0)))
+                        .collect(),
+                    initial_sync,
+                }
+            }
+        };
+        report_net_case(&c, cases.first());
+        cases.push(c);
+    }
+    destroy_or_warn(&primary, vm);
+    drop(primary);
+    drop(backup);
+    drop(lan);
+    Ok(NetRun { accel, cases })
+}
+
+fn report_net_case(c: &NetCase, unprotected: Option<&NetCase>) {
+    let r = c.rtt();
+    let mut line = format!(
+        "remus-bench:   RTT p50 {:.2} p90 {:.2} max {:.2} ms ({} replies, loss {:.1}%), TCP guest→client {:.1} MB/s, client→guest {:.1} MB/s",
+        r.p50,
+        r.p90,
+        r.max,
+        c.ping.rtts.len(),
+        c.ping.loss_pct(),
+        c.down.mb_s(),
+        c.up.mb_s()
+    );
+    if let Some(u) = unprotected {
+        line.push_str(&format!(
+            "; RTT p50 +{:.2} ms, TCP {:.2}× / {:.2}× unprotected; {} checkpoints, pause p50 {:.2} ms, ack p50 {:.2} ms",
+            r.p50 - u.rtt().p50,
+            ratio(c.down.mb_s(), u.down.mb_s()),
+            ratio(c.up.mb_s(), u.up.mb_s()),
+            c.cps.len(),
+            stats(&c.col("pause_ms")).p50,
+            stats(&c.col("ack_ms")).p50
+        ));
+    }
+    eprintln!("{line}");
+}
+
+/// A throughput ratio: two decimals, three below 0.1 (so that a collapse
+/// does not read as zero).
+fn fmt_ratio(r: f64) -> String {
+    if r < 0.1 {
+        format!("{r:.3}")
+    } else {
+        format!("{r:.2}")
+    }
+}
+
+/// The one-line verdict of a buffered case.
+fn net_verdict(increase: f64, target: f64) -> String {
+    if increase <= target {
+        format!("met (+{increase:.2} ms ≤ {target} ms)")
+    } else {
+        format!(
+            "**MISSED** by {:.2} ms (+{increase:.2} ms > {target} ms)",
+            increase - target
+        )
+    }
+}
+
+fn render_net_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun) -> String {
+    let mut s = format!(
+        "## {date}: network RTT and TCP throughput, unprotected vs protected (--no-net, buffered)\n\n\
+         {}\
+         - three network namespaces on one bridged LAN: primary agent in host a, backup in b \
+         (listening on 198.18.0.2), client c; one VM for the whole run: 256 MiB, 1 vCPU, a NIC on a's br0 \
+         (through the agent's frame relay), {NET_VM_IP}, `{}`; cases in order: unprotected, \
+         `remus protect -i I --timeout {} --no-net` at the first interval, `remus protect -i I --timeout {}` \
+         (output buffered until the backup acks its checkpoint) at each; protection stopped in between; \
+         a protected case is measured from its checkpoint {}\n\
+         - per case, from c, one after the other: `ping -c {} -i {PING_INTERVAL}` (RTT percentiles nearest-rank \
+         over the replies; loss = unanswered / sent); TCP guest→client: `send {}` to port {NET_BULK_PORT}, read \
+         to EOF, bytes / time from request to EOF; TCP client→guest: `recv`, {} s of writes, the guest's byte \
+         count / time from request to its answer (1 MB = 1 MiB); checkpoint columns over the checkpoints taken \
+         meanwhile\n\
+         - target (issue): with buffering, RTT p50 at most interval/2 + {NET_TARGET_SLACK_MS} ms over unprotected\n\n",
+        m.md(&run.accel, profile),
+        net_workload(),
+        o.timeout_ms,
+        o.timeout_ms,
+        o.warmup + 1,
+        o.seconds * PINGS_PER_S,
+        o.seconds,
+        o.seconds,
+    );
+    s.push_str("| case | RTT p50 ms | p90 | max | loss % | RTT p50 increase ms | target ms | target | guest→client MB/s | ×unprotected | client→guest MB/s | ×unprotected | checkpoints | pause p50 ms | ack p50 ms |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let dash = || "—".to_string();
+    let base = run.base();
+    for c in &run.cases {
+        let r = c.rtt();
+        let protected = c.mode.interval_ms().is_some();
+        let cp = |f: &dyn Fn() -> String| if protected { f() } else { dash() };
+        let vs = |t: &Transfer, b: Option<&Transfer>| {
+            b.map(|b| fmt_ratio(ratio(t.mb_s(), b.mb_s())))
+                .unwrap_or_else(dash)
+        };
+        let (inc, _) = run.rtt_increase(c);
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {:.1} | {} | {:.1} | {} | {} | {} | {} |\n",
+            c.mode.name(),
+            r.p50,
+            r.p90,
+            r.max,
+            c.ping.loss_pct(),
+            cp(&|| format!("{inc:+.2}")),
+            c.mode.target_ms().map(|t| format!("{t}")).unwrap_or_else(dash),
+            match run.target_met(c) {
+                Some(true) => "met".to_string(),
+                Some(false) => "**missed**".to_string(),
+                None => dash(),
+            },
+            c.down.mb_s(),
+            vs(&c.down, base.map(|b| &b.down)),
+            c.up.mb_s(),
+            vs(&c.up, base.map(|b| &b.up)),
+            cp(&|| c.cps.len().to_string()),
+            cp(&|| format!("{:.2}", stats(&c.col("pause_ms")).p50)),
+            cp(&|| format!("{:.2}", stats(&c.col("ack_ms")).p50)),
+        ));
+    }
+    s.push_str(
+        "\n`--no-net` trades safety for latency: the guest's output leaves before the backup holds the state \
+         that sent it, so after a failover clients may have seen output the backup never produced and TCP \
+         sessions can stall or reset (the project saw a session stall in the first `--no-net` failover round).\n",
+    );
+    let verdicts: Vec<String> = run
+        .cases
+        .iter()
+        .filter_map(|c| {
+            let t = c.mode.target_ms()?;
+            Some(format!(
+                "-i {}: {} (its pause p50 + ack p50: {:.2} ms)",
+                c.mode.interval_ms()?,
+                net_verdict(run.rtt_increase(c).0, t),
+                stats(&c.col("pause_ms")).p50 + stats(&c.col("ack_ms")).p50
+            ))
+        })
+        .collect();
+    s.push_str(&format!(
+        "\nTarget: buffered RTT p50 at most interval/2 + {NET_TARGET_SLACK_MS} ms over unprotected: {}. \
+         A buffered reply waits for the end of its epoch (interval/2 on average), then for the checkpoint's \
+         pause and the backup's ack, so the target holds only while pause + ack stay within about \
+         {NET_TARGET_SLACK_MS} ms.\n\n",
+        if verdicts.is_empty() {
+            "not measured".to_string()
+        } else {
+            verdicts.join("; ")
+        }
+    ));
+    s
+}
+
+fn net_case_json(run: &NetRun, c: &NetCase) -> Value {
+    let base = run.base();
+    let (inc50, inc90) = run.rtt_increase(c);
+    let mut v = json!({
+        "name": c.mode.name(),
+        "mode": c.mode.key(),
+        "protected": c.mode.interval_ms().is_some(),
+        "interval_ms": c.mode.interval_ms(),
+        "accel": run.accel,
+        "window_ms": c.window_ms,
+        "ping": {
+            "replies": c.ping.rtts.len(),
+            "transmitted": c.ping.transmitted,
+            "received": c.ping.received,
+            "duplicates": c.ping.duplicates,
+            "loss_pct": r3(c.ping.loss_pct()),
+            "rtt_ms": c.rtt().json(),
+        },
+        "rtt_increase_ms": base.map(|_| json!({"p50": r3(inc50), "p90": r3(inc90)})),
+        "tcp": {
+            "guest_to_client": c.down.json(base.map(|b| &b.down)),
+            "client_to_guest": c.up.json(base.map(|b| &b.up)),
+        },
+    });
+    if c.mode.interval_ms().is_some() {
+        let extra = json!({
+            "checkpoints": c.cps.len(),
+            "achieved_interval_ms": r3(c.achieved_interval_ms()),
+            "pause_ms": stats(&c.col("pause_ms")).json(),
+            "ack_ms": stats(&c.col("ack_ms")).json(),
+            "dirty_pages": stats(&c.col("dirty_pages")).json(),
+            "bytes": stats(&c.col("bytes")).json(),
+            "initial_sync": c.initial_sync,
+            "target": c.mode.target_ms().map(|t| json!({"rtt_p50_increase_max_ms": t, "met": run.target_met(c)})),
+        });
+        merge_json(&mut v, extra);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::test_machine;
+
+    #[test]
+    fn ping_output() {
+        let out = "PING 198.18.0.10 (198.18.0.10) 56(84) bytes of data.\n\
+            64 bytes from 198.18.0.10: icmp_seq=1 ttl=64 time=0.345 ms\n\
+            64 bytes from 198.18.0.10: icmp_seq=2 ttl=64 time=51.2 ms\n\
+            64 bytes from 198.18.0.10: icmp_seq=2 ttl=64 time=52.0 ms (DUP!)\n\
+            From 198.18.0.3 icmp_seq=3 Destination Host Unreachable\n\
+            64 bytes from 198.18.0.10: icmp_seq=4 ttl=64 time=7 ms\n\
+            \n\
+            --- 198.18.0.10 ping statistics ---\n\
+            4 packets transmitted, 3 received, +1 duplicates, 25% packet loss, time 61ms\n\
+            rtt min/avg/max/mdev = 0.345/19.5/51.2/22.6 ms\n";
+        let p = parse_ping(out);
+        assert_eq!(p.rtts, vec![0.345, 51.2, 7.0]);
+        assert_eq!((p.transmitted, p.received, p.duplicates), (4, 3, 1));
+        assert_eq!(p.loss_pct(), 25.0);
+        let p = parse_ping(
+            "64 bytes from 198.18.0.10: icmp_seq=1 ttl=64 time=1.5 ms\n\
+             2 packets transmitted, 1 received, +1 errors, 50% packet loss, time 20ms\n",
+        );
+        assert_eq!((p.rtts.len(), p.transmitted, p.received), (1, 2, 1));
+        assert!(parse_ping("").loss_pct().is_nan());
+        let v: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        let r = rtt_stats(&v);
+        assert_eq!((r.p50, r.p90, r.max), (100.0, 180.0, 200.0));
+        let t = Transfer {
+            bytes: 50 << 20,
+            secs: 2.0,
+        };
+        assert_eq!(t.mb_s(), 25.0);
+    }
+
+    #[test]
+    fn net_report() {
+        assert_eq!(
+            net_modes(&[100, 200]),
+            vec![
+                NetMode::Unprotected,
+                NetMode::NoNet(100),
+                NetMode::Buffered(100),
+                NetMode::Buffered(200)
+            ]
+        );
+        assert_eq!(NetMode::Buffered(100).target_ms(), Some(52.0));
+        assert_eq!(NetMode::NoNet(100).target_ms(), None);
+        let o = Opts::try_parse_from(["remus-bench", "--net"]).unwrap();
+        assert!(o.net && !o.disk);
+        assert!(Opts::try_parse_from(["remus-bench", "--net", "--disk"]).is_err());
+        let cp = |t: u64| {
+            json!({"event": "checkpoint", "taken_at_ms": t, "pause_ms": 3.0, "dirty_pages": 100,
+                   "bytes": 500000, "ack_ms": 1.5})
+        };
+        let case = |mode, rtt: f64, mb_s: u64| NetCase {
+            mode,
+            ping: Ping {
+                rtts: vec![rtt; 10],
+                transmitted: 10,
+                received: 10,
+                duplicates: 0,
+            },
+            down: Transfer {
+                bytes: mb_s << 20,
+                secs: 1.0,
+            },
+            up: Transfer {
+                bytes: mb_s << 19,
+                secs: 1.0,
+            },
+            window_ms: 1000.0,
+            cps: if mode == NetMode::Unprotected {
+                vec![]
+            } else {
+                vec![cp(100), cp(200)]
+            },
+            initial_sync: Value::Null,
+        };
+        let run = NetRun {
+            accel: "kvm".into(),
+            cases: vec![
+                case(NetMode::Unprotected, 0.5, 100),
+                case(NetMode::NoNet(100), 1.0, 90),
+                case(NetMode::Buffered(100), 50.5, 20),
+                case(NetMode::Buffered(200), 105.0, 10),
+            ],
+        };
+        assert_eq!(run.rtt_increase(&run.cases[2]), (50.0, 50.0));
+        assert_eq!(run.target_met(&run.cases[1]), None);
+        assert_eq!(run.target_met(&run.cases[2]), Some(true));
+        assert_eq!(run.target_met(&run.cases[3]), Some(false));
+        let m = test_machine();
+        let md = render_net_md("2026-01-01 00:00 UTC", &m, "release", &o, &run);
+        assert!(
+            md.contains("| protected -i 100, buffered | 50.50 | 50.50 | 50.50 | 0.0 | +50.00 | 52 | met | 20.0 | 0.20 | 10.0 | 0.20 | 2 | 3.00 | 1.50 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| unprotected | 0.50 | 0.50 | 0.50 | 0.0 | — | — | — | 100.0 | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("-i 100: met (+50.00 ms ≤ 52 ms) (its pause p50 + ack p50: 4.50 ms); -i 200: **MISSED** by 2.50 ms (+104.50 ms > 102 ms)"),
+            "{md}"
+        );
+        let j = net_case_json(&run, &run.cases[3]);
+        assert_eq!(j["mode"], "buffered");
+        assert_eq!(j["target"]["met"], false);
+        assert_eq!(j["rtt_increase_ms"]["p50"], 104.5);
+        assert_eq!(j["tcp"]["guest_to_client"]["vs_unprotected"], 0.1);
+        assert_eq!(
+            (fmt_ratio(0.005), fmt_ratio(0.38)),
+            ("0.005".into(), "0.38".into())
+        );
+        let j = net_case_json(&run, &run.cases[0]);
+        assert!(j["pause_ms"].is_null() && j["target"].is_null());
+    }
+}

@@ -583,7 +583,7 @@ fn receive_loop(
                                 code: ErrorCode::Internal,
                                 message: why.clone(),
                             });
-                            Err(ReplError::Vm(format!("resume at switch-over: {why}")))
+                            Err(ReplError::Resume(why))
                         }
                     };
                 }

@@ -83,11 +83,12 @@ impl<'v> Capture<'v> {
     /// Opens the tracker and the RAM mapping and readies QEMU for device
     /// state saves into `dev_name` in the VM's directory.
     pub(crate) fn open(vm: &'v Vm, dev_name: &str) -> Result<Capture<'v>, ReplError> {
-        let tracker = vm
-            .dirty_tracker()
-            .map_err(|e| ReplError::Setup(e.to_string()))?;
+        let tracker = vm.dirty_tracker().map_err(ReplError::Tracker)?;
         let map = staging::RamMap::open(&vm.ram_file)?;
-        devstate::prepare(vm.qmp()).map_err(|e| ReplError::Setup(e.to_string()))?;
+        devstate::prepare(vm.qmp()).map_err(|source| ReplError::DevState {
+            what: "prepare",
+            source,
+        })?;
         Ok(Capture {
             vm,
             tracker,
@@ -103,10 +104,8 @@ impl<'v> Capture<'v> {
     /// reset first: pages written from now on are caught by the next
     /// scan.
     pub(crate) fn all_pages(&mut self) -> Result<staging::LazyPages, ReplError> {
-        self.tracker
-            .scan()
-            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
-        let ram = RamFile::open(&self.vm.ram_file).map_err(|e| ReplError::Setup(e.to_string()))?;
+        self.tracker.scan().map_err(ReplError::TrackingLost)?;
+        let ram = RamFile::open(&self.vm.ram_file).map_err(ReplError::Ram)?;
         Ok(staging::LazyPages {
             pieces: staging::data_pieces(&ram)?,
             ram: Arc::new(ram),
@@ -116,10 +115,7 @@ impl<'v> Capture<'v> {
     /// The pages dirtied since the last scan, copied while the guest runs
     /// (a pre-copy round).
     pub(crate) fn dirty_runs(&mut self) -> Result<Vec<PageRun>, ReplError> {
-        let dirty = self
-            .tracker
-            .scan()
-            .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+        let dirty = self.tracker.scan().map_err(ReplError::TrackingLost)?;
         self.map.stage(&dirty, &self.pool)
     }
 
@@ -159,7 +155,10 @@ impl<'v> Capture<'v> {
                 // Whatever state QEMU got to, the guest must not stay
                 // paused.
                 let _ = qmp.execute("cont", None);
-                return Err(ReplError::Vm(format!("stop: {e}")));
+                return Err(ReplError::Qmp {
+                    command: "stop",
+                    source: e,
+                });
             }
         }
         phases.stop = ms(t0);
@@ -170,17 +169,17 @@ impl<'v> Capture<'v> {
             // are held until the next epoch is acknowledged.
             cut()?;
             let t = Instant::now();
-            let dirty = self
-                .tracker
-                .scan()
-                .map_err(|e| ReplError::TrackingLost(e.to_string()))?;
+            let dirty = self.tracker.scan().map_err(ReplError::TrackingLost)?;
             phases.scan = ms(t);
             let t = Instant::now();
             let mut runs = earlier;
             runs.extend(self.map.stage(&dirty, &self.pool)?);
             phases.copy = ms(t);
             let t = Instant::now();
-            devstate::save(qmp, &self.dev_file).map_err(|e| ReplError::Vm(e.to_string()))?;
+            devstate::save(qmp, &self.dev_file).map_err(|source| ReplError::DevState {
+                what: "save",
+                source,
+            })?;
             phases.devstate = ms(t);
             Ok(runs)
         })();
@@ -201,7 +200,10 @@ impl<'v> Capture<'v> {
         phases.cont = ms(t);
         let pause_ms = ms(t0);
         let runs = staged?;
-        cont.map_err(|e| ReplError::Vm(format!("cont after checkpoint: {e}")))?;
+        cont.map_err(|source| ReplError::Qmp {
+            command: "cont",
+            source,
+        })?;
         // The device state file is read after the guest runs again.
         let device_state = std::fs::read(&self.dev_file)
             .map_err(|e| ReplError::Io(format!("read {}", self.dev_file.display()), e))?;

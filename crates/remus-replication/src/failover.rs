@@ -22,15 +22,25 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
     let t = Instant::now();
-    devstate::prepare(standby.qmp()).map_err(|e| ReplError::Vm(e.to_string()))?;
-    devstate::load(standby.qmp(), replica.device_state_path())
-        .map_err(|e| ReplError::Vm(e.to_string()))?;
+    devstate::prepare(standby.qmp()).map_err(|source| ReplError::DevState {
+        what: "prepare",
+        source,
+    })?;
+    devstate::load(standby.qmp(), replica.device_state_path()).map_err(|source| {
+        ReplError::DevState {
+            what: "load",
+            source,
+        }
+    })?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     standby
         .qmp()
         .execute_timeout("cont", None, Duration::from_secs(5))
-        .map_err(|e| ReplError::Vm(format!("cont: {e}")))?;
+        .map_err(|source| ReplError::Qmp {
+            command: "cont",
+            source,
+        })?;
     let cont_ms = t.elapsed().as_secs_f64() * 1e3;
     if !standby.config.vifs.is_empty()
         && let Err(e) = remus_vm::vm::announce_self(standby.qmp())
@@ -65,9 +75,10 @@ pub fn take_over_disks(
     changes_dir: &std::path::Path,
 ) -> Result<DiskTakeover, ReplError> {
     let (discarded_records, discarded_bytes) = buffer.discard();
-    buffer
-        .sync_all()
-        .map_err(|e| ReplError::Vm(format!("make the committed disk state durable: {e}")))?;
+    buffer.sync_all().map_err(|source| ReplError::Disk {
+        what: "make the committed disk state durable",
+        source,
+    })?;
     let mut change_maps = Vec::new();
     std::fs::create_dir_all(changes_dir)
         .map_err(|e| ReplError::Io(format!("create {}", changes_dir.display()), e))?;

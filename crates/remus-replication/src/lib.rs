@@ -24,12 +24,41 @@ pub mod staging;
 /// Replication errors, naming what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplError {
+    /// A reason replication cannot start (no underlying error).
     #[error("cannot start replication: {0}")]
     Setup(String),
+    #[error("cannot start replication: dirty-page tracking: {0}")]
+    Tracker(#[source] remus_vm::VmError),
     #[error("dirty-page tracking lost ({0}); protection stops, the VM runs on unprotected")]
-    TrackingLost(String),
-    #[error("VM: {0}")]
-    Vm(String),
+    TrackingLost(#[source] remus_dirty::DirtyError),
+    #[error(
+        "dirty pages {first}+{count} lie beyond the RAM file; protection stops, the VM runs on unprotected"
+    )]
+    PagesBeyondRam { first: u64, count: u64 },
+    #[error("guest RAM: {0}")]
+    Ram(#[source] remus_dirty::DirtyError),
+    #[error("QMP {command}: {source}")]
+    Qmp {
+        command: &'static str,
+        #[source]
+        source: remus_qmp::QmpError,
+    },
+    #[error("device state ({what}): {source}")]
+    DevState {
+        what: &'static str,
+        #[source]
+        source: remus_vm::devstate::DevStateError,
+    },
+    #[error("disks: {what}: {source}")]
+    Disk {
+        what: &'static str,
+        #[source]
+        source: remus_disk::DiskError,
+    },
+    /// The agent's resume at a migration's switch-over failed, for this
+    /// reason.
+    #[error("resume at switch-over: {0}")]
+    Resume(String),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     #[error("peer lost: {0}")]

@@ -1129,7 +1129,7 @@ pub(crate) fn send_checkpoint<W: Write>(
             buf.resize(lazy.ram.range_len(*piece), 0);
             lazy.ram
                 .read_pages(*piece, &mut buf)
-                .map_err(|e| ReplError::Setup(format!("read guest RAM: {e}")))?;
+                .map_err(ReplError::Ram)?;
             sent.wire += cp.pages(w, piece.first, &buf, enc.as_deref_mut())?;
             sent.raw += buf.len() as u64;
             between(w)?;

@@ -46,11 +46,9 @@ impl RamMap {
         for piece in dirty.iter().flat_map(|r| pieces(*r)) {
             let start = piece.first as usize * PAGE_SIZE;
             let stop = piece.end() as usize * PAGE_SIZE;
-            let bytes = self.map.get(start..stop).ok_or_else(|| {
-                ReplError::TrackingLost(format!(
-                    "dirty pages {}+{} lie beyond the RAM file",
-                    piece.first, piece.count
-                ))
+            let bytes = self.map.get(start..stop).ok_or(ReplError::PagesBeyondRam {
+                first: piece.first,
+                count: piece.count,
             })?;
             let mut data = pool.take();
             data.extend_from_slice(bytes);
@@ -114,7 +112,7 @@ pub fn data_pieces(ram: &RamFile) -> Result<Vec<PageRange>, ReplError> {
     let ranges: Vec<PageRange> = ram
         .data_ranges()
         .collect::<Result<_, _>>()
-        .map_err(|e| ReplError::Setup(format!("scan RAM file for data: {e}")))?;
+        .map_err(ReplError::Ram)?;
     Ok(ranges.into_iter().flat_map(pieces).collect())
 }
 

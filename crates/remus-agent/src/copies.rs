@@ -35,7 +35,10 @@ fn changed_path(dir: &Path, target: &str) -> PathBuf {
 
 /// Loads the record, logging (and treating as absent) one that cannot be
 /// read: the resync then compares every chunk, and says why.
-pub fn load(dir: &Path, vm: &str) -> Result<Option<CopyState>, String> {
+pub fn load(
+    dir: &Path,
+    vm: &str,
+) -> Result<Option<CopyState>, remus_replication::copy::RecordError> {
     CopyState::load(dir).inspect_err(|e| {
         tracing::error!(%vm, error = %e, "the copy's record is unreadable; the next resync compares every chunk");
     })

@@ -77,23 +77,26 @@ impl CopyState {
 
     /// Reads `dir/copy.json`: None if there is none, an error if it cannot
     /// be used.
-    pub fn load(dir: &Path) -> Result<Option<CopyState>, String> {
+    pub fn load(dir: &Path) -> Result<Option<CopyState>, RecordError> {
         let path = dir.join(COPY_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display())),
+                .map_err(|source| RecordError::Corrupt { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(RecordError::Io { path, source }),
         }
     }
 
     /// Writes `dir/copy.json` atomically and durably (a crash leaves the
     /// old record or the new one).
-    pub fn save(&self, dir: &Path) -> Result<(), String> {
+    pub fn save(&self, dir: &Path) -> Result<(), RecordError> {
         let path = dir.join(COPY_FILE);
         let tmp: PathBuf = dir.join(format!("{COPY_FILE}.tmp"));
-        let body = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec_pretty(self).map_err(|source| RecordError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         (|| -> std::io::Result<()> {
             std::fs::create_dir_all(dir)?;
             let mut f = std::fs::File::create(&tmp)?;
@@ -102,8 +105,25 @@ impl CopyState {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(dir)?.sync_all()
         })()
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|source| RecordError::Io { path, source })
     }
+}
+
+/// Why a copy's record cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Decides how a target (`target`: its record, if any) is synchronised
@@ -397,11 +417,9 @@ mod tests {
         s.save(dir.path()).unwrap();
         assert_eq!(CopyState::load(dir.path()).unwrap(), Some(s));
         std::fs::write(dir.path().join(COPY_FILE), b"{not json").unwrap();
-        assert!(
-            CopyState::load(dir.path())
-                .unwrap_err()
-                .contains("copy.json")
-        );
+        let e = CopyState::load(dir.path()).unwrap_err();
+        assert!(matches!(e, RecordError::Corrupt { .. }), "{e:?}");
+        assert!(e.to_string().contains("copy.json"), "{e}");
     }
 
     #[test]

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use remus_api::{HostInfo, SessionEvent, VcpuInfo, VmInfo};
-
-use crate::lifecycle::{Life, Refused, Stage};
 use remus_config::VmConfig;
 use remus_vm::{QemuBinary, ResolvedAccel, Role, RunState, StartOptions, Vm, VmPaths};
+
+use crate::lifecycle::{Life, Refused, Stage};
 
 /// An error of an API operation, with its HTTP meaning.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,9 @@
 //!
 //! Generations ([`Gen`], [`Generations`]) name lines of a copy's data; the
 //! rules by which they move (diverge, adopt, synced) are part of the
-//! resync protocol and live here with them. Everything read from a peer is
-//! bounded as it is parsed ([`MAX_PLAN_DISKS`], [`MAX_RUNS`]).
+//! resync protocol and live here with them. A peer's sync plan is bounded
+//! as it is parsed ([`MAX_PLAN_DISKS`], [`MAX_RUNS`]); a setup is bounded
+//! by its frame and validated by the receiving agent before use.
 
 use serde::{Deserialize, Serialize};
 

@@ -464,7 +464,7 @@ fn receive_loop(
                 replica.write_run(&run)?;
             }
             Ok(Accepted::Complete(cp)) => {
-                let pages: u64 = cp.runs.iter().map(|r| u64::from(r.page_count())).sum();
+                let pages = crate::staging::pages_in(&cp.runs);
                 match cp.kind {
                     CheckpointKind::InitialSync | CheckpointKind::Round => {
                         if let Some(d) = disks.as_deref()

@@ -61,7 +61,7 @@ impl Staged {
     }
 
     pub(crate) fn dirty_pages(&self) -> u64 {
-        self.runs.iter().map(|r| u64::from(r.page_count())).sum()
+        staging::pages_in(&self.runs)
     }
 }
 

@@ -35,10 +35,10 @@ use remus_vm::Vm;
 pub use remus_api::MigrateStats;
 use remus_api::SessionEvent;
 
-use crate::ReplError;
 use crate::capture::{Capture, Staged, resume_unless_held};
 use crate::disks::{PrimaryDisks, Sealer};
 use crate::primary::send_checkpoint;
+use crate::{ReplError, staging};
 
 /// Migration settings.
 #[derive(Debug, Clone)]
@@ -148,8 +148,7 @@ pub fn migrate(
         });
         runs = capture.dirty_runs()?;
         round += 1;
-        let dirty: u64 = runs.iter().map(|r| u64::from(r.page_count())).sum();
-        if dirty < cfg.converge_pages || round > cfg.max_rounds {
+        if staging::pages_in(&runs) < cfg.converge_pages || round > cfg.max_rounds {
             // What was scanned belongs to the final copy.
             break;
         }

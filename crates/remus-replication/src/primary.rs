@@ -292,12 +292,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Changes the state and wakes every waiter.
+    /// Changes the state and wakes the epoch loop's waits. The sender's
+    /// doorbell rings only for what the sender acts on: a hand-off and
+    /// [`finish`](Self::finish).
     fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         let out = f(&mut self.lock());
         self.changed.notify_all();
-        self.doorbell.ring();
         out
+    }
+
+    /// The epoch loop hands over nothing more: the sender ends once the
+    /// slot is empty.
+    fn finish(&self) {
+        self.update(|s| s.finished = true);
+        self.doorbell.ring();
     }
 
     fn lost(&self) -> Option<LostBackup> {
@@ -764,7 +772,7 @@ impl Session<'_> {
         // Any other end (VM destroyed or failed, tracking lost) just drops
         // the link: to the backup that is a failed primary, and it fails
         // over, as the Remus docs specify for `destroy` on the primary.
-        self.shared.update(|s| s.finished = true);
+        self.shared.finish();
         let _ = sender.join();
         if said_goodbye {
             // The Done (or Error) may still sit in our send queue behind
@@ -1198,7 +1206,9 @@ mod tests {
         assert!(matches!(shared.next(), Next::Item(Outgoing::Done)));
         // ...and the sender learns when nothing more will come.
         assert!(matches!(shared.next(), Next::Empty));
-        shared.update(|s| s.finished = true);
+        let rings = shared.doorbell.rings();
+        shared.finish();
+        assert_ne!(shared.doorbell.rings(), rings, "the sender is woken");
         assert!(matches!(shared.next(), Next::Finished));
     }
 

@@ -99,6 +99,11 @@ impl BufferPool {
     }
 }
 
+/// The pages the runs carry.
+pub fn pages_in(runs: &[PageRun]) -> u64 {
+    runs.iter().map(|r| u64::from(r.page_count())).sum()
+}
+
 /// The pieces (at most a page run each) of every range of the RAM file
 /// that holds data, holes skipped: what the initial copy sends, read one
 /// piece at a time as it goes out ([`LazyPages`]).

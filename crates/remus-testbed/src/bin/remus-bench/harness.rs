@@ -114,6 +114,46 @@ pub(crate) fn logs_of<'a>(
     }
 }
 
+/// Starts `remus protect --json` on `primary`, its stdout lines sent to
+/// the returned channel by the returned thread (which ends with stdout).
+pub(crate) fn spawn_protect(
+    bins: &Binaries,
+    primary: &Agent,
+    vm: &str,
+    peer: &str,
+    interval_ms: u64,
+    o: &Opts,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+) -> Result<(
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+)> {
+    let mut child = Command::new(&bins.remus)
+        .arg("--socket")
+        .arg(&primary.socket)
+        .args(["protect", "-i", &interval_ms.to_string()])
+        .args(["--timeout", &o.timeout_ms.to_string(), "--json"])
+        .args(extra)
+        .args([vm, peer])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run remus protect")?;
+    let stdout = child.stdout.take().context("protect stdout")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, rx, reader))
+}
+
 /// `remus protect --json` in the background, its events on a channel.
 pub(crate) struct Protecting {
     child: std::process::Child,
@@ -135,28 +175,7 @@ impl Protecting {
         o: &Opts,
         extra: &[&str],
     ) -> Result<Protecting> {
-        let mut child = Command::new(&bins.remus)
-            .arg("--socket")
-            .arg(&primary.socket)
-            .args(["protect", "-i", &interval_ms.to_string()])
-            .args(["--timeout", &o.timeout_ms.to_string(), "--json"])
-            .args(extra)
-            .args([vm, peer])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("run remus protect")?;
-        let stdout = child.stdout.take().context("protect stdout")?;
-        let (tx, rx) = mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, rx, reader) = spawn_protect(bins, primary, vm, peer, interval_ms, o, extra)?;
         Ok(Protecting {
             child,
             rx,

@@ -7,9 +7,8 @@
 //! each `--intervals` value ([`pause_main`]); the suite's matrix, wire,
 //! ram, boot and crypto sections run their cases through [`run_case`].
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{
     accel_of, achieved_interval_ms, console_numbers, create_vm, destroy_or_warn, event_col,
-    event_phase, tail,
+    event_phase, spawn_protect, tail,
 };
 use crate::opts::Opts;
 use crate::report::{Machine, Stats, emit, r3, ratio, stats};
@@ -206,28 +205,15 @@ pub(crate) fn run_case(
 
     let measured = (o.seconds * 1000 / interval_ms).max(1) as usize;
     let wanted = o.warmup + measured;
-    let mut follow = Command::new(&bins.remus)
-        .arg("--socket")
-        .arg(&primary.socket)
-        .args(["protect", "-i", &interval_ms.to_string()])
-        .args(["--timeout", &o.timeout_ms.to_string(), "--json"])
-        .args(&spec.protect_args)
-        .args([&vm, &peer])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("run remus protect")?;
-    let stdout = follow.stdout.take().context("protect stdout")?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut follow, rx, reader) = spawn_protect(
+        bins,
+        &primary,
+        &vm,
+        &peer,
+        interval_ms,
+        o,
+        &spec.protect_args,
+    )?;
     let collected = (|| -> Result<(Value, Vec<Value>)> {
         let mut initial = Value::Null;
         let mut cps = Vec::new();

@@ -199,7 +199,8 @@ mod tests {
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        // The client is registered asynchronously: send until it sees data.
+        // The client is registered asynchronously, possibly before the hub
+        // has read "early boot": send lines until the client has seen one.
         let mut got = Vec::new();
         let mut b = [0u8; 64];
         for i in 0..100 {
@@ -207,8 +208,13 @@ mod tests {
             client
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
-            if let Ok(n) = client.read(&mut b) {
+            while let Ok(n) = client.read(&mut b) {
                 got.extend_from_slice(&b[..n]);
+                if n == 0 || String::from_utf8_lossy(&got).contains("line") {
+                    break;
+                }
+            }
+            if String::from_utf8_lossy(&got).contains("line") {
                 break;
             }
         }

@@ -196,6 +196,12 @@ impl OutputCommit {
         self.lock().queue.len()
     }
 
+    /// Frames and bytes held now.
+    pub fn held_now(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.queue.len() as u64, st.bytes)
+    }
+
     pub fn stats(&self) -> OutputStats {
         self.lock().stats
     }

@@ -70,6 +70,17 @@ pub enum Role {
     Backup,
 }
 
+impl Role {
+    /// As `remus list` and the API show it (the serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Unprotected => "unprotected",
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,8 @@ pub struct AgentOptions {
     pub storage: crate::storage::Storage,
     /// Bound of a backup's spill file of uncommitted disk writes (MiB).
     pub max_spill_mib: u64,
+    /// Metrics and event hooks.
+    pub observer: Arc<crate::observe::Observer>,
 }
 
 /// What a VM's event channel carries.
@@ -82,6 +84,10 @@ pub struct VmSlot {
     last_checkpoint: Mutex<Option<remus_api::CheckpointStats>>,
     /// The VM's arbiter key, once this host has held it.
     pub arbiter: Mutex<Option<Arc<crate::arbiter::Guard>>>,
+    observer: Arc<crate::observe::Observer>,
+    /// The session the healer set up after protection was lost: its
+    /// first acknowledged checkpoint is `protection-restored`.
+    restoring: AtomicBool,
 }
 
 /// The arbiter's guard sees the slot through this (and so does not
@@ -99,10 +105,13 @@ impl crate::arbiter::Guarded for VmSlot {
     fn protected(&self) -> bool {
         self.protected_to().is_some()
     }
+    fn notice(&self, notice: crate::observe::Notice) {
+        VmSlot::notice(self, notice)
+    }
 }
 
 impl VmSlot {
-    fn new(id: u32, vm: Vm, stage: Stage) -> VmSlot {
+    fn new(id: u32, vm: Vm, stage: Stage, observer: Arc<crate::observe::Observer>) -> VmSlot {
         VmSlot {
             id,
             vm,
@@ -112,10 +121,32 @@ impl VmSlot {
             history: Mutex::new(Vec::new()),
             last_checkpoint: Mutex::new(None),
             arbiter: Mutex::new(None),
+            observer,
+            restoring: AtomicBool::new(false),
         }
+    }
+    /// Reports `notice` (metrics, hooks) with the VM's role here now.
+    pub fn notice(&self, notice: crate::observe::Notice) {
+        self.observer
+            .notice(self.vm.name(), self.life.role().name(), notice);
+    }
+    /// The session just set up restores protection that was lost.
+    pub fn expect_restoration(&self) {
+        self.restoring.store(true, Ordering::SeqCst);
     }
     /// Publishes a replication event (nobody listening is fine).
     pub fn publish(&self, event: SessionEvent) {
+        self.observer.session_event(self.vm.name(), &event);
+        if let SessionEvent::Checkpoint(c) = &event
+            && self.restoring.swap(false, Ordering::SeqCst)
+            && let Some(peer) = self.protected_to()
+        {
+            tracing::info!(vm = %self.vm.name(), %peer, epoch = c.epoch, "PROTECTION RESTORED: the backup acknowledged the first checkpoint");
+            self.notice(crate::observe::Notice::ProtectionRestored {
+                peer,
+                epoch: c.epoch,
+            });
+        }
         let mut h = lock(&self.history);
         if let SessionEvent::Checkpoint(c) = &event {
             *lock(&self.last_checkpoint) = Some(c.clone());
@@ -217,6 +248,10 @@ pub struct Agent {
     /// agents in one network namespace never collide.
     tag: String,
     qemu_version: Result<String, String>,
+    /// The protection wanted per VM, and the healer's state.
+    wishes: Arc<crate::wishes::Wishes>,
+    /// Set when the agent shuts down: the healer stops.
+    stopping: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -234,6 +269,7 @@ impl Agent {
             opts.state_dir.join("vms"),
             opts.state_dir.join("logs"),
             opts.state_dir.join("copies"),
+            opts.state_dir.join("protection"),
         ] {
             private_dir(&d).with_context(|| format!("state dir {}", d.display()))?;
         }
@@ -275,7 +311,11 @@ impl Agent {
             stale.insert(name, StaleCopy { id: next_id, state });
             next_id += 1;
         }
+        let wishes = crate::wishes::Wishes::load(&opts.state_dir.join("protection"))
+            .context("protection wishes")?;
         Ok(Agent {
+            wishes: Arc::new(wishes),
+            stopping: AtomicBool::new(false),
             opts,
             vms: Mutex::new(BTreeMap::new()),
             stale: Mutex::new(stale),
@@ -305,6 +345,23 @@ impl Agent {
             replication_listen: self.opts.replication_listen.clone(),
             arbiter: self.opts.arbiter.as_ref().map(|a| a.host_info()),
         }
+    }
+
+    pub fn observer(&self) -> &crate::observe::Observer {
+        &self.opts.observer
+    }
+
+    pub fn wishes(&self) -> Arc<crate::wishes::Wishes> {
+        self.wishes.clone()
+    }
+
+    /// The protection wanted for `name`, if any.
+    pub fn wish(&self, name: &str) -> Option<crate::wishes::Wish> {
+        self.wishes.get(name)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn key(&self) -> Option<remus_proto::Key> {
@@ -501,7 +558,7 @@ impl Agent {
             Some(purpose) => Stage::Standby { purpose },
             None => Stage::Unprotected,
         };
-        let slot = Arc::new(VmSlot::new(id, vm, stage));
+        let slot = Arc::new(VmSlot::new(id, vm, stage, self.opts.observer.clone()));
         lock(&self.vms).insert(name.clone(), slot.clone());
         Ok((slot, replica))
     }
@@ -571,17 +628,21 @@ impl Agent {
     }
 
     pub fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
-        if let Some(s) = lock(&self.stale).get(name) {
-            return Ok(stale_info(name, s));
-        }
-        let slot = self.slot(name)?;
-        Ok(info(&slot))
+        let mut v = match lock(&self.stale).get(name) {
+            Some(s) => stale_info(name, s),
+            None => info(&*self.slot(name)?),
+        };
+        v.wanted = self.wish(name).map(|w| w.request.peer);
+        Ok(v)
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
         let mut all: Vec<VmInfo> = self.slots().iter().map(|s| info(s)).collect();
         all.extend(lock(&self.stale).iter().map(|(n, s)| stale_info(n, s)));
         all.sort_by_key(|v| v.id);
+        for v in &mut all {
+            v.wanted = self.wish(&v.name).map(|w| w.request.peer);
+        }
         all
     }
 
@@ -670,6 +731,9 @@ impl Agent {
         } else {
             CopyRecord::Forget
         };
+        // Whatever becomes of this copy, the operator wants no protection
+        // of it from this host any more.
+        self.wishes.clear(name);
         if let Some(s) = lock(&self.stale).remove(name) {
             tracing::info!(vm = %name, discard, "stale copy destroyed");
             self.settle_record(name, Some(s.state), record);
@@ -721,6 +785,12 @@ impl Agent {
         {
             tracing::warn!(vm = %name, error = %e, "cannot delete the VM's arbiter key; it names this host until deleted (etcdctl del)");
         }
+        self.opts.observer.metrics.forget(name);
+        // A VM that left for good (migrated away, destroyed) takes the
+        // wish to protect it from here with it.
+        if record == CopyRecord::Forget {
+            self.wishes.clear(name);
+        }
         self.archive_logs(name, &slot.vm.paths, &slot.id.to_string());
         if let Err(e) = std::fs::remove_dir_all(slot.vm.paths.dir()) {
             tracing::warn!(vm = %name, error = %e, "cannot remove VM directory");
@@ -765,6 +835,8 @@ impl Agent {
     /// Stops every VM (agent shutdown). Copy records are kept: a VM that
     /// ran here is a stale copy when the agent starts again.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wishes.poke();
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
             if let Some(slot) = self.take_slot(&n, |_| true) {
@@ -813,10 +885,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
-        role: serde_json::to_value(role)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        role: role.name().to_string(),
         time_s: (slot.vm.cpu_seconds() * 10.0).round() / 10.0,
         accel: match slot.vm.accel {
             ResolvedAccel::Tcg => "tcg".into(),
@@ -841,6 +910,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             .filter_map(|p| Some((p.target().to_string(), p.change_map()?.count())))
             .collect(),
         arbiter: slot.arbiter_guard().map(|g| g.info()),
+        wanted: None,
     }
 }
 
@@ -861,6 +931,7 @@ fn stale_info(name: &str, s: &StaleCopy) -> VmInfo {
         protection: None,
         changed_chunks: Default::default(),
         arbiter: None,
+        wanted: None,
     }
 }
 

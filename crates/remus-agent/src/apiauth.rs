@@ -108,6 +108,8 @@ pub struct CheckedListener {
     pub allowed: Allowed,
     /// Refused connections, logged at most once per 10 s.
     pub refusals: RateLimited,
+    /// Where refusals are counted.
+    pub observer: std::sync::Arc<crate::observe::Observer>,
 }
 
 /// Logs one line per period at most, counting what it held back.
@@ -148,14 +150,18 @@ impl axum::serve::Listener for CheckedListener {
                             return (stream, addr);
                         }
                         Ok(c) => {
+                            self.observer.metrics.refused(crate::metrics::Refusal::Api);
                             let (uid, gid, pid) = (c.uid(), c.gid(), c.pid());
                             self.refusals.note(|n| {
                                 tracing::warn!(uid, gid, pid = ?pid, refused_since_last_report = n, "API connection refused: not root, the agent's user or the API group");
                             });
                         }
-                        Err(e) => self.refusals.note(|n| {
-                            tracing::warn!(error = %e, refused_since_last_report = n, "API connection without credentials refused")
-                        }),
+                        Err(e) => {
+                            self.observer.metrics.refused(crate::metrics::Refusal::Api);
+                            self.refusals.note(|n| {
+                                tracing::warn!(error = %e, refused_since_last_report = n, "API connection without credentials refused")
+                            })
+                        }
                     }
                 }
                 Err(e) => {

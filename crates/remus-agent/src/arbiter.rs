@@ -39,6 +39,8 @@ pub trait Guarded: Send + Sync {
     /// Whether a protection session runs (its output is its own to
     /// release or drop).
     fn protected(&self) -> bool;
+    /// Reports what happened to the metrics and the event hooks.
+    fn notice(&self, notice: crate::observe::Notice);
 }
 
 /// The agent's arbiter: the etcd cluster, this host's name in it, and the
@@ -447,6 +449,7 @@ impl Guard {
                             );
                             tracing::error!(vm = %self.vm, revision = st.revision, lease = ?st.lease.map(|l| format!("{l:x}")), late_ms = late.as_millis() as u64, last_error = ?st.error, "{msg}");
                             self.publish(&*slot, "fenced", &msg);
+                            slot.notice(crate::observe::Notice::Fenced { reason: msg });
                         }
                         Err(e) => {
                             tracing::error!(vm = %self.vm, error = %e, "arbiter: cannot pause the VM at its fence deadline");
@@ -505,6 +508,7 @@ impl Guard {
                 let msg = format!("fence lifted: {why} (revision {revision}); the VM runs again");
                 tracing::warn!(vm = %self.vm, revision, "{msg}");
                 self.publish(slot, "leased", &msg);
+                slot.notice(crate::observe::Notice::FenceLifted { reason: msg });
                 let mut st = lock(&self.state);
                 st.tenure = Tenure::Leased;
                 st.revision = revision;
@@ -534,6 +538,7 @@ impl Guard {
         );
         tracing::error!(vm = %self.vm, %holder, revision, "{msg}");
         self.publish(slot, "stale", &msg);
+        slot.notice(crate::observe::Notice::Stale { reason: msg });
         {
             let mut st = lock(&self.state);
             st.tenure = Tenure::Stale;

@@ -164,6 +164,28 @@ pub struct Args {
     #[arg(long, default_value_t = remus_disk::activity::DEFAULT_LIMIT as u64, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub al_extents: u64,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (per VM: role,
+    /// age of the last checkpoint, pause and ack histograms, held output;
+    /// counters of failovers, lost backups, fences, refused connections).
+    /// Unauthenticated and read-only: bind it to an address only the
+    /// monitoring network reaches. See docs/operations.md, "What to
+    /// monitor".
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Run the executables in DIR on failover, backup-lost, fenced,
+    /// fence-lifted, stale, split-brain-refused, resync-done and
+    /// protection-restored, with REMUS_EVENT, REMUS_VM, REMUS_ROLE,
+    /// REMUS_PEER, REMUS_EPOCH, REMUS_HOST and REMUS_REASON set (as DRBD's
+    /// handlers). They run off the data path, one at a time, in name
+    /// order; DIR and each hook must be owned by root or the agent's user
+    /// and writable by nobody else.
+    #[arg(long, value_name = "DIR")]
+    pub hook_dir: Option<PathBuf>,
+    /// A hook still running after this long is killed (with the processes
+    /// it started).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub hook_timeout: u64,
 }
 
 /// Why the settings cannot be used.

@@ -216,7 +216,20 @@ async fn protect(
 ) -> Result<StatusCode, AgentError> {
     let Json(req) =
         body.map_err(|e| AgentError::BadRequest(format!("bad protect request: {e}")))?;
-    blocking(move || crate::replication::start_protect(&a, &name, req)).await?;
+    blocking(move || {
+        crate::replication::start_protect(&a, &name, req.clone())?;
+        if req.manual {
+            a.wishes().clear(&name);
+            return Ok(());
+        }
+        // Wanted from now on: the agent sets it up again when it is lost.
+        let wish = crate::wishes::Wish {
+            reprotect: !req.no_reprotect,
+            request: req,
+        };
+        a.wishes().set(&name, wish).map_err(AgentError::Internal)
+    })
+    .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -303,8 +316,13 @@ async fn unprotect(
     State(a): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, AgentError> {
-    let slot = a.slot(&name)?;
-    if !slot.life.stop() {
+    // The wish goes first: the healer must not set up again what is being
+    // stopped.
+    let wanted = a.wish(&name).is_some();
+    a.wishes().clear(&name);
+    let stopped = a.slot(&name).is_ok_and(|s| s.life.stop());
+    if !stopped && !wanted {
+        a.slot(&name)?;
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is not being protected"
         )));

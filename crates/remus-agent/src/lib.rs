@@ -18,11 +18,15 @@ pub mod arbiter;
 pub mod cli;
 pub mod copies;
 pub mod failover;
+pub mod hooks;
 pub mod host;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
+pub mod observe;
 pub mod replication;
 pub mod storage;
+pub mod wishes;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -32,6 +36,17 @@ use anyhow::Context;
 
 use agent::{Agent, AgentOptions};
 pub use cli::Args;
+
+/// This host's name: `--host-name`, or the kernel's hostname.
+fn host_name(args: &Args) -> anyhow::Result<String> {
+    Ok(match &args.host_name {
+        Some(h) => h.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("read the hostname (or give --host-name)")?
+            .trim()
+            .to_string(),
+    })
+}
 
 /// The etcd client of `--arbiter` and this host's name in it, if given:
 /// its files (CA, certificate, key, password) read and checked.
@@ -56,13 +71,7 @@ fn arbiter_client(args: &Args) -> anyhow::Result<Option<(remus_arbiter::Arbiter,
     if let Some(w) = cfg.plaintext_warning() {
         tracing::warn!("{w}");
     }
-    let host = match &args.host_name {
-        Some(h) => h.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("read the hostname (or give --host-name)")?
-            .trim()
-            .to_string(),
-    };
+    let host = host_name(args)?;
     Ok(Some((remus_arbiter::Arbiter::new(cfg, &host)?, host)))
 }
 
@@ -256,7 +265,17 @@ async fn run(
             "--listen needs --key FILE: replication peers must authenticate (the same key file on both hosts)"
         );
     }
+    let hooks = match &args.hook_dir {
+        Some(dir) => Some(hooks::HookSettings {
+            dir: std::path::absolute(dir).context("--hook-dir")?,
+            timeout: std::time::Duration::from_secs(args.hook_timeout),
+            host: host_name(&args)?,
+        }),
+        None => None,
+    };
+    let observer = observe::Observer::new(hooks).map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent::new(AgentOptions {
+        observer,
         state_dir: state_dir.clone(),
         ram_dir: args.ram_dir.clone(),
         qemu: remus_vm::QemuBinary {
@@ -336,6 +355,14 @@ async fn run(
             .spawn(move || replication::serve(a, l))
             .context("start the replication listener")?;
     }
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the metrics address {addr} (--metrics)"))?;
+        tracing::info!(%addr, "metrics served at /metrics");
+        tokio::spawn(metrics::serve(l, agent.clone()));
+    }
+    wishes::Wishes::start_healer(&agent).context("start the healer thread")?;
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("bind {}", args.socket.display()))?;
     apiauth::set_socket_access(&args.socket, &allowed, own_socket_dir)
@@ -344,6 +371,7 @@ async fn run(
         inner: listener,
         allowed,
         refusals: Default::default(),
+        observer: agent.opts.observer.clone(),
     };
 
     tracing::info!(socket = %args.socket.display(), state_dir = %state_dir.display(), "remusd ready");

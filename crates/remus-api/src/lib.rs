@@ -86,6 +86,10 @@ pub struct VmInfo {
     /// host has claimed the VM's key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arbiter: Option<ArbiterInfo>,
+    /// The backup protection of this VM is wanted to (`remus protect`
+    /// recorded it; the agent sets it up again when it is lost), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<String>,
 }
 
 /// Which host the arbiter (etcd) lets run a VM, as this agent knows it.
@@ -185,7 +189,7 @@ pub struct VcpuInfo {
 }
 
 /// `POST /v1/vms/NAME/protection`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProtectRequest {
     /// The backup agent's replication address, HOST:PORT.
     pub peer: String,
@@ -204,6 +208,16 @@ pub struct ProtectRequest {
     /// already; the backup must allow it (`--allow-unencrypted-peers`).
     #[serde(default)]
     pub unencrypted: bool,
+    /// After a failover, the host that took over does not protect the VM
+    /// back to this one by itself (`remus protect --no-reprotect`).
+    #[serde(default)]
+    pub no_reprotect: bool,
+    /// The agents set nothing up by themselves for this protection: no
+    /// retry after a lost backup, no protection back after a failover
+    /// (`remus protect --manual`, for a cluster manager or a script that
+    /// drives every step).
+    #[serde(default)]
+    pub manual: bool,
 }
 
 fn default_interval_ms() -> u64 {

@@ -2,11 +2,12 @@
 
 use remus_api::{SessionEvent, SyncMode, VcpuInfo, VmInfo};
 
-/// `xl list`'s table: Name, ID, Mem, VCPUs, State, Time(s).
+/// `xl list`'s table: Name, ID, Mem, VCPUs, State, Time(s); then remus's
+/// own: the role here and the protection wanted (the backup's address).
 pub fn list_table(vms: &[VmInfo]) -> String {
     let mut out = format!(
-        "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9}\n",
-        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)"
+        "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9}  {:<11} {}\n",
+        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Role", "Wanted"
     );
     for v in vms {
         let letter = v.state.chars().next().unwrap_or('-');
@@ -14,9 +15,17 @@ pub fn list_table(vms: &[VmInfo]) -> String {
         let flags: String = (0..6)
             .map(|i| if i == pos { letter } else { '-' })
             .collect();
+        let wanted = match (&v.wanted, v.role.as_str()) {
+            (None, _) => "-".to_string(),
+            // Protected as wanted: the address says it all.
+            (Some(w), "primary") => w.clone(),
+            // Wanted here, but the VM is a copy: it applies if it runs here.
+            (Some(w), "backup" | "stale") => format!("{w} (when it runs here)"),
+            (Some(w), _) => format!("{w} (not yet: retrying)"),
+        };
         out.push_str(&format!(
-            "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9.1}\n",
-            v.name, v.id, v.mem_mib, v.vcpus, flags, v.time_s
+            "{:<40} {:>5} {:>6} {:>5}     {:<6} {:>9.1}  {:<11} {}\n",
+            v.name, v.id, v.mem_mib, v.vcpus, flags, v.time_s, v.role, wanted
         ));
     }
     for v in vms {
@@ -194,6 +203,7 @@ mod tests {
             protection: None,
             changed_chunks: Default::default(),
             arbiter: None,
+            wanted: None,
         }]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("Name"));
@@ -202,7 +212,8 @@ mod tests {
         }
         assert!(lines[1].starts_with("demo"));
         assert!(lines[1].contains("--p---"), "{}", lines[1]);
-        assert!(lines[1].trim_end().ends_with("12.3"), "{}", lines[1]);
+        assert!(lines[1].contains("12.3  unprotected"), "{}", lines[1]);
+        assert!(lines[1].trim_end().ends_with('-'), "{}", lines[1]);
     }
 
     #[test]

@@ -122,6 +122,13 @@ pub enum Command {
     /// (epoch, pause, dirty pages, bytes, ack latency). Ctrl-C stops
     /// following; protection goes on in the agent until `remus protect
     /// --stop VM`.
+    ///
+    /// The agent records that protection is wanted: when the backup is
+    /// lost, it protects the VM again as soon as the backup answers
+    /// (retrying every 1 s, doubling to a minute), and after a failover
+    /// the host that took over protects the VM back to this one once its
+    /// agent is back (see --no-reprotect). `remus list` shows it under
+    /// Wanted.
     Protect {
         /// Checkpoint interval in milliseconds.
         #[arg(short = 'i', long = "interval", default_value_t = 200)]
@@ -152,7 +159,22 @@ pub enum Command {
         /// them. The backup must allow it (remusd --allow-unencrypted-peers).
         #[arg(long)]
         unencrypted: bool,
-        /// Stop protecting VM (the backup discards its standby copy).
+        /// After a failover, do not let the host that took over protect
+        /// the VM back to this one by itself (it does once this host's
+        /// agent answers again, with a changed-only resync). Losing the
+        /// backup is still healed: this host protects again as soon as
+        /// the backup answers.
+        #[arg(long)]
+        no_reprotect: bool,
+        /// Nothing is set up again by itself: no retry after a lost
+        /// backup, no protection back after a failover (implies
+        /// --no-reprotect). For a cluster manager or a script that drives
+        /// every step.
+        #[arg(long)]
+        manual: bool,
+        /// Stop protecting VM (the backup discards its standby copy) and
+        /// forget that protection is wanted: the agent no longer sets it
+        /// up again by itself.
         #[arg(long)]
         stop: bool,
         /// Print events as JSON lines.
@@ -334,6 +356,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_disk,
             no_compress,
             unencrypted,
+            no_reprotect,
+            manual,
             stop,
             json,
             detach,
@@ -369,6 +393,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_disk,
                 no_compress,
                 unencrypted,
+                no_reprotect,
+                manual,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

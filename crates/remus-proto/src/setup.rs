@@ -253,6 +253,20 @@ pub struct ReturnTo {
     pub interval_ms: u64,
     pub no_net: bool,
     pub no_compress: bool,
+    /// After a failover (not only a switch-over), the backup protects the
+    /// VM back here by itself once this host's agent answers again. Absent
+    /// (older agents): yes.
+    #[serde(default = "yes")]
+    pub reprotect: bool,
+    /// The new primary wants the protection back kept up (it sets it up
+    /// again when its backup is lost); false for `remus protect
+    /// --manual`. Absent (older agents): yes.
+    #[serde(default = "yes")]
+    pub heal: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The arbiter a protection session is decided by.

@@ -112,6 +112,8 @@ pub fn start_protect(
             interval_ms: req.interval_ms,
             no_net: req.no_net,
             no_compress: req.no_compress,
+            reprotect: !(req.no_reprotect || req.manual),
+            heal: !req.manual,
         });
     let (stream, version, plan) = open_session(
         agent,
@@ -158,8 +160,14 @@ pub fn start_protect(
             copy_dir.clone(),
             committed_any.clone(),
         );
+        let peer = req.peer.clone();
         OnCommit(Arc::new(move |epoch| {
-            source_committed(&slot.vm, &copy, &dir, epoch.0, &any);
+            if source_committed(&slot.vm, &copy, &dir, epoch.0, &any) {
+                slot.notice(crate::observe::Notice::ResyncDone {
+                    peer: Some(peer.clone()),
+                    epoch: epoch.0,
+                });
+            }
         }))
     };
     let cfg = ProtectConfig {
@@ -197,8 +205,16 @@ pub fn start_protect(
                     // asks `list` must already see the VM unprotected (and
                     // find the reason in the log).
                     SessionEvent::BackupLost { reason } => {
-                        tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
+                        if agent2.wish(&vm_name).is_some() {
+                            tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; the agent protects it again as soon as the backup answers");
+                        } else {
+                            tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");
+                        }
                         slot2.life.session_over();
+                        slot2.notice(crate::observe::Notice::BackupLost {
+                            peer: peer.clone(),
+                            reason: reason.clone(),
+                        });
                     }
                     SessionEvent::Stopped { .. } => slot2.life.session_over(),
                     _ => {}
@@ -269,6 +285,8 @@ pub fn start_protect(
                 }
             }
             slot2.end_session();
+            // Protection still wanted: the healer sets it up again.
+            agent2.wishes().poke();
         })
         .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
     Ok(())
@@ -277,17 +295,17 @@ pub fn start_protect(
 /// A checkpoint of this primary's session committed on the backup (the
 /// session's activity logs already dropped the extents it covers): the
 /// first commit completes the resync (the backup holds this copy's
-/// generation now).
+/// generation now): true then.
 fn source_committed(
     vm: &remus_vm::Vm,
     copy: &std::sync::Mutex<Option<CopyState>>,
     dir: &std::path::Path,
     epoch: u64,
     committed_any: &AtomicBool,
-) {
+) -> bool {
     let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
     let Some(st) = copy.as_mut() else {
-        return;
+        return false;
     };
     if !committed_any.swap(true, std::sync::atomic::Ordering::SeqCst) {
         crate::copies::source_synced(vm);
@@ -295,7 +313,9 @@ fn source_committed(
         st.common_epoch = Some(epoch);
         crate::copies::save(dir, vm.name(), st);
         tracing::info!(vm = %vm.name(), epoch, generation = %st.gens.current, "resync complete: the backup holds this copy's data; change maps cleared");
+        return true;
     }
+    false
 }
 
 /// `remus failback VM`: a planned role swap of a protected VM. At the next

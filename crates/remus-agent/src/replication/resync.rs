@@ -90,7 +90,8 @@ pub(super) fn plan_target(
 }
 
 /// The first checkpoint of a resync committed here: this copy holds the
-/// source's generation now, and its own change records are spent.
+/// source's generation now, and its own change records are spent. True
+/// when this commit completed a resync.
 pub(super) fn target_committed(
     vm: &str,
     copy: &std::sync::Mutex<Option<CopyState>>,
@@ -98,13 +99,13 @@ pub(super) fn target_committed(
     source: Option<&Generations>,
     targets: &[String],
     epoch: u64,
-) {
+) -> bool {
     let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
     let (Some(st), Some(src)) = (copy.as_mut(), source) else {
-        return;
+        return false;
     };
     if st.resync_from.is_none() {
-        return;
+        return false;
     }
     st.gens.adopt(src);
     st.resync_from = None;
@@ -113,6 +114,7 @@ pub(super) fn target_committed(
     crate::copies::save(dir, vm, st);
     crate::copies::target_synced(dir, targets);
     tracing::info!(%vm, epoch, generation = %st.gens.current, "resync complete: this copy holds the primary's data");
+    true
 }
 
 /// Creates the images this host keeps a copy in (missing ones, sparse, at

@@ -23,6 +23,10 @@ pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
                 let Some(admitted) = admission.admit(peer_addr.ip()) else {
                     // Closed at once: no thread, nothing read.
                     drop(stream);
+                    agent
+                        .observer()
+                        .metrics
+                        .refused(crate::metrics::Refusal::Admission);
                     continue;
                 };
                 let a = agent.clone();
@@ -113,6 +117,10 @@ fn backup_session(
         Err(e) => {
             // Anyone can make a handshake fail: logged, rate-limited.
             admitted.handshake_failed(&e.peer, &e.to_string());
+            agent
+                .observer()
+                .metrics
+                .refused(crate::metrics::Refusal::Handshake);
             return Ok(());
         }
     };
@@ -274,17 +282,23 @@ fn backup_session(
         &cfg,
         &|ev| {
             tracing::debug!(vm = %vm_name, event = ?ev, "backup");
-            if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev
-                && !first_commit.swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
-                target_committed(
-                    &vm_name,
-                    &copy,
-                    &copy_dir,
-                    source_gens.as_ref(),
-                    &targets,
-                    epoch,
-                );
+            if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev {
+                agent.observer().backup_committed(&vm_name);
+                if !first_commit.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    && target_committed(
+                        &vm_name,
+                        &copy,
+                        &copy_dir,
+                        source_gens.as_ref(),
+                        &targets,
+                        epoch,
+                    )
+                {
+                    slot3.notice(crate::observe::Notice::ResyncDone {
+                        peer: Some(peer.clone()),
+                        epoch,
+                    });
+                }
             }
         },
         &|replica| {
@@ -346,7 +360,7 @@ fn backup_session(
     decide_failover(
         agent,
         &slot,
-        session.purpose,
+        (session.purpose, &peer, &setup),
         arbiter.as_ref(),
         &replica,
         disks.as_mut(),
@@ -359,15 +373,11 @@ fn backup_session(
     Ok(())
 }
 
-/// After a planned switch-over this host runs the VM: it protects it back
-/// to the old primary (which takes the session once its own copy is gone),
-/// with the session's settings.
-fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
-    let Some(back) = setup.return_to.clone() else {
-        tracing::warn!(vm = %name, "switched over, but the old primary gave no address to protect back to: the VM runs here UNPROTECTED; run `remus protect`");
-        return;
-    };
-    let req = ProtectRequest {
+/// The protection of the VM back to the old primary, with the session's
+/// settings, if the old primary gave an address.
+fn request_back(setup: &SessionSetup) -> Option<ProtectRequest> {
+    let back = setup.return_to.as_ref()?;
+    Some(ProtectRequest {
         peer: back.address.clone(),
         interval_ms: back.interval_ms,
         timeout_ms: setup.timeout_ms,
@@ -375,6 +385,59 @@ fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
         no_disk: !setup.replicate_disks,
         no_compress: back.no_compress,
         unencrypted: false,
+        no_reprotect: !back.reprotect,
+        manual: !back.heal,
+    })
+}
+
+/// After a failover this host runs the VM: unless the old primary said
+/// `--no-reprotect`, protection back to it is wanted from now on, and the
+/// healer sets it up as soon as the old primary's agent answers.
+fn wish_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
+    let Some(req) = request_back(setup) else {
+        tracing::warn!(vm = %name, "the old primary gave no address to protect back to: the VM runs here UNPROTECTED; run `remus protect`");
+        return;
+    };
+    if req.no_reprotect {
+        tracing::warn!(vm = %name, peer = %req.peer, "the VM runs here UNPROTECTED: it was protected with --no-reprotect or --manual; run `remus protect` when the old primary is back");
+        return;
+    }
+    let peer = req.peer.clone();
+    let wish = crate::wishes::Wish {
+        reprotect: true,
+        request: req,
+    };
+    match agent.wishes().set(name, wish) {
+        Ok(()) => {
+            tracing::warn!(vm = %name, %peer, "the VM runs here UNPROTECTED until the old primary's agent answers; it is then protected back to it by itself (changed-only resync)")
+        }
+        Err(e) => {
+            tracing::error!(vm = %name, %peer, error = %e, "the VM runs here UNPROTECTED; run `remus protect`")
+        }
+    }
+}
+
+/// After a planned switch-over this host runs the VM: it protects it back
+/// to the old primary (which takes the session once its own copy is gone),
+/// with the session's settings.
+fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
+    let Some(req) = request_back(setup) else {
+        tracing::warn!(vm = %name, "switched over, but the old primary gave no address to protect back to: the VM runs here UNPROTECTED; run `remus protect`");
+        return;
+    };
+    let peer = req.peer.clone();
+    // Wanted from now on (unless the protection is driven by hand).
+    let want = || {
+        if req.manual {
+            return;
+        }
+        let wish = crate::wishes::Wish {
+            reprotect: !req.no_reprotect,
+            request: req.clone(),
+        };
+        if let Err(e) = agent.wishes().set(name, wish) {
+            tracing::error!(vm = %name, %peer, error = %e, "cannot record the protection wish");
+        }
     };
     // The old primary tears its copy down as soon as it has our Done; its
     // agent refuses the session while the VM is still listed there.
@@ -382,7 +445,8 @@ fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
     loop {
         match start_protect(agent, name, req.clone()) {
             Ok(()) => {
-                tracing::info!(vm = %name, peer = %back.address, "switch-over: protecting the VM back to the old primary");
+                tracing::info!(vm = %name, %peer, "switch-over: protecting the VM back to the old primary");
+                want();
                 return;
             }
             Err(AgentError::PeerRefused {
@@ -392,7 +456,8 @@ fn protect_back(agent: &Arc<Agent>, name: &str, setup: &SessionSetup) {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => {
-                tracing::error!(vm = %name, peer = %back.address, error = %e, "switch-over: cannot protect the VM back; it runs here UNPROTECTED; run `remus protect`");
+                tracing::error!(vm = %name, %peer, error = %e, "switch-over: cannot protect the VM back; it runs here UNPROTECTED until a retry succeeds");
+                want();
                 return;
             }
         }
@@ -442,7 +507,7 @@ fn check_arbiter(
 fn decide_failover(
     agent: &Arc<Agent>,
     slot: &Arc<VmSlot>,
-    purpose: Purpose,
+    (purpose, peer, setup): (Purpose, &str, &SessionSetup),
     arbiter: Option<&Arc<crate::arbiter::AgentArbiter>>,
     replica: &Replica,
     disks: Option<&mut remus_disk::EpochBuffer>,
@@ -450,6 +515,12 @@ fn decide_failover(
     (copy_dir, copy): (&std::path::Path, Option<CopyState>),
 ) {
     let name = slot.vm.name().to_string();
+    // The old primary by the address its agent takes sessions at, when
+    // it gave one (else as it connected).
+    let peer = setup
+        .return_to
+        .as_ref()
+        .map_or(peer, |b| b.address.as_str());
     // A discarded standby keeps its record: it says what its disks hold
     // (a committed checkpoint of the primary's generation, or an
     // interrupted resync), for the next session to this host.
@@ -474,6 +545,10 @@ fn decide_failover(
             if let Decision::Discard(why) =
                 crate::failover::after_arbiter(&reason, answer.as_ref().map(|_| ()))
             {
+                slot.notice(crate::observe::Notice::SplitBrainRefused {
+                    peer: Some(peer.to_string()),
+                    reason: why.clone(),
+                });
                 return discard(&why);
             }
             answer.ok().map(|l| (arb, l))
@@ -519,6 +594,14 @@ fn decide_failover(
         Ok(stats) => {
             slot.life.took_over();
             tracing::warn!(vm = %name, epoch = stats.epoch, load_ms = stats.load_ms, cont_ms = stats.cont_ms, "FAILOVER: primary lost ({reason}); resumed from the last committed checkpoint, epoch {}", stats.epoch);
+            slot.notice(crate::observe::Notice::Failover {
+                peer: Some(peer.to_string()),
+                epoch: stats.epoch,
+                reason: reason.clone(),
+            });
+            if purpose == Purpose::Protect {
+                wish_back(agent, &name, setup);
+            }
             // Runs here unprotected now: the key is pinned to this
             // host (the lease is kept, and fenced, until it is).
             if let Some((arb, l)) = lease {

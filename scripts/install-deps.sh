@@ -78,11 +78,13 @@ qemu_ok() {
 # image (scripts/build-debian-image.sh) and the package's install test;
 # dpkg-dev: dpkg-shlibdeps, which computes the package's library
 # dependencies (scripts/package.sh); gcc and pkg-config: crates that build
-# C code.
+# C code; prometheus (and its promtool): the metrics test scrapes the
+# agents with a real server, and contrib/'s alert rules are checked with
+# promtool.
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
     etcd-server etcd-client protobuf-compiler libprotobuf-dev
     dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap
-    dpkg-dev gcc libc6-dev pkg-config)
+    dpkg-dev gcc libc6-dev pkg-config prometheus)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

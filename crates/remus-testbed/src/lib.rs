@@ -617,8 +617,24 @@ pub struct ProtectFollower {
 
 impl ProtectFollower {
     /// Starts protecting `vm` on `agent` to `peer` with extra `args`
-    /// (e.g. `-i 100 --timeout 1000`), following the events.
+    /// (e.g. `-i 100 --timeout 1000`), following the events. By hand
+    /// (`--manual`): the test drives every step, and no agent sets up a
+    /// session by itself meanwhile; [`ProtectFollower::start_healing`]
+    /// for protection the agents keep up themselves.
     pub fn start(agent: &Agent, vm: &str, peer: &str, args: &[&str]) -> Result<ProtectFollower> {
+        let mut all = vec!["--manual"];
+        all.extend_from_slice(args);
+        Self::start_healing(agent, vm, peer, &all)
+    }
+
+    /// As [`ProtectFollower::start`], without `--manual`: the protection
+    /// is wanted, and the agents set it up again when it is lost.
+    pub fn start_healing(
+        agent: &Agent,
+        vm: &str,
+        peer: &str,
+        args: &[&str],
+    ) -> Result<ProtectFollower> {
         use std::io::BufRead;
         let mut child = Command::new(&agent.bins.remus)
             .arg("--socket")

@@ -242,7 +242,17 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     let (mut b1, l1) = agent_with_port(&key);
     boot(&primary, "vm", &img);
 
-    let out = primary.cli(&["protect", "-d", "-i", "100", "--timeout", "1000", "vm", &l1]);
+    let out = primary.cli(&[
+        "protect",
+        "-d",
+        "--manual",
+        "-i",
+        "100",
+        "--timeout",
+        "1000",
+        "vm",
+        &l1,
+    ]);
     assert!(out.ok, "{}", out.stderr);
     wait_for("standby on b1", Duration::from_secs(30), || {
         b1.vm("vm").is_some_and(|v| v["role"] == "backup")

@@ -460,7 +460,7 @@ fn resync_round_trips_failback_crash_and_split_brain() {
     hosts[r].kill_hard();
     hosts[r].restart().unwrap();
     let peer = format!("{}:{REPL_PORT}", lan.addr(names[r]));
-    let out = hosts[s].cli(&["protect", "-d", VM, &peer]);
+    let out = hosts[s].cli(&["protect", "-d", "--manual", VM, &peer]);
     assert!(
         !out.ok && out.stderr.contains("split brain") && out.stderr.contains("--discard-this-copy"),
         "protecting onto a copy that ran on its own must be refused: {}",

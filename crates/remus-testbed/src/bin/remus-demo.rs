@@ -143,8 +143,11 @@ fn run() -> Result<()> {
 
     say("");
     say(&format!(
-        "== host a: remus protect -i 100 --timeout 1000 {VM} {listen}"
+        "== host a: remus protect --manual -i 100 --timeout 1000 {VM} {listen}"
     ));
+    say(
+        "   (--manual: this demo takes each step itself; without it the agents set protection up again by themselves after a loss)",
+    );
     let mut follow = ProtectFollower::start(&a, VM, &listen, &["-i", "100", "--timeout", "1000"])?;
     let mut pauses = Vec::new();
     while pauses.len() < 30 {
@@ -241,7 +244,7 @@ fn run() -> Result<()> {
     say(&indent(&a.cli(&["list"]).stdout));
     say("");
     say(&format!(
-        "== host b: remus protect -i 100 --timeout 1000 {VM} {a_listen}   (resync back to a)"
+        "== host b: remus protect --manual -i 100 --timeout 1000 {VM} {a_listen}   (resync back to a)"
     ));
     let mut back = ProtectFollower::start(&b, VM, &a_listen, &["-i", "100", "--timeout", "1000"])?;
     let plan = back.event("sync_plan")?;

@@ -1,0 +1,450 @@
+//! Operations through the real agents, QEMU, network and a real
+//! Prometheus server (Debian's `prometheus`): hosts a and b run agents
+//! with `--metrics` and `--hook-dir`, Prometheus runs on host c and
+//! scrapes both every second; the guest serves a TCP session to c and
+//! writes records to a replicated disk.
+//!
+//! 1. a protects the VM to b (wanted, not `--manual`): Prometheus reads
+//!    the checkpoints, the roles and the age of b's last commit.
+//! 2. a's plug is pulled: b fails over; b's `failover` hook runs with the
+//!    event in its environment; Prometheus counts the failover on b and
+//!    sees a down.
+//! 3. a's agent comes back (its copy is stale): b protects the VM back to
+//!    a by itself, with a changed-only resync, and says
+//!    `protection-restored`.
+//! 4. a's agent is killed again (now the backup): b reports
+//!    `backup-lost`, and protects again by itself once a is back.
+//! 5. `remus protect --stop` clears the wish: the next loss is not healed.
+//!
+//! The TCP session survives all of it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
+
+const VM: &str = "ops";
+const VM_IP: &str = "198.18.0.10";
+const REPL_PORT: u16 = 7100;
+const METRICS_PORT: u16 = 9477;
+const PROM_PORT: u16 = 9090;
+const DISK_BYTES: u64 = 256 << 20;
+
+fn bins() -> Binaries {
+    remus_testbed::test_bins!()
+}
+
+/// Polls `f` until it gives a value (agent and Prometheus state have no
+/// change notification to wait on).
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "no {what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An agent on host `h`: replication, metrics on its LAN address, hooks
+/// from `hooks`, its copies of peers' disks in `store`.
+fn agent(lan: &Lan, h: &str, store: &Path, key: &Path, hooks: &Path) -> Agent {
+    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
+    let metrics = format!("{}:{METRICS_PORT}", lan.addr(h));
+    let extra = [
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--image-dir",
+        store.to_str().unwrap(),
+        "--metrics",
+        &metrics,
+        "--hook-dir",
+        hooks.to_str().unwrap(),
+        "--hook-timeout",
+        "5",
+        "--host-name",
+        h,
+    ];
+    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+}
+
+/// A hook directory whose one hook appends a line per event to `log`.
+fn hook_dir(top: &Path, h: &str) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = top.join(format!("hooks-{h}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = top.join(format!("events-{h}.log"));
+    let hook = dir.join("10-record");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1|$REMUS_VM|$REMUS_ROLE|$REMUS_PEER|$REMUS_EPOCH|$REMUS_HOST|$REMUS_REASON\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o700)).unwrap();
+    (dir, log)
+}
+
+/// The events host `h`'s hook recorded: (event, the other fields).
+fn events(log: &Path) -> Vec<(String, Vec<String>)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut f = l.split('|').map(str::to_string);
+            (f.next().unwrap_or_default(), f.collect())
+        })
+        .collect()
+}
+
+fn wait_event(log: &Path, event: &str, n: usize) -> Vec<String> {
+    wait_for(
+        &format!("hook run #{n} for {event} ({})", log.display()),
+        Duration::from_secs(120),
+        || {
+            events(log)
+                .into_iter()
+                .filter(|(e, _)| e == event)
+                .nth(n - 1)
+                .map(|(_, f)| f)
+        },
+    )
+}
+
+/// Prometheus on host c, scraping both agents every second; killed on
+/// drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(lan: &Lan, dir: &Path) -> Prometheus {
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: remus\n    static_configs:\n      - targets: ['{}:{METRICS_PORT}', '{}:{METRICS_PORT}']\n",
+                lan.addr("a"),
+                lan.addr("b")
+            ),
+        )
+        .unwrap();
+        let listen = format!("{}:{PROM_PORT}", lan.addr("c"));
+        let child = lan
+            .host("c")
+            .command(Path::new("prometheus"))
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("run prometheus (scripts/install-deps.sh installs it)");
+        let p = Prometheus {
+            child,
+            url: format!("http://{listen}"),
+        };
+        wait_for("Prometheus to answer", Duration::from_secs(60), || {
+            p.try_query(lan, "up").ok()
+        });
+        p
+    }
+
+    fn try_query(&self, lan: &Lan, expr: &str) -> Result<Vec<(serde_json::Value, f64)>, String> {
+        let out = lan
+            .host("c")
+            .exec(
+                "promtool",
+                &["query", "instant", "-o", "json", &self.url, expr],
+            )
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| {
+                        let val = s["value"][1].as_str()?.parse().ok()?;
+                        Some((s["metric"].clone(), val))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until `expr` (about host `h`'s agent) has a sample for which
+    /// `ok` holds; returns its value.
+    fn wait(&self, lan: &Lan, h: &str, expr: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let instance = format!("{}:{METRICS_PORT}", lan.addr(h));
+        wait_for(
+            &format!("{expr} on {h} in Prometheus"),
+            Duration::from_secs(60),
+            || {
+                self.try_query(lan, expr)
+                    .ok()?
+                    .into_iter()
+                    .find(|(m, v)| m["instance"] == instance.as_str() && ok(*v))
+                    .map(|(_, v)| v)
+            },
+        )
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn role(h: &Agent) -> Option<String> {
+    h.vm(VM)
+        .and_then(|v| v["role"].as_str().map(str::to_string))
+}
+
+fn wait_role(h: &Agent, want: &str, what: &str) {
+    let start = Instant::now();
+    while role(h).as_deref() != Some(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{what}: no role {want}: {:?}\n{}",
+            h.vm(VM),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The session with the client goes on.
+fn session_flows(client: &SeqClient, host: &Agent, what: &str) {
+    let at = client.received();
+    client
+        .wait_received(at + 100, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(VM)));
+    assert_eq!(client.error(), None, "{what}");
+}
+
+#[test]
+fn metrics_hooks_and_protection_that_heals_itself() {
+    let img = GuestImage::find().expect("guest image");
+    let lan = Lan::standard("ops").expect("LAN of namespace hosts");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let top = tempfile::tempdir_in("/tmp").unwrap();
+    let images = top.path().join("images");
+    let store_b = top.path().join("b");
+    for d in [&images, &store_b] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let disk = images.join("records.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let (hooks_a, log_a) = hook_dir(top.path(), "a");
+    let (hooks_b, log_b) = hook_dir(top.path(), "b");
+    let prom = Prometheus::start(&lan, top.path());
+    let mut a = agent(&lan, "a", &images, &key, &hooks_a);
+    let b = agent(&lan, "b", &store_b, &key, &hooks_b);
+    let a_listen = format!("{}:{REPL_PORT}", lan.addr("a"));
+    let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
+
+    let cfg = a.write_file(
+        "vm.toml",
+        &img.config(
+            VM,
+            &format!(
+                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={VM_IP}/24"
+            ),
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:c6:12:2e\"\n",
+                disk.display()
+            ),
+        ),
+    );
+    let out = a.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    a.wait_console(VM, Duration::from_secs(90), "seqserver", |c| {
+        c.contains("seqserver: listening")
+    })
+    .unwrap();
+    let client = SeqClient::start(
+        lan.host("c"),
+        format!("{VM_IP}:7000").parse().unwrap(),
+        Duration::from_millis(5),
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}\n{}", a.console(VM)));
+    client.wait_received(50, Duration::from_secs(30)).unwrap();
+
+    // 1. Protection, as Prometheus sees it.
+    let mut follow =
+        ProtectFollower::start_healing(&a, VM, &b_listen, &["-i", "100", "--timeout", "1000"])
+            .unwrap();
+    follow.checkpoint_after(0).unwrap();
+    let wanted = a.vm(VM).unwrap();
+    assert_eq!(wanted["wanted"], b_listen.as_str(), "{wanted}");
+    let table = a.cli(&["list"]).stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(VM) && l.contains("primary") && l.contains(&b_listen)),
+        "{table}"
+    );
+    let sel = format!("{{vm=\"{VM}\"}}");
+    let cps = prom.wait(&lan, "a", &format!("remus_checkpoints_total{sel}"), |v| {
+        v >= 5.0
+    });
+    prom.wait(&lan, "a", &format!("remus_vm_protected{sel}"), |v| v == 1.0);
+    prom.wait(
+        &lan,
+        "a",
+        &format!("remus_vm_protection_wanted{sel}"),
+        |v| v == 1.0,
+    );
+    prom.wait(
+        &lan,
+        "a",
+        "remus_vm_info{vm=\"ops\",role=\"primary\"}",
+        |v| v == 1.0,
+    );
+    prom.wait(
+        &lan,
+        "b",
+        "remus_vm_info{vm=\"ops\",role=\"backup\"}",
+        |v| v == 1.0,
+    );
+    prom.wait(
+        &lan,
+        "a",
+        &format!("remus_checkpoint_pause_seconds_count{sel}"),
+        |v| v >= 5.0,
+    );
+    prom.wait(
+        &lan,
+        "a",
+        &format!("remus_checkpoint_bytes_total{{vm=\"{VM}\",kind=\"raw\"}}"),
+        |v| v > 0.0,
+    );
+    // The backup's commits are seconds old at most (checkpoints every
+    // 100 ms, scraped every second).
+    let age = prom.wait(
+        &lan,
+        "b",
+        &format!("remus_vm_last_checkpoint_age_seconds{sel}"),
+        |v| v < 5.0,
+    );
+    prom.wait(&lan, "b", "remus_build_info", |v| v == 1.0);
+    eprintln!("1. protected: {cps} checkpoints counted on a, b's last commit {age:.2} s old");
+
+    // 2. Failover: b's hook and counters.
+    session_flows(&client, &a, "before the failover");
+    let killed = Instant::now();
+    a.kill_hard();
+    drop(follow);
+    let ms = b
+        .wait_failover(VM, killed, Duration::from_secs(60))
+        .unwrap();
+    let f = wait_event(&log_b, "failover", 1);
+    assert_eq!(f[0], VM, "{f:?}");
+    assert_eq!(f[2], a_listen, "the peer is the old primary: {f:?}");
+    assert!(f[3].parse::<u64>().is_ok_and(|e| e > 0), "an epoch: {f:?}");
+    assert_eq!(f[4], "b", "{f:?}");
+    assert!(f[5].contains("primary lost") || !f[5].is_empty(), "{f:?}");
+    prom.wait(&lan, "b", &format!("remus_failovers_total{sel}"), |v| {
+        v == 1.0
+    });
+    prom.wait(&lan, "a", "up", |v| v == 0.0);
+    // b wants to protect back to a, and cannot yet.
+    prom.wait(
+        &lan,
+        "b",
+        &format!("remus_vm_protection_wanted{sel}"),
+        |v| v == 1.0,
+    );
+    assert_eq!(b.vm(VM).unwrap()["wanted"], a_listen.as_str());
+    session_flows(&client, &b, "after the failover");
+    eprintln!("2. failover in {ms} ms; b's hook ran: {f:?}");
+
+    // 3. a's agent is back; b protects back to it by itself.
+    let back_at = Instant::now();
+    a.restart().unwrap();
+    wait_role(&b, "primary", "protection back to a");
+    wait_role(&a, "backup", "protection back to a");
+    let restored = wait_event(&log_b, "protection-restored", 1);
+    assert_eq!(restored[2], a_listen, "{restored:?}");
+    let log = b.log_text();
+    let plan = log
+        .lines()
+        .rfind(|l| l.contains("disk sync plan"))
+        .unwrap_or_else(|| panic!("no sync plan in b's log:\n{log}"));
+    assert!(plan.contains("Changed"), "a changed-only resync: {plan}");
+    // The resync is done on both sides: b's copy went to a.
+    wait_event(&log_a, "resync-done", 1);
+    session_flows(&client, &b, "after protecting back");
+    eprintln!(
+        "3. protected back to a within {:.1} s of its agent's restart",
+        back_at.elapsed().as_secs_f64()
+    );
+
+    // 4. The backup (a) dies: b heals once it is back.
+    a.kill_hard();
+    let lost = wait_event(&log_b, "backup-lost", 1);
+    assert_eq!(lost[2], a_listen, "{lost:?}");
+    prom.wait(&lan, "b", &format!("remus_backup_lost_total{sel}"), |v| {
+        v == 1.0
+    });
+    prom.wait(&lan, "b", &format!("remus_vm_protected{sel}"), |v| v == 0.0);
+    let table = b.cli(&["list"]).stdout;
+    assert!(table.contains("not yet: retrying"), "{table}");
+    a.restart().unwrap();
+    wait_event(&log_b, "protection-restored", 2);
+    wait_role(&a, "backup", "protection after the backup's return");
+    prom.wait(&lan, "b", &format!("remus_vm_protected{sel}"), |v| v == 1.0);
+    session_flows(&client, &b, "after healing");
+    eprintln!("4. backup lost and protection restored by itself");
+
+    // 5. --stop clears the wish: the next loss stays unhealed.
+    let out = b.cli(&["protect", "--stop", VM]);
+    assert!(out.ok, "{}", out.stderr);
+    wait_role(&b, "unprotected", "stop");
+    assert!(b.vm(VM).unwrap().get("wanted").is_none());
+    prom.wait(
+        &lan,
+        "b",
+        &format!("remus_vm_protection_wanted{sel}"),
+        |v| v == 0.0,
+    );
+    assert!(b.log_text().contains("protection no longer wanted"));
+    // Nothing sets it up again: a has no standby, b stays unprotected
+    // through several of the healer's sweeps.
+    let restored_before = events(&log_b)
+        .iter()
+        .filter(|(e, _)| e == "protection-restored")
+        .count();
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(role(&b).as_deref(), Some("unprotected"));
+    assert!(a.vm(VM).is_none(), "{:?}", a.vm(VM));
+    assert_eq!(
+        events(&log_b)
+            .iter()
+            .filter(|(e, _)| e == "protection-restored")
+            .count(),
+        restored_before
+    );
+    session_flows(&client, &b, "at the end");
+}

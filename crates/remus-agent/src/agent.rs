@@ -893,15 +893,20 @@ pub fn info(slot: &VmSlot) -> VmInfo {
         },
         pid: slot.vm.pid(),
         crash: slot.vm.crash_report(),
-        protection: slot.protected_to().map(|peer| remus_api::ProtectionInfo {
-            peer,
-            last_checkpoint: lock(&slot.last_checkpoint).clone(),
-            held_frames: slot
-                .vm
-                .output_commits()
-                .iter()
-                .map(|c| c.held() as u64)
-                .sum(),
+        protection: slot.protected_to().map(|peer| {
+            let tuning = slot.life.tuning();
+            remus_api::ProtectionInfo {
+                peer,
+                last_checkpoint: lock(&slot.last_checkpoint).clone(),
+                held_frames: slot
+                    .vm
+                    .output_commits()
+                    .iter()
+                    .map(|c| c.held() as u64)
+                    .sum(),
+                interval_ms: tuning.as_ref().map(|t| t.interval().as_millis() as u64),
+                timeout_ms: tuning.as_ref().map(|t| t.timeout().as_millis() as u64),
+            }
         }),
         changed_chunks: slot
             .vm

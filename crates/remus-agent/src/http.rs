@@ -60,7 +60,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/failback", post(failback))
         .route(
             "/v1/vms/{name}/protection",
-            post(protect).get(protection_events).delete(unprotect),
+            post(protect)
+                .get(protection_events)
+                .delete(unprotect)
+                .patch(retune),
         )
         .fallback(|| async {
             AgentError::NotFound("no such API endpoint (see the remus-api docs)".into())
@@ -310,6 +313,21 @@ async fn protection_events(
     }
     let (replay, rx) = slot.follow();
     Ok(ndjson_replay(replay, rx))
+}
+
+/// `remus protect --set`: answers with the session's settings now.
+async fn retune(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<remus_api::TuneRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<remus_api::TuneRequest> {
+    let Json(req) = body.map_err(|e| AgentError::BadRequest(format!("bad tune request: {e}")))?;
+    let (interval_ms, timeout_ms) =
+        blocking(move || crate::replication::tune(&a, &name, &req)).await?;
+    Ok(Json(remus_api::TuneRequest {
+        interval_ms: Some(interval_ms),
+        timeout_ms: Some(timeout_ms),
+    }))
 }
 
 async fn unprotect(

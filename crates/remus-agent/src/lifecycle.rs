@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use remus_proto::Purpose;
+use remus_replication::primary::Tuning;
 use remus_vm::Role;
 
 /// Where a VM stands on this host.
@@ -46,6 +47,8 @@ pub enum Stage {
         /// Set by `failback`: the session hands the VM over at the next
         /// checkpoint.
         switch_over: Arc<AtomicBool>,
+        /// The interval and timeout `remus protect --set` changes.
+        tuning: Arc<Tuning>,
     },
     /// The session to `peer` has ended (backup lost, stopped, switch-over
     /// being settled); the VM runs here unprotected, and no new session
@@ -125,7 +128,11 @@ impl Life {
     }
 
     /// Claimed (protect) → Protecting: the backup is ready.
-    pub fn protecting(&self, switch_over: Arc<AtomicBool>) -> Result<(), Refused> {
+    pub fn protecting(
+        &self,
+        switch_over: Arc<AtomicBool>,
+        tuning: Arc<Tuning>,
+    ) -> Result<(), Refused> {
         let mut st = self.lock();
         match &*st {
             Stage::Claimed {
@@ -137,10 +144,19 @@ impl Life {
                     peer: peer.clone(),
                     stop: stop.clone(),
                     switch_over,
+                    tuning,
                 };
                 Ok(())
             }
             other => Err(Refused::Role(name(other))),
+        }
+    }
+
+    /// The running protection session's settings, if one runs.
+    pub fn tuning(&self) -> Option<Arc<Tuning>> {
+        match &*self.lock() {
+            Stage::Protecting { tuning, .. } => Some(tuning.clone()),
+            _ => None,
         }
     }
 
@@ -239,7 +255,7 @@ mod tests {
         );
         assert!(!life.request_switch_over(), "nothing to switch over yet");
         let switch = flag();
-        life.protecting(switch.clone()).unwrap();
+        life.protecting(switch.clone(), tuning()).unwrap();
         assert_eq!(life.role(), Role::Primary);
         assert!(life.request_switch_over() && switch.load(Ordering::SeqCst));
         assert!(life.stop() && stop.load(Ordering::SeqCst));
@@ -255,12 +271,20 @@ mod tests {
         life.claim(Purpose::Protect, "b:7000", flag()).unwrap();
     }
 
+    fn tuning() -> Arc<Tuning> {
+        Tuning::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+            true,
+        )
+    }
+
     #[test]
     fn a_failed_setup_or_a_migration_releases_the_claim() {
         let life = Life::new(Stage::Unprotected);
         life.claim(Purpose::Migrate, "b:7000", flag()).unwrap();
         assert_eq!(
-            life.protecting(flag()),
+            life.protecting(flag(), tuning()),
             Err(Refused::Role("migrating")),
             "a migration never becomes protection"
         );

@@ -130,6 +130,22 @@ pub struct ProtectionInfo {
     pub last_checkpoint: Option<CheckpointStats>,
     /// Network frames held right now, waiting for their checkpoint.
     pub held_frames: u64,
+    /// The session's checkpoint interval and failover timeout now (they
+    /// change with `remus protect --set`); absent during set-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `PATCH /v1/vms/NAME/protection` (`remus protect --set`): what to change
+/// in the running session; absent fields stay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TuneRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// What the agent runs on.
@@ -423,6 +439,14 @@ impl Client {
         self.request(Method::POST, &vm_path(name, "/protection"), body)
             .await
             .map(|_| ())
+    }
+
+    /// Changes a running protection session's interval and timeout;
+    /// answers with the settings now in force.
+    pub async fn tune(&self, name: &str, req: &TuneRequest) -> Result<TuneRequest, ClientError> {
+        let body = Self::body(req)?;
+        self.json(Method::PATCH, &vm_path(name, "/protection"), body)
+            .await
     }
 
     /// Stops protecting a VM (the backup discards its standby).

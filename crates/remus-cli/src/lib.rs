@@ -130,13 +130,18 @@ pub enum Command {
     /// agent is back (see --no-reprotect). `remus list` shows it under
     /// Wanted.
     Protect {
-        /// Checkpoint interval in milliseconds.
-        #[arg(short = 'i', long = "interval", default_value_t = 200)]
-        interval_ms: u64,
+        /// Checkpoint interval in milliseconds [default: 200].
+        #[arg(short = 'i', long = "interval")]
+        interval_ms: Option<u64>,
         /// Failover timeout in milliseconds: the backup resumes the VM when
-        /// it hears nothing from this host for this long.
-        #[arg(long = "timeout", default_value_t = 2000)]
-        timeout_ms: u64,
+        /// it hears nothing from this host for this long [default: 2000].
+        #[arg(long = "timeout")]
+        timeout_ms: Option<u64>,
+        /// Change the running session's -i and/or --timeout, from the next
+        /// checkpoint on, without a new copy (and what the agent sets up
+        /// again after a loss).
+        #[arg(long, conflicts_with_all = ["stop", "no_net", "no_disk", "no_compress", "unencrypted", "no_reprotect", "manual", "detach"])]
+        set: bool,
         /// Do not hold network output until its checkpoint commits (lower
         /// latency; after a failover clients may have seen output the
         /// backup never had, and TCP sessions may break).
@@ -186,7 +191,7 @@ pub enum Command {
         /// The VM's name.
         vm: String,
         /// The backup agent's replication address (HOST:PORT).
-        #[arg(required_unless_present = "stop")]
+        #[arg(required_unless_present_any = ["stop", "set"])]
         host: Option<String>,
     },
     /// Show what the local agent runs on (QEMU version, KVM).
@@ -352,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Protect {
             interval_ms,
             timeout_ms,
+            set,
             no_net,
             no_disk,
             no_compress,
@@ -369,6 +375,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("Stopping protection of '{vm}'.");
                 return Ok(ExitCode::SUCCESS);
             }
+            if set {
+                if host.is_some() {
+                    anyhow::bail!(
+                        "--set changes the running session: give no HOST (stop and protect again to change the backup)"
+                    );
+                }
+                let now = client
+                    .tune(
+                        &vm,
+                        &remus_api::TuneRequest {
+                            interval_ms,
+                            timeout_ms,
+                        },
+                    )
+                    .await
+                    .map_err(api)?;
+                if json {
+                    println!("{}", serde_json::to_string(&now)?);
+                } else {
+                    eprintln!(
+                        "Protection of '{vm}' now: every {} ms, failover after {} ms of silence (from the next checkpoint).",
+                        now.interval_ms.unwrap_or_default(),
+                        now.timeout_ms.unwrap_or_default()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let interval_ms = interval_ms.unwrap_or(200);
+            let timeout_ms = timeout_ms.unwrap_or(2000);
             let peer = host.unwrap_or_default();
             if no_net {
                 eprintln!(

@@ -213,8 +213,9 @@ pub use handshake::{fuzzing_client_channel, fuzzing_client_proof};
 pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
     DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
-    MAX_PAGES_PER_RUN, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageDelta, PageRun,
-    Purpose, printable, write_device_state, write_page_run,
+    MAX_PAGES_PER_RUN, MAX_TUNE_TIMEOUT_MS, MIN_TUNE_TIMEOUT_MS, Message, MsgType, NONCE_LEN,
+    PAGE_SIZE, PROOF_LEN, PageDelta, PageRun, Purpose, printable, write_device_state,
+    write_page_run,
 };
 
 /// The protocol version this build speaks by preference.

@@ -450,6 +450,11 @@ pub struct DiskSyncRuns {
     pub runs: Vec<(u64, u64)>,
 }
 
+/// Shortest failover timeout a Tune carries (ms).
+pub const MIN_TUNE_TIMEOUT_MS: u64 = 100;
+/// Longest failover timeout a Tune carries (ms): an hour.
+pub const MAX_TUNE_TIMEOUT_MS: u64 = 3_600_000;
+
 /// One protocol message, one variant per [`MsgType`] (reserved types excepted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -508,6 +513,12 @@ pub enum Message {
     /// Orderly end of the session: the sender stops on purpose. A backup that
     /// receives Done must not fail over.
     Done,
+    /// The session's failover timeout (ms), [`MIN_TUNE_TIMEOUT_MS`] to
+    /// [`MAX_TUNE_TIMEOUT_MS`]: from the primary, a new one; from the
+    /// backup before Ready, that it can take one.
+    Tune {
+        timeout_ms: u64,
+    },
     /// DiskWrite, DiskZero or DiskFlush.
     Disk(DiskRecord),
     DiskSeal(DiskSeal),
@@ -560,6 +571,7 @@ impl Message {
             Message::CheckpointEnd(_) => MsgType::CheckpointEnd,
             Message::SwitchOver { .. } => MsgType::SwitchOver,
             Message::Done => MsgType::Done,
+            Message::Tune { .. } => MsgType::Tune,
             Message::Disk(r) => r.msg_type(),
             Message::DiskSeal(_) => MsgType::DiskSeal,
             Message::DiskDigests(_) => MsgType::DiskDigests,
@@ -595,6 +607,7 @@ impl Message {
                 put_u64(&mut p, *sent_at_us);
             }
             Message::Ack { epoch } | Message::SwitchOver { epoch } => put_u64(&mut p, epoch.0),
+            Message::Tune { timeout_ms } => put_u64(&mut p, *timeout_ms),
             Message::VmConfig { json } | Message::SyncPlan { json } => {
                 p.extend_from_slice(json.as_bytes())
             }
@@ -780,6 +793,15 @@ impl Message {
             MsgType::SwitchOver => Message::SwitchOver {
                 epoch: Epoch(c.u64("epoch")?),
             },
+            MsgType::Tune => {
+                let timeout_ms = c.u64("timeout_ms")?;
+                if !(MIN_TUNE_TIMEOUT_MS..=MAX_TUNE_TIMEOUT_MS).contains(&timeout_ms) {
+                    return Err(c.bad(format!(
+                        "timeout {timeout_ms} ms is out of range {MIN_TUNE_TIMEOUT_MS}..={MAX_TUNE_TIMEOUT_MS}"
+                    )));
+                }
+                Message::Tune { timeout_ms }
+            }
             MsgType::NoiseHandshake => {
                 let data = c.rest().to_vec();
                 if data.is_empty() || data.len() > crate::channel::MAX_NOISE_MESSAGE {

@@ -244,6 +244,11 @@ pub struct SessionSetup {
     /// the backup protects the VM back to it with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub return_to: Option<ReturnTo>,
+    /// The primary can change the failover timeout during the session
+    /// (`remus protect --set`): a backup that can take it answers with a
+    /// Tune before Ready. Absent (older agents): no.
+    #[serde(default)]
+    pub tune: bool,
 }
 
 /// How the new primary protects back after a planned switch-over.

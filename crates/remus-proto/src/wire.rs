@@ -70,6 +70,10 @@ pub enum MsgType {
     /// Version 6: a message of the Noise handshake that opens the
     /// encrypted channel; the only type a server reads before it.
     NoiseHandshake = 10,
+    /// Primary → backup: the session's failover timeout changed (`remus
+    /// protect --set`). Sent only to a backup that answered the setup's
+    /// `tune` with a Tune of its own (additive, no version bump).
+    Tune = 11,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -114,6 +118,7 @@ impl MsgType {
             8 => VmConfig,
             9 => SyncPlan,
             10 => NoiseHandshake,
+            11 => Tune,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,

@@ -89,6 +89,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|e| Message::Ack { epoch: Epoch(e) }),
         ".{0,200}".prop_map(|json| Message::VmConfig { json }),
         any::<u64>().prop_map(|e| Message::SwitchOver { epoch: Epoch(e) }),
+        (remus_proto::MIN_TUNE_TIMEOUT_MS..=remus_proto::MAX_TUNE_TIMEOUT_MS)
+            .prop_map(|timeout_ms| Message::Tune { timeout_ms }),
         (any::<u64>(), arb_kind()).prop_map(|(e, kind)| Message::CheckpointBegin {
             epoch: Epoch(e),
             kind

@@ -103,21 +103,22 @@ pub fn receive(
     let mut asm = CheckpointAssembler::new(replica.page_count(), None);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let digest_error: Mutex<Option<String>> = Mutex::new(None);
+    // The heartbeat period; a Tune from the primary changes it.
+    let heartbeat_us = std::sync::atomic::AtomicU64::new(cfg.heartbeat.as_micros().max(1) as u64);
 
     std::thread::scope(|s| {
         // Heartbeats from the backup, so the primary can tell a dead backup
         // from a busy link.
         let hb_writer = writer.clone();
-        let stop_ref = &stop;
+        let (stop_ref, hb_ref) = (&stop, &heartbeat_us);
         s.spawn(move || {
             let mut seq = 0u64;
             let mut next = Instant::now();
             while !stop_ref.load(std::sync::atomic::Ordering::SeqCst) {
-                next += cfg.heartbeat;
-                std::thread::sleep(
-                    next.saturating_duration_since(Instant::now())
-                        .min(cfg.heartbeat),
-                );
+                let period =
+                    Duration::from_micros(hb_ref.load(std::sync::atomic::Ordering::SeqCst));
+                next += period;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(period));
                 seq += 1;
                 let hb = Message::Heartbeat {
                     seq,
@@ -178,6 +179,7 @@ pub fn receive(
             events,
             on_switchover,
             standby_alive,
+            &heartbeat_us,
         );
         let end = match digest_error
             .lock()
@@ -350,6 +352,7 @@ fn receive_loop(
     events: &(dyn Fn(BackupEvent) + Sync),
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
     standby_alive: &dyn Fn() -> bool,
+    heartbeat_us: &std::sync::atomic::AtomicU64,
 ) -> Result<BackupEnd, ReplError> {
     let send = |m: Message| -> Result<(), ReplError> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -524,6 +527,23 @@ fn receive_loop(
             }
             Ok(Accepted::Other(m)) => match m {
                 Message::Heartbeat { .. } => {}
+                // `remus protect --set --timeout` on the primary: the
+                // primary is declared lost after the new silence, and
+                // this side's heartbeats keep pace with it. (The primary
+                // keeps its own, longer, patience until these have had
+                // time to arrive.)
+                Message::Tune { timeout_ms } => {
+                    let timeout = Duration::from_millis(timeout_ms);
+                    reader
+                        .get_ref()
+                        .set_read_timeout(Some(timeout))
+                        .map_err(|e| ReplError::Io("set timeout".into(), e))?;
+                    heartbeat_us.store(
+                        (timeout / 4).as_micros() as u64,
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                    tracing::info!(timeout_ms, "the primary changed the failover timeout");
+                }
                 Message::Disk(rec) => {
                     let Some(d) = disks.as_deref_mut() else {
                         return disk_failed(

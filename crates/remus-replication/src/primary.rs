@@ -55,13 +55,11 @@ use remus_api::SessionEvent;
 /// Settings of a protection session.
 #[derive(Debug, Clone)]
 pub struct ProtectConfig {
-    /// Checkpoint interval.
-    pub interval: Duration,
-    /// Heartbeat period when there is nothing else to send.
-    pub heartbeat: Duration,
-    /// How long without any frame from the backup before it is declared
-    /// lost.
-    pub timeout: Duration,
+    /// The checkpoint interval and the failover timeout (how long without
+    /// any frame from the backup before it is declared lost; heartbeats
+    /// go every quarter of it), which `remus protect --set` changes while
+    /// the session runs.
+    pub tuning: Arc<Tuning>,
     /// Replicate the writes of the VM's replicated disks (protocol D);
     /// false for `--no-disk`.
     pub replicate_disks: bool,
@@ -90,6 +88,120 @@ pub struct ProtectConfig {
     /// [`acknowledged`]): the caller's record of what the backup's copy
     /// holds.
     pub on_commit: Option<OnCommit>,
+}
+
+/// The settings of a running session that can change (`remus protect
+/// --set`): the checkpoint interval from the next epoch on, and the
+/// failover timeout, which the backup is told (a Tune message) when it
+/// said it takes one.
+pub struct Tuning {
+    state: Mutex<TuneState>,
+}
+
+impl std::fmt::Debug for Tuning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("Tuning")
+            .field("interval", &st.interval)
+            .field("timeout", &st.timeout)
+            .field("backup_tunes", &st.backup_tunes)
+            .finish()
+    }
+}
+
+struct TuneState {
+    interval: Duration,
+    timeout: Duration,
+    /// A lowered timeout applies to this side's patience with the backup
+    /// only once the backup has had time to hear of it (and to send its
+    /// heartbeats faster): until then, the old one.
+    old_patience: Option<(Duration, Instant)>,
+    /// A timeout the backup has yet to be told.
+    unsent: Option<u64>,
+    backup_tunes: bool,
+}
+
+impl Tuning {
+    /// `backup_tunes`: the backup answered the setup with a Tune.
+    pub fn new(interval: Duration, timeout: Duration, backup_tunes: bool) -> Arc<Tuning> {
+        Arc::new(Tuning {
+            state: Mutex::new(TuneState {
+                interval,
+                timeout,
+                old_patience: None,
+                unsent: None,
+                backup_tunes,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TuneState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.lock().interval
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.lock().timeout
+    }
+
+    /// How often to say we are alive when there is nothing else to send.
+    pub fn heartbeat(&self) -> Duration {
+        (self.timeout() / 4).max(Duration::from_millis(20))
+    }
+
+    /// How long the ack reader waits for a word from the backup.
+    fn patience(&self) -> Duration {
+        let mut st = self.lock();
+        match st.old_patience {
+            Some((old, until)) if Instant::now() < until => old,
+            _ => {
+                st.old_patience = None;
+                st.timeout
+            }
+        }
+    }
+
+    /// The new timeout for the backup, once.
+    fn take_unsent(&self) -> Option<u64> {
+        self.lock().unsent.take()
+    }
+
+    /// Changes the interval (from the next epoch) and the timeout (here at
+    /// once when raised; the backup with its next frame). A timeout needs
+    /// a backup that takes one.
+    pub fn set(&self, interval: Option<Duration>, timeout: Option<Duration>) -> Result<(), String> {
+        let mut st = self.lock();
+        if let Some(t) = timeout {
+            if !st.backup_tunes {
+                return Err(
+                    "the backup's agent cannot change the timeout of a running session (it is older): stop and protect again with the new --timeout, or upgrade it".into(),
+                );
+            }
+            let ms = t.as_millis() as u64;
+            if !(remus_proto::MIN_TUNE_TIMEOUT_MS..=remus_proto::MAX_TUNE_TIMEOUT_MS).contains(&ms)
+            {
+                return Err(format!(
+                    "timeout {ms} ms is out of range {}..={}",
+                    remus_proto::MIN_TUNE_TIMEOUT_MS,
+                    remus_proto::MAX_TUNE_TIMEOUT_MS
+                ));
+            }
+            if t < st.timeout {
+                // Until the backup's faster heartbeats can have arrived.
+                let old = st.timeout;
+                st.old_patience = Some((old, Instant::now() + old));
+            }
+            st.timeout = t;
+            st.unsent = Some(ms);
+        }
+        if let Some(i) = interval {
+            st.interval = i;
+        }
+        Ok(())
+    }
 }
 
 /// See [`ProtectConfig::hand_over`].
@@ -432,7 +544,7 @@ pub fn protect(
 ) -> Result<ProtectEnd, ReplError> {
     let mut capture = Capture::open(vm, "dev.out")?;
     let pool = capture.pool.clone();
-    let (writer, reader, closer) = open_link(stream, cfg.timeout)?;
+    let (writer, reader, closer) = open_link(stream, cfg.tuning.timeout())?;
     let shared = Shared::new();
     // From here on the guest's disk writes are journaled (epoch 1 on).
     let disks = PrimaryDisks::start(vm, cfg.replicate_disks, shared.doorbell.clone());
@@ -455,11 +567,12 @@ pub fn protect(
         let (shared, disks) = (&shared, &disks);
         let sender = s.spawn(move || {
             let enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
-            sender_loop(writer, cfg.heartbeat, shared, disks, enc, &pool);
+            sender_loop(writer, &cfg.tuning, shared, disks, enc, &pool);
         });
         let ack_reader = s.spawn(move || {
             ack_loop(
                 reader,
+                &cfg.tuning,
                 shared,
                 edges,
                 &disks.ports,
@@ -692,7 +805,7 @@ impl Session<'_> {
             }
             // Fixed rate: the next slot of the schedule; slots missed while
             // the link was slow are skipped, not caught up in a burst.
-            next_due += self.cfg.interval;
+            next_due += self.cfg.tuning.interval();
             let now = Instant::now();
             match next_due.checked_duration_since(now) {
                 Some(wait) => std::thread::sleep(wait),
@@ -732,7 +845,7 @@ impl Session<'_> {
     fn switch_over(&self, epoch: Epoch, since: Instant) -> Result<LoopEnd, ReplError> {
         let acked = self
             .shared
-            .wait_acked(epoch, self.cfg.timeout * 4)
+            .wait_acked(epoch, self.cfg.tuning.timeout() * 4)
             .and_then(|acked| {
                 acked
                     .then_some(())
@@ -783,12 +896,12 @@ impl Session<'_> {
             // backup, having read the goodbye, closes its end (the ack
             // reader then ends), within a bound.
             self.shared
-                .wait_reader_done((self.cfg.timeout * 2).max(Duration::from_secs(5)));
+                .wait_reader_done((self.cfg.tuning.timeout() * 2).max(Duration::from_secs(5)));
         }
         if let Ok(LoopEnd::SwitchOverSent { .. }) = &end {
             // The backup answers a switch-over with Done once the VM runs
             // there, or with an Error if it could not resume it.
-            self.shared.wait_reader_done(self.cfg.timeout * 4);
+            self.shared.wait_reader_done(self.cfg.tuning.timeout() * 4);
         }
         // Wake the ack reader (it may be waiting on a backup that already
         // said goodbye or died).
@@ -907,13 +1020,22 @@ fn acknowledged(
 /// or the session ends.
 fn ack_loop(
     mut r: Channel,
+    tuning: &Tuning,
     shared: &Shared,
     edges: Edges<'_>,
     ports: &[Arc<DiskPort>],
     on_commit: Option<&OnCommit>,
     events: &(dyn Fn(SessionEvent) + Sync),
 ) {
+    let mut patience = tuning.patience();
     let why = loop {
+        let now = tuning.patience();
+        if now != patience {
+            if let Err(e) = r.set_read_timeout(Some(now)) {
+                break LostBackup::Closed(format!("set timeout: {e}"));
+            }
+            patience = now;
+        }
         match Message::read_from(&mut r) {
             Ok(Message::Ack { epoch }) => {
                 acknowledged(epoch, shared, edges, ports, on_commit, events);
@@ -955,7 +1077,7 @@ impl Drop for SenderDone<'_> {
 /// is nothing else to send.
 fn sender_loop(
     stream: Channel,
-    heartbeat: Duration,
+    tuning: &Tuning,
     shared: &Shared,
     disks: &PrimaryDisks,
     mut enc: Option<remus_proto::delta::DeltaEncoder>,
@@ -1008,6 +1130,19 @@ fn sender_loop(
             }
             Next::Item(Outgoing::Checkpoint(staged)) => staged,
             Next::Empty => {
+                // A new timeout goes first: the heartbeats that follow
+                // keep the pace it sets.
+                if let Some(timeout_ms) = tuning.take_unsent() {
+                    let tune = Message::Tune { timeout_ms };
+                    if let Err(e) = tune
+                        .write_to(&mut w)
+                        .and_then(|()| w.flush().map_err(Into::into))
+                    {
+                        return fail("new timeout".into(), e.to_string());
+                    }
+                    last_sent = Instant::now();
+                }
+                let heartbeat = tuning.heartbeat();
                 let idle = last_sent.elapsed();
                 if idle < heartbeat {
                     shared.doorbell.wait(rings, heartbeat - idle);

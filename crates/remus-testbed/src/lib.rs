@@ -543,6 +543,16 @@ impl Agent {
         }
     }
 
+    /// Lets what [`Agent::freeze`] stopped run again.
+    pub fn thaw(&mut self) {
+        let mut pids = self.qemu_pids();
+        pids.extend(self.child.as_ref().map(Child::id));
+        for pid in pids {
+            // SAFETY: processes this agent (or this test) started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        }
+    }
+
     /// The agent's own PID (when started directly, not via `ip netns exec`
     /// which execs in place, so the PID is the same).
     pub fn pid(&self) -> Option<u32> {

@@ -6,15 +6,18 @@
 //!
 //! 1. a protects the VM to b (wanted, not `--manual`): Prometheus reads
 //!    the checkpoints, the roles and the age of b's last commit.
-//! 2. a's plug is pulled: b fails over; b's `failover` hook runs with the
+//! 2. `remus protect --set` changes the running session: checkpoints
+//!    come at the new interval with no new copy, and the backup takes the
+//!    new timeout (a 2 s silence of the primary is no failover at 3 s).
+//! 3. a's plug is pulled: b fails over; b's `failover` hook runs with the
 //!    event in its environment; Prometheus counts the failover on b and
 //!    sees a down.
-//! 3. a's agent comes back (its copy is stale): b protects the VM back to
+//! 4. a's agent comes back (its copy is stale): b protects the VM back to
 //!    a by itself, with a changed-only resync, and says
 //!    `protection-restored`.
-//! 4. a's agent is killed again (now the backup): b reports
+//! 5. a's agent is killed again (now the backup): b reports
 //!    `backup-lost`, and protects again by itself once a is back.
-//! 5. `remus protect --stop` clears the wish: the next loss is not healed.
+//! 6. `remus protect --stop` clears the wish: the next loss is not healed.
 //!
 //! The TCP session survives all of it.
 
@@ -351,7 +354,83 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     prom.wait(&lan, "b", "remus_build_info", |v| v == 1.0);
     eprintln!("1. protected: {cps} checkpoints counted on a, b's last commit {age:.2} s old");
 
-    // 2. Failover: b's hook and counters.
+    // 2. Live tuning.
+    let bad = a.cli(&["protect", "--set", VM, "--timeout", "60"]);
+    assert!(
+        !bad.ok && bad.stderr.contains("at least twice the interval"),
+        "{}",
+        bad.stderr
+    );
+    let out = a.cli(&["protect", "--set", VM, "-i", "50", "--timeout", "3000"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("every 50 ms") && out.stderr.contains("3000 ms"),
+        "{}",
+        out.stderr
+    );
+    let p = &a.vm(VM).unwrap()["protection"];
+    assert_eq!(
+        (p["interval_ms"].as_u64(), p["timeout_ms"].as_u64()),
+        (Some(50), Some(3000)),
+        "{p}"
+    );
+    assert_eq!(a.vm(VM).unwrap()["role"], "primary");
+    // The same session goes on (no new initial copy) at the new pace.
+    let set_at = remus_testbed::now_ms();
+    let mut last_epoch = follow.checkpoint_after(set_at + 200).unwrap()["epoch"]
+        .as_u64()
+        .unwrap();
+    let mut taken = Vec::new();
+    while taken.len() < 21 {
+        let ev = follow.next_event().unwrap();
+        assert_ne!(ev["event"], "initial_sync", "no new copy: {ev}");
+        if ev["event"] == "checkpoint" {
+            let e = ev["epoch"].as_u64().unwrap();
+            assert!(
+                e == last_epoch + 1,
+                "one session, epoch after epoch: {last_epoch} then {ev}"
+            );
+            last_epoch = e;
+            taken.push(ev["taken_at_ms"].as_u64().unwrap());
+        }
+    }
+    let mut gaps: Vec<u64> = taken.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median < 80,
+        "checkpoints every {median} ms after -i 50 (was 100): {gaps:?}"
+    );
+    // b heard of the new timeout: 2 s of silence from a is no failover.
+    a.freeze();
+    std::thread::sleep(Duration::from_secs(2));
+    a.thaw();
+    follow.checkpoint_after(remus_testbed::now_ms()).unwrap();
+    assert_eq!(b.vm(VM).unwrap()["role"], "backup", "{}", b.log_text());
+    assert!(
+        b.log_text()
+            .contains("the primary changed the failover timeout")
+    );
+    let out = a.cli(&["protect", "--set", VM, "-i", "100", "--timeout", "1000"]);
+    assert!(out.ok, "{}", out.stderr);
+    // The wish follows: what the agent sets up again after a loss.
+    let wish: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(a.state_dir.join("protection").join(format!("{VM}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            wish["request"]["interval_ms"].as_u64(),
+            wish["request"]["timeout_ms"].as_u64()
+        ),
+        (Some(100), Some(1000)),
+        "{wish}"
+    );
+    eprintln!(
+        "2. --set: checkpoints every {median} ms at -i 50; a 2 s freeze survived at --timeout 3000"
+    );
+
+    // 3. Failover: b's hook and counters.
     session_flows(&client, &a, "before the failover");
     let killed = Instant::now();
     a.kill_hard();
@@ -378,9 +457,9 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     );
     assert_eq!(b.vm(VM).unwrap()["wanted"], a_listen.as_str());
     session_flows(&client, &b, "after the failover");
-    eprintln!("2. failover in {ms} ms; b's hook ran: {f:?}");
+    eprintln!("3. failover in {ms} ms; b's hook ran: {f:?}");
 
-    // 3. a's agent is back; b protects back to it by itself.
+    // 4. a's agent is back; b protects back to it by itself.
     let back_at = Instant::now();
     a.restart().unwrap();
     wait_role(&b, "primary", "protection back to a");
@@ -397,11 +476,11 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     wait_event(&log_a, "resync-done", 1);
     session_flows(&client, &b, "after protecting back");
     eprintln!(
-        "3. protected back to a within {:.1} s of its agent's restart",
+        "4. protected back to a within {:.1} s of its agent's restart",
         back_at.elapsed().as_secs_f64()
     );
 
-    // 4. The backup (a) dies: b heals once it is back.
+    // 5. The backup (a) dies: b heals once it is back.
     a.kill_hard();
     let lost = wait_event(&log_b, "backup-lost", 1);
     assert_eq!(lost[2], a_listen, "{lost:?}");
@@ -416,9 +495,9 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     wait_role(&a, "backup", "protection after the backup's return");
     prom.wait(&lan, "b", &format!("remus_vm_protected{sel}"), |v| v == 1.0);
     session_flows(&client, &b, "after healing");
-    eprintln!("4. backup lost and protection restored by itself");
+    eprintln!("5. backup lost and protection restored by itself");
 
-    // 5. --stop clears the wish: the next loss stays unhealed.
+    // 6. --stop clears the wish: the next loss stays unhealed.
     let out = b.cli(&["protect", "--stop", VM]);
     assert!(out.ok, "{}", out.stderr);
     wait_role(&b, "unprotected", "stop");

@@ -31,7 +31,9 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     // Replicated disks travel with the VM; disks marked `replicate =
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
-    let (stream, version, _) = open_session(
+    let Opened {
+        stream, version, ..
+    } = open_session(
         agent,
         &slot,
         peer,

@@ -32,7 +32,9 @@ use remus_proto::{
 };
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
-use remus_replication::primary::{HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd};
+use remus_replication::primary::{
+    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, Tuning,
+};
 use remus_replication::replica::Replica;
 use remus_vm::Role;
 
@@ -47,7 +49,7 @@ mod resync;
 mod standby;
 
 pub use migrate::start_migrate;
-pub use protect::{start_failback, start_protect};
+pub use protect::{start_failback, start_protect, tune};
 pub use standby::serve;
 
 pub use remus_api::ProtectRequest;
@@ -107,7 +109,7 @@ fn open_session(
     generations: Option<Generations>,
     return_to: Option<ReturnTo>,
     unencrypted: bool,
-) -> Result<(Channel, u16, Option<SyncPlan>), AgentError> {
+) -> Result<Opened, AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let key = &require_key(agent)?;
@@ -173,6 +175,7 @@ fn open_session(
         arbiter,
         generations,
         return_to,
+        tune: purpose == Purpose::Protect,
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -239,8 +242,21 @@ fn open_session(
             }
         }
     }
-    match Message::read_from(&mut stream) {
-        Ok(Message::Ready) => Ok((stream, session.version, plan)),
+    // A backup that can take a new timeout during the session says so
+    // first (older ones go straight to Ready).
+    let mut tunes = false;
+    let mut next = Message::read_from(&mut stream);
+    if purpose == Purpose::Protect && matches!(next, Ok(Message::Tune { .. })) {
+        tunes = true;
+        next = Message::read_from(&mut stream);
+    }
+    match next {
+        Ok(Message::Ready) => Ok(Opened {
+            stream,
+            version: session.version,
+            plan,
+            tunes,
+        }),
         Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
             "{theirs} {} refused: {code}: {message}",
             session.peer
@@ -255,6 +271,16 @@ fn open_session(
             session.peer
         ))),
     }
+}
+
+/// A session to a peer, set up and ready.
+struct Opened {
+    stream: Channel,
+    version: u16,
+    /// The backup's disk sync plan (protocol 5 on, replicated disks).
+    plan: Option<SyncPlan>,
+    /// The backup takes a new failover timeout during the session.
+    tunes: bool,
 }
 
 /// Ends the session (telling the peer why) when the peer's protocol

@@ -23,18 +23,7 @@ pub fn start_protect(
             ))
         })?;
     let claimed = Claim(&slot);
-    if !(5..=60_000).contains(&req.interval_ms) {
-        return Err(AgentError::BadRequest(format!(
-            "interval {} ms is out of range 5..=60000",
-            req.interval_ms
-        )));
-    }
-    if req.timeout_ms < 2 * req.interval_ms.max(50) {
-        return Err(AgentError::BadRequest(format!(
-            "timeout {} ms must be at least twice the interval ({} ms)",
-            req.timeout_ms, req.interval_ms
-        )));
-    }
+    check_timing(req.interval_ms, req.timeout_ms)?;
     if slot.vm.is_fenced() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is fenced (its arbiter lease lapsed); protect it again once the arbiter has answered and lifted the fence"
@@ -115,7 +104,12 @@ pub fn start_protect(
             reprotect: !(req.no_reprotect || req.manual),
             heal: !req.manual,
         });
-    let (stream, version, plan) = open_session(
+    let Opened {
+        stream,
+        version,
+        plan,
+        tunes,
+    } = open_session(
         agent,
         &slot,
         &req.peer,
@@ -146,8 +140,13 @@ pub fn start_protect(
         tracing::warn!(vm = %name, "--no-net: network output is not held for its checkpoint");
     }
     let switch_over = Arc::new(AtomicBool::new(false));
+    let tuning = Tuning::new(
+        Duration::from_millis(req.interval_ms),
+        Duration::from_millis(req.timeout_ms),
+        tunes,
+    );
     slot.life
-        .protecting(switch_over.clone())
+        .protecting(switch_over.clone(), tuning.clone())
         .map_err(|why| AgentError::Internal(format!("VM '{name}': {why}")))?;
     claimed.keep();
     pin_on_error.0 = None;
@@ -171,9 +170,7 @@ pub fn start_protect(
         }))
     };
     let cfg = ProtectConfig {
-        interval: Duration::from_millis(req.interval_ms),
-        heartbeat: Duration::from_millis((req.timeout_ms / 4).max(20)),
-        timeout: Duration::from_millis(req.timeout_ms),
+        tuning,
         replicate_disks,
         buffer_net,
         compress,
@@ -195,7 +192,7 @@ pub fn start_protect(
     std::thread::Builder::new()
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
-            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.interval.as_millis() as u64, "protection started");
+            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.tuning.interval().as_millis() as u64, "protection started");
             let emit = |ev: SessionEvent| {
                 match &ev {
                     SessionEvent::Checkpoint(s) => {
@@ -290,6 +287,69 @@ pub fn start_protect(
         })
         .map_err(|e| AgentError::Internal(format!("spawn protect thread: {e}")))?;
     Ok(())
+}
+
+/// The interval and timeout a session may run with.
+fn check_timing(interval_ms: u64, timeout_ms: u64) -> Result<(), AgentError> {
+    if !(5..=60_000).contains(&interval_ms) {
+        return Err(AgentError::BadRequest(format!(
+            "interval {interval_ms} ms is out of range 5..=60000"
+        )));
+    }
+    if timeout_ms < 2 * interval_ms.max(50) {
+        return Err(AgentError::BadRequest(format!(
+            "timeout {timeout_ms} ms must be at least twice the interval ({interval_ms} ms), and at least 100 ms"
+        )));
+    }
+    if timeout_ms > remus_proto::MAX_TUNE_TIMEOUT_MS {
+        return Err(AgentError::BadRequest(format!(
+            "timeout {timeout_ms} ms is longer than an hour"
+        )));
+    }
+    Ok(())
+}
+
+/// `remus protect --set`: changes the running session's interval (from
+/// the next epoch) and timeout (the backup is told), without a new copy;
+/// the recorded wish follows. Returns the settings now in force.
+pub fn tune(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: &remus_api::TuneRequest,
+) -> Result<(u64, u64), AgentError> {
+    if req.interval_ms.is_none() && req.timeout_ms.is_none() {
+        return Err(AgentError::BadRequest(
+            "nothing to change: give -i MS and/or --timeout MS".into(),
+        ));
+    }
+    let slot = agent.slot(name)?;
+    let tuning = slot.life.tuning().ok_or_else(|| {
+        AgentError::Conflict(format!(
+            "VM '{name}' has no running protection session to change (see remus list)"
+        ))
+    })?;
+    let interval_ms = req
+        .interval_ms
+        .unwrap_or(tuning.interval().as_millis() as u64);
+    let timeout_ms = req
+        .timeout_ms
+        .unwrap_or(tuning.timeout().as_millis() as u64);
+    check_timing(interval_ms, timeout_ms)?;
+    tuning
+        .set(
+            req.interval_ms.map(Duration::from_millis),
+            req.timeout_ms.map(Duration::from_millis),
+        )
+        .map_err(AgentError::Conflict)?;
+    if let Some(mut wish) = agent.wish(name) {
+        wish.request.interval_ms = interval_ms;
+        wish.request.timeout_ms = timeout_ms;
+        if let Err(e) = agent.wishes().set(name, wish) {
+            tracing::error!(vm = %name, error = %e, "cannot record the new settings in the protection wish");
+        }
+    }
+    tracing::info!(vm = %name, interval_ms, timeout_ms, "protection retuned: from the next epoch");
+    Ok((interval_ms, timeout_ms))
 }
 
 /// A checkpoint of this primary's session committed on the backup (the

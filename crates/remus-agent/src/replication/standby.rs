@@ -237,6 +237,17 @@ fn backup_session(
             .write_to(&mut stream)
             .map_err(|e| format!("{peer}: {e}"))?;
     }
+    // This backup takes a new failover timeout during the session.
+    if setup.tune && session.purpose == Purpose::Protect {
+        Message::Tune {
+            timeout_ms: setup.timeout_ms.clamp(
+                remus_proto::MIN_TUNE_TIMEOUT_MS,
+                remus_proto::MAX_TUNE_TIMEOUT_MS,
+            ),
+        }
+        .write_to(&mut stream)
+        .map_err(|e| format!("{peer}: {e}"))?;
+    }
     Message::Ready
         .write_to(&mut stream)
         .map_err(|e| format!("{peer}: {e}"))?;

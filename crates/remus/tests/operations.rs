@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
+use remus_testbed::{
+    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, last_tick, write_key,
+};
 
 const VM: &str = "ops";
 const VM_IP: &str = "198.18.0.10";
@@ -212,24 +214,6 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn role(h: &Agent) -> Option<String> {
-    h.vm(VM)
-        .and_then(|v| v["role"].as_str().map(str::to_string))
-}
-
-fn wait_role(h: &Agent, want: &str, what: &str) {
-    let start = Instant::now();
-    while role(h).as_deref() != Some(want) {
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{what}: no role {want}: {:?}\n{}",
-            h.vm(VM),
-            h.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -462,8 +446,8 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     // 4. a's agent is back; b protects back to it by itself.
     let back_at = Instant::now();
     a.restart().unwrap();
-    wait_role(&b, "primary", "protection back to a");
-    wait_role(&a, "backup", "protection back to a");
+    wait_role_of(&b, VM, "primary");
+    wait_role_of(&a, VM, "backup");
     let restored = wait_event(&log_b, "protection-restored", 1);
     assert_eq!(restored[2], a_listen, "{restored:?}");
     let log = b.log_text();
@@ -492,7 +476,7 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     assert!(table.contains("not yet: retrying"), "{table}");
     a.restart().unwrap();
     wait_event(&log_b, "protection-restored", 2);
-    wait_role(&a, "backup", "protection after the backup's return");
+    wait_role_of(&a, VM, "backup");
     prom.wait(&lan, "b", &format!("remus_vm_protected{sel}"), |v| v == 1.0);
     session_flows(&client, &b, "after healing");
     eprintln!("5. backup lost and protection restored by itself");
@@ -500,7 +484,7 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     // 6. --stop clears the wish: the next loss stays unhealed.
     let out = b.cli(&["protect", "--stop", VM]);
     assert!(out.ok, "{}", out.stderr);
-    wait_role(&b, "unprotected", "stop");
+    wait_role_of(&b, VM, "unprotected");
     assert!(b.vm(VM).unwrap().get("wanted").is_none());
     prom.wait(
         &lan,
@@ -516,7 +500,7 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         .filter(|(e, _)| e == "protection-restored")
         .count();
     std::thread::sleep(Duration::from_secs(12));
-    assert_eq!(role(&b).as_deref(), Some("unprotected"));
+    assert_eq!(role_of(&b, VM).as_deref(), Some("unprotected"));
     assert!(a.vm(VM).is_none(), "{:?}", a.vm(VM));
     assert_eq!(
         events(&log_b)
@@ -526,4 +510,133 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         restored_before
     );
     session_flows(&client, &b, "at the end");
+}
+
+/// Several VMs per host pair, protected in both directions at once (a
+/// protects two to b, b protects one to a), then a's plug is pulled:
+/// both VMs a ran resume on b, the VM a backed up runs on unprotected on
+/// b, and when a's agent is back every one of them is protected to a
+/// again by the agents themselves (a's two back after their failover, b's
+/// one after its lost backup).
+#[test]
+fn many_vms_both_directions_and_one_host_dies() {
+    let img = GuestImage::find().expect("guest image");
+    let lan = Lan::standard("many").expect("LAN of namespace hosts");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let top = tempfile::tempdir_in("/tmp").unwrap();
+    let (hooks_a, _) = hook_dir(top.path(), "a");
+    let (hooks_b, log_b) = hook_dir(top.path(), "b");
+    let store = [top.path().join("a"), top.path().join("b")];
+    for d in &store {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut a = agent(&lan, "a", &store[0], &key, &hooks_a);
+    let b = agent(&lan, "b", &store[1], &key, &hooks_b);
+    let listen = |h: &str| format!("{}:{REPL_PORT}", lan.addr(h));
+    let from_a = ["m-a1", "m-a2"];
+    let from_b = ["m-b1"];
+    for (host, names) in [(&a, &from_a[..]), (&b, &from_b[..])] {
+        for n in names {
+            let cfg = host.write_file(
+                &format!("{n}.toml"),
+                &img.config(n, "remus.workload=tick", ""),
+            );
+            let out = host.cli(&["create", cfg.to_str().unwrap()]);
+            assert!(out.ok, "create {n}: {}", out.stderr);
+        }
+    }
+    for (host, names) in [(&a, &from_a[..]), (&b, &from_b[..])] {
+        for n in names {
+            host.wait_console(n, Duration::from_secs(120), "ticks", |c| {
+                remus_testbed::last_tick(c).is_some()
+            })
+            .unwrap();
+        }
+    }
+    // Both directions at once, through the agents' own wishes.
+    let mut follows = Vec::new();
+    for (host, peer, names) in [(&a, "b", &from_a[..]), (&b, "a", &from_b[..])] {
+        for n in names {
+            let mut f = ProtectFollower::start_healing(
+                host,
+                n,
+                &listen(peer),
+                &["-i", "100", "--timeout", "1000"],
+            )
+            .unwrap();
+            f.checkpoint_after(0).unwrap();
+            follows.push(f);
+        }
+    }
+    for n in from_a {
+        assert_eq!(role_of(&a, n).as_deref(), Some("primary"), "{n}");
+        assert_eq!(role_of(&b, n).as_deref(), Some("backup"), "{n}");
+    }
+    assert_eq!(role_of(&b, "m-b1").as_deref(), Some("primary"));
+    assert_eq!(role_of(&a, "m-b1").as_deref(), Some("backup"));
+
+    // a dies with two primaries and one standby on it.
+    let killed = Instant::now();
+    a.kill_hard();
+    drop(follows);
+    for n in from_a {
+        let ms = b.wait_failover(n, killed, Duration::from_secs(60)).unwrap();
+        eprintln!("{n}: failover to b in {ms} ms");
+    }
+    let lost = wait_event(&log_b, "backup-lost", 1);
+    assert_eq!(lost[0], "m-b1", "{lost:?}");
+    let failovers: Vec<String> = events(&log_b)
+        .into_iter()
+        .filter(|(e, _)| e == "failover")
+        .map(|(_, f)| f[0].clone())
+        .collect();
+    assert_eq!(failovers.len(), 2, "{failovers:?}");
+    // Everything runs on b now, unprotected, and wants a back.
+    for n in ["m-a1", "m-a2", "m-b1"] {
+        let v = b.vm(n).unwrap_or_else(|| panic!("{n} not on b"));
+        assert!(v["state"] == "r" || v["state"] == "b", "{v}");
+        assert_eq!(v["wanted"], listen("a").as_str(), "{v}");
+        let t = last_tick(&b.console(n)).unwrap_or(0);
+        b.wait_console(n, Duration::from_secs(30), "ticks on b", |c| {
+            last_tick(c) > Some(t)
+        })
+        .unwrap();
+    }
+
+    // a is back: the agents protect all three to it by themselves.
+    a.restart().unwrap();
+    for n in ["m-a1", "m-a2", "m-b1"] {
+        wait_role_of(&b, n, "primary");
+        wait_role_of(&a, n, "backup");
+    }
+    let restored = wait_for("three restorations", Duration::from_secs(120), || {
+        let r: Vec<String> = events(&log_b)
+            .into_iter()
+            .filter(|(e, _)| e == "protection-restored")
+            .map(|(_, f)| f[0].clone())
+            .collect();
+        (r.len() >= 3).then_some(r)
+    });
+    for n in ["m-a1", "m-a2", "m-b1"] {
+        assert!(restored.iter().any(|r| r == n), "{n}: {restored:?}");
+    }
+}
+
+fn role_of(h: &Agent, vm: &str) -> Option<String> {
+    h.vm(vm)
+        .and_then(|v| v["role"].as_str().map(str::to_string))
+}
+
+fn wait_role_of(h: &Agent, vm: &str, want: &str) {
+    let start = Instant::now();
+    while role_of(h, vm).as_deref() != Some(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "{vm}: no role {want}: {:?}\n{}",
+            h.vm(vm),
+            h.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

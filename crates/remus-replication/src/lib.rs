@@ -8,6 +8,7 @@
 //! - [`staging`]: copying guest pages into page runs.
 //! - [`failover`]: resuming the standby from the last committed checkpoint.
 //! - [`migrate`]: live migration (pre-copy), source side.
+//! - [`pace`]: the rate cap of the bulk transfers (`--max-rate`).
 //!
 //! The wire format and handshake live in `remus-proto`.
 
@@ -17,6 +18,7 @@ pub mod copy;
 pub mod disks;
 pub mod failover;
 pub mod migrate;
+pub mod pace;
 pub mod primary;
 pub mod replica;
 pub mod staging;

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub use remus_config::VmConfig;
 
 pub mod events;
+pub mod rate;
 pub use events::{
     CheckpointStats, DiskSyncProgress, DiskSyncStats, MigrateStats, PausePhases, SessionEvent,
     SyncMode,
@@ -234,6 +235,10 @@ pub struct ProtectRequest {
     /// drives every step).
     #[serde(default)]
     pub manual: bool,
+    /// Cap of the initial copy (disk sync and RAM) in bytes per second;
+    /// 0: the agent's `--max-rate` (see [`rate`]).
+    #[serde(default)]
+    pub max_rate: u64,
 }
 
 fn default_interval_ms() -> u64 {
@@ -249,6 +254,10 @@ fn default_timeout_ms() -> u64 {
 pub struct MigrateRequest {
     /// The destination agent's replication address, HOST:PORT.
     pub peer: String,
+    /// Cap of the pre-copy (disk sync and rounds) in bytes per second;
+    /// 0: the agent's `--max-rate` (see [`rate`]).
+    #[serde(default)]
+    pub max_rate: u64,
 }
 
 /// An error body.
@@ -475,7 +484,21 @@ impl Client {
         peer: &str,
         each: impl FnMut(Streamed),
     ) -> Result<(), ClientError> {
-        let body = Self::body(&MigrateRequest { peer: peer.into() })?;
+        let req = MigrateRequest {
+            peer: peer.into(),
+            max_rate: 0,
+        };
+        self.migrate_with(name, &req, each).await
+    }
+
+    /// [`migrate`](Self::migrate) with all of a request's settings.
+    pub async fn migrate_with(
+        &self,
+        name: &str,
+        req: &MigrateRequest,
+        each: impl FnMut(Streamed),
+    ) -> Result<(), ClientError> {
+        let body = Self::body(req)?;
         self.stream_lines(Method::POST, &vm_path(name, "/migrate"), body, each)
             .await
     }

@@ -430,6 +430,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 unencrypted,
                 no_reprotect,
                 manual,
+                max_rate: 0,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

@@ -398,6 +398,8 @@ fn request_back(setup: &SessionSetup) -> Option<ProtectRequest> {
         unencrypted: false,
         no_reprotect: !back.reprotect,
         manual: !back.heal,
+        // This host's own --max-rate caps the resync back.
+        max_rate: 0,
     })
 }
 

@@ -70,6 +70,10 @@ pub enum ReplError {
     BackupLost(primary::LostBackup),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A capped bulk copy stopped between two pieces because its session
+    /// is ending (names the copy).
+    #[error("{0} was given up: the session is ending")]
+    GivenUp(&'static str),
     #[error(transparent)]
     Wire(#[from] remus_proto::WireError),
 }

@@ -17,6 +17,12 @@
 //! initial copy), then every guest write since, journaled and sent at each
 //! round, applied by the destination only with the final checkpoint.
 //!
+//! With a rate cap (`remus migrate --max-rate`) the disk sync's data,
+//! the initial copy and the rounds go at most at that rate; the final
+//! checkpoint does not (the guest is stopped for it), and neither do the
+//! guest's disk writes sent along, as QEMU lifts its `max-bandwidth` for
+//! the completion stage.
+//!
 //! Rounds stop when few pages are dirty or after a bounded number of
 //! rounds (a guest dirtying faster than the link cannot converge; the
 //! final pause then grows, which the summary reports as downtime).
@@ -37,6 +43,7 @@ use remus_api::SessionEvent;
 
 use crate::capture::{Capture, Staged, resume_unless_held};
 use crate::disks::{PrimaryDisks, Sealer};
+use crate::pace::{Paced, SharedPacer};
 use crate::primary::send_checkpoint;
 use crate::{ReplError, staging};
 
@@ -53,6 +60,10 @@ pub struct MigrateConfig {
     /// bytes (protocol version 3); pages re-sent in later rounds travel as
     /// XOR against the round before. `None`: plain.
     pub compress: Option<u64>,
+    /// Cap of the pre-copy (the disk sync's data, the initial copy and
+    /// the rounds) on the link, in bytes per second; `None`: as fast as
+    /// it goes. The final checkpoint is never capped.
+    pub max_rate: Option<u64>,
 }
 
 impl Default for MigrateConfig {
@@ -62,6 +73,7 @@ impl Default for MigrateConfig {
             max_rounds: 30,
             timeout: Duration::from_secs(30),
             compress: Some(remus_proto::delta::DEFAULT_CACHE_BYTES),
+            max_rate: None,
         }
     }
 }
@@ -92,6 +104,12 @@ pub fn migrate(
     let disks = PrimaryDisks::start(vm, true, Default::default());
     let mut sealer = Sealer::default();
     let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
+    let pacer = cfg.max_rate.map(SharedPacer::new);
+    // Nothing ends a migration from outside while it copies.
+    let paced = pacer.as_ref().map(|pacer| Paced {
+        pacer,
+        give_up: &|| false,
+    });
     if disks.active() {
         let journal = disks.journal.clone();
         let runs = crate::disks::sync_runs(&disks, None);
@@ -104,8 +122,15 @@ pub fn migrate(
                 // The guest's writes meanwhile go along, so the journal
                 // never holds up the guest for long.
                 let mut recs = journal.take();
+                let paid = crate::pace::record_bytes(&rec);
                 recs.push(rec);
                 bytes += sealer.write_records(&mut w, &recs)?;
+                if let Some(p) = &pacer {
+                    // Out of the buffer first: the wait is for bytes sent.
+                    w.flush()
+                        .map_err(|e| ReplError::Io("send disk records".into(), e))?;
+                    p.pace(paid);
+                }
                 Ok(())
             },
             &mut |p| events(SessionEvent::DiskSync(p)),
@@ -135,7 +160,7 @@ pub fn migrate(
                 sealer.seal(&mut w, Epoch(0))?;
             }
         }
-        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut(), paced)?;
         for run in staged.runs {
             capture.pool.give(run.data);
         }
@@ -182,7 +207,8 @@ pub fn migrate(
                 sealer.seal(&mut w, epoch)?;
             }
         }
-        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut())?;
+        // The guest is stopped: no cap.
+        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut(), None)?;
         wait_ack(&mut reader, epoch)?;
         Ok(final_pages)
     })();
@@ -242,9 +268,10 @@ fn send_with_records(
     sealer: &mut Sealer,
     disks: &PrimaryDisks,
     enc: Option<&mut remus_proto::delta::DeltaEncoder>,
+    paced: Option<Paced<'_>>,
 ) -> Result<u64, ReplError> {
     let mut records = 0u64;
-    let sent = send_checkpoint(w, staged, enc, &mut |w| {
+    let sent = send_checkpoint(w, staged, enc, paced, &mut |w| {
         records += sealer.write_records(w, &disks.journal.take())?;
         Ok(())
     })?;

@@ -18,6 +18,7 @@
 //! argument; this one is a few lines of arithmetic on an [`Instant`] the
 //! caller passes, which is what makes it testable without sleeping.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How much the bucket holds, in time at the rate.
@@ -91,6 +92,55 @@ impl Pacer {
             std::thread::sleep(wait);
         }
     }
+}
+
+/// A [`Pacer`] for threads that take turns with it (a protection
+/// session's disk sync, then its copy of RAM on the sender): one bucket
+/// for the whole initial copy. The wait happens outside the lock.
+#[derive(Debug)]
+pub struct SharedPacer(Mutex<Pacer>);
+
+impl SharedPacer {
+    /// A full bucket, filling at `rate` bytes per second.
+    pub fn new(rate: u64) -> SharedPacer {
+        SharedPacer(Mutex::new(Pacer::new(rate, Instant::now())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See [`Pacer::piece_bytes`].
+    pub fn piece_bytes(&self, page: usize) -> usize {
+        self.lock().piece_bytes(page)
+    }
+
+    /// See [`Pacer::pace`].
+    pub fn pace(&self, bytes: u64) {
+        let wait = self.lock().charge(bytes, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// How a bulk copy's pages are paced: the bucket, and whether to give the
+/// copy up (the session is ending), asked between pieces.
+#[derive(Clone, Copy)]
+pub(crate) struct Paced<'a> {
+    pub(crate) pacer: &'a SharedPacer,
+    pub(crate) give_up: &'a dyn Fn() -> bool,
+}
+
+/// What a disk record costs on the wire, near enough for pacing: the data
+/// it writes (a zeroed range travels as its bounds only), its fields and
+/// its frame header.
+pub(crate) fn record_bytes(r: &remus_proto::DiskRecord) -> u64 {
+    let data = match &r.op {
+        remus_proto::DiskOp::Write { data, .. } => data.len() as u64,
+        _ => 0,
+    };
+    data + 32 + remus_proto::HEADER_LEN as u64
 }
 
 #[cfg(test)]

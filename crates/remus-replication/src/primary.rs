@@ -48,6 +48,7 @@ use remus_vm::Vm;
 pub use crate::capture::PausePhases;
 use crate::capture::{Capture, Staged, resume_unless_held};
 use crate::disks::{PrimaryDisks, Sealer};
+use crate::pace::{Paced, SharedPacer};
 use crate::{ReplError, staging};
 pub use remus_api::CheckpointStats;
 use remus_api::SessionEvent;
@@ -88,6 +89,11 @@ pub struct ProtectConfig {
     /// [`acknowledged`]): the caller's record of what the backup's copy
     /// holds.
     pub on_commit: Option<OnCommit>,
+    /// Cap of the initial copy (the disk sync's data and the copy of RAM)
+    /// on the link, in bytes per second; `None`: as fast as it goes.
+    /// Checkpoints, and the guest's disk writes meanwhile, are never
+    /// capped.
+    pub max_rate: Option<u64>,
 }
 
 /// The settings of a running session that can change (`remus protect
@@ -424,6 +430,13 @@ impl Shared {
         self.lock().lost.clone()
     }
 
+    /// The session is ending: the epoch loop hands over nothing more, or
+    /// the backup is lost.
+    fn ending(&self) -> bool {
+        let st = self.lock();
+        st.finished || st.lost.is_some()
+    }
+
     /// Records why the backup is lost (the first reason stands).
     fn lose(&self, why: LostBackup) {
         self.update(|s| {
@@ -546,6 +559,8 @@ pub fn protect(
     let pool = capture.pool.clone();
     let (writer, reader, closer) = open_link(stream, cfg.tuning.timeout())?;
     let shared = Shared::new();
+    // One bucket for the whole initial copy: the disk sync, then RAM.
+    let pacer = cfg.max_rate.map(SharedPacer::new);
     // From here on the guest's disk writes are journaled (epoch 1 on).
     let disks = PrimaryDisks::start(vm, cfg.replicate_disks, shared.doorbell.clone());
     let sync_runs = announce_disk_sync(&disks, cfg, &writer)?;
@@ -564,10 +579,10 @@ pub fn protect(
         nets: &nets[..],
     };
     let result = std::thread::scope(|s| {
-        let (shared, disks) = (&shared, &disks);
+        let (shared, disks, pacer) = (&shared, &disks, pacer.as_ref());
         let sender = s.spawn(move || {
             let enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
-            sender_loop(writer, &cfg.tuning, shared, disks, enc, &pool);
+            sender_loop(writer, &cfg.tuning, shared, disks, enc, &pool, pacer);
         });
         let ack_reader = s.spawn(move || {
             ack_loop(
@@ -588,6 +603,7 @@ pub fn protect(
             shared,
             edges,
             disks,
+            pacer,
         };
         let end = session
             .initial_copy(&mut capture, &sync_runs)
@@ -669,6 +685,8 @@ struct Session<'s> {
     shared: &'s Shared,
     edges: Edges<'s>,
     disks: &'s PrimaryDisks,
+    /// The initial copy's rate cap ([`ProtectConfig::max_rate`]).
+    pacer: Option<&'s SharedPacer>,
 }
 
 /// How the epoch loop ended.
@@ -716,7 +734,7 @@ impl Session<'_> {
             Vec::new(),
             Some(lazy),
         )))?;
-        tracing::info!(vm = %name, pages, "initial copy of RAM under way");
+        tracing::info!(vm = %name, pages, max_rate = ?self.cfg.max_rate, "initial copy of RAM under way");
         // Checkpoints start once the backup holds the initial copy. Until
         // the first checkpoint's cut the guest's output flows unheld
         // (nothing can fail over before a first commit), so a long initial
@@ -771,13 +789,26 @@ impl Session<'_> {
                 }
             },
             &mut |rec| {
-                if journal.push_sync(rec) {
-                    Ok(())
-                } else {
-                    Err(ReplError::BackupLost(self.shared.lost().unwrap_or(
-                        LostBackup::Closed("the disk journal closed".into()),
-                    )))
+                // Capped here, where the sync's data enters the journal:
+                // the sender passes it on as it comes, and the journal
+                // stays free for the guest's own writes.
+                let bytes = crate::pace::record_bytes(&rec);
+                if !journal.push_sync(rec) {
+                    return Err(ReplError::BackupLost(
+                        self.shared
+                            .lost()
+                            .unwrap_or(LostBackup::Closed("the disk journal closed".into())),
+                    ));
                 }
+                if let Some(p) = self.pacer {
+                    if self.stopped() {
+                        return Err(ReplError::Setup(
+                            "stopped by the operator during the initial disk sync".into(),
+                        ));
+                    }
+                    p.pace(bytes);
+                }
+                Ok(())
             },
             &mut |p| (self.events)(SessionEvent::DiskSync(p)),
         )?;
@@ -1082,8 +1113,12 @@ fn sender_loop(
     disks: &PrimaryDisks,
     mut enc: Option<remus_proto::delta::DeltaEncoder>,
     pool: &staging::BufferPool,
+    pacer: Option<&SharedPacer>,
 ) {
     let _done = SenderDone(shared);
+    // A capped initial copy is given up once the session ends: its
+    // goodbye comes next.
+    let ending = || shared.ending();
     let journal = &*disks.journal;
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let mut seq = 0u64;
@@ -1181,7 +1216,14 @@ fn sender_loop(
             } else {
                 (0, 0)
             };
-            let sent = send_checkpoint(&mut w, &staged, enc.as_mut(), &mut |w| {
+            // Only the initial copy is capped, never a checkpoint.
+            let paced = pacer
+                .filter(|_| staged.kind == CheckpointKind::InitialSync)
+                .map(|pacer| Paced {
+                    pacer,
+                    give_up: &ending,
+                });
+            let sent = send_checkpoint(&mut w, &staged, enc.as_mut(), paced, &mut |w| {
                 sealer.write_records(w, &journal.take()).map(|_| ())
             })?;
             Ok((sent, recs, disk_bytes))
@@ -1227,6 +1269,9 @@ fn sender_loop(
                     .insert(epoch, (stats, Instant::now()));
             }
             Ok(_) => {}
+            // The session ended during a capped initial copy: its
+            // goodbye (or the end) is next in the slot.
+            Err(ReplError::GivenUp(_)) => continue,
             Err(e) => return fail(format!("sending epoch {epoch}"), e.to_string()),
         }
     }
@@ -1248,10 +1293,13 @@ pub(crate) struct Sent {
 /// records queued meanwhile (they may travel inside an open checkpoint;
 /// the backup sets them aside by their own epoch), so a long initial copy
 /// does not leave guest disk writes waiting for room in the journal.
+/// With `paced` (a bulk copy under a rate cap) the pages go in pieces,
+/// each flushed, then paid for; the records `between` passes on are not.
 pub(crate) fn send_checkpoint<W: Write>(
     w: &mut W,
     s: &Staged,
     mut enc: Option<&mut remus_proto::delta::DeltaEncoder>,
+    paced: Option<Paced<'_>>,
     between: &mut dyn FnMut(&mut W) -> Result<(), ReplError>,
 ) -> Result<Sent, ReplError> {
     // The protocol's writer keeps the End's counts and digest in step with
@@ -1262,7 +1310,14 @@ pub(crate) fn send_checkpoint<W: Write>(
     }
     let mut sent = Sent::default();
     for run in &s.runs {
-        sent.wire += cp.pages(w, run.first_page, &run.data, enc.as_deref_mut())?;
+        sent.wire += write_pages(
+            w,
+            &mut cp,
+            run.first_page,
+            &run.data,
+            enc.as_deref_mut(),
+            paced,
+        )?;
         sent.raw += run.data.len() as u64;
         between(w)?;
     }
@@ -1273,7 +1328,7 @@ pub(crate) fn send_checkpoint<W: Write>(
             lazy.ram
                 .read_pages(*piece, &mut buf)
                 .map_err(ReplError::Ram)?;
-            sent.wire += cp.pages(w, piece.first, &buf, enc.as_deref_mut())?;
+            sent.wire += write_pages(w, &mut cp, piece.first, &buf, enc.as_deref_mut(), paced)?;
             sent.raw += buf.len() as u64;
             between(w)?;
         }
@@ -1289,6 +1344,42 @@ pub(crate) fn send_checkpoint<W: Write>(
     w.flush()
         .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
     Ok(sent)
+}
+
+/// One run of pages (`data` from `first`): at once, or under `paced` in
+/// pieces of [`SharedPacer::piece_bytes`], each flushed to the link and
+/// paid for before the next (so no wait is long, and none is spent on
+/// bytes still sitting in a buffer). Returns the bytes on the wire.
+fn write_pages<W: Write>(
+    w: &mut W,
+    cp: &mut CheckpointWriter,
+    first: u64,
+    data: &[u8],
+    mut enc: Option<&mut remus_proto::delta::DeltaEncoder>,
+    paced: Option<Paced<'_>>,
+) -> Result<u64, ReplError> {
+    let Some(paced) = paced else {
+        return Ok(cp.pages(w, first, data, enc)?);
+    };
+    let page = remus_proto::PAGE_SIZE;
+    let piece = paced.pacer.piece_bytes(page);
+    let mut wire = 0;
+    for (i, part) in data.chunks(piece).enumerate() {
+        if (paced.give_up)() {
+            return Err(ReplError::GivenUp("the capped copy"));
+        }
+        let n = cp.pages(
+            w,
+            first + (i * piece / page) as u64,
+            part,
+            enc.as_deref_mut(),
+        )?;
+        w.flush()
+            .map_err(|e| ReplError::Io("flush pages".into(), e))?;
+        paced.pacer.pace(n);
+        wire += n;
+    }
+    Ok(wire)
 }
 
 #[cfg(test)]
@@ -1345,6 +1436,92 @@ mod tests {
         shared.finish();
         assert_ne!(shared.doorbell.rings(), rings, "the sender is woken");
         assert!(matches!(shared.next(), Next::Finished));
+    }
+
+    /// A round of `pages` pages whose bytes name their page.
+    fn round(pages: u64) -> Staged {
+        let data: Vec<u8> = (0..pages * remus_proto::PAGE_SIZE as u64)
+            .map(|i| (i / remus_proto::PAGE_SIZE as u64 * 7 + i % 251) as u8)
+            .collect();
+        let runs = vec![remus_proto::PageRun {
+            first_page: 16,
+            data,
+        }];
+        Staged::precopy(Epoch(1), CheckpointKind::Round, runs, None)
+    }
+
+    /// The frames `send_checkpoint` wrote, through the backup's assembler:
+    /// the page runs it handed back, and the checkpoint it completed.
+    fn received(mut wire: &[u8]) -> (Vec<remus_proto::PageRun>, Option<u64>) {
+        let mut asm = remus_proto::CheckpointAssembler::new(1 << 20, None);
+        let (mut runs, mut complete) = (Vec::new(), None);
+        while !wire.is_empty() {
+            match asm.accept(Message::read_from(&mut wire).unwrap()).unwrap() {
+                remus_proto::Accepted::PreCopy(r) => runs.push(r),
+                remus_proto::Accepted::Complete(c) => complete = Some(c.epoch.0),
+                _ => {}
+            }
+        }
+        (runs, complete)
+    }
+
+    #[test]
+    fn a_capped_copy_goes_in_pieces_that_make_the_same_checkpoint() {
+        // 16 MiB/s: pieces of 25 ms are 102 pages, and the bucket holds
+        // 1.6 MiB, so this 1 MiB round goes without a wait.
+        let pacer = SharedPacer::new(16 << 20);
+        let paced = Paced {
+            pacer: &pacer,
+            give_up: &|| false,
+        };
+        let s = round(256);
+        let mut wire = Vec::new();
+        let sent = send_checkpoint(&mut wire, &s, None, Some(paced), &mut |_| Ok(())).unwrap();
+        assert_eq!(sent.raw, 256 * 4096);
+        assert_eq!(
+            sent.wire,
+            wire.len() as u64 - {
+                // Begin and End are not page frames.
+                let mut plain = Vec::new();
+                send_checkpoint(&mut plain, &round(0), None, None, &mut |_| Ok(())).unwrap();
+                plain.len() as u64
+            }
+        );
+        let (runs, complete) = received(&wire);
+        assert_eq!(complete, Some(1), "the digest over the pieces verifies");
+        let firsts: Vec<(u64, u32)> = runs
+            .iter()
+            .map(|r| (r.first_page, r.page_count()))
+            .collect();
+        assert_eq!(firsts, vec![(16, 102), (118, 102), (220, 52)]);
+        let joined: Vec<u8> = runs.iter().flat_map(|r| r.data.iter().copied()).collect();
+        assert_eq!(joined, s.runs[0].data);
+        // Uncapped, the same round is one run.
+        let mut whole = Vec::new();
+        send_checkpoint(&mut whole, &s, None, None, &mut |_| Ok(())).unwrap();
+        assert_eq!(received(&whole).0.len(), 1);
+    }
+
+    #[test]
+    fn a_capped_copy_is_given_up_between_pieces_once_asked() {
+        let pacer = SharedPacer::new(16 << 20);
+        let pieces = std::cell::Cell::new(0);
+        let give_up = || {
+            pieces.set(pieces.get() + 1);
+            pieces.get() > 2
+        };
+        let paced = Paced {
+            pacer: &pacer,
+            give_up: &give_up,
+        };
+        let mut wire = Vec::new();
+        let r = send_checkpoint(&mut wire, &round(256), None, Some(paced), &mut |_| Ok(()));
+        assert!(matches!(r, Err(ReplError::GivenUp(_))), "{r:?}");
+        // Two pieces went, and no End: the backup sees an open copy that
+        // the goodbye ends.
+        let (runs, complete) = received(&wire);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(complete, None);
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub fn start_protect(
             HandOver(Arc::new(move || g.hand_over(&*slot)))
         }),
         on_commit: Some(on_commit),
+        max_rate: None,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();

@@ -57,6 +57,8 @@ pub struct AgentOptions {
     pub max_spill_mib: u64,
     /// Metrics and event hooks.
     pub observer: Arc<crate::observe::Observer>,
+    /// Default cap of the bulk transfers, bytes/s (`--max-rate`; 0: none).
+    pub max_rate: u64,
 }
 
 /// What a VM's event channel carries.

@@ -186,6 +186,16 @@ pub struct Args {
     #[arg(long, default_value_t = 30, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub hook_timeout: u64,
+    /// Default cap, in bytes per second, of the bulk transfers this host
+    /// sends: the initial copy of a protection session (the disk sync's
+    /// data and the copy of RAM, a resync too) and a migration's
+    /// pre-copy, so that the checkpoints of other VMs sharing the link
+    /// keep their pace. Checkpoints are never capped. K, M, G: KiB, MiB,
+    /// GiB (50M, 1G, 800K); 0: no cap. `remus protect --max-rate` and
+    /// `remus migrate --max-rate` set it per VM.
+    #[arg(long, default_value = "0", value_name = "RATE",
+          value_parser = remus_api::rate::parse_rate)]
+    pub max_rate: u64,
 }
 
 /// Why the settings cannot be used.
@@ -464,6 +474,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.arbiter, vec!["http://198.18.0.20:2379".to_string()]);
+    }
+
+    #[test]
+    fn the_host_rate_cap_comes_as_a_rate_from_the_file_or_the_flag() {
+        assert_eq!(load("", &[]).unwrap().max_rate, 0);
+        assert_eq!(
+            load("max-rate = \"50M\"\n", &[]).unwrap().max_rate,
+            50 << 20
+        );
+        assert_eq!(load("max-rate = 1048576\n", &[]).unwrap().max_rate, 1 << 20);
+        let a = load("max-rate = \"50M\"\n", &["--max-rate", "1G"]).unwrap();
+        assert_eq!(a.max_rate, 1 << 30);
+        let e = load("max-rate = \"fast\"\n", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("config file") && e.contains("is not a rate"),
+            "{e}"
+        );
+        let e = load("", &["--max-rate", "50"]).unwrap_err().to_string();
+        assert!(e.contains("below the least rate cap"), "{e}");
     }
 
     #[test]

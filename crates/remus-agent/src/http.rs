@@ -247,7 +247,7 @@ async fn migrate(
         body.map_err(|e| AgentError::BadRequest(format!("bad migrate request: {e}")))?;
     let slot = a.slot(&name)?;
     let rx = slot.subscribe();
-    blocking(move || crate::replication::start_migrate(&a, &name, &req.peer)).await?;
+    blocking(move || crate::replication::start_migrate(&a, &name, &req.peer, req.max_rate)).await?;
     Ok(ndjson(rx))
 }
 

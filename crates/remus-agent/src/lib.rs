@@ -289,6 +289,7 @@ async fn run(
         al_extents: args.al_extents as usize,
         allow_unencrypted: args.allow_unencrypted_peers,
         max_spill_mib: args.max_spill_mib,
+        max_rate: args.max_rate,
         storage: storage::Storage {
             image_dir: args
                 .image_dir

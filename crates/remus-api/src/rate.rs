@@ -37,7 +37,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     let rate = n
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("'{text}' is too large a rate"))?;
-    check_rate(rate).map_err(|e| format!("'{text}': {e}"))?;
+    check_rate(rate)?;
     Ok(rate)
 }
 

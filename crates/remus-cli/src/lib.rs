@@ -94,6 +94,15 @@ pub enum Command {
         /// Print progress as JSON lines.
         #[arg(long)]
         json: bool,
+        /// Cap the pre-copy at RATE bytes per second (K, M, G: KiB, MiB,
+        /// GiB, e.g. 50M), so that the checkpoints of other VMs sharing
+        /// the link keep their pace: the disk sync's data, the initial
+        /// copy of RAM and each round. The last copy, made with the guest
+        /// stopped, and the guest's disk writes sent along are not capped.
+        /// 0 or absent: the agent's `remusd --max-rate` (none by default).
+        #[arg(long, value_name = "RATE", default_value = "0", hide_default_value = true,
+              value_parser = remus_api::rate::parse_rate)]
+        max_rate: u64,
         /// The VM's name.
         vm: String,
         /// The destination agent's replication address (HOST:PORT).
@@ -157,6 +166,15 @@ pub enum Command {
         /// for some CPU on this host.
         #[arg(short = 'u', long)]
         no_compress: bool,
+        /// Cap the initial copy at RATE bytes per second (K, M, G: KiB,
+        /// MiB, GiB, e.g. 50M), so that the checkpoints of other VMs
+        /// sharing the link keep their pace: the data of the disk sync (a
+        /// resync's too) and the copy of RAM. Checkpoints are never
+        /// capped, nor are the guest's disk writes made meanwhile. 0 or
+        /// absent: the agent's `remusd --max-rate` (none by default).
+        #[arg(long, value_name = "RATE", default_value = "0", hide_default_value = true,
+              value_parser = remus_api::rate::parse_rate)]
+        max_rate: u64,
         /// Replicate in the clear instead of over the encrypted link: only
         /// for a link that is encrypted already (WireGuard, IPsec), to
         /// save the CPU. The key still authenticates the peers, but
@@ -348,8 +366,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", format::vcpu_table(&vm, &v));
             }
         }
-        Command::Migrate { json, vm, host } => {
-            return migrate(&client, &vm, &host, json).await;
+        Command::Migrate {
+            json,
+            max_rate,
+            vm,
+            host,
+        } => {
+            return migrate(&client, &vm, &host, max_rate, json).await;
         }
         Command::Failback { json, vm } => {
             return failback(&client, &vm, json).await;
@@ -361,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_net,
             no_disk,
             no_compress,
+            max_rate,
             unencrypted,
             no_reprotect,
             manual,
@@ -430,11 +454,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 unencrypted,
                 no_reprotect,
                 manual,
-                max_rate: 0,
+                max_rate,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(
-                "Protecting '{vm}' to {peer} every {interval_ms} ms (failover after {timeout_ms} ms of silence)."
+                "Protecting '{vm}' to {peer} every {interval_ms} ms (failover after {timeout_ms} ms of silence){}.",
+                capped(max_rate, "initial copy")
             );
             if detach {
                 return Ok(ExitCode::SUCCESS);
@@ -581,7 +606,23 @@ async fn failback(client: &Client, vm: &str, json: bool) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::Result<ExitCode> {
+/// `, initial copy capped at 20 MiB/s` for a cap given; nothing for the
+/// agent's default.
+fn capped(rate: u64, what: &str) -> String {
+    if rate == 0 {
+        String::new()
+    } else {
+        format!(", {what} capped at {}", remus_api::rate::format_rate(rate))
+    }
+}
+
+async fn migrate(
+    client: &Client,
+    vm: &str,
+    host: &str,
+    max_rate: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     use indicatif::{ProgressBar, ProgressStyle};
     let bar = ProgressBar::new(0);
     if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -597,8 +638,18 @@ async fn migrate(client: &Client, vm: &str, host: &str, json: bool) -> anyhow::R
     bar.set_message("initial copy");
     let mut done: Option<MigrateStats> = None;
     let mut failed: Option<String> = None;
+    if !json && max_rate != 0 {
+        eprintln!(
+            "Migrating '{vm}' to {host}{}.",
+            capped(max_rate, "pre-copy")
+        );
+    }
+    let req = remus_api::MigrateRequest {
+        peer: host.to_string(),
+        max_rate,
+    };
     client
-        .migrate(vm, host, |s| {
+        .migrate_with(vm, &req, |s| {
             if json {
                 println!("{}", s.line);
             }

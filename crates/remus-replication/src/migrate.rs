@@ -105,6 +105,9 @@ pub fn migrate(
     let mut sealer = Sealer::default();
     let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
     let pacer = cfg.max_rate.map(SharedPacer::new);
+    if let Some(rate) = cfg.max_rate {
+        tracing::info!(vm = %vm.name(), rate, "pre-copy capped (bytes/s)");
+    }
     // Nothing ends a migration from outside while it copies.
     let paced = pacer.as_ref().map(|pacer| Paced {
         pacer,

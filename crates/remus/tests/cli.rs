@@ -23,6 +23,43 @@ fn no_agent_is_one_clear_line() {
     );
 }
 
+/// A rate cap that is no rate, or one meant in MiB/s written bare, is a
+/// clear error before anything is asked of an agent.
+#[test]
+fn bad_rate_caps_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    for (args, want) in [
+        (
+            &["protect", "--max-rate", "50", "vm", "127.0.0.1:9"][..],
+            "below the least rate cap",
+        ),
+        (
+            &["migrate", "--max-rate", "50MB", "vm", "127.0.0.1:9"][..],
+            "is not a rate",
+        ),
+    ] {
+        let out = cli(&bins().remus, &sock, args, None);
+        assert!(!out.ok, "{args:?}");
+        assert!(
+            out.stderr.contains("--max-rate") && out.stderr.contains(want),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("no remus agent"), "{}", out.stderr);
+    }
+    let out = std::process::Command::new(&bins().remusd)
+        .args(["--config", "/dev/null", "--max-rate", "fast", "--check"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--max-rate") && err.contains("is not a rate"),
+        "{err}"
+    );
+}
+
 #[test]
 fn config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();

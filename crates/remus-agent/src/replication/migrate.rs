@@ -4,10 +4,18 @@ use super::*;
 
 /// Starts migrating `name` to the agent at `peer`; progress goes to the
 /// VM's event channel (subscribe first). On success the VM is destroyed
-/// here.
-pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), AgentError> {
+/// here. `max_rate` caps the pre-copy (bytes/s; 0: this host's
+/// `--max-rate`).
+pub fn start_migrate(
+    agent: &Arc<Agent>,
+    name: &str,
+    peer: &str,
+    max_rate: u64,
+) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
     require_key(agent)?;
+    let max_rate = remus_api::rate::effective_rate(max_rate, agent.opts.max_rate)
+        .map_err(AgentError::BadRequest)?;
     if slot.vm.is_held() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is paused; unpause it before migrating"
@@ -47,6 +55,7 @@ pub fn start_migrate(agent: &Arc<Agent>, name: &str, peer: &str) -> Result<(), A
     )?;
     let mcfg = remus_replication::migrate::MigrateConfig {
         compress: compression(peer, version, true),
+        max_rate,
         ..Default::default()
     };
     claimed.keep();

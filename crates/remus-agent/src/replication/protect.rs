@@ -24,6 +24,8 @@ pub fn start_protect(
         })?;
     let claimed = Claim(&slot);
     check_timing(req.interval_ms, req.timeout_ms)?;
+    let max_rate = remus_api::rate::effective_rate(req.max_rate, agent.opts.max_rate)
+        .map_err(AgentError::BadRequest)?;
     if slot.vm.is_fenced() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is fenced (its arbiter lease lapsed); protect it again once the arbiter has answered and lifted the fence"
@@ -184,7 +186,7 @@ pub fn start_protect(
             HandOver(Arc::new(move || g.hand_over(&*slot)))
         }),
         on_commit: Some(on_commit),
-        max_rate: None,
+        max_rate,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();

@@ -520,3 +520,193 @@ fn unencrypted_replication_only_where_the_backup_allows_it() {
     assert!(lax.log_text().contains("IN THE CLEAR"));
     assert_eq!(lax.vm("clear").unwrap()["role"], "backup");
 }
+
+/// `--max-rate` on the real path: a protection's initial copy (the disk
+/// sync's data and the copy of RAM) and a migration's pre-copy go at most
+/// at the cap (plus the bucket's 100 ms burst and 5 %), and without it
+/// the same copies go faster.
+#[test]
+fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
+    const CAP: u64 = 20 << 20;
+    // A migration compresses its pages (this guest's RAM to about a
+    // tenth), so its pre-copy is smaller: a lower cap keeps it long
+    // enough to measure.
+    const MIGRATE_CAP: u64 = 8 << 20;
+    let img = GuestImage::find().expect("guest image");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let (a, a_listen) = agent_with_port(&key);
+    let (b, b_listen) = agent_with_port(&key);
+    // 16 MiB of the disk written, all of it differing from B's new copy.
+    let adir = tempfile::tempdir_in("/tmp").unwrap();
+    let disk = adir.path().join("cap.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let cfg = a.write_file(
+        "cap.toml",
+        &img.config(
+            "cap",
+            "remus.workload=tick,diskload:/dev/vda:--region-mb:16",
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n",
+                disk.display()
+            ),
+        ),
+    );
+    assert!(a.cli(&["create", cfg.to_str().unwrap()]).ok);
+    a.wait_console("cap", BOOT, "tick 3 and diskload", |c| {
+        last_tick(c) >= Some(3) && c.contains("diskload: done")
+    })
+    .unwrap();
+    // Bytes sent in `ms` under the cap: at most the rate for that time,
+    // the bucket's burst (100 ms) and a piece in flight, with 5 % for the
+    // clocks.
+    let under_cap =
+        |cap: u64, bytes: u64, ms: f64| bytes as f64 <= cap as f64 * (ms / 1e3 * 1.05 + 0.1) + 1e6;
+    let mib_s = |bytes: u64, ms: f64| bytes as f64 / (1 << 20) as f64 / (ms / 1e3);
+
+    // Protection, capped. Uncompressed (-u), so that the bytes the events
+    // report are the bytes on the link (the cap counts the latter).
+    let mut follow = ProtectFollower::start(
+        &a,
+        "cap",
+        &b_listen,
+        &["-u", "-i", "200", "--max-rate", "20M"],
+    )
+    .unwrap();
+    let synced = follow.event("disk_synced").unwrap();
+    let (sent, sync_ms) = (
+        synced["sent_bytes"].as_u64().unwrap(),
+        synced["ms"].as_f64().unwrap(),
+    );
+    let initial = follow.event("initial_sync").unwrap();
+    let (copied, copy_ms) = (
+        initial["bytes"].as_u64().unwrap(),
+        initial["ms"].as_f64().unwrap(),
+    );
+    follow.checkpoint_after(0).unwrap();
+    eprintln!(
+        "capped at 20 MiB/s: disk sync {} MiB in {sync_ms:.0} ms ({:.1} MiB/s), RAM {} MiB in {copy_ms:.0} ms ({:.1} MiB/s)",
+        sent >> 20,
+        mib_s(sent, sync_ms),
+        copied >> 20,
+        mib_s(copied, copy_ms)
+    );
+    // Enough to take the cap a while: it is measured, not its burst.
+    assert!(sent >= 16 << 20, "{synced}");
+    assert!(copied >= 2 * CAP, "{initial}");
+    assert!(
+        under_cap(CAP, sent, sync_ms),
+        "disk sync over the cap: {synced}"
+    );
+    assert!(
+        under_cap(CAP, copied, copy_ms),
+        "RAM copy over the cap: {initial}"
+    );
+    drop(follow);
+    assert!(a.cli(&["protect", "--stop", "cap"]).ok);
+    wait_for("protection to end", Duration::from_secs(30), || {
+        a.vm("cap").is_some_and(|v| v["role"] == "unprotected") && b.vm("cap").is_none()
+    });
+
+    // The same copy of RAM without a cap goes faster.
+    let (mut follow, initial) = unless_busy(|| {
+        let mut f = ProtectFollower::start(&a, "cap", &b_listen, &["-u", "-i", "200"])
+            .map_err(|e| format!("{e:#}"))?;
+        let ev = f.event("initial_sync").map_err(|e| format!("{e:#}"))?;
+        Ok((f, ev))
+    });
+    let (free, free_ms) = (
+        initial["bytes"].as_u64().unwrap(),
+        initial["ms"].as_f64().unwrap(),
+    );
+    follow.checkpoint_after(0).unwrap();
+    eprintln!(
+        "uncapped: RAM {} MiB in {free_ms:.0} ms ({:.1} MiB/s)",
+        free >> 20,
+        mib_s(free, free_ms)
+    );
+    assert!(
+        mib_s(free, free_ms) > 1.5 * mib_s(copied, copy_ms),
+        "uncapped {initial} against capped {copied} bytes in {copy_ms} ms"
+    );
+    drop(follow);
+    assert!(a.cli(&["protect", "--stop", "cap"]).ok);
+    wait_for("protection to end", Duration::from_secs(30), || {
+        a.vm("cap").is_some_and(|v| v["role"] == "unprotected") && b.vm("cap").is_none()
+    });
+
+    // Migration: capped there, uncapped back. The pre-copy (disk sync,
+    // initial copy, rounds) is what the last round's byte count says was
+    // sent before the guest stopped, in the time before the downtime.
+    let migrate = |from: &Agent, to: &str, args: &[&str]| -> (u64, f64) {
+        let mut argv = vec!["migrate", "--json"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["cap", to]);
+        let out = unless_busy(|| {
+            let out = from.cli(&argv);
+            if !out.ok {
+                return Err(format!("migrate: {}\n{}", out.stderr, from.log_text()));
+            }
+            Ok(out)
+        });
+        let events: Vec<serde_json::Value> = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let pre = events
+            .iter()
+            .rev()
+            .find(|v| v["event"] == "round")
+            .and_then(|v| v["bytes"].as_u64())
+            .unwrap_or_else(|| panic!("no round event: {}", out.stdout));
+        let done = events
+            .iter()
+            .find(|v| v["event"] == "done")
+            .unwrap_or_else(|| panic!("no done event: {}", out.stdout));
+        let ms = done["total_ms"].as_f64().unwrap() - done["downtime_ms"].as_f64().unwrap();
+        (pre, ms)
+    };
+    let (pre, pre_ms) = migrate(&a, &b_listen, &["--max-rate", "8M"]);
+    assert!(b.vm("cap").is_some() && a.vm("cap").is_none());
+    let (back, back_ms) = migrate(&b, &a_listen, &[]);
+    eprintln!(
+        "migration: capped at 8 MiB/s {} MiB in {pre_ms:.0} ms ({:.1} MiB/s), uncapped {} MiB in {back_ms:.0} ms ({:.1} MiB/s)",
+        pre >> 20,
+        mib_s(pre, pre_ms),
+        back >> 20,
+        mib_s(back, back_ms)
+    );
+    assert!(pre >= 2 * MIGRATE_CAP, "{pre}");
+    assert!(
+        under_cap(MIGRATE_CAP, pre, pre_ms),
+        "pre-copy over the cap: {pre} bytes in {pre_ms} ms"
+    );
+    assert!(
+        mib_s(back, back_ms) > 1.5 * mib_s(pre, pre_ms),
+        "uncapped {back} bytes in {back_ms} ms"
+    );
+    // The guest ran through it all.
+    a.wait_console("cap", BOOT, "ticks after coming back", |c| {
+        ticks(c).len() >= 3
+    })
+    .unwrap();
+}
+
+/// `f`, again while it fails because the peer is still tearing down the
+/// last session's copy (it says "try again in a moment"), for up to 30 s.
+fn unless_busy<T>(mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if e.contains("try again") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -113,14 +113,15 @@ struct Cli {
     /// disk and network cases, the encrypted link vs the clear
     /// one, resync after a failover (changed chunks only) against
     /// a full compare and a full copy for 1/4/16 GiB disks with
-    /// 1%/10% rewritten; one report with every target met or
-    /// missed (--seconds defaults to 8)
+    /// 1%/10% rewritten, a VM's checkpoints during another's
+    /// initial copy with and without --max-rate; one report with
+    /// every target met or missed (--seconds defaults to 8)
     #[arg(long, help_heading = "Runs", verbatim_doc_comment)]
     suite: bool,
 
     /// With --suite (implies it): only these sections,
     /// comma-separated, of matrix, wire, ram, boot, slowdown,
-    /// failover, migrate, disk, net, resync, crypto
+    /// failover, migrate, disk, net, resync, crypto, ratecap
     #[arg(
         long,
         value_name = "SECTIONS",
@@ -333,7 +334,7 @@ mod tests {
         assert!(
             e.to_string().contains(
                 "unknown section 'bogus' (sections: matrix, wire, ram, boot, slowdown, failover, \
-                 migrate, disk, net, resync, crypto)"
+                 migrate, disk, net, resync, crypto, ratecap)"
             ),
             "{e}"
         );

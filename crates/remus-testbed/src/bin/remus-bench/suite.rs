@@ -36,6 +36,9 @@
 //!   16 GiB sparse disks with 1% and 10% of the disk rewritten: chunks
 //!   compared, differing, bytes sent, sync time and time to the first
 //!   checkpoint, and their ratios.
+//! - `ratecap`: a protected VM's checkpoint pause and ack while another
+//!   VM's initial copy runs over the same link, uncapped and at
+//!   `--max-rate`, against the first VM alone.
 //!
 //! The reference workload (for the wire target) is `dirty` at 50 MB/s
 //! changing 256 random bytes of each page it visits, checkpointed every
@@ -52,7 +55,7 @@ use crate::sections;
 
 pub(crate) const SECTIONS: &[&str] = &[
     "matrix", "wire", "ram", "boot", "slowdown", "failover", "migrate", "disk", "net", "resync",
-    "crypto",
+    "crypto", "ratecap",
 ];
 
 /// Bytes of each page the reference workload changes per visit.
@@ -143,7 +146,7 @@ pub(crate) struct Report {
 type Section = fn(&Ctx, &mut Report) -> Result<()>;
 
 /// The sections in the order they run (not that of [`SECTIONS`]).
-const ORDER: [(&str, Section); 11] = [
+const ORDER: [(&str, Section); 12] = [
     ("matrix", sections::matrix::run),
     ("wire", sections::wire::run),
     ("ram", sections::ram::run),
@@ -155,6 +158,7 @@ const ORDER: [(&str, Section); 11] = [
     ("net", sections::net::run),
     ("crypto", sections::crypto::run),
     ("resync", sections::resync::run),
+    ("ratecap", sections::ratecap::run),
 ];
 
 pub(crate) fn suite_main(

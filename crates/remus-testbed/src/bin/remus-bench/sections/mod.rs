@@ -11,6 +11,7 @@ pub(crate) mod matrix;
 pub(crate) mod migrate;
 pub(crate) mod net;
 pub(crate) mod ram;
+pub(crate) mod ratecap;
 pub(crate) mod resync;
 pub(crate) mod slowdown;
 pub(crate) mod wire;

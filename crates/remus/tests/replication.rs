@@ -523,8 +523,9 @@ fn unencrypted_replication_only_where_the_backup_allows_it() {
 
 /// `--max-rate` on the real path: a protection's initial copy (the disk
 /// sync's data and the copy of RAM) and a migration's pre-copy go at most
-/// at the cap (plus the bucket's 100 ms burst and 5 %), and without it
-/// the same copies go faster.
+/// at the cap (plus the bucket's 100 ms burst and 5 %), a stop during a
+/// capped copy is not held up by it, and without a cap the same copies go
+/// faster.
 #[test]
 fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
     const CAP: u64 = 20 << 20;
@@ -610,6 +611,42 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
     wait_for("protection to end", Duration::from_secs(30), || {
         a.vm("cap").is_some_and(|v| v["role"] == "unprotected") && b.vm("cap").is_none()
     });
+
+    // A capped copy ends at once on `--stop`, as an orderly end: the
+    // backup hears the goodbye inside the open copy and discards its copy
+    // (at 1 MiB/s this copy of RAM would take over a minute).
+    let on_purpose = || b.log_text().matches("ended the session on purpose").count();
+    let before = on_purpose();
+    let mut follow = unless_busy(|| {
+        let mut f = ProtectFollower::start(
+            &a,
+            "cap",
+            &b_listen,
+            &["-u", "-i", "200", "--max-rate", "1M"],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        f.event("disk_synced").map_err(|e| format!("{e:#}"))?;
+        Ok(f)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    assert!(a.cli(&["protect", "--stop", "cap"]).ok);
+    let stopped = follow.event("stopped").unwrap();
+    assert_eq!(stopped["checkpoints"], 0, "{stopped}");
+    wait_for("protection to end", Duration::from_secs(30), || {
+        a.vm("cap").is_some_and(|v| v["role"] == "unprotected") && b.vm("cap").is_none()
+    });
+    eprintln!(
+        "stopped during a copy at 1 MiB/s: over in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the stop waited {:?} for the capped copy",
+        t.elapsed()
+    );
+    assert_eq!(on_purpose(), before + 1, "{}", b.log_text());
+    drop(follow);
 
     // The same copy of RAM without a cap goes faster.
     let (mut follow, initial) = unless_busy(|| {

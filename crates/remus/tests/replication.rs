@@ -538,7 +538,7 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
     let key = write_key(kd.path());
     let (a, a_listen) = agent_with_port(&key);
     let (b, b_listen) = agent_with_port(&key);
-    // 16 MiB of the disk written, all of it differing from B's new copy.
+    // The guest writes up to 16 MiB of its disk, differing from B's new copy.
     let adir = tempfile::tempdir_in("/tmp").unwrap();
     let disk = adir.path().join("cap.img");
     std::fs::File::create(&disk)
@@ -595,8 +595,9 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
         copied >> 20,
         mib_s(copied, copy_ms)
     );
-    // Enough to take the cap a while: it is measured, not its burst.
-    assert!(sent >= 16 << 20, "{synced}");
+    // Enough to take the cap a while (four bursts and more): it is
+    // measured, not its burst. (The guest wrote most of its 16 MiB.)
+    assert!(sent >= 8 << 20, "{synced}");
     assert!(copied >= 2 * CAP, "{initial}");
     assert!(
         under_cap(CAP, sent, sync_ms),

@@ -430,7 +430,7 @@ impl Metrics {
             let l = label(&v.name);
             self.wanted
                 .get_or_create(&l)
-                .set(i64::from(agent.wish(&v.name).is_some()));
+                .set(i64::from(v.wanted.is_some()));
         }
         self.stale_now.set(stale);
         let last = self

@@ -630,8 +630,12 @@ impl Agent {
     }
 
     pub fn info(&self, name: &str) -> Result<VmInfo, AgentError> {
-        let mut v = match lock(&self.stale).get(name) {
-            Some(s) => stale_info(name, s),
+        // The stale list's guard ends with this statement: `slot` below
+        // takes the same lock when the name is not found (a guard kept in
+        // a `match` scrutinee would deadlock the agent right there).
+        let stale = lock(&self.stale).get(name).map(|s| stale_info(name, s));
+        let mut v = match stale {
+            Some(v) => v,
             None => info(&*self.slot(name)?),
         };
         v.wanted = self.wish(name).map(|w| w.request.peer);
@@ -736,7 +740,8 @@ impl Agent {
         // Whatever becomes of this copy, the operator wants no protection
         // of it from this host any more.
         self.wishes.clear(name);
-        if let Some(s) = lock(&self.stale).remove(name) {
+        let stale = lock(&self.stale).remove(name);
+        if let Some(s) = stale {
             tracing::info!(vm = %name, discard, "stale copy destroyed");
             self.settle_record(name, Some(s.state), record);
             return Ok(());

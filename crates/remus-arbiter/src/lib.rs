@@ -472,7 +472,8 @@ impl Arbiter {
     /// Endpoint `i`'s client: the kept one (`true`), or a new one (logged
     /// in, with a user), kept for the next calls.
     async fn client(&self, i: usize) -> Result<(Client, bool), Failure> {
-        if let Some(c) = self.clients()[i].clone() {
+        let cached = self.clients()[i].clone();
+        if let Some(c) = cached {
             return Ok((c, true));
         }
         let t = self.cfg.call_timeout;

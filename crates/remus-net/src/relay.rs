@@ -395,7 +395,8 @@ impl Relay {
             // shutdown(2) below still ends a live connection.
             error!(error = %io::Error::last_os_error(), "cannot signal relay threads");
         }
-        if let Some(conn) = self.shared.conn().take() {
+        let conn = self.shared.conn().take();
+        if let Some(conn) = conn {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
         for t in self.threads.drain(..) {

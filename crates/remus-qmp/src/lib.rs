@@ -300,7 +300,8 @@ fn read_loop(mut reader: BufReader<UnixStream>, shared: Arc<Shared>) {
                 line.trim()
             )))
         };
-        if let Some(w) = lock(&shared.waiters).remove(&id) {
+        let waiter = lock(&shared.waiters).remove(&id);
+        if let Some(w) = waiter {
             let _ = w.send(result);
         }
     };

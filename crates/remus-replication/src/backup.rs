@@ -181,11 +181,11 @@ pub fn receive(
             standby_alive,
             &heartbeat_us,
         );
-        let end = match digest_error
+        let digest_error = digest_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+            .take();
+        let end = match digest_error {
             Some(e) => Err(ReplError::Setup(format!("disk digests: {e}"))),
             None => end,
         };

@@ -622,8 +622,18 @@ pub fn free_port() -> u16 {
 /// `remus protect --json` running in the background, read event by event.
 pub struct ProtectFollower {
     child: Child,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Lines of the CLI's stdout, read on a thread of their own so that a
+    /// wait for the next one has a deadline.
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The longest [`ProtectFollower::next_event`] waits for a line.
+    patience: Duration,
 }
+
+/// How long a follower waits for the next event by default: a session
+/// sends a checkpoint event every interval, and every step a test waits
+/// for (a lost backup, a failover) comes within seconds; a silent CLI
+/// for this long is a hang, reported as such instead of eating the suite.
+pub const FOLLOW_PATIENCE: Duration = Duration::from_secs(180);
 
 impl ProtectFollower {
     /// Starts protecting `vm` on `agent` to `peer` with extra `args`
@@ -658,28 +668,57 @@ impl ProtectFollower {
             .spawn()
             .context("run remus protect")?;
         let out = child.stdout.take().context("protect stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("protect-follow".into())
+            .spawn(move || {
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("start the follower's reader")?;
         Ok(ProtectFollower {
             child,
-            lines: std::io::BufReader::new(out).lines(),
+            lines,
+            patience: FOLLOW_PATIENCE,
         })
     }
 
+    /// Sets how long each wait for an event may take (default
+    /// [`FOLLOW_PATIENCE`]).
+    pub fn patience(mut self, patience: Duration) -> ProtectFollower {
+        self.patience = patience;
+        self
+    }
+
     /// The next event; an error when the stream ends (with the CLI's
-    /// stderr, which says why).
+    /// stderr, which says why) or when no event came within the
+    /// follower's patience (the CLI is then killed, so its stderr ends).
     pub fn next_event(&mut self) -> Result<serde_json::Value> {
         use std::io::Read;
-        match self.lines.next() {
-            Some(Ok(line)) => {
-                serde_json::from_str(&line).with_context(|| format!("bad event line: {line}"))
+        use std::sync::mpsc::RecvTimeoutError;
+        let why = match self.lines.recv_timeout(self.patience) {
+            Ok(line) => {
+                return serde_json::from_str(&line)
+                    .with_context(|| format!("bad event line: {line}"));
             }
-            _ => {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                bail!("protect output ended: {}", err.trim())
+            Err(RecvTimeoutError::Disconnected) => "protect output ended".to_string(),
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = self.child.kill();
+                format!(
+                    "no event from remus protect in {:?} (killed it)",
+                    self.patience
+                )
             }
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
         }
+        bail!("{why}: {}", err.trim())
     }
 
     /// Waits for the next event named `name` (failing on `backup_lost` or

@@ -82,10 +82,12 @@ impl ConsoleHub {
 
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(q) = lock(&self.shared.qemu).take() {
+        let qemu = lock(&self.shared.qemu).take();
+        if let Some(q) = qemu {
             let _ = q.shutdown(std::net::Shutdown::Both);
         }
-        if let Some(c) = lock(&self.shared.client).take() {
+        let client = lock(&self.shared.client).take();
+        if let Some(c) = client {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         // Wake the accept calls.
@@ -176,7 +178,8 @@ fn attach_loop(listener: UnixListener, shared: Arc<Shared>) {
                 let _ = q.write_all(&buf[..n]);
             }
         }
-        if let Some(c) = lock(&shared.client).take() {
+        let client = lock(&shared.client).take();
+        if let Some(c) = client {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }

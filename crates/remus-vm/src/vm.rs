@@ -706,12 +706,12 @@ impl Vm {
         for r in relays {
             r.shutdown();
         }
-        if let Some(c) = self
+        let console = self
             .console
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(c) = console {
             c.shutdown();
         }
         let disks = std::mem::take(&mut *self.disks.lock().unwrap_or_else(|p| p.into_inner()));

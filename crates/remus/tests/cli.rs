@@ -193,6 +193,9 @@ fn unknown_vm_names_and_bad_requests_are_clear() {
     // The API is plain HTTP/JSON on the socket (curl --unix-socket works).
     let answer = |req: &str| {
         let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        // An agent that stops answering fails the test, not hangs it.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
         s.write_all(req.as_bytes()).unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
@@ -201,6 +204,16 @@ fn unknown_vm_names_and_bad_requests_are_clear() {
     let resp = answer("GET /v1/vms HTTP/1.1\r\nHost: remus\r\nConnection: close\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.trim_end().ends_with("[]"), "{resp}");
+    // One VM's record by name, for a name not on the host: 404, and the
+    // agent still answers afterwards (it once deadlocked on its own lock
+    // right here, taking every later request with it).
+    for _ in 0..2 {
+        let resp = answer("GET /v1/vms/ghost HTTP/1.1\r\nHost: remus\r\nConnection: close\r\n\r\n");
+        assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+        assert!(resp.contains("no VM named 'ghost'"), "{resp}");
+    }
+    let resp = answer("GET /v1/vms HTTP/1.1\r\nHost: remus\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let bad = "{\"config\": 5}";
     let resp = answer(&format!(
         "POST /v1/vms HTTP/1.1\r\nHost: remus\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{bad}",

@@ -8,7 +8,9 @@
 # protection, failover times, `remus migrate` against QEMU's own live
 # migration, disk throughput and network latency and throughput, resync
 # after a failover (changed chunks only) against a full compare and a full
-# copy for 1/4/16 GiB disks with 1%/10% rewritten; then a table of the
+# copy for 1/4/16 GiB disks with 1%/10% rewritten, a protected VM's
+# checkpoints during another VM's initial copy (uncapped and --max-rate)
+# and as 1, 2 and 4 protected VMs share the hosts; then a table of the
 # targets, each met or missed by how much. About 35 minutes
 # on a 2-core machine; needs root (network namespaces) and about 10 GiB of
 # free memory (the 4 GiB case runs a primary and a backup copy), and about

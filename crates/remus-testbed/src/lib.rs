@@ -850,7 +850,12 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
-/// Runs the CLI against `socket`.
+/// The longest one CLI call in a test may take (the longest legitimate
+/// ones, a migration or a resync of a distribution's disk, take about a
+/// minute here).
+pub const CLI_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Runs the CLI against `socket` (killed after [`CLI_PATIENCE`]).
 pub fn cli(remus: &Path, socket: &Path, args: &[&str], input: Option<&[u8]>) -> CliOutput {
     use std::io::Write;
     let mut cmd = Command::new(remus);
@@ -878,18 +883,46 @@ pub fn cli(remus: &Path, socket: &Path, args: &[&str], input: Option<&[u8]>) -> 
     if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
         let _ = stdin.write_all(data);
     }
-    match child.wait_with_output() {
-        Ok(o) => CliOutput {
-            ok: o.status.success(),
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    // Both pipes drained on threads of their own, so that the wait below
+    // can have a deadline: a CLI call that never returns (an agent that
+    // stopped answering) fails its test instead of hanging the suite.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = match wait_timeout::ChildExt::wait_timeout(&mut child, CLI_PATIENCE) {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "remus {} did not finish in {CLI_PATIENCE:?} (killed)",
+                args.join(" ")
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    match status {
+        Ok(st) => CliOutput {
+            ok: st.success(),
+            code: st.code(),
+            stdout,
+            stderr,
         },
-        Err(e) => CliOutput {
+        Err(why) => CliOutput {
             ok: false,
             code: None,
-            stdout: String::new(),
-            stderr: e.to_string(),
+            stdout,
+            stderr: format!("{why}\n{stderr}"),
         },
     }
 }

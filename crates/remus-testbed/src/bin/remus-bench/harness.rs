@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use remus_testbed::{Agent, Binaries, GuestImage};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::opts::Opts;
+use crate::report::stats;
 
 /// The numbers that follow `label` on a console's lines (the last
 /// occurrence on a line: a guest's lines can run into each other), those
@@ -354,4 +355,32 @@ pub(crate) fn own_qemu(
         .spawn()
         .context("start qemu-system-x86_64")?;
     Ok(OwnQemu { child, qmp, serial })
+}
+
+/// One VM's checkpoints in some windows of time (pause and ack, ms).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Window {
+    pub(crate) pause: Vec<f64>,
+    pub(crate) ack: Vec<f64>,
+}
+
+impl Window {
+    /// The checkpoints of `cps` whose pause began in one of `spans`
+    /// (Unix ms, start..end).
+    pub(crate) fn of(cps: &[Value], spans: &[(f64, f64)]) -> Window {
+        let mut w = Window::default();
+        for c in cps {
+            let t = c["taken_at_ms"].as_f64().unwrap_or(f64::NAN);
+            if spans.iter().any(|&(a, b)| t >= a && t < b) {
+                w.pause.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
+                w.ack.push(c["ack_ms"].as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        w
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        json!({"checkpoints": self.pause.len(), "pause_ms": stats(&self.pause).json(),
+            "ack_ms": stats(&self.ack).json()})
+    }
 }

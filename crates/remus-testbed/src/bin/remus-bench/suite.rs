@@ -39,6 +39,9 @@
 //! - `ratecap`: a protected VM's checkpoint pause and ack while another
 //!   VM's initial copy runs over the same link, uncapped and at
 //!   `--max-rate`, against the first VM alone.
+//! - `scale`: a protected VM's checkpoint pause and ack as 1, 2 and 4
+//!   protected VMs share the same two hosts, against it alone and against
+//!   the same VMs running with only it protected.
 //!
 //! The reference workload (for the wire target) is `dirty` at 50 MB/s
 //! changing 256 random bytes of each page it visits, checkpointed every
@@ -55,7 +58,7 @@ use crate::sections;
 
 pub(crate) const SECTIONS: &[&str] = &[
     "matrix", "wire", "ram", "boot", "slowdown", "failover", "migrate", "disk", "net", "resync",
-    "crypto", "ratecap",
+    "crypto", "ratecap", "scale",
 ];
 
 /// Bytes of each page the reference workload changes per visit.
@@ -146,7 +149,7 @@ pub(crate) struct Report {
 type Section = fn(&Ctx, &mut Report) -> Result<()>;
 
 /// The sections in the order they run (not that of [`SECTIONS`]).
-const ORDER: [(&str, Section); 12] = [
+const ORDER: [(&str, Section); 13] = [
     ("matrix", sections::matrix::run),
     ("wire", sections::wire::run),
     ("ram", sections::ram::run),
@@ -159,6 +162,7 @@ const ORDER: [(&str, Section); 12] = [
     ("crypto", sections::crypto::run),
     ("resync", sections::resync::run),
     ("ratecap", sections::ratecap::run),
+    ("scale", sections::scale::run),
 ];
 
 pub(crate) fn suite_main(

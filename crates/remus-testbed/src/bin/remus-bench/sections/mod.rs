@@ -13,5 +13,6 @@ pub(crate) mod net;
 pub(crate) mod ram;
 pub(crate) mod ratecap;
 pub(crate) mod resync;
+pub(crate) mod scale;
 pub(crate) mod slowdown;
 pub(crate) mod wire;

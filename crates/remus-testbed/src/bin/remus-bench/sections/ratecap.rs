@@ -13,7 +13,7 @@ use remus_testbed::{Agent, DiskHosts, now_ms};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Protecting, accel_of, create_vm, destroy_or_warn, logs_of, wait_standby_gone,
+    Protecting, Window, accel_of, create_vm, destroy_or_warn, logs_of, wait_standby_gone,
 };
 use crate::pause::{Workload, dirty_rates};
 use crate::report::{Stats, r3, ratio, stats};
@@ -46,34 +46,6 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
     r.runs.insert("ratecap".into(), rc.json());
     r.other_accel.push(rc.accel.clone());
     Ok(())
-}
-
-/// VM1's checkpoints in some windows of time.
-#[derive(Debug, Clone, Default)]
-struct Window {
-    pause: Vec<f64>,
-    ack: Vec<f64>,
-}
-
-impl Window {
-    /// The checkpoints of `cps` whose pause began in one of `spans`
-    /// (Unix ms, start..end).
-    fn of(cps: &[Value], spans: &[(f64, f64)]) -> Window {
-        let mut w = Window::default();
-        for c in cps {
-            let t = c["taken_at_ms"].as_f64().unwrap_or(f64::NAN);
-            if spans.iter().any(|&(a, b)| t >= a && t < b) {
-                w.pause.push(c["pause_ms"].as_f64().unwrap_or(f64::NAN));
-                w.ack.push(c["ack_ms"].as_f64().unwrap_or(f64::NAN));
-            }
-        }
-        w
-    }
-
-    fn json(&self) -> Value {
-        json!({"checkpoints": self.pause.len(), "pause_ms": stats(&self.pause).json(),
-            "ack_ms": stats(&self.ack).json()})
-    }
 }
 
 /// One initial copy of VM2: when it ran (Unix ms) and what it moved.

@@ -268,6 +268,10 @@ pub struct ReturnTo {
     /// --manual`. Absent (older agents): yes.
     #[serde(default = "yes")]
     pub heal: bool,
+    /// The VM's `--max-rate` (bytes/s) for the copy back; 0 (and absent,
+    /// older agents): the new primary's own default.
+    #[serde(default)]
+    pub max_rate: u64,
 }
 
 fn yes() -> bool {

@@ -279,9 +279,13 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     client.wait_received(50, Duration::from_secs(30)).unwrap();
 
     // 1. Protection, as Prometheus sees it.
-    let mut follow =
-        ProtectFollower::start_healing(&a, VM, &b_listen, &["-i", "100", "--timeout", "1000"])
-            .unwrap();
+    let mut follow = ProtectFollower::start_healing(
+        &a,
+        VM,
+        &b_listen,
+        &["-i", "100", "--timeout", "1000", "--max-rate", "400M"],
+    )
+    .unwrap();
     follow.checkpoint_after(0).unwrap();
     let wanted = a.vm(VM).unwrap();
     assert_eq!(wanted["wanted"], b_listen.as_str(), "{wanted}");
@@ -440,6 +444,13 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         |v| v == 1.0,
     );
     assert_eq!(b.vm(VM).unwrap()["wanted"], a_listen.as_str());
+    // The VM's own rate cap came with it (in the session setup): the copy
+    // back is capped as the copy here was.
+    let wish: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(b.state_dir.join(format!("protection/{VM}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(wish["request"]["max_rate"], 400 << 20, "{wish}");
     session_flows(&client, &b, "after the failover");
     eprintln!("3. failover in {ms} ms; b's hook ran: {f:?}");
 

@@ -105,6 +105,7 @@ pub fn start_protect(
             no_compress: req.no_compress,
             reprotect: !(req.no_reprotect || req.manual),
             heal: !req.manual,
+            max_rate: req.max_rate,
         });
     let Opened {
         stream,

@@ -398,8 +398,8 @@ fn request_back(setup: &SessionSetup) -> Option<ProtectRequest> {
         unencrypted: false,
         no_reprotect: !back.reprotect,
         manual: !back.heal,
-        // This host's own --max-rate caps the resync back.
-        max_rate: 0,
+        // The VM's own cap, or (0) this host's --max-rate.
+        max_rate: back.max_rate,
     })
 }
 

@@ -59,6 +59,8 @@ pub struct AgentOptions {
     pub observer: Arc<crate::observe::Observer>,
     /// Default cap of the bulk transfers, bytes/s (`--max-rate`; 0: none).
     pub max_rate: u64,
+    /// What stopping the agent does to its VMs (`--on-stop`).
+    pub on_stop: crate::cli::OnStop,
 }
 
 /// What a VM's event channel carries.
@@ -114,10 +116,11 @@ impl crate::arbiter::Guarded for VmSlot {
 
 impl VmSlot {
     fn new(id: u32, vm: Vm, stage: Stage, observer: Arc<crate::observe::Observer>) -> VmSlot {
+        let life = Life::recorded(stage, crate::adopt::stage_path(vm.paths.dir()));
         VmSlot {
             id,
             vm,
-            life: Life::new(stage),
+            life,
             console_attached: AtomicBool::new(false),
             events: tokio::sync::broadcast::channel(256).0,
             history: Mutex::new(Vec::new()),
@@ -303,29 +306,65 @@ impl Agent {
             }
             Err(e) => tracing::error!(error = %e, "QEMU unusable; VMs cannot be created"),
         }
-        for leftover in leftover_vm_dirs(&opts.state_dir) {
-            tracing::warn!(dir = %leftover.display(), "VM directory left by an earlier agent; it is cleaned up when a VM of that name is created");
-        }
-        let mut next_id = next_id;
-        let mut stale = BTreeMap::new();
-        for (name, state) in crate::copies::stale_at_start(&opts.state_dir) {
-            tracing::warn!(vm = %name, generation = %state.gens.current, "STALE COPY: this VM ran here when the agent stopped; its backup may have taken over since. It is listed as stale and never runs on its own: protect to this host from the running copy to resync it, or `remus destroy` it");
-            stale.insert(name, StaleCopy { id: next_id, state });
-            next_id += 1;
-        }
         let wishes = crate::wishes::Wishes::load(&opts.state_dir.join("protection"))
             .context("protection wishes")?;
-        Ok(Agent {
+        let agent = Agent {
             wishes: Arc::new(wishes),
             stopping: AtomicBool::new(false),
             opts,
             vms: Mutex::new(BTreeMap::new()),
-            stale: Mutex::new(stale),
+            stale: Mutex::new(BTreeMap::new()),
             creating: Mutex::new(HashSet::new()),
             next_id: AtomicU32::new(next_id),
             tag,
             qemu_version,
-        })
+        };
+        // What an earlier agent left running, before anything else: an
+        // adopted VM is neither a leftover nor a stale copy.
+        let adopted = if agent.qemu_version.is_ok() {
+            agent.adopt_leftovers()
+        } else {
+            Vec::new()
+        };
+        for leftover in leftover_vm_dirs(&agent.opts.state_dir) {
+            if leftover
+                .file_name()
+                .is_some_and(|n| adopted.iter().any(|a| n == a.as_str()))
+            {
+                continue;
+            }
+            tracing::warn!(dir = %leftover.display(), "VM directory left by an earlier agent; it is cleaned up when a VM of that name is created");
+        }
+        {
+            let mut stale = lock(&agent.stale);
+            for (name, state) in crate::copies::stale_at_start(&agent.opts.state_dir) {
+                if adopted.contains(&name) {
+                    continue;
+                }
+                tracing::warn!(vm = %name, generation = %state.gens.current, "STALE COPY: this VM ran here when the agent stopped; its backup may have taken over since. It is listed as stale and never runs on its own: protect to this host from the running copy to resync it, or `remus destroy` it");
+                let id = agent.next_id.fetch_add(1, Ordering::SeqCst);
+                stale.insert(name, StaleCopy { id, state });
+            }
+        }
+        Ok(agent)
+    }
+
+    /// This agent's own directory for RAM files.
+    pub(crate) fn ram_files_dir(&self) -> PathBuf {
+        ram_files_dir(&self.opts.ram_dir, &self.tag)
+    }
+
+    /// Lists a VM adopted from an earlier agent, with its ID.
+    pub(crate) fn insert_adopted(&self, id: u32, vm: Vm, stage: Stage) -> Arc<VmSlot> {
+        let name = vm.name().to_string();
+        self.next_id.fetch_max(id + 1, Ordering::SeqCst);
+        let _ = std::fs::write(
+            self.opts.state_dir.join("next-id"),
+            format!("{}\n", self.next_id.load(Ordering::SeqCst)),
+        );
+        let slot = Arc::new(VmSlot::new(id, vm, stage, self.opts.observer.clone()));
+        lock(&self.vms).insert(name, slot.clone());
+        slot
     }
 
     pub fn host_info(&self) -> HostInfo {
@@ -560,6 +599,16 @@ impl Agent {
             Some(purpose) => Stage::Standby { purpose },
             None => Stage::Unprotected,
         };
+        crate::adopt::save(
+            vm.paths.dir(),
+            &crate::adopt::RunRecord {
+                id,
+                accel: vm.accel,
+                ram_file: vm.ram_file.clone(),
+                tap_names: vm.tap_names.clone(),
+                processes: vm.processes(),
+            },
+        );
         let slot = Arc::new(VmSlot::new(id, vm, stage, self.opts.observer.clone()));
         lock(&self.vms).insert(name.clone(), slot.clone());
         Ok((slot, replica))
@@ -844,12 +893,60 @@ impl Agent {
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.wishes.poke();
+        let keep = self.opts.on_stop == crate::cli::OnStop::Keep;
+        if keep {
+            self.end_sessions_for_restart();
+        }
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
-            if let Some(slot) = self.take_slot(&n, |_| true) {
+            let Some(slot) = self.take_slot(&n, |_| true) else {
+                continue;
+            };
+            if keep && slot.life.role() != Role::Backup && slot.vm.runs_on() {
+                self.leave_running(&n, &slot);
+            } else {
                 self.retire(&n, &slot, CopyRecord::Keep);
             }
         }
+    }
+
+    /// Before the agent stops and leaves its VMs running: every session of
+    /// a VM that runs here (protection, migration) ends in order, so that
+    /// a backup drops its standby instead of failing over (the wish stays:
+    /// the next agent protects the VM again). Waits up to 15 s in all.
+    fn end_sessions_for_restart(&self) {
+        let slots: Vec<Arc<VmSlot>> = self
+            .slots()
+            .into_iter()
+            .filter(|s| s.life.role() != Role::Backup && s.life.stop())
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        for s in &slots {
+            tracing::info!(vm = %s.vm.name(), "ending its session in order before the agent stops");
+            while matches!(
+                s.life.stage(),
+                Stage::Claimed { .. } | Stage::Protecting { .. }
+            ) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Leaves a VM running for the next agent to adopt (see
+    /// [`crate::adopt`]); a VM whose session did not end stays recorded as
+    /// such and is not adopted.
+    fn leave_running(&self, name: &str, slot: &Arc<VmSlot>) {
+        let guard = lock(&slot.arbiter).take();
+        if let Some(g) = guard {
+            g.stop();
+        }
+        let stage = slot.life.stage();
+        if matches!(stage, Stage::Claimed { .. } | Stage::Protecting { .. }) {
+            tracing::warn!(vm = %name, stage = crate::lifecycle::name(&stage), "its session did not end in time: the next agent will not adopt it");
+        }
+        slot.vm.detach();
+        lock(&self.creating).remove(name);
     }
 }
 

@@ -196,6 +196,23 @@ pub struct Args {
     #[arg(long, default_value = "0", value_name = "RATE",
           value_parser = remus_api::rate::parse_rate)]
     pub max_rate: u64,
+    /// What stopping the agent (SIGTERM, SIGINT, `systemctl stop`) does to
+    /// its VMs. `keep`: they run on (a protection session is ended in
+    /// order first, and set up again by the next agent); the next agent
+    /// adopts them, so a restart or an upgrade of remusd stops no VM.
+    /// `destroy`: they are stopped with the agent. Standby copies are
+    /// dropped either way.
+    #[arg(long, value_enum, default_value_t = OnStop::Keep, value_name = "WHAT")]
+    pub on_stop: OnStop,
+}
+
+/// What stopping the agent does to its VMs (`--on-stop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnStop {
+    /// The VMs run on; the next agent adopts them.
+    Keep,
+    /// The VMs are stopped with the agent.
+    Destroy,
 }
 
 /// Why the settings cannot be used.

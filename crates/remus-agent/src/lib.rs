@@ -8,10 +8,14 @@
 //! - [`cli`]: the settings (command line and config file).
 //! - [`host`]: what the host must offer (kernel, QEMU, preload).
 //!
-//! Stopping the agent (SIGTERM, SIGINT) stops its VMs: the agent carries
-//! their disk and network I/O, so a VM cannot outlive it usefully.
+//! Stopping the agent (SIGTERM, SIGINT) leaves its VMs running
+//! (`--on-stop keep`, the default; protection sessions end in order
+//! first): QEMU runs in a process group of its own, holds its guest's
+//! disk requests and reconnects its disks, NICs and console when the next
+//! agent serves them again, and that agent adopts the VM ([`adopt`]).
 
 pub mod admission;
+pub mod adopt;
 pub mod agent;
 pub mod apiauth;
 pub mod arbiter;
@@ -290,6 +294,7 @@ async fn run(
         allow_unencrypted: args.allow_unencrypted_peers,
         max_spill_mib: args.max_spill_mib,
         max_rate: args.max_rate,
+        on_stop: args.on_stop,
         storage: storage::Storage {
             image_dir: args
                 .image_dir

@@ -21,6 +21,7 @@
 //! checkpoint reads them under the run-state lock; the arbiter's tenure
 //! of the VM's key (leased, pinned, stale) lives in its `Guard`.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -69,12 +70,28 @@ pub enum Refused {
     Role(&'static str),
 }
 
-/// The state, behind one lock.
-pub struct Life(Mutex<Stage>);
+/// The state, behind one lock; with a record, every transition is also
+/// written to a file (one word, see [`token`]), so that the next agent
+/// knows what the VM was here when this one stopped, even by SIGKILL.
+pub struct Life(Mutex<Stage>, Option<PathBuf>);
 
 impl Life {
     pub fn new(stage: Stage) -> Life {
-        Life(Mutex::new(stage))
+        Life(Mutex::new(stage), None)
+    }
+
+    /// A life whose stages are recorded in `record` (written now).
+    pub fn recorded(stage: Stage, record: PathBuf) -> Life {
+        write_token(&record, &stage);
+        Life(Mutex::new(stage), Some(record))
+    }
+
+    /// Moves to `to` (the caller holds the lock), recording it.
+    fn set(&self, st: &mut MutexGuard<'_, Stage>, to: Stage) {
+        if let Some(r) = &self.1 {
+            write_token(r, &to);
+        }
+        **st = to;
     }
 
     fn lock(&self) -> MutexGuard<'_, Stage> {
@@ -115,11 +132,14 @@ impl Life {
         let mut st = self.lock();
         match &*st {
             Stage::Unprotected => {
-                *st = Stage::Claimed {
-                    purpose,
-                    peer: peer.to_string(),
-                    stop,
-                };
+                self.set(
+                    &mut st,
+                    Stage::Claimed {
+                        purpose,
+                        peer: peer.to_string(),
+                        stop,
+                    },
+                );
                 Ok(())
             }
             Stage::Standby { .. } => Err(Refused::Standby),
@@ -140,12 +160,13 @@ impl Life {
                 peer,
                 stop,
             } => {
-                *st = Stage::Protecting {
+                let to = Stage::Protecting {
                     peer: peer.clone(),
                     stop: stop.clone(),
                     switch_over,
                     tuning,
                 };
+                self.set(&mut st, to);
                 Ok(())
             }
             other => Err(Refused::Role(name(other))),
@@ -165,7 +186,8 @@ impl Life {
     pub fn session_over(&self) {
         let mut st = self.lock();
         if let Stage::Protecting { peer, .. } = &*st {
-            *st = Stage::Ending { peer: peer.clone() };
+            let to = Stage::Ending { peer: peer.clone() };
+            self.set(&mut st, to);
         }
     }
 
@@ -176,7 +198,7 @@ impl Life {
             *st,
             Stage::Claimed { .. } | Stage::Protecting { .. } | Stage::Ending { .. }
         ) {
-            *st = Stage::Unprotected;
+            self.set(&mut st, Stage::Unprotected);
         }
     }
 
@@ -185,7 +207,7 @@ impl Life {
     pub fn took_over(&self) {
         let mut st = self.lock();
         if matches!(*st, Stage::Standby { .. }) {
-            *st = Stage::Unprotected;
+            self.set(&mut st, Stage::Unprotected);
         }
     }
 
@@ -210,6 +232,44 @@ impl Life {
             }
             _ => false,
         }
+    }
+}
+
+/// A stage as one word, for the record a next agent reads.
+pub fn token(stage: &Stage) -> &'static str {
+    match stage {
+        Stage::Unprotected => "unprotected",
+        Stage::Claimed {
+            purpose: Purpose::Protect,
+            ..
+        } => "claimed-protect",
+        Stage::Claimed {
+            purpose: Purpose::Migrate,
+            ..
+        } => "claimed-migrate",
+        Stage::Protecting { .. } => "protecting",
+        Stage::Ending { .. } => "ending",
+        Stage::Standby { .. } => "standby",
+    }
+}
+
+/// Whether a VM whose recorded stage is `token` may be adopted by the
+/// next agent: it ran here alone (or its protection was only being set
+/// up, so no backup can have run it). Not a primary of a running session
+/// (its backup may have taken over since the agent died), not a
+/// migration's source (the destination may run it), not a standby.
+pub fn adoptable(token: &str) -> bool {
+    matches!(token, "unprotected" | "ending" | "claimed-protect")
+}
+
+/// Writes `stage`'s token to `path` (atomically: a new file renamed over
+/// the old one). A record that cannot be written is logged: the next
+/// agent then does not adopt the VM.
+fn write_token(path: &Path, stage: &Stage) {
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, token(stage)).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::error!(file = %path.display(), error = %e, "cannot record the VM's stage for the next agent");
     }
 }
 
@@ -309,5 +369,42 @@ mod tests {
         life.took_over();
         assert_eq!(life.role(), Role::Unprotected);
         life.claim(Purpose::Protect, "a:7000", flag()).unwrap();
+    }
+
+    #[test]
+    fn every_transition_is_recorded_for_the_next_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("stage");
+        let read = || std::fs::read_to_string(&rec).unwrap();
+        let life = Life::recorded(Stage::Unprotected, rec.clone());
+        assert_eq!(read(), "unprotected");
+        assert!(adoptable(&read()));
+        life.claim(Purpose::Protect, "b:7000", flag()).unwrap();
+        assert_eq!(read(), "claimed-protect");
+        assert!(adoptable(&read()), "no backup can have run it yet");
+        life.protecting(flag(), tuning()).unwrap();
+        assert_eq!(read(), "protecting");
+        assert!(!adoptable(&read()), "its backup may have taken over");
+        life.session_over();
+        assert_eq!(read(), "ending");
+        life.release();
+        assert_eq!(read(), "unprotected");
+        life.claim(Purpose::Migrate, "b:7000", flag()).unwrap();
+        assert!(!adoptable(&read()), "the destination may run it");
+        let standby = Life::recorded(
+            Stage::Standby {
+                purpose: Purpose::Protect,
+            },
+            dir.path().join("standby"),
+        );
+        assert!(!adoptable(
+            &std::fs::read_to_string(dir.path().join("standby")).unwrap()
+        ));
+        standby.took_over();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("standby")).unwrap(),
+            "unprotected"
+        );
+        assert!(!adoptable("") && !adoptable("garbage"));
     }
 }

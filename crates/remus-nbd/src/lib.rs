@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod client;
 pub mod error;
+pub mod process;
 pub mod proto;
 pub mod qsd;
 pub mod server;

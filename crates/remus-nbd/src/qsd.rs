@@ -5,7 +5,9 @@
 //!
 //! The daemon is started with `discard=unmap` on both nodes, so zeroes and
 //! trims the guest sends (and the backup's initial sync writes) leave the
-//! image sparse. It is killed, by its PID, when the handle drops.
+//! image sparse. It is killed when the handle drops, unless the agent
+//! [detaches](StorageDaemon::detach) it to keep it serving across its own
+//! restart; the next agent [adopts](StorageDaemon::adopt) it.
 //!
 //! The backing chain is pinned: the daemon is told each backing file and
 //! its format explicitly (`"backing": null` where there is none), so it
@@ -17,14 +19,16 @@
 //! data files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::NbdClient;
+use crate::process::Proc;
 
 /// A running `qemu-storage-daemon` exporting one image.
 pub struct StorageDaemon {
-    child: Child,
+    /// None once detached.
+    proc: Option<Proc>,
     socket: PathBuf,
     export: String,
     log: PathBuf,
@@ -153,45 +157,49 @@ impl StorageDaemon {
         let logf = std::fs::File::create(log)?;
         // Commas in a path would end the option: QEMU escapes them as ",,".
         let sock = socket.display().to_string().replace(',', ",,");
-        let child = Command::new(binary)
-            .arg("--blockdev")
-            .arg(blockdev(image, chain, read_only).to_string())
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={sock}"))
-            .arg("--export")
-            .arg(format!(
-                "type=nbd,id=exp0,node-name=fmt0,name={export},writable={}",
-                if read_only { "off" } else { "on" }
-            ))
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            .spawn()
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "start {} (Debian package qemu-utils): {e}",
-                        binary.display()
-                    ),
-                )
-            })?;
+        let proc = Proc::spawn(
+            Command::new(binary)
+                .arg("--blockdev")
+                .arg(blockdev(image, chain, read_only).to_string())
+                .arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={sock}"))
+                .arg("--export")
+                .arg(format!(
+                    "type=nbd,id=exp0,node-name=fmt0,name={export},writable={}",
+                    if read_only { "off" } else { "on" }
+                ))
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone()?)
+                .stderr(logf),
+        )
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "start {} (Debian package qemu-utils): {e}",
+                    binary.display()
+                ),
+            )
+        })?;
         // A pid file beside the socket: if the agent dies, whoever cleans
         // up (a new agent refusing to reuse the image, a test harness)
         // finds the daemon by it.
-        let _ = std::fs::write(pid_file(socket), format!("{}\n", child.id()));
-        let mut d = StorageDaemon {
-            child,
+        let _ = std::fs::write(pid_file(socket), format!("{}\n", proc.pid()));
+        let d = StorageDaemon {
+            proc: Some(proc),
             socket: socket.to_path_buf(),
             export: export.to_string(),
             log: log.to_path_buf(),
         };
         let t = Instant::now();
         loop {
-            if let Some(status) = d.child.try_wait()? {
+            if let Some(p) = &d.proc
+                && p.poll(Some(Duration::ZERO))?
+            {
                 return Err(std::io::Error::other(format!(
-                    "qemu-storage-daemon for {} exited ({status}): {}",
+                    "qemu-storage-daemon for {} exited ({}): {}",
                     image.display(),
+                    p.reap(),
                     d.log_tail()
                 )));
             }
@@ -216,8 +224,39 @@ impl StorageDaemon {
         NbdClient::connect_unix(&self.socket, &self.export)
     }
 
+    /// Takes over the daemon a previous agent started (PID `pid`, start
+    /// time `start`) and detached, serving `export` on `socket`; an error
+    /// when it no longer runs or does not answer.
+    pub fn adopt(
+        pid: u32,
+        start: u64,
+        socket: &Path,
+        export: &str,
+        log: &Path,
+    ) -> std::io::Result<StorageDaemon> {
+        let d = StorageDaemon {
+            proc: Some(Proc::adopt(pid, start)?),
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+            log: log.to_path_buf(),
+        };
+        std::os::unix::net::UnixStream::connect(socket)?;
+        Ok(d)
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    /// The daemon's start time (see [`Proc::start_time`]); 0 once detached.
+    pub fn start_time(&self) -> u64 {
+        self.proc.as_ref().map_or(0, Proc::start_time)
+    }
+
+    /// Leaves the daemon running (and its socket and PID file in place)
+    /// for the next agent to adopt.
+    pub fn detach(mut self) {
+        self.proc = None;
     }
 
     fn log_tail(&self) -> String {
@@ -229,8 +268,12 @@ impl StorageDaemon {
 
 impl Drop for StorageDaemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(p) = self.proc.take() else {
+            return;
+        };
+        p.kill();
+        let _ = p.poll(Some(Duration::from_secs(10)));
+        p.reap();
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(pid_file(&self.socket));
     }

@@ -338,6 +338,12 @@ impl Agent {
         if !given("--vm-config-dir") {
             cmd.arg("--vm-config-dir").arg(self.dir.path().join("vms"));
         }
+        // A test's agent takes its VMs with it when it stops, unless the
+        // test says otherwise (the restart tests keep them, as the agent
+        // does by default).
+        if !given("--on-stop") {
+            cmd.args(["--on-stop", "destroy"]);
+        }
         cmd.args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -514,6 +520,41 @@ impl Agent {
                 // state dir, checked alive just now).
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
+        }
+    }
+
+    /// Stops the agent process alone (SIGTERM) and waits until it has
+    /// exited: with `--on-stop keep`, its VMs run on for
+    /// [`restart`](Self::restart) to adopt.
+    pub fn stop_agent_only(&mut self) -> Result<()> {
+        let Some(mut c) = self.child.take() else {
+            bail!("the agent does not run");
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = c.try_wait()? {
+                if !st.success() {
+                    bail!("remusd exited with {st}: {}", self.log_text());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("remusd did not stop within 60 s: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL of the agent process alone: an agent crash, its QEMUs
+    /// untouched.
+    pub fn kill_agent_only(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 

@@ -23,7 +23,7 @@ pub mod vm;
 pub use paths::VmPaths;
 pub use qemu_args::ResolvedAccel;
 pub use state::{Role, RunState};
-pub use vm::{QemuBinary, StartOptions, Vm, VmError, qemu_tool};
+pub use vm::{ProcId, Processes, QemuBinary, StartOptions, Vm, VmError, qemu_tool};
 
 use remus_config::Accel;
 

@@ -80,6 +80,50 @@ impl CappedLog {
     }
 }
 
+/// The cap for a log another process writes to (QEMU's own output, which
+/// goes straight to its file so that it outlives the agent): past
+/// `max_size`, its content is copied into `NAME.1` (older backups move up,
+/// the oldest is dropped) and the file is truncated in place, as
+/// logrotate's `copytruncate` does; the writer's append-mode descriptor
+/// goes on at the new end. Returns whether it rotated. Output the writer
+/// adds between the copy and the truncation is lost.
+pub fn cap_in_place(path: &Path, max_size: u64, backups: u32) -> std::io::Result<bool> {
+    let size = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if size <= max_size {
+        return Ok(false);
+    }
+    if backups > 0 {
+        for n in (1..backups).rev() {
+            let from = backup_path(path, n);
+            if from.exists() {
+                std::fs::rename(&from, backup_path(path, n + 1))?;
+            }
+        }
+        let mut from = File::open(path)?;
+        let mut to = std::fs::File::create(backup_path(path, 1))?;
+        // Only the last `max_size` bytes: a backup never exceeds the cap.
+        use std::io::{Seek, SeekFrom};
+        from.seek(SeekFrom::Start(size - max_size))?;
+        std::io::copy(&mut std::io::Read::take(&mut from, max_size), &mut to)?;
+    }
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+/// Opens `path` for appending, created 0600 if missing.
+pub fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// `NAME.N`, the Nth backup of `path`.
 pub fn backup_path(path: &Path, n: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -111,15 +155,6 @@ pub fn with_backups(path: &Path) -> Vec<PathBuf> {
     std::iter::once(path.to_path_buf())
         .chain((1..=BACKUPS).map(|n| backup_path(path, n)))
         .collect()
-}
-
-fn open_append(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
 }
 
 #[cfg(test)]
@@ -173,5 +208,30 @@ mod tests {
         again.write(&[2; 20]).unwrap();
         assert_eq!(std::fs::read(backup_path(&p, 1)).unwrap(), vec![1; 40]);
         assert_eq!(std::fs::read(&p).unwrap(), vec![2; 20]);
+    }
+
+    #[test]
+    fn a_log_another_process_appends_to_is_capped_in_place() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("qemu.log");
+        // The writer's own append-mode descriptor, as QEMU holds it.
+        let mut w = open_append(&p).unwrap();
+        w.write_all(&[1; 40]).unwrap();
+        assert!(!cap_in_place(&p, 100, 2).unwrap());
+        w.write_all(&[2; 100]).unwrap();
+        assert!(cap_in_place(&p, 100, 2).unwrap());
+        // The backup holds the last 100 bytes; the file starts again.
+        let b1 = std::fs::read(backup_path(&p, 1)).unwrap();
+        assert_eq!(b1.len(), 100);
+        assert_eq!(b1, vec![2; 100]);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+        // The writer goes on at the new end, not at its old offset.
+        w.write_all(b"after").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"after");
+        w.write_all(&[3; 200]).unwrap();
+        assert!(cap_in_place(&p, 100, 2).unwrap());
+        assert_eq!(std::fs::read(backup_path(&p, 2)).unwrap(), b1);
+        assert!(!cap_in_place(&dir.path().join("missing.log"), 100, 2).unwrap());
     }
 }

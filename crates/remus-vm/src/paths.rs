@@ -43,6 +43,16 @@ impl VmPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
+    /// Present while the operator holds the guest paused (for the next
+    /// agent, which cannot tell an operator's pause from QEMU alone).
+    pub fn paused_marker(&self) -> PathBuf {
+        self.dir.join("held-paused")
+    }
+    /// Present while the arbiter's fence holds the guest paused: a VM
+    /// found fenced is never adopted (see the agent).
+    pub fn fenced_marker(&self) -> PathBuf {
+        self.dir.join("held-fenced")
+    }
     pub fn disk_socket(&self, target: &str) -> PathBuf {
         self.dir.join(format!("disk-{target}.sock"))
     }

@@ -35,6 +35,18 @@ pub const DEFAULT_TCG_CPU: &str = "max";
 /// CPU model under KVM when the config names none.
 pub const DEFAULT_KVM_CPU: &str = "host";
 
+/// The disk, NIC and console connections are QEMU's clients of sockets
+/// the agent serves; QEMU outlives an agent restart (see
+/// `Vm::detach`) and connects again to the next agent:
+///
+/// - disks: while the agent is away, QEMU holds the guest's requests for
+///   up to this many seconds and re-sends them once reconnected (only
+///   after that would the guest see I/O errors);
+pub const NBD_RECONNECT_DELAY_S: u32 = 60;
+/// - NICs and the console: QEMU tries again this often (frames and console
+///   output while nobody listens are dropped, as on a cable pulled out).
+pub const RECONNECT_MS: u32 = 200;
+
 /// Everything needed to build the command line besides the config.
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
@@ -104,7 +116,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     push(&[
         "-chardev",
         &format!(
-            "socket,id=con0,path={},server=off",
+            "socket,id=con0,path={},server=off,reconnect-ms={RECONNECT_MS}",
             p.console_socket().display(),
         ),
         "-serial",
@@ -148,7 +160,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
         push(&[
             "-blockdev",
             &format!(
-                "driver=nbd,node-name={node},server.type=unix,server.path={},export={}{}",
+                "driver=nbd,node-name={node},server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}{}",
                 p.disk_socket(&d.target).display(),
                 d.target,
                 if d.readonly { ",read-only=on" } else { "" }
@@ -167,7 +179,7 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
         push(&[
             "-netdev",
             &format!(
-                "stream,id={id},server=off,addr.type=unix,addr.path={}",
+                "stream,id={id},server=off,addr.type=unix,addr.path={},reconnect-ms={RECONNECT_MS}",
                 p.vif_socket(i).display()
             ),
             "-device",
@@ -223,10 +235,11 @@ mod tests {
             "-cpu max",
             "-smp 2",
             "path=/s/vms/t/qmp.sock,server=on,wait=off",
-            "socket,id=con0,path=/s/vms/t/console.sock,server=off",
-            "server.path=/s/vms/t/disk-vda.sock,export=vda,read-only=on",
+            // QEMU connects again to an agent that restarted.
+            "socket,id=con0,path=/s/vms/t/console.sock,server=off,reconnect-ms=200",
+            "server.path=/s/vms/t/disk-vda.sock,export=vda,reconnect-delay=60,read-only=on",
             "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
-            "addr.path=/s/vms/t/vif0.sock",
+            "addr.path=/s/vms/t/vif0.sock,reconnect-ms=200",
         ] {
             assert!(a.contains(want), "missing '{want}' in {a}");
         }

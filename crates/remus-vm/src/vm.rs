@@ -1,29 +1,32 @@
 //! One running VM: its QEMU process, QMP session, disk servers and NIC
 //! relays, started together and torn down together.
 //!
-//! QEMU runs in the foreground as a child of the agent, its stdout and
-//! stderr captured to `qemu.log` (a daemonized QEMU would lose them, and
-//! with them the reason a VM failed to start). A waiter thread reaps the
-//! child and records its exit status, so the VM's state can tell "QEMU
-//! died" from "QEMU is running".
+//! QEMU runs in the foreground, started by the agent in a process group of
+//! its own, its stdout and stderr going straight to `qemu.log` (a
+//! daemonized QEMU would lose them, and with them the reason a VM failed
+//! to start). It outlives the agent: [`Vm::detach`] leaves it running and
+//! the next agent [adopts](Vm::adopt) it, serving its disks, NICs and
+//! console again at the same sockets, to which QEMU connects again by
+//! itself. A watcher thread holds it by pidfd and records its exit, so the
+//! VM's state can tell "QEMU died" from "QEMU is running".
 
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use remus_config::{DiskFormat, Firmware, VmConfig};
 use remus_disk::DiskPort;
+use remus_nbd::process::Proc;
 use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle, StorageDaemon};
 use remus_net::{CommitEgress, OutputCommit, Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::console::ConsoleHub;
-use crate::logfile::CappedLog;
 use crate::paths::VmPaths;
 use crate::qemu_args::{Launch, ResolvedAccel, qemu_args};
 use crate::state::RunState;
@@ -103,7 +106,166 @@ pub struct StartOptions {
     pub incoming: bool,
 }
 
-type ExitCell = Arc<(Mutex<Option<ExitStatus>>, Condvar)>;
+/// How QEMU ended, once it has.
+type ExitCell = Arc<(Mutex<Option<String>>, Condvar)>;
+
+/// A process by PID and start time (see [`remus_nbd::process`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    pub pid: u32,
+    pub start: u64,
+}
+
+/// The processes of a running VM that outlive the agent, recorded so
+/// that the next agent can [adopt](Vm::adopt) them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Processes {
+    pub qemu: ProcId,
+    /// The qemu-storage-daemon of each qcow2 disk, by target.
+    #[serde(default)]
+    pub daemons: Vec<(String, ProcId)>,
+    /// QEMU was started with the dirty-tracking preload.
+    pub dirty_tracking: bool,
+}
+
+/// A VM's disk servers, NIC relays and console hub: what the agent serves
+/// QEMU, set up before QEMU starts, or again when an agent adopts it.
+struct Plumbing {
+    disks: Vec<(String, NbdServerHandle)>,
+    daemons: Vec<(String, StorageDaemon)>,
+    ports: Vec<Arc<DiskPort>>,
+    relays: Vec<Relay>,
+    commits: Vec<Arc<OutputCommit>>,
+    console: ConsoleHub,
+}
+
+impl Plumbing {
+    /// Sets it all up; with `adopting`, the qemu-storage-daemons are the
+    /// running ones recorded there instead of new ones. On failure what
+    /// was set up so far is torn down again (dropped).
+    fn build(
+        config: &VmConfig,
+        paths: &VmPaths,
+        opts: &StartOptions,
+        adopting: Option<&Processes>,
+    ) -> Result<Plumbing, VmError> {
+        let name = config.name.clone();
+        let mut disks = Vec::new();
+        let mut ports = Vec::new();
+        let mut daemons = Vec::new();
+        for d in config.disks_in_order() {
+            let disk_err = |reason: String| VmError::Disk {
+                vm: name.clone(),
+                target: d.target.clone(),
+                reason,
+            };
+            let backend: Arc<dyn BlockBackend> = match d.format {
+                DiskFormat::Raw => Arc::new(
+                    FileBackend::open(&d.path, d.readonly).map_err(|e| disk_err(e.to_string()))?,
+                ),
+                // QEMU's block layer serves the format; the agent's
+                // replicating layer sits in front of it.
+                DiskFormat::Qcow2 => {
+                    let dir = paths.dir();
+                    let socket = dir.join(format!("qsd-{}.sock", d.target));
+                    let log = dir.join(format!("qsd-{}.log", d.target));
+                    let daemon = match adopting {
+                        Some(procs) => {
+                            let id = procs
+                                .daemons
+                                .iter()
+                                .find(|(t, _)| *t == d.target)
+                                .map(|(_, id)| *id)
+                                .ok_or_else(|| {
+                                    disk_err("no qemu-storage-daemon recorded".into())
+                                })?;
+                            StorageDaemon::adopt(id.pid, id.start, &socket, &d.target, &log)
+                                .map_err(|e| disk_err(format!("its qemu-storage-daemon: {e}")))?
+                        }
+                        None => {
+                            // Read once, then pinned: the daemon opens
+                            // exactly these files with these formats.
+                            let chain = remus_nbd::qsd::backing_chain(
+                                &qemu_tool(&opts.qemu.path, "qemu-img"),
+                                &d.path,
+                            )
+                            .map_err(|e| disk_err(e.to_string()))?;
+                            let daemon = StorageDaemon::start(
+                                &qemu_tool(&opts.qemu.path, "qemu-storage-daemon"),
+                                &d.path,
+                                d.format.as_str(),
+                                &chain,
+                                d.readonly,
+                                &socket,
+                                &d.target,
+                                &log,
+                            )
+                            .map_err(|e| disk_err(e.to_string()))?;
+                            tracing::info!(vm = %name, disk = %d.target, path = %d.path.display(), pid = daemon.pid(), backing = ?chain, "qcow2 disk served by qemu-storage-daemon (backing chain pinned)");
+                            daemon
+                        }
+                    };
+                    let client = daemon.connect().map_err(|e| disk_err(e.to_string()))?;
+                    daemons.push((d.target.clone(), daemon));
+                    Arc::new(client)
+                }
+            };
+            let port = Arc::new(DiskPort::new(&d.target, backend));
+            ports.push(port.clone());
+            let backend: Arc<dyn BlockBackend> = port;
+            let server = NbdServer::start(&paths.disk_socket(&d.target), &d.target, backend)
+                .map_err(|e| disk_err(e.to_string()))?;
+            disks.push((d.target.clone(), server));
+        }
+
+        let mut relays = Vec::new();
+        let mut commits = Vec::new();
+        for (i, vif) in config.vifs.iter().enumerate() {
+            let vif_err = |reason: String| VmError::Vif {
+                vm: name.clone(),
+                index: i,
+                bridge: vif.bridge.clone(),
+                reason,
+            };
+            let tap_name = opts
+                .tap_names
+                .get(i)
+                .cloned()
+                .ok_or_else(|| vif_err("no tap name assigned".into()))?;
+            // A tap is deleted with its last descriptor, so an adopting
+            // agent makes it again, of the same name, on the same bridge.
+            let tap = Tap::create_on_bridge(Some(&tap_name), &vif.bridge)
+                .map_err(|e| vif_err(e.to_string()))?;
+            // Output passes through a commit buffer: live until the VM is
+            // protected, then held per checkpoint epoch.
+            let commit = Arc::new(OutputCommit::new(remus_net::commit::DEFAULT_LIMIT));
+            let relay = Relay::start_with_egress(
+                paths.vif_socket(i),
+                tap,
+                Box::new(CommitEgress(commit.clone())),
+            )
+            .map_err(|e| vif_err(e.to_string()))?;
+            commit.set_sink(Arc::new(relay.tap_sink()));
+            commits.push(commit);
+            relays.push(relay);
+        }
+
+        let console = ConsoleHub::start(
+            &paths.console_socket(),
+            &paths.console_attach_socket(),
+            &paths.console_log(),
+        )
+        .map_err(io_err(&name, "start the console hub"))?;
+        Ok(Plumbing {
+            disks,
+            daemons,
+            ports,
+            relays,
+            commits,
+            console,
+        })
+    }
+}
 
 /// A running VM.
 pub struct Vm {
@@ -112,14 +274,15 @@ pub struct Vm {
     pub accel: ResolvedAccel,
     pub ram_file: PathBuf,
     pub tap_names: Vec<String>,
-    pid: u32,
+    proc: Arc<Proc>,
     qmp: Arc<Qmp>,
     exit: ExitCell,
     /// QEMU's last error line and, once it crashed, why.
     watch: Arc<Watch>,
     disks: Mutex<Vec<(String, NbdServerHandle)>>,
-    /// qemu-storage-daemons serving qcow2 disks (killed on destroy).
-    daemons: Mutex<Vec<StorageDaemon>>,
+    /// qemu-storage-daemons serving qcow2 disks, by target (killed on
+    /// destroy, left running on detach).
+    daemons: Mutex<Vec<(String, StorageDaemon)>>,
     /// The backend of every disk, in target order; the replicated ones
     /// journal their writes while the VM is protected.
     ports: Vec<Arc<DiskPort>>,
@@ -157,96 +320,11 @@ impl Vm {
         })?;
         std::fs::create_dir_all(paths.dir())
             .map_err(io_err(&name, format!("create {}", paths.dir().display())))?;
-
-        let mut disks = Vec::new();
-        let mut ports = Vec::new();
-        let mut daemons = Vec::new();
-        for d in config.disks_in_order() {
-            let disk_err = |reason: String| VmError::Disk {
-                vm: name.clone(),
-                target: d.target.clone(),
-                reason,
-            };
-            let backend: Arc<dyn BlockBackend> = match d.format {
-                DiskFormat::Raw => Arc::new(
-                    FileBackend::open(&d.path, d.readonly).map_err(|e| disk_err(e.to_string()))?,
-                ),
-                // QEMU's block layer serves the format; the agent's
-                // replicating layer sits in front of it.
-                DiskFormat::Qcow2 => {
-                    let dir = paths.dir();
-                    // Read once, then pinned: the daemon opens exactly
-                    // these files with these formats.
-                    let chain = remus_nbd::qsd::backing_chain(
-                        &qemu_tool(&opts.qemu.path, "qemu-img"),
-                        &d.path,
-                    )
-                    .map_err(|e| disk_err(e.to_string()))?;
-                    let daemon = StorageDaemon::start(
-                        &qemu_tool(&opts.qemu.path, "qemu-storage-daemon"),
-                        &d.path,
-                        d.format.as_str(),
-                        &chain,
-                        d.readonly,
-                        &dir.join(format!("qsd-{}.sock", d.target)),
-                        &d.target,
-                        &dir.join(format!("qsd-{}.log", d.target)),
-                    )
-                    .map_err(|e| disk_err(e.to_string()))?;
-                    let client = daemon.connect().map_err(|e| disk_err(e.to_string()))?;
-                    tracing::info!(vm = %name, disk = %d.target, path = %d.path.display(), pid = daemon.pid(), backing = ?chain, "qcow2 disk served by qemu-storage-daemon (backing chain pinned)");
-                    daemons.push(daemon);
-                    Arc::new(client)
-                }
-            };
-            let port = Arc::new(DiskPort::new(&d.target, backend));
-            ports.push(port.clone());
-            let backend: Arc<dyn BlockBackend> = port;
-            let server = NbdServer::start(&paths.disk_socket(&d.target), &d.target, backend)
-                .map_err(|e| VmError::Disk {
-                    vm: name.clone(),
-                    target: d.target.clone(),
-                    reason: e.to_string(),
-                })?;
-            disks.push((d.target.clone(), server));
+        // A new QEMU holds nothing an earlier one did.
+        for m in [paths.paused_marker(), paths.fenced_marker()] {
+            let _ = std::fs::remove_file(m);
         }
-
-        let mut relays = Vec::new();
-        let mut commits = Vec::new();
-        for (i, vif) in config.vifs.iter().enumerate() {
-            let vif_err = |reason: String| VmError::Vif {
-                vm: name.clone(),
-                index: i,
-                bridge: vif.bridge.clone(),
-                reason,
-            };
-            let tap_name = opts
-                .tap_names
-                .get(i)
-                .cloned()
-                .ok_or_else(|| vif_err("no tap name assigned".into()))?;
-            let tap = Tap::create_on_bridge(Some(&tap_name), &vif.bridge)
-                .map_err(|e| vif_err(e.to_string()))?;
-            // Output passes through a commit buffer: live until the VM is
-            // protected, then held per checkpoint epoch.
-            let commit = Arc::new(OutputCommit::new(remus_net::commit::DEFAULT_LIMIT));
-            let relay = Relay::start_with_egress(
-                paths.vif_socket(i),
-                tap,
-                Box::new(CommitEgress(commit.clone())),
-            )
-            .map_err(|e| vif_err(e.to_string()))?;
-            commit.set_sink(Arc::new(relay.tap_sink()));
-            commits.push(commit);
-            relays.push(relay);
-        }
-
-        let console = ConsoleHub::start(
-            &paths.console_socket(),
-            &paths.console_attach_socket(),
-            &paths.console_log(),
-        )
-        .map_err(io_err(&name, "start the console hub"))?;
+        let plumbing = Plumbing::build(&config, &paths, &opts, None)?;
 
         let uefi = match config.firmware {
             Firmware::Uefi => Some(uefi_firmware(&paths).map_err(|msg| VmError::Invalid {
@@ -264,17 +342,15 @@ impl Vm {
             uefi,
         });
         tracing::info!(vm = %name, qemu = %opts.qemu.path.display(), args = %args.join(" "), "starting QEMU");
-        // QEMU's stdout and stderr go through a pipe to the agent, which
-        // writes them to a capped qemu.log and keeps QEMU's last error
-        // line for the crash report.
-        let mut qemu_log = CappedLog::open(&paths.qemu_log()).map_err(io_err(
+        // QEMU's stdout and stderr go straight to qemu.log (capped in
+        // place by the exit watcher), so that they outlive the agent.
+        let log = crate::logfile::open_append(&paths.qemu_log()).map_err(io_err(
             &name,
             format!("create {}", paths.qemu_log().display()),
         ))?;
-        let (log_rx, log_tx) = std::io::pipe().map_err(io_err(&name, "pipe for QEMU's output"))?;
-        let log_tx2 = log_tx
+        let log2 = log
             .try_clone()
-            .map_err(io_err(&name, "pipe for QEMU's output"))?;
+            .map_err(io_err(&name, "open qemu.log twice"))?;
         let mut env = opts.qemu.env.clone();
         let preload = opts.qemu.preload.clone();
         match &preload {
@@ -287,73 +363,133 @@ impl Vm {
                 tracing::warn!(vm = %name, "dirty-tracking preload not found: this VM can run but not be protected or migrated")
             }
         }
-        let mut cmd = Command::new(&opts.qemu.path);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(log_tx)
-            .stderr(log_tx2)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_os_str())));
-        let spawned = cmd.spawn();
-        // Our copies of the pipe's write end go with the command, so that
-        // the reader sees the end of the output when QEMU exits.
-        drop(cmd);
-        let mut child = spawned.map_err(|e| VmError::Start {
+        // A process group of its own: QEMU outlives the agent (see
+        // `detach`), and a signal to the agent's group does not reach it.
+        let proc = Proc::spawn(
+            Command::new(&opts.qemu.path)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_os_str()))),
+        )
+        .map_err(|e| VmError::Start {
             vm: name.clone(),
             reason: format!("cannot run {}: {e}", opts.qemu.path.display()),
             log: String::new(),
         })?;
-        let pid = child.id();
-        let _ = std::fs::write(paths.pid_file(), format!("{pid}\n"));
+        let _ = std::fs::write(paths.pid_file(), format!("{}\n", proc.pid()));
+        Self::attach(
+            config,
+            paths,
+            opts,
+            proc,
+            plumbing,
+            preload.is_some(),
+            false,
+        )
+    }
 
+    /// Takes over a VM a previous agent started and left running (see
+    /// [`Vm::detach`]): QEMU (`procs.qemu`) and the qemu-storage-daemons
+    /// of its qcow2 disks must still run and be the recorded processes;
+    /// its disk servers, NIC relays (on fresh taps of the same names) and
+    /// console hub are set up again at the same sockets, to which QEMU
+    /// connects again by itself. On failure QEMU is killed (a VM whose
+    /// disks nobody serves is of no use) and the error says why.
+    pub fn adopt(
+        config: VmConfig,
+        paths: VmPaths,
+        opts: StartOptions,
+        procs: &Processes,
+    ) -> Result<Vm, VmError> {
+        let name = config.name.clone();
+        let proc = Proc::adopt(procs.qemu.pid, procs.qemu.start)
+            .map_err(io_err(&name, "find its QEMU"))?;
+        let plumbing = match Plumbing::build(&config, &paths, &opts, Some(procs)) {
+            Ok(p) => p,
+            Err(e) => {
+                proc.kill();
+                return Err(e);
+            }
+        };
+        tracing::info!(vm = %name, pid = proc.pid(), "adopting the running QEMU");
+        let paused = paths.paused_marker().exists();
+        let vm = Self::attach(
+            config,
+            paths,
+            opts,
+            proc,
+            plumbing,
+            procs.dirty_tracking,
+            true,
+        )?;
+        if paused {
+            vm.operator_paused.store(true, SeqCst);
+        }
+        Ok(vm)
+    }
+
+    /// The processes to record for a later [`Vm::adopt`].
+    pub fn processes(&self) -> Processes {
+        Processes {
+            qemu: ProcId {
+                pid: self.proc.pid(),
+                start: self.proc.start_time(),
+            },
+            daemons: self
+                .daemons
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(t, d)| {
+                    (
+                        t.clone(),
+                        ProcId {
+                            pid: d.pid(),
+                            start: d.start_time(),
+                        },
+                    )
+                })
+                .collect(),
+            dirty_tracking: self.dirty_tracking,
+        }
+    }
+
+    /// The part [`Vm::start`] and [`Vm::adopt`] share: watches QEMU's exit,
+    /// connects QMP and reads the vCPU threads.
+    fn attach(
+        config: VmConfig,
+        paths: VmPaths,
+        opts: StartOptions,
+        proc: Proc,
+        plumbing: Plumbing,
+        dirty_tracking: bool,
+        adopted: bool,
+    ) -> Result<Vm, VmError> {
+        let name = config.name.clone();
+        let pid = proc.pid();
+        let proc = Arc::new(proc);
         let watch = Arc::new(Watch {
             vm: name.clone(),
             started: Instant::now(),
-            last_error: Mutex::new(None),
+            adopted,
+            log: paths.qemu_log(),
             crash: OnceLock::new(),
             destroying: std::sync::atomic::AtomicBool::new(false),
         });
-        let log_watch = watch.clone();
-        let log_thread = std::thread::Builder::new()
-            .name(format!("qemu-log-{pid}"))
-            .spawn(move || copy_qemu_output(log_rx, &mut qemu_log, &log_watch));
-        let log_thread = match log_thread {
-            Ok(t) => t,
-            Err(e) => {
-                kill_pid(pid);
-                let _ = child.wait();
-                return Err(io_err(&name, "spawn QEMU log thread")(e));
-            }
-        };
-
         let exit: ExitCell = Arc::new((Mutex::new(None), Condvar::new()));
-        let exit2 = exit.clone();
-        let vm_name = name.clone();
-        let exit_watch = watch.clone();
-        let spawned = std::thread::Builder::new()
+        let (p2, exit2, watch2) = (proc.clone(), exit.clone(), watch.clone());
+        if let Err(e) = std::thread::Builder::new()
             .name(format!("qemu-wait-{pid}"))
-            .spawn(move || {
-                let status = child.wait();
-                // QEMU's last words are read before its exit is reported.
-                let _ = log_thread.join();
-                match &status {
-                    Ok(s) => {
-                        tracing::info!(vm = %vm_name, pid, status = %describe_exit(s), "QEMU exited");
-                        exit_watch.crashed(&format!("QEMU exited ({})", describe_exit(s)));
-                    }
-                    Err(e) => tracing::error!(vm = %vm_name, pid, error = %e, "waiting for QEMU failed"),
-                }
-                let (lock, cv) = &*exit2;
-                *lock.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(status.unwrap_or_else(|_| ExitStatus::from_raw(0)));
-                cv.notify_all();
-            });
-        if let Err(e) = spawned {
-            kill_pid(pid);
+            .spawn(move || watch_exit(&p2, &exit2, &watch2))
+        {
+            proc.kill();
             return Err(io_err(&name, "spawn waiter thread")(e));
         }
 
         let fail = |reason: String, exit: &ExitCell| {
-            kill_pid(pid);
+            proc.kill();
             wait_exit(exit, QUIT_WAIT);
             VmError::Start {
                 vm: name.clone(),
@@ -372,14 +508,22 @@ impl Vm {
             Ok(t) => t,
             Err(e) => return Err(fail(format!("query-cpus-fast: {e}"), &exit)),
         };
-        tracing::info!(vm = %name, pid, accel = opts.accel.as_str(), vcpu_threads = ?vcpu_tids, "QEMU running");
+        tracing::info!(vm = %name, pid, adopted, accel = opts.accel.as_str(), vcpu_threads = ?vcpu_tids, "QEMU running");
+        let Plumbing {
+            disks,
+            daemons,
+            ports,
+            relays,
+            commits,
+            console,
+        } = plumbing;
         Ok(Vm {
             config,
             paths,
             accel: opts.accel,
             ram_file: opts.ram_file,
             tap_names: opts.tap_names,
-            pid,
+            proc,
             qmp,
             exit,
             disks: Mutex::new(disks),
@@ -390,7 +534,7 @@ impl Vm {
             console: Mutex::new(Some(console)),
             vcpu_tids,
             watch,
-            dirty_tracking: preload.is_some(),
+            dirty_tracking,
             run_lock: Mutex::new(()),
             operator_paused: std::sync::atomic::AtomicBool::new(false),
             fenced: std::sync::atomic::AtomicBool::new(false),
@@ -405,7 +549,7 @@ impl Vm {
 
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     /// The QMP session (for checkpointing and migration).
@@ -432,10 +576,7 @@ impl Vm {
     /// How QEMU exited, if it has.
     pub fn exit_status(&self) -> Option<String> {
         let (lock, _) = &*self.exit;
-        lock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(describe_exit)
+        lock.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn check_alive(&self) -> Result<(), VmError> {
@@ -468,7 +609,7 @@ impl Vm {
     /// Whether any vCPU thread is on a CPU right now (`r` vs `b`).
     fn vcpu_busy(&self) -> bool {
         self.vcpu_tids.iter().any(|tid| {
-            std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", self.pid))
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", self.pid()))
                 .ok()
                 .and_then(|s| proc_stat_state(&s))
                 == Some('R')
@@ -477,7 +618,7 @@ impl Vm {
 
     /// CPU time QEMU has used, in seconds (xl's `Time(s)`).
     pub fn cpu_seconds(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
             .ok()
             .and_then(|s| proc_stat_cpu_ticks(&s))
             .map(|ticks| {
@@ -495,6 +636,7 @@ impl Vm {
         self.qmp.execute("stop", None).map_err(self.qmp_err())?;
         self.pause_generation.fetch_add(1, SeqCst);
         self.operator_paused.store(true, SeqCst);
+        self.mark(&self.paths.paused_marker(), true);
         Ok(())
     }
 
@@ -505,6 +647,24 @@ impl Vm {
         let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.pause_generation.fetch_add(1, SeqCst);
         self.operator_paused.store(true, SeqCst);
+        self.mark(&self.paths.paused_marker(), true);
+    }
+
+    /// Creates (`on`) or removes a hold marker (see [`VmPaths`]); a marker
+    /// that cannot be written is logged: the next agent would then not
+    /// know of this hold.
+    fn mark(&self, path: &Path, on: bool) {
+        let r = if on {
+            std::fs::write(path, b"")
+        } else {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!(vm = %self.name(), file = %path.display(), error = %e, "cannot record the guest's hold for the next agent");
+        }
     }
 
     /// Pauses the guest because this host may no longer run it (the
@@ -518,6 +678,7 @@ impl Vm {
     pub fn fence(&self) -> Result<(), VmError> {
         self.pause_generation.fetch_add(1, SeqCst);
         self.fenced.store(true, SeqCst);
+        self.mark(&self.paths.fenced_marker(), true);
         self.check_alive()?;
         let _g = self.run_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.qmp.execute("stop", None).map_err(self.qmp_err())?;
@@ -537,6 +698,7 @@ impl Vm {
         }
         self.pause_generation.fetch_add(1, SeqCst);
         self.fenced.store(false, SeqCst);
+        self.mark(&self.paths.fenced_marker(), false);
         Ok(())
     }
 
@@ -575,6 +737,7 @@ impl Vm {
         self.qmp.execute("cont", None).map_err(self.qmp_err())?;
         self.pause_generation.fetch_add(1, SeqCst);
         self.operator_paused.store(false, SeqCst);
+        self.mark(&self.paths.paused_marker(), false);
         Ok(())
     }
 
@@ -644,7 +807,7 @@ impl Vm {
                 remus_dirty::PRELOAD_FILE_NAME
             )));
         }
-        let mut t = remus_dirty::DirtyTracker::attach(self.pid, &self.ram_file)
+        let mut t = remus_dirty::DirtyTracker::attach(self.pid(), &self.ram_file)
             .map_err(|e| invalid(format!("dirty-page tracking: {e}")))?;
         t.verify_tracking()
             .map_err(|e| invalid(format!("dirty-page tracking: {e}")))?;
@@ -693,7 +856,7 @@ impl Vm {
                 tracing::debug!(vm = %name, error = %e, "quit failed; killing QEMU");
             }
             if quit.is_err() || !wait_exit(&self.exit, QUIT_WAIT) {
-                kill_pid(self.pid);
+                self.proc.kill();
                 wait_exit(&self.exit, QUIT_WAIT);
             }
         }
@@ -729,18 +892,56 @@ impl Vm {
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");
     }
+
+    /// Leaves QEMU (and its qemu-storage-daemons, its RAM file and its
+    /// PID file) running for the next agent to [adopt](Vm::adopt), and
+    /// stops serving it: the disk servers, NIC relays (their taps go) and
+    /// console hub close. QEMU holds the guest's disk requests until it
+    /// reconnects (up to [`NBD_RECONNECT_DELAY_S`](crate::qemu_args::NBD_RECONNECT_DELAY_S));
+    /// frames and console output meanwhile are dropped.
+    pub fn detach(&self) {
+        // Whatever QEMU does from here is the next agent's to see.
+        self.watch.destroying.store(true, SeqCst);
+        for c in &self.commits {
+            c.close();
+        }
+        let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in relays {
+            r.shutdown();
+        }
+        let console = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = console {
+            c.shutdown();
+        }
+        let disks = std::mem::take(&mut *self.disks.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, d) in disks {
+            d.shutdown();
+        }
+        let daemons = std::mem::take(&mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, d) in daemons {
+            d.detach();
+        }
+        tracing::info!(vm = %self.name(), pid = self.pid(), "left running for the next agent");
+    }
 }
 
 /// What the agent knows of how a VM's QEMU is doing, shared by the
-/// threads that watch it (output, exit, events).
+/// threads that watch it (exit, events).
 struct Watch {
     vm: String,
     started: Instant,
-    /// QEMU's last error line so far.
-    last_error: Mutex<Option<String>>,
+    /// Taken over from a previous agent (`started` is then the adoption).
+    adopted: bool,
+    /// QEMU's own output, for the last error line of a crash report.
+    log: PathBuf,
     /// Set once, by whoever sees the crash first.
     crash: OnceLock<String>,
-    /// The agent is stopping QEMU itself: its exit is no crash.
+    /// The agent is stopping QEMU itself (or leaving it to the next
+    /// agent): its exit is no crash of this agent's to report.
     destroying: std::sync::atomic::AtomicBool,
 }
 
@@ -752,47 +953,51 @@ impl Watch {
             return;
         }
         let after = self.started.elapsed().as_secs_f64();
-        let said = match &*self.last_error.lock().unwrap_or_else(|p| p.into_inner()) {
+        let since = if self.adopted {
+            "after this agent adopted it"
+        } else {
+            "after start"
+        };
+        let said = match crate::qemu_log::last_error_line_of(&self.log) {
             Some(l) => format!("; QEMU said: {l}"),
             None => String::new(),
         };
-        let report = format!("{what} {after:.1} s after start{said}");
+        let report = format!("{what} {after:.1} s {since}{said}");
         if self.crash.set(report.clone()).is_ok() {
             tracing::error!(vm = %self.vm, "VM crashed: {report}");
         }
     }
 }
 
-/// Longest line of QEMU's output kept for the crash report.
-const MAX_ERROR_LINE: usize = 1024;
+/// How often the exit watcher also caps QEMU's log.
+const LOG_CHECK: Duration = Duration::from_secs(5);
 
-/// Copies QEMU's output into its capped log until QEMU closes it, and
-/// remembers the last line that reads as an error.
-fn copy_qemu_output(mut from: std::io::PipeReader, log: &mut CappedLog, watch: &Watch) {
-    use std::io::Read;
-    let mut buf = [0u8; 8192];
-    let mut line: Vec<u8> = Vec::new();
+/// Waits for QEMU to exit (capping its log meanwhile), then records how.
+fn watch_exit(proc: &Proc, exit: &ExitCell, watch: &Watch) {
     loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Err(e) = log.write(&buf[..n]) {
-            tracing::warn!(vm = %watch.vm, error = %e, "cannot write qemu.log");
-        }
-        for &b in &buf[..n] {
-            if b == b'\n' {
-                let text = String::from_utf8_lossy(&line);
-                if let Some(err) = crate::qemu_log::last_error_line(std::iter::once(text.as_ref()))
-                {
-                    *watch.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+        match proc.poll(Some(LOG_CHECK)) {
+            Ok(true) => break,
+            Ok(false) => {
+                if let Err(e) = crate::logfile::cap_in_place(
+                    &watch.log,
+                    crate::logfile::MAX_SIZE,
+                    crate::logfile::BACKUPS,
+                ) {
+                    tracing::warn!(vm = %watch.vm, error = %e, "cannot cap qemu.log");
                 }
-                line.clear();
-            } else if line.len() < MAX_ERROR_LINE {
-                line.push(b);
+            }
+            Err(e) => {
+                tracing::error!(vm = %watch.vm, error = %e, "waiting for QEMU failed");
+                std::thread::sleep(LOG_CHECK);
             }
         }
     }
+    let how = proc.reap().0;
+    tracing::info!(vm = %watch.vm, pid = proc.pid(), status = %how, "QEMU exited");
+    watch.crashed(&format!("QEMU exited ({how})"));
+    let (lock, cv) = &**exit;
+    *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(how);
+    cv.notify_all();
 }
 
 /// How long a stopped guest may stay stopped before the watcher asks why.
@@ -893,7 +1098,7 @@ fn connect_qmp(path: &Path, exit: &ExitCell) -> Result<Qmp, String> {
     let deadline = Instant::now() + QMP_WAIT;
     loop {
         if let Some(s) = exit.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Err(format!("QEMU exited ({})", describe_exit(s)));
+            return Err(format!("QEMU exited ({s})"));
         }
         match Qmp::connect(path, Duration::from_millis(200)) {
             Ok(q) => return Ok(q),
@@ -932,20 +1137,6 @@ fn wait_exit(exit: &ExitCell, timeout: Duration) -> bool {
         .wait_timeout_while(guard, timeout, |s| s.is_none())
         .unwrap_or_else(|p| p.into_inner());
     guard.is_some()
-}
-
-fn kill_pid(pid: u32) {
-    // SAFETY: signalling our own child, which has not been reaped while we
-    // hold its ExitCell empty, so the pid cannot have been reused.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-}
-
-fn describe_exit(s: &ExitStatus) -> String {
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        _ => "unknown".into(),
-    }
 }
 
 /// The last lines of QEMU's log, to explain a failed start.
@@ -1071,14 +1262,25 @@ mod tests {
         (qmp, go, peer)
     }
 
-    fn watch_for_test() -> Watch {
-        Watch {
+    /// A watch whose QEMU log says what a KVM failure says (the returned
+    /// directory holds the log).
+    fn watch_for_test() -> (Watch, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("qemu.log");
+        std::fs::write(
+            &log,
+            "qemu-system-x86_64: warning: something\nKVM internal error. Suberror: 1\nRAX=0\n",
+        )
+        .unwrap();
+        let w = Watch {
             vm: "t".into(),
             started: Instant::now(),
-            last_error: Mutex::new(Some("KVM internal error. Suberror: 1".into())),
+            adopted: false,
+            log,
             crash: OnceLock::new(),
             destroying: std::sync::atomic::AtomicBool::new(false),
-        }
+        };
+        (w, dir)
     }
 
     #[test]
@@ -1086,7 +1288,7 @@ mod tests {
         let (qmp, go, peer) = scripted_qemu(&["STOP"], "internal-error");
         let events = qmp.subscribe();
         go.send(()).unwrap();
-        let watch = watch_for_test();
+        let (watch, _dir) = watch_for_test();
         let weak = Arc::downgrade(&qmp);
         // Returns once the scripted QEMU hangs up.
         watch_events(&events, &weak, &watch);
@@ -1108,7 +1310,7 @@ mod tests {
         let (qmp, go, peer) = scripted_qemu(&["STOP", "RESUME"], "running");
         let events = qmp.subscribe();
         go.send(()).unwrap();
-        let watch = watch_for_test();
+        let (watch, _dir) = watch_for_test();
         watch_events(&events, &Arc::downgrade(&qmp), &watch);
         assert_eq!(
             peer.join().unwrap(),

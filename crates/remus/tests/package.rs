@@ -166,7 +166,7 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
         "{program} is not executable"
     );
     assert!(
-        unit.contains("Type=notify") && unit.contains("KillMode=mixed"),
+        unit.contains("Type=notify") && unit.contains("KillMode=process"),
         "{unit}"
     );
     assert!(

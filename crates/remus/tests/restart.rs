@@ -1,0 +1,291 @@
+//! The agent restarts without stopping its VMs, through the real agents,
+//! QEMU and network: hosts a and b run agents with `--on-stop keep` (the
+//! default outside tests); the guest on a serves a TCP session to c and
+//! writes checked records to its disk.
+//!
+//! 1. Unprotected: a's agent is stopped (SIGTERM) and started again, then
+//!    killed (SIGKILL) and started again. Each time the same QEMU runs on
+//!    (same PID), the new agent adopts it with the same ID, and the
+//!    session and the disk records carry on.
+//! 2. Protected to b (wanted): a's agent is restarted (SIGTERM). It ends
+//!    the session in order (b drops its standby, no failover), the VM runs
+//!    on, and the new agent protects it to b again by itself.
+//! 3. b's agent is restarted (SIGTERM): a's VM runs on unprotected and is
+//!    protected again once b is back.
+//! 4. a's agent is killed (SIGKILL) while the VM is protected: b takes
+//!    over (the session's connection closed with no goodbye). The new
+//!    agent on a must not run the QEMU it finds (b runs the VM now): it
+//!    stops it, and b protects the VM back to a.
+//!
+//! The TCP session survives all of it, and every record the guest wrote
+//! is on its disk at the end.
+
+use std::time::{Duration, Instant};
+
+use remus_testbed::{
+    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, process_alive, write_key,
+};
+
+const VM: &str = "rst";
+const VM_IP: &str = "198.18.0.10";
+const REPL_PORT: u16 = 7200;
+const DISK_BYTES: u64 = 256 << 20;
+
+fn bins() -> Binaries {
+    remus_testbed::test_bins!()
+}
+
+/// Polls `f` until it gives a value (agent state has no change
+/// notification to wait on).
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "no {what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An agent on host `h` that leaves its VMs running when it stops.
+fn agent(lan: &Lan, h: &str, store: &std::path::Path, key: &std::path::Path) -> Agent {
+    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
+    let extra = [
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--image-dir",
+        store.to_str().unwrap(),
+        "--host-name",
+        h,
+        "--on-stop",
+        "keep",
+    ];
+    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+}
+
+/// `n` more lines reach the client within 90 s, and nothing went wrong
+/// on either side of the session so far.
+fn session_goes_on(client: &SeqClient, n: u64, host: &Agent, what: &str) {
+    let at = client.received();
+    client
+        .wait_received(at + n, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(VM)));
+    assert_eq!(client.error(), None, "{what}");
+    let console = host.console(VM);
+    assert!(
+        !console.contains("gap") && !console.contains("duplicate"),
+        "{what}: {console}"
+    );
+}
+
+/// The guest checks every record it wrote (the `diskload verify` line).
+fn records_intact(host: &Agent, what: &str) -> u64 {
+    let before = host.console(VM).matches("diskload verify").count();
+    let out = host.cli_stdin(&["console", VM], Some(b"\ntouch /run/diskload.verify\n"));
+    assert!(out.ok, "{what}: console: {}", out.stderr);
+    let text = host
+        .wait_console(VM, Duration::from_secs(60), "diskload verify", |c| {
+            c.matches("diskload verify").count() > before
+        })
+        .unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("diskload verify"))
+        .unwrap()
+        .to_string();
+    let n = line
+        .split_once("diskload verify ok: ")
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {line}"));
+    assert!(n > 0, "{what}: {line}");
+    n
+}
+
+fn info(h: &Agent) -> serde_json::Value {
+    h.vm(VM)
+        .unwrap_or_else(|| panic!("{VM} not listed:\n{}", h.log_text()))
+}
+
+/// The VM's role on `h` becomes `role`.
+fn wait_role(h: &Agent, role: &str, timeout: Duration) {
+    wait_for(&format!("{VM} as {role}"), timeout, || {
+        h.vm(VM).filter(|v| v["role"] == role).map(|_| ())
+    });
+}
+
+/// The backup's last disk sync plan compared only changed chunks (no
+/// full compare, no full copy).
+fn last_sync_changed_only(backup: &Agent, what: &str) {
+    let log = backup.log_text();
+    let plan = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("disk sync plan"))
+        .unwrap_or_else(|| panic!("{what}: no sync plan in the backup's log"));
+    assert!(plan.contains("mode=Changed"), "{what}: {plan}");
+}
+
+/// The VM on `h` is the primary of a session whose first checkpoint has
+/// committed (before that, a lost primary leaves the backup nothing to
+/// resume).
+fn wait_protected(h: &Agent, timeout: Duration) {
+    wait_for(
+        &format!("{VM} protected, a checkpoint committed"),
+        timeout,
+        || {
+            h.vm(VM)
+                .filter(|v| v["role"] == "primary" && !v["protection"]["last_checkpoint"].is_null())
+                .map(|_| ())
+        },
+    );
+}
+
+#[test]
+fn restarting_the_agent_stops_no_vm() {
+    let img = GuestImage::find().expect("guest image");
+    let lan = Lan::standard("rst").expect("LAN of namespace hosts");
+    let kd = tempfile::tempdir().unwrap();
+    let key = write_key(kd.path());
+    let top = tempfile::tempdir_in("/tmp").unwrap();
+    let images = top.path().join("images");
+    let store_b = top.path().join("b");
+    for d in [&images, &store_b] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let disk = images.join("records.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let mut a = agent(&lan, "a", &images, &key);
+    let mut b = agent(&lan, "b", &store_b, &key);
+    let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
+
+    let cfg = a.write_file(
+        "vm.toml",
+        &img.config(
+            VM,
+            &format!(
+                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={VM_IP}/24"
+            ),
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:c6:12:3f\"\n",
+                disk.display()
+            ),
+        ),
+    );
+    let out = a.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    a.wait_console(VM, Duration::from_secs(90), "seqserver", |c| {
+        c.contains("seqserver: listening")
+    })
+    .unwrap();
+    let client = SeqClient::start(
+        lan.host("c"),
+        format!("{VM_IP}:7000").parse().unwrap(),
+        Duration::from_millis(5),
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}\n{}", a.console(VM)));
+    client.wait_received(50, Duration::from_secs(30)).unwrap();
+    let first = info(&a);
+    let (id, pid) = (first["id"].clone(), first["pid"].as_u64().unwrap() as u32);
+
+    // 1. Unprotected: a graceful restart, then a crash of the agent.
+    for (how, crash) in [("SIGTERM", false), ("SIGKILL", true)] {
+        let t = Instant::now();
+        if crash {
+            a.kill_agent_only();
+        } else {
+            a.stop_agent_only().unwrap();
+        }
+        assert!(process_alive(pid), "{how}: QEMU went with the agent");
+        a.restart().unwrap();
+        let v = info(&a);
+        assert_eq!(
+            (&v["id"], v["pid"].as_u64()),
+            (&id, Some(u64::from(pid))),
+            "{how}: {v}"
+        );
+        assert!(v["state"] == "r" || v["state"] == "b", "{how}: runs: {v}");
+        session_goes_on(&client, 100, &a, how);
+        eprintln!(
+            "1. agent {how}: adopted, the session flowed again {:?} after the stop",
+            t.elapsed()
+        );
+    }
+    assert!(a.log_text().contains("adopted the VM"), "{}", a.log_text());
+    let n1 = records_intact(&a, "after two agent restarts");
+    eprintln!("1. {n1} records intact");
+
+    // 2. Protected (wanted), a's agent restarted in order.
+    let mut follow =
+        ProtectFollower::start_healing(&a, VM, &b_listen, &["-i", "100", "--timeout", "1000"])
+            .unwrap();
+    follow.checkpoint_after(0).unwrap();
+    drop(follow);
+    wait_role(&b, "backup", Duration::from_secs(30));
+    a.stop_agent_only().unwrap();
+    assert!(process_alive(pid), "the protected VM went with the agent");
+    // An orderly end: b dropped its standby, it did not take over.
+    wait_for("b to drop its standby", Duration::from_secs(30), || {
+        b.vm(VM).is_none().then_some(())
+    });
+    a.restart().unwrap();
+    assert_eq!(info(&a)["pid"].as_u64(), Some(u64::from(pid)));
+    // The wish outlived the agent: protection comes back by itself.
+    wait_protected(&a, Duration::from_secs(120));
+    wait_role(&b, "backup", Duration::from_secs(30));
+    session_goes_on(&client, 100, &a, "protected again after a's restart");
+    last_sync_changed_only(&b, "protected again after a's restart");
+    assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
+    eprintln!("2. a's agent restarted: the VM ran on and is protected again");
+
+    // 3. b's agent restarted: a runs on, protected again once b is back.
+    b.stop_agent_only().unwrap();
+    wait_role(&a, "unprotected", Duration::from_secs(30));
+    session_goes_on(&client, 50, &a, "while b's agent is away");
+    b.restart().unwrap();
+    wait_protected(&a, Duration::from_secs(120));
+    wait_role(&b, "backup", Duration::from_secs(30));
+    session_goes_on(&client, 100, &a, "protected again after b's restart");
+    last_sync_changed_only(&b, "protected again after b's restart");
+    eprintln!("3. b's agent restarted: protection came back");
+
+    // 4. a's agent killed while the VM is protected: b takes over, and
+    //    the new agent on a must not run its old QEMU.
+    let t = Instant::now();
+    a.kill_agent_only();
+    let ms = b
+        .wait_failover(VM, t, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    session_goes_on(&client, 100, &b, "after the failover to b");
+    a.restart().unwrap();
+    assert!(
+        !process_alive(pid),
+        "a's new agent left the old primary's QEMU running:\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text().contains("NOT ADOPTED"),
+        "a's log must say why: {}",
+        a.log_text()
+    );
+    // b protects the VM back to a (changed-only resync of a's copy).
+    wait_protected(&b, Duration::from_secs(120));
+    wait_role(&a, "backup", Duration::from_secs(30));
+    session_goes_on(&client, 100, &b, "protected back to a");
+    last_sync_changed_only(&a, "protected back to a");
+    let n4 = records_intact(&b, "after the failover");
+    assert!(n4 >= n1, "records went missing: {n4} < {n1}");
+    eprintln!(
+        "4. a's agent killed: b took over in {ms} ms, a's old QEMU stopped; {n4} records intact"
+    );
+
+    let out = b.cli(&["protect", "--stop", VM]);
+    assert!(out.ok, "{}", out.stderr);
+    drop(client);
+}

@@ -998,6 +998,102 @@ pub fn last_tick(console: &str) -> Option<u64> {
     ticks(console).last().copied()
 }
 
+/// The files of a two-host test: a replication key, the primary's image
+/// directory holding a sparse raw disk `records.img`, and the backup's
+/// store for its copies; all removed on drop.
+pub struct PairFiles {
+    pub key: PathBuf,
+    pub images: PathBuf,
+    pub store_b: PathBuf,
+    pub disk: PathBuf,
+    pub top: tempfile::TempDir,
+    _key_dir: tempfile::TempDir,
+}
+
+impl PairFiles {
+    /// Makes them, the disk `disk_bytes` long.
+    pub fn new(disk_bytes: u64) -> PairFiles {
+        let key_dir = tempfile::tempdir().expect("key dir");
+        let key = write_key(key_dir.path());
+        let top = tempfile::tempdir_in("/tmp").expect("test dir");
+        let images = top.path().join("images");
+        let store_b = top.path().join("b");
+        for d in [&images, &store_b] {
+            std::fs::create_dir_all(d).expect("test dirs");
+        }
+        let disk = images.join("records.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(disk_bytes))
+            .expect("disk image");
+        PairFiles {
+            key,
+            images,
+            store_b,
+            disk,
+            top,
+            _key_dir: key_dir,
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it gives a value, failing the test with
+/// `what` after `timeout` (for agent state, which has no change
+/// notification to wait on).
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "no {what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A guest that writes checked records to its disk `disk` (as `vda`,
+/// `diskload` over 200 MiB) and serves the TCP sequence session on
+/// `ip`:7000 from a NIC on `br0` with `mac`: created on `agent` as `vm`,
+/// with a [`SeqClient`] connected from `client` that has had its first
+/// 50 lines. What the tests of long-lived sessions (failovers, restarts)
+/// watch.
+pub fn start_records_vm(
+    agent: &Agent,
+    img: &GuestImage,
+    vm: &str,
+    (ip, mac): (&str, &str),
+    disk: &Path,
+    client: &Netns,
+) -> SeqClient {
+    let cfg = agent.write_file(
+        &format!("{vm}.toml"),
+        &img.config(
+            vm,
+            &format!(
+                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={ip}/24"
+            ),
+            &format!(
+                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"{mac}\"\n",
+                disk.display()
+            ),
+        ),
+    );
+    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    agent
+        .wait_console(vm, Duration::from_secs(90), "seqserver", |c| {
+            c.contains("seqserver: listening")
+        })
+        .unwrap();
+    let c = SeqClient::start(
+        client,
+        format!("{ip}:7000").parse().unwrap(),
+        Duration::from_millis(5),
+    )
+    .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.console(vm)));
+    c.wait_received(50, Duration::from_secs(30)).unwrap();
+    c
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -860,27 +860,7 @@ impl Vm {
                 wait_exit(&self.exit, QUIT_WAIT);
             }
         }
-        // A relay waiting for room in its output buffer must not hold up
-        // its shutdown.
-        for c in &self.commits {
-            c.close();
-        }
-        let relays = std::mem::take(&mut *self.relays.lock().unwrap_or_else(|p| p.into_inner()));
-        for r in relays {
-            r.shutdown();
-        }
-        let console = self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(c) = console {
-            c.shutdown();
-        }
-        let disks = std::mem::take(&mut *self.disks.lock().unwrap_or_else(|p| p.into_inner()));
-        for (_, d) in disks {
-            d.shutdown();
-        }
+        self.stop_serving();
         drop(std::mem::take(
             &mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()),
         ));
@@ -902,6 +882,19 @@ impl Vm {
     pub fn detach(&self) {
         // Whatever QEMU does from here is the next agent's to see.
         self.watch.destroying.store(true, SeqCst);
+        self.stop_serving();
+        let daemons = std::mem::take(&mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, d) in daemons {
+            d.detach();
+        }
+        tracing::info!(vm = %self.name(), pid = self.pid(), "left running for the next agent");
+    }
+
+    /// Closes the NIC relays (their taps go), the console hub and the
+    /// disk servers: what `destroy` and `detach` both end.
+    fn stop_serving(&self) {
+        // A relay waiting for room in its output buffer must not hold up
+        // its shutdown.
         for c in &self.commits {
             c.close();
         }
@@ -921,11 +914,6 @@ impl Vm {
         for (_, d) in disks {
             d.shutdown();
         }
-        let daemons = std::mem::take(&mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()));
-        for (_, d) in daemons {
-            d.detach();
-        }
-        tracing::info!(vm = %self.name(), pid = self.pid(), "left running for the next agent");
     }
 }
 

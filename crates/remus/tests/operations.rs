@@ -26,7 +26,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, last_tick, write_key,
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, last_tick,
+    start_records_vm, wait_for, write_key,
 };
 
 const VM: &str = "ops";
@@ -38,19 +39,6 @@ const DISK_BYTES: u64 = 256 << 20;
 
 fn bins() -> Binaries {
     remus_testbed::test_bins!()
-}
-
-/// Polls `f` until it gives a value (agent and Prometheus state have no
-/// change notification to wait on).
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "no {what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// An agent on host `h`: replication, metrics on its LAN address, hooks
@@ -230,53 +218,23 @@ fn session_flows(client: &SeqClient, host: &Agent, what: &str) {
 fn metrics_hooks_and_protection_that_heals_itself() {
     let img = GuestImage::find().expect("guest image");
     let lan = Lan::standard("ops").expect("LAN of namespace hosts");
-    let kd = tempfile::tempdir().unwrap();
-    let key = write_key(kd.path());
-    let top = tempfile::tempdir_in("/tmp").unwrap();
-    let images = top.path().join("images");
-    let store_b = top.path().join("b");
-    for d in [&images, &store_b] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let disk = images.join("records.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let (hooks_a, log_a) = hook_dir(top.path(), "a");
-    let (hooks_b, log_b) = hook_dir(top.path(), "b");
-    let prom = Prometheus::start(&lan, top.path());
-    let mut a = agent(&lan, "a", &images, &key, &hooks_a);
-    let b = agent(&lan, "b", &store_b, &key, &hooks_b);
+    let files = PairFiles::new(DISK_BYTES);
+    let (hooks_a, log_a) = hook_dir(files.top.path(), "a");
+    let (hooks_b, log_b) = hook_dir(files.top.path(), "b");
+    let prom = Prometheus::start(&lan, files.top.path());
+    let mut a = agent(&lan, "a", &files.images, &files.key, &hooks_a);
+    let b = agent(&lan, "b", &files.store_b, &files.key, &hooks_b);
     let a_listen = format!("{}:{REPL_PORT}", lan.addr("a"));
     let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
 
-    let cfg = a.write_file(
-        "vm.toml",
-        &img.config(
-            VM,
-            &format!(
-                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={VM_IP}/24"
-            ),
-            &format!(
-                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:c6:12:2e\"\n",
-                disk.display()
-            ),
-        ),
-    );
-    let out = a.cli(&["create", cfg.to_str().unwrap()]);
-    assert!(out.ok, "create: {}", out.stderr);
-    a.wait_console(VM, Duration::from_secs(90), "seqserver", |c| {
-        c.contains("seqserver: listening")
-    })
-    .unwrap();
-    let client = SeqClient::start(
+    let client = start_records_vm(
+        &a,
+        &img,
+        VM,
+        (VM_IP, "52:54:00:c6:12:2e"),
+        &files.disk,
         lan.host("c"),
-        format!("{VM_IP}:7000").parse().unwrap(),
-        Duration::from_millis(5),
-    )
-    .unwrap_or_else(|e| panic!("connect: {e}\n{}", a.console(VM)));
-    client.wait_received(50, Duration::from_secs(30)).unwrap();
+    );
 
     // 1. Protection, as Prometheus sees it.
     let mut follow = ProtectFollower::start_healing(

@@ -23,7 +23,8 @@
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, process_alive, write_key,
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, process_alive,
+    start_records_vm, wait_for,
 };
 
 const VM: &str = "rst";
@@ -33,19 +34,6 @@ const DISK_BYTES: u64 = 256 << 20;
 
 fn bins() -> Binaries {
     remus_testbed::test_bins!()
-}
-
-/// Polls `f` until it gives a value (agent state has no change
-/// notification to wait on).
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "no {what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// An agent on host `h` that leaves its VMs running when it stops.
@@ -148,49 +136,19 @@ fn wait_protected(h: &Agent, timeout: Duration) {
 fn restarting_the_agent_stops_no_vm() {
     let img = GuestImage::find().expect("guest image");
     let lan = Lan::standard("rst").expect("LAN of namespace hosts");
-    let kd = tempfile::tempdir().unwrap();
-    let key = write_key(kd.path());
-    let top = tempfile::tempdir_in("/tmp").unwrap();
-    let images = top.path().join("images");
-    let store_b = top.path().join("b");
-    for d in [&images, &store_b] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let disk = images.join("records.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let mut a = agent(&lan, "a", &images, &key);
-    let mut b = agent(&lan, "b", &store_b, &key);
+    let files = PairFiles::new(DISK_BYTES);
+    let mut a = agent(&lan, "a", &files.images, &files.key);
+    let mut b = agent(&lan, "b", &files.store_b, &files.key);
     let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
 
-    let cfg = a.write_file(
-        "vm.toml",
-        &img.config(
-            VM,
-            &format!(
-                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={VM_IP}/24"
-            ),
-            &format!(
-                "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"52:54:00:c6:12:3f\"\n",
-                disk.display()
-            ),
-        ),
-    );
-    let out = a.cli(&["create", cfg.to_str().unwrap()]);
-    assert!(out.ok, "create: {}", out.stderr);
-    a.wait_console(VM, Duration::from_secs(90), "seqserver", |c| {
-        c.contains("seqserver: listening")
-    })
-    .unwrap();
-    let client = SeqClient::start(
+    let client = start_records_vm(
+        &a,
+        &img,
+        VM,
+        (VM_IP, "52:54:00:c6:12:3f"),
+        &files.disk,
         lan.host("c"),
-        format!("{VM_IP}:7000").parse().unwrap(),
-        Duration::from_millis(5),
-    )
-    .unwrap_or_else(|e| panic!("connect: {e}\n{}", a.console(VM)));
-    client.wait_received(50, Duration::from_secs(30)).unwrap();
+    );
     let first = info(&a);
     let (id, pid) = (first["id"].clone(), first["pid"].as_u64().unwrap() as u32);
 

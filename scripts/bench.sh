@@ -10,8 +10,9 @@
 # after a failover (changed chunks only) against a full compare and a full
 # copy for 1/4/16 GiB disks with 1%/10% rewritten, a protected VM's
 # checkpoints during another VM's initial copy (uncapped and --max-rate)
-# and as 1, 2 and 4 protected VMs share the hosts; then a table of the
-# targets, each met or missed by how much. About 35 minutes
+# and as 1, 2 and 4 protected VMs share the hosts, agent restarts under
+# a running VM (the client's wait, the time to protection restored); then
+# a table of the targets, each met or missed by how much. About 40 minutes
 # on a 2-core machine; needs root (network namespaces) and about 10 GiB of
 # free memory (the 4 GiB case runs a primary and a backup copy), and about
 # 4 GiB free in /tmp (the 16 GiB resync case, two copies of 1.6 GiB data).

@@ -609,8 +609,21 @@ impl Agent {
                 processes: vm.processes(),
             },
         );
+        // Listed under the registry's lock, unless the agent began to stop
+        // meanwhile: `shutdown` raises `stopping` before it takes the list,
+        // so a VM either is in that list or is destroyed here (never left
+        // running behind an agent that exited without knowing it).
+        let mut vms = lock(&self.vms);
+        if self.stopping() {
+            drop(vms);
+            tracing::warn!(vm = %name, "the agent is stopping: the VM just created is destroyed again");
+            vm.destroy();
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(AgentError::Conflict("the agent is stopping".into()));
+        }
         let slot = Arc::new(VmSlot::new(id, vm, stage, self.opts.observer.clone()));
-        lock(&self.vms).insert(name.clone(), slot.clone());
+        vms.insert(name.clone(), slot.clone());
+        drop(vms);
         Ok((slot, replica))
     }
 
@@ -897,6 +910,7 @@ impl Agent {
         if keep {
             self.end_sessions_for_restart();
         }
+        // No VM is listed after this (see `start_vm`).
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
             let Some(slot) = self.take_slot(&n, |_| true) else {

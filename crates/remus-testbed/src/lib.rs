@@ -341,7 +341,9 @@ impl Agent {
         // A test's agent takes its VMs with it when it stops, unless the
         // test says otherwise (the restart tests keep them, as the agent
         // does by default).
-        if !given("--on-stop") {
+        // (An agent of an earlier version, run by the compatibility test,
+        // has no such flag and always did that.)
+        if !given("--on-stop") && takes_flag(&self.bins.remusd, "--on-stop") {
             cmd.args(["--on-stop", "destroy"]);
         }
         cmd.args(&self.extra)
@@ -514,7 +516,11 @@ impl Agent {
                 }
             }
         }
-        for pid in leftovers {
+        // What it listed before it stopped, and what it may have started
+        // while stopping (a standby whose session came in at that moment).
+        let mut all = leftovers;
+        all.extend(self.qemu_pids());
+        for pid in all {
             if process_alive(pid) {
                 // SAFETY: a QEMU this agent started (pid from its own
                 // state dir, checked alive just now).
@@ -1034,6 +1040,24 @@ impl PairFiles {
             _key_dir: key_dir,
         }
     }
+}
+
+/// Whether the program at `bin` lists `flag` in its `--help` (asked once
+/// per program).
+pub fn takes_flag(bin: &Path, flag: &str) -> bool {
+    static KNOWN: std::sync::Mutex<Vec<(PathBuf, String, bool)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, yes)) = known.iter().find(|(b, f, _)| b == bin && f == flag) {
+        return *yes;
+    }
+    let yes = Command::new(bin)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false);
+    known.push((bin.to_path_buf(), flag.to_string(), yes));
+    yes
 }
 
 /// Polls `f` every 100 ms until it gives a value, failing the test with

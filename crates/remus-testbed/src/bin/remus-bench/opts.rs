@@ -115,7 +115,8 @@ struct Cli {
     /// a full compare and a full copy for 1/4/16 GiB disks with
     /// 1%/10% rewritten, a VM's checkpoints during another's
     /// initial copy with and without --max-rate, one VM's
-    /// checkpoints as 1, 2 and 4 protected VMs share the hosts; one report with
+    /// checkpoints as 1, 2 and 4 protected VMs share the hosts,
+    /// agent restarts under a running VM; one report with
     /// every target met or missed (--seconds defaults to 8)
     #[arg(long, help_heading = "Runs", verbatim_doc_comment)]
     suite: bool,
@@ -123,7 +124,7 @@ struct Cli {
     /// With --suite (implies it): only these sections,
     /// comma-separated, of matrix, wire, ram, boot, slowdown,
     /// failover, migrate, disk, net, resync, crypto, ratecap,
-    /// scale
+    /// scale, restart
     #[arg(
         long,
         value_name = "SECTIONS",
@@ -336,7 +337,7 @@ mod tests {
         assert!(
             e.to_string().contains(
                 "unknown section 'bogus' (sections: matrix, wire, ram, boot, slowdown, failover, \
-                 migrate, disk, net, resync, crypto, ratecap, scale)"
+                 migrate, disk, net, resync, crypto, ratecap, scale, restart)"
             ),
             "{e}"
         );

@@ -42,6 +42,9 @@
 //! - `scale`: a protected VM's checkpoint pause and ack as 1, 2 and 4
 //!   protected VMs share the same two hosts, against it alone and against
 //!   the same VMs running with only it protected.
+//! - `restart`: an agent stopped or killed and started again under a
+//!   running VM (unprotected, protected, the backup's agent): the TCP
+//!   client's wait and the time until protection is restored.
 //!
 //! The reference workload (for the wire target) is `dirty` at 50 MB/s
 //! changing 256 random bytes of each page it visits, checkpointed every
@@ -58,7 +61,7 @@ use crate::sections;
 
 pub(crate) const SECTIONS: &[&str] = &[
     "matrix", "wire", "ram", "boot", "slowdown", "failover", "migrate", "disk", "net", "resync",
-    "crypto", "ratecap", "scale",
+    "crypto", "ratecap", "scale", "restart",
 ];
 
 /// Bytes of each page the reference workload changes per visit.
@@ -149,7 +152,7 @@ pub(crate) struct Report {
 type Section = fn(&Ctx, &mut Report) -> Result<()>;
 
 /// The sections in the order they run (not that of [`SECTIONS`]).
-const ORDER: [(&str, Section); 13] = [
+const ORDER: [(&str, Section); 14] = [
     ("matrix", sections::matrix::run),
     ("wire", sections::wire::run),
     ("ram", sections::ram::run),
@@ -163,6 +166,7 @@ const ORDER: [(&str, Section); 13] = [
     ("resync", sections::resync::run),
     ("ratecap", sections::ratecap::run),
     ("scale", sections::scale::run),
+    ("restart", sections::restart::run),
 ];
 
 pub(crate) fn suite_main(

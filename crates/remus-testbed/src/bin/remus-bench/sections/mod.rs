@@ -12,6 +12,7 @@ pub(crate) mod migrate;
 pub(crate) mod net;
 pub(crate) mod ram;
 pub(crate) mod ratecap;
+pub(crate) mod restart;
 pub(crate) mod resync;
 pub(crate) mod scale;
 pub(crate) mod slowdown;

@@ -1,0 +1,235 @@
+//! The compatibility promise, checked rather than written: the agent of
+//! the previous landed version of remus ([`PREVIOUS`], a commit of this
+//! repository, built here from its own history) and this one protect each
+//! other's VM, in both directions, through a failover each way, as hosts
+//! in the middle of a rolling upgrade do.
+//!
+//! 1. This version's a protects the VM to the previous version's b:
+//!    checkpoints commit; a change of the running session's timeout
+//!    (`protect --set`, which the previous backup cannot take) is refused
+//!    with the reason and the session runs on; a's plug is pulled and b
+//!    (previous) resumes the VM.
+//! 2. b (previous) protects it back to this version's a (a changed-only
+//!    resync of a's stale copy); b's plug is pulled and a resumes it.
+//!
+//! The TCP session survives both failovers, and every record the guest
+//! wrote is on its disk at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use remus_testbed::{
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, start_records_vm,
+    wait_for,
+};
+
+/// The last version that landed before the agent could restart under its
+/// VMs (and before protocol 6 gained `Tune` and its setup fields).
+const PREVIOUS: &str = "331e3da01ff2b9427a8ab0bca1f2ba4ec6aab1fc";
+
+const VM: &str = "cmp";
+const VM_IP: &str = "198.18.0.10";
+const REPL_PORT: u16 = 7400;
+
+fn bins() -> Binaries {
+    remus_testbed::test_bins!()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `cmd`, with its output in `log`; the log's tail in the panic.
+fn run_logged(mut cmd: Command, log: &Path, what: &str) {
+    let out = std::fs::File::create(log).unwrap();
+    let st = cmd
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    if !st.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        panic!(
+            "{what} failed ({st}):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// The previous version's `remus` and `remusd` (and the dirty-tracking
+/// preload beside them), built once from this repository's history into
+/// `target/compat/COMMIT` and reused from there.
+fn previous_bins() -> Binaries {
+    let root = repo_root();
+    let dir = root.join("target/compat").join(&PREVIOUS[..12]);
+    let built = dir.join("target/debug");
+    let bins = Binaries {
+        remus: built.join("remus"),
+        remusd: built.join("remusd"),
+    };
+    if bins.remusd.exists()
+        && bins.remus.exists()
+        && built.join("libremus_dirty_preload.so").exists()
+    {
+        return bins;
+    }
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    // The commit's tree, as it was: `git archive` piped into `tar`.
+    let have = Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["cat-file", "-e", &format!("{PREVIOUS}^{{commit}}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have,
+        "commit {PREVIOUS} (the previous version) is not in this clone's history; a shallow clone lacks it: `git fetch --unshallow`"
+    );
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg("git -C \"$1\" archive --format=tar \"$2\" | tar -x -C \"$3\"")
+        .arg("sh")
+        .arg(&root)
+        .arg(PREVIOUS)
+        .arg(&src);
+    run_logged(sh, &dir.join("archive.log"), "extract the previous version");
+    eprintln!("building the previous version {PREVIOUS} (a few minutes, once)");
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(&src)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "remus",
+            "--bins",
+            "-p",
+            "remus-dirty-preload",
+            "--target-dir",
+        ])
+        .arg(dir.join("target"))
+        // This build's own settings must not leak into the old tree's.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR");
+    run_logged(cargo, &dir.join("build.log"), "build the previous version");
+    bins
+}
+
+/// An agent on host `h` from `bins`, its copies of peers' disks in `store`.
+fn agent(bins: &Binaries, lan: &Lan, h: &str, store: &Path, key: &Path) -> Agent {
+    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
+    let extra = [
+        "--key",
+        key.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--image-dir",
+        store.to_str().unwrap(),
+    ];
+    Agent::start(bins, Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+}
+
+fn session_goes_on(client: &SeqClient, host: &Agent, what: &str) {
+    let at = client.received();
+    client
+        .wait_received(at + 100, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(VM)));
+    assert_eq!(client.error(), None, "{what}");
+}
+
+/// The guest checks every record it wrote; the count.
+fn records_intact(host: &Agent, what: &str) -> u64 {
+    let before = host.console(VM).matches("diskload verify").count();
+    let out = host.cli_stdin(&["console", VM], Some(b"\ntouch /run/diskload.verify\n"));
+    assert!(out.ok, "{what}: console: {}", out.stderr);
+    let text = host
+        .wait_console(VM, Duration::from_secs(60), "diskload verify", |c| {
+            c.matches("diskload verify").count() > before
+        })
+        .unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("diskload verify"))
+        .unwrap()
+        .to_string();
+    line.split_once("diskload verify ok: ")
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {line}"))
+}
+
+/// Protects the VM on `from` to `to_listen`, waiting for a committed
+/// checkpoint (the follower ends when dropped; the session goes on).
+fn protect(from: &Agent, to_listen: &str) {
+    let mut f =
+        ProtectFollower::start_healing(from, VM, to_listen, &["-i", "100", "--timeout", "1000"])
+            .unwrap_or_else(|e| panic!("protect: {e}\n{}", from.log_text()));
+    f.checkpoint_after(0).unwrap_or_else(|e| {
+        panic!(
+            "protect from {}: {e}\nits log:\n{}",
+            from.bins.remusd.display(),
+            from.log_text()
+        )
+    });
+}
+
+#[test]
+fn the_previous_version_and_this_one_protect_each_other() {
+    let old = previous_bins();
+    let img = GuestImage::find().expect("guest image");
+    let lan = Lan::standard("cmp").expect("LAN of namespace hosts");
+    let files = PairFiles::new(256 << 20);
+    let mut a = agent(&bins(), &lan, "a", &files.images, &files.key);
+    let mut b = agent(&old, &lan, "b", &files.store_b, &files.key);
+    let a_listen = format!("{}:{REPL_PORT}", lan.addr("a"));
+    let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
+    let client = start_records_vm(
+        &a,
+        &img,
+        VM,
+        (VM_IP, "52:54:00:c6:12:5b"),
+        &files.disk,
+        lan.host("c"),
+    );
+
+    // 1. This version protects to the previous one.
+    protect(&a, &b_listen);
+    session_goes_on(&client, &a, "protected to the previous version");
+    let set = a.cli(&["protect", "--set", VM, "--timeout", "3000"]);
+    assert!(
+        !set.ok && set.stderr.contains("older"),
+        "a timeout change the previous backup cannot take must be refused with the reason: {}",
+        set.stderr
+    );
+    eprintln!("1. --set refused: {}", set.stderr.trim());
+    session_goes_on(&client, &a, "after the refused --set");
+    let t = Instant::now();
+    a.kill_hard();
+    let ms = b
+        .wait_failover(VM, t, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    session_goes_on(&client, &b, "after the failover to the previous version");
+    eprintln!("1. the previous version resumed the VM in {ms} ms");
+
+    // 2. The previous version protects it back to this one.
+    a.restart().unwrap();
+    wait_for("a to list its copy stale", Duration::from_secs(30), || {
+        a.vm(VM).filter(|v| v["role"] == "stale").map(|_| ())
+    });
+    protect(&b, &a_listen);
+    session_goes_on(&client, &b, "protected back to this version");
+    let t = Instant::now();
+    b.kill_hard();
+    let ms = a
+        .wait_failover(VM, t, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    session_goes_on(&client, &a, "after the failover back to this version");
+    let n = records_intact(&a, "after both failovers");
+    assert!(n > 0);
+    eprintln!("2. this version resumed the VM in {ms} ms; {n} records intact");
+    drop(client);
+}

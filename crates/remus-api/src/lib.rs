@@ -239,7 +239,18 @@ pub struct ProtectRequest {
     /// 0: the agent's `--max-rate` (see [`rate`]).
     #[serde(default)]
     pub max_rate: u64,
+    /// Output-driven epochs: an epoch ends as soon as the guest has output
+    /// waiting, but not sooner than this many ms after the last checkpoint
+    /// began (`-i` stays the longest epoch); 0: every epoch lasts `-i`.
+    /// Absent: [`DEFAULT_MIN_INTERVAL_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_interval_ms: Option<u64>,
 }
+
+/// The shortest gap between two checkpoints when output waits, by default
+/// (`remus protect --min-interval`): chosen from the bench's `net`
+/// section (bench/results.md).
+pub const DEFAULT_MIN_INTERVAL_MS: u64 = 20;
 
 fn default_interval_ms() -> u64 {
     200

@@ -175,6 +175,15 @@ pub enum Command {
         #[arg(long, value_name = "RATE", default_value = "0", hide_default_value = true,
               value_parser = remus_api::rate::parse_rate)]
         max_rate: u64,
+        /// Output-driven epochs: a checkpoint comes as soon as the guest
+        /// has network output waiting (which output commit holds until the
+        /// backup has the state that sent it), but never sooner than MS
+        /// after the last one, so a guest that talks all the time is
+        /// checkpointed at most every MS; -i stays the longest epoch, for
+        /// a guest that says nothing. 0: every epoch lasts -i (the latency
+        /// of every reply then grows with -i). Default: 20.
+        #[arg(long = "min-interval", value_name = "MS")]
+        min_interval_ms: Option<u64>,
         /// Replicate in the clear instead of over the encrypted link: only
         /// for a link that is encrypted already (WireGuard, IPsec), to
         /// save the CPU. The key still authenticates the peers, but
@@ -385,6 +394,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_disk,
             no_compress,
             max_rate,
+            min_interval_ms,
             unencrypted,
             no_reprotect,
             manual,
@@ -455,6 +465,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_reprotect,
                 manual,
                 max_rate,
+                min_interval_ms,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

@@ -20,6 +20,10 @@
 //!   QEMU's socket, QEMU stops taking frames from the guest's transmit
 //!   queue, and the guest's driver backs off — back-pressure, as a slow
 //!   link would apply, instead of frames silently dropped.
+//! - **Output drives the epochs.** A buffer with an [`OutputSignal`] says
+//!   when the first frame of the open epoch is held (on any NIC of the VM),
+//!   so that the primary can end that epoch early instead of letting the
+//!   output wait for the interval's end.
 //! - When protection ends (stopped, or the backup lost), [`go_live`]
 //!   releases whatever is held and output flows directly again: the VM
 //!   runs on alone, and no backup can resume an older state.
@@ -78,6 +82,8 @@ pub struct OutputStats {
 
 struct State {
     mode: Mode,
+    /// Told when a frame is held (see [`OutputSignal`]).
+    signal: Option<Arc<OutputSignal>>,
     /// Epoch new frames are tagged with.
     open: u64,
     queue: VecDeque<(u64, Vec<u8>)>,
@@ -111,6 +117,7 @@ impl OutputCommit {
         OutputCommit {
             state: Mutex::new(State {
                 mode: Mode::Live,
+                signal: None,
                 open: 0,
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -124,6 +131,11 @@ impl OutputCommit {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells `signal` of every frame held from now on (`None`: no more).
+    pub fn set_signal(&self, signal: Option<Arc<OutputSignal>>) {
+        self.lock().signal = signal;
     }
 
     /// Where released frames go (the relay's tap).
@@ -229,9 +241,70 @@ impl OutputCommit {
         }
         let open = st.open;
         st.queue.push_back((open, frame.to_vec()));
+        if let Some(s) = &st.signal {
+            s.held();
+        }
         st.bytes += len;
         st.stats.held_frames += 1;
         st.stats.max_held_bytes = st.stats.max_held_bytes.max(st.bytes);
+    }
+}
+
+/// When the guest's output of the open epoch began to wait: the first
+/// frame any of its NICs held since the last checkpoint's cut. The
+/// primary's epoch loop waits on it to end an epoch as soon as output is
+/// waiting (output-driven epochs) rather than at the interval's end.
+#[derive(Debug, Default)]
+pub struct OutputSignal {
+    first: Mutex<Option<Instant>>,
+    cv: Condvar,
+}
+
+impl OutputSignal {
+    pub fn new() -> OutputSignal {
+        OutputSignal::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A frame was held (the first one of the epoch wakes the waiter).
+    fn held(&self) {
+        let mut f = self.lock();
+        if f.is_none() {
+            *f = Some(Instant::now());
+            self.cv.notify_all();
+        }
+    }
+
+    /// With the guest stopped for a checkpoint, before the NICs' cut: what
+    /// is held from now on waits for the next epoch. (A frame held between
+    /// this and the cut belongs to the closing epoch yet marks the next
+    /// one as having output: at worst one early checkpoint, never a late
+    /// one.)
+    pub fn clear(&self) {
+        *self.lock() = None;
+    }
+
+    /// When output of the open epoch began to wait, waiting for some until
+    /// `deadline`; `None` if none came by then.
+    pub fn wait_first(&self, deadline: Instant) -> Option<Instant> {
+        let mut f = self.lock();
+        loop {
+            if let Some(t) = *f {
+                return Some(t);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if left.is_zero() {
+                return None;
+            }
+            f = self
+                .cv
+                .wait_timeout(f, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 
@@ -327,5 +400,41 @@ mod tests {
         oc.cut(Epoch(1));
         oc.frame(&[7], &*wire);
         assert_eq!(wire.seen(), vec![7]);
+    }
+
+    #[test]
+    fn the_signal_tells_when_output_of_the_open_epoch_began_to_wait() {
+        let (oc, wire) = setup(1 << 20);
+        let sig = Arc::new(OutputSignal::new());
+        oc.set_signal(Some(sig.clone()));
+        oc.arm();
+        // Armed, before the first checkpoint: frames flow, nothing waits.
+        oc.frame(&[1], &*wire);
+        assert_eq!(sig.wait_first(Instant::now()), None);
+        sig.clear();
+        oc.cut(Epoch(1));
+        // A waiter wakes when the first frame is held, not at its deadline.
+        let (sig2, oc2, wire2) = (sig.clone(), oc.clone(), wire.clone());
+        let t = Instant::now();
+        let held = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            oc2.frame(&[2], &*wire2);
+            oc2.frame(&[3], &*wire2);
+        });
+        let first = sig2.wait_first(t + Duration::from_secs(10)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        held.join().unwrap();
+        // The second frame does not move it.
+        assert_eq!(sig.wait_first(Instant::now()), Some(first));
+        // The checkpoint's cut starts over.
+        sig.clear();
+        oc.cut(Epoch(2));
+        assert_eq!(
+            sig.wait_first(Instant::now() + Duration::from_millis(10)),
+            None
+        );
+        oc.set_signal(None);
+        oc.frame(&[4], &*wire);
+        assert_eq!(sig.wait_first(Instant::now()), None);
     }
 }

@@ -16,7 +16,7 @@ pub mod frame;
 pub mod relay;
 pub mod tap;
 
-pub use commit::{CommitEgress, OutputCommit, OutputStats};
+pub use commit::{CommitEgress, OutputCommit, OutputSignal, OutputStats};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use relay::{DropCounts, Egress, PassThrough, Relay, RelayError, RelayStats, TapSink};
 pub use tap::{Tap, TapError};

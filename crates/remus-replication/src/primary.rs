@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use remus_disk::{DiskPort, Doorbell, Journal};
-use remus_net::OutputCommit;
+use remus_net::{OutputCommit, OutputSignal};
 use remus_proto::{
     CheckpointKind, CheckpointWriter, DiskDigests, Epoch, ErrorCode, Message, MsgType,
 };
@@ -94,6 +94,12 @@ pub struct ProtectConfig {
     /// Checkpoints, and the guest's disk writes meanwhile, are never
     /// capped.
     pub max_rate: Option<u64>,
+    /// Output-driven epochs (with `buffer_net`): an epoch ends as soon as
+    /// the guest has output waiting, but never sooner than this after the
+    /// last checkpoint began (the bound on the checkpoint rate), and at the
+    /// latest at the interval; an epoch with no output lasts the interval.
+    /// `None`: every epoch lasts the interval.
+    pub min_interval: Option<Duration>,
 }
 
 /// The settings of a running session that can change (`remus protect
@@ -318,6 +324,8 @@ struct Edges<'a> {
     vm: &'a Vm,
     journal: &'a Journal,
     nets: &'a [Arc<OutputCommit>],
+    /// Told of output held in the open epoch (output-driven epochs).
+    signal: Option<&'a OutputSignal>,
 }
 
 impl Edges<'_> {
@@ -325,6 +333,9 @@ impl Edges<'_> {
     /// and frames belong to the next epoch.
     fn cut(&self, epoch: Epoch) -> Result<(), ReplError> {
         self.journal.cut(epoch).map_err(ReplError::Protocol)?;
+        if let Some(s) = self.signal {
+            s.clear();
+        }
         for n in self.nets {
             n.cut(epoch);
         }
@@ -346,6 +357,9 @@ impl Edges<'_> {
     /// over.
     fn end(&self) {
         self.journal.close();
+        for n in self.nets {
+            n.set_signal(None);
+        }
         if self.vm.is_fenced() {
             tracing::warn!(vm = %self.vm.name(), held = self.nets.iter().map(|n| n.held()).sum::<usize>(), "backup gone while the VM is fenced: held output stays held");
             return;
@@ -570,13 +584,17 @@ pub fn protect(
     } else {
         Vec::new()
     };
+    let signal = (!nets.is_empty() && cfg.min_interval.is_some()).then(OutputSignal::new);
+    let signal = signal.map(Arc::new);
     for n in &nets {
+        n.set_signal(signal.clone());
         n.arm();
     }
     let edges = Edges {
         vm,
         journal: &disks.journal,
         nets: &nets[..],
+        signal: signal.as_deref(),
     };
     let result = std::thread::scope(|s| {
         let (shared, disks, pacer) = (&shared, &disks, pacer.as_ref());
@@ -820,7 +838,7 @@ impl Session<'_> {
     /// Phase 3: one checkpoint per interval until the operator stops, the
     /// backup is lost, or a switch-over is asked.
     fn epoch_loop(&self, capture: &mut Capture<'_>) -> Result<LoopEnd, ReplError> {
-        let mut next_due = Instant::now();
+        let mut last_start = Instant::now();
         let mut epoch = 0u64;
         // Set once a checkpoint has captured an operator-paused guest: its
         // state cannot change until it is unpaused, and QEMU will not save
@@ -834,20 +852,15 @@ impl Session<'_> {
             if let Some(why) = self.shared.lost() {
                 return Ok(LoopEnd::Lost(why));
             }
-            // Fixed rate: the next slot of the schedule; slots missed while
-            // the link was slow are skipped, not caught up in a burst.
-            next_due += self.cfg.tuning.interval();
-            let now = Instant::now();
-            match next_due.checked_duration_since(now) {
-                Some(wait) => std::thread::sleep(wait),
-                None => next_due = now,
-            }
+            self.wait_epoch_end(last_start);
             if captured_paused.is_some() && captured_paused == self.vm.hold_generation() {
+                last_start = Instant::now();
                 continue;
             }
             epoch += 1;
             let last = self.cfg.switch_over.load(Ordering::SeqCst);
             let t_stop = Instant::now();
+            last_start = t_stop;
             let staged = {
                 // An operator's pause or unpause cannot interleave with
                 // the checkpoint's stop and cont.
@@ -867,6 +880,27 @@ impl Session<'_> {
             if last {
                 return self.switch_over(Epoch(epoch), t_stop);
             }
+        }
+    }
+
+    /// Waits until the open epoch (whose checkpoint began at `last_start`)
+    /// should end: at the interval after it; with output-driven epochs
+    /// sooner, once the guest has output waiting and the minimum interval
+    /// has passed. A checkpoint that took longer than the interval (a
+    /// slow link) is followed at once, never by a burst of catch-ups.
+    fn wait_epoch_end(&self, last_start: Instant) {
+        let latest = last_start + self.cfg.tuning.interval();
+        let until = |t: Instant| {
+            if let Some(d) = t.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        };
+        let (Some(signal), Some(min)) = (self.edges.signal, self.cfg.min_interval) else {
+            return until(latest);
+        };
+        // Output waits: end the epoch once the minimum has passed.
+        if signal.wait_first(latest).is_some() {
+            until((last_start + min).min(latest));
         }
     }
 

@@ -543,14 +543,16 @@ fn a_guest_written_image_header_opens_no_host_file() {
         .unwrap();
     // The guest writes the header to its raw disk.
     let script = format!(
-        "\ncat > /tmp/h.b64 <<'EOF'\n{b64}\nEOF\nbase64 -d /tmp/h.b64 > /tmp/h && dd if=/tmp/h of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null && echo header-written\n"
+        "\ncat > /tmp/h.b64 <<'EOF'\n{b64}\nEOF\nbase64 -d /tmp/h.b64 > /tmp/h && dd if=/tmp/h of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null && echo header-written-$((6*7))\n"
     );
     assert!(
         a.cli_stdin(&["console", "lured"], Some(script.as_bytes()))
             .ok
     );
     a.wait_console("lured", BOOT, "the guest wrote the header", |c| {
-        c.contains("header-written")
+        // What the shell prints, not the echo of the command typed (which
+        // says `$((6*7))`): the write is done.
+        c.contains("header-written-42")
     })
     .unwrap();
     assert_eq!(

@@ -34,6 +34,20 @@ pub fn start_protect(
     let cfg = &slot.vm.config;
     let replicate_disks = !req.no_disk && !slot.vm.replicated_disks().is_empty();
     let buffer_net = !req.no_net && !cfg.vifs.is_empty();
+    // The default never exceeds a short -i; a value given must not.
+    let min_interval = match req
+        .min_interval_ms
+        .unwrap_or(remus_api::DEFAULT_MIN_INTERVAL_MS.min(req.interval_ms))
+    {
+        0 => None,
+        ms if ms > req.interval_ms => {
+            return Err(AgentError::BadRequest(format!(
+                "--min-interval {ms} ms is longer than the interval (-i {} ms): it is the shortest epoch, -i the longest",
+                req.interval_ms
+            )));
+        }
+        ms => Some(Duration::from_millis(ms)),
+    };
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
@@ -188,6 +202,7 @@ pub fn start_protect(
         }),
         on_commit: Some(on_commit),
         max_rate,
+        min_interval,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -196,7 +211,7 @@ pub fn start_protect(
     std::thread::Builder::new()
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
-            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.tuning.interval().as_millis() as u64, "protection started");
+            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.tuning.interval().as_millis() as u64, min_interval_ms = cfg.min_interval.map(|d| d.as_millis() as u64), "protection started");
             let emit = |ev: SessionEvent| {
                 match &ev {
                     SessionEvent::Checkpoint(s) => {

@@ -400,6 +400,8 @@ fn request_back(setup: &SessionSetup) -> Option<ProtectRequest> {
         manual: !back.heal,
         // The VM's own cap, or (0) this host's --max-rate.
         max_rate: back.max_rate,
+        // This host's default.
+        min_interval_ms: None,
     })
 }
 

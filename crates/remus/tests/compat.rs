@@ -98,24 +98,42 @@ fn previous_bins() -> Binaries {
         .arg(&src);
     run_logged(sh, &dir.join("archive.log"), "extract the previous version");
     eprintln!("building the previous version {PREVIOUS} (a few minutes, once)");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cargo
-        .current_dir(&src)
-        .args([
-            "build",
-            "--locked",
-            "-p",
-            "remus",
-            "--bins",
-            "-p",
-            "remus-dirty-preload",
-            "--target-dir",
-        ])
-        .arg(dir.join("target"))
-        // This build's own settings must not leak into the old tree's.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR");
-    run_logged(cargo, &dir.join("build.log"), "build the previous version");
+    // The agent and the CLI, then the preload (a cdylib: `--bins` would
+    // leave it out).
+    for (n, args) in [
+        ["-p", "remus", "--bins"].as_slice(),
+        ["-p", "remus-dirty-preload"].as_slice(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cargo
+            .current_dir(&src)
+            .args(["build", "--locked"])
+            .args(args)
+            .arg("--target-dir")
+            .arg(dir.join("target"))
+            // This build's own settings must not leak into the old tree's.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR");
+        run_logged(
+            cargo,
+            &dir.join(format!("build-{n}.log")),
+            "build the previous version",
+        );
+    }
+    for f in [
+        &bins.remusd,
+        &bins.remus,
+        &built.join("libremus_dirty_preload.so"),
+    ] {
+        assert!(
+            f.exists(),
+            "the previous version's build made no {}",
+            f.display()
+        );
+    }
     bins
 }
 

@@ -1060,6 +1060,56 @@ pub fn takes_flag(bin: &Path, flag: &str) -> bool {
     yes
 }
 
+/// An agent on host `h` of `lan` that takes peers' sessions (`--listen`
+/// on its LAN address at `port`), keeps their disks in `store`, with the
+/// replication key `key` and `extra` arguments.
+pub fn lan_agent(
+    bins: &Binaries,
+    lan: &Lan,
+    (h, port): (&str, u16),
+    store: &Path,
+    key: &Path,
+    extra: &[&str],
+) -> Agent {
+    let listen = format!("{}:{port}", lan.addr(h));
+    let mut args = vec![
+        "--key",
+        key.to_str().expect("key path"),
+        "--listen",
+        &listen,
+        "--image-dir",
+        store.to_str().expect("store path"),
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(bins, Some(lan.host(h)), &args).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+}
+
+/// Asks the guest of [`start_records_vm`] to check every record it wrote
+/// (its `diskload verify` line) and returns how many it checked; a failed
+/// check fails the test with `what` and the guest's line.
+pub fn records_intact(host: &Agent, vm: &str, what: &str) -> u64 {
+    let before = host.console(vm).matches("diskload verify").count();
+    let out = host.cli_stdin(&["console", vm], Some(b"\ntouch /run/diskload.verify\n"));
+    assert!(out.ok, "{what}: console: {}", out.stderr);
+    let text = host
+        .wait_console(vm, Duration::from_secs(60), "diskload verify", |c| {
+            c.matches("diskload verify").count() > before
+        })
+        .unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("diskload verify"))
+        .unwrap_or_default()
+        .to_string();
+    let n = line
+        .split_once("diskload verify ok: ")
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: {line}"));
+    assert!(n > 0, "{what}: {line}");
+    n
+}
+
 /// Polls `f` every 100 ms until it gives a value, failing the test with
 /// `what` after `timeout` (for agent state, which has no change
 /// notification to wait on).

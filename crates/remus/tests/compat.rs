@@ -20,8 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, start_records_vm,
-    wait_for,
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent,
+    records_intact, start_records_vm, wait_for,
 };
 
 /// The last version that landed before the agent could restart under its
@@ -137,47 +137,12 @@ fn previous_bins() -> Binaries {
     bins
 }
 
-/// An agent on host `h` from `bins`, its copies of peers' disks in `store`.
-fn agent(bins: &Binaries, lan: &Lan, h: &str, store: &Path, key: &Path) -> Agent {
-    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
-    let extra = [
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--image-dir",
-        store.to_str().unwrap(),
-    ];
-    Agent::start(bins, Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
-}
-
 fn session_goes_on(client: &SeqClient, host: &Agent, what: &str) {
     let at = client.received();
     client
         .wait_received(at + 100, Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{what}: the session stalled: {e}\n{}", host.console(VM)));
     assert_eq!(client.error(), None, "{what}");
-}
-
-/// The guest checks every record it wrote; the count.
-fn records_intact(host: &Agent, what: &str) -> u64 {
-    let before = host.console(VM).matches("diskload verify").count();
-    let out = host.cli_stdin(&["console", VM], Some(b"\ntouch /run/diskload.verify\n"));
-    assert!(out.ok, "{what}: console: {}", out.stderr);
-    let text = host
-        .wait_console(VM, Duration::from_secs(60), "diskload verify", |c| {
-            c.matches("diskload verify").count() > before
-        })
-        .unwrap();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("diskload verify"))
-        .unwrap()
-        .to_string();
-    line.split_once("diskload verify ok: ")
-        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: {line}"))
 }
 
 /// Protects the VM on `from` to `to_listen`, waiting for a committed
@@ -201,8 +166,22 @@ fn the_previous_version_and_this_one_protect_each_other() {
     let img = GuestImage::find().expect("guest image");
     let lan = Lan::standard("cmp").expect("LAN of namespace hosts");
     let files = PairFiles::new(256 << 20);
-    let mut a = agent(&bins(), &lan, "a", &files.images, &files.key);
-    let mut b = agent(&old, &lan, "b", &files.store_b, &files.key);
+    let mut a = lan_agent(
+        &bins(),
+        &lan,
+        ("a", REPL_PORT),
+        &files.images,
+        &files.key,
+        &[],
+    );
+    let mut b = lan_agent(
+        &old,
+        &lan,
+        ("b", REPL_PORT),
+        &files.store_b,
+        &files.key,
+        &[],
+    );
     let a_listen = format!("{}:{REPL_PORT}", lan.addr("a"));
     let b_listen = format!("{}:{REPL_PORT}", lan.addr("b"));
     let client = start_records_vm(
@@ -246,7 +225,7 @@ fn the_previous_version_and_this_one_protect_each_other() {
         .wait_failover(VM, t, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
     session_goes_on(&client, &a, "after the failover back to this version");
-    let n = records_intact(&a, "after both failovers");
+    let n = records_intact(&a, VM, "after both failovers");
     assert!(n > 0);
     eprintln!("2. this version resumed the VM in {ms} ms; {n} records intact");
     drop(client);

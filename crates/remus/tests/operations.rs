@@ -26,7 +26,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, last_tick,
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent, last_tick,
     start_records_vm, wait_for, write_key,
 };
 
@@ -44,15 +44,8 @@ fn bins() -> Binaries {
 /// An agent on host `h`: replication, metrics on its LAN address, hooks
 /// from `hooks`, its copies of peers' disks in `store`.
 fn agent(lan: &Lan, h: &str, store: &Path, key: &Path, hooks: &Path) -> Agent {
-    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
     let metrics = format!("{}:{METRICS_PORT}", lan.addr(h));
     let extra = [
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--image-dir",
-        store.to_str().unwrap(),
         "--metrics",
         &metrics,
         "--hook-dir",
@@ -62,7 +55,7 @@ fn agent(lan: &Lan, h: &str, store: &Path, key: &Path, hooks: &Path) -> Agent {
         "--host-name",
         h,
     ];
-    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
+    lan_agent(&bins(), lan, (h, REPL_PORT), store, key, &extra)
 }
 
 /// A hook directory whose one hook appends a line per event to `log`.

@@ -23,8 +23,8 @@
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, process_alive,
-    start_records_vm, wait_for,
+    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent,
+    process_alive, records_intact, start_records_vm, wait_for,
 };
 
 const VM: &str = "rst";
@@ -34,24 +34,6 @@ const DISK_BYTES: u64 = 256 << 20;
 
 fn bins() -> Binaries {
     remus_testbed::test_bins!()
-}
-
-/// An agent on host `h` that leaves its VMs running when it stops.
-fn agent(lan: &Lan, h: &str, store: &std::path::Path, key: &std::path::Path) -> Agent {
-    let listen = format!("{}:{REPL_PORT}", lan.addr(h));
-    let extra = [
-        "--key",
-        key.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--image-dir",
-        store.to_str().unwrap(),
-        "--host-name",
-        h,
-        "--on-stop",
-        "keep",
-    ];
-    Agent::start(&bins(), Some(lan.host(h)), &extra).unwrap_or_else(|e| panic!("agent on {h}: {e}"))
 }
 
 /// `n` more lines reach the client within 90 s, and nothing went wrong
@@ -67,30 +49,6 @@ fn session_goes_on(client: &SeqClient, n: u64, host: &Agent, what: &str) {
         !console.contains("gap") && !console.contains("duplicate"),
         "{what}: {console}"
     );
-}
-
-/// The guest checks every record it wrote (the `diskload verify` line).
-fn records_intact(host: &Agent, what: &str) -> u64 {
-    let before = host.console(VM).matches("diskload verify").count();
-    let out = host.cli_stdin(&["console", VM], Some(b"\ntouch /run/diskload.verify\n"));
-    assert!(out.ok, "{what}: console: {}", out.stderr);
-    let text = host
-        .wait_console(VM, Duration::from_secs(60), "diskload verify", |c| {
-            c.matches("diskload verify").count() > before
-        })
-        .unwrap();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("diskload verify"))
-        .unwrap()
-        .to_string();
-    let n = line
-        .split_once("diskload verify ok: ")
-        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{what}: {line}"));
-    assert!(n > 0, "{what}: {line}");
-    n
 }
 
 fn info(h: &Agent) -> serde_json::Value {
@@ -130,6 +88,12 @@ fn wait_protected(h: &Agent, timeout: Duration) {
                 .map(|_| ())
         },
     );
+}
+
+/// An agent on host `h` that leaves its VMs running when it stops.
+fn agent(lan: &Lan, h: &str, store: &std::path::Path, key: &std::path::Path) -> Agent {
+    let extra = ["--host-name", h, "--on-stop", "keep"];
+    lan_agent(&bins(), lan, (h, REPL_PORT), store, key, &extra)
 }
 
 #[test]
@@ -176,7 +140,7 @@ fn restarting_the_agent_stops_no_vm() {
         );
     }
     assert!(a.log_text().contains("adopted the VM"), "{}", a.log_text());
-    let n1 = records_intact(&a, "after two agent restarts");
+    let n1 = records_intact(&a, VM, "after two agent restarts");
     eprintln!("1. {n1} records intact");
 
     // 2. Protected (wanted), a's agent restarted in order.
@@ -237,7 +201,7 @@ fn restarting_the_agent_stops_no_vm() {
     wait_role(&a, "backup", Duration::from_secs(30));
     session_goes_on(&client, 100, &b, "protected back to a");
     last_sync_changed_only(&a, "protected back to a");
-    let n4 = records_intact(&b, "after the failover");
+    let n4 = records_intact(&b, VM, "after the failover");
     assert!(n4 >= n1, "records went missing: {n4} < {n1}");
     eprintln!(
         "4. a's agent killed: b took over in {ms} ms, a's old QEMU stopped; {n4} records intact"

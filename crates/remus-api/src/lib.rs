@@ -250,7 +250,7 @@ pub struct ProtectRequest {
 /// The shortest gap between two checkpoints when output waits, by default
 /// (`remus protect --min-interval`): chosen from the bench's `net`
 /// section (bench/results.md).
-pub const DEFAULT_MIN_INTERVAL_MS: u64 = 20;
+pub const DEFAULT_MIN_INTERVAL_MS: u64 = 10;
 
 fn default_interval_ms() -> u64 {
     200

@@ -181,7 +181,7 @@ pub enum Command {
         /// after the last one, so a guest that talks all the time is
         /// checkpointed at most every MS; -i stays the longest epoch, for
         /// a guest that says nothing. 0: every epoch lasts -i (the latency
-        /// of every reply then grows with -i). Default: 20.
+        /// of every reply then grows with -i). Default: 10.
         #[arg(long = "min-interval", value_name = "MS")]
         min_interval_ms: Option<u64>,
         /// Replicate in the clear instead of over the encrypted link: only

@@ -932,15 +932,19 @@ impl Agent {
         let slots: Vec<Arc<VmSlot>> = self
             .slots()
             .into_iter()
-            .filter(|s| s.life.role() != Role::Backup && s.life.stop())
+            .filter(|s| {
+                // Asked to stop now, or ending already (a lost backup).
+                s.life.role() != Role::Backup
+                    && (s.life.stop() || matches!(s.life.stage(), Stage::Ending { .. }))
+            })
             .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         for s in &slots {
             tracing::info!(vm = %s.vm.name(), "ending its session in order before the agent stops");
-            while matches!(
-                s.life.stage(),
-                Stage::Claimed { .. } | Stage::Protecting { .. }
-            ) && std::time::Instant::now() < deadline
+            // Until the session has let go of the VM (its end records the
+            // copy and the change maps before that).
+            while !matches!(s.life.stage(), Stage::Unprotected)
+                && std::time::Instant::now() < deadline
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
@@ -958,6 +962,8 @@ impl Agent {
         let stage = slot.life.stage();
         if matches!(stage, Stage::Claimed { .. } | Stage::Protecting { .. }) {
             tracing::warn!(vm = %name, stage = crate::lifecycle::name(&stage), "its session did not end in time: the next agent will not adopt it");
+        } else if !matches!(stage, Stage::Unprotected) {
+            tracing::warn!(vm = %name, stage = crate::lifecycle::name(&stage), "its session was still ending; left running as it is");
         }
         slot.vm.detach();
         lock(&self.creating).remove(name);

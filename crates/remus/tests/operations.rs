@@ -8,7 +8,7 @@
 //!    the checkpoints, the roles and the age of b's last commit.
 //! 2. `remus protect --set` changes the running session: checkpoints
 //!    come at the new interval with no new copy, and the backup takes the
-//!    new timeout (a 2 s silence of the primary is no failover at 3 s).
+//!    new timeout (a 2 s silence of the primary is no failover at 5 s).
 //! 3. a's plug is pulled: b fails over; b's `failover` hook runs with the
 //!    event in its environment; Prometheus counts the failover on b and
 //!    sees a down.
@@ -234,7 +234,18 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         &a,
         VM,
         &b_listen,
-        &["-i", "100", "--timeout", "1000", "--max-rate", "400M"],
+        // Fixed epochs: the interval alone paces the checkpoints, so that
+        // step 2 sees `--set -i` take effect.
+        &[
+            "-i",
+            "100",
+            "--timeout",
+            "1000",
+            "--max-rate",
+            "400M",
+            "--min-interval",
+            "0",
+        ],
     )
     .unwrap();
     follow.checkpoint_after(0).unwrap();
@@ -300,17 +311,17 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         "{}",
         bad.stderr
     );
-    let out = a.cli(&["protect", "--set", VM, "-i", "50", "--timeout", "3000"]);
+    let out = a.cli(&["protect", "--set", VM, "-i", "50", "--timeout", "5000"]);
     assert!(out.ok, "{}", out.stderr);
     assert!(
-        out.stderr.contains("every 50 ms") && out.stderr.contains("3000 ms"),
+        out.stderr.contains("every 50 ms") && out.stderr.contains("5000 ms"),
         "{}",
         out.stderr
     );
     let p = &a.vm(VM).unwrap()["protection"];
     assert_eq!(
         (p["interval_ms"].as_u64(), p["timeout_ms"].as_u64()),
-        (Some(50), Some(3000)),
+        (Some(50), Some(5000)),
         "{p}"
     );
     assert_eq!(a.vm(VM).unwrap()["role"], "primary");
@@ -344,7 +355,15 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     a.freeze();
     std::thread::sleep(Duration::from_secs(2));
     a.thaw();
-    follow.checkpoint_after(remus_testbed::now_ms()).unwrap();
+    follow
+        .checkpoint_after(remus_testbed::now_ms())
+        .unwrap_or_else(|e| {
+            panic!(
+                "after a 2 s freeze at --timeout 5000: {e}\nb:\n{}\na:\n{}",
+                b.log_text(),
+                a.log_text()
+            )
+        });
     assert_eq!(b.vm(VM).unwrap()["role"], "backup", "{}", b.log_text());
     assert!(
         b.log_text()
@@ -366,7 +385,7 @@ fn metrics_hooks_and_protection_that_heals_itself() {
         "{wish}"
     );
     eprintln!(
-        "2. --set: checkpoints every {median} ms at -i 50; a 2 s freeze survived at --timeout 3000"
+        "2. --set: checkpoints every {median} ms at -i 50; a 2 s freeze survived at --timeout 5000"
     );
 
     // 3. Failover: b's hook and counters.

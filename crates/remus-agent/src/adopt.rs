@@ -29,6 +29,7 @@ use remus_vm::{Processes, StartOptions, Vm, VmPaths};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{Agent, VmSlot};
+use crate::files::read_bounded;
 use crate::lifecycle::{Stage, adoptable};
 
 /// What the next agent needs to adopt a VM besides its config.
@@ -57,29 +58,12 @@ pub fn stage_path(dir: &Path) -> PathBuf {
 /// Writes the record of a VM that now runs here (atomically).
 pub fn save(dir: &Path, rec: &RunRecord) {
     let path = record_path(dir);
-    let tmp = path.with_extension("tmp");
     let r = serde_json::to_vec_pretty(rec)
         .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|b| crate::files::replace(&path, &b));
     if let Err(e) = r {
         tracing::error!(file = %path.display(), error = %e, "cannot record the VM's processes: the next agent will not adopt it");
     }
-}
-
-fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_string(&mut text)?;
-    if text.len() as u64 > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("longer than {max} bytes"),
-        ));
-    }
-    Ok(text)
 }
 
 /// What was found in one VM directory.

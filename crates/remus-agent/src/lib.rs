@@ -22,6 +22,7 @@ pub mod arbiter;
 pub mod cli;
 pub mod copies;
 pub mod failover;
+pub mod files;
 pub mod hooks;
 pub mod host;
 pub mod http;

@@ -266,9 +266,7 @@ pub fn adoptable(token: &str) -> bool {
 /// the old one). A record that cannot be written is logged: the next
 /// agent then does not adopt the VM.
 fn write_token(path: &Path, stage: &Stage) {
-    let tmp = path.with_extension("tmp");
-    let r = std::fs::write(&tmp, token(stage)).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = r {
+    if let Err(e) = crate::files::replace(path, token(stage).as_bytes()) {
         tracing::error!(file = %path.display(), error = %e, "cannot record the VM's stage for the next agent");
     }
 }

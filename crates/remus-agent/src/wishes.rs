@@ -168,16 +168,8 @@ impl Wishes {
 }
 
 fn read_wish(path: &Path) -> Result<Wish, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut text = Vec::new();
-    f.take(MAX_WISH_BYTES + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| e.to_string())?;
-    if text.len() as u64 > MAX_WISH_BYTES {
-        return Err(format!("longer than {MAX_WISH_BYTES} bytes"));
-    }
-    serde_json::from_slice(&text).map_err(|e| e.to_string())
+    let text = crate::files::read_bounded(path, MAX_WISH_BYTES).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
 /// Writes `path` whole or not at all (a crash leaves the old file).

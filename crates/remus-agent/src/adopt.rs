@@ -207,8 +207,25 @@ impl Agent {
         if let Err(e) = remus_vm::vm::announce_self(vm.qmp()) {
             tracing::warn!(vm = %name, error = %e, "announce-self");
         }
+        // A session the last agent suspended: the guest stays stopped at
+        // its checkpoint until the session resumes (see
+        // `replication::suspend`). A record that cannot be read leaves it
+        // paused for the operator: the backup may run the VM after its
+        // grace.
+        let suspended = crate::replication::suspend::take_record(dir);
         let slot = self.insert_adopted(rec.id, vm, Stage::Unprotected);
         save(slot.vm.paths.dir(), &rec);
+        match suspended {
+            Ok(None) => {}
+            Ok(Some(s)) => {
+                tracing::info!(vm = %name, epoch = s.epoch, peer = %s.request.peer, "its protection session was suspended for the restart: resuming it");
+                self.suspended_at_start(name, s);
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "its protection session was suspended for the restart, but the record cannot be read: the VM stays PAUSED. Check its backup: if the backup runs the VM, destroy this copy; if not, `remus unpause` it here");
+                slot.vm.mark_operator_paused();
+            }
+        }
         Ok(Found::Adopted(slot))
     }
 

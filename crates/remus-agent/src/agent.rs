@@ -61,6 +61,9 @@ pub struct AgentOptions {
     pub max_rate: u64,
     /// What stopping the agent does to its VMs (`--on-stop`).
     pub on_stop: crate::cli::OnStop,
+    /// How long a backup keeps the standby of a session suspended for a
+    /// restart of this agent (`--restart-grace`).
+    pub restart_grace: std::time::Duration,
 }
 
 /// What a VM's event channel carries.
@@ -92,6 +95,9 @@ pub struct VmSlot {
     /// The session the healer set up after protection was lost: its
     /// first acknowledged checkpoint is `protection-restored`.
     restoring: AtomicBool,
+    /// The protection session's request to suspend at the agent's stop,
+    /// when its backup keeps the standby across it.
+    suspend: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 /// The arbiter's guard sees the slot through this (and so does not
@@ -128,7 +134,16 @@ impl VmSlot {
             arbiter: Mutex::new(None),
             observer,
             restoring: AtomicBool::new(false),
+            suspend: Mutex::new(None),
         }
+    }
+    /// The running session's suspend request (see
+    /// [`crate::replication::suspend`]), if its backup takes one.
+    pub fn set_suspend_flag(&self, flag: Option<Arc<AtomicBool>>) {
+        *lock(&self.suspend) = flag;
+    }
+    pub fn suspend_flag(&self) -> Option<Arc<AtomicBool>> {
+        lock(&self.suspend).clone()
     }
     /// Reports `notice` (metrics, hooks) with the VM's role here now.
     pub fn notice(&self, notice: crate::observe::Notice) {
@@ -257,6 +272,12 @@ pub struct Agent {
     wishes: Arc<crate::wishes::Wishes>,
     /// Set when the agent shuts down: the healer stops.
     stopping: AtomicBool,
+    /// Backup: standbys kept for sessions their primary's agent suspended
+    /// to restart.
+    parked: crate::replication::ParkedStandbys,
+    /// Primary: adopted VMs whose session the last agent suspended, until
+    /// it is resumed (the healer leaves them alone meanwhile).
+    suspended: Mutex<BTreeMap<String, crate::replication::SuspendRecord>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -311,6 +332,8 @@ impl Agent {
         let agent = Agent {
             wishes: Arc::new(wishes),
             stopping: AtomicBool::new(false),
+            parked: Default::default(),
+            suspended: Mutex::new(BTreeMap::new()),
             opts,
             vms: Mutex::new(BTreeMap::new()),
             stale: Mutex::new(BTreeMap::new()),
@@ -347,6 +370,47 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// The standbys kept for suspended sessions (backup side).
+    pub fn parked(&self) -> &crate::replication::ParkedStandbys {
+        &self.parked
+    }
+
+    /// Records that VM `name`, just adopted, waits for its suspended
+    /// session to resume.
+    pub(crate) fn suspended_at_start(&self, name: &str, rec: crate::replication::SuspendRecord) {
+        lock(&self.suspended).insert(name.to_string(), rec);
+    }
+
+    /// The suspended sessions waiting to resume.
+    pub fn suspended_sessions(&self) -> Vec<(String, crate::replication::SuspendRecord)> {
+        lock(&self.suspended)
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
+    /// The suspended session of `name` is resumed, or given up.
+    pub fn resumed(&self, name: &str) {
+        lock(&self.suspended).remove(name);
+    }
+
+    /// Whether `name`'s suspended session is still being resumed.
+    pub fn resuming(&self, name: &str) -> bool {
+        lock(&self.suspended).contains_key(name)
+    }
+
+    /// Lists the copy of `name` stale now (its QEMU was stopped because
+    /// another host runs the VM), from its copy record.
+    pub(crate) fn list_stale(&self, name: &str) {
+        let dir = crate::copies::dir(&self.opts.state_dir, name);
+        if let Ok(Some(state)) = crate::copies::load(&dir, name)
+            && state.running
+        {
+            let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+            lock(&self.stale).insert(name.to_string(), StaleCopy { id, state });
+        }
     }
 
     /// This agent's own directory for RAM files.
@@ -924,10 +988,14 @@ impl Agent {
         }
     }
 
-    /// Before the agent stops and leaves its VMs running: every session of
-    /// a VM that runs here (protection, migration) ends in order, so that
-    /// a backup drops its standby instead of failing over (the wish stays:
-    /// the next agent protects the VM again). Waits up to 15 s in all.
+    /// Before the agent stops and leaves its VMs running: a protection
+    /// session whose backup keeps its standby across a restart is
+    /// suspended (the guest stops at a last checkpoint the backup holds;
+    /// the next agent resumes from it, see
+    /// [`crate::replication::suspend`]); every other session of a VM that
+    /// runs here (protection, migration) ends in order, so that a backup
+    /// drops its standby instead of failing over (the wish stays: the next
+    /// agent protects the VM again). Waits up to 15 s in all.
     fn end_sessions_for_restart(&self) {
         let slots: Vec<Arc<VmSlot>> = self
             .slots()
@@ -935,7 +1003,9 @@ impl Agent {
             .filter(|s| {
                 // Asked to stop now, or ending already (a lost backup).
                 s.life.role() != Role::Backup
-                    && (s.life.stop() || matches!(s.life.stage(), Stage::Ending { .. }))
+                    && (crate::replication::suspend::request(s)
+                        || s.life.stop()
+                        || matches!(s.life.stage(), Stage::Ending { .. }))
             })
             .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);

@@ -197,13 +197,24 @@ pub struct Args {
           value_parser = remus_api::rate::parse_rate)]
     pub max_rate: u64,
     /// What stopping the agent (SIGTERM, SIGINT, `systemctl stop`) does to
-    /// its VMs. `keep`: they run on (a protection session is ended in
-    /// order first, and set up again by the next agent); the next agent
-    /// adopts them, so a restart or an upgrade of remusd stops no VM.
-    /// `destroy`: they are stopped with the agent. Standby copies are
-    /// dropped either way.
+    /// its VMs. `keep`: they run on, and the next agent adopts them, so a
+    /// restart or an upgrade of remusd stops no VM. A protection session
+    /// is suspended at a last checkpoint (its guest paused until the next
+    /// agent resumes the session from it, with no new copy) when its
+    /// backup keeps its standby across the restart, and ended in order
+    /// otherwise (the next agent then protects the VM again). `destroy`:
+    /// the VMs are stopped with the agent. Standby copies are dropped
+    /// either way.
     #[arg(long, value_enum, default_value_t = OnStop::Keep, value_name = "WHAT")]
     pub on_stop: OnStop,
+    /// With `--on-stop keep`: how long, in seconds (1 to 600), the backup
+    /// of a suspended protection session keeps its standby for the next
+    /// agent here to resume the session. The guest stays paused until
+    /// then. Past it the backup takes the silence for a dead host and
+    /// fails over, and the copy here never runs again.
+    #[arg(long, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub restart_grace: u64,
 }
 
 /// What stopping the agent does to its VMs (`--on-stop`).

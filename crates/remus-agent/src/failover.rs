@@ -18,6 +18,13 @@ pub enum Decision {
     /// (with an arbiter, only once it grants the VM's key: see
     /// [`after_arbiter`]).
     Resume { reason: String },
+    /// The primary's agent restarts with the guest stopped at `epoch`
+    /// (committed here): keep the standby for `grace` for the session
+    /// that resumes from it; no failover meanwhile.
+    Park {
+        epoch: remus_proto::Epoch,
+        grace: std::time::Duration,
+    },
     /// This copy must not run: discard it (its record stays), for this
     /// reason.
     Discard(String),
@@ -49,6 +56,15 @@ pub fn decide(purpose: Purpose, end: &Result<BackupEnd, ReplError>) -> Decision 
         Ok(BackupEnd::PrimaryLost { reason, .. }) => Decision::Discard(format!(
             "migration source lost before the switch-over ({reason}); the VM stays where it was"
         )),
+        Ok(BackupEnd::Suspended { epoch, grace }) if purpose == Purpose::Protect => {
+            Decision::Park {
+                epoch: *epoch,
+                grace: *grace,
+            }
+        }
+        Ok(BackupEnd::Suspended { .. }) => {
+            Decision::Discard("a migration cannot be suspended".into())
+        }
         Ok(BackupEnd::Done) => Decision::Discard("the primary ended the session on purpose".into()),
         Ok(BackupEnd::Aborted { reason }) => Decision::Discard(format!(
             "session aborted while the primary was alive ({reason})"
@@ -84,6 +100,22 @@ mod tests {
 
     fn discards(d: &Decision, words: &str) -> bool {
         matches!(d, Decision::Discard(why) if why.contains(words))
+    }
+
+    #[test]
+    fn a_suspended_protection_is_kept_and_a_suspended_migration_is_not() {
+        let end = Ok(BackupEnd::Suspended {
+            epoch: Epoch(7),
+            grace: Duration::from_secs(60),
+        });
+        assert_eq!(
+            decide(Purpose::Protect, &end),
+            Decision::Park {
+                epoch: Epoch(7),
+                grace: Duration::from_secs(60)
+            }
+        );
+        assert!(discards(&decide(Purpose::Migrate, &end), "migration"));
     }
 
     #[test]

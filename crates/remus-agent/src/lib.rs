@@ -296,6 +296,7 @@ async fn run(
         max_spill_mib: args.max_spill_mib,
         max_rate: args.max_rate,
         on_stop: args.on_stop,
+        restart_grace: std::time::Duration::from_secs(args.restart_grace),
         storage: storage::Storage {
             image_dir: args
                 .image_dir
@@ -369,6 +370,8 @@ async fn run(
         tracing::info!(%addr, "metrics served at /metrics");
         tokio::spawn(metrics::serve(l, agent.clone()));
     }
+    // Sessions the last agent suspended resume before the healer looks.
+    replication::resume_suspended(&agent);
     wishes::Wishes::start_healer(&agent).context("start the healer thread")?;
     let listener = tokio::net::UnixListener::bind(&args.socket)
         .with_context(|| format!("bind {}", args.socket.display()))?;

@@ -197,7 +197,9 @@ fn step(agent: &Agent, vm: &str) -> Step {
     let Ok(slot) = agent.slot(vm) else {
         return Step::Wait;
     };
-    if !matches!(slot.life.stage(), Stage::Unprotected) || slot.vm.is_fenced() {
+    // A suspended session is resumed by its own thread, not the healer.
+    if !matches!(slot.life.stage(), Stage::Unprotected) || slot.vm.is_fenced() || agent.resuming(vm)
+    {
         return Step::Wait;
     }
     match slot.vm.run_state() {

@@ -66,7 +66,10 @@
 //! Types 22–23 exist from version 3 on (checkpoint compression, [`delta`]):
 //! a PageDelta stands for the PageRun of the same pages, a
 //! DeviceStateDelta for the DeviceState chunk at `offset`; the receiver
-//! decodes them against its last committed copy and the checkpoint digest
+//! decodes pages against its last committed copy, and the device state
+//! against the one committed earlier in the same session (none before the
+//! session's first checkpoint: a session that resumes a suspended one
+//! starts afresh there, as the new sender does); the checkpoint digest
 //! covers the decoded bytes. The XOR bitmap marks the pages XOR'd with the
 //! receiver's copy before compression (bit `i % 8` of byte `i / 8`); the
 //! LZ4 block (raw block format, no frame) decompresses to exactly
@@ -213,9 +216,9 @@ pub use handshake::{fuzzing_client_channel, fuzzing_client_proof};
 pub use message::{
     CheckpointEnd, CheckpointKind, DIGEST_LEN, DeviceStateDelta, DiskDigests, DiskLogDigest,
     DiskOp, DiskRecord, DiskSeal, DiskSyncRuns, Epoch, ErrorCode, Hello, HelloAck, MAX_DELTA_PAGES,
-    MAX_PAGES_PER_RUN, MAX_TUNE_TIMEOUT_MS, MIN_TUNE_TIMEOUT_MS, Message, MsgType, NONCE_LEN,
-    PAGE_SIZE, PROOF_LEN, PageDelta, PageRun, Purpose, printable, write_device_state,
-    write_page_run,
+    MAX_PAGES_PER_RUN, MAX_SUSPEND_GRACE_MS, MAX_TUNE_TIMEOUT_MS, MIN_SUSPEND_GRACE_MS,
+    MIN_TUNE_TIMEOUT_MS, Message, MsgType, NONCE_LEN, PAGE_SIZE, PROOF_LEN, PageDelta, PageRun,
+    Purpose, printable, write_device_state, write_page_run,
 };
 
 /// The protocol version this build speaks by preference.

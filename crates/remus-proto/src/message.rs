@@ -455,6 +455,11 @@ pub const MIN_TUNE_TIMEOUT_MS: u64 = 100;
 /// Longest failover timeout a Tune carries (ms): an hour.
 pub const MAX_TUNE_TIMEOUT_MS: u64 = 3_600_000;
 
+/// Shortest standby grace a Suspend asks for (ms).
+pub const MIN_SUSPEND_GRACE_MS: u64 = 1_000;
+/// Longest standby grace a Suspend asks for (ms): ten minutes.
+pub const MAX_SUSPEND_GRACE_MS: u64 = 600_000;
+
 /// One protocol message, one variant per [`MsgType`] (reserved types excepted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -519,6 +524,18 @@ pub enum Message {
     Tune {
         timeout_ms: u64,
     },
+    /// The primary's agent restarts with the guest stopped at `epoch`
+    /// (acknowledged): keep the standby for `grace_ms`
+    /// ([`MIN_SUSPEND_GRACE_MS`] to [`MAX_SUSPEND_GRACE_MS`]).
+    Suspend {
+        epoch: Epoch,
+        grace_ms: u64,
+    },
+    /// The backup keeps its standby across a Suspend; `resumed_at` is the
+    /// epoch this session resumes from (0: a new copy).
+    Resumable {
+        resumed_at: u64,
+    },
     /// DiskWrite, DiskZero or DiskFlush.
     Disk(DiskRecord),
     DiskSeal(DiskSeal),
@@ -572,6 +589,8 @@ impl Message {
             Message::SwitchOver { .. } => MsgType::SwitchOver,
             Message::Done => MsgType::Done,
             Message::Tune { .. } => MsgType::Tune,
+            Message::Suspend { .. } => MsgType::Suspend,
+            Message::Resumable { .. } => MsgType::Resumable,
             Message::Disk(r) => r.msg_type(),
             Message::DiskSeal(_) => MsgType::DiskSeal,
             Message::DiskDigests(_) => MsgType::DiskDigests,
@@ -608,6 +627,11 @@ impl Message {
             }
             Message::Ack { epoch } | Message::SwitchOver { epoch } => put_u64(&mut p, epoch.0),
             Message::Tune { timeout_ms } => put_u64(&mut p, *timeout_ms),
+            Message::Suspend { epoch, grace_ms } => {
+                put_u64(&mut p, epoch.0);
+                put_u64(&mut p, *grace_ms);
+            }
+            Message::Resumable { resumed_at } => put_u64(&mut p, *resumed_at),
             Message::VmConfig { json } | Message::SyncPlan { json } => {
                 p.extend_from_slice(json.as_bytes())
             }
@@ -802,6 +826,22 @@ impl Message {
                 }
                 Message::Tune { timeout_ms }
             }
+            MsgType::Suspend => {
+                let epoch = Epoch(c.u64("epoch")?);
+                let grace_ms = c.u64("grace_ms")?;
+                if epoch.0 == 0 {
+                    return Err(c.bad("a suspend at epoch 0 (nothing committed)".to_string()));
+                }
+                if !(MIN_SUSPEND_GRACE_MS..=MAX_SUSPEND_GRACE_MS).contains(&grace_ms) {
+                    return Err(c.bad(format!(
+                        "grace {grace_ms} ms is out of range {MIN_SUSPEND_GRACE_MS}..={MAX_SUSPEND_GRACE_MS}"
+                    )));
+                }
+                Message::Suspend { epoch, grace_ms }
+            }
+            MsgType::Resumable => Message::Resumable {
+                resumed_at: c.u64("resumed_at")?,
+            },
             MsgType::NoiseHandshake => {
                 let data = c.rest().to_vec();
                 if data.is_empty() || data.len() > crate::channel::MAX_NOISE_MESSAGE {

@@ -249,6 +249,18 @@ pub struct SessionSetup {
     /// Tune before Ready. Absent (older agents): no.
     #[serde(default)]
     pub tune: bool,
+    /// The primary's agent may suspend the session when it restarts (a
+    /// Suspend) and resume it afterwards: a backup that keeps its standby
+    /// across that answers with a Resumable first. Absent (older agents):
+    /// no.
+    #[serde(default)]
+    pub suspend: bool,
+    /// This session resumes a suspended one from this committed epoch:
+    /// the guest has stayed stopped at it since. A backup that still holds
+    /// its standby at exactly that epoch answers Resumable with it and
+    /// skips the copy; otherwise it sets up a new copy as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<u64>,
 }
 
 /// How the new primary protects back after a planned switch-over.

@@ -74,6 +74,17 @@ pub enum MsgType {
     /// protect --set`). Sent only to a backup that answered the setup's
     /// `tune` with a Tune of its own (additive, no version bump).
     Tune = 11,
+    /// Primary → backup: the primary's agent restarts (epoch u64, grace_ms
+    /// u64). `epoch` is acknowledged and the guest stays stopped at it; the
+    /// backup keeps its standby for `grace_ms` for a session that resumes
+    /// from it, and does not fail over meanwhile. Sent only to a backup that
+    /// answered the setup's `suspend` with a Resumable (additive).
+    Suspend = 12,
+    /// Backup → primary, first answer to a setup that says `suspend`
+    /// (resumed_at u64): it keeps its standby across a Suspend; non-zero,
+    /// this session resumes from that committed epoch (no initial copy,
+    /// no SyncPlan). Older backups never send it (additive).
+    Resumable = 13,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -119,6 +130,8 @@ impl MsgType {
             9 => SyncPlan,
             10 => NoiseHandshake,
             11 => Tune,
+            12 => Suspend,
+            13 => Resumable,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,

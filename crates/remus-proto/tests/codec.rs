@@ -91,6 +91,15 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|e| Message::SwitchOver { epoch: Epoch(e) }),
         (remus_proto::MIN_TUNE_TIMEOUT_MS..=remus_proto::MAX_TUNE_TIMEOUT_MS)
             .prop_map(|timeout_ms| Message::Tune { timeout_ms }),
+        (
+            1u64..,
+            remus_proto::MIN_SUSPEND_GRACE_MS..=remus_proto::MAX_SUSPEND_GRACE_MS
+        )
+            .prop_map(|(e, grace_ms)| Message::Suspend {
+                epoch: Epoch(e),
+                grace_ms
+            }),
+        any::<u64>().prop_map(|resumed_at| Message::Resumable { resumed_at }),
         (any::<u64>(), arb_kind()).prop_map(|(e, kind)| Message::CheckpointBegin {
             epoch: Epoch(e),
             kind

@@ -29,6 +29,9 @@ pub struct BackupConfig {
     /// The plan said `changed`: digests only of the chunks the primary
     /// names (a DiskSyncRuns per disk) instead of every chunk.
     pub changed_sync: bool,
+    /// This backup said it keeps its standby across a restart of the
+    /// primary's agent (a Resumable): a Suspend is taken.
+    pub suspendable: bool,
 }
 
 /// What the receiver tells its owner.
@@ -56,6 +59,10 @@ pub enum BackupEnd {
     /// Migration: the source stopped after `epoch` and the VM was resumed
     /// here by the switch-over callback.
     SwitchOver(Epoch),
+    /// The primary's agent restarts: the guest is stopped there at
+    /// `epoch`, committed here. Keep the standby for `grace` for the
+    /// session that resumes from it; no failover meanwhile.
+    Suspended { epoch: Epoch, grace: Duration },
     /// The primary went silent or its connection closed: it (or the link)
     /// failed. `committed` is what can be resumed, if anything.
     PrimaryLost {
@@ -100,7 +107,8 @@ pub fn receive(
             .map_err(|e| ReplError::Io("clone stream".into(), e))?,
     ));
     let mut reader = BufReader::with_capacity(1 << 20, stream);
-    let mut asm = CheckpointAssembler::new(replica.page_count(), None);
+    // A resumed session goes on from the epoch the replica holds.
+    let mut asm = CheckpointAssembler::new(replica.page_count(), replica.committed());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let digest_error: Mutex<Option<String>> = Mutex::new(None);
     // The heartbeat period; a Tune from the primary changes it.
@@ -180,6 +188,7 @@ pub fn receive(
             on_switchover,
             standby_alive,
             &heartbeat_us,
+            cfg.suspendable,
         );
         let digest_error = digest_error
             .lock()
@@ -199,15 +208,30 @@ pub fn receive(
 }
 
 /// Turns a PageDelta into the PageRun and a DeviceStateDelta into the
-/// DeviceState it stands for; other messages pass through.
-fn decompress(msg: Message, replica: &Replica) -> Result<Message, remus_proto::delta::DeltaError> {
+/// DeviceState it stands for; other messages pass through. A device
+/// state decodes against the one committed earlier in this session
+/// (`dev_base`): a session that resumes a suspended one starts from none,
+/// as the new primary's encoder does, although the replica holds the old
+/// session's (for a failover).
+fn decompress(
+    msg: Message,
+    replica: &Replica,
+    dev_base: bool,
+) -> Result<Message, remus_proto::delta::DeltaError> {
     use remus_proto::delta::{decode_device_state, decode_pages};
     Ok(match msg {
         Message::PageDelta(d) => {
             Message::PageRun(decode_pages(&d, &mut |p, b| replica.read_page(p, b))?)
         }
         Message::DeviceStateDelta(d) => Message::DeviceState {
-            data: decode_device_state(&d, replica.device_state())?,
+            data: decode_device_state(
+                &d,
+                if dev_base {
+                    replica.device_state()
+                } else {
+                    &[]
+                },
+            )?,
         },
         m => m,
     })
@@ -353,6 +377,7 @@ fn receive_loop(
     on_switchover: &dyn Fn(&Replica) -> Result<(), String>,
     standby_alive: &dyn Fn() -> bool,
     heartbeat_us: &std::sync::atomic::AtomicU64,
+    suspendable: bool,
 ) -> Result<BackupEnd, ReplError> {
     let send = |m: Message| -> Result<(), ReplError> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,6 +414,9 @@ fn receive_loop(
         })
     };
     let mut runs_seen = 0usize;
+    // A checkpoint of this session has committed (the base of the next
+    // compressed device state).
+    let mut committed_here = false;
     loop {
         let msg = match Message::read_from(reader) {
             Ok(m) => m,
@@ -433,7 +461,7 @@ fn receive_loop(
         // Compressed pages and device state (protocol version 3) decode
         // against the committed copy: every earlier checkpoint has been
         // applied before this one's frames are read.
-        let msg = match decompress(msg, replica) {
+        let msg = match decompress(msg, replica, committed_here) {
             Ok(m) => m,
             Err(e) => {
                 asm.discard();
@@ -507,6 +535,7 @@ fn receive_loop(
                             }
                         }
                         replica.commit(cp.epoch, &cp.runs, &cp.device_state)?;
+                        committed_here = true;
                         events(BackupEvent::Committed {
                             epoch: cp.epoch.0,
                             pages,
@@ -586,6 +615,46 @@ fn receive_loop(
                     let _ = tx.send(r.runs);
                 }
                 Message::Done => return Ok(BackupEnd::Done),
+                Message::Suspend { epoch, grace_ms } if suspendable => {
+                    if replica.committed() != Some(epoch) {
+                        let message = format!(
+                            "suspend at {epoch} but {:?} is committed here",
+                            replica.committed()
+                        );
+                        let _ = send(Message::Error {
+                            code: ErrorCode::Protocol,
+                            message: message.clone(),
+                        });
+                        return Err(ReplError::Protocol(message));
+                    }
+                    // The guest stopped at the epoch, so the next one can
+                    // hold only the flushes QEMU sends while saving its
+                    // state: they are dropped (the next session's epochs
+                    // start afresh), after the disks were synced. A write
+                    // there would be one the backup never gets: refused.
+                    if let Some(d) = disks.as_deref_mut() {
+                        if let Err(e) = d.sync_all() {
+                            return disk_failed(e, "sync before the suspend");
+                        }
+                        let (records, bytes) = d.discard();
+                        if bytes > 0 {
+                            return disk_failed(
+                                DiskError::Protocol(format!(
+                                    "suspend at {epoch} with {bytes} bytes of disk writes after it"
+                                )),
+                                "suspend",
+                            );
+                        }
+                        if records > 0 {
+                            tracing::debug!(records, "flushes after the suspended epoch dropped");
+                        }
+                    }
+                    send(Message::Done)?;
+                    return Ok(BackupEnd::Suspended {
+                        epoch,
+                        grace: Duration::from_millis(grace_ms),
+                    });
+                }
                 Message::SwitchOver { epoch } => {
                     if replica.committed() != Some(epoch) {
                         return Err(ReplError::Protocol(format!(

@@ -32,8 +32,10 @@ impl PrimaryDisks {
     /// Starts journaling the VM's replicated disks (none when `replicate`
     /// is false: the journal then stays empty). Guest writes from now on
     /// belong to epoch 1, the first checkpoint; each rings `doorbell`.
-    pub fn start(vm: &Vm, replicate: bool, doorbell: Arc<Doorbell>) -> PrimaryDisks {
-        let journal = Arc::new(Journal::new(Epoch(1), JOURNAL_LIMIT, doorbell));
+    /// Journals the guest's writes from `first` on (epoch 1, or the one
+    /// after a resumed checkpoint).
+    pub fn start(vm: &Vm, replicate: bool, doorbell: Arc<Doorbell>, first: Epoch) -> PrimaryDisks {
+        let journal = Arc::new(Journal::new(first, JOURNAL_LIMIT, doorbell));
         let ports = if replicate {
             vm.replicated_disks()
         } else {

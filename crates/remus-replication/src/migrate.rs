@@ -101,7 +101,7 @@ pub fn migrate(
     // Guest disk writes are journaled from here on (all of them belong to
     // the final checkpoint, epoch 1 of the journal). Nobody sleeps on its
     // doorbell: each round takes what it queued.
-    let disks = PrimaryDisks::start(vm, true, Default::default());
+    let disks = PrimaryDisks::start(vm, true, Default::default(), Epoch(1));
     let mut sealer = Sealer::default();
     let mut enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
     let pacer = cfg.max_rate.map(SharedPacer::new);

@@ -100,6 +100,25 @@ pub struct ProtectConfig {
     /// latest at the interval; an epoch with no output lasts the interval.
     /// `None`: every epoch lasts the interval.
     pub min_interval: Option<Duration>,
+    /// The backup keeps its standby across a restart of this agent (it
+    /// answered the setup with a Resumable): see [`Suspending`].
+    pub suspend: Option<Suspending>,
+    /// This session resumes a suspended one: the backup holds this epoch,
+    /// the guest has stayed stopped at it since (it is resumed once the
+    /// session runs). No initial copy; checkpoints go on from the next
+    /// epoch.
+    pub resume_from: Option<Epoch>,
+}
+
+/// Suspending a session for a restart of this agent: once `requested` is
+/// set, the next checkpoint leaves the guest stopped, and once the backup
+/// has acknowledged it, the backup is asked to keep its standby for
+/// `grace` (a Suspend) instead of failing over when the link closes. The
+/// next agent resumes the session from that checkpoint.
+#[derive(Debug, Clone)]
+pub struct Suspending {
+    pub requested: Arc<AtomicBool>,
+    pub grace: Duration,
 }
 
 /// The settings of a running session that can change (`remus protect
@@ -302,6 +321,12 @@ pub enum ProtectEnd {
     /// [`ProtectConfig::hand_over`] (the caller resumes it once it may);
     /// any other guest is resumed here and the end is `BackupLost`.
     SwitchOverRefused { epoch: u64, reason: String },
+    /// Suspended for a restart of this agent: the guest stays stopped at
+    /// `epoch`, which the backup holds. `confirmed`: the backup said it
+    /// keeps its standby (it answered the Suspend); if not, it may also
+    /// have discarded it or, after its grace, resumed the VM: the next
+    /// agent asks before the guest runs again.
+    Suspended { epoch: u64, confirmed: bool },
 }
 
 /// What the epoch loop hands to the sender.
@@ -315,6 +340,12 @@ enum Outgoing {
     /// The last checkpoint was acknowledged with the guest stopped here:
     /// the backup resumes the VM from it.
     SwitchOver(Epoch),
+    /// The last checkpoint was acknowledged with the guest stopped here:
+    /// the backup keeps its standby for a session that resumes from it.
+    Suspend {
+        epoch: Epoch,
+        grace_ms: u64,
+    },
 }
 
 /// What a checkpoint closes while the guest is stopped and an ack
@@ -575,9 +606,21 @@ pub fn protect(
     let shared = Shared::new();
     // One bucket for the whole initial copy: the disk sync, then RAM.
     let pacer = cfg.max_rate.map(SharedPacer::new);
-    // From here on the guest's disk writes are journaled (epoch 1 on).
-    let disks = PrimaryDisks::start(vm, cfg.replicate_disks, shared.doorbell.clone());
-    let sync_runs = announce_disk_sync(&disks, cfg, &writer)?;
+    // From here on the guest's disk writes are journaled (epoch 1 on, or
+    // the one after the resumed checkpoint).
+    let first_epoch = Epoch(cfg.resume_from.map_or(0, |e| e.0) + 1);
+    let disks = PrimaryDisks::start(
+        vm,
+        cfg.replicate_disks,
+        shared.doorbell.clone(),
+        first_epoch,
+    );
+    // A resumed session has nothing to sync: the backup's disks hold the
+    // resumed checkpoint, and the guest has written nothing since.
+    let sync_runs = match cfg.resume_from {
+        Some(_) => Vec::new(),
+        None => announce_disk_sync(&disks, cfg, &writer)?,
+    };
     // Network output: held per epoch from the first checkpoint on.
     let nets: Vec<Arc<OutputCommit>> = if cfg.buffer_net {
         vm.output_commits().to_vec()
@@ -623,12 +666,21 @@ pub fn protect(
             disks,
             pacer,
         };
-        let end = session
-            .initial_copy(&mut capture, &sync_runs)
-            .and_then(|end| match end {
-                Some(end) => Ok(end),
-                None => session.epoch_loop(&mut capture),
-            });
+        let end = match cfg.resume_from {
+            // The backup holds the checkpoint the guest stopped at: it
+            // runs again, its writes and output in the next epoch.
+            Some(from) => {
+                tracing::info!(vm = %vm.name(), epoch = from.0, "session resumed from the checkpoint the guest stopped at; no copy");
+                resume_unless_held(vm);
+                session.epoch_loop(&mut capture, from.0)
+            }
+            None => session
+                .initial_copy(&mut capture, &sync_runs)
+                .and_then(|end| match end {
+                    Some(end) => Ok(end),
+                    None => session.epoch_loop(&mut capture, 0),
+                }),
+        };
         session.teardown(end, closer, sender, ack_reader)
     });
     // Journal closed, disks back to local-only; held output released
@@ -716,6 +768,11 @@ enum LoopEnd {
     SwitchOverSent {
         epoch: Epoch,
         since: Instant,
+    },
+    /// The Suspend at `epoch` was handed to the sender; the guest stays
+    /// stopped.
+    SuspendSent {
+        epoch: Epoch,
     },
 }
 
@@ -837,9 +894,9 @@ impl Session<'_> {
 
     /// Phase 3: one checkpoint per interval until the operator stops, the
     /// backup is lost, or a switch-over is asked.
-    fn epoch_loop(&self, capture: &mut Capture<'_>) -> Result<LoopEnd, ReplError> {
+    fn epoch_loop(&self, capture: &mut Capture<'_>, from: u64) -> Result<LoopEnd, ReplError> {
         let mut last_start = Instant::now();
-        let mut epoch = 0u64;
+        let mut epoch = from;
         // Set once a checkpoint has captured an operator-paused guest: its
         // state cannot change until it is unpaused, and QEMU will not save
         // it twice (it stays in `postmigrate`), so further checkpoints wait
@@ -852,13 +909,21 @@ impl Session<'_> {
             if let Some(why) = self.shared.lost() {
                 return Ok(LoopEnd::Lost(why));
             }
-            self.wait_epoch_end(last_start);
+            if !self.suspend_requested() {
+                self.wait_epoch_end(last_start);
+            }
+            let suspend = self.suspend_requested();
+            // A guest held paused (the operator, the fence) is not
+            // suspended: its session ends as usual.
+            if suspend && self.vm.is_held() {
+                return Ok(LoopEnd::Stopped);
+            }
             if captured_paused.is_some() && captured_paused == self.vm.hold_generation() {
                 last_start = Instant::now();
                 continue;
             }
             epoch += 1;
-            let last = self.cfg.switch_over.load(Ordering::SeqCst);
+            let last = suspend || self.cfg.switch_over.load(Ordering::SeqCst);
             let t_stop = Instant::now();
             last_start = t_stop;
             let staged = {
@@ -877,6 +942,9 @@ impl Session<'_> {
             };
             captured_paused = staged.operator_paused;
             self.shared.hand_off(Outgoing::Checkpoint(staged))?;
+            if suspend {
+                return self.suspend(Epoch(epoch));
+            }
             if last {
                 return self.switch_over(Epoch(epoch), t_stop);
             }
@@ -902,6 +970,45 @@ impl Session<'_> {
         if signal.wait_first(latest).is_some() {
             until((last_start + min).min(latest));
         }
+    }
+
+    fn suspend_requested(&self) -> bool {
+        self.cfg
+            .suspend
+            .as_ref()
+            .is_some_and(|s| s.requested.load(Ordering::SeqCst))
+    }
+
+    /// The agent restarts: the last checkpoint (`epoch`) was handed over
+    /// with the guest left stopped; once the backup acknowledges it, it is
+    /// asked to keep its standby. Without the ack the guest runs on here
+    /// and the session fails as usual.
+    fn suspend(&self, epoch: Epoch) -> Result<LoopEnd, ReplError> {
+        let Some(s) = &self.cfg.suspend else {
+            return Err(ReplError::Protocol(
+                "suspend without a resumable backup".into(),
+            ));
+        };
+        let acked = self
+            .shared
+            .wait_acked(epoch, self.cfg.tuning.timeout() * 4)
+            .and_then(|acked| {
+                acked
+                    .then_some(())
+                    .ok_or(ReplError::BackupLost(LostBackup::NoAck(epoch)))
+            });
+        if let Err(e) = acked {
+            resume_unless_held(self.vm);
+            tracing::warn!(vm = %self.vm.name(), error = %e, "suspend abandoned; the VM runs on here");
+            return Err(e);
+        }
+        let grace_ms = (s.grace.as_millis() as u64).clamp(
+            remus_proto::MIN_SUSPEND_GRACE_MS,
+            remus_proto::MAX_SUSPEND_GRACE_MS,
+        );
+        self.shared
+            .hand_off_last(Outgoing::Suspend { epoch, grace_ms });
+        Ok(LoopEnd::SuspendSent { epoch })
     }
 
     /// Phase 4: the last checkpoint (`epoch`) was handed over with the
@@ -963,7 +1070,7 @@ impl Session<'_> {
             self.shared
                 .wait_reader_done((self.cfg.tuning.timeout() * 2).max(Duration::from_secs(5)));
         }
-        if let Ok(LoopEnd::SwitchOverSent { .. }) = &end {
+        if let Ok(LoopEnd::SwitchOverSent { .. } | LoopEnd::SuspendSent { .. }) = &end {
             // The backup answers a switch-over with Done once the VM runs
             // there, or with an Error if it could not resume it.
             self.shared.wait_reader_done(self.cfg.tuning.timeout() * 4);
@@ -981,6 +1088,13 @@ impl Session<'_> {
             Ok(LoopEnd::Lost(why)) | Err(ReplError::BackupLost(why)) => ProtectEnd::BackupLost(why),
             Ok(LoopEnd::SwitchOverSent { epoch, since }) => {
                 return Ok(self.switch_over_answer(epoch, since, switched, lost));
+            }
+            // The backup answers a Suspend with Done (its standby kept).
+            Ok(LoopEnd::SuspendSent { epoch }) => {
+                return Ok(ProtectEnd::Suspended {
+                    epoch: epoch.0,
+                    confirmed: switched,
+                });
             }
             Err(e) => return Err(e),
         };
@@ -1189,6 +1303,9 @@ fn sender_loop(
             Next::Item(Outgoing::Done) => return goodbye(&mut w, Message::Done),
             Next::Item(Outgoing::SwitchOver(epoch)) => {
                 return goodbye(&mut w, Message::SwitchOver { epoch });
+            }
+            Next::Item(Outgoing::Suspend { epoch, grace_ms }) => {
+                return goodbye(&mut w, Message::Suspend { epoch, grace_ms });
             }
             Next::Item(Outgoing::Abort(reason)) => {
                 let m = Message::Error {

@@ -7,8 +7,11 @@
 //! 1. This version's a protects the VM to the previous version's b:
 //!    checkpoints commit; a change of the running session's timeout
 //!    (`protect --set`, which the previous backup cannot take) is refused
-//!    with the reason and the session runs on; a's plug is pulled and b
-//!    (previous) resumes the VM.
+//!    with the reason and the session runs on; a's agent is restarted
+//!    (SIGTERM, `--on-stop keep`): the previous backup never offered to
+//!    keep its standby across that (no Resumable), so the session is
+//!    ended in order, not suspended, and protected again by the next
+//!    agent; a's plug is pulled and b (previous) resumes the VM.
 //! 2. b (previous) protects it back to this version's a (a changed-only
 //!    resync of a's stale copy); b's plug is pulled and a resumes it.
 //!
@@ -172,7 +175,7 @@ fn the_previous_version_and_this_one_protect_each_other() {
         ("a", REPL_PORT),
         &files.images,
         &files.key,
-        &[],
+        &["--on-stop", "keep"],
     );
     let mut b = lan_agent(
         &old,
@@ -204,6 +207,29 @@ fn the_previous_version_and_this_one_protect_each_other() {
     );
     eprintln!("1. --set refused: {}", set.stderr.trim());
     session_goes_on(&client, &a, "after the refused --set");
+    a.stop_agent_only().unwrap();
+    assert!(
+        !a.log_text().contains("protection SUSPENDED"),
+        "suspended to a backup that cannot resume: {}",
+        a.log_text()
+    );
+    wait_for("b to drop its standby", Duration::from_secs(30), || {
+        b.vm(VM).is_none().then_some(())
+    });
+    a.restart().unwrap();
+    wait_for(
+        "a to protect the VM again",
+        Duration::from_secs(120),
+        || {
+            a.vm(VM)
+                .filter(|v| v["role"] == "primary" && !v["protection"]["last_checkpoint"].is_null())
+                .map(|_| ())
+        },
+    );
+    session_goes_on(&client, &a, "protected again after a's restart");
+    eprintln!(
+        "1. a's agent restarted under the previous backup: session ended in order, protected again"
+    );
     let t = Instant::now();
     a.kill_hard();
     let ms = b

@@ -7,15 +7,22 @@
 //!    killed (SIGKILL) and started again. Each time the same QEMU runs on
 //!    (same PID), the new agent adopts it with the same ID, and the
 //!    session and the disk records carry on.
-//! 2. Protected to b (wanted): a's agent is restarted (SIGTERM). It ends
-//!    the session in order (b drops its standby, no failover), the VM runs
-//!    on, and the new agent protects it to b again by itself.
+//! 2. Protected to b (wanted): a's agent is restarted (SIGTERM). It
+//!    suspends the session at a last checkpoint (the guest stays stopped
+//!    there, b keeps its standby and does not fail over), and the new
+//!    agent resumes the session from that checkpoint: the same standby
+//!    QEMU on b, no new copy, no disk sync.
 //! 3. b's agent is restarted (SIGTERM): a's VM runs on unprotected and is
 //!    protected again once b is back.
 //! 4. a's agent is killed (SIGKILL) while the VM is protected: b takes
 //!    over (the session's connection closed with no goodbye). The new
 //!    agent on a must not run the QEMU it finds (b runs the VM now): it
 //!    stops it, and b protects the VM back to a.
+//! 5. b's agent (now the primary's) stays away longer than the restart
+//!    grace (`--restart-grace 10`): a takes the silence for a dead host
+//!    and fails over. b's next agent finds a running the VM when it tries
+//!    to resume: it stops its own QEMU (never runs it) and lists the copy
+//!    stale, and a protects the VM back to b.
 //!
 //! The TCP session survives all of it, and every record the guest wrote
 //! is on its disk at the end.
@@ -31,6 +38,9 @@ const VM: &str = "rst";
 const VM_IP: &str = "198.18.0.10";
 const REPL_PORT: u16 = 7200;
 const DISK_BYTES: u64 = 256 << 20;
+/// `--restart-grace`: long enough for a restart on a loaded host, short
+/// enough to wait out in step 5.
+const GRACE_S: u64 = 10;
 
 fn bins() -> Binaries {
     remus_testbed::test_bins!()
@@ -92,7 +102,15 @@ fn wait_protected(h: &Agent, timeout: Duration) {
 
 /// An agent on host `h` that leaves its VMs running when it stops.
 fn agent(lan: &Lan, h: &str, store: &std::path::Path, key: &std::path::Path) -> Agent {
-    let extra = ["--host-name", h, "--on-stop", "keep"];
+    let grace = GRACE_S.to_string();
+    let extra = [
+        "--host-name",
+        h,
+        "--on-stop",
+        "keep",
+        "--restart-grace",
+        &grace,
+    ];
     lan_agent(&bins(), lan, (h, REPL_PORT), store, key, &extra)
 }
 
@@ -143,28 +161,66 @@ fn restarting_the_agent_stops_no_vm() {
     let n1 = records_intact(&a, VM, "after two agent restarts");
     eprintln!("1. {n1} records intact");
 
-    // 2. Protected (wanted), a's agent restarted in order.
+    // 2. Protected (wanted), a's agent restarted in order: the session is
+    //    suspended and resumed.
     let mut follow =
         ProtectFollower::start_healing(&a, VM, &b_listen, &["-i", "100", "--timeout", "1000"])
             .unwrap();
     follow.checkpoint_after(0).unwrap();
     drop(follow);
     wait_role(&b, "backup", Duration::from_secs(30));
+    let standby_pid = info(&b)["pid"].as_u64();
+    let plans = b.log_text().matches("disk sync plan").count();
+    let t = Instant::now();
     a.stop_agent_only().unwrap();
     assert!(process_alive(pid), "the protected VM went with the agent");
-    // An orderly end: b dropped its standby, it did not take over.
-    wait_for("b to drop its standby", Duration::from_secs(30), || {
-        b.vm(VM).is_none().then_some(())
+    assert!(
+        a.log_text().contains("protection SUSPENDED"),
+        "{}",
+        a.log_text()
+    );
+    // b keeps its standby: no failover, nothing dropped.
+    wait_for("b to keep its standby", Duration::from_secs(10), || {
+        b.log_text()
+            .contains("the primary's agent is restarting")
+            .then_some(())
     });
+    assert_eq!(info(&b)["role"], "backup");
     a.restart().unwrap();
     assert_eq!(info(&a)["pid"].as_u64(), Some(u64::from(pid)));
-    // The wish outlived the agent: protection comes back by itself.
-    wait_protected(&a, Duration::from_secs(120));
-    wait_role(&b, "backup", Duration::from_secs(30));
-    session_goes_on(&client, 100, &a, "protected again after a's restart");
-    last_sync_changed_only(&b, "protected again after a's restart");
+    wait_protected(&a, Duration::from_secs(60));
+    let resumed_in = t.elapsed();
+    assert!(
+        a.log_text()
+            .contains("session resumed from the checkpoint the guest stopped at"),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        b.log_text()
+            .contains("the session resumes from the kept standby"),
+        "{}",
+        b.log_text()
+    );
+    // The same standby QEMU, and no new copy or disk sync.
+    assert_eq!(
+        info(&b)["pid"].as_u64(),
+        standby_pid,
+        "a new standby:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(
+        b.log_text().matches("disk sync plan").count(),
+        plans,
+        "a new disk sync: {}",
+        b.log_text()
+    );
+    session_goes_on(&client, 100, &a, "after a's restart");
     assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
-    eprintln!("2. a's agent restarted: the VM ran on and is protected again");
+    eprintln!(
+        "2. a's agent restarted: session suspended and resumed in {resumed_in:?}, same standby"
+    );
 
     // 3. b's agent restarted: a runs on, protected again once b is back.
     b.stop_agent_only().unwrap();
@@ -207,7 +263,44 @@ fn restarting_the_agent_stops_no_vm() {
         "4. a's agent killed: b took over in {ms} ms, a's old QEMU stopped; {n4} records intact"
     );
 
-    let out = b.cli(&["protect", "--stop", VM]);
+    // 5. b's agent stays away past the grace: a fails over, and b's next
+    //    agent must not run its copy.
+    let b_pid = info(&b)["pid"].as_u64().unwrap() as u32;
+    let t = Instant::now();
+    b.stop_agent_only().unwrap();
+    assert!(
+        b.log_text().contains("protection SUSPENDED"),
+        "{}",
+        b.log_text()
+    );
+    let ms = a
+        .wait_failover(VM, t, Duration::from_secs(GRACE_S + 60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        ms >= GRACE_S * 1000,
+        "a failed over after {ms} ms, within the grace"
+    );
+    session_goes_on(&client, 50, &a, "after the failover to a");
+    b.restart().unwrap();
+    wait_for("b to stop its copy", Duration::from_secs(60), || {
+        (!process_alive(b_pid)).then_some(())
+    });
+    assert!(
+        b.log_text().contains("the backup RUNS THE VM"),
+        "{}",
+        b.log_text()
+    );
+    // a protects the VM back to b (which first lists its copy stale).
+    wait_protected(&a, Duration::from_secs(120));
+    wait_role(&b, "backup", Duration::from_secs(30));
+    session_goes_on(&client, 100, &a, "protected back to b");
+    let n5 = records_intact(&a, VM, "after the failover past the grace");
+    assert!(n5 >= n4, "records went missing: {n5} < {n4}");
+    eprintln!(
+        "5. b's agent away past the grace: a took over in {ms} ms, b's copy stopped; {n5} records intact"
+    );
+
+    let out = a.cli(&["protect", "--stop", VM]);
     assert!(out.ok, "{}", out.stderr);
     drop(client);
 }

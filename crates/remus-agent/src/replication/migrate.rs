@@ -52,6 +52,7 @@ pub fn start_migrate(
         None,
         None,
         false,
+        None,
     )?;
     let mcfg = remus_replication::migrate::MigrateConfig {
         compress: compression(peer, version, true),

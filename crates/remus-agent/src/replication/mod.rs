@@ -33,7 +33,7 @@ use remus_proto::{
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
 use remus_replication::primary::{
-    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, Tuning,
+    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, Suspending, Tuning,
 };
 use remus_replication::replica::Replica;
 use remus_vm::Role;
@@ -47,10 +47,12 @@ mod migrate;
 mod protect;
 mod resync;
 mod standby;
+pub mod suspend;
 
 pub use migrate::start_migrate;
 pub use protect::{start_failback, start_protect, tune};
 pub use standby::serve;
+pub use suspend::{ParkedStandbys, SuspendRecord, resume_suspended};
 
 pub use remus_api::ProtectRequest;
 pub use remus_proto::setup::{ArbiterSetup, ReturnTo, SessionSetup};
@@ -109,6 +111,7 @@ fn open_session(
     generations: Option<Generations>,
     return_to: Option<ReturnTo>,
     unencrypted: bool,
+    suspend: Option<SuspendAsk>,
 ) -> Result<Opened, AgentError> {
     let name = slot.vm.name();
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
@@ -155,7 +158,7 @@ fn open_session(
     }
     let generations =
         generations.filter(|_| session.version >= remus_proto::RESYNC_PROTOCOL_VERSION);
-    let expect_plan = generations.is_some();
+    let mut expect_plan = generations.is_some();
     // An agent listening on every address is reached back at the address
     // this session leaves from.
     let return_to = return_to.map(|mut r| {
@@ -176,6 +179,8 @@ fn open_session(
         generations,
         return_to,
         tune: purpose == Purpose::Protect,
+        suspend: suspend.is_some(),
+        resume: suspend.and_then(|s| s.resume),
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -185,9 +190,37 @@ fn open_session(
         .write_to(&mut stream)
         .map_err(|e| AgentError::Internal(format!("send config to {}: {e}", session.peer)))?;
     let (_, theirs) = purpose.side_names();
+    // A backup that keeps its standby across a restart of this agent says
+    // so first (older ones go on with their plan or Ready).
+    let mut resumable = None;
+    let mut first = None;
+    if suspend.is_some() {
+        match Message::read_from(&mut stream) {
+            Ok(Message::Resumable { resumed_at }) => {
+                let asked = suspend.and_then(|s| s.resume);
+                if resumed_at != 0 && asked != Some(resumed_at) {
+                    return Err(AgentError::Internal(format!(
+                        "{theirs} {} resumes epoch {resumed_at}, which this agent did not ask for ({asked:?})",
+                        session.peer
+                    )));
+                }
+                if resumed_at != 0 {
+                    // Nothing to sync: the backup holds the checkpoint.
+                    expect_plan = false;
+                }
+                resumable = Some(resumed_at);
+            }
+            other => first = Some(other),
+        }
+    }
+    let mut read_next = || {
+        first
+            .take()
+            .unwrap_or_else(|| Message::read_from(&mut stream))
+    };
     let mut plan = None;
     if expect_plan {
-        match Message::read_from(&mut stream) {
+        match read_next() {
             Ok(Message::SyncPlan { json }) => {
                 let p = serde_json::from_str::<SyncPlan>(&json).map_err(|e| {
                     AgentError::Internal(format!(
@@ -245,10 +278,10 @@ fn open_session(
     // A backup that can take a new timeout during the session says so
     // first (older ones go straight to Ready).
     let mut tunes = false;
-    let mut next = Message::read_from(&mut stream);
+    let mut next = read_next();
     if purpose == Purpose::Protect && matches!(next, Ok(Message::Tune { .. })) {
         tunes = true;
-        next = Message::read_from(&mut stream);
+        next = read_next();
     }
     match next {
         Ok(Message::Ready) => Ok(Opened {
@@ -256,6 +289,7 @@ fn open_session(
             version: session.version,
             plan,
             tunes,
+            resumable,
         }),
         Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
             "{theirs} {} refused: {code}: {message}",
@@ -281,6 +315,18 @@ struct Opened {
     plan: Option<SyncPlan>,
     /// The backup takes a new failover timeout during the session.
     tunes: bool,
+    /// The backup keeps its standby across a restart of this agent (it
+    /// answered `suspend`): Some(0), a new copy; Some(epoch), this session
+    /// resumes from that checkpoint.
+    resumable: Option<u64>,
+}
+
+/// What a protection session asks of a backup about restarts of this
+/// agent (see [`suspend`]): that it keep its standby across one, and
+/// whether this session resumes from the checkpoint at `resume`.
+#[derive(Debug, Clone, Copy)]
+struct SuspendAsk {
+    resume: Option<u64>,
 }
 
 /// Ends the session (telling the peer why) when the peer's protocol

@@ -11,6 +11,19 @@ pub fn start_protect(
     name: &str,
     req: ProtectRequest,
 ) -> Result<(), AgentError> {
+    start_protect_from(agent, name, req, None)
+}
+
+/// [`start_protect`], resuming the session a restart of the agent
+/// suspended at `resume` (the guest stopped at that checkpoint since,
+/// see [`super::suspend`]) if the backup still holds it; the guest runs
+/// again either way once the session is set up.
+pub(super) fn start_protect_from(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: ProtectRequest,
+    resume: Option<remus_proto::Epoch>,
+) -> Result<(), AgentError> {
     let slot = agent.slot(name)?;
     require_key(agent)?;
     // Claimed before connecting (which takes seconds): two sessions on one
@@ -121,11 +134,17 @@ pub fn start_protect(
             heal: !req.manual,
             max_rate: req.max_rate,
         });
+    // A session that can be suspended across a restart of this agent (not
+    // an arbitrated one: its key would lapse with the agent).
+    let ask = guard.is_none().then_some(super::SuspendAsk {
+        resume: resume.map(|e| e.0),
+    });
     let Opened {
         stream,
         version,
         plan,
         tunes,
+        resumable,
     } = open_session(
         agent,
         &slot,
@@ -137,7 +156,24 @@ pub fn start_protect(
         copy.as_ref().map(|c| c.gens.clone()),
         return_to,
         req.unencrypted,
+        ask,
     )?;
+    let resumed = resume.filter(|e| resumable == Some(e.0));
+    if resume.is_some() && resumed.is_none() && !slot.vm.is_held() {
+        // The backup makes a new copy: the guest, stopped at the suspend,
+        // runs again while it is made.
+        tracing::info!(vm = %name, peer = %req.peer, "the backup no longer holds the suspended session's checkpoint: a new copy is made while the guest runs");
+        if let Err(e) = slot.vm.qmp().execute("cont", None) {
+            return Err(AgentError::Internal(format!(
+                "VM '{name}': cannot resume the guest: {e}"
+            )));
+        }
+    }
+    let suspend = resumable.map(|_| Suspending {
+        requested: Arc::new(AtomicBool::new(false)),
+        grace: agent.opts.restart_grace,
+    });
+    slot.set_suspend_flag(suspend.as_ref().map(|s| s.requested.clone()));
     if let Some(p) = &plan {
         tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
         slot.publish(SessionEvent::SyncPlan {
@@ -203,11 +239,14 @@ pub fn start_protect(
         on_commit: Some(on_commit),
         max_rate,
         min_interval,
+        suspend,
+        resume_from: resumed,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
     let agent2 = agent.clone();
     let peer = req.peer.clone();
+    let request = req.clone();
     std::thread::Builder::new()
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
@@ -255,6 +294,21 @@ pub fn start_protect(
                 slot2.end_session();
                 return;
             }
+            if let Ok(ProtectEnd::Suspended { epoch, confirmed }) = &end {
+                // The agent stops: the next one resumes the session from
+                // this checkpoint, the guest paused until then.
+                super::suspend::save_record(
+                    &slot2,
+                    &request,
+                    (*epoch, agent2.opts.restart_grace),
+                    *confirmed,
+                );
+                tracing::warn!(vm = %vm_name, %peer, epoch, confirmed, "protection SUSPENDED for the agent's restart: the guest stays paused at epoch {epoch} until the next agent resumes the session from it");
+                slot2.life.session_over();
+                slot2.life.release();
+                slot2.end_session();
+                return;
+            }
             if let Ok(ProtectEnd::SwitchOverUnconfirmed { reason, .. }) = &end {
                 // Neither resumed here nor known to run there: the guest
                 // stays stopped and the operator decides.
@@ -292,7 +346,11 @@ pub fn start_protect(
                     slot2.publish(SessionEvent::Failed { reason: msg });
                 }
                 // Handled above.
-                Ok(ProtectEnd::SwitchedOver { .. } | ProtectEnd::SwitchOverUnconfirmed { .. }) => {}
+                Ok(
+                    ProtectEnd::SwitchedOver { .. }
+                    | ProtectEnd::SwitchOverUnconfirmed { .. }
+                    | ProtectEnd::Suspended { .. },
+                ) => {}
                 Err(e) => {
                     slot2.publish(SessionEvent::Failed {
                         reason: e.to_string(),

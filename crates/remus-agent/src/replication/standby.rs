@@ -83,6 +83,11 @@ fn backup_session(
             reservation = Some(r);
             return Ok(None);
         }
+        // A standby kept for a suspended session: the setup says whether
+        // this session resumes it (see `suspend::unpark`).
+        if agent.parked().holds(vm) {
+            return Ok(None);
+        }
         let busy = || {
             Refusal::new(
                 ErrorCode::Busy,
@@ -130,14 +135,6 @@ fn backup_session(
         tracing::warn!(peer = %session.peer, vm = %hello.vm_name, "replication session with a protocol-{} peer IN THE CLEAR (--allow-unencrypted-peers)", session.version);
     }
     let peer = session.peer.clone();
-    let refuse = |stream: &mut Channel, msg: String| {
-        let _ = Message::Error {
-            code: ErrorCode::Incompatible,
-            message: msg.clone(),
-        }
-        .write_to(stream);
-        msg
-    };
     let setup = match Message::read_from(&mut stream) {
         Ok(Message::VmConfig { json }) => serde_json::from_str::<SessionSetup>(&json)
             .map_err(|e| refuse(&mut stream, format!("bad VM config from {peer}: {e}")))?,
@@ -154,82 +151,74 @@ fn backup_session(
         None => None,
         Some(theirs) => Some(check_arbiter(agent, theirs).map_err(|e| refuse(&mut stream, e))?),
     };
-    // This host's own configuration of the copy: the peer's shape, this
-    // host's paths (its record of the VM, the operator's placement file,
-    // or its own image and boot directories); never a path from the wire.
-    // Each host keeps its own image format: replication is of guest-
-    // visible blocks, so a raw image here may back a qcow2 one there.
-    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &hello.vm_name);
-    let record = crate::copies::load_config(&copy_dir);
-    let sizes = hello
-        .compat
-        .disks
-        .iter()
-        .map(|d| (d.target.clone(), d.size_bytes))
-        .collect();
-    let (cfg, new_images) = agent
-        .opts
-        .storage
-        .local_config(&setup.config, record.as_ref(), &sizes)
-        .map_err(|e| {
-            refuse(
-                &mut stream,
-                format!("this host cannot keep '{}': {e}", hello.vm_name),
-            )
-        })?;
-    if cfg.name != hello.vm_name {
-        return Err(refuse(
-            &mut stream,
-            "config name differs from the Hello".into(),
-        ));
-    }
-    if let Err(e) = cfg.validate() {
-        return Err(refuse(
-            &mut stream,
-            format!("this host cannot run '{}': {e}", cfg.name),
-        ));
-    }
-    // A replicated disk missing here is created (and filled by the
-    // initial sync) before the host check, which wants every disk present.
-    if setup.replicate_disks {
-        create_images(agent, &cfg.name, &new_images).map_err(|e| refuse(&mut stream, e))?;
-    } else if let Some(missing) = new_images.first() {
-        return Err(refuse(
-            &mut stream,
-            format!(
-                "disk {} is not replicated in this session and this host has no image at {}",
-                missing.target,
-                missing.path.display()
-            ),
-        ));
-    }
-    // Files only: the formats are this host's own (never sniffed).
-    if let Err(e) = cfg.check_files() {
-        return Err(refuse(
-            &mut stream,
-            format!("this host cannot run '{}': {e}", cfg.name),
-        ));
-    }
-    let local = compat_of(&cfg).map_err(|e| refuse(&mut stream, e))?;
-    if let Err(diffs) = hello.compat.check_sides(&local, "primary", "backup") {
-        return Err(refuse(&mut stream, diffs.join("; ")));
-    }
-    let name = cfg.name.clone();
-    // This host's record of its copy decides how the disks are synced.
-    let (plan, copy) = plan_target(&setup, session.purpose, &copy_dir, &cfg, &local)
+    // A resumable backup keeps its standby across a restart of the
+    // primary's agent (not with an arbiter: its key would lapse).
+    let suspendable =
+        setup.suspend && session.purpose == Purpose::Protect && setup.arbiter.is_none();
+    let kept = super::suspend::unpark(agent, &hello.vm_name, &setup, &peer)
         .map_err(|e| refuse(&mut stream, e))?;
-    if agent.take_stale(&name).is_some() {
-        tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
+    let Standby {
+        slot,
+        replica,
+        disks,
+        plan,
+        copy,
+        copy_dir,
+        resumed,
+    } = match kept {
+        Some(k) => {
+            let local = compat_of(&k.slot.vm.config).map_err(|e| refuse(&mut stream, e))?;
+            if let Err(diffs) = hello.compat.check_sides(&local, "primary", "backup") {
+                agent.destroy_slot(&k.slot, crate::agent::CopyRecord::Keep);
+                return Err(refuse(&mut stream, diffs.join("; ")));
+            }
+            tracing::info!(vm = %hello.vm_name, %peer, epoch = k.epoch.0, "the primary's agent is back: the session resumes from the kept standby, nothing is copied");
+            Standby {
+                slot: k.slot,
+                replica: k.replica,
+                disks: k.disks,
+                plan: None,
+                copy: k.copy,
+                copy_dir: k.copy_dir,
+                resumed: Some(k.epoch),
+            }
+        }
+        None => {
+            // The kept standby (if any) is gone: this copy is set up anew.
+            let reserved = match reservation.take() {
+                Some(r) => r,
+                None => agent.reserve(&hello.vm_name).ok_or_else(|| {
+                    let msg = format!(
+                        "a copy of '{}' is being torn down on this host; try again in a moment",
+                        hello.vm_name
+                    );
+                    let _ = Message::Error {
+                        code: ErrorCode::Busy,
+                        message: msg.clone(),
+                    }
+                    .write_to(&mut stream);
+                    msg
+                })?,
+            };
+            fresh_standby(
+                agent,
+                &mut stream,
+                &hello,
+                &setup,
+                session.purpose,
+                &peer,
+                reserved,
+            )?
+        }
+    };
+    let name = slot.vm.name().to_string();
+    if suspendable {
+        Message::Resumable {
+            resumed_at: resumed.map_or(0, |e| e.0),
+        }
+        .write_to(&mut stream)
+        .map_err(|e| format!("{peer}: {e}"))?;
     }
-    let own_config = cfg.clone();
-    let reserved = reservation
-        .take()
-        .ok_or_else(|| refuse(&mut stream, format!("'{name}' is not reserved here")))?;
-    let (slot, replica) = agent
-        .create_standby(cfg, session.purpose, &reserved)
-        .map_err(|e| refuse(&mut stream, e.to_string()))?;
-    drop(reserved);
-    crate::copies::save_config(&copy_dir, &own_config);
     if let Some(p) = &plan {
         tracing::info!(vm = %name, %peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
         let json = serde_json::to_string(p).map_err(|e| e.to_string())?;
@@ -257,32 +246,21 @@ fn backup_session(
         timeout,
         heartbeat: timeout / 4,
         changed_sync: plan.as_ref().is_some_and(|p| p.mode == SyncMode::Changed),
+        suspendable,
     };
     let copy = std::sync::Mutex::new(copy);
     let protect_purpose = session.purpose == Purpose::Protect;
     let setup_replicates = setup.replicate_disks;
     let source_gens = setup.generations.clone();
-    let first_commit = AtomicBool::new(false);
+    // A resumed session's copy completed long ago.
+    let first_commit = AtomicBool::new(resumed.is_some());
     let targets: Vec<String> = slot
         .vm
         .replicated_disks()
         .iter()
         .map(|p| p.target().to_string())
         .collect();
-    // Disk replication: the standby's replicated disks, written only when
-    // an epoch commits.
-    let mut disks = setup.replicate_disks.then(|| {
-        remus_disk::EpochBuffer::with_spill_limit(
-            slot.vm
-                .replicated_disks()
-                .iter()
-                .map(|p| (p.target().to_string(), p.local().clone()))
-                .collect(),
-            DISK_BUFFER_MEMORY,
-            &slot.vm.paths.dir().join("disk-epochs.spill"),
-            agent.opts.max_spill_mib << 20,
-        )
-    });
+    let mut disks = disks;
     let vm_name = name.clone();
     let slot2 = slot.clone();
     let slot3 = slot.clone();
@@ -368,6 +346,23 @@ fn backup_session(
     );
     let copy = copy.into_inner().unwrap_or_else(|p| p.into_inner());
     let switched = matches!(end, Ok(BackupEnd::SwitchOver(_)));
+    if let Decision::Park { epoch, grace } = crate::failover::decide(session.purpose, &end) {
+        super::suspend::park(
+            agent,
+            super::suspend::ToPark {
+                slot,
+                replica,
+                disks,
+                epoch,
+                peer,
+                setup,
+                copy_dir,
+                copy,
+            },
+            grace,
+        );
+        return Ok(());
+    }
     decide_failover(
         agent,
         &slot,
@@ -382,6 +377,136 @@ fn backup_session(
         protect_back(agent, &name, &setup);
     }
     Ok(())
+}
+
+/// What a backup session receives into.
+struct Standby {
+    slot: Arc<VmSlot>,
+    replica: Replica,
+    disks: Option<remus_disk::EpochBuffer>,
+    plan: Option<SyncPlan>,
+    copy: Option<CopyState>,
+    copy_dir: std::path::PathBuf,
+    /// Resumed from the standby kept for a suspended session, at this
+    /// epoch.
+    resumed: Option<remus_proto::Epoch>,
+}
+
+/// Tells the peer why the session cannot go on (the text is returned for
+/// the log).
+fn refuse(stream: &mut Channel, msg: String) -> String {
+    let _ = Message::Error {
+        code: ErrorCode::Incompatible,
+        message: msg.clone(),
+    }
+    .write_to(stream);
+    msg
+}
+
+/// A new standby for a session: this host's config of the copy, its
+/// images, the disk sync plan, the standby QEMU.
+fn fresh_standby(
+    agent: &Arc<Agent>,
+    stream: &mut Channel,
+    hello: &remus_proto::Hello,
+    setup: &SessionSetup,
+    purpose: Purpose,
+    peer: &str,
+    reserved: crate::agent::Reservation,
+) -> Result<Standby, String> {
+    // This host's own configuration of the copy: the peer's shape, this
+    // host's paths (its record of the VM, the operator's placement file,
+    // or its own image and boot directories); never a path from the wire.
+    // Each host keeps its own image format: replication is of guest-
+    // visible blocks, so a raw image here may back a qcow2 one there.
+    let copy_dir = crate::copies::dir(&agent.opts.state_dir, &hello.vm_name);
+    let record = crate::copies::load_config(&copy_dir);
+    let sizes = hello
+        .compat
+        .disks
+        .iter()
+        .map(|d| (d.target.clone(), d.size_bytes))
+        .collect();
+    let (cfg, new_images) = agent
+        .opts
+        .storage
+        .local_config(&setup.config, record.as_ref(), &sizes)
+        .map_err(|e| {
+            refuse(
+                stream,
+                format!("this host cannot keep '{}': {e}", hello.vm_name),
+            )
+        })?;
+    if cfg.name != hello.vm_name {
+        return Err(refuse(stream, "config name differs from the Hello".into()));
+    }
+    if let Err(e) = cfg.validate() {
+        return Err(refuse(
+            stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    // A replicated disk missing here is created (and filled by the
+    // initial sync) before the host check, which wants every disk present.
+    if setup.replicate_disks {
+        create_images(agent, &cfg.name, &new_images).map_err(|e| refuse(stream, e))?;
+    } else if let Some(missing) = new_images.first() {
+        return Err(refuse(
+            stream,
+            format!(
+                "disk {} is not replicated in this session and this host has no image at {}",
+                missing.target,
+                missing.path.display()
+            ),
+        ));
+    }
+    // Files only: the formats are this host's own (never sniffed).
+    if let Err(e) = cfg.check_files() {
+        return Err(refuse(
+            stream,
+            format!("this host cannot run '{}': {e}", cfg.name),
+        ));
+    }
+    let local = compat_of(&cfg).map_err(|e| refuse(stream, e))?;
+    if let Err(diffs) = hello.compat.check_sides(&local, "primary", "backup") {
+        return Err(refuse(stream, diffs.join("; ")));
+    }
+    let name = cfg.name.clone();
+    // This host's record of its copy decides how the disks are synced.
+    let (plan, copy) =
+        plan_target(setup, purpose, &copy_dir, &cfg, &local).map_err(|e| refuse(stream, e))?;
+    if agent.take_stale(&name).is_some() {
+        tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
+    }
+    let own_config = cfg.clone();
+    let (slot, replica) = agent
+        .create_standby(cfg, purpose, &reserved)
+        .map_err(|e| refuse(stream, e.to_string()))?;
+    drop(reserved);
+    crate::copies::save_config(&copy_dir, &own_config);
+    // Disk replication: the standby's replicated disks, written only when
+    // an epoch commits.
+    let disks = setup.replicate_disks.then(|| {
+        remus_disk::EpochBuffer::with_spill_limit(
+            slot.vm
+                .replicated_disks()
+                .iter()
+                .map(|p| (p.target().to_string(), p.local().clone()))
+                .collect(),
+            DISK_BUFFER_MEMORY,
+            &slot.vm.paths.dir().join("disk-epochs.spill"),
+            agent.opts.max_spill_mib << 20,
+        )
+    });
+    Ok(Standby {
+        slot,
+        replica,
+        disks,
+        plan,
+        copy,
+        copy_dir,
+        resumed: None,
+    })
 }
 
 /// The protection of the VM back to the old primary, with the session's
@@ -519,7 +644,7 @@ fn check_arbiter(
 /// copies. With an arbiter, a failover also needs the VM's etcd key,
 /// which the primary's lease holds until it lapses.
 #[allow(clippy::too_many_arguments)]
-fn decide_failover(
+pub(super) fn decide_failover(
     agent: &Arc<Agent>,
     slot: &Arc<VmSlot>,
     (purpose, peer, setup): (Purpose, &str, &SessionSetup),
@@ -549,6 +674,10 @@ fn decide_failover(
             return;
         }
         Decision::Discard(why) => return discard(&why),
+        // Parked by the session before it gets here.
+        Decision::Park { epoch, .. } => {
+            return discard(&format!("a suspended session at {epoch} was not kept"));
+        }
         Decision::Resume { reason } => reason,
     };
     // The arbiter first: resume only holding the VM's key, which etcd

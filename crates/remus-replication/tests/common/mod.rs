@@ -29,6 +29,18 @@ pub fn session(
     disks: Option<&mut EpochBuffer>,
     primary: impl FnOnce(Channel) + Send + 'static,
 ) -> BackupEnd {
+    session_with(replica, disks, false, primary).unwrap()
+}
+
+/// [`session`] with the backup taking a Suspend or not (it said
+/// Resumable), returning the receive loop's error too.
+#[allow(dead_code)]
+pub fn session_with(
+    replica: &mut Replica,
+    disks: Option<&mut EpochBuffer>,
+    suspendable: bool,
+    primary: impl FnOnce(Channel) + Send + 'static,
+) -> Result<BackupEnd, remus_replication::ReplError> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let key = Key::from_bytes(&[3; 32]).unwrap();
@@ -51,6 +63,7 @@ pub fn session(
         timeout: Duration::from_secs(10),
         heartbeat: Duration::from_millis(200),
         changed_sync: false,
+        suspendable,
     };
     let end = receive(
         stream,
@@ -60,8 +73,7 @@ pub fn session(
         &|_| {},
         &|_| Err("no switch-over here".into()),
         &|| true,
-    )
-    .unwrap();
+    );
     t.join().unwrap();
     end
 }

@@ -17,6 +17,7 @@ use remus_nbd::{BlockBackend, FileBackend};
 use remus_proto::{
     CheckpointKind, CheckpointWriter, DiskLogDigest, DiskOp, DiskRecord, Epoch, ErrorCode, Message,
 };
+use remus_replication::ReplError;
 use remus_replication::backup::BackupEnd;
 use remus_replication::replica::Replica;
 
@@ -116,4 +117,82 @@ fn epochs_commit_in_order_and_a_record_for_a_committed_epoch_is_refused() {
     assert_eq!(disk[8192], 0x11, "the refused record is not applied");
     // What never committed is dropped at the end of the session.
     assert_eq!(buf.discard(), (1, 512));
+}
+
+/// A session with one replicated disk that commits epoch 1 (0xAA at 0),
+/// then sends `after` (records of epoch 2) and a Suspend at 1; how it
+/// ended, the backup's answer, the image, and what the disk buffer still
+/// held for later epochs.
+fn suspend_after(
+    after: Vec<DiskRecord>,
+) -> (Result<BackupEnd, ReplError>, Message, Vec<u8>, (u64, u64)) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0x11u8; DISK]).unwrap();
+    let disk: Arc<dyn BlockBackend> = Arc::new(FileBackend::open(&img, false).unwrap());
+    let mut buf = EpochBuffer::new(
+        vec![("vda".into(), disk)],
+        1 << 20,
+        &dir.path().join("spill"),
+    );
+    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let end = common::session_with(&mut replica, Some(&mut buf), true, move |mut s| {
+        let mut r = s.try_clone().unwrap();
+        while matches!(next(&mut r), Message::DiskDigests(d) if d.first_chunk + (d.digests.len() as u64) < 16)
+        {
+        }
+        send_epoch(&mut s, 0, CheckpointKind::InitialSync, &[]);
+        assert_eq!(next(&mut r), Message::Ack { epoch: Epoch(0) });
+        send_epoch(&mut s, 1, CheckpointKind::Checkpoint, &[record(1, 0, 0xAA)]);
+        assert_eq!(next(&mut r), Message::Ack { epoch: Epoch(1) });
+        for rec in &after {
+            rec.write_to(&mut s).unwrap();
+        }
+        Message::Suspend {
+            epoch: Epoch(1),
+            grace_ms: 5_000,
+        }
+        .write_to(&mut s)
+        .unwrap();
+        s.flush().unwrap();
+        tx.send(next(&mut r)).unwrap();
+    });
+    let answer = rx.recv().unwrap();
+    let left = buf.discard();
+    (end, answer, std::fs::read(&img).unwrap(), left)
+}
+
+#[test]
+fn a_suspend_drops_the_flushes_after_its_epoch_and_refuses_writes_there() {
+    // QEMU flushes while it saves its state: dropped, the suspend taken.
+    let flush = DiskRecord {
+        epoch: Epoch(2),
+        disk: 0,
+        op: DiskOp::Flush,
+    };
+    let (end, answer, disk, left) = suspend_after(vec![flush]);
+    assert_eq!(answer, Message::Done);
+    assert_eq!(left, (0, 0), "the next session's epoch 2 starts empty");
+    assert!(
+        matches!(
+            end,
+            Ok(BackupEnd::Suspended {
+                epoch: Epoch(1),
+                ..
+            })
+        ),
+        "{end:?}"
+    );
+    assert_eq!(disk[0], 0xAA, "epoch 1 committed");
+
+    // A write after the suspended epoch would never reach the backup:
+    // the suspend is refused (no standby kept for a resume).
+    let (end, answer, disk, _) = suspend_after(vec![record(2, 4096, 0xBB)]);
+    assert!(
+        matches!(&answer, Message::Error { code: ErrorCode::Protocol, message } if message.contains("disk writes after it")),
+        "{answer:?}"
+    );
+    assert!(matches!(end, Ok(BackupEnd::Aborted { .. })), "{end:?}");
+    assert_eq!(disk[4096], 0x11, "the write after the epoch is not applied");
 }

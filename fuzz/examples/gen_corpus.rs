@@ -272,6 +272,15 @@ fn messages() -> Vec<(String, Message)> {
         ),
         ("switch-over", Message::SwitchOver { epoch: Epoch(9) }),
         ("done", Message::Done),
+        ("tune", Message::Tune { timeout_ms: 5_000 }),
+        (
+            "suspend",
+            Message::Suspend {
+                epoch: Epoch(7),
+                grace_ms: 60_000,
+            },
+        ),
+        ("resumable", Message::Resumable { resumed_at: 7 }),
         ("disk-write", Message::Disk(write.clone())),
         ("disk-zero", Message::Disk(zero.clone())),
         ("disk-flush", Message::Disk(flush.clone())),

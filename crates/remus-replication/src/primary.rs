@@ -958,17 +958,33 @@ impl Session<'_> {
     /// slow link) is followed at once, never by a burst of catch-ups.
     fn wait_epoch_end(&self, last_start: Instant) {
         let latest = last_start + self.cfg.tuning.interval();
-        let until = |t: Instant| {
-            if let Some(d) = t.checked_duration_since(Instant::now()) {
-                std::thread::sleep(d);
+        // A suspend (the agent stops) is looked for every 50 ms: a long
+        // interval must not hold up the agent's stop.
+        const LOOK: Duration = Duration::from_millis(50);
+        let until = |t: Instant| loop {
+            if self.suspend_requested() {
+                return;
+            }
+            match t.checked_duration_since(Instant::now()) {
+                Some(d) if !d.is_zero() => std::thread::sleep(d.min(LOOK)),
+                _ => return,
             }
         };
         let (Some(signal), Some(min)) = (self.edges.signal, self.cfg.min_interval) else {
             return until(latest);
         };
         // Output waits: end the epoch once the minimum has passed.
-        if signal.wait_first(latest).is_some() {
-            until((last_start + min).min(latest));
+        loop {
+            if self.suspend_requested() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= latest {
+                return;
+            }
+            if signal.wait_first(latest.min(now + LOOK)).is_some() {
+                return until((last_start + min).min(latest));
+            }
         }
     }
 

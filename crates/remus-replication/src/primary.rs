@@ -1005,19 +1005,7 @@ impl Session<'_> {
                 "suspend without a resumable backup".into(),
             ));
         };
-        let acked = self
-            .shared
-            .wait_acked(epoch, self.cfg.tuning.timeout() * 4)
-            .and_then(|acked| {
-                acked
-                    .then_some(())
-                    .ok_or(ReplError::BackupLost(LostBackup::NoAck(epoch)))
-            });
-        if let Err(e) = acked {
-            resume_unless_held(self.vm);
-            tracing::warn!(vm = %self.vm.name(), error = %e, "suspend abandoned; the VM runs on here");
-            return Err(e);
-        }
+        self.last_acked(epoch, "suspend")?;
         let grace_ms = (s.grace.as_millis() as u64).clamp(
             remus_proto::MIN_SUSPEND_GRACE_MS,
             remus_proto::MAX_SUSPEND_GRACE_MS,
@@ -1027,10 +1015,10 @@ impl Session<'_> {
         Ok(LoopEnd::SuspendSent { epoch })
     }
 
-    /// Phase 4: the last checkpoint (`epoch`) was handed over with the
-    /// guest left stopped; once the backup acknowledges it, the backup is
-    /// told to resume the VM from it.
-    fn switch_over(&self, epoch: Epoch, since: Instant) -> Result<LoopEnd, ReplError> {
+    /// Waits for the ack of the last checkpoint (`epoch`), taken with the
+    /// guest left stopped for a switch-over or a suspend (`what`); without
+    /// it the guest runs on here and the session fails as usual.
+    fn last_acked(&self, epoch: Epoch, what: &str) -> Result<(), ReplError> {
         let acked = self
             .shared
             .wait_acked(epoch, self.cfg.tuning.timeout() * 4)
@@ -1039,11 +1027,18 @@ impl Session<'_> {
                     .then_some(())
                     .ok_or(ReplError::BackupLost(LostBackup::NoAck(epoch)))
             });
-        if let Err(e) = acked {
+        if let Err(e) = &acked {
             resume_unless_held(self.vm);
-            tracing::warn!(vm = %self.vm.name(), error = %e, "switch-over abandoned before it was sent; the VM runs on here");
-            return Err(e);
+            tracing::warn!(vm = %self.vm.name(), error = %e, "{what} abandoned before it was sent; the VM runs on here");
         }
+        acked
+    }
+
+    /// Phase 4: the last checkpoint (`epoch`) was handed over with the
+    /// guest left stopped; once the backup acknowledges it, the backup is
+    /// told to resume the VM from it.
+    fn switch_over(&self, epoch: Epoch, since: Instant) -> Result<LoopEnd, ReplError> {
+        self.last_acked(epoch, "switch-over")?;
         if let Some(h) = &self.cfg.hand_over {
             (h.0)();
         }

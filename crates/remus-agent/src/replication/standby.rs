@@ -155,8 +155,7 @@ fn backup_session(
     // primary's agent (not with an arbiter: its key would lapse).
     let suspendable =
         setup.suspend && session.purpose == Purpose::Protect && setup.arbiter.is_none();
-    let kept = super::suspend::unpark(agent, &hello.vm_name, &setup, &peer)
-        .map_err(|e| refuse(&mut stream, e))?;
+    let kept = super::suspend::unpark(agent, &hello.vm_name, &setup, &peer);
     let Standby {
         slot,
         replica,

@@ -160,16 +160,14 @@ fn expire(agent: &Arc<Agent>, name: &str, token: u64, grace: Duration) {
 /// A new session of `name` arrived: the kept standby is taken back if the
 /// session resumes exactly its checkpoint, from the same host, with the
 /// same settings; otherwise it is discarded (its record stays, for the
-/// new copy's changed-only sync). Ok(None): nothing was kept.
+/// new copy's changed-only sync). None: nothing (more) is kept.
 pub(super) fn unpark(
     agent: &Arc<Agent>,
     name: &str,
     setup: &SessionSetup,
     peer: &str,
-) -> Result<Option<Unparked>, String> {
-    let Some(p) = agent.parked().lock().remove(name) else {
-        return Ok(None);
-    };
+) -> Option<Unparked> {
+    let p = agent.parked().lock().remove(name)?;
     let same_host = |a: &str, b: &str| match (
         a.parse::<std::net::SocketAddr>(),
         b.parse::<std::net::SocketAddr>(),
@@ -200,16 +198,16 @@ pub(super) fn unpark(
     if let Some(why) = why_not {
         tracing::warn!(vm = %name, %peer, epoch = p.epoch.0, "the standby kept for the suspended session is discarded: {}", remus_proto::printable(&why));
         agent.destroy_slot(&p.slot, crate::agent::CopyRecord::Keep);
-        return Ok(None);
+        return None;
     }
-    Ok(Some(Unparked {
+    Some(Unparked {
         slot: p.slot,
         replica: p.replica,
         disks: p.disks,
         epoch: p.epoch,
         copy_dir: p.copy_dir,
         copy: p.copy,
-    }))
+    })
 }
 
 // ---- the primary's side ----

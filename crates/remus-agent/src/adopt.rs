@@ -142,7 +142,16 @@ impl Agent {
         let stage = read_bounded(&stage_path(dir), 64)
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        if !adoptable(&stage) {
+        // A standby the last agent left running for a suspended session
+        // (its primary resumes it from the checkpoint it holds).
+        let parked = match stage.as_str() {
+            "standby" => crate::replication::suspend::take_parked_record(dir).unwrap_or_else(|e| {
+                tracing::warn!(vm = %name, error = %e, "the record of the kept standby cannot be read");
+                None
+            }),
+            _ => None,
+        };
+        if !adoptable(&stage) && parked.is_none() {
             let why = match stage.as_str() {
                 "protecting" => "it was the primary of a running protection session: its backup may have taken over since (as after a crash of this host); protect to this host from the running copy to resync it".to_string(),
                 "claimed-migrate" => "it was being migrated away: the destination may run it".to_string(),
@@ -182,13 +191,26 @@ impl Agent {
             ram_file: rec.ram_file.clone(),
             accel: rec.accel,
             tap_names: rec.tap_names.clone(),
-            incoming: false,
+            incoming: parked.is_some(),
         };
         // Vm::adopt stops QEMU itself when it fails.
         let vm = Vm::adopt(config, paths, opts, &rec.processes).map_err(|e| {
             self.stop_daemons(name, &rec.processes);
             e.to_string()
         })?;
+        if let Some(p) = parked {
+            tracing::info!(vm = %name, epoch = p.epoch, peer = %p.peer, "a standby kept across the restart: waiting for its primary to resume the session");
+            let slot = self.insert_adopted(
+                rec.id,
+                vm,
+                Stage::Standby {
+                    purpose: remus_proto::Purpose::Protect,
+                },
+            );
+            save(slot.vm.paths.dir(), &rec);
+            self.adopted_standby((slot.clone(), p, rec.ram_file.clone()));
+            return Ok(Found::Adopted(slot));
+        }
         // A VM that was protected from here goes on alone: its writes are
         // recorded for the changed-only resync, as at the end of a session
         // (the change map keeps its marks).

@@ -98,7 +98,13 @@ pub struct VmSlot {
     /// The protection session's request to suspend at the agent's stop,
     /// when its backup keeps the standby across it.
     suspend: Mutex<Option<Arc<AtomicBool>>>,
+    /// When this VM's session was last suspended for a restart of its
+    /// backup's agent.
+    backup_restart: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a backup's restart may pause a VM: once in this long.
+const BACKUP_RESTART_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The arbiter's guard sees the slot through this (and so does not
 /// depend on the agent).
@@ -135,7 +141,17 @@ impl VmSlot {
             observer,
             restoring: AtomicBool::new(false),
             suspend: Mutex::new(None),
+            backup_restart: Mutex::new(None),
         }
+    }
+    /// Whether a restart of the backup's agent may suspend this VM's
+    /// session (pausing the guest) now: once in ten minutes.
+    pub fn backup_may_restart(&self) -> bool {
+        lock(&self.backup_restart).is_none_or(|t| t.elapsed() >= BACKUP_RESTART_EVERY)
+    }
+    /// The session was suspended for a restart of the backup's agent.
+    pub fn backup_restarted(&self) {
+        *lock(&self.backup_restart) = Some(std::time::Instant::now());
     }
     /// The running session's suspend request (see
     /// [`crate::replication::suspend`]), if its backup takes one.
@@ -278,7 +294,18 @@ pub struct Agent {
     /// Primary: adopted VMs whose session the last agent suspended, until
     /// it is resumed (the healer leaves them alone meanwhile).
     suspended: Mutex<BTreeMap<String, crate::replication::SuspendRecord>>,
+    /// Backup: standbys adopted from the last agent, to park once the
+    /// agent runs (see `replication::suspend::park_adopted`).
+    adopted_standbys: Mutex<Vec<AdoptedStandby>>,
 }
+
+/// A standby the last agent left running for a suspended session: its
+/// slot, the record of the session and its RAM file.
+pub(crate) type AdoptedStandby = (
+    Arc<VmSlot>,
+    crate::replication::suspend::ParkedRecord,
+    std::path::PathBuf,
+);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -334,6 +361,7 @@ impl Agent {
             stopping: AtomicBool::new(false),
             parked: Default::default(),
             suspended: Mutex::new(BTreeMap::new()),
+            adopted_standbys: Mutex::new(Vec::new()),
             opts,
             vms: Mutex::new(BTreeMap::new()),
             stale: Mutex::new(BTreeMap::new()),
@@ -381,6 +409,16 @@ impl Agent {
     /// session to resume.
     pub(crate) fn suspended_at_start(&self, name: &str, rec: crate::replication::SuspendRecord) {
         lock(&self.suspended).insert(name.to_string(), rec);
+    }
+
+    /// Records a standby adopted from the last agent, to park.
+    pub(crate) fn adopted_standby(&self, s: AdoptedStandby) {
+        lock(&self.adopted_standbys).push(s);
+    }
+
+    /// The standbys adopted at start, to park (taken once).
+    pub(crate) fn adopted_standbys(&self) -> Vec<AdoptedStandby> {
+        std::mem::take(&mut *lock(&self.adopted_standbys))
     }
 
     /// The suspended sessions waiting to resume.
@@ -971,8 +1009,16 @@ impl Agent {
         self.stopping.store(true, Ordering::SeqCst);
         self.wishes.poke();
         let keep = self.opts.on_stop == crate::cli::OnStop::Keep;
+        let mut kept = Vec::new();
         if keep {
             self.end_sessions_for_restart();
+            // Standbys whose primaries suspend their sessions run on for
+            // the next agent.
+            crate::replication::suspend::suspend_standbys(
+                self,
+                std::time::Instant::now() + std::time::Duration::from_secs(15),
+            );
+            kept = crate::replication::suspend::persist_for_restart(self);
         }
         // No VM is listed after this (see `start_vm`).
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
@@ -980,7 +1026,9 @@ impl Agent {
             let Some(slot) = self.take_slot(&n, |_| true) else {
                 continue;
             };
-            if keep && slot.life.role() != Role::Backup && slot.vm.runs_on() {
+            if keep
+                && (kept.contains(&n) || (slot.life.role() != Role::Backup && slot.vm.runs_on()))
+            {
                 self.leave_running(&n, &slot);
             } else {
                 self.retire(&n, &slot, CopyRecord::Keep);
@@ -1032,7 +1080,7 @@ impl Agent {
         let stage = slot.life.stage();
         if matches!(stage, Stage::Claimed { .. } | Stage::Protecting { .. }) {
             tracing::warn!(vm = %name, stage = crate::lifecycle::name(&stage), "its session did not end in time: the next agent will not adopt it");
-        } else if !matches!(stage, Stage::Unprotected) {
+        } else if !matches!(stage, Stage::Unprotected | Stage::Standby { .. }) {
             tracing::warn!(vm = %name, stage = crate::lifecycle::name(&stage), "its session was still ending; left running as it is");
         }
         slot.vm.detach();

@@ -370,7 +370,9 @@ async fn run(
         tracing::info!(%addr, "metrics served at /metrics");
         tokio::spawn(metrics::serve(l, agent.clone()));
     }
-    // Sessions the last agent suspended resume before the healer looks.
+    // Standbys the last agent kept wait for their primaries; sessions it
+    // suspended resume before the healer looks.
+    replication::suspend::park_adopted(&agent);
     replication::resume_suspended(&agent);
     wishes::Wishes::start_healer(&agent).context("start the healer thread")?;
     let listener = tokio::net::UnixListener::bind(&args.socket)

@@ -536,6 +536,9 @@ pub enum Message {
     Resumable {
         resumed_at: u64,
     },
+    /// The backup's agent restarts: suspend the session to keep the
+    /// standby.
+    Restarting,
     /// DiskWrite, DiskZero or DiskFlush.
     Disk(DiskRecord),
     DiskSeal(DiskSeal),
@@ -591,6 +594,7 @@ impl Message {
             Message::Tune { .. } => MsgType::Tune,
             Message::Suspend { .. } => MsgType::Suspend,
             Message::Resumable { .. } => MsgType::Resumable,
+            Message::Restarting => MsgType::Restarting,
             Message::Disk(r) => r.msg_type(),
             Message::DiskSeal(_) => MsgType::DiskSeal,
             Message::DiskDigests(_) => MsgType::DiskDigests,
@@ -616,7 +620,7 @@ impl Message {
                 p.extend_from_slice(&a.server_proof);
             }
             Message::AuthProof { client_proof } => p.extend_from_slice(client_proof),
-            Message::Ready | Message::Done => {}
+            Message::Ready | Message::Done | Message::Restarting => {}
             Message::Error { code, message } => {
                 put_u16(&mut p, code.to_u16());
                 put_str(&mut p, message);
@@ -780,6 +784,7 @@ impl Message {
             },
             MsgType::Ready => Message::Ready,
             MsgType::Done => Message::Done,
+            MsgType::Restarting => Message::Restarting,
             MsgType::Error => {
                 let code = ErrorCode::from_u16(c.u16("code")?);
                 let text = c.string("message")?;

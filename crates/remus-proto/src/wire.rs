@@ -85,6 +85,11 @@ pub enum MsgType {
     /// this session resumes from that committed epoch (no initial copy,
     /// no SyncPlan). Older backups never send it (additive).
     Resumable = 13,
+    /// Backup → primary (no payload): the backup's agent restarts. A
+    /// primary that wants the standby kept suspends the session (as for
+    /// its own restart) and resumes it once the backup's next agent
+    /// answers. Sent only in a session whose backup said Resumable.
+    Restarting = 14,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -132,6 +137,7 @@ impl MsgType {
             11 => Tune,
             12 => Suspend,
             13 => Resumable,
+            14 => Restarting,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,

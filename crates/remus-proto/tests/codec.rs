@@ -100,6 +100,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 grace_ms
             }),
         any::<u64>().prop_map(|resumed_at| Message::Resumable { resumed_at }),
+        Just(Message::Restarting),
         (any::<u64>(), arb_kind()).prop_map(|(e, kind)| Message::CheckpointBegin {
             epoch: Epoch(e),
             kind

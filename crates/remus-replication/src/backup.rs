@@ -32,6 +32,10 @@ pub struct BackupConfig {
     /// This backup said it keeps its standby across a restart of the
     /// primary's agent (a Resumable): a Suspend is taken.
     pub suspendable: bool,
+    /// Set when this backup's own agent restarts: the primary is told
+    /// (a Restarting, in a suspendable session), so that it suspends the
+    /// session and the standby can be kept across the restart.
+    pub restarting: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What the receiver tells its owner.
@@ -119,14 +123,41 @@ pub fn receive(
         // from a busy link.
         let hb_writer = writer.clone();
         let (stop_ref, hb_ref) = (&stop, &heartbeat_us);
+        let restarting = cfg.restarting.clone().filter(|_| cfg.suspendable);
         s.spawn(move || {
             let mut seq = 0u64;
             let mut next = Instant::now();
+            let mut told = false;
             while !stop_ref.load(std::sync::atomic::Ordering::SeqCst) {
                 let period =
                     Duration::from_micros(hb_ref.load(std::sync::atomic::Ordering::SeqCst));
                 next += period;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(period));
+                // The agent's restart is looked for every 50 ms.
+                let look = Duration::from_millis(50);
+                loop {
+                    let left = next.saturating_duration_since(Instant::now());
+                    if left.is_zero()
+                        || stop_ref.load(std::sync::atomic::Ordering::SeqCst)
+                        || (!told
+                            && restarting
+                                .as_ref()
+                                .is_some_and(|r| r.load(std::sync::atomic::Ordering::SeqCst)))
+                    {
+                        break;
+                    }
+                    std::thread::sleep(left.min(look));
+                }
+                if !told
+                    && restarting
+                        .as_ref()
+                        .is_some_and(|r| r.load(std::sync::atomic::Ordering::SeqCst))
+                {
+                    told = true;
+                    let mut w = hb_writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if Message::Restarting.write_to(&mut *w).is_err() {
+                        break;
+                    }
+                }
                 seq += 1;
                 let hb = Message::Heartbeat {
                     seq,

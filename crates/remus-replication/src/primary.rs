@@ -119,6 +119,13 @@ pub struct ProtectConfig {
 pub struct Suspending {
     pub requested: Arc<AtomicBool>,
     pub grace: Duration,
+    /// Set when the suspend was asked by the backup, whose agent restarts
+    /// (a Restarting), rather than by this agent's stop.
+    pub backup_restarting: Arc<AtomicBool>,
+    /// Whether a Restarting from the backup is honoured: a backup's
+    /// restart pauses the guest, so the caller allows it only now and then
+    /// (else the session ends, and the VM runs on unprotected).
+    pub backup_may_restart: bool,
 }
 
 /// The settings of a running session that can change (`remus protect
@@ -648,7 +655,7 @@ pub fn protect(
         let ack_reader = s.spawn(move || {
             ack_loop(
                 reader,
-                &cfg.tuning,
+                (&cfg.tuning, cfg.suspend.as_ref()),
                 shared,
                 edges,
                 &disks.ports,
@@ -1210,7 +1217,7 @@ fn acknowledged(
 /// or the session ends.
 fn ack_loop(
     mut r: Channel,
-    tuning: &Tuning,
+    (tuning, suspend): (&Tuning, Option<&Suspending>),
     shared: &Shared,
     edges: Edges<'_>,
     ports: &[Arc<DiskPort>],
@@ -1232,6 +1239,20 @@ fn ack_loop(
             }
             Ok(Message::Heartbeat { .. }) => {}
             Ok(Message::DiskDigests(d)) => shared.update(|s| s.digests.push_back(d)),
+            // The backup's agent restarts: suspending the session keeps
+            // its standby (the epoch loop does it at the next checkpoint).
+            Ok(Message::Restarting) if suspend.is_some_and(|s| s.backup_may_restart) => {
+                tracing::info!(vm = %edges.vm.name(), "the backup's agent is restarting: suspending the session so that it keeps its standby");
+                if let Some(s) = suspend {
+                    s.requested.store(true, Ordering::SeqCst);
+                    s.backup_restarting.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(Message::Restarting) if suspend.is_some() => {
+                break LostBackup::Closed(
+                    "the backup's agent restarts again soon after its last restart: not suspended for it (the guest would pause each time)".into(),
+                );
+            }
             // The backup's answer to a switch-over: it runs the VM now.
             Ok(Message::Done) => {
                 shared.update(|s| s.switched = true);

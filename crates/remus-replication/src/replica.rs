@@ -56,6 +56,54 @@ impl Replica {
         })
     }
 
+    /// Opens the replica a standby kept across a restart of its agent:
+    /// the RAM file of `size` bytes and the committed device state in
+    /// `dev_dir`, which hold `epoch`.
+    pub fn reopen(
+        path: &Path,
+        size: u64,
+        dev_dir: &Path,
+        epoch: Epoch,
+    ) -> Result<Replica, ReplError> {
+        let io = |op: &str, p: &Path| {
+            let what = format!("{op} {}", p.display());
+            move |e: std::io::Error| ReplError::Io(what, e)
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io("open RAM replica", path))?;
+        let len = file.metadata().map_err(io("stat RAM replica", path))?.len();
+        if len != size {
+            return Err(ReplError::Setup(format!(
+                "RAM replica {} holds {len} bytes, the VM has {size}",
+                path.display()
+            )));
+        }
+        let dev_committed = dev_dir.join("dev.committed");
+        let dev_len = std::fs::metadata(&dev_committed)
+            .map_err(io("stat", &dev_committed))?
+            .len();
+        if dev_len > remus_proto::MAX_DEVICE_STATE {
+            return Err(ReplError::Setup(format!(
+                "{} holds {dev_len} bytes, more than a device state may",
+                dev_committed.display()
+            )));
+        }
+        let dev_state = std::fs::read(&dev_committed).map_err(io("read", &dev_committed))?;
+        Ok(Replica {
+            file,
+            path: path.to_path_buf(),
+            pages: size / PAGE_SIZE as u64,
+            dev_committed,
+            dev_state,
+            committed: Some(epoch),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -137,7 +137,7 @@ fn suspend_after(
     );
     let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let end = common::session_with(&mut replica, Some(&mut buf), true, move |mut s| {
+    let end = common::session_with(&mut replica, Some(&mut buf), true, None, move |mut s| {
         let mut r = s.try_clone().unwrap();
         while matches!(next(&mut r), Message::DiskDigests(d) if d.first_chunk + (d.digests.len() as u64) < 16)
         {

@@ -84,7 +84,7 @@ fn first_session(
     last: Message,
 ) -> (Result<BackupEnd, ReplError>, Message) {
     let (tx, rx) = std::sync::mpsc::channel();
-    let end = common::session_with(replica, None, suspendable, move |mut s| {
+    let end = common::session_with(replica, None, suspendable, None, move |mut s| {
         let mut enc = DeltaEncoder::new(1 << 20);
         checkpoint(
             &mut s,
@@ -160,7 +160,7 @@ fn a_resumed_session_cannot_go_back_to_a_committed_epoch_or_a_copy() {
         (0, CheckpointKind::InitialSync),
     ] {
         let (tx, rx) = std::sync::mpsc::channel();
-        let end = common::session_with(&mut replica, None, true, move |mut s| {
+        let end = common::session_with(&mut replica, None, true, None, move |mut s| {
             let mut enc = DeltaEncoder::new(1 << 20);
             // The backup may refuse at the first frame and hang up.
             let _ = try_checkpoint(&mut s, &mut enc, epoch, kind, &pages(9, 4));
@@ -202,4 +202,48 @@ fn a_suspend_at_another_epoch_or_to_a_backup_that_never_offered_it_is_refused() 
         "{answer:?}"
     );
     assert!(matches!(end, Err(ReplError::Protocol(_))), "{end:?}");
+}
+
+#[test]
+fn a_backup_whose_agent_restarts_asks_the_primary_to_suspend() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let restarting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = restarting.clone();
+    let end = common::session_with(&mut replica, None, true, Some(restarting), move |mut s| {
+        let mut enc = DeltaEncoder::new(1 << 20);
+        checkpoint(
+            &mut s,
+            &mut enc,
+            0,
+            CheckpointKind::InitialSync,
+            &pages(1, 4),
+        );
+        acked(&mut s, 0);
+        checkpoint(
+            &mut s,
+            &mut enc,
+            1,
+            CheckpointKind::Checkpoint,
+            &pages(2, 4),
+        );
+        acked(&mut s, 1);
+        // The agent stops: the primary hears it (within a heartbeat's
+        // look), then suspends at its last checkpoint.
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(next(&mut s), Message::Restarting);
+        suspend(1).write_to(&mut s).unwrap();
+        s.flush().unwrap();
+        assert_eq!(next(&mut s), Message::Done);
+    });
+    assert!(
+        matches!(
+            end,
+            Ok(BackupEnd::Suspended {
+                epoch: Epoch(1),
+                ..
+            })
+        ),
+        "{end:?}"
+    );
 }

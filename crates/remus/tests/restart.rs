@@ -12,8 +12,14 @@
 //!    there, b keeps its standby and does not fail over), and the new
 //!    agent resumes the session from that checkpoint: the same standby
 //!    QEMU on b, no new copy, no disk sync.
-//! 3. b's agent is restarted (SIGTERM): a's VM runs on unprotected and is
-//!    protected again once b is back.
+//!    While a's agent is away once more, a peer on host c that holds the
+//!    key asks b for the kept standby, naming the suspended epoch: b hands
+//!    it to no other host (it discards it), and a's next agent gets a new
+//!    copy instead (changed-only), with nothing running twice.
+//! 3. b's agent is restarted (SIGTERM): it asks a to suspend the session,
+//!    and keeps its standby running for its next agent, which adopts it;
+//!    a resumes the session once b is back: the same standby QEMU, no
+//!    new copy, no disk sync.
 //! 4. a's agent is killed (SIGKILL) while the VM is protected: b takes
 //!    over (the session's connection closed with no goodbye). The new
 //!    agent on a must not run the QEMU it finds (b runs the VM now): it
@@ -27,7 +33,11 @@
 //! The TCP session survives all of it, and every record the guest wrote
 //! is on its disk at the end.
 
+use std::io::Write;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+use remus_proto::{HelloParams, Key, Message, Purpose, VmCompat, client_handshake};
 
 use remus_testbed::{
     Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent,
@@ -98,6 +108,59 @@ fn wait_protected(h: &Agent, timeout: Duration) {
                 .map(|_| ())
         },
     );
+}
+
+/// The epoch the last suspend on `h` stopped the guest at (from its log).
+fn suspended_epoch(h: &Agent) -> u64 {
+    let log = h.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("protection SUSPENDED"))
+        .unwrap_or_else(|| panic!("no suspend in the log:\n{log}"));
+    let at = line.find(" epoch=").expect("epoch field") + " epoch=".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("epoch in: {line}"))
+}
+
+/// A peer with the key on host c asks `backup` to resume the session of
+/// the VM (config as a recorded it) at `epoch`; the backup's first answer.
+fn steal_standby(
+    lan: &Lan,
+    backup: &str,
+    key: &Key,
+    config: serde_json::Value,
+    epoch: u64,
+) -> Message {
+    lan.host("c")
+        .run_in(|| {
+            let (mut ch, _) = client_handshake(
+                TcpStream::connect(backup).expect("connect to b"),
+                key,
+                &HelloParams::new(Purpose::Protect, VM, VmCompat::default()),
+            )
+            .expect("handshake with the key");
+            let setup = serde_json::json!({
+                "config": config,
+                "timeout_ms": 1000,
+                "replicate_disks": true,
+                "tune": true,
+                "suspend": true,
+                "resume": epoch,
+            });
+            Message::VmConfig {
+                json: setup.to_string(),
+            }
+            .write_to(&mut ch)
+            .unwrap();
+            ch.flush().unwrap();
+            ch.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            Message::read_from(&mut ch).expect("an answer")
+        })
+        .expect("run on host c")
 }
 
 /// An agent on host `h` that leaves its VMs running when it stops.
@@ -222,16 +285,101 @@ fn restarting_the_agent_stops_no_vm() {
         "2. a's agent restarted: session suspended and resumed in {resumed_in:?}, same standby"
     );
 
-    // 3. b's agent restarted: a runs on, protected again once b is back.
-    b.stop_agent_only().unwrap();
-    wait_role(&a, "unprotected", Duration::from_secs(30));
-    session_goes_on(&client, 50, &a, "while b's agent is away");
-    b.restart().unwrap();
+    // 2b. A key-holding peer on host c asks for the kept standby.
+    a.stop_agent_only().unwrap();
+    let epoch = suspended_epoch(&a);
+    wait_for(
+        "b to keep its standby again",
+        Duration::from_secs(10),
+        || {
+            (b.log_text()
+                .matches("the primary's agent is restarting")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.state_dir.join("vms").join(VM).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let key = Key::load(&files.key).unwrap();
+    let answer = steal_standby(&lan, &b_listen, &key, config, epoch);
+    assert_ne!(
+        answer,
+        Message::Resumable { resumed_at: epoch },
+        "b handed the standby to another host:\n{}",
+        b.log_text()
+    );
+    wait_for(
+        "b to discard the kept standby",
+        Duration::from_secs(10),
+        || {
+            b.log_text()
+                .contains("is discarded: the session comes from")
+                .then_some(())
+        },
+    );
+    a.restart().unwrap();
     wait_protected(&a, Duration::from_secs(120));
-    wait_role(&b, "backup", Duration::from_secs(30));
-    session_goes_on(&client, 100, &a, "protected again after b's restart");
-    last_sync_changed_only(&b, "protected again after b's restart");
-    eprintln!("3. b's agent restarted: protection came back");
+    assert!(
+        a.log_text()
+            .contains("the backup no longer holds the suspended session's checkpoint"),
+        "{}",
+        a.log_text()
+    );
+    last_sync_changed_only(&b, "a new copy after the standby was discarded");
+    session_goes_on(&client, 100, &a, "after the attempt on the kept standby");
+    assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
+    eprintln!(
+        "2b. a peer on c asked for the kept standby of epoch {epoch}: refused ({answer:?}); a got a new copy"
+    );
+
+    // 3. b's agent restarted: the session is suspended for it and resumed
+    //    with the same standby.
+    let standby_pid = info(&b)["pid"].as_u64().unwrap() as u32;
+    let plans = b.log_text().matches("disk sync plan").count();
+    let t = Instant::now();
+    b.stop_agent_only().unwrap();
+    assert!(
+        process_alive(standby_pid),
+        "the standby went with b's agent:\n{}",
+        b.log_text()
+    );
+    wait_for(
+        "a to suspend for b's restart",
+        Duration::from_secs(10),
+        || {
+            a.log_text()
+                .contains("protection SUSPENDED for the backup's restart")
+                .then_some(())
+        },
+    );
+    b.restart().unwrap();
+    assert!(
+        b.log_text().contains("a standby kept across the restart"),
+        "{}",
+        b.log_text()
+    );
+    wait_protected(&a, Duration::from_secs(60));
+    let resumed_in = t.elapsed();
+    assert_eq!(
+        info(&b)["pid"].as_u64(),
+        Some(u64::from(standby_pid)),
+        "a new standby:\n{}",
+        b.log_text()
+    );
+    assert_eq!(
+        b.log_text().matches("disk sync plan").count(),
+        plans,
+        "a new disk sync: {}",
+        b.log_text()
+    );
+    session_goes_on(&client, 100, &a, "after b's restart");
+    assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
+    eprintln!(
+        "3. b's agent restarted: session suspended and resumed in {resumed_in:?}, same standby"
+    );
 
     // 4. a's agent killed while the VM is protected: b takes over, and
     //    the new agent on a must not run its old QEMU.

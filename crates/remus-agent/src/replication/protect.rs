@@ -172,7 +172,10 @@ pub(super) fn start_protect_from(
     let suspend = resumable.map(|_| Suspending {
         requested: Arc::new(AtomicBool::new(false)),
         grace: agent.opts.restart_grace,
+        backup_restarting: Arc::new(AtomicBool::new(false)),
+        backup_may_restart: slot.backup_may_restart(),
     });
+    let backup_restarting = suspend.as_ref().map(|s| s.backup_restarting.clone());
     slot.set_suspend_flag(suspend.as_ref().map(|s| s.requested.clone()));
     if let Some(p) = &plan {
         tracing::info!(vm = %name, peer = %req.peer, mode = ?p.mode, reason = %remus_proto::printable(&p.reason), "disk sync plan");
@@ -295,18 +298,32 @@ pub(super) fn start_protect_from(
                 return;
             }
             if let Ok(ProtectEnd::Suspended { epoch, confirmed }) = &end {
-                // The agent stops: the next one resumes the session from
-                // this checkpoint, the guest paused until then.
-                super::suspend::save_record(
-                    &slot2,
-                    &request,
-                    (*epoch, agent2.opts.restart_grace),
-                    *confirmed,
-                );
-                tracing::warn!(vm = %vm_name, %peer, epoch, confirmed, "protection SUSPENDED for the agent's restart: the guest stays paused at epoch {epoch} until the next agent resumes the session from it");
+                // The backup's agent restarts (it asked), or this one stops:
+                // the session resumes from this checkpoint, the guest
+                // paused until then.
+                let backup_restarts = backup_restarting
+                    .as_ref()
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+                    && !agent2.stopping();
+                let grace = if backup_restarts {
+                    agent2
+                        .opts
+                        .restart_grace
+                        .min(super::suspend::BACKUP_RESTART_WAIT)
+                } else {
+                    agent2.opts.restart_grace
+                };
+                let rec = super::suspend::save_record(&slot2, &request, (*epoch, grace), *confirmed);
                 slot2.life.session_over();
                 slot2.life.release();
                 slot2.end_session();
+                if backup_restarts {
+                    slot2.backup_restarted();
+                    tracing::warn!(vm = %vm_name, %peer, epoch, confirmed, "protection SUSPENDED for the backup's restart: the guest stays paused at epoch {epoch} until the session resumes (at most {}s)", grace.as_secs());
+                    super::suspend::resume_after_backup_restart(&agent2, &vm_name, rec);
+                } else {
+                    tracing::warn!(vm = %vm_name, %peer, epoch, confirmed, "protection SUSPENDED for the agent's restart: the guest stays paused at epoch {epoch} until the next agent resumes the session from it");
+                }
                 return;
             }
             if let Ok(ProtectEnd::SwitchOverUnconfirmed { reason, .. }) = &end {

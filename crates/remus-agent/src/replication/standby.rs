@@ -211,6 +211,11 @@ fn backup_session(
         }
     };
     let name = slot.vm.name().to_string();
+    // Set when this agent stops: the primary is asked to suspend.
+    let restarting = Arc::new(AtomicBool::new(false));
+    if suspendable {
+        slot.set_suspend_flag(Some(restarting.clone()));
+    }
     if suspendable {
         Message::Resumable {
             resumed_at: resumed.map_or(0, |e| e.0),
@@ -246,6 +251,7 @@ fn backup_session(
         heartbeat: timeout / 4,
         changed_sync: plan.as_ref().is_some_and(|p| p.mode == SyncMode::Changed),
         suspendable,
+        restarting: suspendable.then(|| restarting.clone()),
     };
     let copy = std::sync::Mutex::new(copy);
     let protect_purpose = session.purpose == Purpose::Protect;
@@ -357,6 +363,7 @@ fn backup_session(
                 setup,
                 copy_dir,
                 copy,
+                own_restart: restarting.load(std::sync::atomic::Ordering::SeqCst),
             },
             grace,
         );
@@ -376,6 +383,20 @@ fn backup_session(
         protect_back(agent, &name, &setup);
     }
     Ok(())
+}
+
+/// The standby's replicated disks, written only when an epoch commits.
+pub(super) fn standby_disks(agent: &Agent, slot: &VmSlot) -> remus_disk::EpochBuffer {
+    remus_disk::EpochBuffer::with_spill_limit(
+        slot.vm
+            .replicated_disks()
+            .iter()
+            .map(|p| (p.target().to_string(), p.local().clone()))
+            .collect(),
+        DISK_BUFFER_MEMORY,
+        &slot.vm.paths.dir().join("disk-epochs.spill"),
+        agent.opts.max_spill_mib << 20,
+    )
 }
 
 /// What a backup session receives into.
@@ -483,20 +504,7 @@ fn fresh_standby(
         .map_err(|e| refuse(stream, e.to_string()))?;
     drop(reserved);
     crate::copies::save_config(&copy_dir, &own_config);
-    // Disk replication: the standby's replicated disks, written only when
-    // an epoch commits.
-    let disks = setup.replicate_disks.then(|| {
-        remus_disk::EpochBuffer::with_spill_limit(
-            slot.vm
-                .replicated_disks()
-                .iter()
-                .map(|p| (p.target().to_string(), p.local().clone()))
-                .collect(),
-            DISK_BUFFER_MEMORY,
-            &slot.vm.paths.dir().join("disk-epochs.spill"),
-            agent.opts.max_spill_mib << 20,
-        )
-    });
+    let disks = setup.replicate_disks.then(|| standby_disks(agent, &slot));
     Ok(Standby {
         slot,
         replica,

@@ -23,6 +23,15 @@
 //! choice as any session whose link fails without an arbiter.
 //! Arbitrated sessions are not suspended (their key would lapse with the
 //! agent): they end and are protected again as before.
+//!
+//! The backup's agent restarts the same way round: it tells the primary
+//! (a Restarting), the primary suspends the session as for its own
+//! restart, and the backup leaves its parked standby running for its next
+//! agent (`parked.json` beside it, [`persist_for_restart`]), which adopts
+//! it ([`park_adopted`]). The primary's guest waits paused for that, at
+//! most [`BACKUP_RESTART_WAIT`]; then it runs on unprotected, and the
+//! backup, which restarted itself, discards its standby at the end of its
+//! grace instead of failing over.
 
 use super::*;
 use std::collections::BTreeMap;
@@ -33,8 +42,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use remus_proto::Epoch;
 use serde::{Deserialize, Serialize};
 
-/// Longest `suspended.json` read.
-const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// Longest `suspended.json` or `parked.json` read.
+const MAX_RECORD_BYTES: u64 = 1024 * 1024;
+
+/// Longest a primary's guest waits paused for its backup's agent to come
+/// back from a restart (the backup's grace, if shorter).
+pub const BACKUP_RESTART_WAIT: Duration = Duration::from_secs(15);
 
 // ---- the backup's side ----
 
@@ -50,6 +63,11 @@ pub struct Parked {
     copy_dir: PathBuf,
     copy: Option<CopyState>,
     token: u64,
+    /// Kept across this agent's own restart: the primary is alive, so the
+    /// end of the grace discards the standby instead of failing over.
+    own_restart: bool,
+    /// The end of the grace (ms since the Unix epoch).
+    until_unix_ms: u64,
 }
 
 /// What a backup session hands over to be parked.
@@ -62,6 +80,7 @@ pub(super) struct ToPark {
     pub setup: SessionSetup,
     pub copy_dir: PathBuf,
     pub copy: Option<CopyState>,
+    pub own_restart: bool,
 }
 
 /// What a resumed backup session takes back.
@@ -89,6 +108,10 @@ impl ParkedStandbys {
     pub fn holds(&self, name: &str) -> bool {
         self.lock().contains_key(name)
     }
+
+    fn take_all(&self) -> Vec<Parked> {
+        std::mem::take(&mut *self.lock()).into_values().collect()
+    }
 }
 
 /// Keeps the standby of a suspended session for `grace`; past it, the
@@ -110,6 +133,8 @@ pub(super) fn park(agent: &Arc<Agent>, p: ToPark, grace: Duration) {
             copy_dir: p.copy_dir,
             copy: p.copy,
             token,
+            own_restart: p.own_restart,
+            until_unix_ms: now_unix_ms().saturating_add(grace.as_millis() as u64),
         },
     );
     let a = agent.clone();
@@ -136,6 +161,11 @@ fn expire(agent: &Arc<Agent>, name: &str, token: u64, grace: Duration) {
         p
     };
     if agent.stopping() {
+        return;
+    }
+    if p.own_restart {
+        tracing::warn!(vm = %name, peer = %p.peer, "the primary did not resume the session within the grace after this agent's restart: the standby is discarded (the primary runs the VM)");
+        agent.destroy_slot(&p.slot, crate::agent::CopyRecord::Keep);
         return;
     }
     let end = Ok(BackupEnd::PrimaryLost {
@@ -210,6 +240,141 @@ pub(super) fn unpark(
     })
 }
 
+/// A standby left running across this agent's restart, for the next
+/// agent (`vms/NAME/parked.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParkedRecord {
+    pub epoch: u64,
+    pub peer: String,
+    pub setup: SessionSetup,
+    /// Until when (ms since the Unix epoch) the standby waits.
+    pub deadline_unix_ms: u64,
+    /// Kept for this agent's restart (the end of the grace discards it),
+    /// not for the primary's (the end of the grace is a lost primary).
+    pub own_restart: bool,
+}
+
+fn parked_path(dir: &Path) -> PathBuf {
+    dir.join("parked.json")
+}
+
+/// The agent stops: every parked standby is recorded for the next agent
+/// and left running. Returns their names.
+pub(crate) fn persist_for_restart(agent: &Agent) -> Vec<String> {
+    let mut names = Vec::new();
+    for p in agent.parked().take_all() {
+        let name = p.slot.vm.name().to_string();
+        let rec = ParkedRecord {
+            epoch: p.epoch.0,
+            peer: p.peer.clone(),
+            setup: p.setup.clone(),
+            deadline_unix_ms: p.until_unix_ms,
+            own_restart: p.own_restart,
+        };
+        let path = parked_path(p.slot.vm.paths.dir());
+        let r = serde_json::to_vec(&rec)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::files::replace(&path, &b));
+        match r {
+            Ok(()) => {
+                tracing::info!(vm = %name, epoch = p.epoch.0, "the standby runs on for the next agent");
+                names.push(name);
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, file = %path.display(), error = %e, "cannot record the kept standby: it is dropped");
+            }
+        }
+    }
+    names
+}
+
+/// Takes the record of a standby kept across the restart out of a VM's
+/// directory, if there is one and its grace has not passed.
+pub fn take_parked_record(dir: &Path) -> Result<Option<ParkedRecord>, String> {
+    let path = parked_path(dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let rec = crate::files::read_bounded(&path, MAX_RECORD_BYTES)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str::<ParkedRecord>(&t).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", path.display()));
+    if let Err(e) = std::fs::remove_file(&path) {
+        return Err(format!("remove {}: {e}", path.display()));
+    }
+    let rec = rec?;
+    if rec.deadline_unix_ms <= now_unix_ms() {
+        return Ok(None);
+    }
+    Ok(Some(rec))
+}
+
+/// At start, after adoption: the standbys kept across the restart wait
+/// for their primaries for the rest of their grace.
+pub fn park_adopted(agent: &Arc<Agent>) {
+    for (slot, rec, ram_file) in agent.adopted_standbys() {
+        let name = slot.vm.name().to_string();
+        let size = slot.vm.config.memory * 1024 * 1024;
+        let replica = match Replica::reopen(&ram_file, size, slot.vm.paths.dir(), Epoch(rec.epoch))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "the kept standby's replica cannot be reopened: it is dropped");
+                agent.destroy_slot(&slot, crate::agent::CopyRecord::Keep);
+                continue;
+            }
+        };
+        let disks = rec
+            .setup
+            .replicate_disks
+            .then(|| super::standby::standby_disks(agent, &slot));
+        let copy_dir = crate::copies::dir(&agent.opts.state_dir, &name);
+        let copy = crate::copies::load(&copy_dir, &name).ok().flatten();
+        let left = Duration::from_millis(rec.deadline_unix_ms.saturating_sub(now_unix_ms()));
+        park(
+            agent,
+            ToPark {
+                slot,
+                replica,
+                disks,
+                epoch: Epoch(rec.epoch),
+                peer: rec.peer,
+                setup: rec.setup,
+                copy_dir,
+                copy,
+                own_restart: rec.own_restart,
+            },
+            left,
+        );
+    }
+}
+
+/// The agent stops: each standby of a session that can be suspended asks
+/// its primary to suspend, so that the standby is kept; waits (within
+/// `deadline`) until each is parked or its session has ended.
+pub(crate) fn suspend_standbys(agent: &Agent, deadline: std::time::Instant) {
+    let asked: Vec<Arc<VmSlot>> = agent
+        .slots()
+        .into_iter()
+        .filter(|s| s.life.role() == remus_vm::Role::Backup)
+        .filter(|s| {
+            s.suspend_flag()
+                .map(|f| f.store(true, Ordering::SeqCst))
+                .is_some()
+        })
+        .collect();
+    for s in &asked {
+        let name = s.vm.name();
+        tracing::info!(vm = %name, "asking the primary to suspend the session, so that the standby is kept across the restart");
+        while !agent.parked().holds(name)
+            && agent.slot(name).is_ok_and(|now| Arc::ptr_eq(&now, s))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 // ---- the primary's side ----
 
 /// What the stopping agent leaves for the next one: the session to resume.
@@ -244,7 +409,7 @@ pub(super) fn save_record(
     request: &ProtectRequest,
     (epoch, grace): (u64, Duration),
     confirmed: bool,
-) {
+) -> SuspendRecord {
     let rec = SuspendRecord {
         epoch,
         request: request.clone(),
@@ -259,6 +424,7 @@ pub(super) fn save_record(
     if let Err(e) = r {
         tracing::error!(vm = %slot.vm.name(), file = %path.display(), error = %e, "cannot record the suspended session: the next agent will leave the VM paused for you to check");
     }
+    rec
 }
 
 /// Takes the record of a suspended session out of a VM's directory, if
@@ -282,20 +448,35 @@ pub fn take_record(dir: &Path) -> Result<Option<SuspendRecord>, String> {
 /// of its own.
 pub fn resume_suspended(agent: &Arc<Agent>) {
     for (name, rec) in agent.suspended_sessions() {
-        let a = agent.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("resume-{name}"))
-            .spawn(move || {
-                resume_one(&a, &name, &rec);
-                a.resumed(&name);
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start resuming a suspended session");
-        }
+        spawn_resume(agent, name, rec, false);
     }
 }
 
-fn resume_one(agent: &Arc<Agent>, name: &str, rec: &SuspendRecord) {
+/// The session was suspended because the backup's agent restarts: this
+/// agent resumes it as soon as the backup's next agent answers.
+pub(super) fn resume_after_backup_restart(agent: &Arc<Agent>, name: &str, rec: SuspendRecord) {
+    agent.suspended_at_start(name, rec.clone());
+    spawn_resume(agent, name.to_string(), rec, true);
+}
+
+fn spawn_resume(agent: &Arc<Agent>, name: String, rec: SuspendRecord, backup_restart: bool) {
+    let a = agent.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("resume-{name}"))
+        .spawn(move || {
+            resume_one(&a, &name, &rec, backup_restart);
+            a.resumed(&name);
+            // Used: a later restart of this agent must not resume it again.
+            if let Ok(slot) = a.slot(&name) {
+                let _ = take_record(slot.vm.paths.dir());
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start resuming a suspended session");
+    }
+}
+
+fn resume_one(agent: &Arc<Agent>, name: &str, rec: &SuspendRecord, backup_restart: bool) {
     let deadline_ms = rec.at_unix_ms.saturating_add(rec.grace_ms);
     let peer = rec.request.peer.clone();
     tracing::info!(vm = %name, %peer, epoch = rec.epoch, "resuming the session suspended by the last agent");
@@ -311,6 +492,17 @@ fn resume_one(agent: &Arc<Agent>, name: &str, rec: &SuspendRecord) {
         match protect::start_protect_from(agent, name, rec.request.clone(), Some(Epoch(rec.epoch)))
         {
             Ok(()) => return,
+            // The backup restarted itself and never fails over from that:
+            // a backup that runs the VM now is a split brain, for the
+            // operator to settle; the guest here stays paused.
+            Err(AgentError::PeerRefused {
+                code: ErrorCode::AlreadyRuns,
+                message,
+            }) if backup_restart => {
+                tracing::error!(vm = %name, %peer, "the backup RUNS THE VM although only its agent restarted: the guest here stays PAUSED. Check the backup: destroy one of the two copies, then `remus unpause` here if this is the one kept ({})", remus_proto::printable(&message));
+                slot.vm.mark_operator_paused();
+                return;
+            }
             Err(AgentError::PeerRefused {
                 code: ErrorCode::AlreadyRuns,
                 message,

@@ -29,16 +29,18 @@ pub fn session(
     disks: Option<&mut EpochBuffer>,
     primary: impl FnOnce(Channel) + Send + 'static,
 ) -> BackupEnd {
-    session_with(replica, disks, false, primary).unwrap()
+    session_with(replica, disks, false, None, primary).unwrap()
 }
 
 /// [`session`] with the backup taking a Suspend or not (it said
-/// Resumable), returning the receive loop's error too.
+/// Resumable), and its agent's restart flag, returning the receive loop's
+/// error too.
 #[allow(dead_code)]
 pub fn session_with(
     replica: &mut Replica,
     disks: Option<&mut EpochBuffer>,
     suspendable: bool,
+    restarting: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     primary: impl FnOnce(Channel) + Send + 'static,
 ) -> Result<BackupEnd, remus_replication::ReplError> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -64,6 +66,7 @@ pub fn session_with(
         heartbeat: Duration::from_millis(200),
         changed_sync: false,
         suspendable,
+        restarting,
     };
     let end = receive(
         stream,

@@ -238,11 +238,12 @@ fn render(cases: &[Case]) -> String {
          stop to the client's next line (what its users see, the agent's own stop and start \
          included). *Agent back*: from the stop to the new agent answering. *Protection restored*: \
          from the stop to the first committed checkpoint of the session the agents set up again \
-         (-i 100, --timeout 1000): when the primary's agent is stopped, the session it suspended, \
-         resumed from the checkpoint the guest stopped at (no copy; the guest is paused from that \
-         checkpoint until the resume); in the other cases a new session with a new RAM copy and a \
-         changed-only disk resync. The last case moves the VM: its backup takes over, the new agent \
-         on a stops the old QEMU, and b protects the VM back to a.\n\n\
+         (-i 100, --timeout 1000): when the primary's or the backup's agent is stopped (SIGTERM), \
+         the session is suspended and resumed from the checkpoint the guest stopped at (the same \
+         standby, no copy; the guest is paused from that checkpoint until the resume); when one \
+         is killed, a new session with a new RAM copy and a changed-only disk resync. The last \
+         case moves the VM: its backup takes over, the new agent on a stops the old QEMU, and b \
+         protects the VM back to a.\n\n\
          | case | rounds | client wait p50 ms | max | agent back p50 ms | protection restored p50 ms | max |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );

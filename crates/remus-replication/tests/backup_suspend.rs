@@ -77,6 +77,15 @@ fn read_ram(replica: &Replica, n: usize) -> Vec<u8> {
     out
 }
 
+/// The initial copy and checkpoint 1, each acknowledged.
+fn first_two(s: &mut Channel) {
+    let mut enc = DeltaEncoder::new(1 << 20);
+    checkpoint(s, &mut enc, 0, CheckpointKind::InitialSync, &pages(1, 4));
+    acked(s, 0);
+    checkpoint(s, &mut enc, 1, CheckpointKind::Checkpoint, &pages(2, 4));
+    acked(s, 1);
+}
+
 /// The first session: the initial copy and checkpoint 1, then `last`.
 fn first_session(
     replica: &mut Replica,
@@ -85,23 +94,7 @@ fn first_session(
 ) -> (Result<BackupEnd, ReplError>, Message) {
     let (tx, rx) = std::sync::mpsc::channel();
     let end = common::session_with(replica, None, suspendable, None, move |mut s| {
-        let mut enc = DeltaEncoder::new(1 << 20);
-        checkpoint(
-            &mut s,
-            &mut enc,
-            0,
-            CheckpointKind::InitialSync,
-            &pages(1, 4),
-        );
-        acked(&mut s, 0);
-        checkpoint(
-            &mut s,
-            &mut enc,
-            1,
-            CheckpointKind::Checkpoint,
-            &pages(2, 4),
-        );
-        acked(&mut s, 1);
+        first_two(&mut s);
         last.write_to(&mut s).unwrap();
         s.flush().unwrap();
         tx.send(next(&mut s)).unwrap();
@@ -211,23 +204,7 @@ fn a_backup_whose_agent_restarts_asks_the_primary_to_suspend() {
     let restarting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = restarting.clone();
     let end = common::session_with(&mut replica, None, true, Some(restarting), move |mut s| {
-        let mut enc = DeltaEncoder::new(1 << 20);
-        checkpoint(
-            &mut s,
-            &mut enc,
-            0,
-            CheckpointKind::InitialSync,
-            &pages(1, 4),
-        );
-        acked(&mut s, 0);
-        checkpoint(
-            &mut s,
-            &mut enc,
-            1,
-            CheckpointKind::Checkpoint,
-            &pages(2, 4),
-        );
-        acked(&mut s, 1);
+        first_two(&mut s);
         // The agent stops: the primary hears it (within a heartbeat's
         // look), then suspends at its last checkpoint.
         flag.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -110,6 +110,19 @@ fn wait_protected(h: &Agent, timeout: Duration) {
     );
 }
 
+/// The backup still runs the standby QEMU `pid`, and its log has no disk
+/// sync plan beyond the `plans` it had: the session was resumed, not set
+/// up anew.
+fn same_standby(backup: &Agent, pid: Option<u64>, plans: usize) {
+    let log = backup.log_text();
+    assert_eq!(info(backup)["pid"].as_u64(), pid, "a new standby:\n{log}");
+    assert_eq!(
+        log.matches("disk sync plan").count(),
+        plans,
+        "a new disk sync:\n{log}"
+    );
+}
+
 /// The epoch the last suspend on `h` stopped the guest at (from its log).
 fn suspended_epoch(h: &Agent) -> u64 {
     let log = h.log_text();
@@ -266,19 +279,7 @@ fn restarting_the_agent_stops_no_vm() {
         b.log_text()
     );
     // The same standby QEMU, and no new copy or disk sync.
-    assert_eq!(
-        info(&b)["pid"].as_u64(),
-        standby_pid,
-        "a new standby:\n{}\n{}",
-        a.log_text(),
-        b.log_text()
-    );
-    assert_eq!(
-        b.log_text().matches("disk sync plan").count(),
-        plans,
-        "a new disk sync: {}",
-        b.log_text()
-    );
+    same_standby(&b, standby_pid, plans);
     session_goes_on(&client, 100, &a, "after a's restart");
     assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
     eprintln!(
@@ -363,18 +364,7 @@ fn restarting_the_agent_stops_no_vm() {
     );
     wait_protected(&a, Duration::from_secs(60));
     let resumed_in = t.elapsed();
-    assert_eq!(
-        info(&b)["pid"].as_u64(),
-        Some(u64::from(standby_pid)),
-        "a new standby:\n{}",
-        b.log_text()
-    );
-    assert_eq!(
-        b.log_text().matches("disk sync plan").count(),
-        plans,
-        "a new disk sync: {}",
-        b.log_text()
-    );
+    same_standby(&b, Some(u64::from(standby_pid)), plans);
     session_goes_on(&client, 100, &a, "after b's restart");
     assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
     eprintln!(

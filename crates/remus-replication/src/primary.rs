@@ -788,6 +788,13 @@ impl Session<'_> {
         self.stop.load(Ordering::SeqCst)
     }
 
+    /// Stopped, or asked to suspend before the first checkpoint: a
+    /// session still making its initial copy cannot be suspended (the
+    /// backup holds nothing to resume from), so it ends in order instead.
+    fn stopped_during_copy(&self) -> bool {
+        self.stopped() || self.suspend_requested()
+    }
+
     /// Phase 2: disks, then RAM, while the guest runs. `Some` if the
     /// session ended meanwhile.
     fn initial_copy(
@@ -827,7 +834,7 @@ impl Session<'_> {
             .shared
             .wait_acked(Epoch(0), Duration::from_millis(100))?
         {
-            if self.stopped() {
+            if self.stopped_during_copy() {
                 return Ok(Some(LoopEnd::Stopped));
             }
         }
@@ -860,9 +867,9 @@ impl Session<'_> {
                 // reader) say it is alive. The operator's stop is looked
                 // at every 100 ms.
                 loop {
-                    if self.stopped() {
+                    if self.stopped_during_copy() {
                         return Err(ReplError::Setup(
-                            "stopped by the operator during the initial disk sync".into(),
+                            "stopped (by the operator, or for an agent's restart) during the initial disk sync".into(),
                         ));
                     }
                     if let Some(d) = self.shared.next_digests(Duration::from_millis(100))? {
@@ -883,9 +890,9 @@ impl Session<'_> {
                     ));
                 }
                 if let Some(p) = self.pacer {
-                    if self.stopped() {
+                    if self.stopped_during_copy() {
                         return Err(ReplError::Setup(
-                            "stopped by the operator during the initial disk sync".into(),
+                            "stopped (by the operator, or for an agent's restart) during the initial disk sync".into(),
                         ));
                     }
                     p.pace(bytes);

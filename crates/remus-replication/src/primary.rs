@@ -123,9 +123,14 @@ pub struct Suspending {
     /// (a Restarting), rather than by this agent's stop.
     pub backup_restarting: Arc<AtomicBool>,
     /// Whether a Restarting from the backup is honoured: a backup's
-    /// restart pauses the guest, so the caller allows it only now and then
-    /// (else the session ends, and the VM runs on unprotected).
+    /// restart pauses the guest, so the caller allows it only now and then.
+    /// Otherwise the session ends in order (the backup is told, so that it
+    /// drops its standby rather than fail over) and the VM runs on
+    /// unprotected.
     pub backup_may_restart: bool,
+    /// Set when the backup's restart is not honoured: the epoch loop ends
+    /// the session in order.
+    pub end: Arc<AtomicBool>,
 }
 
 /// The settings of a running session that can change (`remus protect
@@ -792,7 +797,15 @@ impl Session<'_> {
     /// session still making its initial copy cannot be suspended (the
     /// backup holds nothing to resume from), so it ends in order instead.
     fn stopped_during_copy(&self) -> bool {
-        self.stopped() || self.suspend_requested()
+        self.stopped() || self.suspend_requested() || self.backup_ends()
+    }
+
+    /// The backup's restart is not honoured: the session ends in order.
+    fn backup_ends(&self) -> bool {
+        self.cfg
+            .suspend
+            .as_ref()
+            .is_some_and(|s| s.end.load(Ordering::SeqCst))
     }
 
     /// Phase 2: disks, then RAM, while the guest runs. `Some` if the
@@ -917,7 +930,7 @@ impl Session<'_> {
         // for the unpause; heartbeats go on.
         let mut captured_paused: Option<u64> = None;
         loop {
-            if self.stopped() {
+            if self.stopped() || self.backup_ends() {
                 return Ok(LoopEnd::Stopped);
             }
             if let Some(why) = self.shared.lost() {
@@ -1256,9 +1269,10 @@ fn ack_loop(
                 }
             }
             Ok(Message::Restarting) if suspend.is_some() => {
-                break LostBackup::Closed(
-                    "the backup's agent restarts again soon after its last restart: not suspended for it (the guest would pause each time)".into(),
-                );
+                tracing::warn!(vm = %edges.vm.name(), "the backup's agent restarts again soon after its last restart: the session ends in order instead of pausing the guest again; the VM runs on unprotected until the backup answers");
+                if let Some(s) = suspend {
+                    s.end.store(true, Ordering::SeqCst);
+                }
             }
             // The backup's answer to a switch-over: it runs the VM now.
             Ok(Message::Done) => {

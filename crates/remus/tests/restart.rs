@@ -19,7 +19,10 @@
 //! 3. b's agent is restarted (SIGTERM): it asks a to suspend the session,
 //!    and keeps its standby running for its next agent, which adopts it;
 //!    a resumes the session once b is back: the same standby QEMU, no
-//!    new copy, no disk sync.
+//!    new copy, no disk sync. b's agent restarted again at once: a does
+//!    not pause its guest for that twice in ten minutes, it ends the
+//!    session in order (b drops its standby, no failover) and protects
+//!    again with a new copy.
 //! 4. a's agent is killed (SIGKILL) while the VM is protected: b takes
 //!    over (the session's connection closed with no goodbye). The new
 //!    agent on a must not run the QEMU it finds (b runs the VM now): it
@@ -370,6 +373,28 @@ fn restarting_the_agent_stops_no_vm() {
     eprintln!(
         "3. b's agent restarted: session suspended and resumed in {resumed_in:?}, same standby"
     );
+    b.stop_agent_only().unwrap();
+    wait_for(
+        "a to end the session in order",
+        Duration::from_secs(10),
+        || {
+            a.log_text()
+                .contains("restarts again soon after its last restart")
+                .then_some(())
+        },
+    );
+    assert!(
+        !process_alive(standby_pid),
+        "b kept a standby the primary gave up:\n{}",
+        b.log_text()
+    );
+    b.restart().unwrap();
+    wait_protected(&a, Duration::from_secs(120));
+    wait_role(&b, "backup", Duration::from_secs(30));
+    last_sync_changed_only(&b, "protected again after b's second restart");
+    session_goes_on(&client, 100, &a, "after b's second restart");
+    assert!(!b.log_text().contains("FAILOVER"), "{}", b.log_text());
+    eprintln!("3. b's agent restarted again at once: session ended in order, protected again");
 
     // 4. a's agent killed while the VM is protected: b takes over, and
     //    the new agent on a must not run its old QEMU.

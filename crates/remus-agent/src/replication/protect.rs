@@ -174,6 +174,7 @@ pub(super) fn start_protect_from(
         grace: agent.opts.restart_grace,
         backup_restarting: Arc::new(AtomicBool::new(false)),
         backup_may_restart: slot.backup_may_restart(),
+        end: Arc::new(AtomicBool::new(false)),
     });
     let backup_restarting = suspend.as_ref().map(|s| s.backup_restarting.clone());
     slot.set_suspend_flag(suspend.as_ref().map(|s| s.requested.clone()));

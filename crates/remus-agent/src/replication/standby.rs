@@ -77,6 +77,14 @@ fn backup_session(
         remus_config::validate_name(vm)
             .map_err(|e| e.to_string())
             .and_then(|()| crate::storage::check_name("VM", vm))?;
+        // A stopping agent takes no session: a standby it keeps for its
+        // next agent is resumed by that one.
+        if agent.stopping() {
+            return Err(Refusal::new(
+                ErrorCode::Busy,
+                "this agent is stopping; try again in a moment",
+            ));
+        }
         if let Some(r) = agent.reserve(vm) {
             // Held until the standby exists: no other session sets up
             // the same copy meanwhile.

@@ -179,25 +179,37 @@ fn run_restarts(img: &GuestImage, cx: &Ctx) -> Result<Vec<Case>> {
         ProtectFollower::start_healing(&a, VM, &b_listen, &["-i", "100", "--timeout", "1000"])?;
     follow.checkpoint_after(0)?;
     drop(follow);
-    for (name, primary, how) in [
+    // A backup's restart is suspended for once in ten minutes per VM: its
+    // first round is that, the next ones (within ten minutes) end the
+    // session in order and make a new copy, the baseline in the same run.
+    for (name, primary, how, rounds) in [
         (
             "protected, primary's agent stopped (SIGTERM)",
             true,
             Stop::Term,
+            ROUNDS,
         ),
         (
-            "protected, backup's agent stopped (SIGTERM)",
+            "protected, backup's agent stopped (SIGTERM): standby kept",
             false,
             Stop::Term,
+            1,
+        ),
+        (
+            "protected, backup's agent stopped again within 10 min (SIGTERM): new copy",
+            false,
+            Stop::Term,
+            ROUNDS,
         ),
         (
             "protected, backup's agent killed (SIGKILL)",
             false,
             Stop::Kill,
+            ROUNDS,
         ),
     ] {
         let mut c = Case::new(name);
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             let t = Instant::now();
             let host = if primary { &mut a } else { &mut b };
             let (gap, back, at) = bounce(host, how, &client)?;
@@ -240,10 +252,11 @@ fn render(cases: &[Case]) -> String {
          from the stop to the first committed checkpoint of the session the agents set up again \
          (-i 100, --timeout 1000): when the primary's or the backup's agent is stopped (SIGTERM), \
          the session is suspended and resumed from the checkpoint the guest stopped at (the same \
-         standby, no copy; the guest is paused from that checkpoint until the resume); when one \
-         is killed, a new session with a new RAM copy and a changed-only disk resync. The last \
-         case moves the VM: its backup takes over, the new agent on a stops the old QEMU, and b \
-         protects the VM back to a.\n\n\
+         standby, no copy; the guest is paused from that checkpoint until the resume; a backup's \
+         restart is suspended for once in ten minutes per VM, so its later rounds end the session \
+         and make a new copy: the baseline); when one is killed, a new session with a new RAM \
+         copy and a changed-only disk resync. The last case moves the VM: its backup takes over, \
+         the new agent on a stops the old QEMU, and b protects the VM back to a.\n\n\
          | case | rounds | client wait p50 ms | max | agent back p50 ms | protection restored p50 ms | max |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );

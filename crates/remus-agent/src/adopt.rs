@@ -234,7 +234,7 @@ impl Agent {
         // `replication::suspend`). A record that cannot be read leaves it
         // paused for the operator: the backup may run the VM after its
         // grace.
-        let suspended = crate::replication::suspend::take_record(dir);
+        let suspended = crate::replication::suspend::read_record(dir);
         let slot = self.insert_adopted(rec.id, vm, Stage::Unprotected);
         save(slot.vm.paths.dir(), &rec);
         match suspended {
@@ -246,6 +246,7 @@ impl Agent {
             Err(e) => {
                 tracing::error!(vm = %name, error = %e, "its protection session was suspended for the restart, but the record cannot be read: the VM stays PAUSED. Check its backup: if the backup runs the VM, destroy this copy; if not, `remus unpause` it here");
                 slot.vm.mark_operator_paused();
+                crate::replication::suspend::remove_record(slot.vm.paths.dir());
             }
         }
         Ok(Found::Adopted(slot))

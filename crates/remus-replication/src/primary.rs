@@ -1352,6 +1352,19 @@ fn sender_loop(
             }
             last_sent = Instant::now();
         }
+        // A new timeout goes first, between checkpoints (a sender that is
+        // never idle, a loaded host at a short interval, must not hold it
+        // back): the heartbeats that follow keep the pace it sets.
+        if let Some(timeout_ms) = tuning.take_unsent() {
+            let tune = Message::Tune { timeout_ms };
+            if let Err(e) = tune
+                .write_to(&mut w)
+                .and_then(|()| w.flush().map_err(Into::into))
+            {
+                return fail("new timeout".into(), e.to_string());
+            }
+            last_sent = Instant::now();
+        }
         let staged = match shared.next() {
             Next::Item(Outgoing::Done) => return goodbye(&mut w, Message::Done),
             Next::Item(Outgoing::SwitchOver(epoch)) => {
@@ -1369,18 +1382,6 @@ fn sender_loop(
             }
             Next::Item(Outgoing::Checkpoint(staged)) => staged,
             Next::Empty => {
-                // A new timeout goes first: the heartbeats that follow
-                // keep the pace it sets.
-                if let Some(timeout_ms) = tuning.take_unsent() {
-                    let tune = Message::Tune { timeout_ms };
-                    if let Err(e) = tune
-                        .write_to(&mut w)
-                        .and_then(|()| w.flush().map_err(Into::into))
-                    {
-                        return fail("new timeout".into(), e.to_string());
-                    }
-                    last_sent = Instant::now();
-                }
                 let heartbeat = tuning.heartbeat();
                 let idle = last_sent.elapsed();
                 if idle < heartbeat {

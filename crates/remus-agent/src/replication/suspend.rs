@@ -427,21 +427,31 @@ pub(super) fn save_record(
     rec
 }
 
-/// Takes the record of a suspended session out of a VM's directory, if
-/// there is one (it is used once).
-pub fn take_record(dir: &Path) -> Result<Option<SuspendRecord>, String> {
+/// The record of a suspended session in a VM's directory, if there is
+/// one. It stays until the session is resumed (or given up), so that an
+/// agent stopping meanwhile leaves it to the next one.
+pub fn read_record(dir: &Path) -> Result<Option<SuspendRecord>, String> {
     let path = record_path(dir);
     if !path.exists() {
         return Ok(None);
     }
-    let rec = crate::files::read_bounded(&path, MAX_RECORD_BYTES)
+    crate::files::read_bounded(&path, MAX_RECORD_BYTES)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str::<SuspendRecord>(&t).map_err(|e| e.to_string()))
-        .map_err(|e| format!("{}: {e}", path.display()));
-    if let Err(e) = std::fs::remove_file(&path) {
-        return Err(format!("remove {}: {e}", path.display()));
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Removes the record of a suspended session: it is used.
+pub fn remove_record(dir: &Path) {
+    let path = record_path(dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove the used record of a suspended session")
+        }
     }
-    rec.map(Some)
 }
 
 /// At start, after adoption: resumes each suspended session on a thread
@@ -466,9 +476,12 @@ fn spawn_resume(agent: &Arc<Agent>, name: String, rec: SuspendRecord, backup_res
         .spawn(move || {
             resume_one(&a, &name, &rec, backup_restart);
             a.resumed(&name);
-            // Used: a later restart of this agent must not resume it again.
-            if let Ok(slot) = a.slot(&name) {
-                let _ = take_record(slot.vm.paths.dir());
+            // Used: a later restart of this agent must not resume it again
+            // (unless this one stops meanwhile: the next one resumes it).
+            if !a.stopping()
+                && let Ok(slot) = a.slot(&name)
+            {
+                remove_record(slot.vm.paths.dir());
             }
         });
     if let Err(e) = spawned {

@@ -398,14 +398,22 @@ mod tests {
             .parse()
             .unwrap();
         // The group's SIGKILL reached the child; it is a zombie of init
-        // at most, not a running process.
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let running = state
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.split_whitespace().next())
-            .is_some_and(|s| s != "Z");
-        assert!(!running, "the hook's child still runs: {state}");
+        // at most, not a running process. The signal is delivered
+        // asynchronously: its end is looked for for up to 5 s.
+        let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = |state: &str| {
+            state
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .is_some_and(|s| s != "Z")
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while running(&state()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let last = state();
+        assert!(!running(&last), "the hook's child still runs: {last}");
     }
 
     #[test]

@@ -195,16 +195,14 @@ fn backup_session(
             let reserved = match reservation.take() {
                 Some(r) => r,
                 None => agent.reserve(&hello.vm_name).ok_or_else(|| {
-                    let msg = format!(
-                        "a copy of '{}' is being torn down on this host; try again in a moment",
-                        hello.vm_name
-                    );
-                    let _ = Message::Error {
-                        code: ErrorCode::Busy,
-                        message: msg.clone(),
-                    }
-                    .write_to(&mut stream);
-                    msg
+                    refuse_as(
+                        &mut stream,
+                        ErrorCode::Busy,
+                        format!(
+                            "a copy of '{}' is being torn down on this host; try again in a moment",
+                            hello.vm_name
+                        ),
+                    )
                 })?,
             };
             fresh_standby(
@@ -362,7 +360,7 @@ fn backup_session(
     if let Decision::Park { epoch, grace } = crate::failover::decide(session.purpose, &end) {
         super::suspend::park(
             agent,
-            super::suspend::ToPark {
+            super::suspend::Kept {
                 slot,
                 replica,
                 disks,
@@ -423,8 +421,13 @@ struct Standby {
 /// Tells the peer why the session cannot go on (the text is returned for
 /// the log).
 fn refuse(stream: &mut Channel, msg: String) -> String {
+    refuse_as(stream, ErrorCode::Incompatible, msg)
+}
+
+/// [`refuse`] with another error code.
+fn refuse_as(stream: &mut Channel, code: ErrorCode, msg: String) -> String {
     let _ = Message::Error {
-        code: ErrorCode::Incompatible,
+        code,
         message: msg.clone(),
     }
     .write_to(stream);

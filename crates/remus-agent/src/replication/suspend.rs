@@ -51,46 +51,30 @@ pub const BACKUP_RESTART_WAIT: Duration = Duration::from_secs(15);
 
 // ---- the backup's side ----
 
-/// A standby kept for a suspended session.
-pub struct Parked {
-    slot: Arc<VmSlot>,
-    replica: Replica,
-    disks: Option<remus_disk::EpochBuffer>,
-    epoch: Epoch,
-    /// The primary as it connected (its address decides who may resume).
-    peer: String,
-    setup: SessionSetup,
-    copy_dir: PathBuf,
-    copy: Option<CopyState>,
-    token: u64,
-    /// Kept across this agent's own restart: the primary is alive, so the
-    /// end of the grace discards the standby instead of failing over.
-    own_restart: bool,
-    /// The end of the grace (ms since the Unix epoch).
-    until_unix_ms: u64,
-}
-
-/// What a backup session hands over to be parked.
-pub(super) struct ToPark {
+/// A standby kept for a suspended session, and what deciding on it
+/// needs: what a backup session hands over to be parked, and takes back
+/// when it resumes.
+pub(super) struct Kept {
     pub slot: Arc<VmSlot>,
     pub replica: Replica,
     pub disks: Option<remus_disk::EpochBuffer>,
     pub epoch: Epoch,
+    /// The primary as it connected (its address decides who may resume).
     pub peer: String,
     pub setup: SessionSetup,
     pub copy_dir: PathBuf,
     pub copy: Option<CopyState>,
+    /// Kept across this agent's own restart: the primary is alive, so the
+    /// end of the grace discards the standby instead of failing over.
     pub own_restart: bool,
 }
 
-/// What a resumed backup session takes back.
-pub(super) struct Unparked {
-    pub slot: Arc<VmSlot>,
-    pub replica: Replica,
-    pub disks: Option<remus_disk::EpochBuffer>,
-    pub epoch: Epoch,
-    pub copy_dir: PathBuf,
-    pub copy: Option<CopyState>,
+/// A parked standby: kept, until the end of its grace.
+pub struct Parked {
+    kept: Kept,
+    token: u64,
+    /// The end of the grace (ms since the Unix epoch).
+    until_unix_ms: u64,
 }
 
 /// The standbys kept for suspended sessions, by VM name.
@@ -117,23 +101,15 @@ impl ParkedStandbys {
 /// Keeps the standby of a suspended session for `grace`; past it, the
 /// primary counts as lost (the failover policy decides, as for a silent
 /// primary).
-pub(super) fn park(agent: &Arc<Agent>, p: ToPark, grace: Duration) {
+pub(super) fn park(agent: &Arc<Agent>, p: Kept, grace: Duration) {
     let name = p.slot.vm.name().to_string();
     let token = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst);
     tracing::warn!(vm = %name, peer = %p.peer, epoch = p.epoch.0, grace_s = grace.as_secs(), "the primary's agent is restarting: the standby is kept at the last checkpoint for the session to resume; no failover unless it is not back within the grace");
     agent.parked().lock().insert(
         name.clone(),
         Parked {
-            slot: p.slot,
-            replica: p.replica,
-            disks: p.disks,
-            epoch: p.epoch,
-            peer: p.peer,
-            setup: p.setup,
-            copy_dir: p.copy_dir,
-            copy: p.copy,
+            kept: p,
             token,
-            own_restart: p.own_restart,
             until_unix_ms: now_unix_ms().saturating_add(grace.as_millis() as u64),
         },
     );
@@ -158,7 +134,7 @@ fn expire(agent: &Arc<Agent>, name: &str, token: u64, grace: Duration) {
             return;
         }
         let Some(p) = m.remove(name) else { return };
-        p
+        p.kept
     };
     if agent.stopping() {
         return;
@@ -196,8 +172,8 @@ pub(super) fn unpark(
     name: &str,
     setup: &SessionSetup,
     peer: &str,
-) -> Option<Unparked> {
-    let p = agent.parked().lock().remove(name)?;
+) -> Option<Kept> {
+    let p = agent.parked().lock().remove(name)?.kept;
     let same_host = |a: &str, b: &str| match (
         a.parse::<std::net::SocketAddr>(),
         b.parse::<std::net::SocketAddr>(),
@@ -230,14 +206,7 @@ pub(super) fn unpark(
         agent.destroy_slot(&p.slot, crate::agent::CopyRecord::Keep);
         return None;
     }
-    Some(Unparked {
-        slot: p.slot,
-        replica: p.replica,
-        disks: p.disks,
-        epoch: p.epoch,
-        copy_dir: p.copy_dir,
-        copy: p.copy,
-    })
+    Some(p)
 }
 
 /// A standby left running across this agent's restart, for the next
@@ -262,13 +231,18 @@ fn parked_path(dir: &Path) -> PathBuf {
 /// and left running. Returns their names.
 pub(crate) fn persist_for_restart(agent: &Agent) -> Vec<String> {
     let mut names = Vec::new();
-    for p in agent.parked().take_all() {
+    for Parked {
+        kept: p,
+        until_unix_ms,
+        ..
+    } in agent.parked().take_all()
+    {
         let name = p.slot.vm.name().to_string();
         let rec = ParkedRecord {
             epoch: p.epoch.0,
             peer: p.peer.clone(),
             setup: p.setup.clone(),
-            deadline_unix_ms: p.until_unix_ms,
+            deadline_unix_ms: until_unix_ms,
             own_restart: p.own_restart,
         };
         let path = parked_path(p.slot.vm.paths.dir());
@@ -333,7 +307,7 @@ pub fn park_adopted(agent: &Arc<Agent>) {
         let left = Duration::from_millis(rec.deadline_unix_ms.saturating_sub(now_unix_ms()));
         park(
             agent,
-            ToPark {
+            Kept {
                 slot,
                 replica,
                 disks,
@@ -351,7 +325,7 @@ pub fn park_adopted(agent: &Arc<Agent>) {
 
 /// The agent stops: each standby of a session that can be suspended asks
 /// its primary to suspend, so that the standby is kept; waits (within
-/// `deadline`) until each is parked or its session has ended.
+/// `deadline`) until each is parked, runs the VM, or has stopped.
 pub(crate) fn suspend_standbys(agent: &Agent, deadline: std::time::Instant) {
     let asked: Vec<Arc<VmSlot>> = agent
         .slots()
@@ -366,8 +340,12 @@ pub(crate) fn suspend_standbys(agent: &Agent, deadline: std::time::Instant) {
     for s in &asked {
         let name = s.vm.name();
         tracing::info!(vm = %name, "asking the primary to suspend the session, so that the standby is kept across the restart");
+        // Until it is parked, or no longer a standby: a discarded one
+        // until its QEMU has gone (its teardown must not be cut short by
+        // the agent's exit).
         while !agent.parked().holds(name)
-            && agent.slot(name).is_ok_and(|now| Arc::ptr_eq(&now, s))
+            && s.life.role() == remus_vm::Role::Backup
+            && s.vm.exit_status().is_none()
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));

@@ -64,6 +64,8 @@ pub struct AgentOptions {
     /// How long a backup keeps the standby of a session suspended for a
     /// restart of this agent (`--restart-grace`).
     pub restart_grace: std::time::Duration,
+    /// Who decides a failover (`--failover-by`).
+    pub failover_by: crate::cli::FailoverBy,
 }
 
 /// What a VM's event channel carries.
@@ -101,6 +103,8 @@ pub struct VmSlot {
     /// When this VM's session was last suspended for a restart of its
     /// backup's agent.
     backup_restart: Mutex<Option<std::time::Instant>>,
+    /// Waiting for the cluster manager's word (`--failover-by cluster`).
+    pub cluster_hold: crate::cluster::Hold,
 }
 
 /// How often a backup's restart may pause a VM: once in this long.
@@ -141,6 +145,7 @@ impl VmSlot {
             observer,
             restoring: AtomicBool::new(false),
             suspend: Mutex::new(None),
+            cluster_hold: Default::default(),
             backup_restart: Mutex::new(None),
         }
     }
@@ -855,6 +860,37 @@ impl Agent {
         Ok(info(&slot))
     }
 
+    /// `remus takeover`: the cluster manager says this host runs the VM
+    /// now (its peer is fenced or its instance stopped). A standby held
+    /// since its primary was lost resumes; a primary held fenced since its
+    /// backup was lost runs on, unprotected, its held output released.
+    pub fn takeover(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let slot = self.slot(name)?;
+        let Some((what, why)) = slot.cluster_hold.held() else {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is not waiting for a takeover here (role {}); only a VM held for the cluster's word (`remus list --json`: awaiting_takeover) is",
+                slot.life.role().name()
+            )));
+        };
+        match what {
+            crate::cluster::Held::Standby => {
+                tracing::warn!(vm = %name, reason = %why, "TAKEOVER: the cluster says the primary is gone; resuming the standby");
+                slot.cluster_hold
+                    .release_standby(crate::cluster::RESUME_WAIT)
+                    .map_err(|e| {
+                        AgentError::Conflict(format!("VM '{name}' did not take over: {e}"))
+                    })?;
+            }
+            crate::cluster::Held::Primary => {
+                slot.vm.unfence().map_err(vm_err)?;
+                slot.cluster_hold.clear();
+                slot.release_held_output();
+                tracing::warn!(vm = %name, reason = %why, "TAKEOVER: the cluster says the backup is gone; the VM runs on here UNPROTECTED, its held output released");
+            }
+        }
+        Ok(info(&slot))
+    }
+
     /// Destroys this very VM, if it is still registered (not another VM
     /// that has taken its name since).
     pub fn destroy_slot(&self, slot: &Arc<VmSlot>, record: CopyRecord) {
@@ -945,6 +981,7 @@ impl Agent {
         // A protected VM's destroy is a primary failure to its backup (the
         // link drops without an orderly end), as in the Remus docs.
         slot.end_session();
+        slot.cluster_hold.abandon();
         let guard = lock(&slot.arbiter).take();
         if let Some(g) = &guard {
             g.stop();
@@ -1158,6 +1195,7 @@ pub fn info(slot: &VmSlot) -> VmInfo {
             .collect(),
         arbiter: slot.arbiter_guard().map(|g| g.info()),
         wanted: None,
+        awaiting_takeover: slot.cluster_hold.held().map(|(_, why)| why),
     }
 }
 
@@ -1179,6 +1217,7 @@ fn stale_info(name: &str, s: &StaleCopy) -> VmInfo {
         changed_chunks: Default::default(),
         arbiter: None,
         wanted: None,
+        awaiting_takeover: None,
     }
 }
 

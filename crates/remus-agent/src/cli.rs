@@ -215,6 +215,29 @@ pub struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub restart_grace: u64,
+    /// Who decides that a protected VM runs on its backup once its
+    /// primary is lost. `agent` (the default): the backup's agent
+    /// resumes it by itself (asking the --arbiter first, if there is
+    /// one). `cluster`: a cluster manager (Pacemaker, with fencing)
+    /// decides, and the agent only carries it out: a backup whose
+    /// primary is lost keeps its standby waiting, and a primary whose
+    /// backup is lost without a word keeps its guest paused with its
+    /// output held, each until `remus takeover VM` (the resource agent's
+    /// promote, or its notify once the peer is fenced). Not with
+    /// --arbiter: one of the two decides, never both. See
+    /// docs/pacemaker.md.
+    #[arg(long, value_enum, default_value_t = FailoverBy::Agent, value_name = "WHO",
+          conflicts_with = "arbiter")]
+    pub failover_by: FailoverBy,
+}
+
+/// Who decides a failover (`--failover-by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailoverBy {
+    /// The backup's agent (with the arbiter, if any).
+    Agent,
+    /// A cluster manager, through `remus takeover`.
+    Cluster,
 }
 
 /// What stopping the agent does to its VMs (`--on-stop`).
@@ -492,6 +515,31 @@ mod tests {
         assert_eq!(a.arbiter.len(), 2);
         // Defaults stay where neither sets a value.
         assert_eq!(a.ram_dir, PathBuf::from("/dev/shm"));
+    }
+
+    #[test]
+    fn the_cluster_and_the_arbiter_never_both_decide() {
+        assert_eq!(load("", &[]).unwrap().failover_by, FailoverBy::Agent);
+        let a = load("failover-by = \"cluster\"\n", &[]).unwrap();
+        assert_eq!(a.failover_by, FailoverBy::Cluster);
+        for (file, args) in [
+            (
+                "",
+                &[
+                    "--failover-by",
+                    "cluster",
+                    "--arbiter",
+                    "http://198.18.0.9:2379",
+                ][..],
+            ),
+            (
+                "arbiter = [\"http://198.18.0.9:2379\"]\n",
+                &["--failover-by", "cluster"][..],
+            ),
+        ] {
+            let e = load(file, args).unwrap_err().to_string();
+            assert!(e.contains("cannot be used with"), "{e}");
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/console", get(console_attach))
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/failback", post(failback))
+        .route("/v1/vms/{name}/takeover", post(takeover))
         .route(
             "/v1/vms/{name}/protection",
             post(protect)
@@ -97,6 +98,13 @@ async fn pause(
     Path(name): Path<String>,
 ) -> ApiResult<remus_api::VmInfo> {
     blocking(move || a.pause(&name)).await.map(Json)
+}
+
+async fn takeover(
+    State(a): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<remus_api::VmInfo> {
+    blocking(move || a.takeover(&name)).await.map(Json)
 }
 
 async fn unpause(

@@ -20,6 +20,7 @@ pub mod agent;
 pub mod apiauth;
 pub mod arbiter;
 pub mod cli;
+pub mod cluster;
 pub mod copies;
 pub mod failover;
 pub mod files;
@@ -297,6 +298,7 @@ async fn run(
         max_rate: args.max_rate,
         on_stop: args.on_stop,
         restart_grace: std::time::Duration::from_secs(args.restart_grace),
+        failover_by: args.failover_by,
         storage: storage::Storage {
             image_dir: args
                 .image_dir

@@ -91,6 +91,12 @@ pub struct VmInfo {
     /// recorded it; the agent sets it up again when it is lost), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wanted: Option<String>,
+    /// Set while the VM waits for a cluster manager's `remus takeover`
+    /// (`remusd --failover-by cluster`): why. A standby (role backup)
+    /// whose primary was lost, or a primary (held paused, its output
+    /// held) whose backup was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_takeover: Option<String>,
 }
 
 /// Which host the arbiter (etcd) lets run a VM, as this agent knows it.
@@ -418,6 +424,13 @@ impl Client {
 
     pub async fn unpause(&self, name: &str) -> Result<VmInfo, ClientError> {
         self.json(Method::POST, &vm_path(name, "/unpause"), None)
+            .await
+    }
+
+    /// The cluster manager's word (`remusd --failover-by cluster`): this
+    /// host runs the VM now (see `remus takeover`).
+    pub async fn takeover(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.json(Method::POST, &vm_path(name, "/takeover"), None)
             .await
     }
 

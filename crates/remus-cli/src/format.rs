@@ -204,6 +204,7 @@ mod tests {
             changed_chunks: Default::default(),
             arbiter: None,
             wanted: None,
+            awaiting_takeover: None,
         }]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("Name"));

@@ -62,6 +62,21 @@ pub enum Command {
     Pause { vm: String },
     /// Unpause a paused VM.
     Unpause { vm: String },
+    /// The cluster manager's word, on an agent run with `remusd
+    /// --failover-by cluster`: this host runs the VM from now on, because
+    /// its peer's host is fenced (or its resource instance stopped).
+    ///
+    /// On a standby whose primary was lost: resume it from the last
+    /// committed checkpoint (Pacemaker's promote; the resource agent
+    /// ocf:remus:vm runs it). On a primary held paused since its backup
+    /// was lost: run on unprotected, releasing the output it held. Only
+    /// a VM that `remus list --json` shows with `awaiting_takeover` can
+    /// take over. Never run it while the peer may still run the VM.
+    Takeover {
+        #[arg(long)]
+        json: bool,
+        vm: String,
+    },
     /// Stop a VM at once and remove it (no guest shutdown). Its disk
     /// images stay. A stale copy is forgotten.
     Destroy {
@@ -353,6 +368,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Unpause { vm } => {
             client.unpause(&vm).await.map_err(api)?;
+        }
+        Command::Takeover { json, vm } => {
+            let info = client.takeover(&vm).await.map_err(api)?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!("{vm}: runs on this host ({})", info.state_name);
+            }
         }
         Command::Destroy {
             vm,

@@ -108,6 +108,13 @@ pub struct ProtectConfig {
     /// session runs). No initial copy; checkpoints go on from the next
     /// epoch.
     pub resume_from: Option<Epoch>,
+    /// A cluster manager decides where the VM runs (`remusd --failover-by
+    /// cluster`): a backup that holds a committed checkpoint and is lost
+    /// without saying it gives up (silent, gone, unreadable) may be
+    /// resuming the VM at the cluster's word, so the guest is fenced
+    /// (paused, its unacknowledged output held) instead of going on alone.
+    /// The agent lifts the fence when the cluster says the backup is gone.
+    pub hold_on_loss: bool,
 }
 
 /// Suspending a session for a restart of this agent: once `requested` is
@@ -702,6 +709,18 @@ pub fn protect(
     result
 }
 
+/// Whether a session that ended so (`None`: with an error) leaves a
+/// backup that may still resume the VM: not one the operator stopped (the
+/// backup was told), one that said it gives up (an Error), nor a
+/// switch-over or suspend (settled otherwise).
+fn may_resume_there(end: Option<&ProtectEnd>) -> bool {
+    match end {
+        Some(ProtectEnd::BackupLost(LostBackup::Reported { .. })) => false,
+        Some(ProtectEnd::BackupLost(_)) | None => true,
+        Some(_) => false,
+    }
+}
+
 /// Sets the link's timeouts; returns the sender's, the ack reader's and a
 /// handle to shut it down.
 fn open_link(stream: Channel, timeout: Duration) -> Result<(Channel, Channel, Channel), ReplError> {
@@ -1134,8 +1153,12 @@ impl Session<'_> {
                     confirmed: switched,
                 });
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.hold_for_cluster(None, committed);
+                return Err(e);
+            }
         };
+        self.hold_for_cluster(Some(&end), committed);
         match &end {
             ProtectEnd::Stopped => (self.events)(SessionEvent::Stopped {
                 checkpoints: committed,
@@ -1146,6 +1169,21 @@ impl Session<'_> {
             _ => {}
         }
         Ok(end)
+    }
+
+    /// Under a cluster manager ([`ProtectConfig::hold_on_loss`]): fences
+    /// the guest when the backup may resume it, before the session's end
+    /// is told (so that whoever hears of it sees the VM held).
+    fn hold_for_cluster(&self, end: Option<&ProtectEnd>, committed: u64) {
+        if self.cfg.hold_on_loss
+            && (committed > 0 || self.cfg.resume_from.is_some())
+            && may_resume_there(end)
+        {
+            tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced until the cluster decides");
+            if let Err(e) = self.vm.fence() {
+                tracing::error!(vm = %self.vm.name(), error = %e, "cannot pause the guest for the cluster's decision");
+            }
+        }
     }
 
     /// What the backup made of the switch-over at `epoch`.

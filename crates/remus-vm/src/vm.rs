@@ -724,7 +724,7 @@ impl Vm {
         if self.is_fenced() {
             return Err(VmError::Invalid {
                 vm: self.name().into(),
-                msg: "the arbiter's fence holds it paused: this host may not run it (see `remus list --json`, field arbiter)".into(),
+                msg: "a fence holds it paused (the arbiter's, or a cluster manager's hold): this host may not run it now (see `remus list --json`, fields arbiter and awaiting_takeover)".into(),
             });
         }
         let status = self.qmp.status().map_err(self.qmp_err())?;

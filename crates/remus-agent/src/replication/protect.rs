@@ -39,6 +39,11 @@ pub(super) fn start_protect_from(
     check_timing(req.interval_ms, req.timeout_ms)?;
     let max_rate = remus_api::rate::effective_rate(req.max_rate, agent.opts.max_rate)
         .map_err(AgentError::BadRequest)?;
+    if let Some((_, why)) = slot.cluster_hold.held() {
+        return Err(AgentError::Conflict(format!(
+            "VM '{name}' waits for the cluster's decision ({why}); protect it again after `remus takeover {name}`"
+        )));
+    }
     if slot.vm.is_fenced() {
         return Err(AgentError::Conflict(format!(
             "VM '{name}' is fenced (its arbiter lease lapsed); protect it again once the arbiter has answered and lifted the fence"
@@ -245,6 +250,7 @@ pub(super) fn start_protect_from(
         min_interval,
         suspend,
         resume_from: resumed,
+        hold_on_loss: agent.opts.failover_by == crate::cli::FailoverBy::Cluster,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -263,6 +269,17 @@ pub(super) fn start_protect_from(
                     // The session's last word: whoever reads it and then
                     // asks `list` must already see the VM unprotected (and
                     // find the reason in the log).
+                    SessionEvent::BackupLost { reason } if slot2.vm.is_fenced() && agent2.opts.failover_by == crate::cli::FailoverBy::Cluster => {
+                        // Fenced by the session (see hold_on_loss): the
+                        // cluster may be promoting the standby.
+                        tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM is held paused, its output held, until the cluster decides: `remus takeover {vm_name}` here once {peer} is fenced (the resource agent does it), or the standby is promoted there");
+                        slot2.cluster_hold.hold_primary(&format!("backup {peer} lost ({reason})"));
+                        slot2.life.session_over();
+                        slot2.notice(crate::observe::Notice::BackupLost {
+                            peer: peer.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
                     SessionEvent::BackupLost { reason } => {
                         if agent2.wish(&vm_name).is_some() {
                             tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; the agent protects it again as soon as the backup answers");
@@ -369,6 +386,13 @@ pub(super) fn start_protect_from(
                     | ProtectEnd::SwitchOverUnconfirmed { .. }
                     | ProtectEnd::Suspended { .. },
                 ) => {}
+                Err(e) if slot2.vm.is_fenced() && agent2.opts.failover_by == crate::cli::FailoverBy::Cluster => {
+                    slot2.publish(SessionEvent::Failed {
+                        reason: e.to_string(),
+                    });
+                    tracing::error!(vm = %vm_name, error = %e, "protection failed: the VM is held paused, its output held, until the cluster decides (`remus takeover {vm_name}`)");
+                    slot2.cluster_hold.hold_primary(&format!("session with backup {peer} failed ({e})"));
+                }
                 Err(e) => {
                     slot2.publish(SessionEvent::Failed {
                         reason: e.to_string(),

@@ -698,6 +698,28 @@ pub(super) fn decide_failover(
         }
         Decision::Resume { reason } => reason,
     };
+    // Under a cluster manager, the cluster decides (after fencing the
+    // primary's host): wait for its word.
+    let cluster = agent.opts.failover_by == crate::cli::FailoverBy::Cluster;
+    if cluster {
+        let epoch = replica.committed().map_or(0, |e| e.0);
+        tracing::error!(vm = %name, %peer, %reason, epoch, "PRIMARY LOST: the standby waits for the cluster's decision: `remus takeover {name}` (the resource agent's promote, once {peer} is fenced) resumes it from epoch {epoch}; `remus destroy {name}` discards it");
+        let gone = || agent.stopping() || slot.vm.exit_status().is_some();
+        if !slot
+            .cluster_hold
+            .wait(&format!("primary {peer} lost ({reason})"), gone)
+        {
+            if !agent.stopping() {
+                discard("no takeover came before the standby ended");
+            }
+            return;
+        }
+    }
+    let resumed = |outcome: Result<(), String>| {
+        if cluster {
+            slot.cluster_hold.resumed(outcome);
+        }
+    };
     // The arbiter first: resume only holding the VM's key, which etcd
     // grants only once the primary's lease has lapsed.
     let lease = match arbiter {
@@ -734,6 +756,7 @@ pub(super) fn decide_failover(
                 tracing::error!(vm = %name, error = %e, "failover FAILED: the disks cannot take over");
                 agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
                 give_back(lease);
+                resumed(Err(format!("the disks cannot take over: {e}")));
                 return;
             }
         }
@@ -761,6 +784,7 @@ pub(super) fn decide_failover(
                 epoch: stats.epoch,
                 reason: reason.clone(),
             });
+            resumed(Ok(()));
             if purpose == Purpose::Protect {
                 wish_back(agent, &name, setup);
             }
@@ -775,6 +799,7 @@ pub(super) fn decide_failover(
             tracing::error!(vm = %name, error = %e, "failover FAILED");
             agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
             give_back(lease);
+            resumed(Err(format!("the VM cannot be resumed: {e}")));
         }
     }
 }

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 pub mod bootdisk;
 pub mod etcd;
 pub mod lan;
+pub mod pacemaker;
 pub mod pki;
 pub mod seqclient;
 pub mod watch;
@@ -1124,48 +1125,67 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A guest that writes checked records to its disk `disk` (as `vda`,
-/// `diskload` over 200 MiB) and serves the TCP sequence session on
-/// `ip`:7000 from a NIC on `br0` with `mac`: created on `agent` as `vm`,
-/// with a [`SeqClient`] connected from `client` that has had its first
-/// 50 lines. What the tests of long-lived sessions (failovers, restarts)
-/// watch.
-pub fn start_records_vm(
+/// The config of a guest that writes checked records to its disk `disk`
+/// (as `vda`, `diskload` over 200 MiB, or what the disk holds) and serves
+/// the TCP sequence session on `ip`:7000 from a NIC on `br0` with `mac`,
+/// written to `agent`'s directory as `vm`.toml; its path.
+pub fn records_vm_config(
     agent: &Agent,
     img: &GuestImage,
     vm: &str,
     (ip, mac): (&str, &str),
     disk: &Path,
-    client: &Netns,
-) -> SeqClient {
-    let cfg = agent.write_file(
+) -> PathBuf {
+    let region_mb =
+        std::fs::metadata(disk).map_or(200, |m| (m.len() >> 20).saturating_sub(16).min(200));
+    agent.write_file(
         &format!("{vm}.toml"),
         &img.config(
             vm,
             &format!(
-                "remus.workload=tick,diskload:/dev/vda:--region-mb:200,seqserver remus.ip={ip}/24"
+                "remus.workload=tick,diskload:/dev/vda:--region-mb:{region_mb},seqserver remus.ip={ip}/24"
             ),
             &format!(
                 "[[disk]]\npath = \"{}\"\ntarget = \"vda\"\n[[vif]]\nbridge = \"br0\"\nmac = \"{mac}\"\n",
                 disk.display()
             ),
         ),
-    );
-    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
-    assert!(out.ok, "create: {}", out.stderr);
-    agent
-        .wait_console(vm, Duration::from_secs(90), "seqserver", |c| {
-            c.contains("seqserver: listening")
-        })
-        .unwrap();
+    )
+}
+
+/// Once `vm`'s sequence server (see [`records_vm_config`]) listens on
+/// `host`, a [`SeqClient`] connected to it from `client` that has had its
+/// first 50 lines.
+pub fn connect_seq_client(host: &Agent, vm: &str, ip: &str, client: &Netns) -> SeqClient {
+    host.wait_console(vm, Duration::from_secs(90), "seqserver", |c| {
+        c.contains("seqserver: listening")
+    })
+    .unwrap();
     let c = SeqClient::start(
         client,
         format!("{ip}:7000").parse().unwrap(),
         Duration::from_millis(5),
     )
-    .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.console(vm)));
+    .unwrap_or_else(|e| panic!("connect: {e}\n{}", host.console(vm)));
     c.wait_received(50, Duration::from_secs(30)).unwrap();
     c
+}
+
+/// A guest of [`records_vm_config`] created on `agent` as `vm`, with a
+/// [`SeqClient`] connected from `client` that has had its first 50 lines.
+/// What the tests of long-lived sessions (failovers, restarts) watch.
+pub fn start_records_vm(
+    agent: &Agent,
+    img: &GuestImage,
+    vm: &str,
+    net: (&str, &str),
+    disk: &Path,
+    client: &Netns,
+) -> SeqClient {
+    let cfg = records_vm_config(agent, img, vm, net, disk);
+    let out = agent.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    connect_seq_client(agent, vm, net.0, client)
 }
 
 #[cfg(test)]

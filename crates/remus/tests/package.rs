@@ -145,9 +145,14 @@ fn the_package_installs_on_a_fresh_debian_and_finds_its_files() {
         "/usr/share/bash-completion/completions/remus",
         "/usr/share/zsh/vendor-completions/_remus",
         "/usr/share/fish/vendor_completions.d/remus.fish",
+        "/usr/lib/ocf/resource.d/remus/vm",
     ] {
         assert!(files.lines().any(|l| l == f), "package lacks {f}:\n{files}");
     }
+    // The resource agent runs where Pacemaker looks for it, with what the
+    // package depends on.
+    let meta = in_tree_ok(&tree, &["/usr/lib/ocf/resource.d/remus/vm", "meta-data"]);
+    assert!(meta.contains("<resource-agent name=\"vm\""), "{meta}");
     let conffiles = in_tree_ok(&tree, &["dpkg-query", "-W", "-f=${Conffiles}", "remus"]);
     assert!(conffiles.contains("/etc/remus/remusd.toml"), "{conffiles}");
 

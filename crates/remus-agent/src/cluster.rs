@@ -32,6 +32,8 @@ pub enum Held {
 struct State {
     /// Set while held: what for, and why (for `list`).
     held: Option<(Held, String)>,
+    /// A held standby's primary (its host's address).
+    primary: Option<std::net::IpAddr>,
     /// `takeover` said go.
     go: bool,
     /// The slot is being destroyed: the waiting standby gives up.
@@ -62,11 +64,18 @@ impl Hold {
 
     /// A standby waits for the cluster's word: true once `takeover` says
     /// go (the caller then resumes the VM and reports with
-    /// [`Hold::resumed`]), false if the slot is destroyed or `give_up`
-    /// turns true (checked every half second).
-    pub fn wait(&self, reason: &str, give_up: impl Fn() -> bool) -> bool {
+    /// [`Hold::resumed`]), false if the slot is destroyed, its primary
+    /// (at `primary`) comes back ([`Hold::primary_is_back`]), or
+    /// `give_up` turns true (checked every half second).
+    pub fn wait(
+        &self,
+        reason: &str,
+        primary: Option<std::net::IpAddr>,
+        give_up: impl Fn() -> bool,
+    ) -> bool {
         let mut st = self.lock();
         st.held = Some((Held::Standby, reason.to_string()));
+        st.primary = primary;
         st.go = false;
         st.outcome = None;
         loop {
@@ -83,6 +92,22 @@ impl Hold {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// An authenticated session for this VM comes from the host of the
+    /// primary this standby waits after: that primary is alive, so the
+    /// cluster will not promote this copy (it fences a host before it
+    /// promotes a standby of its VM). The standby gives up, and true is
+    /// returned: the caller lets the session retry once it is gone.
+    pub fn primary_is_back(&self, from: std::net::IpAddr) -> bool {
+        let mut st = self.lock();
+        let back =
+            matches!(st.held, Some((Held::Standby, _))) && !st.go && st.primary == Some(from);
+        if back {
+            st.abandoned = true;
+            self.changed.notify_all();
+        }
+        back
     }
 
     /// The released standby's outcome, for the `takeover` waiting on it.
@@ -150,7 +175,7 @@ mod tests {
         let hold = Arc::new(Hold::default());
         let h = hold.clone();
         let standby = std::thread::spawn(move || {
-            let go = h.wait("primary lost", || false);
+            let go = h.wait("primary lost", None, || false);
             if go {
                 h.resumed(Ok(()));
             }
@@ -172,7 +197,7 @@ mod tests {
         let hold = Arc::new(Hold::default());
         let h = hold.clone();
         let standby = std::thread::spawn(move || {
-            if h.wait("primary lost", || false) {
+            if h.wait("primary lost", None, || false) {
                 h.resumed(Err("disks cannot take over".into()));
             }
         });
@@ -187,13 +212,28 @@ mod tests {
 
         let hold = Arc::new(Hold::default());
         let h = hold.clone();
-        let standby = std::thread::spawn(move || h.wait("primary lost", || false));
+        let standby = std::thread::spawn(move || h.wait("primary lost", None, || false));
         while hold.held().is_none() {
             std::thread::yield_now();
         }
         hold.abandon();
         assert!(!standby.join().unwrap());
         assert_eq!(hold.held(), None);
+    }
+
+    #[test]
+    fn a_standby_gives_up_when_its_primary_comes_back_and_only_then() {
+        let hold = Arc::new(Hold::default());
+        let h = hold.clone();
+        let primary: std::net::IpAddr = "198.18.0.1".parse().unwrap();
+        let standby = std::thread::spawn(move || h.wait("primary lost", Some(primary), || false));
+        while hold.held().is_none() {
+            std::thread::yield_now();
+        }
+        assert!(!hold.primary_is_back("198.18.0.3".parse().unwrap()));
+        assert!(hold.held().is_some());
+        assert!(hold.primary_is_back(primary));
+        assert!(!standby.join().unwrap());
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //!    `remus takeover` on b (the resource agent's notify once a is
 //!    fenced) lets it run on unprotected, releasing what it held.
 //!
+//! 3. Only the link between them fails (both hosts live): b's guest is
+//!    held, a's standby waits. After the takeover on b (the operator's
+//!    call: the cluster sees no failure to fence), b protects the VM
+//!    again: a discards its held standby when b's session arrives (its
+//!    primary is alive, so it will never be promoted) and takes it.
+//!
 //! A takeover of a VM that waits for none is refused, and the records on
 //! the disk are intact at the end.
 
@@ -185,6 +191,52 @@ fn the_cluster_decides_every_failover() {
     let v = info(&b);
     assert!(v["state"] == "r" || v["state"] == "b", "runs again: {v}");
     session_goes_on(&client, 100, &b, "after the takeover of the held primary");
+    eprintln!("2. a died as the backup; b held its guest until the takeover");
+
+    // 3. Only the link fails (both hosts live): both sides hold. The
+    //    operator (or the cluster) lets the primary go on; its next
+    //    session reaches the held standby's host, which discards the
+    //    standby (its primary is alive) and takes the new session.
+    a.restart().unwrap();
+    wait_for(
+        "b protecting the VM to a again",
+        Duration::from_secs(120),
+        || {
+            info(&b)["protection"]["last_checkpoint"]["epoch"]
+                .as_u64()
+                .filter(|e| *e >= 1)
+        },
+    );
+    lan.cut("b").unwrap();
+    let held_b = wait_held(&b, "unprotected", Duration::from_secs(30));
+    assert_eq!(held_b["state"], "p", "{held_b}");
+    wait_held(&a, "backup", Duration::from_secs(30));
+    lan.restore("b").unwrap();
+    let out = b.cli(&["takeover", VM]);
+    assert!(out.ok, "takeover: {}\n{}", out.stderr, b.log_text());
+    wait_for(
+        "b protecting the VM to a after the cut",
+        Duration::from_secs(120),
+        || {
+            info(&b)["protection"]["last_checkpoint"]["epoch"]
+                .as_u64()
+                .filter(|e| *e >= 1)
+        },
+    );
+    assert!(
+        a.log_text()
+            .contains("the primary this standby waited after is back"),
+        "{}",
+        a.log_text()
+    );
+    assert!(
+        !a.log_text().contains("FAILOVER"),
+        "a ran the VM:\n{}",
+        a.log_text()
+    );
+    session_goes_on(&client, 100, &b, "after the cut");
     let n = records_intact(&b, VM, "at the end");
-    eprintln!("2. a died as the backup; b held its guest until the takeover; {n} records intact");
+    eprintln!(
+        "3. a cut link: both held; after the takeover on b, a's held standby gave way to b's new session; {n} records intact"
+    );
 }

@@ -71,6 +71,7 @@ fn backup_session(
         ..Default::default()
     };
     let mut reservation = None;
+    let peer_ip = tcp.peer_addr().ok().map(|a| a.ip());
     let handshake = server_handshake(tcp, &key, &opts, |vm, _purpose| {
         // A name from the wire is checked as a name before it is used for
         // anything (it names directories of this host).
@@ -110,6 +111,16 @@ fn backup_session(
         let Ok(slot) = agent.slot(vm) else {
             return Err(busy());
         };
+        // A standby held for the cluster's word whose primary opens a
+        // session again: that primary is alive, so this copy will not be
+        // promoted. It is discarded; the primary's next try gets a new
+        // standby.
+        if let Some(ip) = peer_ip
+            && slot.cluster_hold.primary_is_back(ip)
+        {
+            tracing::warn!(vm = %vm, peer = %ip, "the primary this standby waited after is back: the held standby is discarded");
+            return Err(busy());
+        }
         if slot.life.role() == Role::Backup {
             return Err(Refusal::new(
                 ErrorCode::Busy,
@@ -705,12 +716,15 @@ pub(super) fn decide_failover(
         let epoch = replica.committed().map_or(0, |e| e.0);
         tracing::error!(vm = %name, %peer, %reason, epoch, "PRIMARY LOST: the standby waits for the cluster's decision: `remus takeover {name}` (the resource agent's promote, once {peer} is fenced) resumes it from epoch {epoch}; `remus destroy {name}` discards it");
         let gone = || agent.stopping() || slot.vm.exit_status().is_some();
+        let primary_ip = peer.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok();
         if !slot
             .cluster_hold
-            .wait(&format!("primary {peer} lost ({reason})"), gone)
+            .wait(&format!("primary {peer} lost ({reason})"), primary_ip, gone)
         {
             if !agent.stopping() {
-                discard("no takeover came before the standby ended");
+                discard(
+                    "no takeover came before the standby ended (destroyed, its QEMU gone, or its primary is back)",
+                );
             }
             return;
         }

@@ -8,8 +8,9 @@
 //! must show that those really happened, and nothing may be left running.
 //!
 //! Then a few answers ocf-tester does not check: monitor says promoted (8)
-//! while the VM runs, validate-all refuses a bad `peers`, and a promote on
-//! a node that is not the VM's home (with no copy there) is refused.
+//! while the VM runs, migrate_to refuses a VM with no standby at the
+//! target, validate-all refuses a bad `peers`, and a promote on a node
+//! that is not the VM's home (with no copy there) is refused.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,14 @@ fn the_resource_agent_passes_ocf_tester_with_a_real_vm() {
     let v = agent.vm(VM).expect("runs after the promote");
     assert_eq!(v["role"], "unprotected", "{v}");
     assert_eq!(run("monitor", &params).status.code(), Some(8));
+    // A migration is a switch-over to the standby: with none, refused.
+    let mut to = params.to_vec();
+    to.push(("CRM_meta_migrate_target", "node2"));
+    let out = run("migrate_to", &to);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("protected to 'nobody'"), "{err}");
+    assert!(agent.vm(VM).is_some(), "a refused migration left the VM running");
     assert_eq!(run("demote", &params).status.code(), Some(0));
     assert_eq!(run("monitor", &params).status.code(), Some(0));
     assert_eq!(run("stop", &params).status.code(), Some(0));

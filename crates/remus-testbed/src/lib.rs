@@ -386,6 +386,17 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The last `disk sync plan` line of this agent's log (it logs one as
+    /// either side of a session that syncs disks); fails the test with
+    /// the log if there is none.
+    pub fn last_sync_plan(&self) -> String {
+        let log = self.log_text();
+        log.lines()
+            .rfind(|l| l.contains("disk sync plan"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no disk sync plan in the agent's log:\n{log}"))
+    }
+
     /// Runs the CLI against this agent.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
         self.cli_stdin(args, None)

@@ -66,16 +66,29 @@ fn session_goes_on(client: &SeqClient, n: u64, host: &Agent, what: &str) {
     );
 }
 
-/// The VM on `h` waits for a takeover (as `role`); gives its entry.
-fn wait_held(h: &Agent, role: &str, within: Duration) -> serde_json::Value {
-    wait_for(
+/// The VM on `h` comes to wait for a takeover as `role`, paused (a
+/// standby, or a held primary), because its `lost` peer is lost.
+fn wait_held(h: &Agent, role: &str, lost: &str) {
+    let held = wait_for(
         &format!("{VM} awaiting a takeover as {role}"),
-        within,
+        Duration::from_secs(30),
         || {
             h.vm(VM)
                 .filter(|v| v["role"] == role && v["awaiting_takeover"].is_string())
         },
-    )
+    );
+    assert_eq!(held["state"], "p", "held, so paused: {held}");
+    let reason = held["awaiting_takeover"].as_str().unwrap_or_default();
+    assert!(reason.contains(lost) && reason.contains("lost"), "{reason}");
+}
+
+/// `b` protects the VM to its peer, a checkpoint committed.
+fn wait_protecting(b: &Agent, what: &str) {
+    wait_for(what, Duration::from_secs(120), || {
+        info(b)["protection"]["last_checkpoint"]["epoch"]
+            .as_u64()
+            .filter(|e| *e >= 1)
+    });
 }
 
 #[test]
@@ -113,13 +126,7 @@ fn the_cluster_decides_every_failover() {
     a.kill_hard();
     drop(follow);
     let killed = Instant::now();
-    let held = wait_held(&b, "backup", Duration::from_secs(30));
-    assert_eq!(held["state"], "p", "the standby does not run: {held}");
-    let reason = held["awaiting_takeover"].as_str().unwrap();
-    assert!(
-        reason.contains("primary") && reason.contains("lost"),
-        "{reason}"
-    );
+    wait_held(&b, "backup", "primary");
     // Decided to wait, and nothing runs the VM: no line can reach the
     // client until the takeover.
     let waited_at = client.received();
@@ -149,31 +156,12 @@ fn the_cluster_decides_every_failover() {
     // 2. a back: b protects the VM back to it by itself (changed-only);
     //    then a dies as the backup.
     a.restart().unwrap();
-    wait_for(
-        "b protecting the VM back to a",
-        Duration::from_secs(120),
-        || {
-            info(&b)["protection"]["last_checkpoint"]["epoch"]
-                .as_u64()
-                .filter(|e| *e >= 1)
-        },
-    );
-    let plan = a.log_text();
-    let plan = plan
-        .lines()
-        .rev()
-        .find(|l| l.contains("disk sync plan"))
-        .unwrap_or_else(|| panic!("no sync plan on a:\n{}", a.log_text()));
+    wait_protecting(&b, "b protecting the VM back to a");
+    let plan = a.last_sync_plan();
     assert!(plan.contains("mode=Changed"), "{plan}");
     session_goes_on(&client, 50, &b, "protected back to a");
     a.kill_hard();
-    let held = wait_held(&b, "unprotected", Duration::from_secs(30));
-    assert_eq!(held["state"], "p", "the primary is held paused: {held}");
-    let reason = held["awaiting_takeover"].as_str().unwrap();
-    assert!(
-        reason.contains("backup") && reason.contains("lost"),
-        "{reason}"
-    );
+    wait_held(&b, "unprotected", "backup");
     // Held: neither the guest nor its output goes on.
     let held_at = client.received();
     let out = b.cli(&["unpause", VM]);
@@ -198,31 +186,14 @@ fn the_cluster_decides_every_failover() {
     //    session reaches the held standby's host, which discards the
     //    standby (its primary is alive) and takes the new session.
     a.restart().unwrap();
-    wait_for(
-        "b protecting the VM to a again",
-        Duration::from_secs(120),
-        || {
-            info(&b)["protection"]["last_checkpoint"]["epoch"]
-                .as_u64()
-                .filter(|e| *e >= 1)
-        },
-    );
+    wait_protecting(&b, "b protecting the VM to a again");
     lan.cut("b").unwrap();
-    let held_b = wait_held(&b, "unprotected", Duration::from_secs(30));
-    assert_eq!(held_b["state"], "p", "{held_b}");
-    wait_held(&a, "backup", Duration::from_secs(30));
+    wait_held(&b, "unprotected", "backup");
+    wait_held(&a, "backup", "primary");
     lan.restore("b").unwrap();
     let out = b.cli(&["takeover", VM]);
     assert!(out.ok, "takeover: {}\n{}", out.stderr, b.log_text());
-    wait_for(
-        "b protecting the VM to a after the cut",
-        Duration::from_secs(120),
-        || {
-            info(&b)["protection"]["last_checkpoint"]["epoch"]
-                .as_u64()
-                .filter(|e| *e >= 1)
-        },
-    );
+    wait_protecting(&b, "b protecting the VM to a after the cut");
     assert!(
         a.log_text()
             .contains("the primary this standby waited after is back"),

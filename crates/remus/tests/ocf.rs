@@ -113,7 +113,10 @@ fn the_resource_agent_passes_ocf_tester_with_a_real_vm() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("protected to 'nobody'"), "{err}");
-    assert!(agent.vm(VM).is_some(), "a refused migration left the VM running");
+    assert!(
+        agent.vm(VM).is_some(),
+        "a refused migration left the VM running"
+    );
     assert_eq!(run("demote", &params).status.code(), Some(0));
     assert_eq!(run("monitor", &params).status.code(), Some(0));
     assert_eq!(run("stop", &params).status.code(), Some(0));

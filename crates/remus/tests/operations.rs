@@ -431,11 +431,7 @@ fn metrics_hooks_and_protection_that_heals_itself() {
     wait_role_of(&a, VM, "backup");
     let restored = wait_event(&log_b, "protection-restored", 1);
     assert_eq!(restored[2], a_listen, "{restored:?}");
-    let log = b.log_text();
-    let plan = log
-        .lines()
-        .rfind(|l| l.contains("disk sync plan"))
-        .unwrap_or_else(|| panic!("no sync plan in b's log:\n{log}"));
+    let plan = b.last_sync_plan();
     assert!(plan.contains("Changed"), "a changed-only resync: {plan}");
     // The resync is done on both sides: b's copy went to a.
     wait_event(&log_a, "resync-done", 1);

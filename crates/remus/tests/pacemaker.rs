@@ -236,12 +236,7 @@ fn pacemaker_fails_over_reprotects_and_moves_the_vm() {
     crm(&["-r", "vm-clone", "--clear"]);
     // b's change records start where c's copy did, so a's stale copy is
     // compared chunk by chunk (only differing chunks cross the link).
-    let plan = a.log_text();
-    let plan = plan
-        .lines()
-        .rev()
-        .find(|l| l.contains("disk sync plan"))
-        .unwrap_or_else(|| panic!("no sync plan on a:\n{}", logs()));
+    let plan = a.last_sync_plan();
     assert!(
         plan.contains("mode=Changed") || plan.contains("digest compare"),
         "{plan}"

@@ -89,12 +89,7 @@ fn wait_role(h: &Agent, role: &str, timeout: Duration) {
 /// The backup's last disk sync plan compared only changed chunks (no
 /// full compare, no full copy).
 fn last_sync_changed_only(backup: &Agent, what: &str) {
-    let log = backup.log_text();
-    let plan = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("disk sync plan"))
-        .unwrap_or_else(|| panic!("{what}: no sync plan in the backup's log"));
+    let plan = backup.last_sync_plan();
     assert!(plan.contains("mode=Changed"), "{what}: {plan}");
 }
 

@@ -85,12 +85,13 @@ qemu_ok() {
 # the Pacemaker test runs a real three-node cluster (cluster-glue's
 # stonith:null stands in for fencing hardware); resource-agents brings
 # ocf-tester, which needs xmllint from libxml2-utils (only a Recommends);
-# jq: the resource agent ocf:remus:vm reads `remus list --json` with it.
+# jq: the resource agent ocf:remus:vm reads `remus list --json` with it;
+# shellcheck: the test command lints that agent.
 base_pkgs=(iproute2 iputils-ping procps ca-certificates e2fsprogs cpio bc xz-utils
     etcd-server etcd-client protobuf-compiler libprotobuf-dev
     dosfstools fdisk mtools syslinux syslinux-common syslinux-efi ovmf debootstrap
     dpkg-dev gcc libc6-dev pkg-config prometheus
-    corosync pacemaker pacemaker-cli-utils resource-agents cluster-glue libxml2-utils jq)
+    corosync pacemaker pacemaker-cli-utils resource-agents cluster-glue libxml2-utils jq shellcheck)
 missing=()
 for p in "${base_pkgs[@]}"; do have_pkg "$p" || missing+=("$p"); done
 

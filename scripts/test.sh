@@ -15,6 +15,8 @@ bash scripts/build-debian-image.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== shellcheck (the resource agent)"
+shellcheck packaging/ocf/remus-vm
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build"

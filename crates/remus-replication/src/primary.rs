@@ -1136,10 +1136,19 @@ impl Session<'_> {
         // said goodbye or died).
         let _ = closer.shutdown(std::net::Shutdown::Read);
         let _ = ack_reader.join();
-        let (lost, switched, committed) = {
+        let (lost, switched, committed, unacked) = {
             let st = self.shared.lock();
-            (st.lost.clone(), st.switched, st.committed)
+            (
+                st.lost.clone(),
+                st.switched,
+                st.committed,
+                st.in_flight.len(),
+            )
         };
+        // The backup may hold a committed checkpoint: one was acknowledged,
+        // or one was sent whose ack has not come (the backup may have
+        // committed it and lost the link before its ack arrived).
+        let backup_may_hold = committed > 0 || unacked > 0 || self.cfg.resume_from.is_some();
         let end = match end {
             Ok(LoopEnd::Stopped) => ProtectEnd::Stopped,
             Ok(LoopEnd::Lost(why)) | Err(ReplError::BackupLost(why)) => ProtectEnd::BackupLost(why),
@@ -1154,11 +1163,11 @@ impl Session<'_> {
                 });
             }
             Err(e) => {
-                self.hold_for_cluster(None, committed);
+                self.hold_for_cluster(None, backup_may_hold);
                 return Err(e);
             }
         };
-        self.hold_for_cluster(Some(&end), committed);
+        self.hold_for_cluster(Some(&end), backup_may_hold);
         match &end {
             ProtectEnd::Stopped => (self.events)(SessionEvent::Stopped {
                 checkpoints: committed,
@@ -1174,11 +1183,8 @@ impl Session<'_> {
     /// Under a cluster manager ([`ProtectConfig::hold_on_loss`]): fences
     /// the guest when the backup may resume it, before the session's end
     /// is told (so that whoever hears of it sees the VM held).
-    fn hold_for_cluster(&self, end: Option<&ProtectEnd>, committed: u64) {
-        if self.cfg.hold_on_loss
-            && (committed > 0 || self.cfg.resume_from.is_some())
-            && may_resume_there(end)
-        {
+    fn hold_for_cluster(&self, end: Option<&ProtectEnd>, backup_may_hold: bool) {
+        if self.cfg.hold_on_loss && backup_may_hold && may_resume_there(end) {
             tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced until the cluster decides");
             if let Err(e) = self.vm.fence() {
                 tracing::error!(vm = %self.vm.name(), error = %e, "cannot pause the guest for the cluster's decision");

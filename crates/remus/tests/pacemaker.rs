@@ -6,20 +6,24 @@
 //! "fences" it). A client on a fourth host holds a TCP session with the
 //! guest, which writes checked records to its disk.
 //!
-//! 1. Pacemaker starts the clone: the VM's home a cold-starts it
-//!    (promote), and protects it to b, the unpromoted instance.
+//! 1. Pacemaker starts the clone on a and b (c only votes, by a
+//!    constraint): the VM's home a cold-starts it (promote), and protects
+//!    it to b, the unpromoted instance.
 //! 2. Host a dies (its agent, QEMU, corosync and Pacemaker killed):
 //!    Pacemaker fences it and promotes b, whose standby resumes at the
-//!    takeover; the TCP session survives. The clone's second instance
-//!    starts on c, and b protects the VM to c by itself: protection is
-//!    rebuilt on the surviving third host.
-//! 3. a comes back (its copy stale). The operator moves the unpromoted
-//!    instance from c to a (`crm_resource --ban`: a clone instance stays
-//!    where it runs), b protects the VM to a (a resync that sends only
-//!    the chunks that differ: a digest compare, as b's change records
-//!    start at c's copy), and `crm_resource --move --promoted` moves the VM home to a with a
-//!    switch-over at a checkpoint (demote = remus failback), the session
-//!    intact. No failover on the way.
+//!    takeover. The TCP session survives.
+//! 3. a comes back (its copy stale): its instance starts again and b
+//!    protects the VM to it with a changed-only resync.
+//! 4. `crm_resource --move --promoted` moves the VM home to a with a
+//!    switch-over at a checkpoint (demote = remus failback).
+//! 5. The constraint goes: the clone may run on c too. Host b, the
+//!    standby's, dies: a holds its guest (paused, output held) until
+//!    Pacemaker has fenced b, then runs on; the clone's second instance
+//!    starts on c, and a protects the VM there by itself (protection
+//!    rebuilt on the surviving third host).
+//!
+//! One failover in all, the session intact, and every record on the disk
+//! intact.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 use remus_testbed::pacemaker::Cluster;
 use remus_testbed::{
     Agent, Binaries, GuestImage, HostSpec, Lan, PairFiles, SeqClient, connect_seq_client,
-    lan_agent, records_intact, records_vm_config,
+    lan_agent, records_intact, records_vm_config, wait_for,
 };
 
 const VM: &str = "pcm";
@@ -100,7 +104,7 @@ fn pacemaker_fails_over_reprotects_and_moves_the_vm() {
     let store_c = files.top.path().join("c");
     std::fs::create_dir_all(&store_c).unwrap();
     let mut a = agent(&lan, "a", &files.images, &files.key);
-    let b = agent(&lan, "b", &files.store_b, &files.key);
+    let mut b = agent(&lan, "b", &files.store_b, &files.key);
     let c = agent(&lan, "c", &store_c, &files.key);
     let addr = |h: &str| format!("{}:{REPL_PORT}", lan.addr(h));
 
@@ -178,6 +182,13 @@ fn pacemaker_fails_over_reprotects_and_moves_the_vm() {
         "constraints",
         r#"<rsc_location id="vm-on-b" rsc="vm-clone" node="b" score="50"/>"#,
     );
+    // c only votes, until step 5 allows the clone there.
+    cib(
+        &cluster,
+        "a",
+        "constraints",
+        r#"<rsc_location id="vm-not-c" rsc="vm-clone" node="c" score="-INFINITY"/>"#,
+    );
 
     // 1. Cold start on a, protected to b.
     wait_protected_to(&a, &addr("b"), Duration::from_secs(180), &logs);
@@ -185,79 +196,115 @@ fn pacemaker_fails_over_reprotects_and_moves_the_vm() {
     session_goes_on(&client, 50, "protected on a", &logs);
     eprintln!("1. Pacemaker cold-started the VM on a and protected it to b");
 
-    // 2. Host a dies: Pacemaker fences it and promotes b; the second
-    //    instance goes to c, and b protects the VM there.
+    // 2. The primary's host a dies: Pacemaker fences it and promotes b,
+    //    whose standby resumes at the takeover.
     let killed = Instant::now();
     a.kill_hard();
     cluster.node_mut("a").kill();
-    wait_protected_to(&b, &addr("c"), Duration::from_secs(300), &logs);
-    let b_log = b.log_text();
+    wait_for("the VM running on b", Duration::from_secs(300), || {
+        b.vm(VM).filter(|v| v["role"] == "unprotected")
+    });
     assert!(
-        b_log.contains("TAKEOVER: the cluster says the primary is gone"),
-        "{b_log}"
-    );
-    assert_eq!(
-        b_log.matches("FAILOVER: primary lost").count(),
-        1,
-        "{b_log}"
+        b.log_text()
+            .contains("TAKEOVER: the cluster says the primary is gone"),
+        "{}",
+        with_cluster(&cluster, &logs)
     );
     session_goes_on(&client, 100, "after the failover to b", &logs);
     eprintln!(
-        "2. a died: Pacemaker promoted b (the standby took over), and b protects the VM to c ({:?} after the kill)",
+        "2. a died: Pacemaker promoted b (the standby took over) {:?} after the kill",
         killed.elapsed()
     );
 
-    // 3. a is back. The operator moves the unpromoted instance from c to
-    //    a (a clone instance stays where it runs), so b protects the VM
-    //    to a (changed-only resync), then moves the VM home with a
-    //    switch-over.
+    // 3. a is back (its copy stale): its instance starts again, and b
+    //    protects the VM to it with a changed-only resync (b's change
+    //    records since its takeover, and a's own of what it wrote last).
     a.restart().unwrap();
     cluster.node_mut("a").start().unwrap();
-    cluster
-        .node("a")
-        .wait_online(&["a", "b", "c"], Duration::from_secs(120))
-        .unwrap();
+    wait_protected_to(&b, &addr("a"), Duration::from_secs(300), &|| {
+        with_cluster(&cluster, &logs)
+    });
+    let plan = a.last_sync_plan();
+    assert!(plan.contains("mode=Changed"), "{plan}");
+    session_goes_on(&client, 50, "protected to a again", &logs);
+    eprintln!("3. a back: b protects the VM to it (changed-only resync)");
+
+    // 4. The VM moves home to a with a switch-over at a checkpoint.
     let crm = |args: &[&str]| {
         cluster
-            .node("b")
+            .node("c")
             .run_ok("crm_resource", args)
             .unwrap_or_else(|e| panic!("{e}"));
     };
-    crm(&["-r", "vm-clone", "--ban", "--node", "c"]);
-    let logs3 = || {
-        let mon = cluster
-            .node("b")
-            .run("crm_mon", &["-1", "-A"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        format!("{}\n--- crm_mon:\n{mon}\n{}", logs(), cluster.log_tails(60))
-    };
-    wait_protected_to(&b, &addr("a"), Duration::from_secs(300), &logs3);
-    crm(&["-r", "vm-clone", "--clear"]);
-    // b's change records start where c's copy did, so a's stale copy is
-    // compared chunk by chunk (only differing chunks cross the link).
-    let plan = a.last_sync_plan();
-    assert!(
-        plan.contains("mode=Changed") || plan.contains("digest compare"),
-        "{plan}"
-    );
-    assert!(c.vm(VM).is_none(), "c dropped its standby: {:?}", c.vm(VM));
-    session_goes_on(&client, 50, "protected back to a", &logs3);
     crm(&["-r", "vm-clone", "--move", "--promoted", "--node", "a"]);
-    wait_protected_to(&a, &addr("b"), Duration::from_secs(300), &logs3);
+    wait_protected_to(&a, &addr("b"), Duration::from_secs(300), &|| {
+        with_cluster(&cluster, &logs)
+    });
     crm(&["-r", "vm-clone", "--clear"]);
-    let b_log = b.log_text();
-    assert!(b_log.contains("SWITCHED OVER"), "{}", logs3());
-    assert_eq!(b_log.matches("FAILOVER").count(), 1, "{}", logs3());
-    assert!(!a.log_text().contains("FAILOVER"), "{}", logs3());
-    session_goes_on(&client, 100, "after the move home to a", &logs3);
-    let n = records_intact(&a, VM, "at the end");
-    let mode = plan
-        .split("mode=")
-        .nth(1)
-        .and_then(|m| m.split_whitespace().next());
-    eprintln!(
-        "3. a back: resynced (plan {}), then moved home by crm_resource --move; {n} records intact",
-        mode.unwrap_or("?")
+    assert!(
+        b.log_text().contains("SWITCHED OVER"),
+        "{}",
+        with_cluster(&cluster, &logs)
     );
+    session_goes_on(&client, 100, "after the move home to a", &logs);
+    eprintln!("4. moved home to a by crm_resource --move (a switch-over)");
+
+    // 5. The clone may run on c too now. The standby's host b dies: a
+    //    holds its guest until Pacemaker has fenced b and reports its
+    //    instance stopped, then runs on; the second instance starts on
+    //    c, and a protects the VM there by itself.
+    cluster
+        .node("c")
+        .run_ok(
+            "cibadmin",
+            &[
+                "-D",
+                "-o",
+                "constraints",
+                "-X",
+                r#"<rsc_location id="vm-not-c"/>"#,
+            ],
+        )
+        .unwrap();
+    let killed = Instant::now();
+    b.kill_hard();
+    cluster.node_mut("b").kill();
+    wait_protected_to(&a, &addr("c"), Duration::from_secs(300), &|| {
+        with_cluster(&cluster, &logs)
+    });
+    let a_log = a.log_text();
+    assert!(
+        a_log.contains("BACKUP LOST: the VM is held paused")
+            && a_log.contains("TAKEOVER: the cluster says the backup is gone"),
+        "{}",
+        with_cluster(&cluster, &logs)
+    );
+    session_goes_on(&client, 100, "after b's loss", &logs);
+    // One failover in all (step 2), and nothing ran twice.
+    assert_eq!(
+        b.log_text().matches("FAILOVER").count(),
+        1,
+        "{}",
+        b.log_text()
+    );
+    assert!(!a.log_text().contains("FAILOVER"), "{}", a.log_text());
+    assert!(!c.log_text().contains("FAILOVER"), "{}", c.log_text());
+    let n = records_intact(&a, VM, "at the end");
+    eprintln!(
+        "5. b died: a held its guest until Pacemaker fenced b, then protects the VM to c ({:?} after the kill); {n} records intact",
+        killed.elapsed()
+    );
+}
+
+/// The agents' logs, then what the cluster says (crm_mon from a node that
+/// is up) and the tail of every node's logs.
+fn with_cluster(cluster: &Cluster, logs: &dyn Fn() -> String) -> String {
+    let mon = cluster
+        .nodes
+        .iter()
+        .find(|n| n.is_up())
+        .and_then(|n| n.run("crm_mon", &["-1", "-A"]).ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    format!("{}\n--- crm_mon:\n{mon}\n{}", logs(), cluster.log_tails(60))
 }

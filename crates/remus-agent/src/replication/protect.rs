@@ -391,7 +391,7 @@ pub(super) fn start_protect_from(
                         reason: e.to_string(),
                     });
                     tracing::error!(vm = %vm_name, error = %e, "protection failed: the VM is held paused, its output held, until the cluster decides (`remus takeover {vm_name}`)");
-                    slot2.cluster_hold.hold_primary(&format!("session with backup {peer} failed ({e})"));
+                    slot2.cluster_hold.hold_primary(&format!("backup {peer} lost (the session failed: {e})"));
                 }
                 Err(e) => {
                     slot2.publish(SessionEvent::Failed {

@@ -228,6 +228,14 @@ async fn protect(
     let Json(req) =
         body.map_err(|e| AgentError::BadRequest(format!("bad protect request: {e}")))?;
     blocking(move || {
+        // The session the last agent suspended resumes by itself (with
+        // no copy); a new one now would discard the backup's kept
+        // standby and leave the guest paused at the suspended epoch.
+        if a.resuming(&name) {
+            return Err(AgentError::Conflict(format!(
+                "VM '{name}' is resuming the protection session this agent's restart suspended; try again once it has (remus list shows its protection)"
+            )));
+        }
         crate::replication::start_protect(&a, &name, req.clone())?;
         if req.manual {
             a.wishes().clear(&name);

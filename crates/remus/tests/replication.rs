@@ -557,8 +557,19 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
         ),
     );
     assert!(a.cli(&["create", cfg.to_str().unwrap()]).ok);
-    a.wait_console("cap", BOOT, "tick 3 and diskload", |c| {
-        last_tick(c) >= Some(3) && c.contains("diskload: done")
+    // At least 9 MiB written (records of 4 KiB), so that the capped sync
+    // below has more than its 8 MiB to send.
+    let done = |c: &str| {
+        c.lines().rev().find_map(|l| {
+            l.rsplit_once("diskload: done ")?
+                .1
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    a.wait_console("cap", BOOT, "tick 3 and 9 MiB of diskload", |c| {
+        last_tick(c) >= Some(3) && done(c) >= Some(9 * 256)
     })
     .unwrap();
     // Bytes sent in `ms` under the cap: at most the rate for that time,

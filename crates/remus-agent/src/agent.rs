@@ -68,6 +68,14 @@ pub struct AgentOptions {
     pub failover_by: crate::cli::FailoverBy,
 }
 
+impl AgentOptions {
+    /// Whether a cluster manager decides every failover
+    /// (`--failover-by cluster`).
+    pub fn cluster_decides(&self) -> bool {
+        self.failover_by == crate::cli::FailoverBy::Cluster
+    }
+}
+
 /// What a VM's event channel carries.
 #[derive(Debug, Clone)]
 pub enum Published {

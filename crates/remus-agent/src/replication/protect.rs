@@ -250,7 +250,7 @@ pub(super) fn start_protect_from(
         min_interval,
         suspend,
         resume_from: resumed,
-        hold_on_loss: agent.opts.failover_by == crate::cli::FailoverBy::Cluster,
+        hold_on_loss: agent.opts.cluster_decides(),
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -269,7 +269,7 @@ pub(super) fn start_protect_from(
                     // The session's last word: whoever reads it and then
                     // asks `list` must already see the VM unprotected (and
                     // find the reason in the log).
-                    SessionEvent::BackupLost { reason } if slot2.vm.is_fenced() && agent2.opts.failover_by == crate::cli::FailoverBy::Cluster => {
+                    SessionEvent::BackupLost { reason } if slot2.vm.is_fenced() && agent2.opts.cluster_decides() => {
                         // Fenced by the session (see hold_on_loss): the
                         // cluster may be promoting the standby.
                         tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM is held paused, its output held, until the cluster decides: `remus takeover {vm_name}` here once {peer} is fenced (the resource agent does it), or the standby is promoted there");
@@ -386,7 +386,7 @@ pub(super) fn start_protect_from(
                     | ProtectEnd::SwitchOverUnconfirmed { .. }
                     | ProtectEnd::Suspended { .. },
                 ) => {}
-                Err(e) if slot2.vm.is_fenced() && agent2.opts.failover_by == crate::cli::FailoverBy::Cluster => {
+                Err(e) if slot2.vm.is_fenced() && agent2.opts.cluster_decides() => {
                     slot2.publish(SessionEvent::Failed {
                         reason: e.to_string(),
                     });

@@ -711,7 +711,7 @@ pub(super) fn decide_failover(
     };
     // Under a cluster manager, the cluster decides (after fencing the
     // primary's host): wait for its word.
-    let cluster = agent.opts.failover_by == crate::cli::FailoverBy::Cluster;
+    let cluster = agent.opts.cluster_decides();
     if cluster {
         let epoch = replica.committed().map_or(0, |e| e.0);
         tracing::error!(vm = %name, %peer, %reason, epoch, "PRIMARY LOST: the standby waits for the cluster's decision: `remus takeover {name}` (the resource agent's promote, once {peer} is fenced) resumes it from epoch {epoch}; `remus destroy {name}` discards it");

@@ -358,7 +358,7 @@ impl Guard {
             if want == Want::Pin {
                 match a.arb.pin(&self.vm, lease.as_ref().map(|l| l.id)) {
                     Ok(revision) => {
-                        self.lift_fence(&*slot, revision, "the key is pinned to this host");
+                        self.lift_fence(&*slot, revision, "the key is pinned to this host", true);
                         let mut st = lock(&self.state);
                         st.tenure = Tenure::Pinned;
                         st.revision = revision;
@@ -380,7 +380,7 @@ impl Guard {
                     Ok(_) => {
                         self.leased(l);
                         if slot.vm().is_fenced() {
-                            self.lift_fence(&*slot, l.revision, "the lease was renewed");
+                            self.lift_fence(&*slot, l.revision, "the lease was renewed", false);
                         }
                         false
                     }
@@ -403,6 +403,7 @@ impl Guard {
                             &*slot,
                             l.revision,
                             "the key was taken again on a new lease",
+                            false,
                         );
                         lease = Some(l);
                     }
@@ -470,8 +471,12 @@ impl Guard {
     }
 
     /// Resumes a fenced VM once the key is this host's again (checked in
-    /// etcd: our host name, and our lease or none).
-    fn lift_fence(&self, slot: &dyn Guarded, revision: i64, why: &str) {
+    /// etcd: our host name, and our lease or none). Once the session has
+    /// ended (the key is to be pinned), only the pin lifts it: while the
+    /// key is on a lease the backup may still take it when the lease
+    /// lapses, and resume from its last checkpoint, so no output it does
+    /// not hold may leave here meanwhile.
+    fn lift_fence(&self, slot: &dyn Guarded, revision: i64, why: &str, pinned: bool) {
         if !slot.vm().is_fenced() {
             let mut st = lock(&self.state);
             if st.tenure == Tenure::Fenced {
@@ -496,6 +501,10 @@ impl Guard {
         // stop) that fenced the VM since the etcd call above wins.
         let st = lock(&self.state);
         if st.want == Want::Stop {
+            return;
+        }
+        if st.want == Want::Pin && !pinned {
+            tracing::info!(vm = %self.vm, revision, "arbiter: {why}, but the session has ended: the VM stays fenced until its key is pinned to this host");
             return;
         }
         let unfenced = slot.vm().unfence();

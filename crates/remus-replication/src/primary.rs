@@ -108,13 +108,17 @@ pub struct ProtectConfig {
     /// session runs). No initial copy; checkpoints go on from the next
     /// epoch.
     pub resume_from: Option<Epoch>,
-    /// A cluster manager decides where the VM runs (`remusd --failover-by
-    /// cluster`): a backup that holds a committed checkpoint and is lost
-    /// without saying it gives up (silent, gone, unreadable) may be
-    /// resuming the VM at the cluster's word, so the guest is fenced
-    /// (paused, its unacknowledged output held) instead of going on alone.
-    /// The agent lifts the fence when the cluster says the backup is gone.
-    pub hold_on_loss: bool,
+    /// Someone else decides where the VM runs once its backup is lost: a
+    /// cluster manager (`remusd --failover-by cluster`) or the arbiter. A
+    /// backup that holds a committed checkpoint and is lost without
+    /// saying it gives up (silent, gone, unreadable) may be resuming the
+    /// VM, so the guest is fenced (paused, its unacknowledged output held)
+    /// instead of going on alone: output the backup's copy does not
+    /// contain must not leave while that copy may run. The hook is called
+    /// just before the fence (the arbiter's guard, from then on, lifts it
+    /// only once the key is pinned to this host); the agent lifts the
+    /// fence when the backup is known to be gone.
+    pub hold_on_loss: Option<OnHold>,
 }
 
 /// Suspending a session for a restart of this agent: once `requested` is
@@ -264,6 +268,16 @@ impl std::fmt::Debug for HandOver {
     }
 }
 
+/// See [`ProtectConfig::hold_on_loss`].
+#[derive(Clone)]
+pub struct OnHold(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnHold")
+    }
+}
+
 /// See [`ProtectConfig::on_commit`].
 #[derive(Clone)]
 pub struct OnCommit(pub Arc<dyn Fn(Epoch) + Send + Sync>);
@@ -376,6 +390,8 @@ struct Edges<'a> {
     nets: &'a [Arc<OutputCommit>],
     /// Told of output held in the open epoch (output-driven epochs).
     signal: Option<&'a OutputSignal>,
+    /// [`ProtectConfig::hold_on_loss`] is set: see [`Edges::lost`].
+    hold_on_loss: bool,
 }
 
 impl Edges<'_> {
@@ -397,6 +413,21 @@ impl Edges<'_> {
         for n in self.nets {
             n.release(epoch);
         }
+    }
+
+    /// The ack reader lost the backup for `why`. When the backup may
+    /// resume the VM and the session holds on a loss, its output stays
+    /// held: the session's end decides (it fences the guest, or it lets
+    /// the output go with [`Edges::end`]). Otherwise as `end`.
+    fn lost(&self, why: &LostBackup) {
+        if self.hold_on_loss && !matches!(why, LostBackup::Reported { .. } | LostBackup::TookOver) {
+            self.journal.close();
+            for n in self.nets {
+                n.set_signal(None);
+            }
+            return;
+        }
+        self.end();
     }
 
     /// No backup will acknowledge anything more: the journal closes and
@@ -657,6 +688,7 @@ pub fn protect(
         journal: &disks.journal,
         nets: &nets[..],
         signal: signal.as_deref(),
+        hold_on_loss: cfg.hold_on_loss.is_some(),
     };
     let result = std::thread::scope(|s| {
         let (shared, disks, pacer) = (&shared, &disks, pacer.as_ref());
@@ -1163,11 +1195,11 @@ impl Session<'_> {
                 });
             }
             Err(e) => {
-                self.hold_for_cluster(None, backup_may_hold);
+                self.hold_after_loss(None, backup_may_hold);
                 return Err(e);
             }
         };
-        self.hold_for_cluster(Some(&end), backup_may_hold);
+        self.hold_after_loss(Some(&end), backup_may_hold);
         match &end {
             ProtectEnd::Stopped => (self.events)(SessionEvent::Stopped {
                 checkpoints: committed,
@@ -1180,14 +1212,19 @@ impl Session<'_> {
         Ok(end)
     }
 
-    /// Under a cluster manager ([`ProtectConfig::hold_on_loss`]): fences
-    /// the guest when the backup may resume it, before the session's end
-    /// is told (so that whoever hears of it sees the VM held).
-    fn hold_for_cluster(&self, end: Option<&ProtectEnd>, backup_may_hold: bool) {
-        if self.cfg.hold_on_loss && backup_may_hold && may_resume_there(end) {
-            tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced until the cluster decides");
+    /// Under a cluster manager or an arbiter
+    /// ([`ProtectConfig::hold_on_loss`]): fences the guest when the backup
+    /// may resume it, before the session's end is told (so that whoever
+    /// hears of it sees the VM held).
+    fn hold_after_loss(&self, end: Option<&ProtectEnd>, backup_may_hold: bool) {
+        let Some(hook) = &self.cfg.hold_on_loss else {
+            return;
+        };
+        if backup_may_hold && may_resume_there(end) {
+            tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced, its output held, until the backup is known not to run the VM");
+            (hook.0)();
             if let Err(e) = self.vm.fence() {
-                tracing::error!(vm = %self.vm.name(), error = %e, "cannot pause the guest for the cluster's decision");
+                tracing::error!(vm = %self.vm.name(), error = %e, "cannot pause the guest after the backup's loss");
             }
         }
     }
@@ -1329,12 +1366,13 @@ fn ack_loop(
             Err(e) => break LostBackup::Closed(e.to_string()),
         }
     };
+    // No backup will acknowledge anything more: the VM runs on alone, or
+    // is held (see Edges::lost).
+    edges.lost(&why);
     shared.lose(why);
     // Unblock a sender stuck writing to a backup that is gone, and guest
     // writes waiting for room in the journal.
     let _ = r.shutdown(std::net::Shutdown::Both);
-    // No backup will acknowledge anything more: the VM runs on alone.
-    edges.end();
     shared.update(|s| s.reader_done = true);
 }
 

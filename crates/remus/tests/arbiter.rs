@@ -489,4 +489,57 @@ fn two_copies_never_run_at_once() {
         drop(client);
         site.clean(vm);
     }
+
+    // 7. A partial partition: a loses b and etcd but still reaches its
+    //    client. b takes over once a's lease lapses and resumes from the
+    //    last acknowledged checkpoint, so a must not let out anything
+    //    the backup does not hold: no output of unacknowledged epochs,
+    //    and no live output after the loss, until its key is pinned
+    //    (never, here). The cut comes just after a renewal, so that a
+    //    learns of the loss (1 s timeout) before its lease would fence
+    //    it (TTL less the margin): the window in which it would
+    //    otherwise run on with its output unheld.
+    {
+        let vm = "arb7";
+        let (client, mut follow, watch) = site.protected_vm(vm);
+        wait_for("a's lease just renewed", Duration::from_secs(10), || {
+            site.a.vm(vm).is_some_and(|v| {
+                v["arbiter"]["fence_in_ms"]
+                    .as_i64()
+                    .is_some_and(|ms| ms >= (TTL_S * 1000 - MARGIN_MS) as i64 - 150)
+            })
+        });
+        let cut = Instant::now();
+        for (from, to) in [("a", "b"), ("b", "a"), ("a", "e"), ("e", "a")] {
+            blackhole(&site.lan, from, to, true);
+        }
+        let lost = follow.event("backup_lost").unwrap();
+        eprintln!(
+            "partial partition: a lost b after {:?}: {lost}",
+            cut.elapsed()
+        );
+        let failover = site
+            .b
+            .wait_failover(vm, cut, Duration::from_secs(30))
+            .unwrap();
+        eprintln!("partial partition: b resumed after {failover} ms");
+        // The client's session goes on from b with nothing lost: what it
+        // got from a was all in the checkpoint b resumed from.
+        session_goes_on(&client, 100, &site.b, vm, "after the partial partition");
+        session_whole(&client, &site.b, vm);
+        for (from, to) in [("a", "b"), ("b", "a"), ("a", "e"), ("e", "a")] {
+            blackhole(&site.lan, from, to, false);
+        }
+        wait_for("a to see it is stale", Duration::from_secs(20), || {
+            arbiter_state(&site.a, vm).as_deref() == Some("stale")
+        });
+        session_goes_on(&client, 50, &site.b, vm, "a reconnected");
+        session_whole(&client, &site.b, vm);
+        let report = watch.stop();
+        check(&report, "partial partition");
+        assert!(report.ever_ran("b"));
+        drop(follow);
+        drop(client);
+        site.clean(vm);
+    }
 }

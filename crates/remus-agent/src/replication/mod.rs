@@ -33,7 +33,7 @@ use remus_proto::{
 use remus_replication::backup::{BackupConfig, BackupEnd};
 use remus_replication::copy::{CopyState, Generations, SyncMode, SyncPlan};
 use remus_replication::primary::{
-    HandOver, LostBackup, OnCommit, ProtectConfig, ProtectEnd, Suspending, Tuning,
+    HandOver, LostBackup, OnCommit, OnHold, ProtectConfig, ProtectEnd, Suspending, Tuning,
 };
 use remus_replication::replica::Replica;
 use remus_vm::Role;

@@ -250,7 +250,17 @@ pub(super) fn start_protect_from(
         min_interval,
         suspend,
         resume_from: resumed,
-        hold_on_loss: agent.opts.cluster_decides(),
+        // Under a cluster manager, or with the arbiter (whose guard wants
+        // the key pinned from the moment of the hold, and lifts the fence
+        // only then): see hold_on_loss.
+        hold_on_loss: match (&guard, agent.opts.cluster_decides()) {
+            (_, true) => Some(OnHold(Arc::new(|| {}))),
+            (Some(g), false) => {
+                let g = g.clone();
+                Some(OnHold(Arc::new(move || g.pin())))
+            }
+            (None, false) => None,
+        },
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();
@@ -281,7 +291,9 @@ pub(super) fn start_protect_from(
                         });
                     }
                     SessionEvent::BackupLost { reason } => {
-                        if agent2.wish(&vm_name).is_some() {
+                        if guard.is_some() && slot2.vm.is_fenced() {
+                            tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM is paused, its output held, until the arbiter's key is pinned to this host (then it runs on unprotected), or {peer} takes the key (then this copy is stale)");
+                        } else if agent2.wish(&vm_name).is_some() {
                             tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; the agent protects it again as soon as the backup answers");
                         } else {
                             tracing::error!(vm = %vm_name, %peer, %reason, "BACKUP LOST: the VM runs on UNPROTECTED; run `remus protect` again");

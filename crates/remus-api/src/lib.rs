@@ -251,12 +251,25 @@ pub struct ProtectRequest {
     /// Absent: [`DEFAULT_MIN_INTERVAL_MS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_interval_ms: Option<u64>,
+    /// With output-driven epochs, the longest a frame should be held: the
+    /// gap between checkpoints grows toward it (less the checkpoint's
+    /// pause and ack) while the guest streams output, and is back at
+    /// `min_interval_ms` at the first quiet epoch. At or below
+    /// `min_interval_ms`: the gap never grows. Absent:
+    /// [`DEFAULT_MAX_LATENCY_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_ms: Option<u64>,
 }
 
 /// The shortest gap between two checkpoints when output waits, by default
 /// (`remus protect --min-interval`): chosen from the bench's `net`
 /// section (bench/results.md).
 pub const DEFAULT_MIN_INTERVAL_MS: u64 = 10;
+
+/// The latency budget of a streaming guest's output, by default
+/// (`remus protect --max-latency`): chosen from the bench's `net` section
+/// (bench/results.md).
+pub const DEFAULT_MAX_LATENCY_MS: u64 = 40;
 
 fn default_interval_ms() -> u64 {
     200

@@ -199,6 +199,16 @@ pub enum Command {
         /// of every reply then grows with -i). Default: 10.
         #[arg(long = "min-interval", value_name = "MS")]
         min_interval_ms: Option<u64>,
+        /// With output-driven epochs, the longest a frame should wait
+        /// before it leaves. While the guest streams output (a bulk
+        /// transfer) checkpoints come further apart, up to MS less the
+        /// checkpoint's own pause and ack, so that the guest is stopped
+        /// less often; the first quiet epoch brings them back to
+        /// --min-interval, so replies to a quiet guest keep their short
+        /// wait. At or below --min-interval: the gap never grows.
+        /// Default: 40.
+        #[arg(long = "max-latency", value_name = "MS")]
+        max_latency_ms: Option<u64>,
         /// Replicate in the clear instead of over the encrypted link: only
         /// for a link that is encrypted already (WireGuard, IPsec), to
         /// save the CPU. The key still authenticates the peers, but
@@ -418,6 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_compress,
             max_rate,
             min_interval_ms,
+            max_latency_ms,
             unencrypted,
             no_reprotect,
             manual,
@@ -489,6 +500,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 manual,
                 max_rate,
                 min_interval_ms,
+                max_latency_ms,
             };
             client.protect(&vm, &req).await.map_err(api)?;
             eprintln!(

@@ -100,6 +100,15 @@ pub struct ProtectConfig {
     /// latest at the interval; an epoch with no output lasts the interval.
     /// `None`: every epoch lasts the interval.
     pub min_interval: Option<Duration>,
+    /// With output-driven epochs: the longest a frame should wait. While
+    /// the guest streams output (it has some waiting almost as soon as
+    /// each epoch begins) the gap between checkpoints grows from
+    /// `min_interval` toward this, less the last checkpoint's pause and
+    /// ack, so that fewer, larger checkpoints stop the guest less often
+    /// (see [`Gap`]); it falls back to `min_interval` at the first epoch
+    /// whose output comes later. `None`, or not above `min_interval`:
+    /// the gap stays `min_interval`.
+    pub max_latency: Option<Duration>,
     /// The backup keeps its standby across a restart of this agent (it
     /// answered the setup with a Resumable): see [`Suspending`].
     pub suspend: Option<Suspending>,
@@ -472,6 +481,8 @@ struct State {
     in_flight: HashMap<u64, (CheckpointStats, Instant)>,
     /// The highest epoch the backup acknowledged.
     acked_up_to: Option<u64>,
+    /// From the last acknowledged checkpoint's End to its ack.
+    last_ack: Option<Duration>,
     /// Checkpoints acknowledged (the initial copy not counted).
     committed: u64,
     /// The backup answered a switch-over with Done: it runs the VM now.
@@ -741,6 +752,58 @@ pub fn protect(
     result
 }
 
+/// The gap between checkpoints while output waits (output-driven
+/// epochs), adapted to how the guest talks. A guest whose output comes
+/// early in every epoch (within half the minimum gap of its start) is
+/// streaming: a bulk transfer, or requests close enough to count as one.
+/// Each checkpoint stops it for a pause whatever the epoch's length, so
+/// its gap grows by half per such epoch, up to the latency budget less
+/// the last checkpoint's pause and ack (the rest of a frame's wait): it
+/// spends less of its time stopped and sends more per checkpoint. The
+/// first epoch whose output comes later (an answer to a new request, a
+/// ping) drops the gap back to the minimum, so a reply to a quiet guest
+/// waits no longer than before.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    min: Option<Duration>,
+    budget: Option<Duration>,
+    now: Option<Duration>,
+}
+
+impl Gap {
+    fn new(min: Option<Duration>, max_latency: Option<Duration>) -> Gap {
+        Gap {
+            min,
+            budget: max_latency.filter(|&b| min.is_some_and(|m| b > m)),
+            now: min,
+        }
+    }
+
+    /// This epoch's gap (`None`: output-driven epochs are off).
+    fn now(&self) -> Option<Duration> {
+        self.now
+    }
+
+    /// The epoch just ended: its first output came `first` after the
+    /// guest ran again (`None`: it had none); the last checkpoint cost
+    /// `overhead` (its pause and the ack of the last acknowledged one).
+    fn observe(&mut self, first: Option<Duration>, overhead: Duration) {
+        let (Some(min), Some(now)) = (self.min, self.now) else {
+            return;
+        };
+        let Some(budget) = self.budget else {
+            return;
+        };
+        let streaming = first.is_some_and(|f| f <= min / 2);
+        let ceiling = budget.saturating_sub(overhead).max(min);
+        self.now = Some(if streaming {
+            (now + now / 2).min(ceiling)
+        } else {
+            min
+        });
+    }
+}
+
 /// Whether a session that ended so (`None`: with an error) leaves a
 /// backup that may still resume the VM: not one the operator stopped (the
 /// backup was told), one that said it gives up (an Error), nor a
@@ -980,6 +1043,8 @@ impl Session<'_> {
         // it twice (it stays in `postmigrate`), so further checkpoints wait
         // for the unpause; heartbeats go on.
         let mut captured_paused: Option<u64> = None;
+        let mut gap = Gap::new(self.cfg.min_interval, self.cfg.max_latency);
+        let mut resumed = last_start;
         loop {
             if self.stopped() || self.backup_ends() {
                 return Ok(LoopEnd::Stopped);
@@ -988,7 +1053,12 @@ impl Session<'_> {
                 return Ok(LoopEnd::Lost(why));
             }
             if !self.suspend_requested() {
-                self.wait_epoch_end(last_start);
+                let first = self.wait_epoch_end(last_start, gap.now());
+                let last_ack = self.shared.lock().last_ack;
+                gap.observe(
+                    first.map(|f| f.saturating_duration_since(resumed)),
+                    resumed.saturating_duration_since(last_start) + last_ack.unwrap_or_default(),
+                );
             }
             let suspend = self.suspend_requested();
             // A guest held paused (the operator, the fence) is not
@@ -1018,6 +1088,7 @@ impl Session<'_> {
                     Vec::new(),
                 )?
             };
+            resumed = Instant::now();
             captured_paused = staged.operator_paused;
             self.shared.hand_off(Outgoing::Checkpoint(staged))?;
             if suspend {
@@ -1034,7 +1105,10 @@ impl Session<'_> {
     /// sooner, once the guest has output waiting and the minimum interval
     /// has passed. A checkpoint that took longer than the interval (a
     /// slow link) is followed at once, never by a burst of catch-ups.
-    fn wait_epoch_end(&self, last_start: Instant) {
+    ///
+    /// `min` is the gap of this epoch ([`Gap::now`]). Returns when the
+    /// epoch's first output began to wait, if it did.
+    fn wait_epoch_end(&self, last_start: Instant, min: Option<Duration>) -> Option<Instant> {
         let latest = last_start + self.cfg.tuning.interval();
         // A suspend (the agent stops) is looked for every 50 ms: a long
         // interval must not hold up the agent's stop.
@@ -1048,20 +1122,22 @@ impl Session<'_> {
                 _ => return,
             }
         };
-        let (Some(signal), Some(min)) = (self.edges.signal, self.cfg.min_interval) else {
-            return until(latest);
+        let (Some(signal), Some(min)) = (self.edges.signal, min) else {
+            until(latest);
+            return None;
         };
         // Output waits: end the epoch once the minimum has passed.
         loop {
             if self.suspend_requested() {
-                return;
+                return None;
             }
             let now = Instant::now();
             if now >= latest {
-                return;
+                return None;
             }
-            if signal.wait_first(latest.min(now + LOOK)).is_some() {
-                return until((last_start + min).min(latest));
+            if let Some(first) = signal.wait_first(latest.min(now + LOOK)) {
+                until((last_start + min).min(latest));
+                return Some(first);
             }
         }
     }
@@ -1293,7 +1369,11 @@ fn acknowledged(
         if epoch.0 > 0 {
             s.committed += 1;
         }
-        s.in_flight.remove(&epoch.0)
+        let entry = s.in_flight.remove(&epoch.0);
+        if let Some((_, at)) = &entry {
+            s.last_ack = Some(at.elapsed());
+        }
+        entry
     });
     if epoch.0 == 0 {
         return;
@@ -1672,6 +1752,56 @@ fn write_pages<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_gap_grows_while_the_guest_streams_and_drops_back_when_it_is_quiet() {
+        let mut g = Gap::new(Some(ms(10)), Some(ms(40)));
+        assert_eq!(g.now(), Some(ms(10)));
+        // Output 1 ms into each epoch: streaming; the gap grows by half
+        // per epoch up to the budget less pause + ack (40 - 6).
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            g.observe(Some(ms(1)), ms(6));
+            seen.push(g.now().unwrap());
+        }
+        assert_eq!(
+            seen,
+            [
+                ms(15),
+                ms(22) + Duration::from_micros(500),
+                ms(33) + Duration::from_micros(750),
+                ms(34),
+                ms(34),
+                ms(34)
+            ]
+        );
+        // Output 8 ms in (a new request): back to the minimum at once.
+        g.observe(Some(ms(8)), ms(6));
+        assert_eq!(g.now(), Some(ms(10)));
+        // No output at all: stays at the minimum.
+        g.observe(None, ms(6));
+        assert_eq!(g.now(), Some(ms(10)));
+        // A slow checkpoint eats the budget: never below the minimum.
+        g.observe(Some(ms(0)), ms(45));
+        assert_eq!(g.now(), Some(ms(10)));
+    }
+
+    #[test]
+    fn the_gap_stays_at_the_minimum_without_a_budget_above_it() {
+        for budget in [None, Some(ms(10)), Some(ms(5))] {
+            let mut g = Gap::new(Some(ms(10)), budget);
+            g.observe(Some(ms(0)), ms(1));
+            assert_eq!(g.now(), Some(ms(10)), "budget {budget:?}");
+        }
+        // Output-driven epochs off: nothing to adapt.
+        let mut g = Gap::new(None, Some(ms(40)));
+        g.observe(Some(ms(0)), ms(1));
+        assert_eq!(g.now(), None);
+    }
 
     fn staged(epoch: u64) -> Outgoing {
         Outgoing::Checkpoint(Staged::precopy(

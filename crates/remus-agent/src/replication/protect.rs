@@ -66,6 +66,12 @@ pub(super) fn start_protect_from(
         }
         ms => Some(Duration::from_millis(ms)),
     };
+    let max_latency = min_interval.map(|_| {
+        Duration::from_millis(
+            req.max_latency_ms
+                .unwrap_or(remus_api::DEFAULT_MAX_LATENCY_MS),
+        )
+    });
     slot.vm
         .dirty_tracker()
         .map_err(|e| AgentError::Conflict(e.to_string()))?;
@@ -248,6 +254,7 @@ pub(super) fn start_protect_from(
         on_commit: Some(on_commit),
         max_rate,
         min_interval,
+        max_latency,
         suspend,
         resume_from: resumed,
         // Under a cluster manager, or with the arbiter (whose guard wants
@@ -270,7 +277,7 @@ pub(super) fn start_protect_from(
     std::thread::Builder::new()
         .name(format!("protect-{vm_name}"))
         .spawn(move || {
-            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.tuning.interval().as_millis() as u64, min_interval_ms = cfg.min_interval.map(|d| d.as_millis() as u64), "protection started");
+            tracing::info!(vm = %vm_name, %peer, interval_ms = cfg.tuning.interval().as_millis() as u64, min_interval_ms = cfg.min_interval.map(|d| d.as_millis() as u64), max_latency_ms = cfg.max_latency.map(|d| d.as_millis() as u64), "protection started");
             let emit = |ev: SessionEvent| {
                 match &ev {
                     SessionEvent::Checkpoint(s) => {

@@ -556,6 +556,7 @@ fn request_back(setup: &SessionSetup) -> Option<ProtectRequest> {
         max_rate: back.max_rate,
         // This host's default.
         min_interval_ms: None,
+        max_latency_ms: None,
     })
 }
 

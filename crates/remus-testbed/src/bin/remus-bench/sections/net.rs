@@ -166,6 +166,10 @@ enum NetMode {
     /// The same with `--min-interval 0`: every epoch lasts `-i` (the
     /// behaviour before output-driven epochs, as the baseline of the run).
     Fixed(u64),
+    /// Buffered with `--max-latency 0`: the gap between checkpoints stays
+    /// at `--min-interval` while the guest streams (the behaviour before
+    /// the adaptive gap, as its baseline in the run).
+    FixedGap(u64),
 }
 
 impl NetMode {
@@ -175,6 +179,7 @@ impl NetMode {
             NetMode::NoNet(i) => format!("protected -i {i} --no-net"),
             NetMode::Buffered(i) => format!("protected -i {i}, buffered"),
             NetMode::Fixed(i) => format!("protected -i {i}, buffered, --min-interval 0"),
+            NetMode::FixedGap(i) => format!("protected -i {i}, buffered, --max-latency 0"),
         }
     }
     fn key(&self) -> &'static str {
@@ -183,18 +188,21 @@ impl NetMode {
             NetMode::NoNet(_) => "no_net",
             NetMode::Buffered(_) => "buffered",
             NetMode::Fixed(_) => "buffered_fixed_epochs",
+            NetMode::FixedGap(_) => "buffered_fixed_gap",
         }
     }
     fn interval_ms(&self) -> Option<u64> {
         match *self {
             NetMode::Unprotected => None,
-            NetMode::NoNet(i) | NetMode::Buffered(i) | NetMode::Fixed(i) => Some(i),
+            NetMode::NoNet(i) | NetMode::Buffered(i) | NetMode::Fixed(i) | NetMode::FixedGap(i) => {
+                Some(i)
+            }
         }
     }
     /// The most the RTT p50 may rise over unprotected (buffered only).
     fn target_ms(&self) -> Option<f64> {
         match *self {
-            NetMode::Buffered(_) => Some(NET_TARGET_OUTPUT_DRIVEN_MS),
+            NetMode::Buffered(_) | NetMode::FixedGap(_) => Some(NET_TARGET_OUTPUT_DRIVEN_MS),
             NetMode::Fixed(i) => Some(i as f64 / 2.0 + NET_TARGET_SLACK_MS),
             _ => None,
         }
@@ -204,6 +212,7 @@ impl NetMode {
         match self {
             NetMode::NoNet(_) => &["--no-net"],
             NetMode::Fixed(_) => &["--min-interval", "0"],
+            NetMode::FixedGap(_) => &["--max-latency", "0"],
             _ => &[],
         }
     }
@@ -211,12 +220,14 @@ impl NetMode {
 
 /// The cases of a run, in order: unprotected, `--no-net` at the first
 /// interval, buffered at each, and buffered with fixed epochs at the
-/// first (the baseline of output-driven epochs).
+/// first (the baseline of output-driven epochs), and buffered with the
+/// gap fixed at the first (the baseline of the adaptive gap).
 fn net_modes(intervals: &[u64]) -> Vec<NetMode> {
     let mut v = vec![NetMode::Unprotected];
     v.extend(intervals.first().map(|&i| NetMode::NoNet(i)));
     v.extend(intervals.iter().map(|&i| NetMode::Buffered(i)));
     v.extend(intervals.first().map(|&i| NetMode::Fixed(i)));
+    v.extend(intervals.first().map(|&i| NetMode::FixedGap(i)));
     v
 }
 
@@ -469,17 +480,88 @@ impl NetRun {
 /// the host's window (Unix ms).
 fn measure_net(
     client: &Netns,
+    vm_host: &Netns,
     seconds: u64,
     poll: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(Ping, Transfer, Transfer, u64, u64)> {
     let t0 = now_ms();
     let ping = ping_from(client, seconds * PINGS_PER_S).context("ping")?;
     poll()?;
+    let before = TcpDiag::read(client, vm_host);
     let down = tcp_from_guest(client, seconds).context("TCP guest → client")?;
+    let mid = TcpDiag::read(client, vm_host);
     poll()?;
     let up = tcp_to_guest(client, seconds).context("TCP client → guest")?;
+    let after = TcpDiag::read(client, vm_host);
     poll()?;
+    eprintln!(
+        "remus-bench:   during guest→client: {}; during client→guest: {}",
+        mid.since(&before),
+        after.since(&mid)
+    );
     Ok((ping, down, up, t0, now_ms()))
+}
+
+/// What may throttle a bulk transfer, as counters: the client's TCP
+/// retransmissions and retransmission timeouts (its /proc/net/snmp and
+/// netstat), and frames the VM's host dropped on the way to the VM (the
+/// `tx_dropped` of its links: the tap's queue overflows when the relay
+/// cannot hand frames to a stopped QEMU). Printed per transfer as
+/// differences; a counter that cannot be read counts 0.
+#[derive(Debug, Default, Clone, Copy)]
+struct TcpDiag {
+    retrans_segs: u64,
+    rto: u64,
+    /// Tail-loss probes sent, and retransmissions the receiver reported
+    /// as duplicates (D-SACK: spurious).
+    probes: u64,
+    dsack: u64,
+    host_tx_dropped: u64,
+}
+
+impl TcpDiag {
+    fn read(client: &Netns, vm_host: &Netns) -> TcpDiag {
+        let cat = |ns: &Netns, script: &str| ns.exec_ok("sh", &["-c", script]).unwrap_or_default();
+        let counters = cat(client, "cat /proc/net/snmp /proc/net/netstat");
+        let dropped = cat(vm_host, "cat /sys/class/net/*/statistics/tx_dropped");
+        TcpDiag {
+            retrans_segs: proc_counter(&counters, "Tcp:", "RetransSegs"),
+            rto: proc_counter(&counters, "TcpExt:", "TCPTimeouts"),
+            probes: proc_counter(&counters, "TcpExt:", "TCPLossProbes"),
+            dsack: proc_counter(&counters, "TcpExt:", "TCPDSACKRecv"),
+            host_tx_dropped: dropped
+                .split_whitespace()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum(),
+        }
+    }
+
+    fn since(&self, earlier: &TcpDiag) -> String {
+        format!(
+            "client retransmitted {} segments ({} timeouts, {} tail-loss probes, {} reported duplicate); {} frames dropped toward the VM",
+            self.retrans_segs.saturating_sub(earlier.retrans_segs),
+            self.rto.saturating_sub(earlier.rto),
+            self.probes.saturating_sub(earlier.probes),
+            self.dsack.saturating_sub(earlier.dsack),
+            self.host_tx_dropped.saturating_sub(earlier.host_tx_dropped)
+        )
+    }
+}
+
+/// A counter of /proc/net/snmp or /proc/net/netstat: a header line
+/// `PREFIX name name ...` followed by a value line `PREFIX v v ...`.
+fn proc_counter(text: &str, prefix: &str, name: &str) -> u64 {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    while let (Some(head), Some(vals)) = (lines.next(), lines.next()) {
+        if let Some(i) = head.split_whitespace().position(|w| w == name) {
+            return vals
+                .split_whitespace()
+                .nth(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
 }
 
 fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
@@ -519,13 +601,14 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
     }
     let accel = accel_of(&primary, vm);
     let client = lan.host("c");
+    let vm_host = lan.host("a");
     let mut cases: Vec<NetCase> = Vec::new();
     for mode in net_modes(&o.intervals) {
         eprintln!("remus-bench: net, {} ...", mode.name());
         let c = match mode.interval_ms() {
             None => {
                 let (ping, down, up, t0, t1) =
-                    measure_net(client, o.seconds, &mut || Ok(())).map_err(logs)?;
+                    measure_net(client, vm_host, o.seconds, &mut || Ok(())).map_err(logs)?;
                 NetCase {
                     mode,
                     ping,
@@ -544,7 +627,7 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
                 let measured = p
                     .first_checkpoint(Duration::from_secs(300))
                     .and_then(|()| p.wait_checkpoints(1 + o.warmup, settle))
-                    .and_then(|()| measure_net(client, o.seconds, &mut || p.drain()))
+                    .and_then(|()| measure_net(client, vm_host, o.seconds, &mut || p.drain()))
                     .and_then(|m| {
                         // Checkpoints of the window's end are reported at their ack.
                         std::thread::sleep(Duration::from_millis(2 * i + 500));
@@ -640,8 +723,9 @@ fn render_net_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun)
          (through the agent's frame relay), {NET_VM_IP}, `{}`; cases in order: unprotected, \
          `remus protect -i I --timeout {} --no-net` at the first interval, `remus protect -i I --timeout {}` \
          (output buffered until the backup acks its checkpoint; an epoch ends early once output waits, \
-         output-driven epochs at the default `--min-interval`) at each, and the same with `--min-interval 0` \
-         (every epoch lasts -i: the behaviour before, as this run's baseline) at the first; protection stopped in between; \
+         output-driven epochs at the default `--min-interval`, the gap growing toward the default `--max-latency` while the guest streams) at each, \
+         the same with `--min-interval 0` (every epoch lasts -i: the behaviour before, as this run's baseline) at the first, \
+         and with `--max-latency 0` (the gap stays at `--min-interval`: the baseline of the adaptive gap) at the first; protection stopped in between; \
          a protected case is measured from its checkpoint {}\n\
          - per case, from c, one after the other: `ping -c {} -i {PING_INTERVAL}` (RTT percentiles nearest-rank \
          over the replies; loss = unanswered / sent); TCP guest→client: `send {}` to port {NET_BULK_PORT}, read \
@@ -770,6 +854,15 @@ fn net_case_json(run: &NetRun, c: &NetCase) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_counter_reads_the_value_under_its_name() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RetransSegs InErrs\nTcp: 1 42 0\nTcpExt: SyncookiesSent TCPTimeouts\nTcpExt: 0 7\n";
+        assert_eq!(proc_counter(text, "Tcp:", "RetransSegs"), 42);
+        assert_eq!(proc_counter(text, "TcpExt:", "TCPTimeouts"), 7);
+        assert_eq!(proc_counter(text, "Tcp:", "Missing"), 0);
+        assert_eq!(proc_counter("", "Tcp:", "RetransSegs"), 0);
+    }
     use crate::report::test_machine;
 
     #[test]
@@ -813,7 +906,8 @@ mod tests {
                 NetMode::NoNet(100),
                 NetMode::Buffered(100),
                 NetMode::Buffered(200),
-                NetMode::Fixed(100)
+                NetMode::Fixed(100),
+                NetMode::FixedGap(100)
             ]
         );
         assert_eq!(NetMode::Fixed(100).target_ms(), Some(52.0));

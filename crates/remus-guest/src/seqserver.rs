@@ -34,7 +34,11 @@
 //!   `error`);
 //! * `seqserver: bulk conn from ADDR: send SECONDS` / `: recv`, then
 //!   `seqserver: bulk conn from ADDR: done BYTES`, or `...: error after
-//!   BYTES bytes: ...`, or `...: bad request "..."`.
+//!   BYTES bytes: ...`, or `...: bad request "..."`; after a transfer,
+//!   `seqserver: bulk conn from ADDR: guest drops: NAME=N ...`, the
+//!   guest kernel's counters (since boot) of segments and frames it
+//!   dropped on receive (see [`DROP_COUNTERS`]), for the bench to tell
+//!   where a transfer loses data.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -496,6 +500,48 @@ fn bulk_conn(mut stream: TcpStream, addr: SocketAddr, log: &Log) {
         Err(e) => say(&format!("error after {bytes} bytes: {e}")),
     }
     drain(&mut stream);
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    say(&format!("guest drops: {}", drop_counters(&netstat, &dev)));
+}
+
+/// The guest kernel's receive-side drop counters the bulk service
+/// reports: TcpExt fields of /proc/net/netstat.
+const DROP_COUNTERS: [&str; 6] = [
+    "TCPBacklogDrop",
+    "TCPRcvQDrop",
+    "TCPOFODrop",
+    "PruneCalled",
+    "TCPZeroWindowDrop",
+    "TCPOFOQueue",
+];
+
+/// `NAME=N` for each of [`DROP_COUNTERS`] found in `netstat` (a header
+/// line `TcpExt: names...` then `TcpExt: values...`), then the receive
+/// drops of every interface but `lo` in `dev` (/proc/net/dev: the fourth
+/// number after `NAME:`), as `rx_drop=N`.
+fn drop_counters(netstat: &str, dev: &str) -> String {
+    let mut out = Vec::new();
+    let mut ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    if let (Some(names), Some(values)) = (ext.next(), ext.next()) {
+        let pairs: Vec<(&str, &str)> = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .collect();
+        for want in DROP_COUNTERS {
+            if let Some((_, v)) = pairs.iter().find(|(n, _)| *n == want) {
+                out.push(format!("{want}={v}"));
+            }
+        }
+    }
+    let rx_drop: u64 = dev
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .filter_map(|(_, rest)| rest.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .sum();
+    out.push(format!("rx_drop={rx_drop}"));
+    out.join(" ")
 }
 
 /// Reads the request line; returns it and how many bytes came after it.
@@ -555,6 +601,17 @@ fn bulk_recv(stream: &mut TcpStream, bytes: &mut u64) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::sync::mpsc::{Receiver, channel};
+
+    #[test]
+    fn drop_counters_reads_tcpext_and_the_interfaces_rx_drops() {
+        let netstat = "TcpExt: SyncookiesSent TCPBacklogDrop TCPOFODrop\nTcpExt: 0 12 3\nIpExt: InNoRoutes\nIpExt: 0\n";
+        let dev = "Inter-|   Receive\n face |bytes    packets errs drop\n    lo: 100 1 0 9 0 0 0 0 0 0 0 0 0 0 0 0\n  eth0: 5000 40 0 7 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(
+            drop_counters(netstat, dev),
+            "TCPBacklogDrop=12 TCPOFODrop=3 rx_drop=7"
+        );
+        assert_eq!(drop_counters("", ""), "rx_drop=0");
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()

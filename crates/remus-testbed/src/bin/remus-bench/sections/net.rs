@@ -480,7 +480,7 @@ impl NetRun {
 /// the host's window (Unix ms).
 fn measure_net(
     client: &Netns,
-    vm_host: &Netns,
+    (vm_host, console): (&Netns, &dyn Fn() -> String),
     seconds: u64,
     poll: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(Ping, Transfer, Transfer, u64, u64)> {
@@ -488,18 +488,46 @@ fn measure_net(
     let ping = ping_from(client, seconds * PINGS_PER_S).context("ping")?;
     poll()?;
     let before = TcpDiag::read(client, vm_host);
+    let drops_before = guest_drops(console, 0);
     let down = tcp_from_guest(client, seconds).context("TCP guest → client")?;
     let mid = TcpDiag::read(client, vm_host);
+    let drops_mid = guest_drops(console, drops_before.0 + 1);
     poll()?;
     let up = tcp_to_guest(client, seconds).context("TCP client → guest")?;
     let after = TcpDiag::read(client, vm_host);
+    let drops_after = guest_drops(console, drops_mid.0 + 1);
     poll()?;
     eprintln!(
         "remus-bench:   during guest→client: {}; during client→guest: {}",
         mid.since(&before),
         after.since(&mid)
     );
+    eprintln!(
+        "remus-bench:   guest's receive drops since boot: before {}; after guest→client {}; after client→guest {}",
+        drops_before.1, drops_mid.1, drops_after.1
+    );
     Ok((ping, down, up, t0, now_ms()))
+}
+
+/// The guest's last `guest drops:` console line once there are at least
+/// `n` of them (the bulk service prints one after each transfer; waited
+/// for up to 15 s): their count and the counters ("?" if it never came).
+fn guest_drops(console: &dyn Fn() -> String, n: usize) -> (usize, String) {
+    let t = Instant::now();
+    loop {
+        let text = console();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once("guest drops: ").map(|(_, v)| v))
+            .collect();
+        if lines.len() >= n || t.elapsed() > Duration::from_secs(15) {
+            return (
+                lines.len(),
+                lines.last().map_or("?".into(), |l| l.trim().to_string()),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// What may throttle a bulk transfer, as counters: the client's TCP
@@ -602,13 +630,15 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
     let accel = accel_of(&primary, vm);
     let client = lan.host("c");
     let vm_host = lan.host("a");
+    let console = || primary.console(vm);
     let mut cases: Vec<NetCase> = Vec::new();
     for mode in net_modes(&o.intervals) {
         eprintln!("remus-bench: net, {} ...", mode.name());
         let c = match mode.interval_ms() {
             None => {
                 let (ping, down, up, t0, t1) =
-                    measure_net(client, vm_host, o.seconds, &mut || Ok(())).map_err(logs)?;
+                    measure_net(client, (vm_host, &console), o.seconds, &mut || Ok(()))
+                        .map_err(logs)?;
                 NetCase {
                     mode,
                     ping,
@@ -627,7 +657,9 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
                 let measured = p
                     .first_checkpoint(Duration::from_secs(300))
                     .and_then(|()| p.wait_checkpoints(1 + o.warmup, settle))
-                    .and_then(|()| measure_net(client, vm_host, o.seconds, &mut || p.drain()))
+                    .and_then(|()| {
+                        measure_net(client, (vm_host, &console), o.seconds, &mut || p.drain())
+                    })
                     .and_then(|m| {
                         // Checkpoints of the window's end are reported at their ack.
                         std::thread::sleep(Duration::from_millis(2 * i + 500));

@@ -651,23 +651,38 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
             }
             Some(i) => {
                 let extra = mode.protect_args();
-                let mut p = Protecting::start(bins, &primary, vm, &peer, i, o, extra)?;
                 let settle =
                     Duration::from_secs(60) + Duration::from_millis(5 * i * o.warmup as u64);
-                let measured = p
-                    .first_checkpoint(Duration::from_secs(300))
-                    .and_then(|()| p.wait_checkpoints(1 + o.warmup, settle))
-                    .and_then(|()| {
-                        measure_net(client, (vm_host, &console), o.seconds, &mut || p.drain())
-                    })
-                    .and_then(|m| {
-                        // Checkpoints of the window's end are reported at their ack.
-                        std::thread::sleep(Duration::from_millis(2 * i + 500));
-                        p.drain().map(|()| m)
-                    });
-                let initial_sync = p.initial_sync.clone();
-                let cps = std::mem::take(&mut p.cps);
-                let err = p.stop(&primary, vm);
+                // The backup may still be tearing down the last case's
+                // standby (it answers "busy, try again"): a few tries.
+                let mut attempt = 0;
+                let (measured, initial_sync, cps, err) = loop {
+                    attempt += 1;
+                    let mut p = Protecting::start(bins, &primary, vm, &peer, i, o, extra)?;
+                    if let Err(e) = p.first_checkpoint(Duration::from_secs(300)) {
+                        let err = p.stop(&primary, vm);
+                        if err.contains("try again") && attempt < 3 {
+                            eprintln!("remus-bench:   the backup was busy; trying again");
+                            std::thread::sleep(Duration::from_millis(500));
+                            continue;
+                        }
+                        break (Err(e), Value::Null, Vec::new(), err);
+                    }
+                    let measured = p
+                        .wait_checkpoints(1 + o.warmup, settle)
+                        .and_then(|()| {
+                            measure_net(client, (vm_host, &console), o.seconds, &mut || p.drain())
+                        })
+                        .and_then(|m| {
+                            // Checkpoints of the window's end are reported at their ack.
+                            std::thread::sleep(Duration::from_millis(2 * i + 500));
+                            p.drain().map(|()| m)
+                        });
+                    let initial_sync = p.initial_sync.clone();
+                    let cps = std::mem::take(&mut p.cps);
+                    let err = p.stop(&primary, vm);
+                    break (measured, initial_sync, cps, err);
+                };
                 let (ping, down, up, t0, t1) = measured.map_err(|e| {
                     logs(e.context(format!("{}: remus protect: {}", mode.name(), err.trim())))
                 })?;

@@ -1016,6 +1016,15 @@ pub fn last_tick(console: &str) -> Option<u64> {
     ticks(console).last().copied()
 }
 
+/// The last `diskload: done K` on a console: the records the guest's
+/// `diskload` workload has written so far (4 KiB each).
+pub fn last_diskload_done(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
+}
+
 /// The files of a two-host test: a replication key, the primary's image
 /// directory holding a sparse raw disk `records.img`, and the backup's
 /// store for its copies; all removed on drop.

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, jitter, last_tick, now_ms, run_ok,
-    ticks, write_key,
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, jitter, last_diskload_done, last_tick,
+    now_ms, run_ok, ticks, write_key,
 };
 
 /// Where diskload starts on its disk, and its record size.
@@ -24,14 +24,6 @@ const DISKLOAD_OFFSET: u64 = 1 << 20;
 const RECORD: u64 = 4096;
 /// The change map's chunk size (remus_disk::sync::CHUNK_SIZE).
 const CHUNK: u64 = 64 * 1024;
-
-/// The last `diskload: done K` on a console.
-fn last_done(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
-}
 
 /// `diskload verify ok: N records` → N; a FAILED line → the line.
 fn verify_result(console: &str) -> Option<Result<u64, String>> {
@@ -131,7 +123,11 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
             &vm,
             Duration::from_secs(90),
             "tick 2, diskload and fsload",
-            |c| last_tick(c) >= Some(2) && last_done(c).is_some() && c.contains("fsload: mounted"),
+            |c| {
+                last_tick(c) >= Some(2)
+                    && last_diskload_done(c).is_some()
+                    && c.contains("fsload: mounted")
+            },
         )
         .unwrap();
 
@@ -169,7 +165,7 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     let seen = last_tick(&console).unwrap();
     // The guest said it had completed this many records: once a later
     // checkpoint is acknowledged, the backup must have all of them.
-    let seen_done = last_done(&console).unwrap();
+    let seen_done = last_diskload_done(&console).unwrap();
     follow.checkpoint_after(seen_at).unwrap();
     // Pull the plug at a random point of the following epoch
     // (mid-checkpoint or mid-transmission as it falls). Every fourth round
@@ -237,7 +233,7 @@ fn round(img: &GuestImage, backup: &Agent, dirs: &DiskDirs, port: u16, key: &Pat
     let next_chunk = (DISKLOAD_OFFSET + verified * RECORD) / CHUNK;
     backup
         .wait_console(&vm, Duration::from_secs(30), "diskload after verify", |c| {
-            last_done(c).is_some_and(|d| d > verified + 1)
+            last_diskload_done(c).is_some_and(|d| d > verified + 1)
         })
         .unwrap();
     let marked = marked_chunks(&maps.join("disk-vda.changed"));

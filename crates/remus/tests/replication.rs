@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_tick, now_ms, ticks, write_key,
+    Agent, Binaries, GuestImage, ProtectFollower, free_port, last_diskload_done, last_tick, now_ms,
+    ticks, write_key,
 };
 
 fn bins() -> Binaries {
@@ -559,17 +560,8 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
     assert!(a.cli(&["create", cfg.to_str().unwrap()]).ok);
     // At least 9 MiB written (records of 4 KiB), so that the capped sync
     // below has more than its 8 MiB to send.
-    let done = |c: &str| {
-        c.lines().rev().find_map(|l| {
-            l.rsplit_once("diskload: done ")?
-                .1
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-    };
     a.wait_console("cap", BOOT, "tick 3 and 9 MiB of diskload", |c| {
-        last_tick(c) >= Some(3) && done(c) >= Some(9 * 256)
+        last_tick(c) >= Some(3) && last_diskload_done(c) >= Some(9 * 256)
     })
     .unwrap();
     // Bytes sent in `ms` under the cap: at most the rate for that time,

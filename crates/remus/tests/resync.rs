@@ -22,7 +22,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, jitter, now_ms, write_key,
+    Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, jitter, last_diskload_done,
+    now_ms, write_key,
 };
 
 const VM: &str = "rs";
@@ -70,14 +71,6 @@ fn marked(path: &Path) -> u64 {
         path.display()
     );
     raw[4096..].iter().map(|b| u64::from(b.count_ones())).sum()
-}
-
-/// The last `diskload: done K` on a console.
-fn last_done(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .rev()
-        .find_map(|l| l.rsplit_once("diskload: done ")?.1.trim().parse().ok())
 }
 
 /// The verify results on a console, in order (Ok(records) or the line).
@@ -230,7 +223,7 @@ fn kill_and_fail_over(
     session_flows(client, primary, what);
     std::thread::sleep(Duration::from_millis(200 + jitter(seed, 1500)));
     let seen_at = now_ms();
-    let seen_done = last_done(&primary.console(VM)).unwrap_or(0);
+    let seen_done = last_diskload_done(&primary.console(VM)).unwrap_or(0);
     follow
         .checkpoint_after(seen_at)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -289,7 +282,7 @@ fn resync_round_trips_failback_crash_and_split_brain() {
     assert!(out.ok, "create: {}", out.stderr);
     hosts[0]
         .wait_console(VM, Duration::from_secs(90), "seqserver and diskload", |c| {
-            c.contains("seqserver: listening") && last_done(c).is_some()
+            c.contains("seqserver: listening") && last_diskload_done(c).is_some()
         })
         .unwrap();
     let client = SeqClient::start(
@@ -480,7 +473,7 @@ fn resync_round_trips_failback_crash_and_split_brain() {
     );
     // The copy given up now holds the kept one's data: it takes over and
     // the guest's records check out there.
-    let seen_done = last_done(&hosts[s].console(VM)).unwrap_or(0);
+    let seen_done = last_diskload_done(&hosts[s].console(VM)).unwrap_or(0);
     follow.checkpoint_after(now_ms()).unwrap();
     hosts[s].kill_hard();
     hosts[r]

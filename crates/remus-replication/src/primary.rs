@@ -430,26 +430,28 @@ impl Edges<'_> {
     /// the output go with [`Edges::end`]). Otherwise as `end`.
     fn lost(&self, why: &LostBackup) {
         if self.hold_on_loss && !matches!(why, LostBackup::Reported { .. } | LostBackup::TookOver) {
-            self.journal.close();
-            for n in self.nets {
-                n.set_signal(None);
-            }
-            return;
+            return self.close();
         }
         self.end();
     }
 
-    /// No backup will acknowledge anything more: the journal closes and
-    /// held output goes out (the VM runs on alone) — unless the arbiter's
-    /// fence holds the VM: its unacknowledged output may come from a state
-    /// another host never had and may already have superseded. The agent
-    /// releases it if the fence is lifted, drops it if another host took
-    /// over.
-    fn end(&self) {
+    /// The journal closes and no epoch is signalled any more; held output
+    /// stays held.
+    fn close(&self) {
         self.journal.close();
         for n in self.nets {
             n.set_signal(None);
         }
+    }
+
+    /// No backup will acknowledge anything more: the journal closes and
+    /// held output goes out (the VM runs on alone) — unless a fence (the
+    /// arbiter's, or a hold after the loss) holds the VM: its
+    /// unacknowledged output may come from a state another host never had
+    /// and may already have superseded. The agent releases it if the fence
+    /// is lifted, drops it if another host took over.
+    fn end(&self) {
+        self.close();
         if self.vm.is_fenced() {
             tracing::warn!(vm = %self.vm.name(), held = self.nets.iter().map(|n| n.held()).sum::<usize>(), "backup gone while the VM is fenced: held output stays held");
             return;

@@ -509,8 +509,10 @@ fn two_copies_never_run_at_once() {
                     .is_some_and(|ms| ms >= (TTL_S * 1000 - MARGIN_MS) as i64 - 150)
             })
         });
+        // a's routes to b and to etcd, both ways.
+        let routes = [("a", "b"), ("b", "a"), ("a", "e"), ("e", "a")];
         let cut = Instant::now();
-        for (from, to) in [("a", "b"), ("b", "a"), ("a", "e"), ("e", "a")] {
+        for (from, to) in routes {
             blackhole(&site.lan, from, to, true);
         }
         let lost = follow.event("backup_lost").unwrap();
@@ -527,7 +529,7 @@ fn two_copies_never_run_at_once() {
         // got from a was all in the checkpoint b resumed from.
         session_goes_on(&client, 100, &site.b, vm, "after the partial partition");
         session_whole(&client, &site.b, vm);
-        for (from, to) in [("a", "b"), ("b", "a"), ("a", "e"), ("e", "a")] {
+        for (from, to) in routes {
             blackhole(&site.lan, from, to, false);
         }
         wait_for("a to see it is stale", Duration::from_secs(20), || {

@@ -612,6 +612,80 @@ impl Arbiter {
         })
     }
 
+    /// The fast takeover: takes `vm`'s key, on a new lease of this host,
+    /// from the tenure that wrote it at `revision`, without waiting for
+    /// that tenure's lease to lapse. etcd does it only if nobody has
+    /// written the key since (its mod revision is still `revision`), in one
+    /// transaction: if the tenure's holder pins or re-takes the key, or a
+    /// third host takes it, this fails, and exactly one of the racers wins.
+    ///
+    /// `Ok(Err(_))`: the key is no longer at `revision`; the holder it has
+    /// now, or `None` for no key at all.
+    pub fn take_from(
+        &self,
+        vm: &str,
+        revision: i64,
+        ttl: Duration,
+        margin: Duration,
+    ) -> Result<Result<Lease, Option<Holder>>, ArbiterError> {
+        let ttl_s = ttl.as_secs().max(1) as i64;
+        let key = self.cfg.runner_key(vm);
+        let sent = Instant::now();
+        let grant = self.call("lease grant", |mut c| async move {
+            c.lease_grant(ttl_s, None).await
+        })?;
+        let id = grant.id();
+        let host = self.host.clone();
+        let resp = self.call("take the VM's key from its tenure", |mut c| {
+            let (key, host) = (key.clone(), host.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        host,
+                        Some(PutOptions::new().with_lease(id)),
+                    )])
+                    .or_else([TxnOp::get(key, None)]);
+                c.txn(txn).await
+            }
+        });
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.revoke(id);
+                return Err(e);
+            }
+        };
+        let now = holder_of(&resp);
+        // A retry on another endpoint after a timeout can find the write
+        // of our own first attempt: that is success.
+        let ours_now = now
+            .as_ref()
+            .is_some_and(|(h, _)| h.host == self.host && h.lease == id);
+        if !resp.succeeded() && !ours_now {
+            let _ = self.revoke(id);
+            return Ok(Err(now.map(|(h, _)| h)));
+        }
+        let written = match (resp.succeeded(), now) {
+            (false, Some((_, modrev))) => modrev,
+            _ => resp.header().map(|h| h.revision()).unwrap_or(0),
+        };
+        tracing::info!(vm, lease = format!("{id:x}"), from_revision = revision, revision = written, ttl_s, host = %self.host, "took the VM's arbiter key from the tenure at its revision");
+        Ok(Ok(Lease {
+            vm: vm.to_string(),
+            id,
+            ttl: Duration::from_secs(ttl_s as u64),
+            revision: written,
+            fence_at: sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin),
+            stream: None,
+        }))
+    }
+
     /// Pins `vm`'s key to this host without a lease: the VM runs here
     /// unprotected and nobody may take it over by waiting (the key never
     /// expires). Succeeds if the key is this host's (under any lease) or

@@ -174,3 +174,61 @@ fn a_pinned_key_never_lapses_and_only_its_host_takes_or_clears_it() {
     let l = b.acquire("vm4", TTL, MARGIN).expect("free after clear");
     assert_eq!(b.holder("vm4").unwrap().unwrap().lease, l.id);
 }
+
+#[test]
+fn a_takeover_from_a_tenure_wins_only_while_nobody_wrote_the_key_since() {
+    let etcd = EtcdCluster::start(1, "127.0.0.1", None).expect("etcd");
+    let a = arbiter(&etcd, "host-a");
+    let b = arbiter(&etcd, "host-b");
+    let c = arbiter(&etcd, "host-c");
+
+    // a holds the key on a lease it keeps renewing: b takes it from a's
+    // tenure at once, without waiting for the lease to lapse.
+    let mut lease = a.acquire("vm5", TTL, MARGIN).unwrap();
+    a.renew(&mut lease, MARGIN).unwrap();
+    let t = Instant::now();
+    let took = b
+        .take_from("vm5", lease.revision, TTL, MARGIN)
+        .unwrap()
+        .expect("the key is still at a's revision");
+    assert!(t.elapsed() < TTL - MARGIN, "did not wait for the lease");
+    let h = b.holder("vm5").unwrap().unwrap();
+    assert_eq!((h.host.as_str(), h.lease), ("host-b", took.id));
+    assert!(took.revision > lease.revision);
+    // From then on a can neither pin nor take it again: it is stale.
+    match a.pin("vm5", Some(lease.id)) {
+        Err(ArbiterError::HeldByOther { holder, .. }) => assert_eq!(holder, "host-b"),
+        other => panic!("a must not pin a key b took: {other:?}"),
+    }
+    // A second racer on the same revision loses, and is told who won.
+    match c.take_from("vm5", lease.revision, TTL, MARGIN).unwrap() {
+        Err(Some(h)) => assert_eq!(h.host, "host-b"),
+        other => panic!("c must lose the race: {other:?}"),
+    }
+    assert_eq!(b.holder("vm5").unwrap().unwrap().lease, took.id);
+
+    // a pins its key first (it kept the VM): b's takeover from the
+    // tenure it was told of fails, naming a, lease 0.
+    let lease = a.acquire("vm6", TTL, MARGIN).unwrap();
+    a.pin("vm6", Some(lease.id)).unwrap();
+    match b.take_from("vm6", lease.revision, TTL, MARGIN).unwrap() {
+        Err(Some(h)) => assert_eq!((h.host.as_str(), h.lease), ("host-a", 0)),
+        other => panic!("b must lose to a's pin: {other:?}"),
+    }
+    assert_eq!(a.holder("vm6").unwrap().unwrap().host, "host-a");
+
+    // The key deleted and taken anew (a later tenure, even of the same
+    // host): the old revision no longer matches.
+    let old = a.acquire("vm7", TTL, MARGIN).unwrap();
+    assert!(a.clear("vm7").unwrap());
+    match b.take_from("vm7", old.revision, TTL, MARGIN).unwrap() {
+        Err(None) => {}
+        other => panic!("no key: nothing to take from: {other:?}"),
+    }
+    let newer = a.acquire("vm7", TTL, MARGIN).unwrap();
+    assert!(newer.revision > old.revision);
+    match b.take_from("vm7", old.revision, TTL, MARGIN).unwrap() {
+        Err(Some(h)) => assert_eq!((h.host.as_str(), h.lease), ("host-a", newer.id)),
+        other => panic!("an older tenure's revision must not match: {other:?}"),
+    }
+}

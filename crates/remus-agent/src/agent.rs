@@ -1120,7 +1120,7 @@ impl Agent {
     fn leave_running(&self, name: &str, slot: &Arc<VmSlot>) {
         let guard = lock(&slot.arbiter).take();
         if let Some(g) = guard {
-            g.stop();
+            g.stop_after_pin();
         }
         let stage = slot.life.stage();
         if matches!(stage, Stage::Claimed { .. } | Stage::Protecting { .. }) {

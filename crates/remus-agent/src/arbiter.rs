@@ -239,6 +239,21 @@ impl Guard {
         drop(self.wait_done());
     }
 
+    /// The agent stops while the VM stays running (for the next agent to
+    /// adopt): a pin asked for by a session that just ended is waited for
+    /// first (at most a TTL), so that the VM is not left fenced for want of
+    /// one etcd write; then as [`Guard::stop`].
+    pub fn stop_after_pin(&self) {
+        let pinning = {
+            let st = lock(&self.state);
+            st.want == Want::Pin && !st.done
+        };
+        if pinning {
+            drop(self.wait_done());
+        }
+        self.stop();
+    }
+
     /// Waits, at most a TTL, until the keeper has ended; returns the state.
     fn wait_done(&self) -> std::sync::MutexGuard<'_, State> {
         let (st, waited) = self
@@ -587,13 +602,88 @@ pub enum TakeOverRefused {
     NotGranted { window: Duration, last: String },
 }
 
-/// The backup, having lost its primary: takes the VM's key, waiting for
-/// the primary's lease to lapse, within the takeover window. `Err` says
-/// why the copy must not run.
-pub fn take_over(arb: &AgentArbiter, vm: &str) -> Result<Lease, TakeOverRefused> {
+/// The fast takeover's terms: the primary's tenure as its session setup
+/// named it ([`remus_proto::setup::ArbiterSetup::fast_takeover`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FromTenure {
+    /// The revision the primary's key was written at.
+    pub revision: i64,
+    /// How long to wait before taking the key (see [`grace`]).
+    pub grace: Duration,
+}
+
+/// How long a backup that lost its primary by silence waits before it
+/// takes the key from the primary's tenure: a primary alive behind a cut
+/// link notices the loss by the same timeout and pins its key at once, so
+/// it keeps the VM (no needless failover); a primary that is gone loses
+/// this much more. The session's timeout, within 250 ms to 1 s. None for
+/// a closed connection: a primary whose process died closes it.
+pub fn grace(timeout: Duration, silent: bool) -> Duration {
+    if silent {
+        timeout.clamp(Duration::from_millis(250), Duration::from_secs(1))
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// The backup, having lost its primary: takes the VM's key within the
+/// takeover window. With `from` (the session allowed it), first from the
+/// primary's tenure at once, after the grace: that wins unless the
+/// primary pinned (or re-took) its key first. Otherwise, or once the key
+/// has changed since the session began, by waiting for the primary's
+/// lease to lapse. `Err` says why the copy must not run.
+pub fn take_over(
+    arb: &AgentArbiter,
+    vm: &str,
+    from: Option<FromTenure>,
+) -> Result<Lease, TakeOverRefused> {
     let t = Instant::now();
     let deadline = t + arb.takeover_window();
-    let mut last;
+    let mut last: String;
+    if let Some(f) = from {
+        if !f.grace.is_zero() {
+            tracing::info!(
+                vm,
+                grace_ms = f.grace.as_millis() as u64,
+                revision = f.revision,
+                "the primary went silent: waiting the grace before taking its key, so that a primary alive behind a cut link keeps the VM"
+            );
+            std::thread::sleep(f.grace);
+        }
+        loop {
+            match arb.arb.take_from(vm, f.revision, arb.ttl, arb.margin) {
+                Ok(Ok(l)) => {
+                    tracing::warn!(
+                        vm,
+                        lease = format!("{:x}", l.id),
+                        from_revision = f.revision,
+                        revision = l.revision,
+                        waited_ms = t.elapsed().as_millis() as u64,
+                        "arbiter: took the VM's key from the primary's tenure without waiting for its lease (nobody had written it since the session began): this host may run it"
+                    );
+                    return Ok(l);
+                }
+                Ok(Err(Some(h))) if h.lease == 0 && h.host != arb.arb.host() => {
+                    return Err(TakeOverRefused::RunsElsewhere {
+                        holder: h.host,
+                        revision: h.revision,
+                    });
+                }
+                Ok(Err(now)) => {
+                    tracing::warn!(vm, from_revision = f.revision, now = ?now, "arbiter: the VM's key changed since the session began; waiting for its holder's lease to lapse instead");
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(TakeOverRefused::NotGranted {
+                    window: arb.takeover_window(),
+                    last,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     loop {
         match arb.arb.acquire(vm, arb.ttl, arb.margin) {
             Ok(l) => {

@@ -16,8 +16,9 @@ pub enum Decision {
     RunsHere { epoch: u64, what: &'static str },
     /// The primary is lost after a checkpoint committed: resume from it
     /// (with an arbiter, only once it grants the VM's key: see
-    /// [`after_arbiter`]).
-    Resume { reason: String },
+    /// [`after_arbiter`]). `silent`: lost by silence, not by a closed
+    /// connection (the primary may be alive behind a cut link).
+    Resume { reason: String, silent: bool },
     /// The primary's agent restarts with the guest stopped at `epoch`
     /// (committed here): keep the standby for `grace` for the session
     /// that resumes from it; no failover meanwhile.
@@ -43,12 +44,15 @@ pub fn decide(purpose: Purpose, end: &Result<BackupEnd, ReplError>) -> Decision 
         Ok(BackupEnd::PrimaryLost {
             committed: Some(_),
             reason,
+            silent,
         }) if purpose == Purpose::Protect => Decision::Resume {
             reason: reason.clone(),
+            silent: *silent,
         },
         Ok(BackupEnd::PrimaryLost {
             committed: None,
             reason,
+            ..
         }) => Decision::Discard(format!(
             "primary lost ({reason}) before the first checkpoint committed: nothing to resume"
         )),
@@ -76,10 +80,11 @@ pub fn decide(purpose: Purpose, end: &Result<BackupEnd, ReplError>) -> Decision 
 /// The second step of a [`Decision::Resume`] on an arbitrated VM: resume
 /// only holding the VM's key, which etcd grants only once the primary's
 /// lease has lapsed.
-pub fn after_arbiter(reason: &str, answer: Result<(), &TakeOverRefused>) -> Decision {
+pub fn after_arbiter(reason: &str, silent: bool, answer: Result<(), &TakeOverRefused>) -> Decision {
     match answer {
         Ok(()) => Decision::Resume {
             reason: reason.to_string(),
+            silent,
         },
         Err(why) => Decision::Discard(format!("primary lost ({reason}) but NOT resuming: {why}")),
     }
@@ -95,6 +100,7 @@ mod tests {
         Ok(BackupEnd::PrimaryLost {
             committed: committed.map(Epoch),
             reason: reason.into(),
+            silent: reason.contains("no word"),
         })
     }
 
@@ -124,7 +130,8 @@ mod tests {
             assert_eq!(
                 decide(Purpose::Protect, &lost(Some(3), reason)),
                 Decision::Resume {
-                    reason: reason.into()
+                    reason: reason.into(),
+                    silent: reason.contains("no word"),
                 }
             );
         }
@@ -186,16 +193,17 @@ mod tests {
     #[test]
     fn the_arbiter_decides_whether_a_lost_primary_is_resumed() {
         assert_eq!(
-            after_arbiter("silent", Ok(())),
+            after_arbiter("silent", true, Ok(())),
             Decision::Resume {
-                reason: "silent".into()
+                reason: "silent".into(),
+                silent: true,
             }
         );
         let elsewhere = TakeOverRefused::RunsElsewhere {
             holder: "host-a".into(),
             revision: 12,
         };
-        let d = after_arbiter("silent", Err(&elsewhere));
+        let d = after_arbiter("silent", true, Err(&elsewhere));
         assert!(
             discards(&d, "NOT resuming: the arbiter says host-a runs the VM"),
             "{d:?}"
@@ -204,7 +212,7 @@ mod tests {
             window: Duration::from_secs(4),
             last: "etcd: connection refused".into(),
         };
-        let d = after_arbiter("silent", Err(&unreachable));
+        let d = after_arbiter("silent", true, Err(&unreachable));
         assert!(discards(&d, "NOT resuming"), "{d:?}");
         assert!(discards(&d, "connection refused"), "{d:?}");
     }

@@ -300,4 +300,13 @@ pub struct ArbiterSetup {
     /// The primary's lease (hex) and the revision it was taken at.
     pub lease: String,
     pub revision: i64,
+    /// Every output of the VM waits for its checkpoint in this session
+    /// (every NIC buffered, every writable disk replicated), and the
+    /// primary holds its output after any end of the session until the
+    /// key is pinned to it. So a backup that loses the primary may take
+    /// the key from the tenure at `revision` at once, without waiting for
+    /// the lease to lapse: whichever of the two writes the key first wins.
+    /// Absent (older agents): no; the backup waits for the lease.
+    #[serde(default)]
+    pub fast_takeover: bool,
 }

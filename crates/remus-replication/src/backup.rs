@@ -72,6 +72,10 @@ pub enum BackupEnd {
     PrimaryLost {
         committed: Option<Epoch>,
         reason: String,
+        /// Lost by silence (nothing within the timeout), not by a closed
+        /// or failed connection: the primary may be alive behind a cut
+        /// link, and may be settling the VM's fate with the arbiter.
+        silent: bool,
     },
     /// The session broke while the primary was demonstrably alive (a
     /// corrupt or rejected checkpoint, a protocol violation, the standby
@@ -313,6 +317,7 @@ fn after_broken_ack(
                     reason: format!(
                         "replication stream broke (ack: {ack_error}; then: {e}) with no orderly end from the primary"
                     ),
+                    silent: e.is_timeout(),
                 };
             }
         }
@@ -486,6 +491,7 @@ fn receive_loop(
                 return Ok(BackupEnd::PrimaryLost {
                     committed: replica.committed(),
                     reason,
+                    silent: e.is_timeout(),
                 });
             }
         };

@@ -279,7 +279,14 @@ impl std::fmt::Debug for HandOver {
 
 /// See [`ProtectConfig::hold_on_loss`].
 #[derive(Clone)]
-pub struct OnHold(pub Arc<dyn Fn() + Send + Sync>);
+pub struct OnHold {
+    /// Called just before the guest is fenced.
+    pub hook: Arc<dyn Fn() + Send + Sync>,
+    /// An orderly stop holds too: the backup may take the VM over without
+    /// waiting for a lease (the arbiter's fast takeover), and the Done
+    /// that tells it not to may have been lost with the link.
+    pub on_stop: bool,
+}
 
 impl std::fmt::Debug for OnHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -809,11 +816,13 @@ impl Gap {
 /// Whether a session that ended so (`None`: with an error) leaves a
 /// backup that may still resume the VM: not one the operator stopped (the
 /// backup was told), one that said it gives up (an Error), nor a
-/// switch-over or suspend (settled otherwise).
-fn may_resume_there(end: Option<&ProtectEnd>) -> bool {
+/// switch-over or suspend (settled otherwise). With `on_stop`, a stop
+/// counts too (see [`OnHold::on_stop`]).
+fn may_resume_there(end: Option<&ProtectEnd>, on_stop: bool) -> bool {
     match end {
         Some(ProtectEnd::BackupLost(LostBackup::Reported { .. })) => false,
         Some(ProtectEnd::BackupLost(_)) | None => true,
+        Some(ProtectEnd::Stopped) => on_stop,
         Some(_) => false,
     }
 }
@@ -1298,9 +1307,13 @@ impl Session<'_> {
         let Some(hook) = &self.cfg.hold_on_loss else {
             return;
         };
-        if backup_may_hold && may_resume_there(end) {
-            tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced, its output held, until the backup is known not to run the VM");
-            (hook.0)();
+        if backup_may_hold && may_resume_there(end, hook.on_stop) {
+            if matches!(end, Some(ProtectEnd::Stopped)) {
+                tracing::info!(vm = %self.vm.name(), "protection stopped: the guest is paused, its output held, until the arbiter's key is pinned to this host (the backup may not have read the stop)");
+            } else {
+                tracing::warn!(vm = %self.vm.name(), "backup lost holding a checkpoint it may resume: the guest is fenced, its output held, until the backup is known not to run the VM");
+            }
+            (hook.hook)();
             if let Err(e) = self.vm.fence() {
                 tracing::error!(vm = %self.vm.name(), error = %e, "cannot pause the guest after the backup's loss");
             }

@@ -6,9 +6,10 @@
 //! that two copies never run at once:
 //! - the replication link only (a and b still reach etcd, and one etcd
 //!   member dies meanwhile): a runs on, b never resumes;
-//! - the primary isolated from everything: a pauses itself before its
-//!   lease can lapse, b resumes after it lapses, the client's session
-//!   survives; plugged back in, a is listed stale and never runs;
+//! - the primary isolated from everything: a holds its output and pauses
+//!   itself, b resumes after its grace (taking the key from a's tenure),
+//!   the client's session survives; plugged back in, a is listed stale
+//!   and never runs;
 //! - the backup isolated: a runs on unprotected and says so; b never
 //!   resumes;
 //! - the arbiter down (two of three members): a pauses itself, b does
@@ -16,7 +17,12 @@
 //! - `remus failback`: the key moves with the VM to b, which runs it and
 //!   protects it back to a, the client's session whole;
 //! - `remus failback` while b cannot reach etcd: b never resumes, a takes
-//!   its key back and runs on.
+//!   its key back and runs on;
+//! - a partial partition (a cut from b and etcd, not from the client): b
+//!   resumes, and nothing a sent after its last acknowledged checkpoint
+//!   reached the client;
+//! - the primary's agent and QEMU killed: b takes the key from a's
+//!   tenure at once (no wait for the lease) and resumes.
 
 use std::time::{Duration, Instant};
 
@@ -491,8 +497,9 @@ fn two_copies_never_run_at_once() {
     }
 
     // 7. A partial partition: a loses b and etcd but still reaches its
-    //    client. b takes over once a's lease lapses and resumes from the
-    //    last acknowledged checkpoint, so a must not let out anything
+    //    client. b takes the key from a's tenure after its grace (a
+    //    cannot pin it) and resumes from the last acknowledged
+    //    checkpoint, so a must not let out anything
     //    the backup does not hold: no output of unacknowledged epochs,
     //    and no live output after the loss, until its key is pinned
     //    (never, here). The cut comes just after a renewal, so that a
@@ -543,5 +550,50 @@ fn two_copies_never_run_at_once() {
         drop(follow);
         drop(client);
         site.clean(vm);
+    }
+
+    // 8. The primary's agent and QEMU are killed (last: a stays dead).
+    //    The connection closes, so b does not wait: it takes the key
+    //    from a's tenure while a's lease still runs (the session's
+    //    outputs were all held, so nothing of a's newer state got out),
+    //    resumes, and the client's session goes on whole.
+    {
+        let vm = "arb8";
+        let (client, follow, watch) = site.protected_vm(vm);
+        let killed = Instant::now();
+        site.a.kill_hard();
+        let failover = site
+            .b
+            .wait_failover(vm, killed, Duration::from_secs(30))
+            .unwrap();
+        eprintln!("primary killed: b resumed after {failover} ms");
+        let log = site.b.log_text();
+        assert!(
+            log.contains("from the primary's tenure without waiting for its lease"),
+            "b did not take the key from a's tenure:\n{log}"
+        );
+        session_goes_on(&client, 100, &site.b, vm, "after the primary was killed");
+        session_whole(&client, &site.b, vm);
+        wait_for("b's key pinned", Duration::from_secs(10), || {
+            arbiter_state(&site.b, vm).as_deref() == Some("pinned")
+        });
+        assert_eq!(etcd_key(&site, vm), ("b".to_string(), 0));
+        // a's agent is gone, so the watcher cannot ask it (it counts a as
+        // possibly running): a's QEMU is checked gone instead, and the
+        // switch saw no frame from a once b ran.
+        assert!(site.a.qemu_pids().is_empty(), "a's QEMU survived SIGKILL");
+        let report = watch.stop();
+        eprint!("primary killed:\n{}", report.summary());
+        let b_from = report.running_spans("b").first().expect("b ran").0;
+        let late: Vec<_> = report
+            .frames_from("a")
+            .into_iter()
+            .filter(|t| *t >= b_from)
+            .collect();
+        assert!(late.is_empty(), "frames from a after b ran: {late:?}");
+        drop(follow);
+        drop(client);
+        let out = site.b.cli(&["destroy", vm]);
+        assert!(out.ok, "destroy {vm}: {}", out.stderr);
     }
 }

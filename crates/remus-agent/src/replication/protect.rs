@@ -98,6 +98,19 @@ pub(super) fn start_protect_from(
     // Any early return from here keeps the VM running unprotected: its
     // key is pinned to this host.
     let mut pin_on_error = PinOnDrop(guard.clone());
+    // The backup may take the key from this tenure at once (without
+    // waiting for its lease) only when nothing the guest does reaches the
+    // world before its checkpoint: every NIC buffered, every writable disk
+    // replicated. Otherwise (--no-net, --no-disk, a disk with
+    // `replicate = false`) a cut-off primary's live output is bounded
+    // only by its lease, so the backup waits for it to lapse.
+    let fast_takeover = !req.no_net
+        && slot
+            .vm
+            .config
+            .disks_in_order()
+            .iter()
+            .all(|d| d.readonly || (d.replicate && replicate_disks));
     let arbiter_setup = match (&guard, &agent.opts.arbiter) {
         (Some(g), Some(arb)) => {
             let held = g.info();
@@ -109,6 +122,7 @@ pub(super) fn start_protect_from(
                 prefix: arb.arb.config().prefix.clone(),
                 lease: held.lease.unwrap_or_default(),
                 revision: held.revision,
+                fast_takeover,
             })
         }
         _ => None,
@@ -261,10 +275,16 @@ pub(super) fn start_protect_from(
         // the key pinned from the moment of the hold, and lifts the fence
         // only then): see hold_on_loss.
         hold_on_loss: match (&guard, agent.opts.cluster_decides()) {
-            (_, true) => Some(OnHold(Arc::new(|| {}))),
+            (_, true) => Some(OnHold {
+                hook: Arc::new(|| {}),
+                on_stop: false,
+            }),
             (Some(g), false) => {
                 let g = g.clone();
-                Some(OnHold(Arc::new(move || g.pin())))
+                Some(OnHold {
+                    hook: Arc::new(move || g.pin()),
+                    on_stop: fast_takeover,
+                })
             }
             (None, false) => None,
         },

@@ -325,7 +325,7 @@ fn backup_session(
             let lease = match arbiter.as_ref().filter(|_| protect_purpose) {
                 Some(arb) => Some((
                     arb,
-                    crate::arbiter::take_over(arb, &vm_name)
+                    crate::arbiter::take_over(arb, &vm_name, None)
                         .map_err(|why| format!("NOT resuming at the switch-over: {why}"))?,
                 )),
                 None => None,
@@ -698,7 +698,7 @@ pub(super) fn decide_failover(
         tracing::warn!(vm = %name, "{why}; the copy here is discarded");
         agent.destroy_slot(slot, crate::agent::CopyRecord::Keep);
     };
-    let reason = match crate::failover::decide(purpose, &end) {
+    let (reason, silent) = match crate::failover::decide(purpose, &end) {
         Decision::RunsHere { epoch, what } => {
             tracing::info!(vm = %name, epoch, "{what}: the VM runs on this host");
             return;
@@ -708,7 +708,7 @@ pub(super) fn decide_failover(
         Decision::Park { epoch, .. } => {
             return discard(&format!("a suspended session at {epoch} was not kept"));
         }
-        Decision::Resume { reason } => reason,
+        Decision::Resume { reason, silent } => (reason, silent),
     };
     // Under a cluster manager, the cluster decides (after fencing the
     // primary's host): wait for its word.
@@ -735,14 +735,21 @@ pub(super) fn decide_failover(
             slot.cluster_hold.resumed(outcome);
         }
     };
-    // The arbiter first: resume only holding the VM's key, which etcd
-    // grants only once the primary's lease has lapsed.
+    // The arbiter first: resume only holding the VM's key, taken from the
+    // primary's tenure (when the session allowed it) or once the
+    // primary's lease has lapsed.
     let lease = match arbiter {
         Some(arb) => {
-            tracing::warn!(vm = %name, %reason, window_ms = arb.takeover_window().as_millis() as u64, "primary lost; asking the arbiter before resuming");
-            let answer = crate::arbiter::take_over(arb, &name);
+            let from = setup.arbiter.as_ref().filter(|a| a.fast_takeover).map(|a| {
+                crate::arbiter::FromTenure {
+                    revision: a.revision,
+                    grace: crate::arbiter::grace(Duration::from_millis(setup.timeout_ms), silent),
+                }
+            });
+            tracing::warn!(vm = %name, %reason, fast = from.is_some(), window_ms = arb.takeover_window().as_millis() as u64, "primary lost; asking the arbiter before resuming");
+            let answer = crate::arbiter::take_over(arb, &name, from);
             if let Decision::Discard(why) =
-                crate::failover::after_arbiter(&reason, answer.as_ref().map(|_| ()))
+                crate::failover::after_arbiter(&reason, silent, answer.as_ref().map(|_| ()))
             {
                 slot.notice(crate::observe::Notice::SplitBrainRefused {
                     peer: Some(peer.to_string()),

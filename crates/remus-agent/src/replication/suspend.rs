@@ -150,6 +150,7 @@ fn expire(agent: &Arc<Agent>, name: &str, token: u64, grace: Duration) {
             "the primary's agent suspended the session for a restart and did not resume it within {}s",
             grace.as_secs()
         ),
+        silent: true,
     });
     super::standby::decide_failover(
         agent,

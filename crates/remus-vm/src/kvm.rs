@@ -221,13 +221,12 @@ pub fn boot_probe(
     use std::process::{Command, Stdio};
     use std::sync::mpsc;
 
-    let dir = tempfile::Builder::new()
-        .prefix("remus-probe-")
-        .tempdir()
-        .map_err(|e| format!("probe directory: {e}"))?;
-    let kernel = dir.path().join("probe.elf");
-    std::fs::write(&kernel, crate::probe_guest::image())
-        .map_err(|e| format!("write {}: {e}", kernel.display()))?;
+    // The image lives in a memory file that QEMU opens as /dev/fd/N:
+    // nothing on disk, so an agent killed mid-probe leaves nothing behind
+    // (a file in /tmp would stay).
+    let image = memfd_image(&crate::probe_guest::image())?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&image);
+    let kernel = format!("/dev/fd/{fd}");
     let started = std::time::Instant::now();
     let mut command = Command::new(qemu);
     command
@@ -253,8 +252,13 @@ pub fn boot_probe(
     // SAFETY: prctl is async-signal-safe and touches only the child.
     unsafe {
         use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The image's fd (close-on-exec in the agent) stays open in
+            // QEMU only.
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -342,6 +346,26 @@ pub fn boot_probe(
         let _ = r.join();
     }
     verdict
+}
+
+/// `bytes` in an anonymous memory file (close-on-exec).
+fn memfd_image(bytes: &[u8]) -> Result<std::fs::File, String> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: a constant NUL-terminated name; the returned fd, if valid,
+    // is ours alone and owned by the File from here.
+    let fd = unsafe { libc::memfd_create(c"remus-probe".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "memory file for the probe guest: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: see above.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(bytes)
+        .map_err(|e| format!("write the probe guest: {e}"))?;
+    Ok(f)
 }
 
 /// What QEMU and the guest said, for an error message: QEMU's last error

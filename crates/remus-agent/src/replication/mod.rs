@@ -82,6 +82,9 @@ pub fn compat_of(cfg: &VmConfig) -> Result<VmCompat, String> {
     })
 }
 
+/// How long opening a session asks again a peer that answers Busy.
+const PEER_BUSY_WAIT: Duration = Duration::from_secs(10);
+
 /// The page cache for checkpoint compression, when wanted and the peer
 /// speaks a version that has it.
 fn compression(peer: &str, version: u16, wanted: bool) -> Option<u64> {
@@ -117,11 +120,38 @@ fn open_session(
     let compat = compat_of(&slot.vm.config).map_err(AgentError::Internal)?;
     let key = &require_key(agent)?;
     let params = HelloParams::new(purpose, name, compat);
-    let handshake = if unencrypted {
+    if unencrypted {
         tracing::warn!(vm = %name, %peer, "replicating IN THE CLEAR as asked (remus protect --unencrypted)");
-        client_handshake_unencrypted(connect(peer)?, key, &params)
-    } else {
-        client_handshake(connect(peer)?, key, &params)
+    }
+    // A peer that says Busy (a copy of this VM being set up or torn down
+    // there, e.g. the standby of a session that just ended) is asked
+    // again for a while instead of failing the request at once.
+    let busy_until = std::time::Instant::now() + PEER_BUSY_WAIT;
+    let mut said_busy = false;
+    let handshake = loop {
+        let h = if unencrypted {
+            client_handshake_unencrypted(connect(peer)?, key, &params)
+        } else {
+            client_handshake(connect(peer)?, key, &params)
+        };
+        match &h {
+            Err(e)
+                if matches!(
+                    e.failure,
+                    HandshakeFailure::Refused {
+                        code: ErrorCode::Busy,
+                        ..
+                    }
+                ) && std::time::Instant::now() < busy_until =>
+            {
+                if !said_busy {
+                    tracing::info!(vm = %name, %peer, reason = %e, wait_s = PEER_BUSY_WAIT.as_secs(), "the peer is busy with a copy of the VM; asking again");
+                    said_busy = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            _ => break h,
+        }
     };
     // Never a silent step down to the clear: a closed or reset connection
     // during the encrypted handshake is also what a flood of the backup's

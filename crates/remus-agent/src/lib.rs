@@ -395,21 +395,57 @@ async fn run(
         sd_notify::NotifyState::Status(&format!("serving {}", args.socket.display())),
     ]);
     let app = http::router(agent.clone());
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    // The agent's own shutdown starts with the signal, beside the API
+    // server's: the server waits for its open responses, and a client
+    // following a session's events (`remus protect`, `remus events`) is
+    // answered until that session ends, which only the agent's shutdown
+    // does. Waiting for the server first would wait for good.
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
+    let began = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let (agent, began) = (agent.clone(), began.clone());
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            began.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::task::spawn_blocking(move || {
+                agent.shutdown();
+                let _ = stopped_tx.send(true);
+            });
         }
     };
-    axum::serve(listener, app)
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
-        .context("API server")?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let a = agent.clone();
-    tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
+        .into_future();
+    // Once the agent has stopped, responses still open get 2 s to end.
+    let mut done = stopped.clone();
+    let agent_done = async move {
+        let _ = done.wait_for(|d| *d).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    };
+    let served = tokio::select! {
+        served = server => served.context("API server"),
+        _ = agent_done => {
+            tracing::warn!("API responses still open after the agent stopped; closing them");
+            Ok(())
+        }
+    };
+    // The agent's shutdown ends before the process does (or runs now, if
+    // the server ended without a signal).
+    if began.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut done = stopped;
+        let _ = done.wait_for(|d| *d).await;
+    } else {
+        let a = agent.clone();
+        tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
+    }
+    served?;
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("remusd stopped");
     Ok(())

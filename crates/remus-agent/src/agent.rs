@@ -1065,6 +1065,13 @@ impl Agent {
             );
             kept = crate::replication::suspend::persist_for_restart(self);
         }
+        // Keys being pinned by sessions that just ended get one TTL in all.
+        let pins_until = std::time::Instant::now()
+            + self
+                .opts
+                .arbiter
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |a| a.ttl);
         // No VM is listed after this (see `start_vm`).
         let names: Vec<String> = lock(&self.vms).keys().cloned().collect();
         for n in names {
@@ -1074,7 +1081,7 @@ impl Agent {
             if keep
                 && (kept.contains(&n) || (slot.life.role() != Role::Backup && slot.vm.runs_on()))
             {
-                self.leave_running(&n, &slot);
+                self.leave_running(&n, &slot, pins_until);
             } else {
                 self.retire(&n, &slot, CopyRecord::Keep);
             }
@@ -1117,10 +1124,10 @@ impl Agent {
     /// Leaves a VM running for the next agent to adopt (see
     /// [`crate::adopt`]); a VM whose session did not end stays recorded as
     /// such and is not adopted.
-    fn leave_running(&self, name: &str, slot: &Arc<VmSlot>) {
+    fn leave_running(&self, name: &str, slot: &Arc<VmSlot>, pins_until: std::time::Instant) {
         let guard = lock(&slot.arbiter).take();
         if let Some(g) = guard {
-            g.stop_after_pin();
+            g.stop_after_pin(pins_until);
         }
         let stage = slot.life.stage();
         if matches!(stage, Stage::Claimed { .. } | Stage::Protecting { .. }) {

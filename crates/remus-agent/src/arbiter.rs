@@ -241,16 +241,20 @@ impl Guard {
 
     /// The agent stops while the VM stays running (for the next agent to
     /// adopt): a pin asked for by a session that just ended is waited for
-    /// first (at most a TTL), so that the VM is not left fenced for want of
-    /// one etcd write; then as [`Guard::stop`].
-    pub fn stop_after_pin(&self) {
-        let pinning = {
-            let st = lock(&self.state);
-            st.want == Want::Pin && !st.done
-        };
-        if pinning {
-            drop(self.wait_done());
+    /// first (until `until`, shared by all the agent's VMs), so that the
+    /// VM is not left fenced for want of one etcd write; then as
+    /// [`Guard::stop`].
+    pub fn stop_after_pin(&self, until: Instant) {
+        let st = lock(&self.state);
+        let wait = until.saturating_duration_since(Instant::now());
+        let (st, waited) = self
+            .cv
+            .wait_timeout_while(st, wait, |st| st.want == Want::Pin && !st.done)
+            .unwrap_or_else(|p| p.into_inner());
+        if waited.timed_out() {
+            tracing::warn!(vm = %self.vm, "arbiter: the agent stops before the VM's key was pinned (etcd did not answer in time); a VM the session left fenced stays so, and the next agent does not adopt it");
         }
+        drop(st);
         self.stop();
     }
 
@@ -639,19 +643,20 @@ pub fn take_over(
 ) -> Result<Lease, TakeOverRefused> {
     let t = Instant::now();
     let deadline = t + arb.takeover_window();
-    let mut last: String;
-    if let Some(f) = from {
-        if !f.grace.is_zero() {
-            tracing::info!(
-                vm,
-                grace_ms = f.grace.as_millis() as u64,
-                revision = f.revision,
-                "the primary went silent: waiting the grace before taking its key, so that a primary alive behind a cut link keeps the VM"
-            );
-            std::thread::sleep(f.grace);
-        }
-        loop {
-            match arb.arb.take_from(vm, f.revision, arb.ttl, arb.margin) {
+    if let Some(f) = from.filter(|f| !f.grace.is_zero()) {
+        tracing::info!(
+            vm,
+            grace_ms = f.grace.as_millis() as u64,
+            revision = f.revision,
+            "the primary went silent: waiting the grace before taking its key, so that a primary alive behind a cut link keeps the VM"
+        );
+        std::thread::sleep(f.grace);
+    }
+    let mut fast = from;
+    loop {
+        // Each try either settles it or fails with etcd's error.
+        let failed = match fast {
+            Some(f) => match arb.arb.take_from(vm, f.revision, arb.ttl, arb.margin) {
                 Ok(Ok(l)) => {
                     tracing::warn!(
                         vm,
@@ -671,43 +676,35 @@ pub fn take_over(
                 }
                 Ok(Err(now)) => {
                     tracing::warn!(vm, from_revision = f.revision, now = ?now, "arbiter: the VM's key changed since the session began; waiting for its holder's lease to lapse instead");
-                    break;
+                    fast = None;
+                    continue;
                 }
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() >= deadline {
-                return Err(TakeOverRefused::NotGranted {
-                    window: arb.takeover_window(),
-                    last,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    loop {
-        match arb.arb.acquire(vm, arb.ttl, arb.margin) {
-            Ok(l) => {
-                tracing::warn!(
-                    vm,
-                    lease = format!("{:x}", l.id),
-                    revision = l.revision,
-                    waited_ms = t.elapsed().as_millis() as u64,
-                    "arbiter: took the VM's key (the primary's lease had lapsed): this host may run it"
-                );
-                return Ok(l);
-            }
-            Err(ArbiterError::HeldByOther {
-                holder,
-                lease: 0,
-                revision,
-                ..
-            }) => return Err(TakeOverRefused::RunsElsewhere { holder, revision }),
-            Err(e) => last = e.to_string(),
-        }
+                Err(e) => e,
+            },
+            None => match arb.arb.acquire(vm, arb.ttl, arb.margin) {
+                Ok(l) => {
+                    tracing::warn!(
+                        vm,
+                        lease = format!("{:x}", l.id),
+                        revision = l.revision,
+                        waited_ms = t.elapsed().as_millis() as u64,
+                        "arbiter: took the VM's key (the primary's lease had lapsed): this host may run it"
+                    );
+                    return Ok(l);
+                }
+                Err(ArbiterError::HeldByOther {
+                    holder,
+                    lease: 0,
+                    revision,
+                    ..
+                }) => return Err(TakeOverRefused::RunsElsewhere { holder, revision }),
+                Err(e) => e,
+            },
+        };
         if Instant::now() >= deadline {
             return Err(TakeOverRefused::NotGranted {
                 window: arb.takeover_window(),
-                last,
+                last: failed.to_string(),
             });
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -78,8 +78,8 @@ pub fn decide(purpose: Purpose, end: &Result<BackupEnd, ReplError>) -> Decision 
 }
 
 /// The second step of a [`Decision::Resume`] on an arbitrated VM: resume
-/// only holding the VM's key, which etcd grants only once the primary's
-/// lease has lapsed.
+/// only holding the VM's key (taken from the primary's tenure, or once
+/// its lease has lapsed: `arbiter::take_over`).
 pub fn after_arbiter(reason: &str, silent: bool, answer: Result<(), &TakeOverRefused>) -> Decision {
     match answer {
         Ok(()) => Decision::Resume {

@@ -21,6 +21,8 @@
 //! - a partial partition (a cut from b and etcd, not from the client): b
 //!   resumes, and nothing a sent after its last acknowledged checkpoint
 //!   reached the client;
+//! - the primary's agent restarted: it pins its key before it exits, the
+//!   next agent adopts the running VM, b never resumes;
 //! - the primary's agent and QEMU killed: b takes the key from a's
 //!   tenure at once (no wait for the lease) and resumes.
 
@@ -85,6 +87,9 @@ impl Site {
             let ttl = TTL_S.to_string();
             let margin = MARGIN_MS.to_string();
             args.extend(["--arbiter-ttl", &ttl, "--arbiter-margin-ms", &margin]);
+            // A restart leaves the VMs running (case 8), as remusd does
+            // by default; the testbed kills what is left at the end.
+            args.extend(["--on-stop", "keep"]);
             args.extend(extra);
             Agent::start(&bins(), Some(lan.host(host)), &args)
                 .unwrap_or_else(|e| panic!("agent on {host}: {e}"))
@@ -552,13 +557,49 @@ fn two_copies_never_run_at_once() {
         site.clean(vm);
     }
 
-    // 8. The primary's agent and QEMU are killed (last: a stays dead).
+    // 8. The primary's agent restarts (SIGTERM, `--on-stop keep`): the
+    //    session ends in order, a holds the guest until its key is pinned
+    //    (b may not have read the goodbye, and could take the key from
+    //    a's tenure), the old agent waits for that pin before it exits,
+    //    and the next one adopts the running VM. b never runs it.
+    {
+        let vm = "arb8";
+        let (client, follow, watch) = site.protected_vm(vm);
+        site.a.stop_agent_only().unwrap();
+        let log = site.a.log_text();
+        assert!(
+            !log.contains("the agent stops before the VM's key was pinned"),
+            "{log}"
+        );
+        assert_eq!(
+            etcd_key(&site, vm),
+            ("a".to_string(), 0),
+            "pinned to a\na:\n{log}\nb:\n{}",
+            site.b.log_text()
+        );
+        drop(follow);
+        site.a.restart().unwrap();
+        wait_for("a's agent to adopt the VM", Duration::from_secs(60), || {
+            site.a
+                .vm(vm)
+                .is_some_and(|v| v["state"] == "r" || v["state"] == "b")
+        });
+        session_goes_on(&client, 100, &site.a, vm, "after a's agent restarted");
+        assert_eq!(client.error(), None);
+        let report = watch.stop();
+        check(&report, "primary's agent restarted");
+        assert!(!report.ever_ran("b"), "b resumed a second copy");
+        drop(client);
+        site.clean(vm);
+    }
+
+    // 9. The primary's agent and QEMU are killed (last: a stays dead).
     //    The connection closes, so b does not wait: it takes the key
     //    from a's tenure while a's lease still runs (the session's
     //    outputs were all held, so nothing of a's newer state got out),
     //    resumes, and the client's session goes on whole.
     {
-        let vm = "arb8";
+        let vm = "arb9";
         let (client, follow, watch) = site.protected_vm(vm);
         let killed = Instant::now();
         site.a.kill_hard();

@@ -588,28 +588,16 @@ impl Arbiter {
         ttl: Duration,
         margin: Duration,
     ) -> Result<Lease, ArbiterError> {
-        let ttl_s = ttl.as_secs().max(1) as i64;
-        let sent = Instant::now();
-        let grant = self.call("lease grant", |mut c| async move {
-            c.lease_grant(ttl_s, None).await
-        })?;
-        let id = grant.id();
-        let revision = match self.take(vm, id) {
+        let grant = self.grant(ttl)?;
+        let revision = match self.take(vm, grant.id) {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.revoke(id);
+                let _ = self.revoke(grant.id);
                 return Err(e);
             }
         };
-        tracing::info!(vm, lease = format!("{id:x}"), revision, ttl_s, host = %self.host, "took the VM's arbiter key");
-        Ok(Lease {
-            vm: vm.to_string(),
-            id,
-            ttl: Duration::from_secs(ttl_s as u64),
-            revision,
-            fence_at: sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin),
-            stream: None,
-        })
+        tracing::info!(vm, lease = format!("{:x}", grant.id), revision, ttl_s = grant.ttl.as_secs(), host = %self.host, "took the VM's arbiter key");
+        Ok(grant.lease(vm, revision, margin))
     }
 
     /// The fast takeover: takes `vm`'s key, on a new lease of this host,
@@ -628,62 +616,23 @@ impl Arbiter {
         ttl: Duration,
         margin: Duration,
     ) -> Result<Result<Lease, Option<Holder>>, ArbiterError> {
-        let ttl_s = ttl.as_secs().max(1) as i64;
+        let grant = self.grant(ttl)?;
         let key = self.cfg.runner_key(vm);
-        let sent = Instant::now();
-        let grant = self.call("lease grant", |mut c| async move {
-            c.lease_grant(ttl_s, None).await
-        })?;
-        let id = grant.id();
-        let host = self.host.clone();
-        let resp = self.call("take the VM's key from its tenure", |mut c| {
-            let (key, host) = (key.clone(), host.clone());
-            async move {
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::put(
-                        key.clone(),
-                        host,
-                        Some(PutOptions::new().with_lease(id)),
-                    )])
-                    .or_else([TxnOp::get(key, None)]);
-                c.txn(txn).await
+        let cond = Compare::mod_revision(key.clone(), CompareOp::Equal, revision);
+        let put = self.put_if("take the VM's key from its tenure", &key, cond, grant.id);
+        let written = match put {
+            Ok(Ok(written)) => written,
+            Ok(Err(now)) => {
+                let _ = self.revoke(grant.id);
+                return Ok(Err(now.map(|(h, _)| h)));
             }
-        });
-        let resp = match resp {
-            Ok(r) => r,
             Err(e) => {
-                let _ = self.revoke(id);
+                let _ = self.revoke(grant.id);
                 return Err(e);
             }
         };
-        let now = holder_of(&resp);
-        // A retry on another endpoint after a timeout can find the write
-        // of our own first attempt: that is success.
-        let ours_now = now
-            .as_ref()
-            .is_some_and(|(h, _)| h.host == self.host && h.lease == id);
-        if !resp.succeeded() && !ours_now {
-            let _ = self.revoke(id);
-            return Ok(Err(now.map(|(h, _)| h)));
-        }
-        let written = match (resp.succeeded(), now) {
-            (false, Some((_, modrev))) => modrev,
-            _ => resp.header().map(|h| h.revision()).unwrap_or(0),
-        };
-        tracing::info!(vm, lease = format!("{id:x}"), from_revision = revision, revision = written, ttl_s, host = %self.host, "took the VM's arbiter key from the tenure at its revision");
-        Ok(Ok(Lease {
-            vm: vm.to_string(),
-            id,
-            ttl: Duration::from_secs(ttl_s as u64),
-            revision: written,
-            fence_at: sent + Duration::from_secs(ttl_s as u64).saturating_sub(margin),
-            stream: None,
-        }))
+        tracing::info!(vm, lease = format!("{:x}", grant.id), from_revision = revision, revision = written, ttl_s = grant.ttl.as_secs(), host = %self.host, "took the VM's arbiter key from the tenure at its revision");
+        Ok(Ok(grant.lease(vm, written, margin)))
     }
 
     /// Pins `vm`'s key to this host without a lease: the VM runs here
@@ -742,34 +691,10 @@ impl Arbiter {
                 None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 Some(modrev) => Compare::mod_revision(key.clone(), CompareOp::Equal, modrev),
             };
-            let host = self.host.clone();
-            let resp = self.call("take the VM's key", |mut c| {
-                let (key, host, cond) = (key.clone(), host.clone(), cond.clone());
-                async move {
-                    let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-                    let txn = Txn::new()
-                        .when([cond])
-                        .and_then([TxnOp::put(key.clone(), host, opts)])
-                        .or_else([TxnOp::get(key, None)]);
-                    c.txn(txn).await
-                }
-            })?;
-            let now = holder_of(&resp);
-            // A retry on another endpoint after a timeout can find the
-            // write of our own first attempt: that is success.
-            let ours_now = now
-                .as_ref()
-                .is_some_and(|(h, _)| h.host == self.host && h.lease == lease);
-            if resp.succeeded() || ours_now {
-                let revision = match (resp.succeeded(), now) {
-                    (false, Some((_, modrev))) => modrev,
-                    _ => resp.header().map(|h| h.revision()).unwrap_or(0),
-                };
-                return Ok(revision);
-            }
-            match now {
-                Some((h, modrev)) if h.host == self.host => ours_at = Some(modrev),
-                Some((h, _)) => {
+            match self.put_if("take the VM's key", &key, cond, lease)? {
+                Ok(revision) => return Ok(revision),
+                Err(Some((h, modrev))) if h.host == self.host => ours_at = Some(modrev),
+                Err(Some((h, _))) => {
                     return Err(ArbiterError::HeldByOther {
                         vm: vm.to_string(),
                         holder: h.host,
@@ -778,12 +703,62 @@ impl Arbiter {
                     });
                 }
                 // Gone since we looked: try "absent" again.
-                None => ours_at = None,
+                Err(None) => ours_at = None,
             }
         }
         Err(ArbiterError::Runtime(format!(
             "the key of {vm} kept changing while this host tried to take it"
         )))
+    }
+
+    /// Writes `key` = this host, on lease `lease` (0: none), if `cond`
+    /// holds, in one transaction. `Ok(revision)` of the write; otherwise
+    /// the holder the key has now, with its mod revision (`None`: no key).
+    fn put_if(
+        &self,
+        what: &str,
+        key: &str,
+        cond: Compare,
+        lease: i64,
+    ) -> Result<Result<i64, Option<(Holder, i64)>>, ArbiterError> {
+        let host = self.host.clone();
+        let resp = self.call(what, |mut c| {
+            let (key, host, cond) = (key.to_string(), host.clone(), cond.clone());
+            async move {
+                let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+                let txn = Txn::new()
+                    .when([cond])
+                    .and_then([TxnOp::put(key.clone(), host, opts)])
+                    .or_else([TxnOp::get(key, None)]);
+                c.txn(txn).await
+            }
+        })?;
+        let now = holder_of(&resp);
+        // A retry on another endpoint after a timeout can find the write
+        // of our own first attempt: that is success.
+        let ours_now = now
+            .as_ref()
+            .is_some_and(|(h, _)| h.host == self.host && h.lease == lease);
+        Ok(match (resp.succeeded(), now) {
+            (true, _) => Ok(resp.header().map(|h| h.revision()).unwrap_or(0)),
+            (false, Some((_, modrev))) if ours_now => Ok(modrev),
+            (false, now) => Err(now),
+        })
+    }
+
+    /// A new lease of `ttl` (whole seconds, at least one), not yet on any
+    /// key.
+    fn grant(&self, ttl: Duration) -> Result<Grant, ArbiterError> {
+        let ttl_s = ttl.as_secs().max(1) as i64;
+        let sent = Instant::now();
+        let grant = self.call("lease grant", |mut c| async move {
+            c.lease_grant(ttl_s, None).await
+        })?;
+        Ok(Grant {
+            id: grant.id(),
+            ttl: Duration::from_secs(ttl_s as u64),
+            sent,
+        })
     }
 
     /// Renews `lease` once. On success returns the new fence deadline:
@@ -863,6 +838,28 @@ fn holder_of(resp: &etcd_client::TxnResponse) -> Option<(Holder, i64)> {
             .map(|kv| (Holder::of(kv), kv.mod_revision())),
         _ => None,
     })
+}
+
+/// A lease just granted: its fence deadline counts from when the grant
+/// was sent.
+struct Grant {
+    id: i64,
+    ttl: Duration,
+    sent: Instant,
+}
+
+impl Grant {
+    /// The lease, now holding `vm`'s key (written at `revision`).
+    fn lease(self, vm: &str, revision: i64, margin: Duration) -> Lease {
+        Lease {
+            vm: vm.to_string(),
+            id: self.id,
+            ttl: self.ttl,
+            revision,
+            fence_at: self.sent + self.ttl.saturating_sub(margin),
+            stream: None,
+        }
+    }
 }
 
 /// A held VM key: the lease behind it and the fence deadline.

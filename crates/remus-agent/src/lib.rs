@@ -397,7 +397,7 @@ async fn run(
     let app = http::router(agent.clone());
     // The agent's own shutdown starts with the signal, beside the API
     // server's: the server waits for its open responses, and a client
-    // following a session's events (`remus protect`, `remus events`) is
+    // following a session's events (a `remus protect` printing them) is
     // answered until that session ends, which only the agent's shutdown
     // does. Waiting for the server first would wait for good.
     let (stopped_tx, stopped) = tokio::sync::watch::channel(false);

@@ -655,10 +655,9 @@ fn max_rate_caps_the_initial_copy_and_the_pre_copy() {
     // The same copy of RAM without a cap goes faster. Asked for as soon
     // as b no longer lists its copy, while it may still be tearing it
     // down: a's agent asks again while b says it is busy (no retry here).
-    let mut f = ProtectFollower::start(&a, "cap", &b_listen, &["-u", "-i", "200"])
+    let mut follow = ProtectFollower::start(&a, "cap", &b_listen, &["-u", "-i", "200"])
         .unwrap_or_else(|e| panic!("{e:#}\n{}", a.log_text()));
-    let initial = f.event("initial_sync").unwrap();
-    let mut follow = f;
+    let initial = follow.event("initial_sync").unwrap();
     eprintln!(
         "protect right after a stop: a asked b again while it was busy: {}",
         a.log_text()

@@ -844,20 +844,23 @@ impl DiskHosts {
 
     /// The backup agent (listening, keeping its images in `bdir`).
     pub fn backup(&self, bins: &Binaries) -> Result<Agent> {
+        self.backup_with(bins, &[])
+    }
+
+    /// The backup agent with more `remusd` arguments.
+    pub fn backup_with(&self, bins: &Binaries, extra: &[&str]) -> Result<Agent> {
         let key = self.key.to_str().context("key path")?;
         let images = self.bdir.path().to_str().context("image dir")?;
-        Agent::start(
-            bins,
-            None,
-            &[
-                "--listen",
-                &self.listen,
-                "--key",
-                key,
-                "--image-dir",
-                images,
-            ],
-        )
+        let mut args = vec![
+            "--listen",
+            &self.listen,
+            "--key",
+            key,
+            "--image-dir",
+            images,
+        ];
+        args.extend_from_slice(extra);
+        Agent::start(bins, None, &args)
     }
 
     /// Where the backup keeps VM `vm`'s copy of disk `target` (its own

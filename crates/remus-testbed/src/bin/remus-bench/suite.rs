@@ -18,9 +18,10 @@
 //!   kernel+initramfs guest idle, both with 512 MiB at -i 100: pause and
 //!   device state per checkpoint.
 //! - `slowdown`: a CPU and memory workload in the guest (`cpumem`),
-//!   unprotected against protected at 25 and 40 checkpoints per second
-//!   (and at 40 with `-u`), in one run on one VM; then the same guest in
-//!   a QEMU driven over QMP alone, to locate QEMU's share.
+//!   unprotected against protected at the defaults (the rate the adaptive
+//!   policy picks) and at 25 and 40 checkpoints per second (and at 40
+//!   with `-u`), in one run on one VM; then the same guest in a QEMU
+//!   driven over QMP alone, to locate QEMU's share.
 //! - `failover`: repeated primary failures (SIGKILL; every third round
 //!   frozen instead) on a LAN of network namespaces: time to the backup's
 //!   running VM and to the first line a TCP client gets from it.

@@ -8,7 +8,8 @@
 //! O_DIRECT writes over 256 MiB, fdatasync every 16 blocks, one `diskbench:
 //! write MB/s ...` line a second). Cases: first unprotected, then `remus
 //! protect -i I` for each `--intervals` value (protection stopped between
-//! them); each measures `--seconds` of the guest's own lines after dropping
+//! them), and at -i 200 once more with `--unencrypted` (what the encrypted
+//! link costs this workload); each measures `--seconds` of the guest's own lines after dropping
 //! the first [`DISK_WARMUP_LINES`], and the checkpoint events taken
 //! meanwhile (pause, `disk_records`, `disk_bytes`). Reported: write MB/s,
 //! fsync p50/max, the protected/unprotected throughput ratio against the
@@ -186,6 +187,8 @@ fn summarize_disk(samples: &[DiskSample]) -> DiskSummary {
 #[derive(Debug, Clone)]
 struct DiskCase {
     interval_ms: Option<u64>,
+    /// Protected with `remus protect --unencrypted` (the clear link).
+    unencrypted: bool,
     samples: Vec<DiskSample>,
     /// Host wall time of the measured window, ms.
     window_ms: f64,
@@ -199,6 +202,7 @@ impl DiskCase {
     fn name(&self) -> String {
         match self.interval_ms {
             None => "unprotected".into(),
+            Some(i) if self.unencrypted => format!("protected -i {i} ms, --unencrypted"),
             Some(i) => format!("protected -i {i} ms"),
         }
     }
@@ -296,7 +300,7 @@ fn run_disk(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<DiskRun> {
         .with_context(|| format!("create {}", vda.display()))?;
     let peer = hosts.listen.clone();
     let backup = hosts
-        .backup(bins)
+        .backup_with(bins, &["--allow-unencrypted-peers"])
         .context("start backup agent (in a mount namespace of its own: needs root and unshare)")?;
     let primary = hosts.primary(bins).context("start primary agent")?;
     let vm = "bench-disk";
@@ -312,6 +316,7 @@ fn run_disk(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<DiskRun> {
     let (samples, t0, t1) = measure_disk(&primary, vm, seconds, &mut || Ok(())).map_err(logs)?;
     let mut cases = vec![DiskCase {
         interval_ms: None,
+        unencrypted: false,
         samples,
         window_ms: (t1 - t0) as f64,
         cps: Vec::new(),
@@ -320,9 +325,19 @@ fn run_disk(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<DiskRun> {
     }];
     report_disk_case(&cases[0], None);
 
-    for &i in &o.intervals {
-        eprintln!("remus-bench: disk, protected -i {i} ms ...");
-        let mut p = Protecting::start(bins, &primary, vm, &peer, i, o, &[])?;
+    // The target's interval once more on the clear link, when measured.
+    let clear = o
+        .intervals
+        .contains(&DISK_TARGET_INTERVAL_MS)
+        .then_some((DISK_TARGET_INTERVAL_MS, true));
+    let runs = o.intervals.iter().map(|&i| (i, false)).chain(clear);
+    for (i, unencrypted) in runs {
+        let extra: &[&str] = if unencrypted { &["--unencrypted"] } else { &[] };
+        eprintln!(
+            "remus-bench: disk, protected -i {i} ms{} ...",
+            if unencrypted { ", --unencrypted" } else { "" }
+        );
+        let mut p = Protecting::start(bins, &primary, vm, &peer, i, o, extra)?;
         let measured = p
             .first_checkpoint(Duration::from_secs(300))
             .and_then(|()| measure_disk(&primary, vm, seconds, &mut || p.drain()))
@@ -339,6 +354,7 @@ fn run_disk(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<DiskRun> {
         })?;
         let c = DiskCase {
             interval_ms: Some(i),
+            unencrypted,
             samples,
             window_ms: (t1 - t0) as f64,
             cps: cps
@@ -383,22 +399,25 @@ fn report_disk_case(c: &DiskCase, unprotected: Option<&DiskCase>) {
     eprintln!("{line}");
 }
 
-/// Protected throughput over unprotected, per protected case.
-fn disk_ratios(run: &DiskRun) -> Vec<(u64, f64)> {
+/// This case's throughput over the unprotected case's (None for that one).
+fn case_ratio(run: &DiskRun, c: &DiskCase) -> Option<f64> {
+    c.interval_ms?;
     let base = run
         .cases
         .iter()
         .find(|c| c.interval_ms.is_none())
         .map(|c| summarize_disk(&c.samples).mb_s.p50)
         .unwrap_or(f64::NAN);
+    Some(ratio(summarize_disk(&c.samples).mb_s.p50, base))
+}
+
+/// Protected throughput over unprotected, per protected case on the
+/// encrypted link (the default, which the target is about).
+fn disk_ratios(run: &DiskRun) -> Vec<(u64, f64)> {
     run.cases
         .iter()
-        .filter_map(|c| {
-            Some((
-                c.interval_ms?,
-                ratio(summarize_disk(&c.samples).mb_s.p50, base),
-            ))
-        })
+        .filter(|c| !c.unencrypted)
+        .filter_map(|c| Some((c.interval_ms?, case_ratio(run, c)?)))
         .collect()
 }
 
@@ -419,6 +438,7 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
          fdatasync every {DISKBENCH_FSYNC_EVERY} blocks, one line a second (1 MB = 1 MiB)\n\
          - one VM for the whole run, two agents on this machine (backup on 127.0.0.1, its own image at the same path \
          through a mount namespace); unprotected first, then `remus protect -i I --timeout {} --json` per interval, \
+         and at -i {DISK_TARGET_INTERVAL_MS} once more with `--unencrypted` (the clear link: what encryption costs), \
          stopped in between; per case {} s of the guest's lines after {DISK_WARMUP_LINES} warm-up lines. \
          Write MB/s: median (min–max) of the per-second rates; fsync p50: median of the per-second medians, \
          max: the largest; checkpoint columns over the checkpoints taken in the window; replicated MB/s = \
@@ -437,10 +457,8 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
     let dash = || "—".to_string();
     for c in &run.cases {
         let d = summarize_disk(&c.samples);
-        let r = c
-            .interval_ms
-            .and_then(|i| ratios.iter().find(|x| x.0 == i))
-            .map(|x| format!("{:.2}", x.1))
+        let r = case_ratio(run, c)
+            .map(|x| format!("{x:.2}"))
             .unwrap_or_else(|| "1.00".into());
         let cp = |f: &dyn Fn() -> String| if c.interval_ms.is_some() { f() } else { dash() };
         s.push_str(&format!(
@@ -525,14 +543,12 @@ fn render_disk_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &DiskRu
 
 fn disk_case_json(run: &DiskRun, c: &DiskCase) -> Value {
     let d = summarize_disk(&c.samples);
-    let r = c
-        .interval_ms
-        .and_then(|i| disk_ratios(run).into_iter().find(|x| x.0 == i))
-        .map(|x| r3(x.1));
+    let r = case_ratio(run, c).map(r3);
     let mut v = json!({
         "name": c.name(),
         "protected": c.interval_ms.is_some(),
         "interval_ms": c.interval_ms,
+        "unencrypted": c.unencrypted,
         "accel": run.accel,
         "seconds": c.samples.len(),
         "window_ms": c.window_ms,
@@ -621,8 +637,9 @@ mod tests {
                    "bytes": 500000, "ack_ms": 3.0, "disk_records": 40, "disk_bytes": 8u64 << 20,
                    "phases": {"stop": 2.0, "scan": 0.3, "copy": 0.2, "devstate": 4.0, "cont": 0.5}})
         };
-        let case = |interval_ms, mb_s| DiskCase {
+        let case = |interval_ms, mb_s, unencrypted| DiskCase {
             interval_ms,
+            unencrypted,
             samples: vec![sample(mb_s); 3],
             window_ms: 1000.0,
             cps: if interval_ms.is_some() {
@@ -636,12 +653,15 @@ mod tests {
         let run = DiskRun {
             accel: "tcg".into(),
             cases: vec![
-                case(None, 100.0),
-                case(Some(100), 50.0),
-                case(Some(200), 80.0),
+                case(None, 100.0, false),
+                case(Some(100), 50.0, false),
+                case(Some(200), 80.0, false),
+                case(Some(200), 90.0, true),
             ],
         };
+        // The clear link's row has its own ratio, never the target's.
         assert_eq!(disk_ratios(&run), vec![(100, 0.5), (200, 0.8)]);
+        assert_eq!(case_ratio(&run, &run.cases[3]), Some(0.9));
         assert_eq!(run.cases[2].replicated_mb_s(), 40.0);
         assert_eq!(run.cases[2].achieved_interval_ms(), 200.0);
         let m = test_machine();
@@ -650,6 +670,10 @@ mod tests {
         let md = render_disk_md("2026-01-01 00:00 UTC", &m, "release", &o, &run);
         assert!(
             md.contains("| protected -i 200 ms | 80.0 | 80.0–80.0 | 0.80 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| protected -i 200 ms, --unencrypted | 90.0 | 90.0–90.0 | 0.90 |"),
             "{md}"
         );
         assert!(

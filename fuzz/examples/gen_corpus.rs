@@ -282,6 +282,7 @@ fn messages() -> Vec<(String, Message)> {
         ),
         ("resumable", Message::Resumable { resumed_at: 7 }),
         ("restarting", Message::Restarting),
+        ("devices-only-state", Message::DevicesOnlyState),
         ("disk-write", Message::Disk(write.clone())),
         ("disk-zero", Message::Disk(zero.clone())),
         ("disk-flush", Message::Disk(flush.clone())),

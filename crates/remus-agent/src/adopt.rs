@@ -192,6 +192,8 @@ impl Agent {
             accel: rec.accel,
             tap_names: rec.tap_names.clone(),
             incoming: parked.is_some(),
+            // Vm::adopt takes it from the record.
+            devices_only_state: rec.processes.devices_only_state,
         };
         // Vm::adopt stops QEMU itself when it fails.
         let vm = Vm::adopt(config, paths, opts, &rec.processes).map_err(|e| {

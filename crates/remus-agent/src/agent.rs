@@ -606,10 +606,13 @@ impl Agent {
     /// Creates a standby copy (QEMU with `-incoming defer` on a RAM
     /// replica) for a replication session, under the session's
     /// reservation of the name; listed as paused, role backup.
+    /// `devices_only_state`: its QEMU loads device-only state (see
+    /// `remus_vm::devstate`).
     pub fn create_standby(
         &self,
         config: VmConfig,
         purpose: remus_proto::Purpose,
+        devices_only_state: bool,
         reserved: &Reservation,
     ) -> Result<(Arc<VmSlot>, remus_replication::replica::Replica), AgentError> {
         let qemu = self
@@ -623,7 +626,7 @@ impl Agent {
                 config.name, reserved.name
             )));
         }
-        let (slot, replica) = self.start_vm(config, &qemu, Some(purpose))?;
+        let (slot, replica) = self.start_vm(config, &qemu, Some((purpose, devices_only_state)))?;
         Ok((
             slot,
             replica.ok_or_else(|| AgentError::Internal("no replica".into()))?,
@@ -634,7 +637,7 @@ impl Agent {
         &self,
         config: VmConfig,
         qemu: &str,
-        standby: Option<remus_proto::Purpose>,
+        standby: Option<(remus_proto::Purpose, bool)>,
     ) -> Result<(Arc<VmSlot>, Option<remus_replication::replica::Replica>), AgentError> {
         let name = config.name.clone();
         let accel = remus_vm::resolve_accel(
@@ -698,6 +701,7 @@ impl Agent {
                 .map(|i| format!("rm{}v{id}n{i}", self.tag))
                 .collect(),
             incoming: standby.is_some(),
+            devices_only_state: standby.is_some_and(|(_, d)| d),
         };
         tracing::info!(vm = %name, id, %qemu, accel = accel.as_str(), "creating VM");
         let vm = Vm::start(config, paths, opts).map_err(|e| {
@@ -711,7 +715,7 @@ impl Agent {
             }
         })?;
         let stage = match standby {
-            Some(purpose) => Stage::Standby { purpose },
+            Some((purpose, _)) => Stage::Standby { purpose },
             None => Stage::Unprotected,
         };
         crate::adopt::save(

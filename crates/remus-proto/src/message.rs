@@ -539,6 +539,9 @@ pub enum Message {
     /// The backup's agent restarts: suspend the session to keep the
     /// standby.
     Restarting,
+    /// The backup loads device-only state: see
+    /// [`MsgType::DevicesOnlyState`].
+    DevicesOnlyState,
     /// DiskWrite, DiskZero or DiskFlush.
     Disk(DiskRecord),
     DiskSeal(DiskSeal),
@@ -595,6 +598,7 @@ impl Message {
             Message::Suspend { .. } => MsgType::Suspend,
             Message::Resumable { .. } => MsgType::Resumable,
             Message::Restarting => MsgType::Restarting,
+            Message::DevicesOnlyState => MsgType::DevicesOnlyState,
             Message::Disk(r) => r.msg_type(),
             Message::DiskSeal(_) => MsgType::DiskSeal,
             Message::DiskDigests(_) => MsgType::DiskDigests,
@@ -620,7 +624,7 @@ impl Message {
                 p.extend_from_slice(&a.server_proof);
             }
             Message::AuthProof { client_proof } => p.extend_from_slice(client_proof),
-            Message::Ready | Message::Done | Message::Restarting => {}
+            Message::Ready | Message::Done | Message::Restarting | Message::DevicesOnlyState => {}
             Message::Error { code, message } => {
                 put_u16(&mut p, code.to_u16());
                 put_str(&mut p, message);
@@ -785,6 +789,7 @@ impl Message {
             MsgType::Ready => Message::Ready,
             MsgType::Done => Message::Done,
             MsgType::Restarting => Message::Restarting,
+            MsgType::DevicesOnlyState => Message::DevicesOnlyState,
             MsgType::Error => {
                 let code = ErrorCode::from_u16(c.u16("code")?);
                 let text = c.string("message")?;

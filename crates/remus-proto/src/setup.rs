@@ -261,6 +261,13 @@ pub struct SessionSetup {
     /// skips the copy; otherwise it sets up a new copy as usual.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<u64>,
+    /// The primary can send device state without QEMU's RAM blocks (its
+    /// firmware and ACPI tables, which the guest cannot write; never for
+    /// a UEFI VM, whose variable store is such a block): a backup whose
+    /// standby loads that answers with a DevicesOnlyState before Ready.
+    /// Absent (older agents): no.
+    #[serde(default)]
+    pub devices_only_state: bool,
 }
 
 /// How the new primary protects back after a planned switch-over.

@@ -90,6 +90,13 @@ pub enum MsgType {
     /// its own restart) and resumes it once the backup's next agent
     /// answers. Sent only in a session whose backup said Resumable.
     Restarting = 14,
+    /// Backup → primary before Ready (no payload), answering a setup that
+    /// says `devices_only_state`: its standby loads device state saved
+    /// without QEMU's RAM blocks and configuration section (see
+    /// `remus_vm::devstate`), so the primary may send that. Older
+    /// backups never send it, and are sent QEMU's full migration stream
+    /// (additive).
+    DevicesOnlyState = 15,
     // Checkpoint stream: 16..=31.
     CheckpointBegin = 16,
     PageRun = 17,
@@ -138,6 +145,7 @@ impl MsgType {
             12 => Suspend,
             13 => Resumable,
             14 => Restarting,
+            15 => DevicesOnlyState,
             16 => CheckpointBegin,
             17 => PageRun,
             18 => DeviceState,

@@ -101,6 +101,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         any::<u64>().prop_map(|resumed_at| Message::Resumable { resumed_at }),
         Just(Message::Restarting),
+        Just(Message::DevicesOnlyState),
         (any::<u64>(), arb_kind()).prop_map(|(e, kind)| Message::CheckpointBegin {
             epoch: Epoch(e),
             kind

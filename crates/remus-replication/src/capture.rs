@@ -77,12 +77,19 @@ pub(crate) struct Capture<'v> {
     map: staging::RamMap,
     pub(crate) pool: Arc<staging::BufferPool>,
     dev_file: PathBuf,
+    /// Device state is saved without QEMU's RAM blocks.
+    devices_only: bool,
 }
 
 impl<'v> Capture<'v> {
     /// Opens the tracker and the RAM mapping and readies QEMU for device
-    /// state saves into `dev_name` in the VM's directory.
-    pub(crate) fn open(vm: &'v Vm, dev_name: &str) -> Result<Capture<'v>, ReplError> {
+    /// state saves into `dev_name` in the VM's directory; `devices_only`:
+    /// without QEMU's RAM blocks (the peer's QEMU loads that).
+    pub(crate) fn open(
+        vm: &'v Vm,
+        dev_name: &str,
+        devices_only: bool,
+    ) -> Result<Capture<'v>, ReplError> {
         let tracker = vm.dirty_tracker().map_err(ReplError::Tracker)?;
         let map = staging::RamMap::open(&vm.ram_file)?;
         devstate::prepare(vm.qmp()).map_err(|source| ReplError::DevState {
@@ -97,6 +104,7 @@ impl<'v> Capture<'v> {
             // dirty pages copies into memory that is already backed.
             pool: Arc::new(staging::BufferPool::new(64)),
             dev_file: vm.paths.dir().join(dev_name),
+            devices_only,
         })
     }
 
@@ -176,7 +184,12 @@ impl<'v> Capture<'v> {
             runs.extend(self.map.stage(&dirty, &self.pool)?);
             phases.copy = ms(t);
             let t = Instant::now();
-            devstate::save(qmp, &self.dev_file).map_err(|source| ReplError::DevState {
+            let saved = if self.devices_only {
+                devstate::save_devices(qmp, &self.dev_file)
+            } else {
+                devstate::save(qmp, &self.dev_file)
+            };
+            saved.map_err(|source| ReplError::DevState {
                 what: "save",
                 source,
             })?;

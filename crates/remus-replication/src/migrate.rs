@@ -64,6 +64,9 @@ pub struct MigrateConfig {
     /// the rounds) on the link, in bytes per second; `None`: as fast as
     /// it goes. The final checkpoint is never capped.
     pub max_rate: Option<u64>,
+    /// Save device state without QEMU's RAM blocks (the destination said
+    /// its QEMU loads that: see `remus_vm::devstate`).
+    pub devices_only_state: bool,
 }
 
 impl Default for MigrateConfig {
@@ -74,6 +77,7 @@ impl Default for MigrateConfig {
             timeout: Duration::from_secs(30),
             compress: Some(remus_proto::delta::DEFAULT_CACHE_BYTES),
             max_rate: None,
+            devices_only_state: false,
         }
     }
 }
@@ -88,7 +92,7 @@ pub fn migrate(
     events: &dyn Fn(SessionEvent),
 ) -> Result<MigrateStats, ReplError> {
     let t_start = Instant::now();
-    let mut capture = Capture::open(vm, "dev.migrate")?;
+    let mut capture = Capture::open(vm, "dev.migrate", cfg.devices_only_state)?;
     stream.set_nodelay(true).ok();
     stream
         .set_read_timeout(Some(cfg.timeout))

@@ -128,6 +128,9 @@ pub struct ProtectConfig {
     /// only once the key is pinned to this host); the agent lifts the
     /// fence when the backup is known to be gone.
     pub hold_on_loss: Option<OnHold>,
+    /// Save device state without QEMU's RAM blocks (the backup said its
+    /// standby loads that: see `remus_vm::devstate`).
+    pub devices_only_state: bool,
 }
 
 /// Suspending a session for a restart of this agent: once `requested` is
@@ -670,7 +673,7 @@ pub fn protect(
     stop: &AtomicBool,
     events: &(dyn Fn(SessionEvent) + Sync),
 ) -> Result<ProtectEnd, ReplError> {
-    let mut capture = Capture::open(vm, "dev.out")?;
+    let mut capture = Capture::open(vm, "dev.out", cfg.devices_only_state)?;
     let pool = capture.pool.clone();
     let (writer, reader, closer) = open_link(stream, cfg.tuning.timeout())?;
     let shared = Shared::new();

@@ -57,6 +57,10 @@ pub struct Launch<'a> {
     pub accel: ResolvedAccel,
     /// Start with `-incoming defer` (a standby waiting for state).
     pub incoming: bool,
+    /// The standby loads device-only state ([`crate::devstate`]): QEMU
+    /// expects no configuration section, and stays paused after the load
+    /// (`-S`; such a stream says the guest was running).
+    pub devices_only_state: bool,
     /// UEFI firmware: (read-only code, this VM's variable store).
     pub uefi: Option<(PathBuf, PathBuf)>,
 }
@@ -189,6 +193,9 @@ pub fn qemu_args(l: &Launch<'_>) -> Vec<String> {
     if l.incoming {
         push(&["-incoming", "defer"]);
     }
+    if l.devices_only_state {
+        push(&["-global", "migration.send-configuration=off", "-S"]);
+    }
     a
 }
 
@@ -208,6 +215,15 @@ mod tests {
     }
 
     fn joined(c: &VmConfig, accel: ResolvedAccel, incoming: bool) -> String {
+        joined_as(c, accel, incoming, false)
+    }
+
+    fn joined_as(
+        c: &VmConfig,
+        accel: ResolvedAccel,
+        incoming: bool,
+        devices_only_state: bool,
+    ) -> String {
         let paths = VmPaths::new(Path::new("/s/vms/t"));
         qemu_args(&Launch {
             config: c,
@@ -215,9 +231,30 @@ mod tests {
             ram_file: "/dev/shm/t.ram".into(),
             accel,
             incoming,
+            devices_only_state,
             uefi: None,
         })
         .join(" ")
+    }
+
+    #[test]
+    fn a_standby_for_device_only_state_expects_no_configuration_and_stays_paused() {
+        let c = cfg("");
+        let a = joined_as(&c, ResolvedAccel::Tcg, true, true);
+        assert!(
+            a.contains("-incoming defer -global migration.send-configuration=off -S"),
+            "{a}"
+        );
+        // The full stream's standby, and any VM that runs, as before.
+        for a in [
+            joined(&c, ResolvedAccel::Tcg, true),
+            joined(&c, ResolvedAccel::Tcg, false),
+        ] {
+            assert!(
+                !a.contains("send-configuration") && !a.contains(" -S"),
+                "{a}"
+            );
+        }
     }
 
     #[test]
@@ -272,6 +309,7 @@ mod tests {
             ram_file: "/dev/shm/t.ram".into(),
             accel: ResolvedAccel::Tcg,
             incoming: false,
+            devices_only_state: false,
             uefi: Some(("/fw/CODE.fd".into(), "/s/vms/t/uefi-vars.fd".into())),
         })
         .join(" ");

@@ -104,6 +104,9 @@ pub struct StartOptions {
     /// Tap device names, one per vif.
     pub tap_names: Vec<String>,
     pub incoming: bool,
+    /// With `incoming`: the standby loads device-only state (see
+    /// [`crate::devstate`]).
+    pub devices_only_state: bool,
 }
 
 /// How QEMU ended, once it has.
@@ -126,6 +129,10 @@ pub struct Processes {
     pub daemons: Vec<(String, ProcId)>,
     /// QEMU was started with the dirty-tracking preload.
     pub dirty_tracking: bool,
+    /// QEMU was started to load device-only state (see
+    /// [`crate::devstate`]). Absent (older agents): no.
+    #[serde(default)]
+    pub devices_only_state: bool,
 }
 
 /// A VM's disk servers, NIC relays and console hub: what the agent serves
@@ -293,6 +300,10 @@ pub struct Vm {
     vcpu_tids: Vec<u32>,
     /// QEMU was started with the dirty-tracking preload.
     dirty_tracking: bool,
+    /// QEMU was started to load device-only state: it saves and loads
+    /// streams without a configuration section, so a peer must take
+    /// device-only state from it (see [`crate::devstate`]).
+    devices_only_state: bool,
     /// Serialises run-state changes (operator pause/unpause, checkpoint
     /// stop/cont).
     run_lock: Mutex<()>,
@@ -325,6 +336,11 @@ impl Vm {
             let _ = std::fs::remove_file(m);
         }
         let plumbing = Plumbing::build(&config, &paths, &opts, None)?;
+        // Only a standby loads state.
+        let opts = StartOptions {
+            devices_only_state: opts.incoming && opts.devices_only_state,
+            ..opts
+        };
 
         let uefi = match config.firmware {
             Firmware::Uefi => Some(uefi_firmware(&paths).map_err(|msg| VmError::Invalid {
@@ -339,6 +355,7 @@ impl Vm {
             ram_file: opts.ram_file.clone(),
             accel: opts.accel,
             incoming: opts.incoming,
+            devices_only_state: opts.devices_only_state,
             uefi,
         });
         tracing::info!(vm = %name, qemu = %opts.qemu.path.display(), args = %args.join(" "), "starting QEMU");
@@ -415,6 +432,11 @@ impl Vm {
         };
         tracing::info!(vm = %name, pid = proc.pid(), "adopting the running QEMU");
         let paused = paths.paused_marker().exists();
+        // How this QEMU was started, not how a new one would be.
+        let opts = StartOptions {
+            devices_only_state: procs.devices_only_state,
+            ..opts
+        };
         let vm = Self::attach(
             config,
             paths,
@@ -453,6 +475,7 @@ impl Vm {
                 })
                 .collect(),
             dirty_tracking: self.dirty_tracking,
+            devices_only_state: self.devices_only_state,
         }
     }
 
@@ -523,6 +546,7 @@ impl Vm {
             accel: opts.accel,
             ram_file: opts.ram_file,
             tap_names: opts.tap_names,
+            devices_only_state: opts.devices_only_state,
             proc,
             qmp,
             exit,
@@ -791,6 +815,13 @@ impl Vm {
         self.check_alive()?;
         UnixStream::connect(self.paths.console_attach_socket())
             .map_err(io_err(self.name(), "connect to the console"))
+    }
+
+    /// QEMU was started to load device-only state: a peer must take that
+    /// from it too, as its full stream lacks the configuration section
+    /// (see [`crate::devstate`]).
+    pub fn devices_only_state(&self) -> bool {
+        self.devices_only_state
     }
 
     /// Attaches the dirty-page tracker to this VM's QEMU and checks that

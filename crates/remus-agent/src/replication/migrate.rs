@@ -40,7 +40,10 @@ pub fn start_migrate(
     // false` are taken to be shared storage both hosts see.
     let replicate_disks = !slot.vm.replicated_disks().is_empty();
     let Opened {
-        stream, version, ..
+        stream,
+        version,
+        devices_only_state,
+        ..
     } = open_session(
         agent,
         &slot,
@@ -57,6 +60,7 @@ pub fn start_migrate(
     let mcfg = remus_replication::migrate::MigrateConfig {
         compress: compression(peer, version, true),
         max_rate,
+        devices_only_state,
         ..Default::default()
     };
     claimed.keep();

@@ -211,6 +211,7 @@ fn open_session(
         tune: purpose == Purpose::Protect,
         suspend: suspend.is_some(),
         resume: suspend.and_then(|s| s.resume),
+        devices_only_state: remus_vm::devstate::devices_only_capable(&slot.vm.config),
     })
     .map_err(|e| AgentError::Internal(e.to_string()))?;
     stream
@@ -313,6 +314,33 @@ fn open_session(
         tunes = true;
         next = read_next();
     }
+    // A backup whose standby loads device-only state says so last (only
+    // when offered: older ones, and UEFI VMs, take the full stream).
+    let mut devices_only_state = false;
+    if matches!(next, Ok(Message::DevicesOnlyState)) {
+        if !remus_vm::devstate::devices_only_capable(&slot.vm.config) {
+            return Err(AgentError::Internal(format!(
+                "{theirs} {} answered DevicesOnlyState, which this agent did not offer",
+                session.peer
+            )));
+        }
+        devices_only_state = true;
+        next = read_next();
+    }
+    // This QEMU took over from device-only state: its full stream lacks
+    // the configuration section a standby started for the full stream
+    // expects, so that standby could never resume it.
+    if matches!(next, Ok(Message::Ready)) && slot.vm.devices_only_state() && !devices_only_state {
+        let _ = Message::Error {
+            code: ErrorCode::Incompatible,
+            message: "this VM's QEMU took over from device-only state, which the standby here does not load".into(),
+        }
+        .write_to(&mut stream);
+        return Err(AgentError::BadRequest(format!(
+            "{theirs} {} does not load device-only state, and this VM's QEMU (started when this host took the VM over from such state) cannot send the full migration stream its standby would load: upgrade the agent there",
+            session.peer
+        )));
+    }
     match next {
         Ok(Message::Ready) => Ok(Opened {
             stream,
@@ -320,6 +348,7 @@ fn open_session(
             plan,
             tunes,
             resumable,
+            devices_only_state,
         }),
         Ok(Message::Error { code, message }) => Err(AgentError::BadRequest(format!(
             "{theirs} {} refused: {code}: {message}",
@@ -349,6 +378,8 @@ struct Opened {
     /// answered `suspend`): Some(0), a new copy; Some(epoch), this session
     /// resumes from that checkpoint.
     resumable: Option<u64>,
+    /// The backup's standby loads device-only state: save that.
+    devices_only_state: bool,
 }
 
 /// What a protection session asks of a backup about restarts of this

@@ -170,6 +170,7 @@ pub(super) fn start_protect_from(
         plan,
         tunes,
         resumable,
+        devices_only_state,
     } = open_session(
         agent,
         &slot,
@@ -288,6 +289,7 @@ pub(super) fn start_protect_from(
             }
             (None, false) => None,
         },
+        devices_only_state,
     };
     let vm_name = name.to_string();
     let slot2 = slot.clone();

@@ -190,6 +190,15 @@ fn backup_session(
                 agent.destroy_slot(&k.slot, crate::agent::CopyRecord::Keep);
                 return Err(refuse(&mut stream, diffs.join("; ")));
             }
+            // Its QEMU loads only device-only state, which this primary
+            // does not offer (an older agent): it could never resume.
+            if k.slot.vm.devices_only_state() && !setup.devices_only_state {
+                agent.destroy_slot(&k.slot, crate::agent::CopyRecord::Keep);
+                return Err(refuse(
+                    &mut stream,
+                    "the standby kept here loads device-only state, which the primary's agent does not send: it is dropped, and the next protect makes a new copy".into(),
+                ));
+            }
             tracing::info!(vm = %hello.vm_name, %peer, epoch = k.epoch.0, "the primary's agent is back: the session resumes from the kept standby, nothing is copied");
             Standby {
                 slot: k.slot,
@@ -258,10 +267,17 @@ fn backup_session(
         .write_to(&mut stream)
         .map_err(|e| format!("{peer}: {e}"))?;
     }
+    // The standby's QEMU was started for device-only state: the primary
+    // sends that (a kept standby's from the session it was made for).
+    if setup.devices_only_state && slot.vm.devices_only_state() {
+        Message::DevicesOnlyState
+            .write_to(&mut stream)
+            .map_err(|e| format!("{peer}: {e}"))?;
+    }
     Message::Ready
         .write_to(&mut stream)
         .map_err(|e| format!("{peer}: {e}"))?;
-    tracing::info!(vm = %name, %peer, purpose = ?session.purpose, "standby ready; receiving checkpoints");
+    tracing::info!(vm = %name, %peer, purpose = ?session.purpose, devices_only_state = slot.vm.devices_only_state(), "standby ready; receiving checkpoints");
     let mut replica = replica;
     let cfg = BackupConfig {
         timeout,
@@ -521,8 +537,11 @@ fn fresh_standby(
         tracing::info!(vm = %name, %peer, "the stale copy here becomes the standby of the running copy");
     }
     let own_config = cfg.clone();
+    // Device-only state when the primary offers it and this host's own
+    // reading of the config allows it (never for a UEFI VM).
+    let devices_only = setup.devices_only_state && remus_vm::devstate::devices_only_capable(&cfg);
     let (slot, replica) = agent
-        .create_standby(cfg, purpose, &reserved)
+        .create_standby(cfg, purpose, devices_only, &reserved)
         .map_err(|e| refuse(stream, e.to_string()))?;
     drop(reserved);
     crate::copies::save_config(&copy_dir, &own_config);

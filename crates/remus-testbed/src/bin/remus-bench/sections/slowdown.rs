@@ -296,8 +296,9 @@ const CPUMEM_WARMUP_LINES: usize = 15;
 
 /// What QEMU alone costs the guest: the `cpumem` guest in a QEMU we start
 /// and drive over QMP at a checkpoint rate, doing only `stop` + `cont`,
-/// or `stop` + the device-state save remus does (`migrate` to a file with
-/// `x-ignore-shared`) + `cont`; no remus, no copying, no backup.
+/// or `stop` + a device-state save remus does (QEMU's full stream:
+/// `migrate` to a file with `x-ignore-shared`; or device-only state:
+/// `xen-save-devices-state`) + `cont`; no remus, no copying, no backup.
 fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64)>> {
     let dir = tempfile::tempdir()?;
     let q = own_qemu(dir.path(), "alone", img, SLOWDOWN_WORKLOAD, None)?;
@@ -322,6 +323,8 @@ fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64
         ("stop + cont at 25/s", 25),
         ("stop + device-state save + cont at 25/s", 25),
         ("stop + device-state save + cont at 40/s", 40),
+        ("stop + device-only save + cont at 25/s", 25),
+        ("stop + device-only save + cont at 40/s", 40),
         ("nothing", 0),
     ] {
         let before = rates().len();
@@ -341,7 +344,12 @@ fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64
                 None => next = now,
             }
             qmp.execute("stop", None)?;
-            if what.contains("device-state") {
+            if what.contains("device-only") {
+                qmp.execute(
+                    "xen-save-devices-state",
+                    Some(json!({"filename": dev.display().to_string(), "live": false})),
+                )?;
+            } else if what.contains("device-state") {
                 qmp.execute(
                     "migrate",
                     Some(json!({"uri": format!("file:{}", dev.display())})),

@@ -518,8 +518,9 @@ const DROP_COUNTERS: [&str; 6] = [
 
 /// `NAME=N` for each of [`DROP_COUNTERS`] found in `netstat` (a header
 /// line `TcpExt: names...` then `TcpExt: values...`), then the receive
-/// drops of every interface but `lo` in `dev` (/proc/net/dev: the fourth
-/// number after `NAME:`), as `rx_drop=N`.
+/// drops and packets of every interface but `lo` in `dev` (/proc/net/dev:
+/// the fourth and second numbers after `NAME:`), as `rx_drop=N
+/// rx_packets=N`.
 fn drop_counters(netstat: &str, dev: &str) -> String {
     let mut out = Vec::new();
     let mut ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
@@ -534,13 +535,15 @@ fn drop_counters(netstat: &str, dev: &str) -> String {
             }
         }
     }
-    let rx_drop: u64 = dev
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(name, _)| name.trim() != "lo")
-        .filter_map(|(_, rest)| rest.split_whitespace().nth(3)?.parse::<u64>().ok())
-        .sum();
-    out.push(format!("rx_drop={rx_drop}"));
+    let field = |n: usize| -> u64 {
+        dev.lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(name, _)| name.trim() != "lo")
+            .filter_map(|(_, rest)| rest.split_whitespace().nth(n)?.parse::<u64>().ok())
+            .sum()
+    };
+    out.push(format!("rx_drop={}", field(3)));
+    out.push(format!("rx_packets={}", field(1)));
     out.join(" ")
 }
 
@@ -603,14 +606,14 @@ mod tests {
     use std::sync::mpsc::{Receiver, channel};
 
     #[test]
-    fn drop_counters_reads_tcpext_and_the_interfaces_rx_drops() {
+    fn drop_counters_reads_tcpext_and_the_interfaces_rx_drops_and_packets() {
         let netstat = "TcpExt: SyncookiesSent TCPBacklogDrop TCPOFODrop\nTcpExt: 0 12 3\nIpExt: InNoRoutes\nIpExt: 0\n";
         let dev = "Inter-|   Receive\n face |bytes    packets errs drop\n    lo: 100 1 0 9 0 0 0 0 0 0 0 0 0 0 0 0\n  eth0: 5000 40 0 7 0 0 0 0 0 0 0 0 0 0 0 0\n";
         assert_eq!(
             drop_counters(netstat, dev),
-            "TCPBacklogDrop=12 TCPOFODrop=3 rx_drop=7"
+            "TCPBacklogDrop=12 TCPOFODrop=3 rx_drop=7 rx_packets=40"
         );
-        assert_eq!(drop_counters("", ""), "rx_drop=0");
+        assert_eq!(drop_counters("", ""), "rx_drop=0 rx_packets=0");
     }
 
     fn s(v: &[&str]) -> Vec<String> {

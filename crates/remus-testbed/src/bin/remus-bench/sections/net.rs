@@ -505,7 +505,7 @@ impl NetRun {
 /// Pings, then TCP each way, calling `poll` between them: the results and
 /// the host's window (Unix ms).
 fn measure_net(
-    client: &Netns,
+    (client, switch): (&Netns, &Netns),
     (vm_host, console): (&Netns, &dyn Fn() -> String),
     seconds: u64,
     poll: &mut dyn FnMut() -> Result<()>,
@@ -513,14 +513,14 @@ fn measure_net(
     let t0 = now_ms();
     let ping = ping_from(client, seconds * PINGS_PER_S).context("ping")?;
     poll()?;
-    let before = TcpDiag::read(client, vm_host);
+    let before = TcpDiag::read((client, switch, vm_host));
     let drops_before = guest_drops(console, 0);
     let down = tcp_from_guest(client, seconds).context("TCP guest → client")?;
-    let mid = TcpDiag::read(client, vm_host);
+    let mid = TcpDiag::read((client, switch, vm_host));
     let drops_mid = guest_drops(console, drops_before.0 + 1);
     poll()?;
     let up = tcp_to_guest(client, seconds).context("TCP client → guest")?;
-    let after = TcpDiag::read(client, vm_host);
+    let after = TcpDiag::read((client, switch, vm_host));
     let drops_after = guest_drops(console, drops_mid.0 + 1);
     poll()?;
     eprintln!(
@@ -558,10 +558,15 @@ fn guest_drops(console: &dyn Fn() -> String, n: usize) -> (usize, String) {
 
 /// What may throttle a bulk transfer, as counters: the client's TCP
 /// retransmissions and retransmission timeouts (its /proc/net/snmp and
-/// netstat), and frames the VM's host dropped on the way to the VM (the
+/// netstat); frames the VM's host dropped on the way to the VM (the
 /// `tx_dropped` of its links: the tap's queue overflows when the relay
-/// cannot hand frames to a stopped QEMU). Printed per transfer as
-/// differences; a counter that cannot be read counts 0.
+/// cannot hand frames to a stopped QEMU); frames dropped anywhere else
+/// on the path (every link's `rx_dropped` and `tx_dropped` and every
+/// queueing discipline's drops in the client, the LAN's switch and the
+/// VM's host); and the frames the VM's taps handed to the agent's relay
+/// (their `tx_packets`), to set against the guest's own receive count.
+/// Printed per transfer as differences; a counter that cannot be read
+/// counts 0.
 #[derive(Debug, Default, Clone, Copy)]
 struct TcpDiag {
     retrans_segs: u64,
@@ -571,33 +576,65 @@ struct TcpDiag {
     probes: u64,
     dsack: u64,
     host_tx_dropped: u64,
+    path_dropped: u64,
+    tap_frames: u64,
+}
+
+/// Sums the numbers of `text` (whitespace-separated; others skipped).
+fn sum_numbers(text: &str) -> u64 {
+    text.split_whitespace()
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// The `dropped N` counts of `tc -s qdisc show` output, summed.
+fn qdisc_drops(text: &str) -> u64 {
+    text.split("dropped ")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 impl TcpDiag {
-    fn read(client: &Netns, vm_host: &Netns) -> TcpDiag {
+    fn read((client, switch, vm_host): (&Netns, &Netns, &Netns)) -> TcpDiag {
         let cat = |ns: &Netns, script: &str| ns.exec_ok("sh", &["-c", script]).unwrap_or_default();
         let counters = cat(client, "cat /proc/net/snmp /proc/net/netstat");
         let dropped = cat(vm_host, "cat /sys/class/net/*/statistics/tx_dropped");
+        let links =
+            "cat /sys/class/net/*/statistics/rx_dropped /sys/class/net/*/statistics/tx_dropped";
+        let path_dropped = [client, switch, vm_host]
+            .into_iter()
+            .map(|ns| sum_numbers(&cat(ns, links)) + qdisc_drops(&cat(ns, "tc -s qdisc show")))
+            .sum();
         TcpDiag {
             retrans_segs: proc_counter(&counters, "Tcp:", "RetransSegs"),
             rto: proc_counter(&counters, "TcpExt:", "TCPTimeouts"),
             probes: proc_counter(&counters, "TcpExt:", "TCPLossProbes"),
             dsack: proc_counter(&counters, "TcpExt:", "TCPDSACKRecv"),
-            host_tx_dropped: dropped
-                .split_whitespace()
-                .filter_map(|v| v.parse::<u64>().ok())
-                .sum(),
+            host_tx_dropped: sum_numbers(&dropped),
+            path_dropped,
+            tap_frames: sum_numbers(&cat(
+                vm_host,
+                "cat /sys/class/net/rm*/statistics/tx_packets",
+            )),
         }
     }
 
     fn since(&self, earlier: &TcpDiag) -> String {
         format!(
-            "client retransmitted {} segments ({} timeouts, {} tail-loss probes, {} reported duplicate); {} frames dropped toward the VM",
+            "client retransmitted {} segments ({} timeouts, {} tail-loss probes, {} reported duplicate); {} frames dropped toward the VM, {} anywhere on the path; the taps handed {} frames to the relay",
             self.retrans_segs.saturating_sub(earlier.retrans_segs),
             self.rto.saturating_sub(earlier.rto),
             self.probes.saturating_sub(earlier.probes),
             self.dsack.saturating_sub(earlier.dsack),
-            self.host_tx_dropped.saturating_sub(earlier.host_tx_dropped)
+            self.host_tx_dropped.saturating_sub(earlier.host_tx_dropped),
+            self.path_dropped.saturating_sub(earlier.path_dropped),
+            self.tap_frames.saturating_sub(earlier.tap_frames)
         )
     }
 }
@@ -662,9 +699,13 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
         eprintln!("remus-bench: net, {} ...", mode.name());
         let c = match mode.interval_ms() {
             None => {
-                let (ping, down, up, t0, t1) =
-                    measure_net(client, (vm_host, &console), o.seconds, &mut || Ok(()))
-                        .map_err(logs)?;
+                let (ping, down, up, t0, t1) = measure_net(
+                    (client, lan.switch()),
+                    (vm_host, &console),
+                    o.seconds,
+                    &mut || Ok(()),
+                )
+                .map_err(logs)?;
                 NetCase {
                     mode,
                     ping,
@@ -697,7 +738,12 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
                     let measured = p
                         .wait_checkpoints(1 + o.warmup, settle)
                         .and_then(|()| {
-                            measure_net(client, (vm_host, &console), o.seconds, &mut || p.drain())
+                            measure_net(
+                                (client, lan.switch()),
+                                (vm_host, &console),
+                                o.seconds,
+                                &mut || p.drain(),
+                            )
                         })
                         .and_then(|m| {
                             // Checkpoints of the window's end are reported at their ack.
@@ -935,6 +981,14 @@ mod tests {
         assert_eq!(proc_counter(text, "TcpExt:", "TCPTimeouts"), 7);
         assert_eq!(proc_counter(text, "Tcp:", "Missing"), 0);
         assert_eq!(proc_counter("", "Tcp:", "RetransSegs"), 0);
+    }
+
+    #[test]
+    fn qdisc_drops_sums_every_discipline() {
+        let text = "qdisc noqueue 0: dev lo root refcnt 2\n Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0)\nqdisc fq_codel 0: dev eth0 root refcnt 2 limit 10240p\n Sent 9 bytes 3 pkt (dropped 17, overlimits 0 requeues 2)\nqdisc pfifo 1: dev t0 parent 1:1\n Sent 1 bytes 1 pkt (dropped 4, overlimits 0 requeues 0)\n";
+        assert_eq!(qdisc_drops(text), 21);
+        assert_eq!(qdisc_drops(""), 0);
+        assert_eq!(sum_numbers("3\n4\nx\n"), 7);
     }
     use crate::report::test_machine;
 

@@ -108,9 +108,18 @@ pub struct CheckpointStats {
 }
 
 /// The parts of one checkpoint pause: QMP stop, dirty scan, page copy,
-/// device state save, QMP cont (ms).
+/// device state save, QMP cont (ms); and, before the pause, the wait for
+/// the guest to take the frames already handed to QEMU.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PausePhases {
+    /// Before the pause, with the guest running: inbound frames held at
+    /// the relay while QEMU hands its queue to the guest (ms).
+    #[serde(default)]
+    pub inbound: f64,
+    /// That wait ran out of its budget (a frame QEMU still held may have
+    /// been dropped by the stop; TCP resends it).
+    #[serde(default)]
+    pub inbound_timed_out: bool,
     pub stop: f64,
     pub scan: f64,
     pub copy: f64,

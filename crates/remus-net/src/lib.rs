@@ -13,10 +13,14 @@
 
 pub mod commit;
 pub mod frame;
+pub mod inbound;
 pub mod relay;
 pub mod tap;
 
 pub use commit::{CommitEgress, OutputCommit, OutputSignal, OutputStats};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
-pub use relay::{DropCounts, Egress, PassThrough, Relay, RelayError, RelayStats, TapSink};
+pub use inbound::{Drain, InboundGate};
+pub use relay::{
+    DropCounts, Egress, GateStats, PassThrough, Relay, RelayError, RelayStats, TapSink,
+};
 pub use tap::{Tap, TapError};

@@ -17,8 +17,11 @@
 //! * VM → network goes through the [`Egress`] seam, so Remus output
 //!   buffering (hold frames until the backup acked the epoch) can be put
 //!   there without touching the relay. [`PassThrough`] is the default.
-//! * Network → VM is delivered at once. With no QEMU connected such frames
-//!   are dropped (and counted).
+//! * Network → VM is delivered at once, except while a checkpoint holds
+//!   the inbound gate closed ([`crate::inbound`]): then frames wait in the
+//!   tap's queue. With no QEMU connected such frames are dropped (and
+//!   counted). The tap thread waits for room in QEMU's socket before it
+//!   writes a frame, so a closing gate always finds it between two frames.
 //! * A corrupt length prefix closes that connection only.
 //! * [`Relay::shutdown`] (or drop) wakes both threads through an eventfd
 //!   they poll on, `shutdown(2)`s the live connection (which also unblocks a
@@ -38,6 +41,7 @@ use thiserror::Error;
 use tracing::{debug, error, info, warn};
 
 use crate::frame::{self, FrameDecoder, MAX_FRAME_LEN};
+use crate::inbound::{Gate, InboundGate};
 use crate::tap::Tap;
 
 /// The seam for frames leaving the VM (VM → tap → bridge).
@@ -139,6 +143,20 @@ pub struct RelayStats {
     pub bytes_to_vm: u64,
     /// Frames dropped, by reason.
     pub drops: DropCounts,
+    /// The inbound gate's work for checkpoints.
+    pub gate: GateStats,
+}
+
+/// What the inbound gate did (see [`crate::inbound`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateStats {
+    /// Checkpoints that found QEMU drained before they stopped the VM.
+    pub drained: u64,
+    /// Checkpoints whose wait ran out (the guest did not take its frames
+    /// in time).
+    pub timeouts: u64,
+    /// Sentinel frames written to QEMU.
+    pub sentinels: u64,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +193,7 @@ impl Counters {
                 truncated_at_disconnect: g(&self.drop_truncated_at_disconnect),
                 corrupt_streams: g(&self.drop_corrupt_streams),
             },
+            gate: GateStats::default(),
         }
     }
 }
@@ -211,17 +230,20 @@ pub enum RelayError {
 
 /// State shared by the handle and both threads.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     /// eventfd; once written it stays readable, so it is a level-triggered
     /// "stop" signal for every poll.
     wake: OwnedFd,
     /// The live QEMU connection, if any (the tap thread writes to it).
     conn: Mutex<Option<Arc<UnixStream>>>,
     counters: Arc<Counters>,
+    /// Where a checkpoint holds frames from the tap back (the tap thread
+    /// only writes to QEMU while it is open).
+    pub(crate) gate: Gate,
 }
 
 impl Shared {
-    fn conn(&self) -> MutexGuard<'_, Option<Arc<UnixStream>>> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Option<Arc<UnixStream>>> {
         // Nothing panics while holding the lock, but never propagate poison.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -292,10 +314,17 @@ impl Relay {
 
         let tap_name = tap.name().to_owned();
         let counters = Arc::new(Counters::default());
+        let gate = Gate::new().map_err(|source| {
+            cleanup(RelayError::Io {
+                op: "eventfd",
+                source,
+            })
+        })?;
         let shared = Arc::new(Shared {
             wake,
             conn: Mutex::new(None),
             counters: counters.clone(),
+            gate,
         });
         let tap = Arc::new(tap);
         let sink = TapSink {
@@ -365,7 +394,22 @@ impl Relay {
 
     /// Current counters.
     pub fn stats(&self) -> RelayStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        let g = &self.shared.gate.counters;
+        stats.gate = GateStats {
+            drained: g.drained.load(Ordering::Relaxed),
+            timeouts: g.timeouts.load(Ordering::Relaxed),
+            sentinels: g.sentinels.load(Ordering::Relaxed),
+        };
+        stats
+    }
+
+    /// The gate a checkpoint closes before it stops the VM, so that no
+    /// frame is queued inside QEMU when it stops (see [`crate::inbound`]).
+    pub fn inbound_gate(&self) -> InboundGate {
+        InboundGate {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Stops both threads, waits for them, removes the socket file, and
@@ -395,6 +439,7 @@ impl Relay {
             // shutdown(2) below still ends a live connection.
             error!(error = %io::Error::last_os_error(), "cannot signal relay threads");
         }
+        self.shared.gate.stop();
         let conn = self.shared.conn().take();
         if let Some(conn) = conn {
             let _ = conn.shutdown(std::net::Shutdown::Both);
@@ -444,8 +489,8 @@ fn remove_stale_socket(path: &Path) -> Result<(), RelayError> {
 enum Wait {
     /// Stop requested.
     Stop,
-    /// The descriptor is ready; its `revents`.
-    Ready(libc::c_short),
+    /// The descriptor is ready.
+    Ready,
     /// Timed out (only with a finite timeout).
     Timeout,
 }
@@ -480,12 +525,12 @@ fn wait(fd: RawFd, wake: RawFd, timeout_ms: libc::c_int) -> io::Result<Wait> {
         if rc == 0 {
             return Ok(Wait::Timeout);
         }
-        return Ok(Wait::Ready(fds[1].revents));
+        return Ok(Wait::Ready);
     }
 }
 
 /// Sends all of `buf` on a stream socket without raising SIGPIPE.
-fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+pub(crate) fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: buf is valid for reads of buf.len() bytes.
         let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
@@ -635,30 +680,114 @@ impl VmSide {
     }
 }
 
-/// The "tap" thread: frames from the bridge go to QEMU at once.
+/// What the tap thread woke up for.
+enum TapWake {
+    /// Stop requested.
+    Stop,
+    /// The inbound gate was closed (look at it).
+    Gate,
+    /// The descriptor is ready; its `revents`.
+    Ready(libc::c_short),
+}
+
+/// Polls `fd` for `events` together with the stop eventfd and the gate's.
+fn wait_tap_side(shared: &Shared, fd: RawFd, events: libc::c_short) -> io::Result<TapWake> {
+    let mut fds = [
+        libc::pollfd {
+            fd: shared.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shared.gate.kick_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: fds is a valid array of 3 pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            return Ok(TapWake::Stop);
+        }
+        if fds[1].revents != 0 {
+            shared.gate.clear_kick();
+            return Ok(TapWake::Gate);
+        }
+        return Ok(TapWake::Ready(fds[2].revents));
+    }
+}
+
+/// Waits until QEMU's socket has room for a frame, passing the gate
+/// whenever it closes meanwhile (a frame in hand waits there with the
+/// thread). False: the relay stops.
+fn wait_room(shared: &Shared, conn: RawFd) -> bool {
+    loop {
+        if shared.gate.pass() {
+            return false;
+        }
+        match wait_tap_side(shared, conn, libc::POLLOUT) {
+            Ok(TapWake::Stop) => return false,
+            Ok(TapWake::Gate) => continue,
+            // Writable, or failed: the write says which.
+            Ok(TapWake::Ready(_)) => return true,
+            Err(e) => {
+                error!(error = %e, "poll on QEMU connection failed; tap → VM relay stops");
+                return false;
+            }
+        }
+    }
+}
+
+/// The "tap" thread: frames from the bridge go to QEMU at once, while the
+/// inbound gate is open (see [`crate::inbound`]).
 fn tap_thread(tap: &Tap, shared: &Shared) {
-    let wake = shared.wake.as_raw_fd();
+    relay_tap(tap, shared);
+    shared.gate.tap_done();
+}
+
+fn relay_tap(tap: &Tap, shared: &Shared) {
     let counters = &shared.counters;
     // A tap frame is at most MTU (<= 65535) + Ethernet header + VLAN tags.
     let mut buf = vec![0u8; MAX_FRAME_LEN];
     let mut wire = Vec::with_capacity(frame::HEADER_LEN + MAX_FRAME_LEN);
     loop {
-        match wait(tap.as_raw_fd(), wake, -1) {
-            Ok(Wait::Stop) => return,
-            Ok(Wait::Ready(revents)) if revents & libc::POLLIN == 0 => {
+        if shared.gate.pass() {
+            return;
+        }
+        match wait_tap_side(shared, tap.as_raw_fd(), libc::POLLIN) {
+            Ok(TapWake::Stop) => return,
+            Ok(TapWake::Gate) => continue,
+            Ok(TapWake::Ready(revents)) if revents & libc::POLLIN == 0 => {
                 // POLLERR/POLLHUP/POLLNVAL without data: the device is gone
                 // (e.g. deleted by an administrator). Nothing more to relay.
                 error!(tap = %tap.name(), revents, "tap device failed; tap → VM relay stops");
                 return;
             }
-            Ok(_) => {}
+            Ok(TapWake::Ready(_)) => {}
             Err(e) => {
                 error!(tap = %tap.name(), error = %e, "poll on tap failed; tap → VM relay stops");
                 return;
             }
         }
-        // Drain what is queued, then poll again.
+        // Drain what is queued, then poll again. While the gate is closed
+        // frames stay in the tap's queue.
         loop {
+            if shared.gate.pass() {
+                return;
+            }
             let n = match tap.read_frame(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -680,6 +809,11 @@ fn tap_thread(tap: &Tap, shared: &Shared) {
                 // Cannot happen for n in 1..=MAX_FRAME_LEN; counted anyway.
                 bump(&counters.drop_vm_write_failed);
                 continue;
+            }
+            // Block only while the gate is open: a checkpoint that closes
+            // it must find this thread between two frames.
+            if !wait_room(shared, conn.as_raw_fd()) {
+                return;
             }
             match send_all(conn.as_raw_fd(), &wire) {
                 Ok(()) => {

@@ -1,8 +1,9 @@
 //! Taking a VM's state: the one place the guest is paused for a
 //! checkpoint, shared by protection and migration.
 //!
-//! [`Capture::take_checkpoint`] is the whole pause (DESIGN 1.2):
-//! `stop` → cut the epoch (disk journal, held output) → dirty scan → copy
+//! [`Capture::take_checkpoint`] is the whole pause (DESIGN 1.2), after a
+//! short hold of inbound frames while the guest still runs (see
+//! [`remus_net::inbound`]): `stop` → cut the epoch (disk journal, held output) → dirty scan → copy
 //! the dirty pages into staging buffers → device state through QMP →
 //! `cont` (or not: the last checkpoint before a switch-over leaves the
 //! guest stopped). An operator's pause, or the arbiter's fence, stands:
@@ -10,10 +11,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use remus_dirty::{DirtyTracker, RamFile};
 use remus_disk::Journal;
+use remus_net::{Drain, InboundGate};
 use remus_proto::{CheckpointKind, Epoch, PageRun};
 use remus_vm::{Vm, devstate};
 
@@ -62,6 +64,42 @@ impl Staged {
 
     pub(crate) fn dirty_pages(&self) -> u64 {
         staging::pages_in(&self.runs)
+    }
+}
+
+/// The longest a checkpoint waits, before it stops the guest, for the
+/// guest to take the frames already handed to QEMU (QEMU drops what it
+/// still holds for a NIC when the VM stops). Under inbound bulk traffic on
+/// the build machine (TCG) the wait is well under this when it succeeds;
+/// an idle link costs one sentinel round trip through QEMU.
+const INBOUND_BUDGET: Duration = Duration::from_millis(3);
+
+/// Every NIC's inbound gate closed; open again on drop.
+struct InboundHold<'a>(&'a [InboundGate]);
+
+impl<'a> InboundHold<'a> {
+    fn close(gates: &'a [InboundGate]) -> InboundHold<'a> {
+        for g in gates {
+            g.close();
+        }
+        InboundHold(gates)
+    }
+
+    /// Whether every NIC drained within `budget`.
+    fn wait(&self, budget: Duration) -> bool {
+        let deadline = Instant::now() + budget;
+        self.0
+            .iter()
+            .map(|g| g.wait_drained(deadline))
+            .fold(true, |all, d| all & (d == Drain::Drained))
+    }
+}
+
+impl Drop for InboundHold<'_> {
+    fn drop(&mut self) {
+        for g in self.0 {
+            g.open();
+        }
     }
 }
 
@@ -149,6 +187,17 @@ impl<'v> Capture<'v> {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         // The moment the state is taken: once the run state is ours (a
         // pause or unpause that held it finished before this began).
+        let mut hold = None;
+        if !held {
+            // Frames from the network wait in the tap while the guest
+            // takes those QEMU holds for it; they go on once the guest is
+            // stopped (QEMU keeps what arrives while it is stopped).
+            let t = Instant::now();
+            let h = InboundHold::close(vm.inbound_gates());
+            phases.inbound_timed_out = !h.wait(INBOUND_BUDGET);
+            phases.inbound = ms(t);
+            hold = Some(h);
+        }
         let taken_at_ms = crate::now_us() / 1000;
         let t0 = Instant::now();
         if !held {
@@ -170,6 +219,7 @@ impl<'v> Capture<'v> {
             }
         }
         phases.stop = ms(t0);
+        drop(hold);
         let staged = (|| -> Result<Vec<PageRun>, ReplError> {
             // `stop` drained the guest's disk I/O: every write it has seen
             // complete belongs to this epoch; later ones to the next.

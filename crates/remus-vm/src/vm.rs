@@ -21,7 +21,7 @@ use remus_config::{DiskFormat, Firmware, VmConfig};
 use remus_disk::DiskPort;
 use remus_nbd::process::Proc;
 use remus_nbd::{BlockBackend, FileBackend, NbdServer, NbdServerHandle, StorageDaemon};
-use remus_net::{CommitEgress, OutputCommit, Relay, Tap};
+use remus_net::{CommitEgress, InboundGate, OutputCommit, Relay, Tap};
 use remus_qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -143,6 +143,7 @@ struct Plumbing {
     ports: Vec<Arc<DiskPort>>,
     relays: Vec<Relay>,
     commits: Vec<Arc<OutputCommit>>,
+    gates: Vec<InboundGate>,
     console: ConsoleHub,
 }
 
@@ -227,6 +228,7 @@ impl Plumbing {
 
         let mut relays = Vec::new();
         let mut commits = Vec::new();
+        let mut gates = Vec::new();
         for (i, vif) in config.vifs.iter().enumerate() {
             let vif_err = |reason: String| VmError::Vif {
                 vm: name.clone(),
@@ -254,6 +256,7 @@ impl Plumbing {
             .map_err(|e| vif_err(e.to_string()))?;
             commit.set_sink(Arc::new(relay.tap_sink()));
             commits.push(commit);
+            gates.push(relay.inbound_gate());
             relays.push(relay);
         }
 
@@ -269,6 +272,7 @@ impl Plumbing {
             ports,
             relays,
             commits,
+            gates,
             console,
         })
     }
@@ -296,6 +300,8 @@ pub struct Vm {
     relays: Mutex<Vec<Relay>>,
     /// Each NIC's output commit buffer, in NIC order.
     commits: Vec<Arc<OutputCommit>>,
+    /// Each NIC's inbound gate, in NIC order.
+    gates: Vec<InboundGate>,
     console: Mutex<Option<ConsoleHub>>,
     vcpu_tids: Vec<u32>,
     /// QEMU was started with the dirty-tracking preload.
@@ -538,6 +544,7 @@ impl Vm {
             ports,
             relays,
             commits,
+            gates,
             console,
         } = plumbing;
         Ok(Vm {
@@ -555,6 +562,7 @@ impl Vm {
             ports,
             relays: Mutex::new(relays),
             commits,
+            gates,
             console: Mutex::new(Some(console)),
             vcpu_tids,
             watch,
@@ -862,6 +870,12 @@ impl Vm {
     /// is protected with output buffering).
     pub fn output_commits(&self) -> &[Arc<OutputCommit>] {
         &self.commits
+    }
+
+    /// Each NIC's inbound gate, in NIC order: a checkpoint holds frames
+    /// from the network back before it stops the guest.
+    pub fn inbound_gates(&self) -> &[InboundGate] {
+        &self.gates
     }
 
     /// Disk server counters, per target.

@@ -509,23 +509,29 @@ fn wait(fd: RawFd, wake: RawFd, timeout_ms: libc::c_int) -> io::Result<Wait> {
             revents: 0,
         },
     ];
+    let rc = poll(&mut fds, timeout_ms)?;
+    Ok(if fds[0].revents != 0 {
+        Wait::Stop
+    } else if rc == 0 {
+        Wait::Timeout
+    } else {
+        Wait::Ready
+    })
+}
+
+/// poll(2), retried when a signal interrupts it; the number of ready
+/// descriptors.
+fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<libc::c_int> {
     loop {
-        // SAFETY: fds is a valid array of 2 pollfd.
+        // SAFETY: fds is a valid, exclusively borrowed array of pollfd.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        if rc >= 0 {
+            return Ok(rc);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
-        if fds[0].revents != 0 {
-            return Ok(Wait::Stop);
-        }
-        if rc == 0 {
-            return Ok(Wait::Timeout);
-        }
-        return Ok(Wait::Ready);
     }
 }
 
@@ -709,25 +715,15 @@ fn wait_tap_side(shared: &Shared, fd: RawFd, events: libc::c_short) -> io::Resul
             revents: 0,
         },
     ];
-    loop {
-        // SAFETY: fds is a valid array of 3 pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[0].revents != 0 {
-            return Ok(TapWake::Stop);
-        }
-        if fds[1].revents != 0 {
-            shared.gate.clear_kick();
-            return Ok(TapWake::Gate);
-        }
-        return Ok(TapWake::Ready(fds[2].revents));
-    }
+    poll(&mut fds, -1)?;
+    Ok(if fds[0].revents != 0 {
+        TapWake::Stop
+    } else if fds[1].revents != 0 {
+        shared.gate.clear_kick();
+        TapWake::Gate
+    } else {
+        TapWake::Ready(fds[2].revents)
+    })
 }
 
 /// Waits until QEMU's socket has room for a frame, passing the gate

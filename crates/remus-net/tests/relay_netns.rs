@@ -626,6 +626,18 @@ fn stale_socket_file_is_replaced_and_other_files_are_not() {
 
 // ------------------------------------------------------------ inbound gate
 
+/// Runs `f` in a fresh namespace with a socket path for a relay (skipped
+/// without root).
+fn in_namespace(f: impl FnOnce(&Netns, &Path) + Send) {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n0.sock");
+    ns.run_in(|| f(&ns, &sock));
+}
+
 /// A sentinel frame the gate writes (see `remus_net::inbound`).
 fn is_sentinel(f: &[u8]) -> bool {
     f.len() == 60 && f[0..6] == [0x01, 0x80, 0xc2, 0, 0, 0x0e] && f[12..14] == [0x88, 0xb5]
@@ -644,15 +656,9 @@ fn tx_packets(dev: &str) -> u64 {
 
 #[test]
 fn inbound_gate_drains_qemu_then_holds_frames_in_the_tap_until_it_opens() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
-        let relay = Relay::start(&sock, ns.tap_on_bridge(Some("remus-g0"))).unwrap();
-        let mut qemu = connect(&sock);
+    in_namespace(|ns, sock| {
+        let relay = Relay::start(sock, ns.tap_on_bridge(Some("remus-g0"))).unwrap();
+        let mut qemu = connect(sock);
         arp_roundtrip(&mut qemu);
 
         let gate = relay.inbound_gate();
@@ -693,15 +699,9 @@ fn inbound_gate_drains_qemu_then_holds_frames_in_the_tap_until_it_opens() {
 
 #[test]
 fn inbound_gate_gives_up_at_its_deadline_when_qemu_does_not_read() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
-        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
-        let mut qemu = connect(&sock);
+    in_namespace(|ns, sock| {
+        let relay = Relay::start(sock, ns.tap_on_bridge(None)).unwrap();
+        let mut qemu = connect(sock);
         arp_roundtrip(&mut qemu);
 
         // QEMU does not read (the guest's ring is full): the first sentinel

@@ -28,8 +28,8 @@ use remus_testbed::{Agent, Binaries, GuestImage, Lan, Netns, now_ms, write_key};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Protecting, accel_of, achieved_interval_ms, create_vm, destroy_or_warn, event_col, logs_of,
-    tail, wait_standby_gone,
+    Protecting, accel_of, achieved_interval_ms, create_vm, destroy_or_warn, event_col, event_phase,
+    logs_of, tail, wait_standby_gone,
 };
 use crate::opts::Opts;
 use crate::report::{Machine, Target, emit, merge_json, percentile, r3, ratio, stats};
@@ -383,8 +383,43 @@ fn ping_from(ns: &Netns, count: u64) -> Result<Ping> {
 
 fn connect_vm(port: u16) -> Result<TcpStream> {
     let ip: Ipv4Addr = NET_VM_IP.parse().context("VM address")?;
-    TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(10))
-        .with_context(|| format!("connect to {NET_VM_IP}:{port}"))
+    let s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(10))
+        .with_context(|| format!("connect to {NET_VM_IP}:{port}"))?;
+    if let Some(cc) = client_cc() {
+        set_congestion_control(&s, &cc)?;
+    }
+    Ok(s)
+}
+
+/// The client's TCP congestion control shapes bulk transfer through held
+/// ACKs (BBR paces at the rate it measured, CUBIC grows a window):
+/// REMUS_BENCH_CLIENT_CC picks one for the client's sockets instead of the
+/// host's default.
+fn client_cc() -> Option<String> {
+    std::env::var("REMUS_BENCH_CLIENT_CC")
+        .ok()
+        .filter(|c| !c.is_empty())
+}
+
+fn set_congestion_control(s: &TcpStream, cc: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads cc.len() bytes from a valid buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "TCP congestion control {cc:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Guest → client: `send SECONDS`, read to EOF; the bytes over the time
@@ -424,7 +459,25 @@ fn tcp_to_guest(ns: &Netns, seconds: u64) -> Result<Transfer> {
         s.set_write_timeout(Some(Duration::from_millis(200)))?;
         let buf = vec![0x5au8; 256 << 10];
         let d = Duration::from_secs(seconds);
+        let mut looked = false;
         while t.elapsed() < d {
+            if !looked && t.elapsed() >= d / 2 {
+                // What limits the sender halfway: its window, the guest's
+                // advertised window, its send buffer (the kernel's view).
+                looked = true;
+                if let Ok(out) = std::process::Command::new("ss")
+                    .args(["-tinH", "dst", NET_VM_IP])
+                    .output()
+                {
+                    eprintln!(
+                        "remus-bench:   client→guest halfway, ss: {}",
+                        String::from_utf8_lossy(&out.stdout)
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+            }
             match s.write(&buf) {
                 Ok(_) => {}
                 Err(e)
@@ -479,6 +532,8 @@ impl NetCase {
 
 struct NetRun {
     accel: String,
+    /// The client's TCP congestion control.
+    client_cc: String,
     cases: Vec<NetCase>,
 }
 
@@ -693,6 +748,15 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
     let accel = accel_of(&primary, vm);
     let client = lan.host("c");
     let vm_host = lan.host("a");
+    let cc = client_cc().map_or_else(
+        || {
+            client
+                .exec_ok("sysctl", &["-n", "net.ipv4.tcp_congestion_control"])
+                .map_or_else(|e| format!("? ({e})"), |c| c.trim().to_string())
+        },
+        |c| format!("{c} (REMUS_BENCH_CLIENT_CC)"),
+    );
+    eprintln!("remus-bench: net: the client's TCP congestion control is {cc}");
     let console = || primary.console(vm);
     let mut cases: Vec<NetCase> = Vec::new();
     for mode in net_modes(&o.intervals) {
@@ -782,7 +846,11 @@ fn run_net(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<NetRun> {
     drop(primary);
     drop(backup);
     drop(lan);
-    Ok(NetRun { accel, cases })
+    Ok(NetRun {
+        accel,
+        client_cc: cc,
+        cases,
+    })
 }
 
 fn report_net_case(c: &NetCase, unprotected: Option<&NetCase>) {
@@ -806,6 +874,22 @@ fn report_net_case(c: &NetCase, unprotected: Option<&NetCase>) {
             c.cps.len(),
             stats(&c.col("pause_ms")).p50,
             stats(&c.col("ack_ms")).p50
+        ));
+    }
+    if !c.cps.is_empty() {
+        // The wait before each stop for the guest to take the frames QEMU
+        // held for it (remus_net::inbound).
+        let hold = stats(&event_phase(&c.cps, "inbound"));
+        let timed_out = c
+            .cps
+            .iter()
+            .filter(|e| e["phases"]["inbound_timed_out"].as_bool() == Some(true))
+            .count();
+        line.push_str(&format!(
+            "; inbound hold before stop p50 {:.2} p99 {:.2} ms, {timed_out} of {} ran out of time",
+            hold.p50,
+            hold.p99,
+            c.cps.len()
         ));
     }
     eprintln!("{line}");
@@ -846,7 +930,7 @@ fn render_net_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun)
          the same with `--min-interval 0` (every epoch lasts -i: the behaviour before, as this run's baseline) at the first, \
          and with `--max-latency 0` (the gap stays at `--min-interval`: the baseline of the adaptive gap) at the first; protection stopped in between; \
          a protected case is measured from its checkpoint {}\n\
-         - per case, from c, one after the other: `ping -c {} -i {PING_INTERVAL}` (RTT percentiles nearest-rank \
+         - per case, from c (TCP congestion control {}), one after the other: `ping -c {} -i {PING_INTERVAL}` (RTT percentiles nearest-rank \
          over the replies; loss = unanswered / sent); TCP guest→client: `send {}` to port {NET_BULK_PORT}, read \
          to EOF, bytes / time from request to EOF; TCP client→guest: `recv`, {} s of writes, the guest's byte \
          count / time from request to its answer (1 MB = 1 MiB); checkpoint columns over the checkpoints taken \
@@ -859,6 +943,7 @@ fn render_net_md(date: &str, m: &Machine, profile: &str, o: &Opts, run: &NetRun)
         o.timeout_ms,
         o.timeout_ms,
         o.warmup + 1,
+        run.client_cc,
         o.seconds * PINGS_PER_S,
         o.seconds,
         o.seconds,
@@ -939,6 +1024,7 @@ fn net_case_json(run: &NetRun, c: &NetCase) -> Value {
         "protected": c.mode.interval_ms().is_some(),
         "interval_ms": c.mode.interval_ms(),
         "accel": run.accel,
+        "client_cc": run.client_cc,
         "window_ms": c.window_ms,
         "ping": {
             "replies": c.ping.rtts.len(),
@@ -1073,6 +1159,7 @@ mod tests {
         };
         let run = NetRun {
             accel: "kvm".into(),
+            client_cc: "cubic".into(),
             cases: vec![
                 case(NetMode::Unprotected, 0.5, 100),
                 case(NetMode::NoNet(100), 1.0, 90),

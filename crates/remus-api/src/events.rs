@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn events_read_as_the_agents_lines_and_back() {
         let lines = [
-            r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"phases":{"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#,
+            r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"phases":{"inbound":0.3,"inbound_timed_out":false,"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#,
             r#"{"event":"switched_over","epoch":9,"downtime_ms":null,"confirmed_by":"arbiter"}"#,
             r#"{"event":"switched_over","epoch":9,"downtime_ms":31.5}"#,
             r#"{"event":"sync_plan","mode":"changed","reason":"the copies share generation 3"}"#,
@@ -193,6 +193,11 @@ mod tests {
         }
         let ev: SessionEvent = serde_json::from_str(r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"phases":{"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#).unwrap();
         assert!(ev.is_progress());
+        // An older agent's line (no inbound gate) reads with none.
+        let SessionEvent::Checkpoint(cp) = ev else {
+            panic!("not a checkpoint: {ev:?}");
+        };
+        assert_eq!((cp.phases.inbound, cp.phases.inbound_timed_out), (0.0, false));
     }
 
     #[test]

@@ -197,7 +197,10 @@ mod tests {
         let SessionEvent::Checkpoint(cp) = ev else {
             panic!("not a checkpoint: {ev:?}");
         };
-        assert_eq!((cp.phases.inbound, cp.phases.inbound_timed_out), (0.0, false));
+        assert_eq!(
+            (cp.phases.inbound, cp.phases.inbound_timed_out),
+            (0.0, false)
+        );
     }
 
     #[test]

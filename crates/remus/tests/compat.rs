@@ -14,16 +14,22 @@
 //!    agent; a's plug is pulled and b (previous) resumes the VM.
 //! 2. b (previous) protects it back to this version's a (a changed-only
 //!    resync of a's stale copy); b's plug is pulled and a resumes it.
+//! 3. a protects it to a fourth host d of this version, with device-only
+//!    state; a's plug is pulled and d resumes it, in a QEMU started to
+//!    load device-only state. d cannot protect that QEMU to the previous
+//!    version's b (whose standby would load only QEMU's full stream, which
+//!    such a QEMU saves without the configuration section): refused at
+//!    the setup with the reason, and the VM runs on at d.
 //!
-//! The TCP session survives both failovers, and every record the guest
-//! wrote is on its disk at the end.
+//! The TCP session survives the three failovers, and every record the
+//! guest wrote is on its disk at the end.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use remus_testbed::{
-    Agent, Binaries, GuestImage, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent,
+    Agent, Binaries, GuestImage, HostSpec, Lan, PairFiles, ProtectFollower, SeqClient, lan_agent,
     records_intact, start_records_vm, wait_for,
 };
 
@@ -168,8 +174,19 @@ fn protect(from: &Agent, to_listen: &str) -> serde_json::Value {
 fn the_previous_version_and_this_one_protect_each_other() {
     let old = previous_bins();
     let img = GuestImage::find().expect("guest image");
-    let lan = Lan::standard("cmp").expect("LAN of namespace hosts");
+    let lan = Lan::new(
+        "cmp",
+        &[
+            HostSpec::vm("a", "198.18.0.1/24"),
+            HostSpec::vm("b", "198.18.0.2/24"),
+            HostSpec::client("c", "198.18.0.3/24"),
+            HostSpec::vm("d", "198.18.0.4/24"),
+        ],
+    )
+    .expect("LAN of namespace hosts");
     let files = PairFiles::new(256 << 20);
+    let store_d = files.top.path().join("d");
+    std::fs::create_dir_all(&store_d).unwrap();
     let mut a = lan_agent(
         &bins(),
         &lan,
@@ -259,8 +276,43 @@ fn the_previous_version_and_this_one_protect_each_other() {
         .wait_failover(VM, t, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
     session_goes_on(&client, &a, "after the failover back to this version");
-    let n = records_intact(&a, VM, "after both failovers");
+    eprintln!("2. this version resumed the VM in {ms} ms");
+
+    // 3. Two agents of this version: device-only state.
+    let d = lan_agent(&bins(), &lan, ("d", REPL_PORT), &store_d, &files.key, &[]);
+    let d_listen = format!("{}:{REPL_PORT}", lan.addr("d"));
+    let cp = protect(&a, &d_listen);
+    let dev = cp["raw_bytes"].as_u64().unwrap() - 4096 * cp["dirty_pages"].as_u64().unwrap();
+    assert!(
+        dev < 200_000,
+        "device state of {dev} bytes between two agents of this version: {cp}"
+    );
+    session_goes_on(&client, &a, "protected to d");
+    let t = Instant::now();
+    a.kill_hard();
+    let ms = d
+        .wait_failover(VM, t, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    session_goes_on(&client, &d, "after the failover to d");
+    eprintln!("3. d resumed the VM from device-only state in {ms} ms");
+    b.restart().unwrap();
+    wait_for("b to list its copy stale", Duration::from_secs(30), || {
+        b.vm(VM).filter(|v| v["role"] == "stale").map(|_| ())
+    });
+    let refused = ProtectFollower::start(&d, VM, &b_listen, &["-i", "100", "--timeout", "1000"])
+        .and_then(|mut f| f.checkpoint_after(0));
+    let e = match refused {
+        Ok(cp) => panic!("d's QEMU was protected to the previous version: {cp}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("device-only state") && e.contains("upgrade"),
+        "the refusal must say why and what to do: {e}"
+    );
+    eprintln!("3. protecting it to the previous version refused: {e}");
+    session_goes_on(&client, &d, "after the refused protect");
+    let n = records_intact(&d, VM, "after three failovers");
     assert!(n > 0);
-    eprintln!("2. this version resumed the VM in {ms} ms; {n} records intact");
+    eprintln!("3. {n} records intact");
     drop(client);
 }

@@ -269,6 +269,7 @@ impl Agent {
         if !file.starts_with(self.ram_files_dir()) {
             return;
         }
+        remus_vm::devstate::remove_save_files(file);
         match std::fs::remove_file(file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

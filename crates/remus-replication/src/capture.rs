@@ -121,8 +121,9 @@ pub(crate) struct Capture<'v> {
 
 impl<'v> Capture<'v> {
     /// Opens the tracker and the RAM mapping and readies QEMU for device
-    /// state saves into `dev_name` in the VM's directory; `devices_only`:
-    /// without QEMU's RAM blocks (the peer's QEMU loads that).
+    /// state saves for `dev_name` (one of [`devstate::SAVES`], a file
+    /// beside the RAM file); `devices_only`: without QEMU's RAM blocks (the
+    /// peer's QEMU loads that).
     pub(crate) fn open(
         vm: &'v Vm,
         dev_name: &str,
@@ -141,7 +142,7 @@ impl<'v> Capture<'v> {
             // 64 MiB of recycled staging buffers: a checkpoint of up to 16k
             // dirty pages copies into memory that is already backed.
             pool: Arc::new(staging::BufferPool::new(64)),
-            dev_file: vm.paths.dir().join(dev_name),
+            dev_file: devstate::save_file(&vm.ram_file, dev_name),
             devices_only,
         })
     }

@@ -36,7 +36,7 @@ use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use remus_proto::{CheckpointKind, DiskDigests, Epoch, Message};
-use remus_vm::Vm;
+use remus_vm::{Vm, devstate};
 
 pub use remus_api::MigrateStats;
 use remus_api::SessionEvent;
@@ -92,7 +92,7 @@ pub fn migrate(
     events: &dyn Fn(SessionEvent),
 ) -> Result<MigrateStats, ReplError> {
     let t_start = Instant::now();
-    let mut capture = Capture::open(vm, "dev.migrate", cfg.devices_only_state)?;
+    let mut capture = Capture::open(vm, devstate::MIGRATE_SAVE, cfg.devices_only_state)?;
     stream.set_nodelay(true).ok();
     stream
         .set_read_timeout(Some(cfg.timeout))

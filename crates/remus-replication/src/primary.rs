@@ -43,7 +43,7 @@ use remus_net::{OutputCommit, OutputSignal};
 use remus_proto::{
     CheckpointKind, CheckpointWriter, DiskDigests, Epoch, ErrorCode, Message, MsgType,
 };
-use remus_vm::Vm;
+use remus_vm::{Vm, devstate};
 
 pub use crate::capture::PausePhases;
 use crate::capture::{Capture, Staged, resume_unless_held};
@@ -673,7 +673,7 @@ pub fn protect(
     stop: &AtomicBool,
     events: &(dyn Fn(SessionEvent) + Sync),
 ) -> Result<ProtectEnd, ReplError> {
-    let mut capture = Capture::open(vm, "dev.out", cfg.devices_only_state)?;
+    let mut capture = Capture::open(vm, devstate::PROTECT_SAVE, cfg.devices_only_state)?;
     let pool = capture.pool.clone();
     let (writer, reader, closer) = open_link(stream, cfg.tuning.timeout())?;
     let shared = Shared::new();

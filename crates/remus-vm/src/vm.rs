@@ -914,6 +914,7 @@ impl Vm {
         {
             tracing::warn!(vm = %name, file = %self.ram_file.display(), error = %e, "cannot remove RAM file");
         }
+        crate::devstate::remove_save_files(&self.ram_file);
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");
     }

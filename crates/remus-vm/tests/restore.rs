@@ -4,7 +4,7 @@
 //! started with `-incoming defer` (for device-only state, started for
 //! it), and the guest carries on from where it was, not from boot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remus_config::VmConfig;
@@ -42,6 +42,36 @@ fn start(cfg: &VmConfig, dir: &Path, ram: &Path, incoming: bool, devices_only: b
     .expect("start QEMU")
 }
 
+/// A source a and a destination b: their directories and RAM files, and
+/// the device state's file, in a temporary directory (gone on drop).
+struct Scratch {
+    tmp: tempfile::TempDir,
+    cfg: VmConfig,
+    dirs: (PathBuf, PathBuf),
+    rams: (PathBuf, PathBuf),
+    dev: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let img = GuestImage::find().expect("guest image");
+        let tmp = tempfile::Builder::new()
+            .prefix("remus-restore")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let cfg = VmConfig::from_toml_str(&img.config("rs", "remus.workload=tick", ""), tmp.path())
+            .unwrap();
+        let p = |n: &str| tmp.path().join(n);
+        Scratch {
+            cfg,
+            dirs: (p("a"), p("b")),
+            rams: (p("a.ram"), p("b.ram")),
+            dev: p("dev.state"),
+            tmp,
+        }
+    }
+}
+
 #[test]
 fn restore_continues_the_guest() {
     let full = restore(false);
@@ -55,16 +85,13 @@ fn restore_continues_the_guest() {
 
 /// Saves, restores and checks the guest goes on; the state's size.
 fn restore(devices_only: bool) -> u64 {
-    let img = GuestImage::find().expect("guest image");
-    let tmp = tempfile::Builder::new()
-        .prefix("remus-restore")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let cfg =
-        VmConfig::from_toml_str(&img.config("rs", "remus.workload=tick", ""), tmp.path()).unwrap();
-    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let (ram_a, ram_b) = (tmp.path().join("a.ram"), tmp.path().join("b.ram"));
-    let dev = tmp.path().join("dev.state");
+    let Scratch {
+        tmp: _tmp,
+        cfg,
+        dirs: (dir_a, dir_b),
+        rams: (ram_a, ram_b),
+        dev,
+    } = Scratch::new();
 
     let a = start(&cfg, &dir_a, &ram_a, false, false);
     let log_a = VmPaths::new(&dir_a).console_log();
@@ -136,16 +163,13 @@ fn restore(devices_only: bool) -> u64 {
 /// an error rather than a hang.
 #[test]
 fn device_only_state_needs_a_standby_started_for_it() {
-    let img = GuestImage::find().expect("guest image");
-    let tmp = tempfile::Builder::new()
-        .prefix("remus-restore")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let cfg =
-        VmConfig::from_toml_str(&img.config("rs", "remus.workload=tick", ""), tmp.path()).unwrap();
-    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let (ram_a, ram_b) = (tmp.path().join("a.ram"), tmp.path().join("b.ram"));
-    let dev = tmp.path().join("dev.state");
+    let Scratch {
+        tmp: _tmp,
+        cfg,
+        dirs: (dir_a, dir_b),
+        rams: (ram_a, ram_b),
+        dev,
+    } = Scratch::new();
     let a = start(&cfg, &dir_a, &ram_a, false, false);
     wait_log(&VmPaths::new(&dir_a).console_log(), "tick 2", |t| {
         last_tick(t) >= Some(2)

@@ -154,6 +154,23 @@ fn session_goes_on(client: &SeqClient, host: &Agent, what: &str) {
     assert_eq!(client.error(), None, "{what}");
 }
 
+/// Pulls `from`'s plug; `to` resumes the VM and the session goes on
+/// (`what` names the step). The failover's time, ms.
+fn fail_over(client: &SeqClient, from: &mut Agent, to: &Agent, what: &str) -> u64 {
+    let t = Instant::now();
+    from.kill_hard();
+    let ms = to
+        .wait_failover(VM, t, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    session_goes_on(client, to, what);
+    ms
+}
+
+/// The device state's bytes in a checkpoint event.
+fn device_bytes(cp: &serde_json::Value) -> u64 {
+    cp["raw_bytes"].as_u64().unwrap() - 4096 * cp["dirty_pages"].as_u64().unwrap()
+}
+
 /// Protects the VM on `from` to `to_listen`, waiting for a committed
 /// checkpoint, which it returns (the follower ends when dropped; the
 /// session goes on).
@@ -218,7 +235,7 @@ fn the_previous_version_and_this_one_protect_each_other() {
     //    device-only state: it is sent QEMU's full stream (300-400 KB,
     //    against about 80 KB between two agents of this version).
     let cp = protect(&a, &b_listen);
-    let dev = cp["raw_bytes"].as_u64().unwrap() - 4096 * cp["dirty_pages"].as_u64().unwrap();
+    let dev = device_bytes(&cp);
     assert!(
         dev > 200_000,
         "device state of {dev} bytes to the previous backup: {cp}"
@@ -255,12 +272,12 @@ fn the_previous_version_and_this_one_protect_each_other() {
     eprintln!(
         "1. a's agent restarted under the previous backup: session ended in order, protected again"
     );
-    let t = Instant::now();
-    a.kill_hard();
-    let ms = b
-        .wait_failover(VM, t, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    session_goes_on(&client, &b, "after the failover to the previous version");
+    let ms = fail_over(
+        &client,
+        &mut a,
+        &b,
+        "after the failover to the previous version",
+    );
     eprintln!("1. the previous version resumed the VM in {ms} ms");
 
     // 2. The previous version protects it back to this one.
@@ -270,30 +287,25 @@ fn the_previous_version_and_this_one_protect_each_other() {
     });
     protect(&b, &a_listen);
     session_goes_on(&client, &b, "protected back to this version");
-    let t = Instant::now();
-    b.kill_hard();
-    let ms = a
-        .wait_failover(VM, t, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    session_goes_on(&client, &a, "after the failover back to this version");
+    let ms = fail_over(
+        &client,
+        &mut b,
+        &a,
+        "after the failover back to this version",
+    );
     eprintln!("2. this version resumed the VM in {ms} ms");
 
     // 3. Two agents of this version: device-only state.
     let d = lan_agent(&bins(), &lan, ("d", REPL_PORT), &store_d, &files.key, &[]);
     let d_listen = format!("{}:{REPL_PORT}", lan.addr("d"));
     let cp = protect(&a, &d_listen);
-    let dev = cp["raw_bytes"].as_u64().unwrap() - 4096 * cp["dirty_pages"].as_u64().unwrap();
+    let dev = device_bytes(&cp);
     assert!(
         dev < 200_000,
         "device state of {dev} bytes between two agents of this version: {cp}"
     );
     session_goes_on(&client, &a, "protected to d");
-    let t = Instant::now();
-    a.kill_hard();
-    let ms = d
-        .wait_failover(VM, t, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    session_goes_on(&client, &d, "after the failover to d");
+    let ms = fail_over(&client, &mut a, &d, "after the failover to d");
     eprintln!("3. d resumed the VM from device-only state in {ms} ms");
     b.restart().unwrap();
     wait_for("b to list its copy stale", Duration::from_secs(30), || {

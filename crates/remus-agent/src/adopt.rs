@@ -269,13 +269,6 @@ impl Agent {
         if !file.starts_with(self.ram_files_dir()) {
             return;
         }
-        remus_vm::devstate::remove_save_files(file);
-        match std::fs::remove_file(file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(vm = %name, file = %file.display(), error = %e, "cannot remove RAM file")
-            }
-        }
+        remus_vm::vm::remove_ram_file(name, file);
     }
 }

@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::relay::GateStats;
+
 /// Sentinels written after QEMU has read the socket empty.
 const SENTINELS: usize = 2;
 
@@ -84,9 +86,20 @@ struct State {
 /// Counters of the gate.
 #[derive(Debug, Default)]
 pub(crate) struct GateCounters {
-    pub(crate) drained: AtomicU64,
-    pub(crate) timeouts: AtomicU64,
-    pub(crate) sentinels: AtomicU64,
+    drained: AtomicU64,
+    timeouts: AtomicU64,
+    sentinels: AtomicU64,
+}
+
+impl GateCounters {
+    pub(crate) fn snapshot(&self) -> GateStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        GateStats {
+            drained: g(&self.drained),
+            timeouts: g(&self.timeouts),
+            sentinels: g(&self.sentinels),
+        }
+    }
 }
 
 /// The gate shared by the relay's tap thread and the checkpoint.

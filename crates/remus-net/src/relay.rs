@@ -394,14 +394,10 @@ impl Relay {
 
     /// Current counters.
     pub fn stats(&self) -> RelayStats {
-        let mut stats = self.shared.counters.snapshot();
-        let g = &self.shared.gate.counters;
-        stats.gate = GateStats {
-            drained: g.drained.load(Ordering::Relaxed),
-            timeouts: g.timeouts.load(Ordering::Relaxed),
-            sentinels: g.sentinels.load(Ordering::Relaxed),
-        };
-        stats
+        RelayStats {
+            gate: self.shared.gate.counters.snapshot(),
+            ..self.shared.counters.snapshot()
+        }
     }
 
     /// The gate a checkpoint closes before it stops the VM, so that no

@@ -3,9 +3,9 @@
 //!
 //! [`Capture::take_checkpoint`] is the whole pause (DESIGN 1.2), after a
 //! short hold of inbound frames while the guest still runs (see
-//! [`remus_net::inbound`]): `stop` → cut the epoch (disk journal, held output) → dirty scan → copy
-//! the dirty pages into staging buffers → device state through QMP →
-//! `cont` (or not: the last checkpoint before a switch-over leaves the
+//! [`remus_net::inbound`]): `stop` → cut the epoch (disk journal, held
+//! output) → dirty scan → copy the dirty pages into staging buffers →
+//! device state through QMP → `cont` (or not: the last checkpoint before a switch-over leaves the
 //! guest stopped). An operator's pause, or the arbiter's fence, stands:
 //! the checkpoint then neither stops nor resumes the guest.
 
@@ -186,19 +186,18 @@ impl<'v> Capture<'v> {
         let qmp = vm.qmp();
         let mut phases = PausePhases::default();
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-        // The moment the state is taken: once the run state is ours (a
-        // pause or unpause that held it finished before this began).
-        let mut hold = None;
-        if !held {
-            // Frames from the network wait in the tap while the guest
-            // takes those QEMU holds for it; they go on once the guest is
-            // stopped (QEMU keeps what arrives while it is stopped).
+        // Frames from the network wait in the tap while the guest takes
+        // those QEMU holds for it; they go on once the guest is stopped
+        // (QEMU keeps what arrives while it is stopped).
+        let hold = (!held).then(|| {
             let t = Instant::now();
             let h = InboundHold::close(vm.inbound_gates());
             phases.inbound_timed_out = !h.wait(INBOUND_BUDGET);
             phases.inbound = ms(t);
-            hold = Some(h);
-        }
+            h
+        });
+        // The moment the state is taken: once the run state is ours (a
+        // pause or unpause that held it finished before this began).
         let taken_at_ms = crate::now_us() / 1000;
         let t0 = Instant::now();
         if !held {

@@ -320,6 +320,17 @@ pub struct Vm {
     pub started_at: Instant,
 }
 
+/// Removes a VM's RAM file and the device state files beside it (a VM
+/// that goes); one already gone is fine.
+pub fn remove_ram_file(vm: &str, ram_file: &Path) {
+    if let Err(e) = std::fs::remove_file(ram_file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(vm = %vm, file = %ram_file.display(), error = %e, "cannot remove RAM file");
+    }
+    crate::devstate::remove_save_files(ram_file);
+}
+
 fn io_err(vm: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let vm = vm.to_string();
     let what = what.into();
@@ -909,12 +920,7 @@ impl Vm {
         drop(std::mem::take(
             &mut *self.daemons.lock().unwrap_or_else(|p| p.into_inner()),
         ));
-        if let Err(e) = std::fs::remove_file(&self.ram_file)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(vm = %name, file = %self.ram_file.display(), error = %e, "cannot remove RAM file");
-        }
-        crate::devstate::remove_save_files(&self.ram_file);
+        remove_ram_file(&name, &self.ram_file);
         let _ = std::fs::remove_file(self.paths.pid_file());
         tracing::info!(vm = %name, "destroyed");
     }

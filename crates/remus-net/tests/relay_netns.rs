@@ -304,6 +304,18 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 // ------------------------------------------------------------------ tests
 
+/// Runs `f` in a fresh namespace with a socket path for a relay (skipped
+/// without root).
+fn in_namespace(f: impl FnOnce(&Netns, &Path) + Send) {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n0.sock");
+    ns.run_in(|| f(&ns, &sock));
+}
+
 #[test]
 fn threads_spawned_after_setns_inherit_the_namespace() {
     if !can_run() {
@@ -371,17 +383,11 @@ fn arp_and_icmp_round_trip_through_tap_and_bridge() {
 
 #[test]
 fn qemu_can_disconnect_and_reconnect() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
-        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
+    in_namespace(|ns, sock| {
+        let relay = Relay::start(sock, ns.tap_on_bridge(None)).unwrap();
         assert!(relay.tap_name().starts_with("tap"), "{}", relay.tap_name());
 
-        let mut first = connect(&sock);
+        let mut first = connect(sock);
         let mac1 = arp_roundtrip(&mut first);
         wait_for("connection", || relay.is_vm_connected());
         // Leave half a frame behind: counted as truncated, nothing breaks.
@@ -390,11 +396,11 @@ fn qemu_can_disconnect_and_reconnect() {
         wait_for("disconnect", || !relay.is_vm_connected());
 
         // A restored QEMU reconnects to the same path.
-        let mut second = connect(&sock);
+        let mut second = connect(sock);
         let mac2 = arp_roundtrip(&mut second);
         assert_eq!(mac1, mac2);
         drop(second);
-        let mut third = connect(&sock);
+        let mut third = connect(sock);
         arp_roundtrip(&mut third);
 
         let stats = relay.stats();
@@ -406,14 +412,8 @@ fn qemu_can_disconnect_and_reconnect() {
 
 #[test]
 fn garbage_length_closes_only_that_connection() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
-        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
+    in_namespace(|ns, sock| {
+        let relay = Relay::start(sock, ns.tap_on_bridge(None)).unwrap();
         for (i, garbage) in [
             &[0xff, 0xff, 0xff, 0xff, 1, 2, 3][..],
             &[0, 0, 0, 0][..],
@@ -422,7 +422,7 @@ fn garbage_length_closes_only_that_connection() {
         .into_iter()
         .enumerate()
         {
-            let mut bad = connect(&sock);
+            let mut bad = connect(sock);
             bad.write_all(garbage).unwrap();
             bad.set_read_timeout(Some(WAIT)).unwrap();
             let mut buf = [0u8; 64];
@@ -439,7 +439,7 @@ fn garbage_length_closes_only_that_connection() {
             assert_eq!(relay.stats().drops.corrupt_streams, i as u64 + 1);
 
             // The next QEMU is served normally.
-            let mut good = connect(&sock);
+            let mut good = connect(sock);
             arp_roundtrip(&mut good);
         }
         let stats = relay.stats();
@@ -516,21 +516,15 @@ impl Egress for Holding {
 
 #[test]
 fn egress_seam_can_hold_and_release_vm_output() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
+    in_namespace(|ns, sock| {
         let held = Arc::new(Mutex::new(Vec::new()));
         let relay = Relay::start_with_egress(
-            &sock,
+            sock,
             ns.tap_on_bridge(None),
             Box::new(Holding { held: held.clone() }),
         )
         .unwrap();
-        let mut qemu = connect(&sock);
+        let mut qemu = connect(sock);
         send_frame(&mut qemu, &arp_request());
         wait_for("frame held", || held.lock().unwrap().len() == 1);
         assert!(
@@ -557,15 +551,9 @@ fn egress_seam_can_hold_and_release_vm_output() {
 
 #[test]
 fn shutdown_is_prompt_even_when_qemu_does_not_read() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
-        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
-        let mut qemu = connect(&sock);
+    in_namespace(|ns, sock| {
+        let relay = Relay::start(sock, ns.tap_on_bridge(None)).unwrap();
+        let mut qemu = connect(sock);
         // Provoke far more ARP replies than the socket buffer holds, and
         // never read them: the tap → VM writer ends up blocked.
         let mut burst = Vec::new();
@@ -600,23 +588,17 @@ fn shutdown_is_prompt_even_when_qemu_does_not_read() {
 
 #[test]
 fn stale_socket_file_is_replaced_and_other_files_are_not() {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| {
+    in_namespace(|ns, sock| {
         // A socket file left behind by a crashed agent.
-        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        drop(std::os::unix::net::UnixListener::bind(sock).unwrap());
         assert!(sock.exists());
-        let relay = Relay::start(&sock, ns.tap_on_bridge(None)).unwrap();
-        let mut qemu = connect(&sock);
+        let relay = Relay::start(sock, ns.tap_on_bridge(None)).unwrap();
+        let mut qemu = connect(sock);
         arp_roundtrip(&mut qemu);
         drop(relay);
         assert!(!sock.exists());
 
-        let file = dir.path().join("not-a-socket");
+        let file = sock.with_file_name("not-a-socket");
         std::fs::write(&file, b"x").unwrap();
         let e = Relay::start(&file, Tap::create(None).unwrap()).unwrap_err();
         assert!(matches!(e, remus_net::RelayError::PathOccupied(_)), "{e:?}");
@@ -625,18 +607,6 @@ fn stale_socket_file_is_replaced_and_other_files_are_not() {
 }
 
 // ------------------------------------------------------------ inbound gate
-
-/// Runs `f` in a fresh namespace with a socket path for a relay (skipped
-/// without root).
-fn in_namespace(f: impl FnOnce(&Netns, &Path) + Send) {
-    if !can_run() {
-        return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n0.sock");
-    ns.run_in(|| f(&ns, &sock));
-}
 
 /// A sentinel frame the gate writes (see `remus_net::inbound`).
 fn is_sentinel(f: &[u8]) -> bool {

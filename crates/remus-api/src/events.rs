@@ -109,7 +109,11 @@ pub struct CheckpointStats {
 
 /// The parts of one checkpoint pause: QMP stop, dirty scan, page copy,
 /// device state save, QMP cont (ms); and, before the pause, the wait for
-/// the guest to take the frames already handed to QEMU.
+/// the guest to take the frames already handed to QEMU. QEMU saves the
+/// device state while the agent scans and copies guest RAM: `devstate`
+/// runs from the save's start to its end as seen after the copy, and
+/// the pause is about `stop` + the longer of `devstate` and `scan` +
+/// `copy` + `cont`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PausePhases {
     /// Before the pause, with the guest running: inbound frames held at
@@ -123,6 +127,7 @@ pub struct PausePhases {
     pub stop: f64,
     pub scan: f64,
     pub copy: f64,
+    /// Beside `scan` and `copy`, not after them.
     pub devstate: f64,
     pub cont: f64,
 }

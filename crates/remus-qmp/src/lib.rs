@@ -159,6 +159,14 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments)?.wait(timeout)
+    }
+
+    /// Sends a command without waiting for its reply: the caller does
+    /// other work while QEMU runs it, then [`Pending::wait`]s. QEMU runs
+    /// one monitor's commands in order, so a command sent later starts
+    /// only after this one has finished.
+    pub fn send(&self, command: &str, arguments: Option<Value>) -> Result<Pending<'_>, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(a) = arguments {
@@ -171,31 +179,19 @@ impl Qmp {
             }
             lock(&self.shared.waiters).insert(id, tx);
         }
+        let pending = Pending {
+            qmp: self,
+            id,
+            command: command.to_string(),
+            rx,
+        };
         let mut line = msg.to_string();
         line.push('\n');
-        let write = lock(&self.writer).write_all(line.as_bytes());
-        if let Err(e) = write {
-            lock(&self.shared.waiters).remove(&id);
-            return Err(e.into());
-        }
+        // On a failed write the pending reply is dropped, which forgets
+        // its waiter.
+        lock(&self.writer).write_all(line.as_bytes())?;
         tracing::trace!(command, id, "QMP command sent");
-        match rx.recv_timeout(timeout) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
-                command: command.to_string(),
-                class,
-                desc,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(RecvTimeoutError::Timeout) => {
-                lock(&self.shared.waiters).remove(&id);
-                Err(QmpError::Timeout {
-                    command: command.to_string(),
-                    timeout,
-                })
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(QmpError::Closed),
-        }
+        Ok(pending)
     }
 
     /// Subscribes to events from now on.
@@ -226,6 +222,42 @@ impl Drop for Qmp {
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// The reply to a command [`Qmp::send`] sent.
+pub struct Pending<'a> {
+    qmp: &'a Qmp,
+    id: u64,
+    command: String,
+    rx: Receiver<Result<Value, QmpError>>,
+}
+
+impl Pending<'_> {
+    /// Waits at most `timeout` for the reply and returns its `return`
+    /// value.
+    pub fn wait(self, timeout: Duration) -> Result<Value, QmpError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
+                command: self.command.clone(),
+                class,
+                desc,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(RecvTimeoutError::Timeout) => Err(QmpError::Timeout {
+                command: self.command.clone(),
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(QmpError::Closed),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    /// A reply nobody waits for any more is dropped when it comes.
+    fn drop(&mut self) {
+        lock(&self.qmp.shared.waiters).remove(&self.id);
     }
 }
 
@@ -397,6 +429,41 @@ mod tests {
         assert!(matches!(e, QmpError::Closed), "{e:?}");
         assert!(!q.is_open());
         assert!(matches!(q.execute("x", None), Err(QmpError::Closed)));
+    }
+
+    #[test]
+    fn a_sent_command_is_waited_for_later_and_a_dropped_one_is_forgotten() {
+        let (_d, q) = connect(|cmd, id| match cmd {
+            "qmp_capabilities" | "xen-save-devices-state" => {
+                Some(format!("{{\"return\": {{}}, \"id\": {id}}}\n"))
+            }
+            "query-status" => Some(format!(
+                "{{\"return\": {{\"status\": \"paused\", \"running\": false}}, \"id\": {id}}}\n"
+            )),
+            "silent" => None,
+            _ => Some(format!(
+                "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"no {cmd}\"}}, \"id\": {id}}}\n"
+            )),
+        });
+        let save = q.send("xen-save-devices-state", None).unwrap();
+        let refused = q.send("nope", None).unwrap();
+        // Another caller's command meanwhile gets its own reply.
+        assert_eq!(q.status().unwrap(), "paused");
+        assert_eq!(save.wait(Duration::from_secs(5)).unwrap(), json!({}));
+        match refused.wait(Duration::from_secs(5)).unwrap_err() {
+            QmpError::Command { command, desc, .. } => {
+                assert_eq!(command, "nope");
+                assert_eq!(desc, "no nope");
+            }
+            e => panic!("{e:?}"),
+        }
+        let silent = q.send("silent", None).unwrap();
+        drop(q.send("silent", None).unwrap());
+        assert!(matches!(
+            silent.wait(Duration::from_millis(20)),
+            Err(QmpError::Timeout { .. })
+        ));
+        assert!(lock(&q.shared.waiters).is_empty());
     }
 
     #[test]

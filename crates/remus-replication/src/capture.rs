@@ -226,24 +226,36 @@ impl<'v> Capture<'v> {
             // Likewise the network: frames the guest sends from now on
             // are held until the next epoch is acknowledged.
             cut()?;
-            let t = Instant::now();
-            let dirty = self.tracker.scan().map_err(ReplError::TrackingLost)?;
-            phases.scan = ms(t);
-            let t = Instant::now();
-            let mut runs = earlier;
-            runs.extend(self.map.stage(&dirty, &self.pool)?);
-            phases.copy = ms(t);
-            let t = Instant::now();
-            let saved = if self.devices_only {
-                devstate::save_devices(qmp, &self.dev_file)
-            } else {
-                devstate::save(qmp, &self.dev_file)
-            };
+            // QEMU writes the device state while guest RAM is scanned and
+            // copied here (the save reads no guest RAM and the copy no
+            // device): the pause is the longer of the two, not their sum.
+            let t_dev = Instant::now();
+            let saving =
+                devstate::begin_save(qmp, &self.dev_file, self.devices_only).map_err(|source| {
+                    ReplError::DevState {
+                        what: "save",
+                        source,
+                    }
+                })?;
+            let copied = (|| -> Result<Vec<PageRun>, ReplError> {
+                let t = Instant::now();
+                let dirty = self.tracker.scan().map_err(ReplError::TrackingLost)?;
+                phases.scan = ms(t);
+                let t = Instant::now();
+                let mut runs = earlier;
+                runs.extend(self.map.stage(&dirty, &self.pool)?);
+                phases.copy = ms(t);
+                Ok(runs)
+            })();
+            // Whatever the copy did, the guest resumes only after QEMU
+            // has finished the save.
+            let saved = saving.finish();
+            phases.devstate = ms(t_dev);
+            let runs = copied?;
             saved.map_err(|source| ReplError::DevState {
                 what: "save",
                 source,
             })?;
-            phases.devstate = ms(t);
             Ok(runs)
         })();
         // Resume whatever happened: a failed checkpoint must not leave the

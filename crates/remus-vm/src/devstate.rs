@@ -44,10 +44,10 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use remus_qmp::{Qmp, QmpError};
+use remus_qmp::{Pending, Qmp, QmpError};
 use serde_json::json;
 
 /// How long a save or load may take.
@@ -89,19 +89,11 @@ pub fn prepare(qmp: &Qmp) -> Result<(), DevStateError> {
     Ok(())
 }
 
-/// Saves device state to `path`. The VM must be stopped; it stays stopped
-/// (in `postmigrate`) and the caller resumes it with `cont`.
+/// Saves device state to `path` through the full stream (a `migrate` to
+/// the file). The VM must be stopped; it stays stopped (in
+/// `postmigrate`) and the caller resumes it with `cont`.
 pub fn save(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
-    const OP: &str = "save device state";
-    let events = qmp.subscribe();
-    qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("file:{}", path.display())})),
-    )
-    .map_err(|source| DevStateError::Qmp { op: OP, source })?;
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    wait_completed(qmp, OP, &events, deadline)?;
-    wait_runstate_leaves(qmp, OP, "finish-migrate", deadline)
+    begin_save(qmp, path, false)?.finish()
 }
 
 /// The VM's device state may travel device-only ([`save_devices`]): no
@@ -113,20 +105,79 @@ pub fn devices_only_capable(config: &remus_config::VmConfig) -> bool {
 }
 
 /// Saves device and CPU state only (no RAM block, no configuration
-/// section) to `path`, synchronously. The VM must be stopped; it stays
-/// stopped and the caller resumes it with `cont`. Only for a VM that is
+/// section) to `path`. The VM must be stopped; it stays stopped and the
+/// caller resumes it with `cont`. Only for a VM that is
 /// [`devices_only_capable`] and a peer whose standby was started for it.
 pub fn save_devices(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
-    const OP: &str = "save device state";
-    // `live: false`: QEMU leaves the disks active (with `true` it would
-    // hand them over, as at the end of a migration).
-    qmp.execute_timeout(
-        "xen-save-devices-state",
-        Some(json!({"filename": path.display().to_string(), "live": false})),
-        STATE_TIMEOUT,
-    )
-    .map_err(|source| DevStateError::Qmp { op: OP, source })?;
-    Ok(())
+    begin_save(qmp, path, true)?.finish()
+}
+
+/// A save of device state QEMU is running ([`begin_save`]).
+#[must_use = "the VM may be resumed only after the save has finished"]
+pub struct Saving<'a> {
+    qmp: &'a Qmp,
+    reply: Pending<'a>,
+    /// The full stream's MIGRATION events (none for device-only).
+    events: Option<Receiver<remus_qmp::Event>>,
+    deadline: Instant,
+}
+
+const SAVE_OP: &str = "save device state";
+
+/// Starts saving device state to `path` (device-only when
+/// `devices_only`, see [`save_devices`]; else the full stream, see
+/// [`save`]) and returns at once: QEMU writes the state while the caller
+/// copies guest RAM, which the save does not touch. The VM must be
+/// stopped, and stays stopped until [`Saving::finish`] has returned;
+/// QEMU runs a later QMP command only after this one.
+pub fn begin_save<'a>(
+    qmp: &'a Qmp,
+    path: &Path,
+    devices_only: bool,
+) -> Result<Saving<'a>, DevStateError> {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    let sent = if devices_only {
+        // `live: false`: QEMU leaves the disks active (with `true` it
+        // would hand them over, as at the end of a migration).
+        qmp.send(
+            "xen-save-devices-state",
+            Some(json!({"filename": path.display().to_string(), "live": false})),
+        )
+        .map(|reply| (reply, None))
+    } else {
+        let events = qmp.subscribe();
+        qmp.send(
+            "migrate",
+            Some(json!({"uri": format!("file:{}", path.display())})),
+        )
+        .map(|reply| (reply, Some(events)))
+    };
+    let (reply, events) = sent.map_err(|source| DevStateError::Qmp {
+        op: SAVE_OP,
+        source,
+    })?;
+    Ok(Saving {
+        qmp,
+        reply,
+        events,
+        deadline,
+    })
+}
+
+impl Saving<'_> {
+    /// Waits until the state is in the file and the VM may be resumed.
+    pub fn finish(self) -> Result<(), DevStateError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        self.reply.wait(left).map_err(|source| DevStateError::Qmp {
+            op: SAVE_OP,
+            source,
+        })?;
+        if let Some(events) = &self.events {
+            wait_completed(self.qmp, SAVE_OP, events, self.deadline)?;
+            wait_runstate_leaves(self.qmp, SAVE_OP, "finish-migrate", self.deadline)?;
+        }
+        Ok(())
+    }
 }
 
 /// Loads device state from `path` into a QEMU started with
@@ -149,7 +200,7 @@ pub fn load(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
 fn wait_completed(
     qmp: &Qmp,
     op: &'static str,
-    events: &std::sync::mpsc::Receiver<remus_qmp::Event>,
+    events: &Receiver<remus_qmp::Event>,
     deadline: Instant,
 ) -> Result<(), DevStateError> {
     loop {

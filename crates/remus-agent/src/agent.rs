@@ -679,12 +679,8 @@ impl Agent {
         }
         let replica = match standby {
             Some(_) => Some(
-                remus_replication::replica::Replica::create(
-                    &ram_file,
-                    config.memory * 1024 * 1024,
-                    &dir,
-                )
-                .map_err(|e| AgentError::Internal(e.to_string()))?,
+                remus_replication::replica::Replica::create(&ram_file, config.memory * 1024 * 1024)
+                    .map_err(|e| AgentError::Internal(e.to_string()))?,
             ),
             None => {
                 create_ram_file(&ram_file, config.memory * 1024 * 1024).map_err(|e| {

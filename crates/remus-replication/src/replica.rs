@@ -3,14 +3,16 @@
 //! Pages are written into the replica file only when their checkpoint is
 //! complete and verified (or, before the first commit, as initial sync:
 //! there is no resumable state yet to spoil). Device state is written to a
-//! temporary file and renamed over `dev.committed`, so the committed state
-//! is always whole: the pages of epoch N plus the device state of epoch N.
+//! temporary file and renamed over `NAME.dev.committed` beside the RAM
+//! file (remus-vm's `devstate::save_file`), so the committed state is
+//! always whole: the pages of epoch N plus the device state of epoch N.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use remus_proto::{Epoch, PAGE_SIZE, PageRun};
+use remus_vm::devstate;
 
 use crate::ReplError;
 
@@ -26,8 +28,9 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Creates (or resizes) the replica file for `size` bytes of guest RAM.
-    pub fn create(path: &Path, size: u64, dev_dir: &Path) -> Result<Replica, ReplError> {
+    /// Creates the replica file for `size` bytes of guest RAM (and
+    /// forgets device state an earlier standby of the name committed).
+    pub fn create(path: &Path, size: u64) -> Result<Replica, ReplError> {
         let io = |op: &str| {
             let what = format!("{op} {}", path.display());
             move |e: std::io::Error| ReplError::Io(what, e)
@@ -46,23 +49,37 @@ impl Replica {
             .open(path)
             .map_err(io("create RAM replica"))?;
         file.set_len(size).map_err(io("size RAM replica"))?;
+        let dev_committed = devstate::save_file(path, devstate::COMMITTED);
+        for f in [
+            &dev_committed,
+            &devstate::save_file(path, devstate::COMMITTED_NEXT),
+        ] {
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(ReplError::Io(format!("remove {}", f.display()), e));
+                }
+                _ => {}
+            }
+        }
         Ok(Replica {
             file,
             path: path.to_path_buf(),
             pages: size / PAGE_SIZE as u64,
-            dev_committed: dev_dir.join("dev.committed"),
+            dev_committed,
             dev_state: Vec::new(),
             committed: None,
         })
     }
 
     /// Opens the replica a standby kept across a restart of its agent:
-    /// the RAM file of `size` bytes and the committed device state in
-    /// `dev_dir`, which hold `epoch`.
+    /// the RAM file of `size` bytes and the committed device state beside
+    /// it, which hold `epoch`. Earlier agents kept that state in the VM's
+    /// directory `vm_dir` (`dev.committed`): read from there, it is moved
+    /// beside the RAM file.
     pub fn reopen(
         path: &Path,
         size: u64,
-        dev_dir: &Path,
+        vm_dir: &Path,
         epoch: Epoch,
     ) -> Result<Replica, ReplError> {
         let io = |op: &str, p: &Path| {
@@ -83,17 +100,19 @@ impl Replica {
                 path.display()
             )));
         }
-        let dev_committed = dev_dir.join("dev.committed");
-        let dev_len = std::fs::metadata(&dev_committed)
-            .map_err(io("stat", &dev_committed))?
-            .len();
-        if dev_len > remus_proto::MAX_DEVICE_STATE {
-            return Err(ReplError::Setup(format!(
-                "{} holds {dev_len} bytes, more than a device state may",
-                dev_committed.display()
-            )));
+        let dev_committed = devstate::save_file(path, devstate::COMMITTED);
+        let legacy = vm_dir.join("dev.committed");
+        let from = if dev_committed.exists() {
+            &dev_committed
+        } else {
+            &legacy
+        };
+        let dev_state = read_device_state(from)?;
+        if from == &legacy {
+            write_then_rename(&dev_committed, &dev_state)?;
+            std::fs::remove_file(&legacy).map_err(io("remove", &legacy))?;
+            tracing::info!(from = %legacy.display(), to = %dev_committed.display(), "moved a kept standby's committed device state beside its RAM file");
         }
-        let dev_state = std::fs::read(&dev_committed).map_err(io("read", &dev_committed))?;
         Ok(Replica {
             file,
             path: path.to_path_buf(),
@@ -169,14 +188,118 @@ impl Replica {
         for r in runs {
             self.write_run(r)?;
         }
-        let tmp = self.dev_committed.with_extension("tmp");
-        std::fs::write(&tmp, device_state)
-            .map_err(|e| ReplError::Io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &self.dev_committed)
-            .map_err(|e| ReplError::Io(format!("commit {}", self.dev_committed.display()), e))?;
+        write_then_rename(&self.dev_committed, device_state)?;
         self.dev_state.clear();
         self.dev_state.extend_from_slice(device_state);
         self.committed = Some(epoch);
         Ok(())
+    }
+}
+
+/// Reads committed device state, no more than a device state may hold.
+fn read_device_state(path: &Path) -> Result<Vec<u8>, ReplError> {
+    let io = |op: &str| {
+        let what = format!("{op} {}", path.display());
+        move |e: std::io::Error| ReplError::Io(what, e)
+    };
+    let len = std::fs::metadata(path).map_err(io("stat"))?.len();
+    if len > remus_proto::MAX_DEVICE_STATE {
+        return Err(ReplError::Setup(format!(
+            "{} holds {len} bytes, more than a device state may",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(io("read"))
+}
+
+/// Replaces the committed device state `committed` with `state` whole: a
+/// crash leaves the old state or the new one, never part of either. The
+/// new one is written to `committed` + `.next` first
+/// ([`devstate::COMMITTED_NEXT`]).
+fn write_then_rename(committed: &Path, state: &[u8]) -> Result<(), ReplError> {
+    let mut next = committed.as_os_str().to_owned();
+    next.push(".next");
+    let next = PathBuf::from(next);
+    std::fs::write(&next, state)
+        .map_err(|e| ReplError::Io(format!("write {}", next.display()), e))?;
+    std::fs::rename(&next, committed)
+        .map_err(|e| ReplError::Io(format!("commit {}", committed.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAM: u64 = 16 * PAGE_SIZE as u64;
+
+    fn page_run(first_page: u64, byte: u8) -> PageRun {
+        PageRun {
+            first_page,
+            data: vec![byte; PAGE_SIZE],
+        }
+    }
+
+    #[test]
+    fn commits_keep_the_device_state_whole_beside_the_ram_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = dir.path().join("web.ram");
+        // A committed state of an earlier standby of the name is forgotten.
+        std::fs::write(dir.path().join("web.dev.committed"), b"old").unwrap();
+        let mut r = Replica::create(&ram, RAM).unwrap();
+        assert!(!dir.path().join("web.dev.committed").exists());
+        assert_eq!(r.committed(), None);
+        r.commit(Epoch(1), &[page_run(3, 7)], b"state one").unwrap();
+        r.commit(Epoch(2), &[], b"state two").unwrap();
+        assert_eq!(r.device_state_path(), dir.path().join("web.dev.committed"));
+        assert_eq!(std::fs::read(r.device_state_path()).unwrap(), b"state two");
+        assert_eq!(r.device_state(), b"state two");
+        assert!(!dir.path().join("web.dev.committed.next").exists());
+        let mut page = vec![0; PAGE_SIZE];
+        r.read_page(3, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        // A run outside guest RAM is refused, not written.
+        assert!(r.commit(Epoch(3), &[page_run(16, 1)], b"x").is_err());
+        assert_eq!(r.committed(), Some(Epoch(2)));
+    }
+
+    #[test]
+    fn a_kept_standby_reopens_from_beside_its_ram_file_or_moves_an_earlier_agents_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let ram = dir.path().join("web.ram");
+        let mut r = Replica::create(&ram, RAM).unwrap();
+        r.commit(Epoch(5), &[], b"current").unwrap();
+        drop(r);
+        // Beside the RAM file wins over a leftover in the VM directory.
+        std::fs::write(vm_dir.join("dev.committed"), b"legacy").unwrap();
+        let r = Replica::reopen(&ram, RAM, &vm_dir, Epoch(5)).unwrap();
+        assert_eq!(r.device_state(), b"current");
+        assert_eq!(r.committed(), Some(Epoch(5)));
+        drop(r);
+        // Only in the VM directory (an earlier agent's): read and moved.
+        std::fs::remove_file(dir.path().join("web.dev.committed")).unwrap();
+        let r = Replica::reopen(&ram, RAM, &vm_dir, Epoch(5)).unwrap();
+        assert_eq!(r.device_state(), b"legacy");
+        assert!(!vm_dir.join("dev.committed").exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("web.dev.committed")).unwrap(),
+            b"legacy"
+        );
+        drop(r);
+        // Neither: a clear error naming the file looked for.
+        std::fs::remove_file(dir.path().join("web.dev.committed")).unwrap();
+        let e = Replica::reopen(&ram, RAM, &vm_dir, Epoch(5)).err().unwrap();
+        assert!(e.to_string().contains("dev.committed"), "{e}");
+        // Too large to be a device state: refused before it is read.
+        let big = std::fs::File::create(dir.path().join("web.dev.committed")).unwrap();
+        big.set_len(remus_proto::MAX_DEVICE_STATE + 1).unwrap();
+        let e = Replica::reopen(&ram, RAM, &vm_dir, Epoch(5)).err().unwrap();
+        assert!(e.to_string().contains("more than a device state"), "{e}");
+        // A RAM file of another size is not this VM's.
+        let e = Replica::reopen(&ram, RAM * 2, &vm_dir, Epoch(5))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("holds"), "{e}");
     }
 }

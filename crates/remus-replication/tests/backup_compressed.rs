@@ -50,7 +50,7 @@ fn session(
     dir: &std::path::Path,
     primary: impl FnOnce(Channel) + Send + 'static,
 ) -> (BackupEnd, Replica) {
-    let mut replica = Replica::create(&dir.join("ram"), RAM, dir).unwrap();
+    let mut replica = Replica::create(&dir.join("ram"), RAM).unwrap();
     let end = common::session(&mut replica, None, primary);
     (end, replica)
 }

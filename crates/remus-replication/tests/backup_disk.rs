@@ -65,7 +65,7 @@ fn epochs_commit_in_order_and_a_record_for_a_committed_epoch_is_refused() {
         1 << 20,
         &dir.path().join("spill"),
     );
-    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20).unwrap();
 
     let end = session(&mut replica, Some(&mut buf), |mut s| {
         let mut r = s.try_clone().unwrap();
@@ -135,7 +135,7 @@ fn suspend_after(
         1 << 20,
         &dir.path().join("spill"),
     );
-    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), 1 << 20).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let end = common::session_with(&mut replica, Some(&mut buf), true, None, move |mut s| {
         let mut r = s.try_clone().unwrap();

@@ -112,7 +112,7 @@ fn suspend(epoch: u64) -> Message {
 #[test]
 fn a_suspended_session_resumes_from_the_kept_copy_without_a_copy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM).unwrap();
     let (end, answer) = first_session(&mut replica, true, suspend(1));
     assert_eq!(answer, Message::Done, "the backup confirms the suspend");
     assert_eq!(
@@ -145,7 +145,7 @@ fn a_suspended_session_resumes_from_the_kept_copy_without_a_copy() {
 #[test]
 fn a_resumed_session_cannot_go_back_to_a_committed_epoch_or_a_copy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM).unwrap();
     let (end, _) = first_session(&mut replica, true, suspend(1));
     assert!(matches!(end, Ok(BackupEnd::Suspended { .. })));
     for (epoch, kind) in [
@@ -179,7 +179,7 @@ fn a_resumed_session_cannot_go_back_to_a_committed_epoch_or_a_copy() {
 #[test]
 fn a_suspend_at_another_epoch_or_to_a_backup_that_never_offered_it_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM).unwrap();
     let (end, answer) = first_session(&mut replica, true, suspend(2));
     assert!(
         matches!(&answer, Message::Error { code: ErrorCode::Protocol, message } if message.contains("suspend at")),
@@ -188,7 +188,7 @@ fn a_suspend_at_another_epoch_or_to_a_backup_that_never_offered_it_is_refused() 
     assert!(matches!(end, Err(ReplError::Protocol(_))), "{end:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM).unwrap();
     let (end, answer) = first_session(&mut replica, false, suspend(1));
     assert!(
         matches!(&answer, Message::Error { code: ErrorCode::Protocol, message } if message.contains("Suspend")),
@@ -200,7 +200,7 @@ fn a_suspend_at_another_epoch_or_to_a_backup_that_never_offered_it_is_refused() 
 #[test]
 fn a_backup_whose_agent_restarts_asks_the_primary_to_suspend() {
     let dir = tempfile::tempdir().unwrap();
-    let mut replica = Replica::create(&dir.path().join("ram"), RAM, dir.path()).unwrap();
+    let mut replica = Replica::create(&dir.path().join("ram"), RAM).unwrap();
     let restarting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = restarting.clone();
     let end = common::session_with(&mut replica, None, true, Some(restarting), move |mut s| {

@@ -27,6 +27,10 @@
 //!
 //! - **Full stream** ([`save`]): a `migrate` to a file, as follows.
 //!
+//! A checkpoint starts either with [`begin_save`] and goes on copying
+//! guest RAM while QEMU writes the file; [`Saving::finish`] waits for the
+//! end before the guest may run.
+//!
 //! Save (VM already stopped by the caller):
 //! ```text
 //! migrate {"uri": "file:PATH"} → MIGRATION completed → runstate leaves

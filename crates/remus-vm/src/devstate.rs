@@ -27,9 +27,9 @@
 //!
 //! - **Full stream** ([`save`]): a `migrate` to a file, as follows.
 //!
-//! A checkpoint starts either with [`begin_save`] and goes on copying
-//! guest RAM while QEMU writes the file; [`Saving::finish`] waits for the
-//! end before the guest may run.
+//! A checkpoint starts either save with [`begin_save`] and copies guest
+//! RAM while QEMU writes the file; [`Saving::finish`] waits for the end
+//! before the guest may run.
 //!
 //! Save (VM already stopped by the caller):
 //! ```text

@@ -12,19 +12,8 @@
 //!
 //! The mode lock is held for the whole operation, so a switch waits for
 //! the operation in progress and no write is half in one mode.
-//!
-//! A flush with nothing written since the last one that succeeded is
-//! answered at once: the image is already durable up to there, and the
-//! backup's copy of that flush already made its epoch's commit sync.
-//! QEMU flushes every disk whenever it stops the VM, and again in each
-//! device-state save (`vm_stop` inside `xen-save-devices-state`, with the
-//! guest already stopped and drained); NBD has QEMU send that flush even
-//! when nothing was written. Without this, every checkpoint paid a
-//! `fdatasync` and a journaled flush for the save's, and every epoch's
-//! commit on the backup was a sync one.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use remus_nbd::BlockBackend;
@@ -48,12 +37,6 @@ pub struct DiskPort {
     changes: Mutex<Option<Arc<ChangeMap>>>,
     /// The primary's activity log: extents marked before they are written.
     activity: Mutex<Option<Arc<ActivityLog>>>,
-    /// Nothing was written since the last flush that succeeded in the
-    /// current mode (changed only under the mode lock).
-    clean: AtomicBool,
-    /// Flushes answered at once because nothing was written since the
-    /// last one.
-    flushes_skipped: AtomicU64,
 }
 
 impl std::fmt::Debug for DiskPort {
@@ -73,14 +56,7 @@ impl DiskPort {
             mode: Mutex::new(Mode::Plain),
             changes: Mutex::new(None),
             activity: Mutex::new(None),
-            clean: AtomicBool::new(false),
-            flushes_skipped: AtomicU64::new(0),
         }
-    }
-
-    /// Flushes answered at once (nothing written since the last one).
-    pub fn flushes_skipped(&self) -> u64 {
-        self.flushes_skipped.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Mode> {
@@ -101,10 +77,7 @@ impl DiskPort {
     /// From now on, operations are also queued on `journal` as replicated
     /// disk number `index`.
     pub fn journal_to(&self, journal: Arc<Journal>, index: u16) {
-        let mut mode = self.lock();
-        *mode = Mode::Journal { journal, index };
-        // The next flush goes to the new journal too.
-        self.clean.store(false, Ordering::Relaxed);
+        *self.lock() = Mode::Journal { journal, index };
     }
 
     /// From now on, blocks written are marked in `map` before the write.
@@ -142,9 +115,7 @@ impl DiskPort {
     /// Stops journaling (change tracking, if set, goes on). Close the
     /// journal first: a write waiting for room in it holds the mode lock.
     pub fn plain(&self) {
-        let mut mode = self.lock();
-        *mode = Mode::Plain;
-        self.clean.store(false, Ordering::Relaxed);
+        *self.lock() = Mode::Plain;
     }
 
     /// `plain`, `journal`, `track` or `journal+track`.
@@ -167,10 +138,7 @@ impl DiskPort {
     }
 
     /// Runs `local` under the mode lock: marks first when tracking, queues
-    /// `op()` after success when journaling. A flush (the only operation
-    /// without an extent: empty writes, trims and zeroes are answered
-    /// before they get here) with nothing written since the last one is
-    /// answered at once.
+    /// `op()` after success when journaling.
     fn apply(
         &self,
         offset: u64,
@@ -179,13 +147,6 @@ impl DiskPort {
         op: impl FnOnce() -> DiskOp,
     ) -> io::Result<()> {
         let mode = self.lock();
-        let flush = len == 0;
-        if flush && self.clean.load(Ordering::Relaxed) {
-            self.flushes_skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        // Before the write: one that fails may have written part.
-        self.clean.store(flush, Ordering::Relaxed);
         let al = self.activity_log();
         if let Some(al) = &al {
             al.begin(offset, len)?;
@@ -194,9 +155,6 @@ impl DiskPort {
             map.mark(offset, len)?;
         }
         let done = local(&*self.inner);
-        if flush && done.is_err() {
-            self.clean.store(false, Ordering::Relaxed);
-        }
         let epoch = match (&*mode, &done) {
             (Mode::Journal { journal, index }, Ok(())) => {
                 let e = journal.push(*index, op());
@@ -346,98 +304,6 @@ mod tests {
         p.plain();
         p.write_at(b"after", 0, false).unwrap();
         assert!(j.take().is_empty());
-    }
-
-    /// A file backend whose flushes fail while `fail` is set, counting
-    /// the flushes that reach it.
-    struct FlakyFlush {
-        file: FileBackend,
-        fail: AtomicBool,
-        flushes: AtomicU64,
-    }
-
-    impl BlockBackend for FlakyFlush {
-        fn size(&self) -> u64 {
-            self.file.size()
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            self.file.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-            self.file.write_at(buf, offset, fua)
-        }
-        fn flush(&self) -> io::Result<()> {
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            if self.fail.load(Ordering::Relaxed) {
-                return Err(io::Error::other("flush failed"));
-            }
-            self.file.flush()
-        }
-        fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-            self.file.trim(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, t: bool, fua: bool) -> io::Result<()> {
-            self.file.write_zeroes(offset, len, t, fua)
-        }
-    }
-
-    #[test]
-    fn a_flush_with_nothing_written_since_the_last_is_answered_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        let b = Arc::new(FlakyFlush {
-            file: FileBackend::open(&path, false).unwrap(),
-            fail: AtomicBool::new(false),
-            flushes: AtomicU64::new(0),
-        });
-        let p = DiskPort::new("vda", b.clone());
-        let j = Arc::new(Journal::new(Epoch(1), 1 << 20, Arc::default()));
-        p.journal_to(j.clone(), 0);
-        let flushes = |j: &Journal| {
-            j.take()
-                .iter()
-                .filter(|r| matches!(r.op, DiskOp::Flush))
-                .count()
-        };
-        // The first flush of a session always goes through.
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j)), (1, 1));
-        // QEMU's stop, then its device-state save: nothing written between.
-        p.flush().unwrap();
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j)), (1, 0));
-        assert_eq!(p.flushes_skipped(), 2);
-        // A write makes the next flush a real one, and only the next.
-        p.write_at(b"data", 4096, false).unwrap();
-        p.flush().unwrap();
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j)), (2, 1));
-        // So do a trim and zeroes.
-        p.trim(0, 4096).unwrap();
-        p.flush().unwrap();
-        p.write_zeroes(8192, 512, false, false).unwrap();
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j)), (4, 2));
-        // A failed flush is not remembered as done.
-        p.write_at(b"more", 0, false).unwrap();
-        b.fail.store(true, Ordering::Relaxed);
-        assert!(p.flush().is_err());
-        b.fail.store(false, Ordering::Relaxed);
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j)), (6, 1));
-        // A new journal (a new session) gets the next flush too.
-        let j2 = Arc::new(Journal::new(Epoch(1), 1 << 20, Arc::default()));
-        p.journal_to(j2.clone(), 0);
-        p.flush().unwrap();
-        assert_eq!((b.flushes.load(Ordering::Relaxed), flushes(&j2)), (7, 1));
-        // Leaving journal mode too: the plain flush reaches the image.
-        p.plain();
-        p.flush().unwrap();
-        assert_eq!(b.flushes.load(Ordering::Relaxed), 8);
     }
 
     #[test]

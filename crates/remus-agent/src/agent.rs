@@ -902,10 +902,28 @@ impl Agent {
     /// Destroys this very VM, if it is still registered (not another VM
     /// that has taken its name since).
     pub fn destroy_slot(&self, slot: &Arc<VmSlot>, record: CopyRecord) {
+        self.destroy_slot_then(slot, record, || {});
+    }
+
+    /// [`Agent::destroy_slot`], running `unlisted` once the VM is off the
+    /// list and before its QEMU and files go (a migration says it is done
+    /// only when the source no longer lists the VM).
+    pub fn destroy_slot_then(
+        &self,
+        slot: &Arc<VmSlot>,
+        record: CopyRecord,
+        unlisted: impl FnOnce(),
+    ) {
         let name = slot.vm.name().to_string();
         match self.take_slot(&name, |s| Arc::ptr_eq(s, slot)) {
-            Some(s) => self.retire(&name, &s, record),
-            None => slot.vm.destroy(),
+            Some(s) => {
+                unlisted();
+                self.retire(&name, &s, record)
+            }
+            None => {
+                unlisted();
+                slot.vm.destroy()
+            }
         }
     }
 

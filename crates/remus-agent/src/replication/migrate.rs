@@ -71,8 +71,12 @@ pub fn start_migrate(
         .name(format!("migrate-{vm_name}"))
         .spawn(move || {
             tracing::info!(vm = %vm_name, %peer, "migration started");
-            let emit = |ev: SessionEvent| {
-                slot.publish(ev);
+            // `done` is published once this host no longer lists the VM:
+            // whoever acts on it finds the VM on the destination only.
+            let done = std::sync::Mutex::new(None);
+            let emit = |ev: SessionEvent| match ev {
+                SessionEvent::Done(_) => *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(ev),
+                ev => slot.publish(ev),
             };
             let r = remus_replication::migrate::migrate(
                 &slot.vm,
@@ -84,8 +88,13 @@ pub fn start_migrate(
             match r {
                 Ok(stats) => {
                     tracing::info!(vm = %vm_name, %peer, total_ms = stats.total_ms, downtime_ms = stats.downtime_ms, bytes = stats.bytes, "migrated; destroying the source copy");
-                    slot.end_session();
-                    agent.destroy_slot(&slot, crate::agent::CopyRecord::Forget);
+                    agent.destroy_slot_then(&slot, crate::agent::CopyRecord::Forget, || {
+                        let done = done.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        if let Some(ev) = done {
+                            slot.publish(ev);
+                        }
+                        slot.end_session();
+                    });
                 }
                 Err(e) => {
                     tracing::error!(vm = %vm_name, %peer, error = %e, "migration failed");

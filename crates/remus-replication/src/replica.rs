@@ -109,7 +109,7 @@ impl Replica {
         };
         let dev_state = read_device_state(from)?;
         if from == &legacy {
-            write_then_rename(&dev_committed, &dev_state)?;
+            write_then_rename(path, &dev_state)?;
             std::fs::remove_file(&legacy).map_err(io("remove", &legacy))?;
             tracing::info!(from = %legacy.display(), to = %dev_committed.display(), "moved a kept standby's committed device state beside its RAM file");
         }
@@ -188,7 +188,7 @@ impl Replica {
         for r in runs {
             self.write_run(r)?;
         }
-        write_then_rename(&self.dev_committed, device_state)?;
+        write_then_rename(&self.path, device_state)?;
         self.dev_state.clear();
         self.dev_state.extend_from_slice(device_state);
         self.committed = Some(epoch);
@@ -212,17 +212,16 @@ fn read_device_state(path: &Path) -> Result<Vec<u8>, ReplError> {
     std::fs::read(path).map_err(io("read"))
 }
 
-/// Replaces the committed device state `committed` with `state` whole: a
-/// crash leaves the old state or the new one, never part of either. The
-/// new one is written to `committed` + `.next` first
-/// ([`devstate::COMMITTED_NEXT`]).
-fn write_then_rename(committed: &Path, state: &[u8]) -> Result<(), ReplError> {
-    let mut next = committed.as_os_str().to_owned();
-    next.push(".next");
-    let next = PathBuf::from(next);
+/// Replaces the committed device state beside the RAM file `ram` with
+/// `state` whole: written to [`devstate::COMMITTED_NEXT`] first, then
+/// renamed over [`devstate::COMMITTED`], so a crash leaves the old state
+/// or the new one, never part of either.
+fn write_then_rename(ram: &Path, state: &[u8]) -> Result<(), ReplError> {
+    let committed = devstate::save_file(ram, devstate::COMMITTED);
+    let next = devstate::save_file(ram, devstate::COMMITTED_NEXT);
     std::fs::write(&next, state)
         .map_err(|e| ReplError::Io(format!("write {}", next.display()), e))?;
-    std::fs::rename(&next, committed)
+    std::fs::rename(&next, &committed)
         .map_err(|e| ReplError::Io(format!("commit {}", committed.display()), e))
 }
 

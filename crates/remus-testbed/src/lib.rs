@@ -194,11 +194,20 @@ impl Binaries {
     }
 }
 
+/// Where test agents keep guest RAM: tmpfs, the agent's default RAM
+/// directory. A RAM file on a disk filesystem (Debian's /tmp) would make
+/// every device-state save, every backup write and every guest page fault
+/// pay for the filesystem, and measure what no install runs.
+pub const RAM_DIR_PARENT: &str = "/dev/shm";
+
 /// A running `remusd` with its own state dir and socket; stopped on drop,
 /// and any QEMU it started is killed by PID if it outlives it.
 pub struct Agent {
     pub bins: Binaries,
     pub dir: tempfile::TempDir,
+    /// The agent's `--ram-dir`: on tmpfs (`/dev/shm`), where the agent
+    /// keeps guest RAM by default, not on the disk /tmp may be.
+    pub ram_dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
@@ -290,6 +299,10 @@ impl Agent {
         let dir = tempfile::Builder::new()
             .prefix("remus-t")
             .tempdir_in("/tmp")?;
+        let ram_dir = tempfile::Builder::new()
+            .prefix("remus-t")
+            .tempdir_in(RAM_DIR_PARENT)
+            .with_context(|| format!("a RAM directory in {RAM_DIR_PARENT}"))?;
         // In a directory the agent creates (and so makes its own).
         let socket = dir.path().join("run/a.sock");
         let state_dir = dir.path().join("st");
@@ -298,6 +311,7 @@ impl Agent {
         let mut agent = Agent {
             bins: bins.clone(),
             dir,
+            ram_dir,
             socket,
             state_dir,
             log,
@@ -325,7 +339,7 @@ impl Agent {
             .arg("--socket")
             .arg(&self.socket)
             .arg("--ram-dir")
-            .arg(self.dir.path());
+            .arg(self.ram_dir.path());
         // What a test host keeps for its peers: the guest image as its
         // boot files (peers name the kernel and initrd by file name), the
         // tests' bridges, and no placement files but the test's own.

@@ -300,7 +300,7 @@ fn two_agents_side_by_side_and_a_port_clash() {
         .arg("--socket")
         .arg(&socket)
         .arg("--ram-dir")
-        .arg(a.dir.path())
+        .arg(a.ram_dir.path())
         .output()
         .unwrap();
     assert!(!out.status.success(), "port clash must fail");

@@ -350,7 +350,7 @@ fn a_vms_files_are_private() {
         assert_eq!(m & 0o077, 0, "{} is mode {m:o}", p.display());
     }
     // The RAM file: in the agent's own directory within the RAM dir.
-    let ram_dirs: Vec<_> = std::fs::read_dir(agent.dir.path())
+    let ram_dirs: Vec<_> = std::fs::read_dir(agent.ram_dir.path())
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {

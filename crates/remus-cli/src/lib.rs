@@ -200,12 +200,14 @@ pub enum Command {
         #[arg(long = "min-interval", value_name = "MS")]
         min_interval_ms: Option<u64>,
         /// With output-driven epochs, the longest a frame should wait
-        /// before it leaves. While the guest streams output (a bulk
-        /// transfer) checkpoints come further apart, up to MS less the
-        /// checkpoint's own pause and ack, so that the guest is stopped
-        /// less often; the first quiet epoch brings them back to
-        /// --min-interval, so replies to a quiet guest keep their short
-        /// wait. At or below --min-interval: the gap never grows.
+        /// before it leaves. While the guest streams data (a bulk
+        /// transfer it sends) checkpoints come further apart, up to MS
+        /// less the checkpoint's own pause and ack, so that the guest is
+        /// stopped less often; the first quiet epoch, or one whose output
+        /// is small frames (the ACKs of a transfer it receives), brings
+        /// them back to --min-interval, so replies to a quiet guest keep
+        /// their short wait and a sender to the guest gets its ACKs soon.
+        /// At or below --min-interval: the gap never grows.
         /// Default: 40.
         #[arg(long = "max-latency", value_name = "MS")]
         max_latency_ms: Option<u64>,

@@ -242,7 +242,7 @@ impl OutputCommit {
         let open = st.open;
         st.queue.push_back((open, frame.to_vec()));
         if let Some(s) = &st.signal {
-            s.held();
+            s.held(len);
         }
         st.bytes += len;
         st.stats.held_frames += 1;
@@ -251,13 +251,24 @@ impl OutputCommit {
 }
 
 /// When the guest's output of the open epoch began to wait: the first
-/// frame any of its NICs held since the last checkpoint's cut. The
-/// primary's epoch loop waits on it to end an epoch as soon as output is
-/// waiting (output-driven epochs) rather than at the interval's end.
+/// frame any of its NICs held since the last checkpoint's cut, and how
+/// much it has held since. The primary's epoch loop waits on it to end an
+/// epoch as soon as output is waiting (output-driven epochs) rather than
+/// at the interval's end, and looks at what the output is to choose the
+/// next epoch's length.
 #[derive(Debug, Default)]
 pub struct OutputSignal {
-    first: Mutex<Option<Instant>>,
+    open: Mutex<EpochOutput>,
     cv: Condvar,
+}
+
+/// The output the open epoch has held so far (on all of the VM's NICs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EpochOutput {
+    /// When its first frame was held.
+    pub first: Option<Instant>,
+    pub frames: u64,
+    pub bytes: u64,
 }
 
 impl OutputSignal {
@@ -265,15 +276,18 @@ impl OutputSignal {
         OutputSignal::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.first.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, EpochOutput> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A frame was held (the first one of the epoch wakes the waiter).
-    fn held(&self) {
-        let mut f = self.lock();
-        if f.is_none() {
-            *f = Some(Instant::now());
+    /// A frame of `len` bytes was held (the first one of the epoch wakes
+    /// the waiter).
+    fn held(&self, len: u64) {
+        let mut o = self.lock();
+        o.frames += 1;
+        o.bytes += len;
+        if o.first.is_none() {
+            o.first = Some(Instant::now());
             self.cv.notify_all();
         }
     }
@@ -284,27 +298,32 @@ impl OutputSignal {
     /// one as having output: at worst one early checkpoint, never a late
     /// one.)
     pub fn clear(&self) {
-        *self.lock() = None;
+        *self.lock() = EpochOutput::default();
     }
 
-    /// When output of the open epoch began to wait, waiting for some until
-    /// `deadline`; `None` if none came by then.
-    pub fn wait_first(&self, deadline: Instant) -> Option<Instant> {
-        let mut f = self.lock();
+    /// The open epoch's output once some has begun to wait, waiting for
+    /// it until `deadline`; `None` if none came by then.
+    pub fn wait_first(&self, deadline: Instant) -> Option<EpochOutput> {
+        let mut o = self.lock();
         loop {
-            if let Some(t) = *f {
-                return Some(t);
+            if o.first.is_some() {
+                return Some(*o);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
             if left.is_zero() {
                 return None;
             }
-            f = self
+            o = self
                 .cv
-                .wait_timeout(f, left)
+                .wait_timeout(o, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// The open epoch's output so far.
+    pub fn so_far(&self) -> EpochOutput {
+        *self.lock()
     }
 }
 
@@ -424,8 +443,11 @@ mod tests {
         let first = sig2.wait_first(t + Duration::from_secs(10)).unwrap();
         assert!(t.elapsed() < Duration::from_secs(5));
         held.join().unwrap();
-        // The second frame does not move it.
-        assert_eq!(sig.wait_first(Instant::now()), Some(first));
+        // The second frame does not move it, and is counted.
+        let both = sig.wait_first(Instant::now()).unwrap();
+        assert_eq!(both.first, first.first);
+        assert_eq!((both.frames, both.bytes), (2, 2));
+        assert_eq!(sig.so_far(), both);
         // The checkpoint's cut starts over.
         sig.clear();
         oc.cut(Epoch(2));
@@ -433,6 +455,13 @@ mod tests {
             sig.wait_first(Instant::now() + Duration::from_millis(10)),
             None
         );
+        oc.frame(&[5; 1500], &*wire);
+        oc.frame(&[6; 60], &*wire);
+        let o = sig.so_far();
+        assert!(o.first.is_some());
+        assert_eq!((o.frames, o.bytes), (2, 1560));
+        sig.clear();
+        assert_eq!(sig.so_far(), EpochOutput::default());
         oc.set_signal(None);
         oc.frame(&[4], &*wire);
         assert_eq!(sig.wait_first(Instant::now()), None);

@@ -17,7 +17,7 @@ pub mod inbound;
 pub mod relay;
 pub mod tap;
 
-pub use commit::{CommitEgress, OutputCommit, OutputSignal, OutputStats};
+pub use commit::{CommitEgress, EpochOutput, OutputCommit, OutputSignal, OutputStats};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use inbound::{Drain, InboundGate};
 pub use relay::{

@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use remus_disk::{DiskPort, Doorbell, Journal};
-use remus_net::{OutputCommit, OutputSignal};
+use remus_net::{EpochOutput, OutputCommit, OutputSignal};
 use remus_proto::{
     CheckpointKind, CheckpointWriter, DiskDigests, Epoch, ErrorCode, Message, MsgType,
 };
@@ -765,21 +765,43 @@ pub fn protect(
 }
 
 /// The gap between checkpoints while output waits (output-driven
-/// epochs), adapted to how the guest talks. A guest whose output comes
-/// early in every epoch (within half the minimum gap of its start) is
-/// streaming: a bulk transfer, or requests close enough to count as one.
-/// Each checkpoint stops it for a pause whatever the epoch's length, so
-/// its gap grows by half per such epoch, up to the latency budget less
-/// the last checkpoint's pause and ack (the rest of a frame's wait): it
-/// spends less of its time stopped and sends more per checkpoint. The
-/// first epoch whose output comes later (an answer to a new request, a
-/// ping) drops the gap back to the minimum, so a reply to a quiet guest
-/// waits no longer than before.
+/// epochs), adapted to how the guest talks. A guest that sends data
+/// ([`carries_data`]) early in every epoch (within half the minimum gap of
+/// its start) is streaming: a bulk transfer, or large answers close enough
+/// to count as one. Each checkpoint stops it for a pause whatever the
+/// epoch's length, so its gap grows by half per such epoch, up to the
+/// latency budget less the last checkpoint's pause and ack (the rest of a
+/// frame's wait): it spends less of its time stopped and sends more per
+/// checkpoint. The first epoch whose output comes later (an answer to a
+/// new request, a ping) or is small frames drops the gap back to the
+/// minimum: a reply to a quiet guest waits no longer than before, and a
+/// guest receiving a transfer, whose output is the ACKs that open its
+/// sender's window, has them held as briefly as the minimum allows (a
+/// longer gap would slow the transfer in proportion).
 #[derive(Debug, Clone, Copy)]
 struct Gap {
     min: Option<Duration>,
     budget: Option<Duration>,
     now: Option<Duration>,
+}
+
+/// An epoch's output as the gap sees it.
+#[derive(Debug, Clone, Copy)]
+struct EpochStream {
+    /// How long after the guest ran again its first frame was held.
+    first: Duration,
+    /// It is mostly data ([`carries_data`]).
+    data: bool,
+}
+
+/// Frames this large on average are data (a full TCP segment is 1514
+/// bytes on the wire); below it the output is mostly ACKs and short
+/// answers.
+const DATA_FRAME_BYTES: u64 = 512;
+
+/// Whether an epoch's output is mostly data rather than small frames.
+fn carries_data(o: &EpochOutput) -> bool {
+    o.frames > 0 && o.bytes >= o.frames.saturating_mul(DATA_FRAME_BYTES)
 }
 
 impl Gap {
@@ -796,17 +818,17 @@ impl Gap {
         self.now
     }
 
-    /// The epoch just ended: its first output came `first` after the
-    /// guest ran again (`None`: it had none); the last checkpoint cost
-    /// `overhead` (its pause and the ack of the last acknowledged one).
-    fn observe(&mut self, first: Option<Duration>, overhead: Duration) {
+    /// The epoch just ended with this output (`None`: it had none); the
+    /// last checkpoint cost `overhead` (its pause and the ack of the last
+    /// acknowledged one).
+    fn observe(&mut self, output: Option<EpochStream>, overhead: Duration) {
         let (Some(min), Some(now)) = (self.min, self.now) else {
             return;
         };
         let Some(budget) = self.budget else {
             return;
         };
-        let streaming = first.is_some_and(|f| f <= min / 2);
+        let streaming = output.is_some_and(|o| o.data && o.first <= min / 2);
         let ceiling = budget.saturating_sub(overhead).max(min);
         self.now = Some(if streaming {
             (now + now / 2).min(ceiling)
@@ -1067,10 +1089,16 @@ impl Session<'_> {
                 return Ok(LoopEnd::Lost(why));
             }
             if !self.suspend_requested() {
-                let first = self.wait_epoch_end(last_start, gap.now());
+                let output = self.wait_epoch_end(last_start, gap.now());
                 let last_ack = self.shared.lock().last_ack;
                 gap.observe(
-                    first.map(|f| f.saturating_duration_since(resumed)),
+                    output.map(|o| EpochStream {
+                        first: o
+                            .first
+                            .map(|f| f.saturating_duration_since(resumed))
+                            .unwrap_or_default(),
+                        data: carries_data(&o),
+                    }),
                     resumed.saturating_duration_since(last_start) + last_ack.unwrap_or_default(),
                 );
             }
@@ -1120,9 +1148,9 @@ impl Session<'_> {
     /// has passed. A checkpoint that took longer than the interval (a
     /// slow link) is followed at once, never by a burst of catch-ups.
     ///
-    /// `min` is the gap of this epoch ([`Gap::now`]). Returns when the
-    /// epoch's first output began to wait, if it did.
-    fn wait_epoch_end(&self, last_start: Instant, min: Option<Duration>) -> Option<Instant> {
+    /// `min` is the gap of this epoch ([`Gap::now`]). Returns the epoch's
+    /// output as it ends, if it had any.
+    fn wait_epoch_end(&self, last_start: Instant, min: Option<Duration>) -> Option<EpochOutput> {
         let latest = last_start + self.cfg.tuning.interval();
         // A suspend (the agent stops) is looked for every 50 ms: a long
         // interval must not hold up the agent's stop.
@@ -1149,9 +1177,9 @@ impl Session<'_> {
             if now >= latest {
                 return None;
             }
-            if let Some(first) = signal.wait_first(latest.min(now + LOOK)) {
+            if signal.wait_first(latest.min(now + LOOK)).is_some() {
                 until((last_start + min).min(latest));
-                return Some(first);
+                return Some(signal.so_far());
             }
         }
     }
@@ -1779,11 +1807,11 @@ mod tests {
     fn the_gap_grows_while_the_guest_streams_and_drops_back_when_it_is_quiet() {
         let mut g = Gap::new(Some(ms(10)), Some(ms(40)));
         assert_eq!(g.now(), Some(ms(10)));
-        // Output 1 ms into each epoch: streaming; the gap grows by half
+        // Data 1 ms into each epoch: streaming; the gap grows by half
         // per epoch up to the budget less pause + ack (40 - 6).
         let mut seen = Vec::new();
         for _ in 0..6 {
-            g.observe(Some(ms(1)), ms(6));
+            g.observe(data(ms(1)), ms(6));
             seen.push(g.now().unwrap());
         }
         assert_eq!(
@@ -1798,13 +1826,13 @@ mod tests {
             ]
         );
         // Output 8 ms in (a new request): back to the minimum at once.
-        g.observe(Some(ms(8)), ms(6));
+        g.observe(data(ms(8)), ms(6));
         assert_eq!(g.now(), Some(ms(10)));
         // No output at all: stays at the minimum.
         g.observe(None, ms(6));
         assert_eq!(g.now(), Some(ms(10)));
         // A slow checkpoint eats the budget: never below the minimum.
-        g.observe(Some(ms(0)), ms(45));
+        g.observe(data(ms(0)), ms(45));
         assert_eq!(g.now(), Some(ms(10)));
     }
 
@@ -1812,13 +1840,64 @@ mod tests {
     fn the_gap_stays_at_the_minimum_without_a_budget_above_it() {
         for budget in [None, Some(ms(10)), Some(ms(5))] {
             let mut g = Gap::new(Some(ms(10)), budget);
-            g.observe(Some(ms(0)), ms(1));
+            g.observe(data(ms(0)), ms(1));
             assert_eq!(g.now(), Some(ms(10)), "budget {budget:?}");
         }
         // Output-driven epochs off: nothing to adapt.
         let mut g = Gap::new(None, Some(ms(40)));
-        g.observe(Some(ms(0)), ms(1));
+        g.observe(data(ms(0)), ms(1));
         assert_eq!(g.now(), None);
+    }
+
+    /// Data output early in an epoch.
+    fn data(first: Duration) -> Option<EpochStream> {
+        Some(EpochStream { first, data: true })
+    }
+
+    #[test]
+    fn the_gap_stays_at_the_minimum_while_the_output_is_small_frames() {
+        // A guest receiving a transfer: its output is ACKs, at once in
+        // every epoch. Holding them longer would slow its sender.
+        let mut g = Gap::new(Some(ms(10)), Some(ms(40)));
+        for _ in 0..4 {
+            g.observe(
+                Some(EpochStream {
+                    first: ms(0),
+                    data: false,
+                }),
+                ms(3),
+            );
+            assert_eq!(g.now(), Some(ms(10)));
+        }
+        // It starts sending data: the gap grows; ACKs again: back down.
+        g.observe(data(ms(0)), ms(3));
+        assert_eq!(g.now(), Some(ms(15)));
+        g.observe(
+            Some(EpochStream {
+                first: ms(0),
+                data: false,
+            }),
+            ms(3),
+        );
+        assert_eq!(g.now(), Some(ms(10)));
+    }
+
+    #[test]
+    fn output_is_data_when_its_frames_average_half_a_kilobyte() {
+        let out = |frames, bytes| EpochOutput {
+            first: Some(Instant::now()),
+            frames,
+            bytes,
+        };
+        // Full segments, a few ACKs among them.
+        assert!(carries_data(&out(10, 9 * 1514 + 66)));
+        // ACKs of a transfer the guest receives; a ping's reply.
+        assert!(!carries_data(&out(40, 40 * 66)));
+        assert!(!carries_data(&out(1, 98)));
+        assert!(carries_data(&out(2, 1024)));
+        assert!(!carries_data(&out(2, 1023)));
+        // Nothing held: not data.
+        assert!(!carries_data(&EpochOutput::default()));
     }
 
     fn staged(epoch: u64) -> Outgoing {

@@ -97,6 +97,12 @@ pub struct OutputCommit {
     state: Mutex<State>,
     cv: Condvar,
     limit: u64,
+    /// Held by whoever sends released frames, which it does outside
+    /// `state`: the VM's frames go on being held meanwhile (a release of a
+    /// large epoch takes milliseconds of tap writes, and the guest's
+    /// output would otherwise wait that long for the lock), while two
+    /// releases cannot interleave their frames.
+    sending: Mutex<()>,
 }
 
 impl std::fmt::Debug for OutputCommit {
@@ -126,6 +132,7 @@ impl OutputCommit {
             }),
             cv: Condvar::new(),
             limit: limit.max(1),
+            sending: Mutex::new(()),
         }
     }
 
@@ -167,30 +174,55 @@ impl OutputCommit {
     /// The backup acknowledged checkpoint `acked`: sends every held frame
     /// of epochs up to it, in order.
     pub fn release(&self, acked: Epoch) {
-        let acked = acked.0;
-        let mut st = self.lock();
-        let mut n = 0;
-        while st.queue.front().is_some_and(|(e, _)| *e <= acked) {
-            if let Some((_, frame)) = st.queue.pop_front() {
-                st.bytes -= frame.len() as u64;
-                if let Some(s) = &st.sink {
-                    s.send_frame(&frame);
-                }
-                n += 1;
+        let _sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        self.send_released(acked.0);
+    }
+
+    /// Takes the held frames of epochs up to `acked` off the queue and
+    /// sends them without holding the state lock; the caller holds
+    /// `sending`. Their bytes count against the bound until they are
+    /// sent. Returns whether any were.
+    fn send_released(&self, acked: u64) -> bool {
+        let (frames, sink) = {
+            let mut st = self.lock();
+            let n = st.queue.iter().take_while(|(e, _)| *e <= acked).count();
+            if n == 0 {
+                return false;
             }
+            let frames: Vec<Vec<u8>> = st.queue.drain(..n).map(|(_, f)| f).collect();
+            st.stats.released_frames += n as u64;
+            (frames, st.sink.clone())
+        };
+        let mut sent = 0u64;
+        for frame in &frames {
+            if let Some(s) = &sink {
+                s.send_frame(frame);
+            }
+            sent += frame.len() as u64;
         }
-        st.stats.released_frames += n;
-        if n > 0 {
-            self.cv.notify_all();
-        }
+        let mut st = self.lock();
+        st.bytes = st.bytes.saturating_sub(sent);
+        self.cv.notify_all();
+        true
     }
 
     /// Protection ended: sends everything held, then lets frames through.
     pub fn go_live(&self) {
-        self.release(Epoch(u64::MAX));
-        let mut st = self.lock();
-        st.mode = Mode::Live;
-        self.cv.notify_all();
+        let _sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        // Frames held while the last ones went out are sent too; the
+        // buffer goes live (under the lock that sees it empty) only once
+        // nothing is held, so no frame passes one held before it.
+        loop {
+            {
+                let mut st = self.lock();
+                if st.queue.is_empty() {
+                    st.mode = Mode::Live;
+                    self.cv.notify_all();
+                    return;
+                }
+            }
+            self.send_released(u64::MAX);
+        }
     }
 
     /// The VM is going away: drops what is held and wakes a waiting relay.
@@ -419,6 +451,76 @@ mod tests {
         oc.cut(Epoch(1));
         oc.frame(&[7], &*wire);
         assert_eq!(wire.seen(), vec![7]);
+    }
+
+    /// A sink that blocks on each frame until the test lets it go.
+    struct Gate {
+        wire: Wire,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl FrameSink for Gate {
+        fn send_frame(&self, frame: &[u8]) {
+            let _ = self.go.lock().unwrap().recv();
+            self.wire.send_frame(frame);
+        }
+    }
+
+    #[test]
+    fn the_guest_output_is_held_while_a_release_is_still_sending() {
+        let oc = Arc::new(OutputCommit::new(1 << 20));
+        let (go, wait) = std::sync::mpsc::channel();
+        let gate = Arc::new(Gate {
+            wire: Wire::default(),
+            go: Mutex::new(wait),
+        });
+        oc.set_sink(gate.clone());
+        let direct = Wire::default();
+        oc.arm();
+        oc.cut(Epoch(1));
+        oc.frame(&[1], &direct);
+        oc.frame(&[2], &direct);
+        oc.cut(Epoch(2));
+        // The ack of 2 (their epoch) sends frames 1 and 2 through a slow
+        // sink.
+        let releaser = {
+            let oc = oc.clone();
+            std::thread::spawn(move || oc.release(Epoch(2)))
+        };
+        while oc.held() != 0 {
+            std::thread::yield_now();
+        }
+        // Meanwhile the VM's next frame is held at once: it does not wait
+        // for the release to finish.
+        let (done, finished) = std::sync::mpsc::channel();
+        let vm = {
+            let oc = oc.clone();
+            std::thread::spawn(move || {
+                oc.frame(&[3], &Wire::default());
+                done.send(()).unwrap();
+            })
+        };
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the VM's frame waited for the release's sends");
+        assert_eq!(oc.held(), 1);
+        // Going live (another thread) waits for the release in progress,
+        // then sends what is held after it: the order is kept.
+        let live = {
+            let oc = oc.clone();
+            std::thread::spawn(move || oc.go_live())
+        };
+        for _ in 0..3 {
+            go.send(()).unwrap();
+        }
+        releaser.join().unwrap();
+        live.join().unwrap();
+        vm.join().unwrap();
+        assert_eq!(gate.wire.seen(), vec![1, 2, 3]);
+        assert!(direct.seen().is_empty());
+        // Live: frames go straight out.
+        let after = Wire::default();
+        oc.frame(&[4], &after);
+        assert_eq!(after.seen(), vec![4]);
     }
 
     #[test]

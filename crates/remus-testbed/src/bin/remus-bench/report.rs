@@ -68,6 +68,8 @@ pub(crate) struct Machine {
     pub(crate) qemu: String,
     /// The 1/5/15-minute load averages when the run started.
     pub(crate) loadavg: String,
+    /// The file system the agents keep guest RAM on.
+    pub(crate) ram_fs: String,
 }
 
 pub(crate) fn machine(qemu: String) -> Machine {
@@ -90,7 +92,33 @@ pub(crate) fn machine(qemu: String) -> Machine {
         loadavg: std::fs::read_to_string("/proc/loadavg")
             .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
             .unwrap_or_else(|_| "?".into()),
+        ram_fs: fs_type(
+            &std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
+            remus_testbed::RAM_DIR_PARENT,
+        ),
     }
+}
+
+/// The type of the file system `path` is on, from a mount table in the
+/// format of /proc/self/mounts (the longest mount point above it).
+fn fs_type(mounts: &str, path: &str) -> String {
+    let under = |mount: &str| {
+        mount == "/"
+            || path == mount
+            || path
+                .strip_prefix(mount)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, mount, kind) = (f.next()?, f.next()?, f.next()?);
+            under(mount).then(|| (mount.len(), kind.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, kind)| kind)
+        .unwrap_or_else(|| "?".into())
 }
 
 impl Machine {
@@ -98,14 +126,20 @@ impl Machine {
     pub(crate) fn md(&self, accel: &str, profile: &str) -> String {
         format!(
             "- machine: Linux {}, {} CPUs, {}; load average at start {}\n\
-             - QEMU: {}; accel: {accel}; build profile: {profile}\n",
-            self.kernel, self.nproc, self.cpu, self.loadavg, self.qemu
+             - QEMU: {}; accel: {accel}; build profile: {profile}; guest RAM on {} ({}, as remusd's default `--ram-dir`)\n",
+            self.kernel,
+            self.nproc,
+            self.cpu,
+            self.loadavg,
+            self.qemu,
+            self.ram_fs,
+            remus_testbed::RAM_DIR_PARENT,
         )
     }
 
     /// The JSON run's `machine`.
     pub(crate) fn json(&self) -> Value {
-        json!({"kernel": self.kernel, "nproc": self.nproc, "cpu": self.cpu, "qemu": self.qemu, "loadavg": self.loadavg})
+        json!({"kernel": self.kernel, "nproc": self.nproc, "cpu": self.cpu, "qemu": self.qemu, "loadavg": self.loadavg, "ram_fs": self.ram_fs})
     }
 }
 
@@ -118,6 +152,7 @@ pub(crate) fn test_machine() -> Machine {
         cpu: "cpu".into(),
         qemu: "QEMU 10".into(),
         loadavg: "0 0 0".into(),
+        ram_fs: "tmpfs".into(),
     }
 }
 
@@ -352,6 +387,19 @@ mod tests {
         let s = stats(&v);
         assert_eq!((s.p50, s.p99, s.max, s.mean), (38.0, 75.0, 75.0, 38.0));
         assert_eq!(stats(&[2.5]).p99, 2.5);
+    }
+
+    #[test]
+    fn the_file_system_of_a_path_is_its_longest_mount_point() {
+        let mounts = "/dev/vda / ext4 rw 0 0\n\
+                      tmpfs /dev/shm tmpfs rw,nosuid 0 0\n\
+                      devtmpfs /dev devtmpfs rw 0 0\n\
+                      tmpfs /dev/shmx tmpfs rw 0 0\n";
+        assert_eq!(fs_type(mounts, "/dev/shm"), "tmpfs");
+        assert_eq!(fs_type(mounts, "/dev/shm/remus-t1"), "tmpfs");
+        assert_eq!(fs_type(mounts, "/dev/null"), "devtmpfs");
+        assert_eq!(fs_type(mounts, "/tmp"), "ext4");
+        assert_eq!(fs_type("", "/tmp"), "?");
     }
 
     #[test]

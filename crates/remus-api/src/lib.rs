@@ -253,8 +253,9 @@ pub struct ProtectRequest {
     pub min_interval_ms: Option<u64>,
     /// With output-driven epochs, the longest a frame should be held: the
     /// gap between checkpoints grows toward it (less the checkpoint's
-    /// pause and ack) while the guest streams output, and is back at
-    /// `min_interval_ms` at the first quiet epoch. At or below
+    /// pause and ack) while the guest streams data, and is back at
+    /// `min_interval_ms` at the first quiet epoch or the first whose
+    /// output is small frames (ACKs, short answers). At or below
     /// `min_interval_ms`: the gap never grows. Absent:
     /// [`DEFAULT_MAX_LATENCY_MS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]

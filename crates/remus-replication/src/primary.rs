@@ -1854,31 +1854,27 @@ mod tests {
         Some(EpochStream { first, data: true })
     }
 
+    /// Small frames (ACKs) at once in an epoch.
+    fn acks() -> Option<EpochStream> {
+        Some(EpochStream {
+            first: ms(0),
+            data: false,
+        })
+    }
+
     #[test]
     fn the_gap_stays_at_the_minimum_while_the_output_is_small_frames() {
         // A guest receiving a transfer: its output is ACKs, at once in
         // every epoch. Holding them longer would slow its sender.
         let mut g = Gap::new(Some(ms(10)), Some(ms(40)));
         for _ in 0..4 {
-            g.observe(
-                Some(EpochStream {
-                    first: ms(0),
-                    data: false,
-                }),
-                ms(3),
-            );
+            g.observe(acks(), ms(3));
             assert_eq!(g.now(), Some(ms(10)));
         }
         // It starts sending data: the gap grows; ACKs again: back down.
         g.observe(data(ms(0)), ms(3));
         assert_eq!(g.now(), Some(ms(15)));
-        g.observe(
-            Some(EpochStream {
-                first: ms(0),
-                data: false,
-            }),
-            ms(3),
-        );
+        g.observe(acks(), ms(3));
         assert_eq!(g.now(), Some(ms(10)));
     }
 

@@ -209,23 +209,30 @@ impl OutputCommit {
     /// Protection ended: sends everything held, then lets frames through.
     pub fn go_live(&self) {
         let _sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
-        // Frames held while the last ones went out are sent too; the
-        // buffer goes live (under the lock that sees it empty) only once
-        // nothing is held, so no frame passes one held before it.
-        loop {
-            {
-                let mut st = self.lock();
-                if st.queue.is_empty() {
-                    st.mode = Mode::Live;
-                    self.cv.notify_all();
-                    return;
-                }
+        // Most of what is held goes out without the lock; what the guest
+        // added meanwhile goes out under it, so nothing more can be added
+        // before the buffer goes live and no frame passes one held before
+        // it. (Draining without the lock until the queue is empty could
+        // go on for as long as the guest sends as fast as the tap takes.)
+        self.send_released(u64::MAX);
+        let mut st = self.lock();
+        let rest: Vec<Vec<u8>> = st.queue.drain(..).map(|(_, f)| f).collect();
+        if let Some(sink) = st.sink.clone() {
+            for frame in &rest {
+                sink.send_frame(frame);
             }
-            self.send_released(u64::MAX);
         }
+        st.stats.released_frames += rest.len() as u64;
+        // Nobody else is sending (`sending` is ours): the held bytes were
+        // exactly those.
+        st.bytes = 0;
+        st.mode = Mode::Live;
+        self.cv.notify_all();
     }
 
     /// The VM is going away: drops what is held and wakes a waiting relay.
+    /// (Only at the VM's end: a release still sending meanwhile may be
+    /// passed by a frame sent live, which no longer matters then.)
     pub fn close(&self) {
         let mut st = self.lock();
         st.stats.dropped_frames += st.queue.len() as u64;
@@ -266,8 +273,9 @@ impl OutputCommit {
             st.stats.blocked += since.elapsed();
         }
         if st.mode != Mode::Buffering {
-            // Sent under the lock, so it cannot overtake frames a
-            // concurrent go_live is still releasing.
+            // Sent under the lock: go_live makes the buffer live under it
+            // only once everything held has gone out, so this cannot
+            // overtake a held frame.
             out.send_frame(frame);
             return;
         }
@@ -465,8 +473,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_guest_output_is_held_while_a_release_is_still_sending() {
+    /// A buffer whose sink blocks, with frames 1 and 2 held in epoch 2.
+    fn gated() -> (Arc<OutputCommit>, Arc<Gate>, std::sync::mpsc::Sender<()>) {
         let oc = Arc::new(OutputCommit::new(1 << 20));
         let (go, wait) = std::sync::mpsc::channel();
         let gate = Arc::new(Gate {
@@ -474,14 +482,38 @@ mod tests {
             go: Mutex::new(wait),
         });
         oc.set_sink(gate.clone());
-        let direct = Wire::default();
         oc.arm();
         oc.cut(Epoch(1));
+        let direct = Wire::default();
         oc.frame(&[1], &direct);
         oc.frame(&[2], &direct);
+        assert!(direct.seen().is_empty());
+        (oc, gate, go)
+    }
+
+    /// The VM's frame `n`, which must be held at once (not wait for a
+    /// release in progress).
+    fn held_at_once(oc: &Arc<OutputCommit>, n: u8) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let oc2 = oc.clone();
+        let vm = std::thread::spawn(move || {
+            let direct = Wire::default();
+            oc2.frame(&[n], &direct);
+            done.send(direct.seen()).unwrap();
+        });
+        let sent_directly = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the VM's frame waited for the release's sends");
+        assert!(sent_directly.is_empty());
+        vm.join().unwrap();
+    }
+
+    #[test]
+    fn the_guest_output_is_held_while_a_release_is_still_sending() {
+        let (oc, gate, go) = gated();
         oc.cut(Epoch(2));
-        // The ack of 2 (their epoch) sends frames 1 and 2 through a slow
-        // sink.
+        // The ack of 2 (their epoch) sends frames 1 and 2 through a sink
+        // that blocks.
         let releaser = {
             let oc = oc.clone();
             std::thread::spawn(move || oc.release(Epoch(2)))
@@ -489,35 +521,39 @@ mod tests {
         while oc.held() != 0 {
             std::thread::yield_now();
         }
-        // Meanwhile the VM's next frame is held at once: it does not wait
-        // for the release to finish.
-        let (done, finished) = std::sync::mpsc::channel();
-        let vm = {
-            let oc = oc.clone();
-            std::thread::spawn(move || {
-                oc.frame(&[3], &Wire::default());
-                done.send(()).unwrap();
-            })
-        };
-        finished
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the VM's frame waited for the release's sends");
+        held_at_once(&oc, 3);
         assert_eq!(oc.held(), 1);
-        // Going live (another thread) waits for the release in progress,
-        // then sends what is held after it: the order is kept.
+        go.send(()).unwrap();
+        go.send(()).unwrap();
+        releaser.join().unwrap();
+        assert_eq!(gate.wire.seen(), vec![1, 2]);
+        // Frame 3 waits for its own epoch's ack.
+        assert_eq!(oc.held(), 1);
+        oc.cut(Epoch(3));
+        go.send(()).unwrap();
+        oc.release(Epoch(3));
+        assert_eq!(gate.wire.seen(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn going_live_sends_what_was_held_meanwhile_before_anything_live() {
+        let (oc, gate, go) = gated();
         let live = {
             let oc = oc.clone();
             std::thread::spawn(move || oc.go_live())
         };
+        // go_live has taken 1 and 2 off the queue and blocks sending 1.
+        while oc.held() != 0 {
+            std::thread::yield_now();
+        }
+        held_at_once(&oc, 3);
         for _ in 0..3 {
             go.send(()).unwrap();
         }
-        releaser.join().unwrap();
         live.join().unwrap();
-        vm.join().unwrap();
         assert_eq!(gate.wire.seen(), vec![1, 2, 3]);
-        assert!(direct.seen().is_empty());
-        // Live: frames go straight out.
+        assert_eq!(oc.held_now(), (0, 0));
+        // Live: frames go straight out, after everything held.
         let after = Wire::default();
         oc.frame(&[4], &after);
         assert_eq!(after.seen(), vec![4]);

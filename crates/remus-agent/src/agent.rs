@@ -1272,7 +1272,7 @@ fn warn_unless_memory_fs(dir: &Path) {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             dir = %dir.display(),
-            "the RAM directory is not on tmpfs or hugetlbfs: guest RAM and each checkpoint's device state go through a disk file system, which makes every checkpoint slower (pause p50 about 3.0 against 2.2 ms in the bench) and writes guest memory to disk; give --ram-dir a tmpfs (the default /dev/shm is one)"
+            "the RAM directory is not on tmpfs, hugetlbfs or ramfs: guest RAM and each checkpoint's device state go through a disk file system, which makes every checkpoint slower (pause p50 about 3.0 against 2.2 ms in the bench) and writes guest memory to disk; give --ram-dir a tmpfs (the default /dev/shm is one)"
         ),
         Err(e) => {
             tracing::debug!(dir = %dir.display(), error = %e, "could not tell the RAM directory's file system")
@@ -1280,7 +1280,7 @@ fn warn_unless_memory_fs(dir: &Path) {
     }
 }
 
-/// Whether `dir` is on tmpfs or hugetlbfs.
+/// Whether `dir` is on tmpfs, hugetlbfs or ramfs.
 fn on_memory_fs(dir: &Path) -> std::io::Result<bool> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
@@ -1292,7 +1292,15 @@ fn on_memory_fs(dir: &Path) -> std::io::Result<bool> {
     if unsafe { libc::statfs(path.as_ptr(), &mut fs) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(fs.f_type == libc::TMPFS_MAGIC || fs.f_type == libc::HUGETLBFS_MAGIC)
+    // ramfs's magic (linux/magic.h), which the libc crate leaves out.
+    // Compared as the 32 bits they are, whatever width f_type has here.
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    let memory = [
+        libc::TMPFS_MAGIC as u32,
+        libc::HUGETLBFS_MAGIC as u32,
+        RAMFS_MAGIC,
+    ];
+    Ok(memory.contains(&(fs.f_type as u32)))
 }
 
 /// Runs the KVM probe (`remus_vm::kvm`) for the default CPU model and

@@ -94,7 +94,11 @@ pub(crate) fn machine(qemu: String) -> Machine {
             .unwrap_or_else(|_| "?".into()),
         ram_fs: fs_type(
             &std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
-            remus_testbed::RAM_DIR_PARENT,
+            // Where it really is (/dev/shm is a link to /run/shm on some
+            // hosts).
+            &std::fs::canonicalize(remus_testbed::RAM_DIR_PARENT)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| remus_testbed::RAM_DIR_PARENT.into()),
         ),
     }
 }

@@ -244,9 +244,15 @@ fn unknown_vm_names_and_bad_requests_are_clear() {
 #[test]
 fn second_agent_on_same_socket_is_refused() {
     let agent = Agent::start(&bins(), None, &[]).unwrap();
+    // Its own state dir, the first one's RAM dir (not the host's
+    // /dev/shm, where it would leave a directory of its own) and no host
+    // config.
     let out = std::process::Command::new(&bins().remusd)
+        .args(["--config", "/dev/null"])
         .arg("--state-dir")
         .arg(agent.dir.path().join("other"))
+        .arg("--ram-dir")
+        .arg(agent.ram_dir.path())
         .arg("--socket")
         .arg(&agent.socket)
         .output()

@@ -181,13 +181,13 @@ impl OutputCommit {
     /// Takes the held frames of epochs up to `acked` off the queue and
     /// sends them without holding the state lock; the caller holds
     /// `sending`. Their bytes count against the bound until they are
-    /// sent. Returns whether any were.
-    fn send_released(&self, acked: u64) -> bool {
+    /// sent.
+    fn send_released(&self, acked: u64) {
         let (frames, sink) = {
             let mut st = self.lock();
             let n = st.queue.iter().take_while(|(e, _)| *e <= acked).count();
             if n == 0 {
-                return false;
+                return;
             }
             let frames: Vec<Vec<u8>> = st.queue.drain(..n).map(|(_, f)| f).collect();
             st.stats.released_frames += n as u64;
@@ -203,7 +203,6 @@ impl OutputCommit {
         let mut st = self.lock();
         st.bytes = st.bytes.saturating_sub(sent);
         self.cv.notify_all();
-        true
     }
 
     /// Protection ended: sends everything held, then lets frames through.

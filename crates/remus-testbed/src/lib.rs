@@ -200,6 +200,15 @@ impl Binaries {
 /// pay for the filesystem, and measure what no install runs.
 pub const RAM_DIR_PARENT: &str = "/dev/shm";
 
+/// A private directory for guest RAM under [`RAM_DIR_PARENT`], removed on
+/// drop: a test agent's `--ram-dir`, or the bench's QEMU run alone.
+pub fn ram_tempdir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("remus-t")
+        .tempdir_in(RAM_DIR_PARENT)
+        .with_context(|| format!("a RAM directory in {RAM_DIR_PARENT}"))
+}
+
 /// A running `remusd` with its own state dir and socket; stopped on drop,
 /// and any QEMU it started is killed by PID if it outlives it.
 pub struct Agent {
@@ -299,10 +308,7 @@ impl Agent {
         let dir = tempfile::Builder::new()
             .prefix("remus-t")
             .tempdir_in("/tmp")?;
-        let ram_dir = tempfile::Builder::new()
-            .prefix("remus-t")
-            .tempdir_in(RAM_DIR_PARENT)
-            .with_context(|| format!("a RAM directory in {RAM_DIR_PARENT}"))?;
+        let ram_dir = ram_tempdir()?;
         // In a directory the agent creates (and so makes its own).
         let socket = dir.path().join("run/a.sock");
         let state_dir = dir.path().join("st");

@@ -306,16 +306,6 @@ impl Drop for OwnQemu {
     }
 }
 
-/// A directory for a QEMU the bench runs itself (its RAM file, QMP
-/// socket and device-state saves): on tmpfs, as the agents' RAM, so that
-/// a comparison with QEMU alone is made on the same file system.
-pub(crate) fn qemu_dir() -> Result<tempfile::TempDir> {
-    tempfile::Builder::new()
-        .prefix("remus-t")
-        .tempdir_in(remus_testbed::RAM_DIR_PARENT)
-        .with_context(|| format!("a directory in {}", remus_testbed::RAM_DIR_PARENT))
-}
-
 /// The same guest as the agents run it (q35, TCG with `-cpu max`, RAM in a
 /// shared file), started directly with `cmdline` on its kernel command
 /// line; `incoming` adds `-incoming URI`.

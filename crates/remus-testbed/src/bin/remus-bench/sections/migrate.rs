@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, write_key};
 use serde_json::{Value, json};
 
-use crate::harness::{own_qemu, qemu_dir};
+use crate::harness::own_qemu;
 use crate::pause::{Workload, dirty_rates};
 use crate::report::{Target, r3};
 use crate::suite::{Ctx, Report, reference};
@@ -161,7 +161,8 @@ fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<Mig
 }
 
 fn qemu_migration(img: &GuestImage, w: Workload) -> Result<MigrationResult> {
-    let dir = qemu_dir()?;
+    // On tmpfs, as the agents' RAM: QEMU alone on the same file system.
+    let dir = remus_testbed::ram_tempdir()?;
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
     let dst = own_qemu(dir.path(), "dst", img, &w.cmdline(), Some(&uri))?;

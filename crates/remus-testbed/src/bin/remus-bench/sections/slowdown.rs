@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use remus_testbed::{Agent, Binaries, GuestImage, ProtectFollower, free_port, now_ms, write_key};
 use serde_json::{Value, json};
 
-use crate::harness::{accel_of, console_numbers, create_vm, own_qemu, qemu_dir};
+use crate::harness::{accel_of, console_numbers, create_vm, own_qemu};
 use crate::opts::Opts;
 use crate::report::{Target, r3, ratio, stats};
 use crate::suite::{Ctx, Report};
@@ -300,7 +300,8 @@ const CPUMEM_WARMUP_LINES: usize = 15;
 /// `migrate` to a file with `x-ignore-shared`; or device-only state:
 /// `xen-save-devices-state`) + `cont`; no remus, no copying, no backup.
 fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64)>> {
-    let dir = qemu_dir()?;
+    // On tmpfs, as the agents' RAM: QEMU alone on the same file system.
+    let dir = remus_testbed::ram_tempdir()?;
     let q = own_qemu(dir.path(), "alone", img, SLOWDOWN_WORKLOAD, None)?;
     let qmp = remus_qmp::Qmp::connect(&q.qmp, Duration::from_secs(30))?;
     qmp.execute(

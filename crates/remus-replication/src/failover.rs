@@ -16,16 +16,13 @@ pub struct FailoverStats {
 }
 
 /// Loads the committed device state into the standby QEMU (started with
-/// `-incoming defer` on the replica), resumes it and announces its MACs.
+/// `-incoming defer` on the replica, its migration capabilities set when
+/// it started: see `Vm::start`), resumes it and announces its MACs.
 pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplError> {
     let epoch = replica
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
     let t = Instant::now();
-    devstate::prepare(standby.qmp()).map_err(|source| ReplError::DevState {
-        what: "prepare",
-        source,
-    })?;
     devstate::load(standby.qmp(), replica.device_state_path()).map_err(|source| {
         ReplError::DevState {
             what: "load",

@@ -137,7 +137,18 @@ fn restore(devices_only: bool) -> u64 {
     let b = start(&cfg, &dir_b, &ram_b, true, devices_only);
     assert_eq!(b.devices_only_state(), devices_only);
     assert_eq!(b.qmp().status().unwrap(), "inmigrate");
-    devstate::prepare(b.qmp()).unwrap();
+    // A standby is ready to load from its start: nothing is set at the
+    // resume, where it would be guest downtime.
+    let caps = b.qmp().execute("query-migrate-capabilities", None).unwrap();
+    for cap in ["x-ignore-shared", "events"] {
+        assert!(
+            caps.as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["capability"] == cap && c["state"] == true),
+            "{cap} is not set on the standby: {caps}"
+        );
+    }
     devstate::load(b.qmp(), &dev).unwrap();
     assert_eq!(b.qmp().status().unwrap(), "paused");
     b.unpause().unwrap();
@@ -179,7 +190,6 @@ fn device_only_state_needs_a_standby_started_for_it() {
     std::fs::copy(&ram_a, &ram_b).unwrap();
     a.destroy();
     let b = start(&cfg, &dir_b, &ram_b, true, false);
-    devstate::prepare(b.qmp()).unwrap();
     let t = Instant::now();
     let e = devstate::load(b.qmp(), &dev).expect_err("loaded without the configuration section");
     assert!(

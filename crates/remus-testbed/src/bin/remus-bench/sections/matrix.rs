@@ -53,9 +53,27 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
             " ms",
             1,
         ));
+        // The performance issue's lower floor, at the same case.
+        for (what, got, limit) in [("p50", p.p50, FLOOR_P50_MS), ("p99", p.p99, FLOOR_P99_MS)] {
+            targets.push(Target::at_most(
+                format!(
+                    "pause {what} ≤ {limit} ms at about {TARGET_DIRTY_PAGES} dirty pages per epoch (the lower floor)"
+                ),
+                format!("{got:.2} ms ({})", case_label(c)),
+                got,
+                limit,
+                " ms",
+                2,
+            ));
+        }
     }
     Ok(())
 }
+
+/// The network-performance issue's pause floor at about
+/// [`TARGET_DIRTY_PAGES`] dirty pages.
+const FLOOR_P50_MS: f64 = 3.0;
+const FLOOR_P99_MS: f64 = 8.0;
 
 fn render_matrix(cases: &[CaseResult]) -> String {
     let mut s = String::from(

@@ -17,7 +17,8 @@ pub struct FailoverStats {
 
 /// Loads the committed device state into the standby QEMU (started with
 /// `-incoming defer` on the replica, its migration capabilities set when
-/// it started: see `Vm::start`), resumes it and announces its MACs.
+/// it started or was adopted: see `Vm::start`, `Vm::adopt`), resumes it
+/// and announces its MACs.
 pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplError> {
     let epoch = replica
         .committed()

@@ -78,9 +78,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<[u8; 32]>().prop_map(|client_proof| Message::AuthProof { client_proof }),
         Just(Message::Ready),
         Just(Message::Done),
-        // Printable text: control characters are escaped on arrival (see
+        // Printable text: control characters, and line and paragraph
+        // separators, are escaped on arrival (see
         // `error_text_arrives_without_control_characters`).
-        (any::<u16>(), "\\PC{0,40}").prop_map(|(c, message)| Message::Error {
+        (any::<u16>(), "[^\\p{C}\\p{Zl}\\p{Zp}]{0,40}").prop_map(|(c, message)| Message::Error {
             code: ErrorCode::from_u16(c),
             message
         }),

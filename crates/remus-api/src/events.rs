@@ -168,7 +168,8 @@ pub struct DiskSyncStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrateStats {
     pub total_ms: f64,
-    /// Guest paused at the source → running at the destination.
+    /// Guest paused at the source → the destination's confirmation that it
+    /// runs the VM (sent once it has resumed the VM).
     pub downtime_ms: f64,
     pub bytes: u64,
     pub rounds: u64,

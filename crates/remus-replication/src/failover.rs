@@ -1,7 +1,5 @@
 //! Resuming a standby from the last committed checkpoint.
 
-use std::time::{Duration, Instant};
-
 use remus_vm::{Vm, devstate};
 
 use crate::ReplError;
@@ -23,23 +21,13 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
     let epoch = replica
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
-    let t = Instant::now();
-    devstate::load(standby.qmp(), replica.device_state_path()).map_err(|source| {
-        ReplError::DevState {
-            what: "load",
-            source,
-        }
-    })?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
-    standby
-        .qmp()
-        .execute_timeout("cont", None, Duration::from_secs(5))
-        .map_err(|source| ReplError::Qmp {
-            command: "cont",
-            source,
+    let loaded =
+        devstate::load_and_run(standby.qmp(), replica.device_state_path()).map_err(|source| {
+            ReplError::DevState {
+                what: "load",
+                source,
+            }
         })?;
-    let cont_ms = t.elapsed().as_secs_f64() * 1e3;
     if !standby.config.vifs.is_empty()
         && let Err(e) = remus_vm::vm::announce_self(standby.qmp())
     {
@@ -47,8 +35,8 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
     }
     Ok(FailoverStats {
         epoch: epoch.0,
-        load_ms,
-        cont_ms,
+        load_ms: loaded.load_ms,
+        cont_ms: loaded.cont_ms,
     })
 }
 

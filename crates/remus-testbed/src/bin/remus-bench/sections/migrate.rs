@@ -35,11 +35,11 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
                 c.workload.label()
             ),
             format!(
-                "{:.0} ms against {:.0} ms (default limit) and {} (downtime-limit {TIGHT_DOWNTIME_MS} ms)",
+                "{:.1} ms against {:.1} ms (default limit) and {} (downtime-limit {TIGHT_DOWNTIME_MS} ms)",
                 c.remus.downtime_ms,
                 c.qemu.downtime_ms,
                 c.qemu_tight
-                    .map_or("none completed".into(), |t| format!("{:.0} ms", t.downtime_ms))
+                    .map_or("none completed".into(), |t| format!("{:.1} ms", t.downtime_ms))
             ),
             c.remus.downtime_ms,
             c.qemu_best_downtime_ms(),
@@ -127,14 +127,14 @@ fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
         let (remus, qemu) = (median_run(rs), median_run(qs));
         let qemu_tight = (!ts.is_empty()).then(|| median_run(ts));
         eprintln!(
-            "remus-bench:   {}: remus {:.0} ms total, {:.0} ms down; QEMU {:.0} ms total, {:.0} ms down; at downtime-limit {TIGHT_DOWNTIME_MS}: {}",
+            "remus-bench:   {}: remus {:.0} ms total, {:.1} ms down; QEMU {:.0} ms total, {:.1} ms down; at downtime-limit {TIGHT_DOWNTIME_MS}: {}",
             w.label(),
             remus.total_ms,
             remus.downtime_ms,
             qemu.total_ms,
             qemu.downtime_ms,
             qemu_tight.map_or("none completed".into(), |t| format!(
-                "{:.0} ms total, {:.0} ms down",
+                "{:.0} ms total, {:.1} ms down",
                 t.total_ms, t.downtime_ms
             ))
         );
@@ -300,7 +300,7 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
     );
     for c in cases {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {} | {} | {:.1} | {:.1} |\n",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} ({:.0}) | {} | {} | {:.1} | {:.1} |\n",
             c.workload.label(),
             c.remus.total_ms,
             c.qemu.total_ms,
@@ -310,7 +310,7 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
             c.qemu_tight
                 .map_or("—".into(), |t| format!("{:.0}", t.total_ms)),
             c.qemu_tight.map_or("none completed".into(), |t| format!(
-                "{:.0} ({:.0})",
+                "{:.1} ({:.0})",
                 t.downtime_ms,
                 t.reported_downtime_ms.unwrap_or(f64::NAN)
             )),
@@ -355,9 +355,9 @@ mod tests {
     fn the_table_shows_both_qemu_series_and_a_tight_series_that_never_completed() {
         let md = render_migrate(&[case(77.0, Some(9.0)), case(170.0, None)]);
         assert!(md.contains("with `downtime-limit` 5 ms"), "{md}");
-        assert!(md.contains("| 6 | 77 (76) | 300 | 9 (8) |"), "{md}");
+        assert!(md.contains("| 6.0 | 77.0 (76) | 300 | 9.0 (8) |"), "{md}");
         assert!(
-            md.contains("| 6 | 170 (169) | — | none completed |"),
+            md.contains("| 6.0 | 170.0 (169) | — | none completed |"),
             "{md}"
         );
     }

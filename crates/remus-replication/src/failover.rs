@@ -14,20 +14,22 @@ pub struct FailoverStats {
 }
 
 /// Loads the committed device state into the standby QEMU (started with
-/// `-incoming defer` on the replica, its migration capabilities set when
-/// it started or was adopted: see `Vm::start`, `Vm::adopt`), resumes it
-/// and announces its MACs.
+/// `-incoming defer` on the replica, its migration capabilities set and
+/// its incoming migration listening since it started or was adopted:
+/// see `Vm::start`, `Vm::adopt`), resumes it and announces its MACs.
 pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplError> {
     let epoch = replica
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
-    let loaded =
-        devstate::load_and_run(standby.qmp(), replica.device_state_path()).map_err(|source| {
-            ReplError::DevState {
-                what: "load",
-                source,
-            }
-        })?;
+    let loaded = devstate::load_and_run(
+        standby.qmp(),
+        replica.device_state_path(),
+        &standby.paths.incoming_socket(),
+    )
+    .map_err(|source| ReplError::DevState {
+        what: "load",
+        source,
+    })?;
     if !standby.config.vifs.is_empty()
         && let Err(e) = remus_vm::vm::announce_self(standby.qmp())
     {

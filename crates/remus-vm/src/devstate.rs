@@ -40,14 +40,17 @@
 //! while the runstate is still `finish-migrate`, and a `cont` then fails
 //! with "Migration is not finalized yet".
 //!
-//! Load (QEMU started with `-incoming defer`, RAM file already holding the
-//! checkpoint's pages):
+//! Load (QEMU started with `-incoming defer`; [`listen`] when the standby
+//! starts, [`load_and_run`] when it resumes, its RAM file then holding
+//! the checkpoint's pages):
 //! ```text
-//! migrate-incoming {"uri": "file:PATH"} → cont (still inmigrate: only
-//! lifts -S) → RESUME, MIGRATION completed (QEMU ran the VM itself)
+//! migrate-incoming {"uri": "unix:SOCKET"}       (at the standby's start)
+//! cont (still inmigrate: only lifts -S); the state into SOCKET
+//!   → MIGRATION completed, RESUME (QEMU ran the VM itself)
 //! ```
-//! ([`load_and_run`]; it resumes a VM the stream left paused itself).
+//! A VM the stream left paused is resumed by [`load_and_run`] itself.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -68,6 +71,13 @@ pub enum DevStateError {
         op: &'static str,
         status: String,
         detail: String,
+    },
+    #[error("{op}: {what} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("{op}: no result within {timeout:?} (runstate {runstate})")]
     Timeout {
@@ -185,46 +195,83 @@ impl Saving<'_> {
     }
 }
 
+/// Makes a standby's QEMU (started with `-incoming defer`) listen for the
+/// device state it will resume from on `socket`, in the VM's private
+/// directory: the incoming migration is set up before anything is
+/// loaded, as libvirt does on a migration's destination, so that a
+/// resume only streams the state in. Setting it up took some 0.5 ms of
+/// QEMU's time on the build machine (from `migrate-incoming` to its
+/// `setup` event), guest downtime when it was done at the resume.
+/// Idempotent: an adopted standby already listening there is left as it
+/// is.
+pub fn listen(qmp: &Qmp, socket: &Path) -> Result<(), DevStateError> {
+    const OP: &str = "listen for device state";
+    let qmp_err = |source| DevStateError::Qmp { op: OP, source };
+    let info = qmp.execute("query-migrate", None).map_err(qmp_err)?;
+    match info["status"].as_str() {
+        None | Some("none") => {}
+        Some("setup") if listens_on(&info, socket) => return Ok(()),
+        Some(status) => {
+            return Err(DevStateError::Failed {
+                op: OP,
+                status: status.to_string(),
+                detail: format!(
+                    " (an incoming migration other than on {}: {info})",
+                    socket.display()
+                ),
+            });
+        }
+    }
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({"uri": format!("unix:{}", socket.display())})),
+    )
+    .map_err(qmp_err)?;
+    Ok(())
+}
+
+/// Whether `query-migrate`'s answer says QEMU listens on `socket`.
+fn listens_on(info: &serde_json::Value, socket: &Path) -> bool {
+    info["socket-address"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|s| s["type"] == "unix" && s["path"].as_str() == socket.to_str())
+    })
+}
+
 /// How long [`load_and_run`] took.
 #[derive(Debug, Clone, Copy)]
 pub struct Loaded {
-    /// `migrate-incoming` until QEMU said the load completed.
+    /// From the start until QEMU said the load completed.
     pub load_ms: f64,
     /// From then until the VM was known to run.
     pub cont_ms: f64,
 }
 
-/// Loads device state from `path` into a QEMU started with
-/// `-incoming defer` and runs the VM as soon as the load has ended.
+/// Streams the device state in `state` into a standby's QEMU that
+/// [`listen`]s on `socket` and runs the VM as soon as the load has ended.
 ///
-/// `cont` is sent with `migrate-incoming`, not after the load: QEMU runs
-/// it in `inmigrate` (where it only lifts `-S`: "the guest starts once
-/// migration finishes", QMP's `cont`, and QEMU starts the VM itself at
-/// the end of the load) or right after the load (where it starts the
+/// `cont` goes first, not after the load: QEMU runs it in `inmigrate`
+/// (where it only lifts `-S`: "the guest starts once migration
+/// finishes", QMP's `cont`, and QEMU starts the VM itself at the end of
+/// the load) or, had the load ended first, after it (where it starts the
 /// VM), with no round trip of ours between the load and the VM running.
 /// Before, a poll of the runstate and then a `cont` after the load cost
 /// the VM some 0.4 ms more downtime at every failover and switch-over.
 /// A stream that says the VM was paused when saved leaves it paused
 /// whatever `-S` said: the runstate says so and one more `cont` runs it.
-pub fn load_and_run(qmp: &Qmp, path: &Path) -> Result<Loaded, DevStateError> {
+pub fn load_and_run(qmp: &Qmp, state: &Path, socket: &Path) -> Result<Loaded, DevStateError> {
     const OP: &str = "load device state";
     let qmp_err = |source| DevStateError::Qmp { op: OP, source };
     let events = qmp.subscribe();
     let t = Instant::now();
     let deadline = t + STATE_TIMEOUT;
-    // Both at once: QEMU runs a monitor's commands in order, so `cont`
-    // comes after `migrate-incoming` (during the load or after it). Its
-    // answer then comes after the load, so it is not waited for before
-    // the events. Were `migrate-incoming` refused, `cont` would only lift
-    // `-S` on a QEMU that loaded nothing (the caller discards it).
-    let incoming = qmp
-        .send(
-            "migrate-incoming",
-            Some(json!({"uri": format!("file:{}", path.display())})),
-        )
-        .map_err(qmp_err)?;
     let cont = qmp.send("cont", None).map_err(qmp_err)?;
-    incoming.wait(STATE_TIMEOUT).map_err(qmp_err)?;
+    stream_state(state, socket, deadline).map_err(|(what, path, source)| DevStateError::Io {
+        op: OP,
+        what,
+        path,
+        source,
+    })?;
     let mut resumed = false;
     wait_completed(qmp, OP, &events, deadline, &mut |ev| {
         resumed |= ev.name == "RESUME";
@@ -234,7 +281,7 @@ pub fn load_and_run(qmp: &Qmp, path: &Path) -> Result<Loaded, DevStateError> {
     let left = deadline.saturating_duration_since(Instant::now());
     cont.wait(left).map_err(qmp_err)?;
     resumed |= events.try_iter().any(|ev| ev.name == "RESUME");
-    tracing::debug!(load_ms, started_by_qemu = resumed, "device state loaded");
+    tracing::debug!(load_ms, resume_seen = resumed, "device state loaded");
     if !resumed && qmp.status().map_err(qmp_err)? != "running" {
         qmp.execute("cont", None).map_err(qmp_err)?;
     }
@@ -242,6 +289,28 @@ pub fn load_and_run(qmp: &Qmp, path: &Path) -> Result<Loaded, DevStateError> {
         load_ms,
         cont_ms: t.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Copies the file `state` into the socket QEMU listens on, then ends
+/// the stream (QEMU reads to its end, then loads no more).
+fn stream_state(
+    state: &Path,
+    socket: &Path,
+    deadline: Instant,
+) -> Result<(), (&'static str, PathBuf, std::io::Error)> {
+    let mut file =
+        std::fs::File::open(state).map_err(|e| ("open the saved state", state.into(), e))?;
+    let on_socket = |what: &'static str| move |e| (what, socket.to_path_buf(), e);
+    let mut s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
+    // A QEMU that stops reading must not hold the resume for ever.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    s.set_write_timeout(Some(left))
+        .map_err(on_socket("set a timeout on"))?;
+    std::io::copy(&mut file, &mut s).map_err(on_socket("stream the state into"))?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(on_socket("end the stream on"))
 }
 
 /// Waits for the MIGRATION event saying `completed`; `failed` or
@@ -357,24 +426,24 @@ pub fn remove_save_files(ram_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex};
 
-    /// How the scripted QEMU below ends a load.
-    #[derive(Clone, Copy)]
-    enum Ending {
-        /// Starts the VM itself (`cont` came during the load).
-        StartsIt,
-        /// Leaves it paused (a stream saved from a paused VM).
-        LeavesItPaused,
-        /// The load fails.
-        Fails,
+    /// One QMP message of the scripted QEMU: an event.
+    fn ev(name: &str, data: &str) -> String {
+        format!(
+            "{{\"event\": \"{name}\", \"data\": {data}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\n"
+        )
     }
 
-    /// A QEMU in `inmigrate` that loads on `migrate-incoming`: answers
-    /// as `ending` says and records the commands it ran.
-    fn scripted(ending: Ending) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>) {
+    type Script = Box<dyn FnMut(&str, &serde_json::Value) -> (String, String) + Send>;
+
+    /// A scripted QEMU: `script` gets each command (after
+    /// `qmp_capabilities`) with its arguments and returns the events to
+    /// send before the reply, and the reply's `return` value. Every
+    /// command is recorded.
+    fn scripted(mut script: Script) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -383,13 +452,7 @@ mod tests {
         std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
             let mut w = s.try_clone().unwrap();
-            let ev = |name: &str, data: &str| {
-                format!(
-                    "{{\"event\": \"{name}\", \"data\": {data}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\n"
-                )
-            };
             w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n").unwrap();
-            let mut running = false;
             let mut line = String::new();
             let mut r = BufReader::new(s);
             while r.read_line(&mut line).unwrap_or(0) > 0 {
@@ -397,42 +460,13 @@ mod tests {
                 line.clear();
                 let cmd = v["execute"].as_str().unwrap().to_string();
                 let id = v["id"].as_u64().unwrap();
-                let conts = {
-                    let mut seen = log.lock().unwrap();
-                    seen.push(cmd.clone());
-                    seen.iter().filter(|c| *c == "cont").count()
+                let (events, ret) = if cmd == "qmp_capabilities" {
+                    (String::new(), "{}".to_string())
+                } else {
+                    log.lock().unwrap().push(cmd.clone());
+                    script(&cmd, &v["arguments"])
                 };
-                let mut out = String::new();
-                let mut ret = "{}".to_string();
-                match (cmd.as_str(), ending) {
-                    // The load ends while the first `cont` waits its turn.
-                    ("cont", Ending::Fails) if conts == 1 => {
-                        out += &ev("MIGRATION", r#"{"status": "failed"}"#);
-                    }
-                    ("cont", Ending::StartsIt) if conts == 1 => {
-                        out += &ev("MIGRATION", r#"{"status": "completed"}"#);
-                        out += &ev("RESUME", "{}");
-                        running = true;
-                    }
-                    ("cont", Ending::LeavesItPaused) if conts == 1 => {
-                        out += &ev("MIGRATION", r#"{"status": "completed"}"#);
-                    }
-                    ("cont", _) => {
-                        out += &ev("RESUME", "{}");
-                        running = true;
-                    }
-                    ("query-status", _) => {
-                        let status = if running { "running" } else { "paused" };
-                        ret = format!("{{\"status\": \"{status}\", \"running\": {running}}}");
-                    }
-                    ("query-migrate", _) => {
-                        ret =
-                            r#"{"status": "failed", "error-desc": "load of device state failed"}"#
-                                .into();
-                    }
-                    _ => {}
-                }
-                out += &format!("{{\"return\": {ret}, \"id\": {id}}}\n");
+                let out = format!("{events}{{\"return\": {ret}, \"id\": {id}}}\n");
                 w.write_all(out.as_bytes()).unwrap();
             }
         });
@@ -441,34 +475,169 @@ mod tests {
     }
 
     fn commands(seen: &Mutex<Vec<String>>) -> Vec<String> {
-        seen.lock().unwrap()[1..].to_vec()
+        seen.lock().unwrap().clone()
+    }
+
+    /// How the scripted QEMU below ends a load.
+    #[derive(Clone, Copy)]
+    enum Ending {
+        /// Starts the VM itself (`cont` came during `inmigrate`).
+        StartsIt,
+        /// Leaves it paused (a stream saved from a paused VM).
+        LeavesItPaused,
+        /// The load fails.
+        Fails,
+    }
+
+    /// A standby listening on `incoming`: at the first `cont` it reads
+    /// the state streamed in (which must be `want`), then ends the load
+    /// as `ending` says.
+    fn standby(
+        ending: Ending,
+        want: &'static [u8],
+    ) -> (Standby, Qmp, Arc<Mutex<Vec<String>>>, PathBuf) {
+        let sockets = tempfile::tempdir().unwrap();
+        let incoming = sockets.path().join("incoming.sock");
+        let listener = UnixListener::bind(&incoming).unwrap();
+        let mut running = false;
+        let mut conts = 0;
+        let (dir, q, seen) = scripted(Box::new(move |cmd, _| {
+            let mut events = String::new();
+            let mut ret = "{}".to_string();
+            match cmd {
+                "cont" => {
+                    conts += 1;
+                    if conts == 1 {
+                        let (mut s, _) = listener.accept().unwrap();
+                        let mut got = Vec::new();
+                        s.read_to_end(&mut got).unwrap();
+                        assert_eq!(got, want, "the state streamed in");
+                        match ending {
+                            Ending::Fails => events += &ev("MIGRATION", r#"{"status": "failed"}"#),
+                            Ending::StartsIt => {
+                                events += &ev("MIGRATION", r#"{"status": "completed"}"#);
+                                events += &ev("RESUME", "{}");
+                                running = true;
+                            }
+                            Ending::LeavesItPaused => {
+                                events += &ev("MIGRATION", r#"{"status": "completed"}"#)
+                            }
+                        }
+                    } else {
+                        events += &ev("RESUME", "{}");
+                        running = true;
+                    }
+                }
+                "query-status" => {
+                    let status = if running { "running" } else { "paused" };
+                    ret = format!("{{\"status\": \"{status}\", \"running\": {running}}}");
+                }
+                "query-migrate" => {
+                    ret = r#"{"status": "failed", "error-desc": "load of device state failed"}"#
+                        .into();
+                }
+                _ => {}
+            }
+            (events, ret)
+        }));
+        (
+            Standby {
+                dir,
+                _sockets: sockets,
+            },
+            q,
+            seen,
+            incoming,
+        )
+    }
+
+    /// The scripted standby's directories (gone on drop).
+    struct Standby {
+        dir: tempfile::TempDir,
+        _sockets: tempfile::TempDir,
+    }
+
+    const STATE: &[u8] = b"QEVM device state";
+
+    fn state_file(s: &Standby) -> PathBuf {
+        let f = s.dir.path().join("dev.committed");
+        std::fs::write(&f, STATE).unwrap();
+        f
     }
 
     #[test]
     fn qemu_starts_the_vm_at_the_end_of_the_load() {
-        let (_d, q, seen) = scripted(Ending::StartsIt);
-        load_and_run(&q, Path::new("/nonexistent/dev.committed")).unwrap();
-        assert_eq!(commands(&seen), ["migrate-incoming", "cont"]);
+        let (d, q, seen, incoming) = standby(Ending::StartsIt, STATE);
+        load_and_run(&q, &state_file(&d), &incoming).unwrap();
+        assert_eq!(commands(&seen), ["cont"]);
     }
 
     #[test]
     fn a_vm_the_stream_left_paused_is_resumed() {
-        let (_d, q, seen) = scripted(Ending::LeavesItPaused);
-        load_and_run(&q, Path::new("/nonexistent/dev.committed")).unwrap();
-        assert_eq!(
-            commands(&seen),
-            ["migrate-incoming", "cont", "query-status", "cont"]
-        );
+        let (d, q, seen, incoming) = standby(Ending::LeavesItPaused, STATE);
+        load_and_run(&q, &state_file(&d), &incoming).unwrap();
+        assert_eq!(commands(&seen), ["cont", "query-status", "cont"]);
     }
 
     #[test]
     fn a_failed_load_is_an_error_with_qemus_reason() {
-        let (_d, q, seen) = scripted(Ending::Fails);
-        let e = load_and_run(&q, Path::new("/nonexistent/dev.committed")).unwrap_err();
+        let (d, q, seen, incoming) = standby(Ending::Fails, STATE);
+        let e = load_and_run(&q, &state_file(&d), &incoming).unwrap_err();
         assert!(
             matches!(&e, DevStateError::Failed { detail, .. } if detail.contains("load of device state failed")),
             "{e}"
         );
-        assert!(!commands(&seen).iter().skip(2).any(|c| c == "cont"));
+        assert_eq!(commands(&seen), ["cont", "query-migrate"]);
+    }
+
+    #[test]
+    fn a_standby_that_does_not_listen_is_an_error_not_a_hang() {
+        let (d, q, _seen, _incoming) = standby(Ending::StartsIt, STATE);
+        let gone = d.dir.path().join("nobody.sock");
+        let e = load_and_run(&q, &state_file(&d), &gone).unwrap_err();
+        assert!(
+            matches!(&e, DevStateError::Io { path, .. } if *path == gone),
+            "{e}"
+        );
+    }
+
+    /// A QEMU whose `query-migrate` says `info`; records where
+    /// `migrate-incoming` was asked to listen.
+    fn incoming_state(info: &'static str) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>) {
+        let (dir, q, seen) = scripted(Box::new(move |cmd, args| {
+            let ret = match cmd {
+                "query-migrate" => info.to_string(),
+                _ => "{}".to_string(),
+            };
+            if cmd == "migrate-incoming" {
+                assert_eq!(args["uri"], "unix:/run/vm/incoming.sock");
+            }
+            (String::new(), ret)
+        }));
+        (dir, q, seen)
+    }
+
+    #[test]
+    fn a_standby_listens_once() {
+        let sock = Path::new("/run/vm/incoming.sock");
+        let (_d, q, seen) = incoming_state("{}");
+        listen(&q, sock).unwrap();
+        assert_eq!(commands(&seen), ["query-migrate", "migrate-incoming"]);
+        // Adopted: it listens there already.
+        let (_d, q, seen) = incoming_state(
+            r#"{"status": "setup", "socket-address": [{"type": "unix", "path": "/run/vm/incoming.sock"}]}"#,
+        );
+        listen(&q, sock).unwrap();
+        assert_eq!(commands(&seen), ["query-migrate"]);
+        // Anything else is not a standby to resume from.
+        for info in [
+            r#"{"status": "setup", "socket-address": [{"type": "unix", "path": "/elsewhere.sock"}]}"#,
+            r#"{"status": "active"}"#,
+        ] {
+            let (_d, q, seen) = incoming_state(info);
+            let e = listen(&q, sock).unwrap_err();
+            assert!(matches!(e, DevStateError::Failed { .. }), "{e}");
+            assert_eq!(commands(&seen), ["query-migrate"]);
+        }
     }
 }

@@ -56,14 +56,22 @@ impl VmPaths {
     pub fn disk_socket(&self, target: &str) -> PathBuf {
         self.dir.join(format!("disk-{target}.sock"))
     }
+    /// Where a standby's QEMU listens for the device state it resumes
+    /// from (`migrate-incoming`, see `devstate::listen`).
+    pub fn incoming_socket(&self) -> PathBuf {
+        self.dir.join("incoming.sock")
+    }
     pub fn vif_socket(&self, index: usize) -> PathBuf {
         self.dir.join(format!("vif{index}.sock"))
     }
 
     /// Checks that the longest socket path fits in `sun_path`.
     pub fn check_socket_len(&self) -> Result<(), String> {
-        let longest = self.disk_socket("vdz");
-        let n = longest.as_os_str().len();
+        let n = [self.disk_socket("vdz"), self.incoming_socket()]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
         if n > MAX_SOCKET_PATH {
             return Err(format!(
                 "VM directory {} is too deep: socket paths would be {n} bytes, unix sockets allow {MAX_SOCKET_PATH}; use a shorter --state-dir",

@@ -149,9 +149,12 @@ fn restore(devices_only: bool) -> u64 {
             "{cap} is not set on the standby: {caps}"
         );
     }
+    // ...and listens for its device state already.
+    let info = b.qmp().execute("query-migrate", None).unwrap();
+    assert_eq!(info["status"], "setup", "{info}");
     // One call loads and runs it: QEMU starts the VM itself at the end
     // of the load.
-    devstate::load_and_run(b.qmp(), &dev).unwrap();
+    devstate::load_and_run(b.qmp(), &dev, &b.paths.incoming_socket()).unwrap();
     assert_eq!(b.qmp().status().unwrap(), "running");
     let log_b = VmPaths::new(&dir_b).console_log();
     let text = wait_log(&log_b, "ticks on the restored copy", |t| {
@@ -192,7 +195,7 @@ fn device_only_state_needs_a_standby_started_for_it() {
     a.destroy();
     let b = start(&cfg, &dir_b, &ram_b, true, false);
     let t = Instant::now();
-    let e = devstate::load_and_run(b.qmp(), &dev)
+    let e = devstate::load_and_run(b.qmp(), &dev, &b.paths.incoming_socket())
         .expect_err("loaded without the configuration section");
     assert!(
         t.elapsed() < Duration::from_secs(20),

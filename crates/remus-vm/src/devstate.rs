@@ -230,11 +230,21 @@ pub fn listen(qmp: &Qmp, socket: &Path) -> Result<(), DevStateError> {
     Ok(())
 }
 
-/// Whether `query-migrate`'s answer says QEMU listens on `socket`.
+/// Whether `query-migrate`'s answer says QEMU listens on `socket` (by
+/// that name, or by another for the same file: an agent started with
+/// its state directory spelled otherwise).
 fn listens_on(info: &serde_json::Value, socket: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let same = |path: &str| {
+        Path::new(path) == socket
+            || match (std::fs::metadata(path), std::fs::metadata(socket)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            }
+    };
     info["socket-address"].as_array().is_some_and(|a| {
         a.iter()
-            .any(|s| s["type"] == "unix" && s["path"].as_str() == socket.to_str())
+            .any(|s| s["type"] == "unix" && s["path"].as_str().is_some_and(same))
     })
 }
 
@@ -599,6 +609,24 @@ mod tests {
             matches!(&e, DevStateError::Io { path, .. } if *path == gone),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_socket_is_recognised_by_another_name_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("vms/a");
+        std::fs::create_dir_all(&real).unwrap();
+        let sock = real.join("incoming.sock");
+        std::fs::write(&sock, b"").unwrap();
+        std::os::unix::fs::symlink(d.path().join("vms"), d.path().join("state")).unwrap();
+        let info = |path: &Path| json!({"status": "setup", "socket-address": [{"type": "unix", "path": path.to_str().unwrap()}]});
+        assert!(listens_on(&info(&sock), &sock));
+        assert!(listens_on(
+            &info(&d.path().join("state/a/incoming.sock")),
+            &sock
+        ));
+        assert!(!listens_on(&info(&real.join("other.sock")), &sock));
+        assert!(!listens_on(&json!({"status": "setup"}), &sock));
     }
 
     /// A QEMU whose `query-migrate` says `info`; records where

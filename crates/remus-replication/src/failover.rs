@@ -30,10 +30,8 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
         what: "load",
         source,
     })?;
-    if !standby.config.vifs.is_empty()
-        && let Err(e) = remus_vm::vm::announce_self(standby.qmp())
-    {
-        tracing::warn!(vm = %standby.name(), error = %e, "announce-self failed");
+    if !standby.config.vifs.is_empty() {
+        standby.announce_in_background();
     }
     Ok(FailoverStats {
         epoch: epoch.0,

@@ -453,18 +453,15 @@ mod tests {
     /// `qmp_capabilities`) with its arguments and returns the events to
     /// send before the reply, and the reply's `return` value. Every
     /// command is recorded.
-    fn scripted(mut script: Script) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+    fn scripted(mut script: Script) -> (Qmp, Arc<Mutex<Vec<String>>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
+            let mut w = theirs.try_clone().unwrap();
             w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n").unwrap();
             let mut line = String::new();
-            let mut r = BufReader::new(s);
+            let mut r = BufReader::new(theirs);
             while r.read_line(&mut line).unwrap_or(0) > 0 {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
                 line.clear();
@@ -480,8 +477,7 @@ mod tests {
                 w.write_all(out.as_bytes()).unwrap();
             }
         });
-        let q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
-        (dir, q, seen)
+        (Qmp::from_stream(ours).unwrap(), seen)
     }
 
     fn commands(seen: &Mutex<Vec<String>>) -> Vec<String> {
@@ -499,19 +495,19 @@ mod tests {
         Fails,
     }
 
-    /// A standby listening on `incoming`: at the first `cont` it reads
-    /// the state streamed in (which must be `want`), then ends the load
-    /// as `ending` says.
+    /// A standby listening on `incoming` in the returned directory: at
+    /// the first `cont` it reads the state streamed in (which must be
+    /// `want`), then ends the load as `ending` says.
     fn standby(
         ending: Ending,
         want: &'static [u8],
-    ) -> (Standby, Qmp, Arc<Mutex<Vec<String>>>, PathBuf) {
-        let sockets = tempfile::tempdir().unwrap();
-        let incoming = sockets.path().join("incoming.sock");
+    ) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("incoming.sock");
         let listener = UnixListener::bind(&incoming).unwrap();
         let mut running = false;
         let mut conts = 0;
-        let (dir, q, seen) = scripted(Box::new(move |cmd, _| {
+        let (q, seen) = scripted(Box::new(move |cmd, _| {
             let mut events = String::new();
             let mut ret = "{}".to_string();
             match cmd {
@@ -550,27 +546,13 @@ mod tests {
             }
             (events, ret)
         }));
-        (
-            Standby {
-                dir,
-                _sockets: sockets,
-            },
-            q,
-            seen,
-            incoming,
-        )
-    }
-
-    /// The scripted standby's directories (gone on drop).
-    struct Standby {
-        dir: tempfile::TempDir,
-        _sockets: tempfile::TempDir,
+        (dir, q, seen, incoming)
     }
 
     const STATE: &[u8] = b"QEVM device state";
 
-    fn state_file(s: &Standby) -> PathBuf {
-        let f = s.dir.path().join("dev.committed");
+    fn state_file(dir: &tempfile::TempDir) -> PathBuf {
+        let f = dir.path().join("dev.committed");
         std::fs::write(&f, STATE).unwrap();
         f
     }
@@ -603,7 +585,7 @@ mod tests {
     #[test]
     fn a_standby_that_does_not_listen_is_an_error_not_a_hang() {
         let (d, q, _seen, _incoming) = standby(Ending::StartsIt, STATE);
-        let gone = d.dir.path().join("nobody.sock");
+        let gone = d.path().join("nobody.sock");
         let e = load_and_run(&q, &state_file(&d), &gone).unwrap_err();
         assert!(
             matches!(&e, DevStateError::Io { path, .. } if *path == gone),
@@ -631,8 +613,8 @@ mod tests {
 
     /// A QEMU whose `query-migrate` says `info`; records where
     /// `migrate-incoming` was asked to listen.
-    fn incoming_state(info: &'static str) -> (tempfile::TempDir, Qmp, Arc<Mutex<Vec<String>>>) {
-        let (dir, q, seen) = scripted(Box::new(move |cmd, args| {
+    fn incoming_state(info: &'static str) -> (Qmp, Arc<Mutex<Vec<String>>>) {
+        scripted(Box::new(move |cmd, args| {
             let ret = match cmd {
                 "query-migrate" => info.to_string(),
                 _ => "{}".to_string(),
@@ -641,18 +623,17 @@ mod tests {
                 assert_eq!(args["uri"], "unix:/run/vm/incoming.sock");
             }
             (String::new(), ret)
-        }));
-        (dir, q, seen)
+        }))
     }
 
     #[test]
     fn a_standby_listens_once() {
         let sock = Path::new("/run/vm/incoming.sock");
-        let (_d, q, seen) = incoming_state("{}");
+        let (q, seen) = incoming_state("{}");
         listen(&q, sock).unwrap();
         assert_eq!(commands(&seen), ["query-migrate", "migrate-incoming"]);
         // Adopted: it listens there already.
-        let (_d, q, seen) = incoming_state(
+        let (q, seen) = incoming_state(
             r#"{"status": "setup", "socket-address": [{"type": "unix", "path": "/run/vm/incoming.sock"}]}"#,
         );
         listen(&q, sock).unwrap();
@@ -662,7 +643,7 @@ mod tests {
             r#"{"status": "setup", "socket-address": [{"type": "unix", "path": "/elsewhere.sock"}]}"#,
             r#"{"status": "active"}"#,
         ] {
-            let (_d, q, seen) = incoming_state(info);
+            let (q, seen) = incoming_state(info);
             let e = listen(&q, sock).unwrap_err();
             assert!(matches!(e, DevStateError::Failed { .. }), "{e}");
             assert_eq!(commands(&seen), ["query-migrate"]);

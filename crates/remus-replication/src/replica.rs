@@ -19,6 +19,10 @@ use crate::ReplError;
 /// The RAM replica and the committed device state of one standby VM.
 pub struct Replica {
     file: File,
+    /// The file mapped read-only: the base of each compressed page is read
+    /// through it, not with a `pread` per page (which cost a system call
+    /// and a copy per page on the path to every ack).
+    map: memmap2::Mmap,
     path: PathBuf,
     pages: u64,
     dev_committed: PathBuf,
@@ -49,6 +53,7 @@ impl Replica {
             .open(path)
             .map_err(io("create RAM replica"))?;
         file.set_len(size).map_err(io("size RAM replica"))?;
+        let map = map_replica(&file, path)?;
         let dev_committed = devstate::save_file(path, devstate::COMMITTED);
         for f in [
             &dev_committed,
@@ -63,6 +68,7 @@ impl Replica {
         }
         Ok(Replica {
             file,
+            map,
             path: path.to_path_buf(),
             pages: size / PAGE_SIZE as u64,
             dev_committed,
@@ -100,6 +106,7 @@ impl Replica {
                 path.display()
             )));
         }
+        let map = map_replica(&file, path)?;
         let dev_committed = devstate::save_file(path, devstate::COMMITTED);
         let legacy = vm_dir.join("dev.committed");
         let from = if dev_committed.exists() {
@@ -115,6 +122,7 @@ impl Replica {
         }
         Ok(Replica {
             file,
+            map,
             path: path.to_path_buf(),
             pages: size / PAGE_SIZE as u64,
             dev_committed,
@@ -148,14 +156,23 @@ impl Replica {
     }
 
     /// Reads the replica's copy of `page` (the base of a compressed page).
+    /// Only pages written before are read (a page is sent as a delta only
+    /// after it was sent whole), so no hole of the file is faulted in.
     pub fn read_page(&self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if page >= self.pages || buf.len() != PAGE_SIZE {
-            return Err(std::io::Error::other(format!(
+        let start = usize::try_from(page)
+            .ok()
+            .and_then(|p| p.checked_mul(PAGE_SIZE))
+            .filter(|_| page < self.pages && buf.len() == PAGE_SIZE);
+        match start.and_then(|s| self.map.get(s..s + PAGE_SIZE)) {
+            Some(bytes) => {
+                buf.copy_from_slice(bytes);
+                Ok(())
+            }
+            None => Err(std::io::Error::other(format!(
                 "page {page} is outside guest RAM ({} pages)",
                 self.pages
-            )));
+            ))),
         }
-        self.file.read_exact_at(buf, page * PAGE_SIZE as u64)
     }
 
     /// Writes one run of pages. Bounds were checked by the assembler; they
@@ -194,6 +211,17 @@ impl Replica {
         self.committed = Some(epoch);
         Ok(())
     }
+}
+
+/// Maps the replica file read-only.
+fn map_replica(file: &File, path: &Path) -> Result<memmap2::Mmap, ReplError> {
+    // SAFETY: a read-only mapping of a 0600 file in the agent's private
+    // (0700) RAM directory, created or opened by this agent at its full
+    // size; this agent writes it (with `pwrite`, which the mapping sees)
+    // and the standby QEMU maps it, and neither truncates it while the
+    // replica lives.
+    unsafe { memmap2::Mmap::map(file) }
+        .map_err(|e| ReplError::Io(format!("map RAM replica {}", path.display()), e))
 }
 
 /// Reads committed device state, no more than a device state may hold.

@@ -156,8 +156,10 @@ impl Replica {
     }
 
     /// Reads the replica's copy of `page` (the base of a compressed page).
-    /// Only pages written before are read (a page is sent as a delta only
-    /// after it was sent whole), so no hole of the file is faulted in.
+    /// A primary sends a page as a delta only after it sent it whole, so
+    /// only written pages are read. A peer that marks a never-sent page
+    /// makes this read fault a hole of the file in (tmpfs allocates it):
+    /// at most the guest RAM the standby holds anyway.
     pub fn read_page(&self, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let start = usize::try_from(page)
             .ok()

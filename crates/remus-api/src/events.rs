@@ -103,6 +103,11 @@ pub struct CheckpointStats {
     /// Time guest disk writes spent waiting for room in the journal since
     /// the previous checkpoint (the link or the backup fell behind).
     pub disk_wait_ms: f64,
+    /// The guest is held paused (`remus pause`, or the fence): this
+    /// checkpoint left it stopped, and the next one waits until it runs
+    /// again.
+    #[serde(default)]
+    pub guest_held: bool,
     /// Where the pause went.
     pub phases: PausePhases,
 }
@@ -183,7 +188,7 @@ mod tests {
     #[test]
     fn events_read_as_the_agents_lines_and_back() {
         let lines = [
-            r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"phases":{"inbound":0.3,"inbound_timed_out":false,"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#,
+            r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"guest_held":false,"phases":{"inbound":0.3,"inbound_timed_out":false,"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#,
             r#"{"event":"switched_over","epoch":9,"downtime_ms":null,"confirmed_by":"arbiter"}"#,
             r#"{"event":"switched_over","epoch":9,"downtime_ms":31.5}"#,
             r#"{"event":"sync_plan","mode":"changed","reason":"the copies share generation 3"}"#,
@@ -199,13 +204,18 @@ mod tests {
         }
         let ev: SessionEvent = serde_json::from_str(r#"{"event":"checkpoint","epoch":7,"taken_at_ms":1,"pause_ms":4.5,"dirty_pages":12,"bytes":900,"raw_bytes":49152,"xor_pages":3,"ack_ms":2.0,"disk_records":0,"disk_bytes":0,"disk_wait_ms":0.0,"phases":{"stop":0.5,"scan":0.3,"copy":0.7,"devstate":2.4,"cont":0.6}}"#).unwrap();
         assert!(ev.is_progress());
-        // An older agent's line (no inbound gate) reads with none.
+        // An older agent's line (no inbound gate, no guest_held) reads
+        // with none.
         let SessionEvent::Checkpoint(cp) = ev else {
             panic!("not a checkpoint: {ev:?}");
         };
         assert_eq!(
-            (cp.phases.inbound, cp.phases.inbound_timed_out),
-            (0.0, false)
+            (
+                cp.phases.inbound,
+                cp.phases.inbound_timed_out,
+                cp.guest_held
+            ),
+            (0.0, false, false)
         );
     }
 

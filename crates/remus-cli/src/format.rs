@@ -68,6 +68,10 @@ pub fn protect_event(ev: &SessionEvent) -> String {
                 // Guest writes waited for the link: replication is behind.
                 line.push_str(&format!("  disk wait {:.1} ms", c.disk_wait_ms));
             }
+            if c.guest_held {
+                // The last one until the guest runs again.
+                line.push_str("  (guest paused: next checkpoint after unpause)");
+            }
             line
         }
         SessionEvent::DiskSync(p) => format!(
@@ -237,9 +241,16 @@ mod tests {
         c.disk_records = 3;
         c.disk_bytes = 8192;
         c.disk_wait_ms = 2.5;
-        let line = protect_event(&SessionEvent::Checkpoint(c));
+        let line = protect_event(&SessionEvent::Checkpoint(c.clone()));
         assert!(line.contains("disk    3 ops     8192 B"), "{line}");
         assert!(line.contains("disk wait 2.5 ms"), "{line}");
+        assert!(!line.contains("paused"), "{line}");
+        c.guest_held = true;
+        let line = protect_event(&SessionEvent::Checkpoint(c));
+        assert!(
+            line.ends_with("(guest paused: next checkpoint after unpause)"),
+            "{line}"
+        );
         let sync = SessionEvent::DiskSynced(remus_api::DiskSyncStats {
             disks: 1,
             mode: SyncMode::Changed,

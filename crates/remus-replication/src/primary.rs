@@ -1659,6 +1659,7 @@ fn sender_loop(
                 waited = now;
                 d.as_secs_f64() * 1e3
             },
+            guest_held: staged.operator_paused.is_some(),
             phases: staged.phases,
         };
         for run in staged.runs {

@@ -336,9 +336,16 @@ fn backup_loss_then_reprotect_then_destroy_fails_over() {
     // An operator's pause holds across checkpoints (which stop and resume
     // the guest themselves): ticks stop while checkpoints go on.
     assert!(primary.cli(&["pause", "vm"]).ok);
-    let paused_at = now_ms();
     let at_pause = last_tick(&primary.console("vm")).unwrap();
-    let captured = follow.checkpoint_after(paused_at).unwrap();
+    // The checkpoint that captures the paused guest says so. (It may
+    // begin before this test reads the clock after `pause` returns, and
+    // none follows it while the guest is paused: a time cannot find it.)
+    let captured = loop {
+        let ev = follow.event("checkpoint").unwrap();
+        if ev["guest_held"] == true {
+            break ev;
+        }
+    };
     // The paused state is captured once; the session stays alive (the
     // backup does not fail over) and the guest stays paused.
     assert_eq!(primary.vm("vm").unwrap()["state"], "p", "after {captured}");

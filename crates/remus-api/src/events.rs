@@ -173,8 +173,10 @@ pub struct DiskSyncStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrateStats {
     pub total_ms: f64,
-    /// Guest paused at the source → the destination's confirmation that it
-    /// runs the VM (sent once it has resumed the VM).
+    /// Guest stopped at the source → the destination's confirmation that
+    /// it runs the VM (sent once it has resumed the VM), as the source
+    /// sees it. The wait before the stop, while the guest takes the
+    /// frames QEMU holds for it, is not counted: the guest runs then.
     pub downtime_ms: f64,
     pub bytes: u64,
     pub rounds: u64,

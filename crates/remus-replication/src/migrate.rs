@@ -192,10 +192,10 @@ pub fn migrate(
     // guest left stopped. No operator pause or unpause may interleave
     // until the destination has answered; a guest the operator paused
     // stays paused whatever happens.
-    let t_down = Instant::now();
     let (_run_state, held) = vm.checkpoint_guard();
+    let t_down = Instant::now();
     let epoch = Epoch(round);
-    let result = (|| -> Result<u64, ReplError> {
+    let result = (|| -> Result<(u64, f64), ReplError> {
         let staged = capture.take_checkpoint(
             epoch,
             held,
@@ -205,6 +205,9 @@ pub fn migrate(
             std::mem::take(&mut runs),
         )?;
         let final_pages = staged.dirty_pages();
+        // Before its `stop` the guest ran on while it took the frames
+        // QEMU held for it: not downtime.
+        let ran_on = staged.phases.inbound;
         if disks.active() {
             // Every guest write since the sync, then the seals: the
             // destination applies them with this checkpoint.
@@ -217,9 +220,9 @@ pub fn migrate(
         // The guest is stopped: no cap.
         bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut(), None)?;
         wait_ack(&mut reader, epoch)?;
-        Ok(final_pages)
+        Ok((final_pages, ran_on))
     })();
-    let final_pages = match result {
+    let (final_pages, ran_on) = match result {
         Ok(v) => v,
         Err(e) => {
             // Nothing switched: the source carries on.
@@ -258,7 +261,7 @@ pub fn migrate(
     }
     let stats = MigrateStats {
         total_ms: t_start.elapsed().as_secs_f64() * 1e3,
-        downtime_ms: t_down.elapsed().as_secs_f64() * 1e3,
+        downtime_ms: (t_down.elapsed().as_secs_f64() * 1e3 - ran_on).max(0.0),
         bytes,
         rounds: round,
         final_pages,

@@ -306,22 +306,30 @@ impl Drop for OwnQemu {
     }
 }
 
-/// The same guest as the agents run it (q35, TCG with `-cpu max`, RAM in a
-/// shared file), started directly with `cmdline` on its kernel command
-/// line; `incoming` adds `-incoming URI`.
+/// The same guest as the agents run it (q35 on `accel`, the accelerator
+/// the agents chose for the protected guest, with their default CPU model
+/// for it; RAM in a shared file), started directly with `cmdline` on its
+/// kernel command line; `incoming` adds `-incoming URI`.
 pub(crate) fn own_qemu(
     dir: &Path,
     tag: &str,
     img: &GuestImage,
+    accel: &str,
     cmdline: &str,
     incoming: Option<&str>,
 ) -> Result<OwnQemu> {
+    // remus-vm's DEFAULT_TCG_CPU and DEFAULT_KVM_CPU.
+    let cpu = match accel {
+        "tcg" => "max",
+        "kvm" => "host",
+        other => bail!("the agents ran the guest on {other:?}: no baseline for that"),
+    };
     let qmp = dir.join(format!("{tag}.qmp"));
     let serial = dir.join(format!("{tag}.serial"));
     let ram = dir.join(format!("{tag}.ram"));
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-accel", accel, "-cpu", cpu])
         .arg("-object")
         .arg(format!(
             "memory-backend-file,id=ram0,size=256M,mem-path={},share=on",

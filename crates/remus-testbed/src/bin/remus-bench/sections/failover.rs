@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use remus_testbed::{Agent, Binaries, GuestImage, Lan, ProtectFollower, SeqClient, write_key};
 use serde_json::{Value, json};
 
-use crate::harness::create_vm;
+use crate::harness::{accel_of, create_vm};
 use crate::opts::Opts;
 use crate::report::{Target, percentile, stats};
 use crate::sections::net::{NET_REPL_PORT, NET_VM_IP, net_vm_config};
@@ -23,10 +23,12 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
         sections,
         runs,
         targets,
+        other_accel,
         ..
     } = r;
     eprintln!("remus-bench: failover rounds ...");
     let f = run_failover(bins, img, o)?;
+    other_accel.extend(f.accel.iter().cloned());
     sections.push(render_failover(&f));
     runs.insert("failover".into(), f.json());
     let frozen: Vec<f64> = f
@@ -101,6 +103,8 @@ struct FailoverRound {
 }
 
 struct FailoverRun {
+    /// The accelerators the guests ran on (after failover, on the backup).
+    accel: Vec<String>,
     rounds: Vec<FailoverRound>,
     timeout_ms: u64,
     interval_ms: u64,
@@ -176,6 +180,7 @@ fn run_failover(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<FailoverR
     );
     let mut etcd = None;
     let mut rounds = Vec::new();
+    let mut accel = Vec::new();
     let mut n = 0u64;
     for (ttl, count) in plan {
         let mut arb_args: Vec<String> = Vec::new();
@@ -244,12 +249,16 @@ fn run_failover(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<FailoverR
                 response_ms: round.1,
                 longest_gap_ms: round.2,
             });
+            accel.push(accel_of(&backup, &vm));
             let _ = backup.cli(&["destroy", &vm]);
             primary.kill_hard();
             n += 1;
         }
     }
+    accel.sort();
+    accel.dedup();
     Ok(FailoverRun {
+        accel,
         rounds,
         timeout_ms: TIMEOUT,
         interval_ms: INTERVAL,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, write_key};
 use serde_json::{Value, json};
 
-use crate::harness::own_qemu;
+use crate::harness::{accel_of, own_qemu};
 use crate::pause::{Workload, dirty_rates};
 use crate::report::{Target, r3};
 use crate::suite::{Ctx, Report, reference};
@@ -19,10 +19,12 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
         sections,
         runs,
         targets,
+        other_accel,
         ..
     } = r;
     eprintln!("remus-bench: remus migrate against QEMU's live migration ...");
     let mg = run_migrate(bins, img)?;
+    other_accel.extend(mg.iter().map(|c| c.accel.clone()));
     sections.push(render_migrate(&mg));
     runs.insert(
         "migrate".into(),
@@ -54,7 +56,8 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
 struct MigrationResult {
     total_ms: f64,
     /// Guest paused at the source → running at the destination (remus:
-    /// until the destination's confirmation, sent once it has resumed it).
+    /// from its `stop` until the destination's confirmation, sent once it
+    /// has resumed the VM).
     downtime_ms: f64,
     bytes: u64,
     /// QEMU only: `query-migrate`'s own downtime (source stop → end of
@@ -70,6 +73,9 @@ fn median_run(mut v: Vec<MigrationResult>) -> MigrationResult {
 
 struct MigrateCase {
     workload: Workload,
+    /// The accelerator the agents ran the guest on (QEMU's own runs use
+    /// it too).
+    accel: String,
     remus: MigrationResult,
     /// QEMU at its default downtime limit (300 ms).
     qemu: MigrationResult,
@@ -103,7 +109,7 @@ impl MigrateCase {
             json!({"total_ms": r3(r.total_ms), "downtime_ms": r3(r.downtime_ms), "bytes": r.bytes,
             "reported_downtime_ms": r.reported_downtime_ms})
         };
-        json!({"workload": self.workload.label(), "remus": j(&self.remus), "qemu": j(&self.qemu),
+        json!({"workload": self.workload.label(), "accel": self.accel, "remus": j(&self.remus), "qemu": j(&self.qemu),
             "qemu_tight": self.qemu_tight.as_ref().map(j), "qemu_tight_downtime_limit_ms": TIGHT_DOWNTIME_MS})
     }
 }
@@ -114,10 +120,13 @@ fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
         let mut rs = Vec::new();
         let mut qs = Vec::new();
         let mut ts = Vec::new();
+        let mut accel = String::new();
         for _ in 0..MIGRATE_RUNS {
-            rs.push(remus_migration(bins, img, w)?);
-            qs.push(qemu_migration(img, w, None)?);
-            match qemu_migration(img, w, Some(TIGHT_DOWNTIME_MS)) {
+            let (r, a) = remus_migration(bins, img, w)?;
+            rs.push(r);
+            accel = a;
+            qs.push(qemu_migration(img, &accel, w, None)?);
+            match qemu_migration(img, &accel, w, Some(TIGHT_DOWNTIME_MS)) {
                 Ok(t) => ts.push(t),
                 Err(e) => {
                     eprintln!("remus-bench:   QEMU at downtime-limit {TIGHT_DOWNTIME_MS} ms: {e:#}")
@@ -140,6 +149,7 @@ fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
         );
         out.push(MigrateCase {
             workload: w,
+            accel,
             remus,
             qemu,
             qemu_tight,
@@ -167,7 +177,12 @@ fn wait_workload(agent: &Agent, vm: &str, w: Workload) -> Result<String> {
     })
 }
 
-fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<MigrationResult> {
+/// One `remus migrate` of a fresh guest; with the accelerator it ran on.
+fn remus_migration(
+    bins: &Binaries,
+    img: &GuestImage,
+    w: Workload,
+) -> Result<(MigrationResult, String)> {
     let keydir = tempfile::tempdir()?;
     let key = write_key(keydir.path());
     let key_s = key.to_str().context("key path")?;
@@ -181,6 +196,7 @@ fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<Mig
         bail!("create: {}", o.stderr.trim());
     }
     wait_workload(&src, vm, w)?;
+    let accel = accel_of(&src, vm);
     let o = src.cli(&["migrate", "--json", vm, &peer]);
     if !o.ok {
         bail!("remus migrate: {}", o.stderr.trim());
@@ -193,12 +209,13 @@ fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<Mig
         .context("remus migrate printed no done event")?;
     wait_workload(&dest, vm, w)?;
     let _ = dest.cli(&["destroy", vm]);
-    Ok(MigrationResult {
+    let r = MigrationResult {
         total_ms: done["total_ms"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         bytes: done["bytes"].as_u64().unwrap_or(0),
         reported_downtime_ms: None,
-    })
+    };
+    Ok((r, accel))
 }
 
 /// QEMU's own migration of the guest; `downtime_limit` (ms) replaces its
@@ -206,6 +223,7 @@ fn remus_migration(bins: &Binaries, img: &GuestImage, w: Workload) -> Result<Mig
 /// [`TIGHT_TIMEOUT`] is cancelled and is an error.
 fn qemu_migration(
     img: &GuestImage,
+    accel: &str,
     w: Workload,
     downtime_limit: Option<u64>,
 ) -> Result<MigrationResult> {
@@ -213,8 +231,8 @@ fn qemu_migration(
     let dir = remus_testbed::ram_tempdir()?;
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let dst = own_qemu(dir.path(), "dst", img, &w.cmdline(), Some(&uri))?;
-    let src = own_qemu(dir.path(), "src", img, &w.cmdline(), None)?;
+    let dst = own_qemu(dir.path(), "dst", img, accel, &w.cmdline(), Some(&uri))?;
+    let src = own_qemu(dir.path(), "src", img, accel, &w.cmdline(), None)?;
     let wait = Duration::from_secs(30);
     let sq = remus_qmp::Qmp::connect(&src.qmp, wait).context("QMP of the source QEMU")?;
     let dq = remus_qmp::Qmp::connect(&dst.qmp, wait).context("QMP of the destination QEMU")?;
@@ -284,18 +302,24 @@ fn qemu_migration(
 fn render_migrate(cases: &[MigrateCase]) -> String {
     let mut md = format!(
         "### `remus migrate` against QEMU's live migration\n\n\
-         The same 256 MiB guest (q35, TCG, RAM in a shared file) over 127.0.0.1. QEMU: `migrate` with `max-bandwidth` \
+         The same 256 MiB guest (q35, {}, RAM in a shared file) over 127.0.0.1. QEMU: `migrate` with `max-bandwidth` \
          raised to 100 GiB/s (its default caps at 128 MiB/s; remus has no cap) and its default 300 ms downtime limit (QEMU stops the guest \
          once it estimates the rest fits in that limit, so it may copy much of RAM while the guest is stopped), then again \
          with `downtime-limit` {TIGHT_DOWNTIME_MS} ms (what an operator who wants the shortest pause sets; such a run that has not \
          converged in {} s is cancelled); \
          its total time and bytes are `query-migrate`'s total-time and ram.transferred; its downtime is the source's STOP event \
-         to the destination's RESUME event (QEMU's timestamps), as remus counts its own, with `query-migrate`'s downtime \
-         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime is source \
-         paused → the destination's confirmation that it runs the VM (sent once it has resumed the VM); bytes include device state (compressed). Each figure is the run with the median \
+         to the destination's RESUME event (QEMU's timestamps), with `query-migrate`'s downtime \
+         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime is the source's \
+         `stop` → the destination's confirmation that it runs the VM reaching the source (sent once it has resumed the VM): \
+         it counts the `stop` command's round trip and the confirmation's way back, which QEMU's event timestamps do not; \
+         bytes include device state (compressed). Each figure is the run with the median \
          downtime of three; the target compares remus with the better of QEMU's two.\n\n\
          | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | QEMU at {TIGHT_DOWNTIME_MS} ms: total ms | downtime ms | remus MiB | QEMU MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        cases
+            .first()
+            .map_or("?", |c| c.accel.as_str())
+            .to_uppercase(),
         TIGHT_TIMEOUT.as_secs()
     );
     for c in cases {
@@ -338,6 +362,7 @@ mod tests {
     fn case(qemu: f64, tight: Option<f64>) -> MigrateCase {
         MigrateCase {
             workload: Workload::Idle,
+            accel: "kvm".into(),
             remus: result(6.0),
             qemu: result(qemu),
             qemu_tight: tight.map(result),
@@ -355,6 +380,7 @@ mod tests {
     fn the_table_shows_both_qemu_series_and_a_tight_series_that_never_completed() {
         let md = render_migrate(&[case(77.0, Some(9.0)), case(170.0, None)]);
         assert!(md.contains("with `downtime-limit` 5 ms"), "{md}");
+        assert!(md.contains("(q35, KVM, RAM in a shared file)"), "{md}");
         assert!(md.contains("| 6.0 | 77.0 (76) | 300 | 9.0 (8) |"), "{md}");
         assert!(
             md.contains("| 6.0 | 170.0 (169) | — | none completed |"),

@@ -14,6 +14,7 @@ use remus_testbed::{
 };
 use serde_json::{Value, json};
 
+use crate::harness::accel_of;
 use crate::report::stats;
 use crate::suite::{Ctx, Report};
 
@@ -27,7 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// The `restart` section of the suite.
 pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
     eprintln!("remus-bench: agent restarts under a running VM ...");
-    let cases = run_restarts(cx.img, cx)?;
+    let (cases, accel) = run_restarts(cx.img, cx)?;
     for c in &cases {
         eprintln!(
             "remus-bench:   {}: client waited p50 {:.0} ms; protection restored p50 {}",
@@ -45,7 +46,7 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
         "restart".into(),
         json!({"rounds": ROUNDS, "cases": cases.iter().map(Case::json).collect::<Vec<_>>()}),
     );
-    r.other_accel.push("tcg".into());
+    r.other_accel.push(accel);
     Ok(())
 }
 
@@ -147,7 +148,8 @@ fn restored(h: &Agent, after: u64, since: Instant) -> Result<f64> {
     }
 }
 
-fn run_restarts(img: &GuestImage, cx: &Ctx) -> Result<Vec<Case>> {
+/// The cases, and the accelerator the VM ran on.
+fn run_restarts(img: &GuestImage, cx: &Ctx) -> Result<(Vec<Case>, String)> {
     let lan = Lan::standard("brs")?;
     let files = PairFiles::new(256 << 20);
     let mut a = agent(cx, &lan, "a", &files)?;
@@ -160,6 +162,7 @@ fn run_restarts(img: &GuestImage, cx: &Ctx) -> Result<Vec<Case>> {
         &files.disk,
         lan.host("c"),
     );
+    let accel = accel_of(&a, VM);
     let mut cases = Vec::new();
     for (name, how) in [
         ("unprotected, agent stopped (SIGTERM)", Stop::Term),
@@ -237,7 +240,7 @@ fn run_restarts(img: &GuestImage, cx: &Ctx) -> Result<Vec<Case>> {
     if !out.ok {
         eprintln!("remus-bench:   protect --stop: {}", out.stderr.trim());
     }
-    Ok(cases)
+    Ok((cases, accel))
 }
 
 fn render(cases: &[Case]) -> String {

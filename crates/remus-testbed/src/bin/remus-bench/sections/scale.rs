@@ -189,10 +189,11 @@ fn render(sc: &Scale) -> String {
          protected. Ratios are against VM1 alone (first window) and against the window with the same VMs \
          running, only VM1 protected (second window), which separates the cost of the other sessions \
          from that of the other guests' CPU. Both hosts are agents on this machine: the {VMS} guests \
-         (TCG), the {VMS} standbys, both agents and the link share its two cores.\n\n\
+         ({}), the {VMS} standbys, both agents and the link share its two cores.\n\n\
          | window | VM1 n | pause p50 ms | p99 | ack p50 ms | p99 | pause p50 × alone | ack p50 × alone | pause p50 × same VMs unprotected | ack p50 × same VMs unprotected | other VMs' pause p50 ms | ack p50 ms |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        VMS - 1
+        VMS - 1,
+        sc.accel.to_uppercase()
     );
     let (alone, base) = (&sc.phases[0], &sc.phases[1]);
     let (ap, aa) = (stats(&alone.vm1.pause), stats(&alone.vm1.ack));

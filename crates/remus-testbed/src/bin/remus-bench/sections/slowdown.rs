@@ -283,7 +283,7 @@ fn run_slowdown(bins: &Binaries, img: &GuestImage, o: &Opts) -> Result<Slowdown>
     let _ = primary.cli(&["destroy", vm]);
     drop(primary);
     drop(backup);
-    let qemu_only = qemu_only_slowdown(img, seconds)?;
+    let qemu_only = qemu_only_slowdown(img, &accel, seconds)?;
     Ok(Slowdown {
         accel,
         cases,
@@ -299,10 +299,11 @@ const CPUMEM_WARMUP_LINES: usize = 15;
 /// or `stop` + a device-state save remus does (QEMU's full stream:
 /// `migrate` to a file with `x-ignore-shared`; or device-only state:
 /// `xen-save-devices-state`) + `cont`; no remus, no copying, no backup.
-fn qemu_only_slowdown(img: &GuestImage, seconds: u64) -> Result<Vec<(String, f64)>> {
-    // On tmpfs, as the agents' RAM: QEMU alone on the same file system.
+fn qemu_only_slowdown(img: &GuestImage, accel: &str, seconds: u64) -> Result<Vec<(String, f64)>> {
+    // On tmpfs, as the agents' RAM: QEMU alone on the same file system,
+    // on the protected guest's accelerator.
     let dir = remus_testbed::ram_tempdir()?;
-    let q = own_qemu(dir.path(), "alone", img, SLOWDOWN_WORKLOAD, None)?;
+    let q = own_qemu(dir.path(), "alone", img, accel, SLOWDOWN_WORKLOAD, None)?;
     let qmp = remus_qmp::Qmp::connect(&q.qmp, Duration::from_secs(30))?;
     qmp.execute(
         "migrate-set-capabilities",

@@ -495,6 +495,11 @@ struct State {
     acked_up_to: Option<u64>,
     /// From the last acknowledged checkpoint's End to its ack.
     last_ack: Option<Duration>,
+    /// An ack read before the sender recorded its checkpoint in
+    /// `in_flight` (the sender is between that checkpoint's End frame and
+    /// the record, e.g. descheduled): its epoch and when it was read. The
+    /// sender then reports that checkpoint itself.
+    early_ack: Option<(u64, Instant)>,
     /// Checkpoints acknowledged (the initial copy not counted).
     committed: u64,
     /// The backup answered a switch-over with Done: it runs the VM now.
@@ -505,6 +510,54 @@ struct State {
     digests: VecDeque<DiskDigests>,
     sender_done: bool,
     reader_done: bool,
+}
+
+impl State {
+    /// The backup acknowledged `epoch` (read at `read_at`): the
+    /// checkpoint's report with its ack time, if the sender has recorded
+    /// it. A checkpoint's ack can overtake its record (see `early_ack`);
+    /// an initial copy is never recorded, and its ack is reported by no
+    /// one.
+    fn take_acked(&mut self, epoch: Epoch, read_at: Instant) -> Option<CheckpointStats> {
+        match self.in_flight.remove(&epoch.0) {
+            Some((mut stats, end_sent)) => {
+                let ack = read_at.saturating_duration_since(end_sent);
+                self.last_ack = Some(ack);
+                stats.ack_ms = ack.as_secs_f64() * 1e3;
+                Some(stats)
+            }
+            None => {
+                if epoch.0 > 0 {
+                    self.early_ack = Some((epoch.0, read_at));
+                }
+                None
+            }
+        }
+    }
+
+    /// The sender sent checkpoint `epoch`, its End frame at `end_sent`:
+    /// recorded as in flight, or, if its ack was read already, its report
+    /// with the ack time (the caller publishes it).
+    fn record_sent(
+        &mut self,
+        epoch: u64,
+        mut stats: CheckpointStats,
+        end_sent: Instant,
+    ) -> Option<CheckpointStats> {
+        match self.early_ack {
+            Some((e, read_at)) if e == epoch => {
+                self.early_ack = None;
+                let ack = read_at.saturating_duration_since(end_sent);
+                self.last_ack = Some(ack);
+                stats.ack_ms = ack.as_secs_f64() * 1e3;
+                Some(stats)
+            }
+            _ => {
+                self.in_flight.insert(epoch, (stats, end_sent));
+                None
+            }
+        }
+    }
 }
 
 /// What the sender finds in the hand-off slot.
@@ -717,7 +770,15 @@ pub fn protect(
         let (shared, disks, pacer) = (&shared, &disks, pacer.as_ref());
         let sender = s.spawn(move || {
             let enc = cfg.compress.map(remus_proto::delta::DeltaEncoder::new);
-            sender_loop(writer, &cfg.tuning, shared, disks, enc, &pool, pacer);
+            sender_loop(
+                writer,
+                &cfg.tuning,
+                (shared, events),
+                disks,
+                enc,
+                &pool,
+                pacer,
+            );
         });
         let ack_reader = s.spawn(move || {
             ack_loop(
@@ -1415,11 +1476,7 @@ fn acknowledged(
         if epoch.0 > 0 {
             s.committed += 1;
         }
-        let entry = s.in_flight.remove(&epoch.0);
-        if let Some((_, at)) = &entry {
-            s.last_ack = Some(at.elapsed());
-        }
-        entry
+        s.take_acked(epoch, Instant::now())
     });
     if epoch.0 == 0 {
         return;
@@ -1434,8 +1491,7 @@ fn acknowledged(
     if let Some(c) = on_commit {
         (c.0)(epoch);
     }
-    if let Some((mut stats, at)) = entry {
-        stats.ack_ms = at.elapsed().as_secs_f64() * 1e3;
+    if let Some(stats) = entry {
         events(SessionEvent::Checkpoint(stats));
     }
 }
@@ -1518,7 +1574,7 @@ impl Drop for SenderDone<'_> {
 fn sender_loop(
     stream: Channel,
     tuning: &Tuning,
-    shared: &Shared,
+    (shared, events): (&Shared, &(dyn Fn(SessionEvent) + Sync)),
     disks: &PrimaryDisks,
     mut enc: Option<remus_proto::delta::DeltaEncoder>,
     pool: &staging::BufferPool,
@@ -1677,10 +1733,14 @@ fn sender_loop(
                     disk_bytes,
                     ..stats
                 };
-                shared
-                    .lock()
-                    .in_flight
-                    .insert(epoch, (stats, Instant::now()));
+                // `last_sent` is when its End frame went out. Its ack may
+                // have been read already (the backup was quicker than
+                // this thread): then it is reported here, else when the
+                // ack comes.
+                let acked_first = shared.lock().record_sent(epoch, stats, last_sent);
+                if let Some(stats) = acked_first {
+                    events(SessionEvent::Checkpoint(stats));
+                }
             }
             Ok(_) => {}
             // The session ended during a capped initial copy: its
@@ -1802,6 +1862,42 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_checkpoint_is_reported_once_whether_its_ack_or_its_record_comes_first() {
+        let end_sent = Instant::now();
+        let stats = |epoch| CheckpointStats {
+            epoch,
+            bytes: 900,
+            ..Default::default()
+        };
+        // The usual order: recorded at its End, reported at its ack.
+        let mut st = State::default();
+        assert_eq!(st.record_sent(7, stats(7), end_sent), None);
+        let read_at = end_sent + Duration::from_micros(1500);
+        let cp = st
+            .take_acked(Epoch(7), read_at)
+            .expect("reported at the ack");
+        assert_eq!((cp.epoch, cp.bytes, cp.ack_ms), (7, 900, 1.5));
+        assert!(st.in_flight.is_empty() && st.early_ack.is_none());
+        // The ack read before the sender recorded its checkpoint (the
+        // sender descheduled after the End frame): nothing to report at
+        // the ack, the sender reports it, and nothing stays in flight.
+        assert_eq!(st.take_acked(Epoch(8), read_at), None);
+        let cp = st
+            .record_sent(8, stats(8), end_sent)
+            .expect("reported by the sender");
+        assert_eq!((cp.epoch, cp.ack_ms), (8, 1.5));
+        assert_eq!(st.last_ack, Some(Duration::from_micros(1500)));
+        assert!(st.in_flight.is_empty() && st.early_ack.is_none());
+        // An initial copy's ack (epoch 0) waits for no report, and an
+        // early ack of another epoch does not swallow this one.
+        assert_eq!(st.take_acked(Epoch(0), read_at), None);
+        assert!(st.early_ack.is_none());
+        assert_eq!(st.take_acked(Epoch(9), read_at), None);
+        assert_eq!(st.record_sent(10, stats(10), end_sent), None);
+        assert!(st.in_flight.contains_key(&10));
     }
 
     #[test]

@@ -520,12 +520,7 @@ impl State {
     /// one.
     fn take_acked(&mut self, epoch: Epoch, read_at: Instant) -> Option<CheckpointStats> {
         match self.in_flight.remove(&epoch.0) {
-            Some((mut stats, end_sent)) => {
-                let ack = read_at.saturating_duration_since(end_sent);
-                self.last_ack = Some(ack);
-                stats.ack_ms = ack.as_secs_f64() * 1e3;
-                Some(stats)
-            }
+            Some((stats, end_sent)) => Some(self.acked_report(stats, end_sent, read_at)),
             None => {
                 if epoch.0 > 0 {
                     self.early_ack = Some((epoch.0, read_at));
@@ -541,22 +536,33 @@ impl State {
     fn record_sent(
         &mut self,
         epoch: u64,
-        mut stats: CheckpointStats,
+        stats: CheckpointStats,
         end_sent: Instant,
     ) -> Option<CheckpointStats> {
         match self.early_ack {
             Some((e, read_at)) if e == epoch => {
                 self.early_ack = None;
-                let ack = read_at.saturating_duration_since(end_sent);
-                self.last_ack = Some(ack);
-                stats.ack_ms = ack.as_secs_f64() * 1e3;
-                Some(stats)
+                Some(self.acked_report(stats, end_sent, read_at))
             }
             _ => {
                 self.in_flight.insert(epoch, (stats, end_sent));
                 None
             }
         }
+    }
+
+    /// An acknowledged checkpoint's report: its End frame went out at
+    /// `end_sent`, its ack was read at `read_at`.
+    fn acked_report(
+        &mut self,
+        mut stats: CheckpointStats,
+        end_sent: Instant,
+        read_at: Instant,
+    ) -> CheckpointStats {
+        let ack = read_at.saturating_duration_since(end_sent);
+        self.last_ack = Some(ack);
+        stats.ack_ms = ack.as_secs_f64() * 1e3;
+        stats
     }
 }
 

@@ -213,6 +213,14 @@ pub fn migrate(
             // destination applies them with this checkpoint.
             bytes += sealer.write_records(&mut w, &disks.journal.take())?;
             sealer.seal(&mut w, Epoch(1))?;
+            // The journal's epoch 2 began at the stop: it holds only the
+            // flushes QEMU made while it saved the device state (the guest
+            // is stopped; they were queued before the save returned). They
+            // are sealed before the checkpoint's own epoch, or that seal
+            // would find them open when the final epoch is above 2.
+            if epoch > Epoch(2) {
+                sealer.seal(&mut w, Epoch(2))?;
+            }
             if epoch != Epoch(1) {
                 sealer.seal(&mut w, epoch)?;
             }

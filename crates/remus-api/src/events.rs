@@ -181,6 +181,13 @@ pub struct MigrateStats {
     pub bytes: u64,
     pub rounds: u64,
     pub final_pages: u64,
+    /// QEMU's timestamp of the guest's stop at the source (its STOP
+    /// event, µs since the Unix epoch, by the source host's clock). The
+    /// destination's agent logs the VM's RESUME the same way
+    /// (`resumed_at_us`): with the two hosts' clocks in step, the guest's
+    /// downtime by QEMU's own events is the difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at_us: Option<u64>,
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ pub struct FailoverStats {
     pub epoch: u64,
     pub load_ms: f64,
     pub cont_ms: f64,
+    /// QEMU's timestamp of the VM's RESUME (µs since the Unix epoch, this
+    /// host's clock), when seen.
+    pub resumed_at_us: Option<u64>,
 }
 
 /// Loads the committed device state into the standby QEMU (started with
@@ -18,18 +21,73 @@ pub struct FailoverStats {
 /// its incoming migration listening since it started or was adopted:
 /// see `Vm::start`, `Vm::adopt`), resumes it and announces its MACs.
 pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplError> {
+    resume_loading(standby, replica, None)
+}
+
+/// A load of the committed device state begun before the switch-over
+/// ([`begin_load`]), for the epoch it was begun at.
+pub struct EarlyLoad {
+    epoch: remus_proto::Epoch,
+    loading: devstate::Loading,
+}
+
+/// Begins loading the device state just committed at `epoch` into the
+/// standby, its VM held stopped until [`resume_loading`] (a migration's
+/// destination, between its commit of the last checkpoint and the
+/// switch-over order). Only for a standby started for device-only state
+/// (`-S`, no `cont` sent): see [`devstate::begin_load`].
+///
+/// `to`: the standby's incoming migration opened ahead
+/// ([`devstate::connect_incoming`]), if it was.
+pub fn begin_load(
+    standby: &Vm,
+    state: &std::path::Path,
+    epoch: remus_proto::Epoch,
+    to: Option<devstate::Incoming>,
+) -> Result<EarlyLoad, ReplError> {
+    if !standby.devices_only_state() {
+        return Err(ReplError::Setup(
+            "an early load needs a standby started for device-only state (-S)".into(),
+        ));
+    }
+    let loading = devstate::begin_load(standby.qmp(), state, &standby.paths.incoming_socket(), to)
+        .map_err(|source| ReplError::DevState {
+            what: "load",
+            source,
+        })?;
+    Ok(EarlyLoad { epoch, loading })
+}
+
+/// [`resume`], or, with `early`, runs the VM the early load holds, which
+/// must be of the committed epoch (a later commit would pair its RAM with
+/// older device state: refused, the VM is not run).
+pub fn resume_loading(
+    standby: &Vm,
+    replica: &Replica,
+    early: Option<EarlyLoad>,
+) -> Result<FailoverStats, ReplError> {
     let epoch = replica
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
-    let loaded = devstate::load_and_run(
-        standby.qmp(),
-        replica.device_state_path(),
-        &standby.paths.incoming_socket(),
-    )
-    .map_err(|source| ReplError::DevState {
+    let dev_err = |source| ReplError::DevState {
         what: "load",
         source,
-    })?;
+    };
+    let loaded = match early {
+        Some(e) if e.epoch != epoch => {
+            return Err(ReplError::Protocol(format!(
+                "the device state loaded early is of {} but {epoch} is committed: not resumed",
+                e.epoch
+            )));
+        }
+        Some(e) => e.loading.run(standby.qmp()).map_err(dev_err)?,
+        None => devstate::load_and_run(
+            standby.qmp(),
+            replica.device_state_path(),
+            &standby.paths.incoming_socket(),
+        )
+        .map_err(dev_err)?,
+    };
     if !standby.config.vifs.is_empty() {
         standby.announce_in_background();
     }
@@ -37,6 +95,7 @@ pub fn resume(standby: &Vm, replica: &Replica) -> Result<FailoverStats, ReplErro
         epoch: epoch.0,
         load_ms: loaded.load_ms,
         cont_ms: loaded.cont_ms,
+        resumed_at_us: loaded.resumed_at_us,
     })
 }
 

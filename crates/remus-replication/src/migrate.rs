@@ -5,9 +5,11 @@
 //!   InitialSync(0): every page with data  ───►   written to the replica
 //!   Round(1..k): pages dirtied meanwhile  ───►   written to the replica
 //!   stop; Checkpoint(k+1): last dirty pages
-//!         + device state                  ───►   committed
+//!         + device state                  ───►   committed; its device
+//!                                                state streams into QEMU
 //!                                         ◄───   Ack(k+1)
-//!   SwitchOver(k+1)                       ───►   load device state, cont
+//!   SwitchOver(k+1)                       ───►   cont (QEMU runs the VM
+//!                                                once the load ends)
 //!                                         ◄───   Done
 //!   (caller destroys the source)
 //! ```
@@ -193,6 +195,8 @@ pub fn migrate(
     // until the destination has answered; a guest the operator paused
     // stays paused whatever happens.
     let (_run_state, held) = vm.checkpoint_guard();
+    // For QEMU's timestamp of the stop.
+    let qemu_events = vm.qmp().subscribe();
     let t_down = Instant::now();
     let epoch = Epoch(round);
     let result = (|| -> Result<(u64, f64), ReplError> {
@@ -273,6 +277,10 @@ pub fn migrate(
         bytes,
         rounds: round,
         final_pages,
+        stopped_at_us: qemu_events
+            .try_iter()
+            .find(|ev| ev.name == "STOP")
+            .and_then(|ev| ev.timestamp_us),
     };
     events(SessionEvent::Done(stats.clone()));
     Ok(stats)

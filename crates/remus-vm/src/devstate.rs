@@ -49,6 +49,9 @@
 //!   → MIGRATION completed, RESUME (QEMU ran the VM itself)
 //! ```
 //! A VM the stream left paused is resumed by [`load_and_run`] itself.
+//! A migration's destination with a `-S` standby streams the state in
+//! earlier ([`begin_load`], no `cont`: the VM stays paused after the
+//! load) and sends the `cont` at the switch-over ([`Loading::run`]).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -255,6 +258,9 @@ pub struct Loaded {
     pub load_ms: f64,
     /// From then until the VM was known to run.
     pub cont_ms: f64,
+    /// QEMU's timestamp of its RESUME event (µs since the Unix epoch, by
+    /// this host's clock), when the event was seen.
+    pub resumed_at_us: Option<u64>,
 }
 
 /// Streams the device state in `state` into a standby's QEMU that
@@ -270,48 +276,226 @@ pub struct Loaded {
 /// A stream that says the VM was paused when saved leaves it paused
 /// whatever `-S` said: the runstate says so and one more `cont` runs it.
 pub fn load_and_run(qmp: &Qmp, state: &Path, socket: &Path) -> Result<Loaded, DevStateError> {
-    const OP: &str = "load device state";
-    let qmp_err = |source| DevStateError::Qmp { op: OP, source };
     let events = qmp.subscribe();
-    let t = Instant::now();
-    let deadline = t + STATE_TIMEOUT;
-    let cont = qmp.send("cont", None).map_err(qmp_err)?;
-    stream_state(state, socket, deadline).map_err(|(what, path, source)| DevStateError::Io {
-        op: OP,
+    let started = Instant::now();
+    let deadline = started + STATE_TIMEOUT;
+    let cont = qmp.send("cont", None).map_err(load_qmp_err)?;
+    stream_state(state, socket, deadline).map_err(load_io_err)?;
+    finish_load(qmp, cont, &events, started, deadline)
+}
+
+const LOAD: &str = "load device state";
+
+fn load_qmp_err(source: QmpError) -> DevStateError {
+    DevStateError::Qmp { op: LOAD, source }
+}
+
+fn load_io_err((what, path, source): StreamError) -> DevStateError {
+    DevStateError::Io {
+        op: LOAD,
         what,
         path,
         source,
-    })?;
-    let mut resumed = false;
-    wait_completed(qmp, OP, &events, deadline, &mut |ev| {
-        resumed |= ev.name == "RESUME";
-    })?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    }
+}
+
+/// What went wrong streaming a state into QEMU: what was done, to which
+/// path.
+type StreamError = (&'static str, PathBuf, std::io::Error);
+
+/// A load of device state under way in a standby's QEMU while its VM
+/// stays stopped ([`begin_load`]); [`Loading::run`] lets the VM run.
+pub struct Loading {
+    events: Receiver<remus_qmp::Event>,
+    started: Instant,
+    deadline: Instant,
+    streaming: std::thread::JoinHandle<Result<(), StreamError>>,
+}
+
+/// Starts streaming the device state in `state` into a standby's QEMU
+/// that [`listen`]s on `socket`, and returns at once: QEMU loads it while
+/// the caller goes on (a migration's destination, between its commit of
+/// the last checkpoint and the source's switch-over order, whose round
+/// trip and the disks' flush then overlap the load instead of preceding
+/// it). The VM does not run at the end of the load: only for a QEMU
+/// started with `-S` (a device-only standby) that has been sent no
+/// `cont`, which then leaves the VM paused whatever the stream says.
+/// Dropping the returned [`Loading`] leaves the VM stopped for good (a
+/// migration that did not switch over discards its destination).
+///
+/// `to`: a connection opened ahead ([`connect_incoming`]); without one,
+/// `socket` is connected to now.
+pub fn begin_load(
+    qmp: &Qmp,
+    state: &Path,
+    socket: &Path,
+    to: Option<Incoming>,
+) -> Result<Loading, DevStateError> {
+    let events = qmp.subscribe();
+    let started = Instant::now();
+    let deadline = started + STATE_TIMEOUT;
+    let (state, socket) = (state.to_path_buf(), socket.to_path_buf());
+    let streaming = std::thread::Builder::new()
+        .name("devstate-load".into())
+        .spawn(move || match to {
+            Some(to) => stream_rest(&state, to, deadline),
+            None => stream_state(&state, &socket, deadline),
+        })
+        .map_err(|e| {
+            load_io_err((
+                "start a thread to stream the state into",
+                PathBuf::from("QEMU"),
+                e,
+            ))
+        })?;
+    Ok(Loading {
+        events,
+        started,
+        deadline,
+        streaming,
+    })
+}
+
+impl Loading {
+    /// Lets the VM run once the load has ended: `cont` now (QEMU still
+    /// loading: it runs the VM itself at the end; loaded: it runs it at
+    /// once), then waits for the end of the load as [`load_and_run`].
+    /// `load_ms` counts from [`begin_load`].
+    pub fn run(self, qmp: &Qmp) -> Result<Loaded, DevStateError> {
+        let cont = qmp.send("cont", None).map_err(load_qmp_err)?;
+        match self.streaming.join() {
+            Ok(r) => r.map_err(load_io_err)?,
+            Err(_) => {
+                return Err(load_io_err((
+                    "stream the state into",
+                    PathBuf::from("QEMU"),
+                    std::io::Error::other("the streaming thread panicked"),
+                )));
+            }
+        }
+        finish_load(qmp, cont, &self.events, self.started, self.deadline)
+    }
+}
+
+/// The end of a load whose `cont` is on its way: waits for QEMU's
+/// `completed` and the `cont`'s answer, and runs a VM the stream left
+/// paused.
+fn finish_load(
+    qmp: &Qmp,
+    cont: Pending<'_>,
+    events: &Receiver<remus_qmp::Event>,
+    started: Instant,
+    deadline: Instant,
+) -> Result<Loaded, DevStateError> {
+    let mut resumed: Option<Option<u64>> = None;
+    let mut seen = |ev: &remus_qmp::Event| {
+        if ev.name == "RESUME" {
+            resumed = Some(ev.timestamp_us);
+        }
+    };
+    wait_completed(qmp, LOAD, events, deadline, &mut seen)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let left = deadline.saturating_duration_since(Instant::now());
-    cont.wait(left).map_err(qmp_err)?;
-    resumed |= events.try_iter().any(|ev| ev.name == "RESUME");
-    tracing::debug!(load_ms, resume_seen = resumed, "device state loaded");
-    if !resumed && qmp.status().map_err(qmp_err)? != "running" {
-        qmp.execute("cont", None).map_err(qmp_err)?;
+    cont.wait(left).map_err(load_qmp_err)?;
+    events.try_iter().for_each(|ev| seen(&ev));
+    tracing::debug!(
+        load_ms,
+        resume_seen = resumed.is_some(),
+        "device state loaded"
+    );
+    if resumed.is_none() && qmp.status().map_err(load_qmp_err)? != "running" {
+        qmp.execute("cont", None).map_err(load_qmp_err)?;
+        resumed = events
+            .try_iter()
+            .find(|ev| ev.name == "RESUME")
+            .map(|ev| ev.timestamp_us);
     }
     Ok(Loaded {
         load_ms,
         cont_ms: t.elapsed().as_secs_f64() * 1e3,
+        resumed_at_us: resumed.flatten(),
     })
 }
 
 /// Copies the file `state` into the socket QEMU listens on, then ends
 /// the stream (QEMU reads to its end, then loads no more).
-fn stream_state(
-    state: &Path,
-    socket: &Path,
-    deadline: Instant,
-) -> Result<(), (&'static str, PathBuf, std::io::Error)> {
+fn stream_state(state: &Path, socket: &Path, deadline: Instant) -> Result<(), StreamError> {
+    let on_socket = |what: &'static str| move |e| (what, socket.to_path_buf(), e);
+    let s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
+    let to = Incoming {
+        s,
+        socket: socket.to_path_buf(),
+        header_sent: false,
+    };
+    stream_rest(state, to, deadline)
+}
+
+/// The first bytes of every migration stream QEMU writes (its file magic
+/// "QEVM" and stream version 3, big-endian), which a load reads before
+/// anything else.
+pub const STREAM_HEADER: [u8; 8] = *b"QEVM\0\0\0\x03";
+
+/// A connection to a standby QEMU's incoming migration, opened before its
+/// device state exists ([`connect_incoming`]).
+pub struct Incoming {
+    s: UnixStream,
+    socket: PathBuf,
+    /// [`STREAM_HEADER`] went ahead: the state's own is checked, not sent.
+    header_sent: bool,
+}
+
+/// Connects to the incoming migration of a standby QEMU that [`listen`]s
+/// on `socket` and sends it the stream's header ([`STREAM_HEADER`]), so
+/// that QEMU accepts the connection and sets its load up (some 0.2 ms,
+/// measured on the 2-core TCG build machine) while the device state is
+/// still on its way; [`begin_load`] then sends the rest. Only for a
+/// migration's destination with a `-S` standby, which loads early
+/// anyway: a standby that may fail over later keeps its socket free.
+pub fn connect_incoming(socket: &Path) -> Result<Incoming, DevStateError> {
+    let on_socket = |what: &'static str| move |e| load_io_err((what, socket.to_path_buf(), e));
+    let mut s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
+    s.set_write_timeout(Some(STATE_TIMEOUT))
+        .map_err(on_socket("set a timeout on"))?;
+    std::io::Write::write_all(&mut s, &STREAM_HEADER)
+        .map_err(on_socket("send the stream header into"))?;
+    Ok(Incoming {
+        s,
+        socket: socket.to_path_buf(),
+        header_sent: true,
+    })
+}
+
+/// Copies the file `state` into `to` (its header checked, not sent, when
+/// it went ahead), then ends the stream (QEMU reads to its end, then
+/// loads no more).
+fn stream_rest(state: &Path, to: Incoming, deadline: Instant) -> Result<(), StreamError> {
+    use std::io::Read;
     let mut file =
         std::fs::File::open(state).map_err(|e| ("open the saved state", state.into(), e))?;
-    let on_socket = |what: &'static str| move |e| (what, socket.to_path_buf(), e);
-    let mut s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
+    let Incoming {
+        mut s,
+        socket,
+        header_sent,
+    } = to;
+    let on_socket = |what: &'static str| {
+        let socket = socket.clone();
+        move |e| (what, socket, e)
+    };
+    if header_sent {
+        let mut head = [0u8; STREAM_HEADER.len()];
+        file.read_exact(&mut head)
+            .map_err(|e| ("read the header of", state.into(), e))?;
+        if head != STREAM_HEADER {
+            return Err((
+                "check the header of",
+                state.into(),
+                std::io::Error::other(format!(
+                    "it does not start as QEMU's migration stream (read {head:02x?})"
+                )),
+            ));
+        }
+    }
     // A QEMU that stops reading must not hold the resume for ever.
     let left = deadline
         .saturating_duration_since(Instant::now())
@@ -439,6 +623,37 @@ mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::UnixListener;
     use std::sync::{Arc, Mutex};
+
+    /// A connection opened ahead carries the header first and then the
+    /// state without its own; a state that does not start with the header
+    /// is refused before any of it is sent.
+    #[test]
+    fn an_incoming_opened_ahead_gets_the_header_once_and_refuses_a_stranger() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("in.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let state = dir.path().join("dev.state");
+        let mut body = STREAM_HEADER.to_vec();
+        body.extend_from_slice(b"sections");
+        std::fs::write(&state, &body).unwrap();
+        let ahead = connect_incoming(&socket).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        stream_rest(&state, ahead, deadline).unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, body, "the header once, then the rest");
+
+        std::fs::write(&state, b"XXXX\0\0\0\x03sections").unwrap();
+        let ahead = connect_incoming(&socket).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let (what, path, e) = stream_rest(&state, ahead, deadline).unwrap_err();
+        assert_eq!((what, path), ("check the header of", state.clone()));
+        assert!(e.to_string().contains("QEMU's migration stream"), "{e}");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, STREAM_HEADER, "nothing of the refused state was sent");
+    }
 
     /// One QMP message of the scripted QEMU: an event.
     fn ev(name: &str, data: &str) -> String {

@@ -132,6 +132,32 @@ fn migration_there_and_back() {
         );
         let log = to.log_text();
         assert!(!log.contains("FAILED"), "{log}");
+        // The destination loaded the device state as the last checkpoint
+        // committed (through the incoming migration opened ahead), and ran
+        // the VM only at the switch-over: QEMU's RESUME there comes after
+        // its STOP at the source.
+        let loaded = log
+            .lines()
+            .rfind(|l| l.contains("migration: loading the committed device state"))
+            .unwrap_or_else(|| panic!("no early load:\n{log}"));
+        assert!(loaded.contains("opened_ahead=true"), "{loaded}");
+        let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");
+        let resumed: u64 = log
+            .lines()
+            .rfind(|l| l.contains("switch-over: VM resumed here"))
+            .and_then(|l| {
+                l.split_once("resumed_at_us=")?
+                    .1
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no resumed_at_us:\n{log}"));
+        assert!(
+            resumed > stopped,
+            "resumed at {resumed} µs, stopped at {stopped} µs"
+        );
         assert!(
             to.vm("mig").is_some(),
             "still there after the session ended"

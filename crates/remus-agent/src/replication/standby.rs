@@ -302,6 +302,21 @@ fn backup_session(
     let vm_name = name.clone();
     let slot2 = slot.clone();
     let slot3 = slot.clone();
+    // A migration's destination with a device-only standby (`-S`) loads
+    // the last checkpoint's device state as soon as it commits, its VM
+    // held stopped: the ack, the switch-over order and the disks' flush
+    // then overlap the load. Only a migration: a protected VM's standby
+    // keeps its incoming migration for a failover from a later epoch.
+    let early_load = session.purpose == Purpose::Migrate && slot.vm.devices_only_state();
+    let early: std::sync::Mutex<Option<Result<remus_replication::failover::EarlyLoad, String>>> =
+        std::sync::Mutex::new(None);
+    let state_path = replica.device_state_path().to_path_buf();
+    // Its QEMU sets the load up ahead, while the copy runs.
+    let ahead = std::sync::Mutex::new(early_load.then(|| {
+        remus_vm::devstate::connect_incoming(&slot.vm.paths.incoming_socket())
+            .inspect_err(|e| tracing::warn!(vm = %name, error = %e, "could not open the destination's incoming migration ahead; it is opened at the load"))
+            .ok()
+    }).flatten());
     let end = remus_replication::backup::receive(
         stream,
         &mut replica,
@@ -310,6 +325,27 @@ fn backup_session(
         &|ev| {
             tracing::debug!(vm = %vm_name, event = ?ev, "backup");
             if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev {
+                if early_load {
+                    note_commit(
+                        &mut early.lock().unwrap_or_else(|p| p.into_inner()),
+                        epoch,
+                        || {
+                            let to = ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
+                            let opened_ahead = to.is_some();
+                            let begun = remus_replication::failover::begin_load(
+                                &slot2.vm,
+                                &state_path,
+                                remus_proto::Epoch(epoch),
+                                to,
+                            )
+                            .map_err(|e| e.to_string());
+                            if begun.is_ok() {
+                                tracing::info!(vm = %vm_name, epoch, opened_ahead, "migration: loading the committed device state before the switch-over; the VM stays paused until it");
+                            }
+                            begun
+                        },
+                    );
+                }
                 agent.observer().backup_committed(&vm_name);
                 if !first_commit.swap(true, std::sync::atomic::Ordering::SeqCst)
                     && target_committed(
@@ -353,7 +389,14 @@ fn backup_session(
                 if failback {
                     crate::copies::track_changes(&slot2.vm, &copy_dir)?;
                 }
-                remus_replication::failover::resume(&slot2.vm, replica).map_err(|e| e.to_string())
+                let early = early.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let loading = match early {
+                    Some(Err(why)) => return Err(why),
+                    Some(Ok(e)) => Some(e),
+                    None => None,
+                };
+                remus_replication::failover::resume_loading(&slot2.vm, replica, loading)
+                    .map_err(|e| e.to_string())
             })();
             let stats = match resumed {
                 Ok(stats) => stats,
@@ -377,7 +420,7 @@ fn backup_session(
                 st.common_epoch = Some(stats.epoch);
                 crate::copies::save(&copy_dir, &vm_name, st);
             }
-            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, "switch-over: VM resumed here");
+            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, resumed_at_us = stats.resumed_at_us, "switch-over: VM resumed here");
             Ok(())
         },
         &|| slot3.vm.exit_status().is_none(),
@@ -416,6 +459,23 @@ fn backup_session(
         protect_back(agent, &name, &setup);
     }
     Ok(())
+}
+
+/// A migration's destination at a commit: the first begins the early
+/// load; QEMU takes one incoming stream, so a later one (an honest source
+/// sends one checkpoint) leaves an error the switch-over refuses with.
+fn note_commit<T>(
+    slot: &mut Option<Result<T, String>>,
+    epoch: u64,
+    begin: impl FnOnce() -> Result<T, String>,
+) {
+    *slot = Some(if slot.is_some() {
+        Err(format!(
+            "a second checkpoint ({epoch}) committed after the first one's device state was loaded: not resumed"
+        ))
+    } else {
+        begin()
+    });
 }
 
 /// The standby's replicated disks, written only when an epoch commits.
@@ -842,5 +902,32 @@ pub(super) fn decide_failover(
             give_back(lease);
             resumed(Err(format!("the VM cannot be resumed: {e}")));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::note_commit;
+
+    #[test]
+    fn only_the_first_commit_of_a_migration_is_loaded_early() {
+        let mut slot: Option<Result<u64, String>> = None;
+        let mut begun = 0;
+        note_commit(&mut slot, 4, || {
+            begun += 1;
+            Ok(4)
+        });
+        assert_eq!(slot, Some(Ok(4)));
+        note_commit(&mut slot, 5, || {
+            begun += 1;
+            Ok(5)
+        });
+        assert_eq!(begun, 1, "a second load was begun");
+        let why = slot.unwrap().unwrap_err();
+        assert!(why.contains("second checkpoint (5)"), "{why}");
+        // A load that could not begin is kept as its error.
+        let mut slot: Option<Result<u64, String>> = None;
+        note_commit(&mut slot, 1, || Err("no thread".into()));
+        assert_eq!(slot, Some(Err("no thread".into())));
     }
 }

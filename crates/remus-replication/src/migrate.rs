@@ -52,7 +52,10 @@ use crate::{ReplError, staging};
 /// Migration settings.
 #[derive(Debug, Clone)]
 pub struct MigrateConfig {
-    /// Stop pre-copy when a round has fewer dirty pages than this.
+    /// Stop pre-copy when a round has fewer dirty pages than this. They
+    /// travel with the final checkpoint, while the guest is stopped: at
+    /// 256 a guest dirtying 50 MB/s left 150-200 of them, about 1 ms of
+    /// downtime more than at 32 (measured on the 2-core TCG build host).
     pub converge_pages: u64,
     /// At most this many pre-copy rounds after the initial copy.
     pub max_rounds: u64,
@@ -74,7 +77,7 @@ pub struct MigrateConfig {
 impl Default for MigrateConfig {
     fn default() -> Self {
         MigrateConfig {
-            converge_pages: 256,
+            converge_pages: 32,
             max_rounds: 30,
             timeout: Duration::from_secs(30),
             compress: Some(remus_proto::delta::DEFAULT_CACHE_BYTES),

@@ -37,8 +37,9 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
                 c.workload.label()
             ),
             format!(
-                "{:.1} ms against {:.1} ms (default limit) and {} (downtime-limit {TIGHT_DOWNTIME_MS} ms)",
+                "{:.1} ms (remus's own count {:.1}) against {:.1} ms (default limit) and {} (downtime-limit {TIGHT_DOWNTIME_MS} ms), STOP → RESUME by QEMU's events",
                 c.remus.downtime_ms,
+                c.remus.reported_downtime_ms.unwrap_or(f64::NAN),
                 c.qemu.downtime_ms,
                 c.qemu_tight
                     .map_or("none completed".into(), |t| format!("{:.1} ms", t.downtime_ms))
@@ -55,13 +56,16 @@ pub(crate) fn run(cx: &Ctx, r: &mut Report) -> Result<()> {
 #[derive(Debug, Clone, Copy)]
 struct MigrationResult {
     total_ms: f64,
-    /// Guest paused at the source → running at the destination (remus:
-    /// from its `stop` until the destination's confirmation, sent once it
-    /// has resumed the VM).
+    /// Guest paused at the source → running at the destination, for both
+    /// by QEMU's event timestamps (the source's STOP to the destination's
+    /// RESUME, one host clock).
     downtime_ms: f64,
     bytes: u64,
-    /// QEMU only: `query-migrate`'s own downtime (source stop → end of
-    /// the transfer, without the destination's start).
+    /// The tool's own figure. QEMU: `query-migrate`'s downtime (source
+    /// stop → end of the transfer, without the destination's start).
+    /// remus: its `done` event's (from its `stop` command until the
+    /// destination's confirmation, sent once it has resumed the VM,
+    /// reaches the source).
     reported_downtime_ms: Option<f64>,
 }
 
@@ -209,13 +213,32 @@ fn remus_migration(
         .context("remus migrate printed no done event")?;
     wait_workload(&dest, vm, w)?;
     let _ = dest.cli(&["destroy", vm]);
+    // The same clock as QEMU's own figure below: the source QEMU's STOP
+    // (the `done` event) to the destination QEMU's RESUME (its agent's
+    // log), both QEMU's timestamps on this one host.
+    let stop = done["stopped_at_us"]
+        .as_u64()
+        .context("remus migrate's done event has no stopped_at_us")?;
+    let resume = resumed_at_us(&dest.log_text())
+        .context("the destination agent logged no resumed_at_us at its switch-over")?;
     let r = MigrationResult {
         total_ms: done["total_ms"].as_f64().unwrap_or(f64::NAN),
-        downtime_ms: done["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: resume.saturating_sub(stop) as f64 / 1e3,
         bytes: done["bytes"].as_u64().unwrap_or(0),
-        reported_downtime_ms: None,
+        reported_downtime_ms: done["downtime_ms"].as_f64(),
     };
     Ok((r, accel))
+}
+
+/// QEMU's RESUME timestamp of the last switch-over in an agent's log.
+fn resumed_at_us(log: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("switch-over: VM resumed here"))?;
+    let v = line.split_once("resumed_at_us=")?.1;
+    v[..v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len())]
+        .parse()
+        .ok()
 }
 
 /// QEMU's own migration of the guest; `downtime_limit` (ms) replaces its
@@ -255,8 +278,8 @@ fn qemu_migration(
     sq.execute("migrate-set-parameters", Some(params))
         .context("migrate-set-parameters")?;
     let give_up = downtime_limit.map_or(Duration::from_secs(300), |_| TIGHT_TIMEOUT);
-    // Downtime as remus measures its own: the source's STOP event to the
-    // destination's RESUME, by QEMU's event timestamps (one host clock).
+    // Downtime by QEMU's event timestamps, as remus's: the source's STOP
+    // to the destination's RESUME (one host clock).
     let src_events = sq.subscribe();
     let dst_events = dq.subscribe();
     sq.execute("migrate", Some(json!({"uri": uri})))
@@ -309,10 +332,11 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
          converged in {} s is cancelled); \
          its total time and bytes are `query-migrate`'s total-time and ram.transferred; its downtime is the source's STOP event \
          to the destination's RESUME event (QEMU's timestamps), with `query-migrate`'s downtime \
-         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime is the source's \
-         `stop` → the destination's confirmation that it runs the VM reaching the source (sent once it has resumed the VM): \
-         it counts the `stop` command's round trip and the confirmation's way back, which QEMU's event timestamps do not; \
-         bytes include device state (compressed). Each figure is the run with the median \
+         (source stop → end of transfer) in brackets. remus: `remus migrate --json` between two agents; downtime by the same clock, \
+         the source QEMU's STOP event (`stopped_at_us` in the `done` event) to the destination QEMU's RESUME event (`resumed_at_us` \
+         in the destination agent's log), with remus's own figure in brackets (the `done` event's: from its `stop` command until \
+         the destination's confirmation that it runs the VM reaches the source, so also the command's round trip and the \
+         confirmation's way back); bytes include device state (compressed). Each figure is the run with the median \
          downtime of three; the target compares remus with the better of QEMU's two.\n\n\
          | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | QEMU at {TIGHT_DOWNTIME_MS} ms: total ms | downtime ms | remus MiB | QEMU MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -324,11 +348,12 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
     );
     for c in cases {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.1} | {:.1} ({:.0}) | {} | {} | {:.1} | {:.1} |\n",
+            "| {} | {:.0} | {:.0} | {:.1} ({:.1}) | {:.1} ({:.0}) | {} | {} | {:.1} | {:.1} |\n",
             c.workload.label(),
             c.remus.total_ms,
             c.qemu.total_ms,
             c.remus.downtime_ms,
+            c.remus.reported_downtime_ms.unwrap_or(f64::NAN),
             c.qemu.downtime_ms,
             c.qemu.reported_downtime_ms.unwrap_or(f64::NAN),
             c.qemu_tight
@@ -381,10 +406,26 @@ mod tests {
         let md = render_migrate(&[case(77.0, Some(9.0)), case(170.0, None)]);
         assert!(md.contains("with `downtime-limit` 5 ms"), "{md}");
         assert!(md.contains("(q35, KVM, RAM in a shared file)"), "{md}");
-        assert!(md.contains("| 6.0 | 77.0 (76) | 300 | 9.0 (8) |"), "{md}");
         assert!(
-            md.contains("| 6.0 | 170.0 (169) | — | none completed |"),
+            md.contains("| 6.0 (5.0) | 77.0 (76) | 300 | 9.0 (8) |"),
             "{md}"
         );
+        assert!(
+            md.contains("| 6.0 (5.0) | 170.0 (169) | — | none completed |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_resume_timestamp_is_read_from_the_last_switch_over_line() {
+        let log = "2026-12-05T07:00:00Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=3 load_ms=1.9 resumed_at_us=1000\n\
+                   2026-12-05T07:00:01Z  INFO remus_agent: something else resumed_at_us=5\n\
+                   2026-12-05T07:00:02Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=9 load_ms=2.1 resumed_at_us=1764918000123456\n";
+        assert_eq!(resumed_at_us(log), Some(1764918000123456));
+        assert_eq!(
+            resumed_at_us("switch-over: VM resumed here vm=a epoch=1 load_ms=2.0"),
+            None
+        );
+        assert_eq!(resumed_at_us(""), None);
     }
 }

@@ -114,11 +114,14 @@ pub struct CheckpointStats {
 
 /// The parts of one checkpoint pause: QMP stop, dirty scan, page copy,
 /// device state save, QMP cont (ms); and, before the pause, the wait for
-/// the guest to take the frames already handed to QEMU. QEMU saves the
-/// device state while the agent scans and copies guest RAM: `devstate`
-/// runs from the save's start to its end as seen after the copy, and
-/// the pause is about `stop` + the longer of `devstate` and `scan` +
-/// `copy` + `cont`.
+/// the guest to take the frames already handed to QEMU. The save is
+/// sent right behind the `stop` (QEMU runs it as soon as the guest has
+/// stopped) and QEMU writes the device state while the agent scans and
+/// copies guest RAM: `devstate` runs from the `stop`'s start to the
+/// save's end as seen after the copy (so it includes `stop`), and the
+/// pause is about the longer of `devstate` and `stop` + `scan` + `copy`,
+/// plus `cont`. (Before 2026-12-05 the save began after the `stop`'s
+/// answer: `stop` + the longer of the rest.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PausePhases {
     /// Before the pause, with the guest running: inbound frames held at

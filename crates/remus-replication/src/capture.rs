@@ -200,43 +200,52 @@ impl<'v> Capture<'v> {
         // pause or unpause that held it finished before this began).
         let taken_at_ms = crate::now_us() / 1000;
         let t0 = Instant::now();
-        if !held {
+        let dev_err = |source| ReplError::DevState {
+            what: "save",
+            source,
+        };
+        // The save goes right behind the `stop`: QEMU runs one command
+        // after the other, so it saves the stopped guest as soon as it has
+        // stopped it, without waiting for our turn of the stop's answer
+        // (and the cut below runs beside the save).
+        let t_dev = Instant::now();
+        let saving = if held {
+            devstate::begin_save(qmp, &self.dev_file, self.devices_only).map_err(dev_err)
+        } else {
             // `stop` waits for the guest's disk writes in flight; none of
             // them may wait for room in the journal meanwhile (the sender
             // could be stuck on a slow backup): the bound is lifted for
             // the stop.
             journal.set_limit(u64::MAX);
-            let stopped = qmp.execute("stop", None);
+            let stopped = qmp.send("stop", None).map(|stop| {
+                let saving = devstate::begin_save(qmp, &self.dev_file, self.devices_only);
+                (stop.wait(remus_qmp::DEFAULT_TIMEOUT), saving)
+            });
             journal.set_limit(crate::disks::JOURNAL_LIMIT);
-            if let Err(e) = stopped {
-                // Whatever state QEMU got to, the guest must not stay
-                // paused.
-                let _ = qmp.execute("cont", None);
-                return Err(ReplError::Qmp {
-                    command: "stop",
-                    source: e,
-                });
+            match stopped {
+                Ok((Ok(_), saving)) => saving.map_err(dev_err),
+                Ok((Err(e), saving)) => return Err(stop_failed(qmp, saving.ok(), e)),
+                Err(e) => return Err(stop_failed(qmp, None, e)),
             }
-        }
+        };
         phases.stop = ms(t0);
         drop(hold);
         let staged = (|| -> Result<Vec<PageRun>, ReplError> {
+            let saving = saving?;
             // `stop` drained the guest's disk I/O: every write it has seen
             // complete belongs to this epoch; later ones to the next.
             // Likewise the network: frames the guest sends from now on
-            // are held until the next epoch is acknowledged.
-            cut()?;
+            // are held until the next epoch is acknowledged. (QEMU's own
+            // flushes while it saves may fall on either side: a flush
+            // changes no data.)
+            if let Err(e) = cut() {
+                // The save ends before the guest may run.
+                let _ = saving.finish();
+                return Err(e);
+            }
             // QEMU writes the device state while guest RAM is scanned and
             // copied here (the save reads no guest RAM and the copy no
             // device): the pause is the longer of the two, not their sum.
-            let t_dev = Instant::now();
-            let saving =
-                devstate::begin_save(qmp, &self.dev_file, self.devices_only).map_err(|source| {
-                    ReplError::DevState {
-                        what: "save",
-                        source,
-                    }
-                })?;
             let copied = (|| -> Result<Vec<PageRun>, ReplError> {
                 let t = Instant::now();
                 let dirty = self.tracker.scan().map_err(ReplError::TrackingLost)?;
@@ -252,10 +261,7 @@ impl<'v> Capture<'v> {
             let saved = saving.finish();
             phases.devstate = ms(t_dev);
             let runs = copied?;
-            saved.map_err(|source| ReplError::DevState {
-                what: "save",
-                source,
-            })?;
+            saved.map_err(dev_err)?;
             Ok(runs)
         })();
         // Resume whatever happened: a failed checkpoint must not leave the
@@ -293,6 +299,25 @@ impl<'v> Capture<'v> {
             phases,
             operator_paused: held.then(|| vm.hold_generation()).flatten(),
         })
+    }
+}
+
+/// A `stop` that failed: whatever state QEMU got to, the guest must not
+/// stay paused. A save queued behind it ends first (QEMU answers it after
+/// the stop; a full-stream save of a running guest would stop it at its
+/// end, after a `cont` sent before).
+fn stop_failed(
+    qmp: &remus_qmp::Qmp,
+    saving: Option<devstate::Saving<'_>>,
+    e: remus_qmp::QmpError,
+) -> ReplError {
+    if let Some(s) = saving {
+        let _ = s.finish();
+    }
+    let _ = qmp.execute("cont", None);
+    ReplError::Qmp {
+        command: "stop",
+        source: e,
     }
 }
 

@@ -405,7 +405,7 @@ fn render_md(date: &str, m: &Machine, profile: &str, o: &Opts, all: &[CaseResult
             ("… QMP stop (ms)", |x| &x.ph_stop),
             ("… dirty scan (ms)", |x| &x.ph_scan),
             ("… page copy (ms)", |x| &x.ph_copy),
-            ("… device state (ms)", |x| &x.ph_devstate),
+            ("… device state, from the stop (ms)", |x| &x.ph_devstate),
             ("… QMP cont (ms)", |x| &x.ph_cont),
             ("dirty pages", |x| &x.dirty),
             ("bytes sent", |x| &x.bytes),

@@ -82,7 +82,7 @@ fn render_matrix(cases: &[CaseResult]) -> String {
     );
     s.push_str(&case_table(cases));
     s.push_str(
-        "\nPause phases (p50 ms): QMP stop / dirty scan / page copy / device state (beside scan and copy) / QMP cont\n\n",
+        "\nPause phases (p50 ms): QMP stop / dirty scan / page copy / device state (from the stop, beside scan and copy) / QMP cont\n\n",
     );
     for c in cases {
         s.push_str(&format!(

@@ -164,7 +164,7 @@ fn run_migrate(bins: &Binaries, img: &GuestImage) -> Result<Vec<MigrateCase>> {
 
 /// Migrations per workload and kind; the one with the median downtime is
 /// reported.
-const MIGRATE_RUNS: usize = 3;
+const MIGRATE_RUNS: usize = 5;
 
 /// Whether a console shows `w` under way.
 fn workload_ready(w: Workload, console: &str) -> bool {
@@ -337,7 +337,7 @@ fn render_migrate(cases: &[MigrateCase]) -> String {
          in the destination agent's log), with remus's own figure in brackets (the `done` event's: from its `stop` command until \
          the destination's confirmation that it runs the VM reaches the source, so also the command's round trip and the \
          confirmation's way back); bytes include device state (compressed). Each figure is the run with the median \
-         downtime of three; the target compares remus with the better of QEMU's two.\n\n\
+         downtime of five; the target compares remus with the better of QEMU's two.\n\n\
          | workload | remus total ms | QEMU total ms | remus downtime ms | QEMU downtime ms | QEMU at {TIGHT_DOWNTIME_MS} ms: total ms | downtime ms | remus MiB | QEMU MiB |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         cases

@@ -208,7 +208,6 @@ impl<'v> Capture<'v> {
         // after the other, so it saves the stopped guest as soon as it has
         // stopped it, without waiting for our turn of the stop's answer
         // (and the cut below runs beside the save).
-        let t_dev = Instant::now();
         let saving = if held {
             devstate::begin_save(qmp, &self.dev_file, self.devices_only).map_err(dev_err)
         } else {
@@ -259,7 +258,7 @@ impl<'v> Capture<'v> {
             // Whatever the copy did, the guest resumes only after QEMU
             // has finished the save.
             let saved = saving.finish();
-            phases.devstate = ms(t_dev);
+            phases.devstate = ms(t0);
             let runs = copied?;
             saved.map_err(dev_err)?;
             Ok(runs)

@@ -51,10 +51,7 @@ pub fn begin_load(
         ));
     }
     let loading = devstate::begin_load(standby.qmp(), state, &standby.paths.incoming_socket(), to)
-        .map_err(|source| ReplError::DevState {
-            what: "load",
-            source,
-        })?;
+        .map_err(load_failed)?;
     Ok(EarlyLoad { epoch, loading })
 }
 
@@ -69,10 +66,6 @@ pub fn resume_loading(
     let epoch = replica
         .committed()
         .ok_or_else(|| ReplError::Setup("no committed checkpoint to resume from".into()))?;
-    let dev_err = |source| ReplError::DevState {
-        what: "load",
-        source,
-    };
     let loaded = match early {
         Some(e) if e.epoch != epoch => {
             return Err(ReplError::Protocol(format!(
@@ -80,13 +73,13 @@ pub fn resume_loading(
                 e.epoch
             )));
         }
-        Some(e) => e.loading.run(standby.qmp()).map_err(dev_err)?,
+        Some(e) => e.loading.run(standby.qmp()).map_err(load_failed)?,
         None => devstate::load_and_run(
             standby.qmp(),
             replica.device_state_path(),
             &standby.paths.incoming_socket(),
         )
-        .map_err(dev_err)?,
+        .map_err(load_failed)?,
     };
     if !standby.config.vifs.is_empty() {
         standby.announce_in_background();
@@ -97,6 +90,13 @@ pub fn resume_loading(
         cont_ms: loaded.cont_ms,
         resumed_at_us: loaded.resumed_at_us,
     })
+}
+
+fn load_failed(source: devstate::DevStateError) -> ReplError {
+    ReplError::DevState {
+        what: "load",
+        source,
+    }
 }
 
 /// What happened to the disks at a failover.

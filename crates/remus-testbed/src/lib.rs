@@ -1034,6 +1034,18 @@ pub fn ticks(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// QEMU's RESUME timestamp (µs since the Unix epoch) of the last
+/// switch-over in an agent's log (its `resumed_at_us` field).
+pub fn resumed_at_us(log: &str) -> Option<u64> {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("switch-over: VM resumed here"))?;
+    let v = line.split_once("resumed_at_us=")?.1;
+    v[..v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len())]
+        .parse()
+        .ok()
+}
+
 /// The last `tick N` on a console.
 pub fn last_tick(console: &str) -> Option<u64> {
     ticks(console).last().copied()
@@ -1233,6 +1245,19 @@ pub fn start_records_vm(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_resume_timestamp_is_read_from_the_last_switch_over_line() {
+        let log = "2026-12-05T07:00:00Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=3 load_ms=1.9 resumed_at_us=1000\n\
+                   2026-12-05T07:00:01Z  INFO remus_agent: something else resumed_at_us=5\n\
+                   2026-12-05T07:00:02Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=9 load_ms=2.1 resumed_at_us=1764918000123456\n";
+        assert_eq!(super::resumed_at_us(log), Some(1764918000123456));
+        assert_eq!(
+            super::resumed_at_us("switch-over: VM resumed here vm=a epoch=1 load_ms=2.0"),
+            None
+        );
+        assert_eq!(super::resumed_at_us(""), None);
+    }
+
     #[test]
     fn ticks_after_a_prompt_count() {
         let c = "tick 1\r\ntick 2\nremus-guest# \x1b[6ntick 3\nnot a tick 4x\ntick 5\n";

@@ -142,17 +142,7 @@ fn migration_there_and_back() {
             .unwrap_or_else(|| panic!("no early load:\n{log}"));
         assert!(loaded.contains("opened_ahead=true"), "{loaded}");
         let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");
-        let resumed: u64 = log
-            .lines()
-            .rfind(|l| l.contains("switch-over: VM resumed here"))
-            .and_then(|l| {
-                l.split_once("resumed_at_us=")?
-                    .1
-                    .split(' ')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+        let resumed = remus_testbed::resumed_at_us(&log)
             .unwrap_or_else(|| panic!("no resumed_at_us:\n{log}"));
         assert!(
             resumed > stopped,

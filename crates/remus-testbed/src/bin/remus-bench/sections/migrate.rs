@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, write_key};
+use remus_testbed::{Agent, Binaries, GuestImage, free_port, last_tick, resumed_at_us, write_key};
 use serde_json::{Value, json};
 
 use crate::harness::{accel_of, own_qemu};
@@ -230,17 +230,6 @@ fn remus_migration(
     Ok((r, accel))
 }
 
-/// QEMU's RESUME timestamp of the last switch-over in an agent's log.
-fn resumed_at_us(log: &str) -> Option<u64> {
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("switch-over: VM resumed here"))?;
-    let v = line.split_once("resumed_at_us=")?.1;
-    v[..v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len())]
-        .parse()
-        .ok()
-}
-
 /// QEMU's own migration of the guest; `downtime_limit` (ms) replaces its
 /// default of 300 ms, and a run that has not converged under it within
 /// [`TIGHT_TIMEOUT`] is cancelled and is an error.
@@ -414,18 +403,5 @@ mod tests {
             md.contains("| 6.0 (5.0) | 170.0 (169) | — | none completed |"),
             "{md}"
         );
-    }
-
-    #[test]
-    fn the_resume_timestamp_is_read_from_the_last_switch_over_line() {
-        let log = "2026-12-05T07:00:00Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=3 load_ms=1.9 resumed_at_us=1000\n\
-                   2026-12-05T07:00:01Z  INFO remus_agent: something else resumed_at_us=5\n\
-                   2026-12-05T07:00:02Z  INFO remus_agent: switch-over: VM resumed here vm=a epoch=9 load_ms=2.1 resumed_at_us=1764918000123456\n";
-        assert_eq!(resumed_at_us(log), Some(1764918000123456));
-        assert_eq!(
-            resumed_at_us("switch-over: VM resumed here vm=a epoch=1 load_ms=2.0"),
-            None
-        );
-        assert_eq!(resumed_at_us(""), None);
     }
 }

@@ -521,7 +521,39 @@ fn assembler_seeds() -> Seeds {
             ],
             3,
         ),
-        ("real-sender", small, raw, 1),
+        ("real-sender", small, raw.clone(), 1),
+        (
+            "real-sender-streaming",
+            Setup {
+                guest_pages_mode: 2,
+                ..small
+            },
+            raw,
+            1,
+        ),
+        (
+            "streaming",
+            Setup {
+                guest_pages_mode: 3,
+                ..big
+            },
+            vec![
+                begin(0),
+                pages(0, 15),
+                end.clone(),
+                begin(2),
+                pages(7, 0),
+                state(10),
+                state(20),
+                pages(9, 1),
+                begin(2),
+                pages(7, 3),
+                state(10),
+                state(20),
+                end.clone(),
+            ],
+            2,
+        ),
         (
             "rejections",
             small,

@@ -94,6 +94,8 @@ pub enum Op {
 #[derive(Debug, Clone, Copy)]
 pub struct Setup {
     /// Even: `value % 256 + 1` pages; odd: `value % MAX_GUEST_PAGES + 1`.
+    /// Bit 1 set: a streaming receiver (a migration's destination,
+    /// [`CheckpointAssembler::stream_checkpoints`]).
     pub guest_pages_mode: u8,
     pub guest_pages: u32,
     /// 0: nothing committed; 0xff: u64::MAX; else `n - 1`.
@@ -107,6 +109,10 @@ impl Setup {
         } else {
             u64::from(self.guest_pages) % MAX_GUEST_PAGES + 1
         }
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.guest_pages_mode & 2 != 0
     }
 
     pub fn last_committed(&self) -> Option<Epoch> {
@@ -301,12 +307,16 @@ pub struct Model {
     guest_pages: u64,
     last: Option<Epoch>,
     open: Option<ModelOpen>,
+    /// A Checkpoint's pages and device state are handed back as they
+    /// arrive, as a pre-copy epoch's pages are.
+    streaming: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Pending,
     PreCopy(PageRun),
+    DeviceState(Vec<u8>),
     Complete(CompleteCheckpoint),
     Other(Message),
     Rejected(CheckpointError),
@@ -376,8 +386,10 @@ impl Model {
                 o.pages += count;
                 o.digest.add_pages(run.first_page, &run.data);
                 // Pre-copy pages stream back at once; a checkpoint's are
-                // held until its End verifies.
-                if matches!(o.kind, CheckpointKind::InitialSync | CheckpointKind::Round) {
+                // held until its End verifies, unless streaming.
+                if self.streaming
+                    || matches!(o.kind, CheckpointKind::InitialSync | CheckpointKind::Round)
+                {
                     return Outcome::PreCopy(run.clone());
                 }
                 o.runs.push(run.clone());
@@ -406,7 +418,11 @@ impl Model {
                 o.device_state
                     .get_or_insert_default()
                     .extend_from_slice(data);
-                Outcome::Pending
+                if self.streaming {
+                    Outcome::DeviceState(data.clone())
+                } else {
+                    Outcome::Pending
+                }
             }
             Message::CheckpointEnd(end) => {
                 let Some(o) = self.open.take() else {
@@ -492,14 +508,20 @@ pub fn run(data: &[u8]) -> Stats {
     };
     let guest_pages = setup.guest_pages();
     let mut asm = CheckpointAssembler::new(guest_pages, setup.last_committed());
+    if setup.streaming() {
+        asm.stream_checkpoints();
+    }
     let mut model = Model {
         guest_pages,
         last: setup.last_committed(),
         open: None,
+        streaming: setup.streaming(),
     };
     let mut fed = 0usize;
-    // The runs of the open epoch streamed back as PreCopy.
+    // The runs of the open epoch streamed back as PreCopy, and its device
+    // state handed back (streaming).
     let mut streamed: Vec<PageRun> = Vec::new();
+    let mut streamed_state: Vec<u8> = Vec::new();
     while fed < FEED_LIMIT
         && let Some(op) = Op::read(&mut r)
     {
@@ -508,6 +530,7 @@ pub fn run(data: &[u8]) -> Stats {
                 asm.discard();
                 model.open = None;
                 streamed.clear();
+                streamed_state.clear();
                 check_state(&asm, &model);
                 continue;
             }
@@ -531,6 +554,7 @@ pub fn run(data: &[u8]) -> Stats {
         let got = match asm.accept(msg) {
             Ok(Accepted::Pending) => Outcome::Pending,
             Ok(Accepted::PreCopy(r)) => Outcome::PreCopy(r),
+            Ok(Accepted::DeviceState(d)) => Outcome::DeviceState(d),
             Ok(Accepted::Complete(c)) => Outcome::Complete(c),
             Ok(Accepted::Other(m)) => Outcome::Other(m),
             Err(e) => Outcome::Rejected(e),
@@ -538,9 +562,17 @@ pub fn run(data: &[u8]) -> Stats {
         if let Outcome::PreCopy(r) = &got {
             streamed.push(r.clone());
         }
+        if let Outcome::DeviceState(d) = &got {
+            streamed_state.extend_from_slice(d);
+        }
         if let Outcome::Complete(c) = &got {
             let end = end.as_ref().expect("completed by a CheckpointEnd");
-            check_complete(c, end, before, guest_pages, &streamed, &want);
+            let handed = Handed {
+                streaming: setup.streaming(),
+                runs: &streamed,
+                state: &streamed_state,
+            };
+            check_complete(c, end, before, guest_pages, &handed, &want);
             stats.complete += 1;
         }
         if let Outcome::Rejected(e) = &got {
@@ -551,6 +583,7 @@ pub fn run(data: &[u8]) -> Stats {
         check_state(&asm, &model);
         if model.open.is_none() {
             streamed.clear();
+            streamed_state.clear();
         }
     }
     stats
@@ -639,24 +672,39 @@ fn check_state(asm: &CheckpointAssembler, model: &Model) {
     );
 }
 
+/// What the assembler handed back of an epoch before its End.
+struct Handed<'a> {
+    streaming: bool,
+    runs: &'a [PageRun],
+    state: &'a [u8],
+}
+
 /// A yielded checkpoint, checked on its own against the End it answered.
 fn check_complete(
     c: &CompleteCheckpoint,
     end: &CheckpointEnd,
     before: Option<Epoch>,
     guest_pages: u64,
-    streamed: &[PageRun],
+    handed: &Handed<'_>,
     want: &Outcome,
 ) {
+    let streamed = handed.runs;
     assert_eq!(c.epoch, end.epoch, "epoch");
     assert!(before.is_none_or(|b| c.epoch > b), "epoch did not advance");
-    if c.kind == CheckpointKind::Checkpoint {
+    if c.kind == CheckpointKind::Checkpoint && !handed.streaming {
         assert!(
             streamed.is_empty(),
             "a checkpoint's pages streamed before its End"
         );
+        assert!(handed.state.is_empty(), "device state handed back");
     } else {
         assert!(c.runs.is_empty(), "a {:?} held pages until its End", c.kind);
+    }
+    if handed.streaming {
+        assert_eq!(
+            handed.state, c.device_state,
+            "the device state handed back is the one kept"
+        );
     }
     let mut digest = CheckpointDigest::new();
     let mut pages = 0u64;

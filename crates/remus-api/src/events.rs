@@ -121,7 +121,10 @@ pub struct CheckpointStats {
 /// save's end as seen after the copy (so it includes `stop`), and the
 /// pause is about the longer of `devstate` and `stop` + `scan` + `copy`,
 /// plus `cont`. (Before 2026-12-05 the save began after the `stop`'s
-/// answer: `stop` + the longer of the rest.)
+/// answer: `stop` + the longer of the rest.) `cont` runs from the save's
+/// end as seen here to the `cont`'s answer; behind a device-only save
+/// the `cont` is sent as soon as the copy is done, and QEMU runs it the
+/// moment the save ends (since 2026-12-05, later the same day).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PausePhases {
     /// Before the pause, with the guest running: inbound frames held at

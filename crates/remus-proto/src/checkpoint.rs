@@ -36,7 +36,12 @@
 //! safe because nothing exists to protect before the first committed
 //! Checkpoint (no failover is possible yet); End still checks their counts
 //! and digest, and a mismatch ends the session. A Checkpoint epoch is held
-//! whole until its End verifies, as above.
+//! whole until its End verifies, as above, except at a migration's
+//! destination ([`CheckpointAssembler::stream_checkpoints`]): it resumes
+//! nothing but the checkpoint the source orders the switch-over to after
+//! its Ack, so its last checkpoint streams too, device state included (its
+//! QEMU loads the state as it arrives, the VM held stopped until that
+//! order).
 
 use std::io::Write;
 
@@ -165,26 +170,59 @@ impl CheckpointWriter {
         data: &[u8],
         enc: Option<&mut DeltaEncoder>,
     ) -> Result<u64, WireError> {
+        self.check_kind();
+        let frames = match enc {
+            Some(enc) if !data.is_empty() => Some(enc.encode_device_state(data)),
+            Some(enc) => {
+                // Empty: sent plain, but the encoder must forget the
+                // previous state too, as the receiver's commit will.
+                enc.encode_device_state(data);
+                None
+            }
+            None => None,
+        };
+        self.put_device_state(w, data, frames)
+    }
+
+    /// Writes the next chunk of a device state sent as it is produced
+    /// (a migration's last checkpoint: see
+    /// [`DeltaEncoder::encode_device_state_part`]), plain or through
+    /// `enc`; chunks concatenate in order. Returns the bytes put on the
+    /// wire.
+    ///
+    /// # Panics
+    /// If this kind carries no device state: a sender bug.
+    pub fn device_state_part(
+        &mut self,
+        w: &mut impl Write,
+        data: &[u8],
+        enc: Option<&mut DeltaEncoder>,
+    ) -> Result<u64, WireError> {
+        self.check_kind();
+        let frames = enc
+            .filter(|_| !data.is_empty())
+            .map(|enc| enc.encode_device_state_part(self.device_state_len, data));
+        self.put_device_state(w, data, frames)
+    }
+
+    fn check_kind(&self) {
         assert!(
             self.kind.has_device_state(),
             "device state in a {:?}",
             self.kind
         );
-        let wire = match enc {
-            Some(enc) if !data.is_empty() => write_counted(
-                w,
-                enc.encode_device_state(data)
-                    .into_iter()
-                    .map(Message::DeviceStateDelta),
-            )?,
-            other => {
-                if let Some(enc) = other {
-                    // Empty: sent plain, but the encoder must forget the
-                    // previous state too, as the receiver's commit will.
-                    enc.encode_device_state(data);
-                }
-                write_device_state(w, data)?
-            }
+    }
+
+    /// `data` as `frames` when encoded, else plain; counted and hashed.
+    fn put_device_state(
+        &mut self,
+        w: &mut impl Write,
+        data: &[u8],
+        frames: Option<Vec<crate::message::DeviceStateDelta>>,
+    ) -> Result<u64, WireError> {
+        let wire = match frames {
+            Some(frames) => write_counted(w, frames.into_iter().map(Message::DeviceStateDelta))?,
+            None => write_device_state(w, data)?,
         };
         self.device_state_started = true;
         self.digest.add_device_state(data);
@@ -271,6 +309,10 @@ pub enum Accepted {
     /// A page run of a pre-copy epoch (InitialSync or Round), counted into
     /// its digest and handed back for the caller to write now.
     PreCopy(PageRun),
+    /// A chunk of a Checkpoint epoch's device state, kept for its End and
+    /// handed back (a copy) for the caller to use before that End
+    /// verifies: only with [`CheckpointAssembler::stream_checkpoints`].
+    DeviceState(Vec<u8>),
     /// The End of a checkpoint that verified.
     Complete(CompleteCheckpoint),
     /// Not a checkpoint message: handed back for the caller to handle.
@@ -292,6 +334,7 @@ pub struct CheckpointAssembler {
     guest_pages: u64,
     last_committed: Option<Epoch>,
     open: Option<Open>,
+    streaming: bool,
 }
 
 impl CheckpointAssembler {
@@ -302,7 +345,18 @@ impl CheckpointAssembler {
             guest_pages,
             last_committed,
             open: None,
+            streaming: false,
         }
+    }
+
+    /// Streams Checkpoint epochs too: their pages are handed back as they
+    /// arrive ([`Accepted::PreCopy`]) and their device state chunk by
+    /// chunk ([`Accepted::DeviceState`], also kept for the End), before
+    /// the End verifies. Only for a receiver that never resumes from a
+    /// checkpoint whose End failed: a migration's destination, discarded
+    /// unless the source orders the switch-over after its Ack.
+    pub fn stream_checkpoints(&mut self) {
+        self.streaming = true;
     }
 
     pub fn last_committed(&self) -> Option<Epoch> {
@@ -394,10 +448,12 @@ impl CheckpointAssembler {
                     return Err(CheckpointError::TooManyPages { epoch, guest_pages });
                 }
                 open.digest.add_pages(run.first_page, &run.data);
-                if matches!(
-                    open.kind,
-                    CheckpointKind::InitialSync | CheckpointKind::Round
-                ) {
+                if self.streaming
+                    || matches!(
+                        open.kind,
+                        CheckpointKind::InitialSync | CheckpointKind::Round
+                    )
+                {
                     return Ok(Accepted::PreCopy(run));
                 }
                 open.runs.push(run);
@@ -423,7 +479,11 @@ impl CheckpointAssembler {
                 }
                 open.digest.add_device_state(&data);
                 state.extend_from_slice(&data);
-                Ok(Accepted::Pending)
+                Ok(if self.streaming {
+                    Accepted::DeviceState(data)
+                } else {
+                    Accepted::Pending
+                })
             }
             Message::CheckpointEnd(end) => self.finish(end).map(Accepted::Complete),
             other => Ok(Accepted::Other(other)),
@@ -540,7 +600,7 @@ mod tests {
                     out = Some(c)
                 }
                 Accepted::PreCopy(r) => streamed.push(r),
-                Accepted::Pending => {}
+                Accepted::Pending | Accepted::DeviceState(_) => {}
                 Accepted::Other(m) => panic!("unexpected handback {m:?}"),
             }
         }
@@ -617,6 +677,64 @@ mod tests {
         );
         let c = feed(&mut a, msgs).unwrap().unwrap();
         assert_eq!(c.device_state, b"abcdef");
+    }
+
+    /// A migration's destination: a Checkpoint's pages and device state
+    /// are handed over as they arrive, the state also kept for the End,
+    /// which still checks them all.
+    #[test]
+    fn a_streaming_receiver_hands_a_checkpoint_over_as_it_arrives_and_still_checks_its_end() {
+        let runs = [run(0, 1, 3), run(5, 2, 4)];
+        let chunked = |digest_ok: bool| {
+            let mut msgs = stream(1, CheckpointKind::Checkpoint, &runs, b"abcdef");
+            msgs.splice(
+                3..4,
+                [b"abc", b"def"].map(|d| Message::DeviceState { data: d.to_vec() }),
+            );
+            if !digest_ok && let Some(Message::CheckpointEnd(end)) = msgs.last_mut() {
+                end.digest[0] ^= 1;
+            }
+            msgs
+        };
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        a.stream_checkpoints();
+        let (mut pages, mut state, mut done) = (Vec::new(), Vec::new(), None);
+        for m in chunked(true) {
+            match a.accept(m).unwrap() {
+                Accepted::PreCopy(r) => pages.push(r),
+                Accepted::DeviceState(d) => {
+                    assert_eq!(pages.len(), 2, "the pages came first");
+                    state.extend_from_slice(&d);
+                }
+                Accepted::Complete(c) => done = Some(c),
+                Accepted::Pending => {}
+                Accepted::Other(m) => panic!("unexpected handback {m:?}"),
+            }
+        }
+        assert_eq!(pages, runs);
+        assert_eq!(state, b"abcdef");
+        let c = done.expect("complete");
+        assert!(c.runs.is_empty(), "the pages were handed over, not held");
+        assert_eq!(
+            c.device_state, b"abcdef",
+            "the state is kept for the commit"
+        );
+        assert_eq!(a.last_committed(), Some(Epoch(1)));
+
+        // Handed over all the same, a checkpoint whose End does not match
+        // is refused at its End: the receiver must not run it.
+        let mut a = CheckpointAssembler::new(GUEST_PAGES, None);
+        a.stream_checkpoints();
+        let mut msgs = chunked(false);
+        let end = msgs.pop().unwrap();
+        for m in msgs {
+            a.accept(m).unwrap();
+        }
+        assert!(matches!(
+            a.accept(end),
+            Err(CheckpointError::DigestMismatch { .. })
+        ));
+        assert_eq!(a.last_committed(), None);
     }
 
     #[test]

@@ -238,18 +238,34 @@ impl Pending<'_> {
     /// value.
     pub fn wait(self, timeout: Duration) -> Result<Value, QmpError> {
         match self.rx.recv_timeout(timeout) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
-                command: self.command.clone(),
-                class,
-                desc,
-            }),
-            Ok(Err(e)) => Err(e),
+            Ok(r) => self.named(r),
             Err(RecvTimeoutError::Timeout) => Err(QmpError::Timeout {
                 command: self.command.clone(),
                 timeout,
             }),
             Err(RecvTimeoutError::Disconnected) => Err(QmpError::Closed),
+        }
+    }
+
+    /// The reply, if it has come (as [`Pending::wait`] would return it);
+    /// `None` while it has not.
+    pub fn try_wait(&self) -> Option<Result<Value, QmpError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(self.named(r)),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(Err(QmpError::Closed)),
+        }
+    }
+
+    /// A command's error, named after the command.
+    fn named(&self, r: Result<Value, QmpError>) -> Result<Value, QmpError> {
+        match r {
+            Err(QmpError::Command { class, desc, .. }) => Err(QmpError::Command {
+                command: self.command.clone(),
+                class,
+                desc,
+            }),
+            r => r,
         }
     }
 }
@@ -457,7 +473,16 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
+        // Looked at without waiting: nothing yet, then the reply, named
+        // after its command.
         let silent = q.send("silent", None).unwrap();
+        assert!(silent.try_wait().is_none());
+        let refused = q.send("nope", None).unwrap();
+        assert_eq!(q.status().unwrap(), "paused", "replies come in order");
+        match refused.try_wait() {
+            Some(Err(QmpError::Command { command, .. })) => assert_eq!(command, "nope"),
+            other => panic!("{other:?}"),
+        }
         drop(q.send("silent", None).unwrap());
         assert!(matches!(
             silent.wait(Duration::from_millis(20)),

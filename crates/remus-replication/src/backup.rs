@@ -36,6 +36,13 @@ pub struct BackupConfig {
     /// (a Restarting, in a suspendable session), so that it suspends the
     /// session and the standby can be kept across the restart.
     pub restarting: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A migration's destination that loads the last checkpoint's device
+    /// state as it arrives: its pages are written at once and its device
+    /// state is handed to `events` chunk by chunk
+    /// ([`BackupEvent::DeviceState`]) before its End verifies (see
+    /// `CheckpointAssembler::stream_checkpoints`). Only where nothing is
+    /// ever resumed from a checkpoint whose End failed.
+    pub stream_checkpoints: bool,
 }
 
 /// What the receiver tells its owner.
@@ -53,6 +60,24 @@ pub enum BackupEvent {
     Rejected {
         reason: String,
     },
+    /// With [`BackupConfig::stream_checkpoints`]: the next chunk of
+    /// `epoch`'s device state, before its End has verified (the chunks
+    /// concatenate in order; the epoch's pages are in the replica already).
+    DeviceState {
+        epoch: u64,
+        #[serde(skip)]
+        data: StateChunk,
+    },
+}
+
+/// Bytes of device state (shown by their count, not their contents).
+#[derive(Clone, Default)]
+pub struct StateChunk(pub Vec<u8>);
+
+impl std::fmt::Debug for StateChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.0.len())
+    }
 }
 
 /// How a receiving session ended.
@@ -117,6 +142,9 @@ pub fn receive(
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     // A resumed session goes on from the epoch the replica holds.
     let mut asm = CheckpointAssembler::new(replica.page_count(), replica.committed());
+    if cfg.stream_checkpoints {
+        asm.stream_checkpoints();
+    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     let digest_error: Mutex<Option<String>> = Mutex::new(None);
     // The heartbeat period; a Tune from the primary changes it.
@@ -449,7 +477,20 @@ fn receive_loop(
             reason: format!("checkpoint rejected: {reason}"),
         })
     };
+    // What only comes before the first commit came after it: the
+    // primary is told, the session ends.
+    let after_commit = |what: &str, last: Epoch| {
+        let _ = send(Message::Error {
+            code: ErrorCode::Protocol,
+            message: format!("{what} after a committed checkpoint"),
+        });
+        Err(ReplError::Protocol(format!(
+            "{what} after committed {last}"
+        )))
+    };
     let mut runs_seen = 0usize;
+    // Pages of the open epoch written as they arrived.
+    let mut streamed_pages = 0u64;
     // A checkpoint of this session has committed (the base of the next
     // compressed device state).
     let mut committed_here = false;
@@ -519,20 +560,27 @@ fn receive_loop(
             // The copy of RAM before the first checkpoint streams into the
             // replica as it arrives (the assembler holds none of it).
             Ok(Accepted::PreCopy(run)) => {
-                if replica.committed().is_some() {
-                    let _ = send(Message::Error {
-                        code: ErrorCode::Protocol,
-                        message: "pre-copy pages after a committed checkpoint".into(),
-                    });
-                    return Err(ReplError::Protocol(format!(
-                        "pre-copy pages after committed {:?}",
-                        replica.committed()
-                    )));
+                if let Some(last) = replica.committed() {
+                    return after_commit("pre-copy pages", last);
                 }
                 replica.write_run(&run)?;
+                streamed_pages += u64::from(run.page_count());
+            }
+            // A migration's last checkpoint, streaming (its pages came
+            // first, written above).
+            Ok(Accepted::DeviceState(data)) => {
+                let epoch = asm.open_epoch().map_or(0, |e| e.0);
+                if let Some(last) = replica.committed() {
+                    return after_commit("device state streamed", last);
+                }
+                events(BackupEvent::DeviceState {
+                    epoch,
+                    data: StateChunk(data),
+                });
             }
             Ok(Accepted::Complete(cp)) => {
-                let pages = crate::staging::pages_in(&cp.runs);
+                let pages =
+                    crate::staging::pages_in(&cp.runs) + std::mem::take(&mut streamed_pages);
                 match cp.kind {
                     CheckpointKind::InitialSync | CheckpointKind::Round => {
                         if let Some(d) = disks.as_deref()
@@ -544,16 +592,8 @@ fn receive_loop(
                                 "initial sync",
                             );
                         }
-                        if replica.committed().is_some() {
-                            let _ = send(Message::Error {
-                                code: ErrorCode::Protocol,
-                                message: "pre-copy pages after a committed checkpoint".into(),
-                            });
-                            return Err(ReplError::Protocol(format!(
-                                "{:?} after committed {:?}",
-                                cp.kind,
-                                replica.committed()
-                            )));
+                        if let Some(last) = replica.committed() {
+                            return after_commit(&format!("a {:?}", cp.kind), last);
                         }
                         for r in &cp.runs {
                             replica.write_run(r)?;

@@ -107,6 +107,12 @@ impl Drop for InboundHold<'_> {
 /// copied: later disk writes and network frames belong to the next epoch.
 pub(crate) type Cut<'a> = &'a dyn Fn() -> Result<(), ReplError>;
 
+/// What a migration's last checkpoint does while QEMU still saves the
+/// device state into a pipe: sends the pages just copied, then the state
+/// as it comes ([`devstate::Saving::next_chunk`]).
+pub(crate) type WhileSaving<'a> =
+    &'a mut dyn FnMut(&[PageRun], &mut devstate::Saving<'_>) -> Result<(), ReplError>;
+
 /// The means of taking a VM's state: its dirty tracker, a mapping of its
 /// RAM, recycled staging buffers and the device-state file.
 pub(crate) struct Capture<'v> {
@@ -172,7 +178,11 @@ impl<'v> Capture<'v> {
     /// may resume the guest). `cut` runs with the guest stopped. With
     /// `keep_stopped` (the last checkpoint before a switch-over) the guest
     /// is not resumed. The pages in `earlier` (a migration's last round,
-    /// scanned while the guest ran) go first.
+    /// scanned while the guest ran) go first. With `while_saving` (a
+    /// migration's last checkpoint, device-only state) QEMU saves into a
+    /// pipe and `while_saving` runs once the pages are copied, while QEMU
+    /// still saves; the state is then not read from a file.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn take_checkpoint(
         &mut self,
         epoch: Epoch,
@@ -181,6 +191,7 @@ impl<'v> Capture<'v> {
         cut: Cut<'_>,
         keep_stopped: bool,
         earlier: Vec<PageRun>,
+        mut while_saving: Option<WhileSaving<'_>>,
     ) -> Result<Staged, ReplError> {
         let vm = self.vm;
         let qmp = vm.qmp();
@@ -208,8 +219,22 @@ impl<'v> Capture<'v> {
         // after the other, so it saves the stopped guest as soon as it has
         // stopped it, without waiting for our turn of the stop's answer
         // (and the cut below runs beside the save).
+        let streamed = while_saving.is_some();
+        if streamed && !self.devices_only {
+            return Err(ReplError::Setup(
+                "a streamed device-state save needs device-only state".into(),
+            ));
+        }
+        let pipe = devstate::save_file(&vm.ram_file, devstate::MIGRATE_PIPE);
+        let begin_save = || {
+            if streamed {
+                devstate::begin_streamed_save(qmp, &pipe, remus_proto::MAX_DEVICE_STATE)
+            } else {
+                devstate::begin_save(qmp, &self.dev_file, self.devices_only)
+            }
+        };
         let saving = if held {
-            devstate::begin_save(qmp, &self.dev_file, self.devices_only).map_err(dev_err)
+            begin_save().map_err(dev_err)
         } else {
             // `stop` waits for the guest's disk writes in flight; none of
             // them may wait for room in the journal meanwhile (the sender
@@ -217,7 +242,7 @@ impl<'v> Capture<'v> {
             // the stop.
             journal.set_limit(u64::MAX);
             let stopped = qmp.send("stop", None).map(|stop| {
-                let saving = devstate::begin_save(qmp, &self.dev_file, self.devices_only);
+                let saving = begin_save();
                 (stop.wait(remus_qmp::DEFAULT_TIMEOUT), saving)
             });
             journal.set_limit(crate::disks::JOURNAL_LIMIT);
@@ -229,8 +254,9 @@ impl<'v> Capture<'v> {
         };
         phases.stop = ms(t0);
         drop(hold);
-        let staged = (|| -> Result<Vec<PageRun>, ReplError> {
-            let saving = saving?;
+        let mut early_cont = None;
+        let staged = (|| -> Result<(Vec<PageRun>, Option<Vec<u8>>), ReplError> {
+            let mut saving = saving?;
             // `stop` drained the guest's disk I/O: every write it has seen
             // complete belongs to this epoch; later ones to the next.
             // Likewise the network: frames the guest sends from now on
@@ -255,38 +281,55 @@ impl<'v> Capture<'v> {
                 phases.copy = ms(t);
                 Ok(runs)
             })();
+            let sent = match (&copied, while_saving.as_mut()) {
+                (Ok(runs), Some(send)) => send(runs, &mut saving),
+                _ => Ok(()),
+            };
             // Whatever the copy did, the guest resumes only after QEMU
-            // has finished the save.
+            // has finished the save. A device-only save is one command
+            // QEMU ends before it reads the next, so the `cont` goes now,
+            // right behind it: QEMU resumes the guest the moment the save
+            // ends, without waiting for our turn of the save's answer.
+            // The copy is done (or failed: the guest resumes anyway).
+            if saving.ends_before_the_next_command() && !keep_stopped && !(held || vm.is_fenced()) {
+                early_cont = Some(qmp.send("cont", None));
+            }
             let saved = saving.finish();
             phases.devstate = ms(t0);
             let runs = copied?;
-            saved.map_err(dev_err)?;
-            Ok(runs)
+            sent?;
+            let streamed = saved.map_err(dev_err)?;
+            Ok((runs, streamed))
         })();
         // Resume whatever happened: a failed checkpoint must not leave the
         // guest paused.
         let t = Instant::now();
         // Held at the guard, or fenced since (the fence raises its flag
-        // before it waits for the guard): the guest stays stopped.
-        let held = held || vm.is_fenced();
+        // before it waits for the guard): the guest stays stopped. (A
+        // fence raised after a `cont` went stops the guest once the guard
+        // is free, as one raised after any checkpoint's `cont`.)
+        let held = held || (early_cont.is_none() && vm.is_fenced());
         // The last checkpoint before a switch-over leaves the guest
         // stopped, unless it failed (then the guest runs on here, as after
         // any failed checkpoint).
-        let cont = if held || (keep_stopped && staged.is_ok()) {
-            Ok(serde_json::Value::Null)
-        } else {
-            qmp.execute("cont", None)
+        let cont = match early_cont {
+            Some(sent) => sent.and_then(|c| c.wait(remus_qmp::DEFAULT_TIMEOUT)),
+            None if held || (keep_stopped && staged.is_ok()) => Ok(serde_json::Value::Null),
+            None => qmp.execute("cont", None),
         };
         phases.cont = ms(t);
         let pause_ms = ms(t0);
-        let runs = staged?;
+        let (runs, streamed) = staged?;
         cont.map_err(|source| ReplError::Qmp {
             command: "cont",
             source,
         })?;
         // The device state file is read after the guest runs again.
-        let device_state = std::fs::read(&self.dev_file)
-            .map_err(|e| ReplError::Io(format!("read {}", self.dev_file.display()), e))?;
+        let device_state = match streamed {
+            Some(state) => state,
+            None => std::fs::read(&self.dev_file)
+                .map_err(|e| ReplError::Io(format!("read {}", self.dev_file.display()), e))?,
+        };
         Ok(Staged {
             epoch,
             kind: CheckpointKind::Checkpoint,

@@ -45,14 +45,39 @@ pub fn begin_load(
     epoch: remus_proto::Epoch,
     to: Option<devstate::Incoming>,
 ) -> Result<EarlyLoad, ReplError> {
-    if !standby.devices_only_state() {
-        return Err(ReplError::Setup(
-            "an early load needs a standby started for device-only state (-S)".into(),
-        ));
-    }
+    held_stopped(standby)?;
     let loading = devstate::begin_load(standby.qmp(), state, &standby.paths.incoming_socket(), to)
         .map_err(load_failed)?;
     Ok(EarlyLoad { epoch, loading })
+}
+
+/// [`begin_load`] for the device state of `epoch` while it still arrives
+/// (a migration's last checkpoint, streamed before its End): its bytes go
+/// to the standby's QEMU as they are handed to the returned feed, which
+/// is ended once the epoch has committed. [`resume_loading`] refuses a
+/// load whose epoch did not commit.
+pub fn begin_fed_load(
+    standby: &Vm,
+    epoch: remus_proto::Epoch,
+    to: Option<devstate::Incoming>,
+) -> Result<(EarlyLoad, devstate::Feed), ReplError> {
+    held_stopped(standby)?;
+    let (loading, feed) =
+        devstate::begin_fed_load(standby.qmp(), &standby.paths.incoming_socket(), to)
+            .map_err(load_failed)?;
+    Ok((EarlyLoad { epoch, loading }, feed))
+}
+
+/// Only a standby started for device-only state (`-S`, no `cont` sent)
+/// keeps its VM stopped after a load: see [`devstate::begin_load`].
+fn held_stopped(standby: &Vm) -> Result<(), ReplError> {
+    if standby.devices_only_state() {
+        Ok(())
+    } else {
+        Err(ReplError::Setup(
+            "an early load needs a standby started for device-only state (-S)".into(),
+        ))
+    }
 }
 
 /// [`resume`], or, with `early`, runs the VM the early load holds, which

@@ -37,16 +37,16 @@ use remus_proto::Channel;
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
-use remus_proto::{CheckpointKind, DiskDigests, Epoch, Message};
+use remus_proto::{CheckpointKind, CheckpointWriter, DiskDigests, Epoch, Message, PageRun};
 use remus_vm::{Vm, devstate};
 
 pub use remus_api::MigrateStats;
 use remus_api::SessionEvent;
 
-use crate::capture::{Capture, Staged, resume_unless_held};
+use crate::capture::{Capture, Staged, WhileSaving, resume_unless_held};
 use crate::disks::{PrimaryDisks, Sealer};
 use crate::pace::{Paced, SharedPacer};
-use crate::primary::send_checkpoint;
+use crate::primary::{send_checkpoint, send_pages};
 use crate::{ReplError, staging};
 
 /// Migration settings.
@@ -202,29 +202,80 @@ pub fn migrate(
     let qemu_events = vm.qmp().subscribe();
     let t_down = Instant::now();
     let epoch = Epoch(round);
+    // A device-only state streams: QEMU saves it into a pipe, and its
+    // bytes go out as QEMU writes them, after the last pages, while the
+    // destination's QEMU loads them as they arrive (QEMU's own migration
+    // overlaps its save and load so). A full stream goes through a file.
+    let streamed = cfg.devices_only_state;
     let result = (|| -> Result<(u64, f64), ReplError> {
-        let staged = capture.take_checkpoint(
-            epoch,
-            held,
-            &disks.journal,
-            &|| disks.journal.cut(Epoch(1)).map_err(ReplError::Protocol),
-            true,
-            std::mem::take(&mut runs),
-        )?;
+        // The last checkpoint, open: its writer and the state bytes sent.
+        let mut open: Option<(CheckpointWriter, usize)> = None;
+        let staged = {
+            let mut send_early =
+                |runs: &[PageRun], saving: &mut devstate::Saving<'_>| -> Result<(), ReplError> {
+                    let (mut cp, mut wire) =
+                        open_final(&mut w, &mut sealer, &disks, enc.as_mut(), epoch, runs)?;
+                    w.flush()
+                        .map_err(|e| ReplError::Io("send the last pages".into(), e))?;
+                    let mut sent = 0;
+                    while let Some(chunk) =
+                        saving.next_chunk().map_err(|source| ReplError::DevState {
+                            what: "save",
+                            source,
+                        })?
+                    {
+                        wire += cp.device_state_part(&mut w, &chunk, enc.as_mut())?;
+                        w.flush()
+                            .map_err(|e| ReplError::Io("send the device state".into(), e))?;
+                        sent += chunk.len();
+                    }
+                    bytes += wire;
+                    open = Some((cp, sent));
+                    Ok(())
+                };
+            capture.take_checkpoint(
+                epoch,
+                held,
+                &disks.journal,
+                &|| disks.journal.cut(Epoch(1)).map_err(ReplError::Protocol),
+                true,
+                std::mem::take(&mut runs),
+                streamed.then_some(&mut send_early as WhileSaving<'_>),
+            )?
+        };
         let final_pages = staged.dirty_pages();
+        let ph = &staged.phases;
+        tracing::info!(vm = %vm.name(), %epoch, final_pages, streamed, stop_ms = ph.stop, devstate_ms = ph.devstate, scan_ms = ph.scan, copy_ms = ph.copy, "migration: guest stopped for the last checkpoint; its state is taken");
         // Before its `stop` the guest ran on while it took the frames
         // QEMU held for it: not downtime.
         let ran_on = staged.phases.inbound;
+        let (mut cp, sent) = match open.take() {
+            Some(open) => open,
+            None => {
+                let (cp, wire) = open_final(
+                    &mut w,
+                    &mut sealer,
+                    &disks,
+                    enc.as_mut(),
+                    epoch,
+                    &staged.runs,
+                )?;
+                bytes += wire;
+                (cp, 0)
+            }
+        };
+        // What was not streamed (all of a state saved to a file).
+        let rest = staged.device_state.get(sent..).unwrap_or_default();
+        if sent == 0 || !rest.is_empty() {
+            bytes += cp.device_state_part(&mut w, rest, enc.as_mut())?;
+        }
         if disks.active() {
-            // Every guest write since the sync, then the seals: the
-            // destination applies them with this checkpoint.
-            bytes += sealer.write_records(&mut w, &disks.journal.take())?;
-            sealer.seal(&mut w, Epoch(1))?;
             // The journal's epoch 2 began at the stop: it holds only the
             // flushes QEMU made while it saved the device state (the guest
             // is stopped; they were queued before the save returned). They
             // are sealed before the checkpoint's own epoch, or that seal
             // would find them open when the final epoch is above 2.
+            bytes += sealer.write_records(&mut w, &disks.journal.take())?;
             if epoch > Epoch(2) {
                 sealer.seal(&mut w, Epoch(2))?;
             }
@@ -232,8 +283,12 @@ pub fn migrate(
                 sealer.seal(&mut w, epoch)?;
             }
         }
-        // The guest is stopped: no cap.
-        bytes += send_with_records(&mut w, &staged, &mut sealer, &disks, enc.as_mut(), None)?;
+        cp.end(&mut w)?;
+        w.flush()
+            .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
+        for run in staged.runs {
+            capture.pool.give(run.data);
+        }
         wait_ack(&mut reader, epoch)?;
         Ok((final_pages, ran_on))
     })();
@@ -305,6 +360,39 @@ fn send_with_records(
         Ok(())
     })?;
     Ok(sent.wire + records)
+}
+
+/// Opens the last checkpoint: every guest disk write up to the stop and
+/// their seal (the destination applies them with this checkpoint), then
+/// Begin and the pages, with the flushes QEMU queued meanwhile; returns
+/// the writer and the bytes sent.
+fn open_final(
+    w: &mut impl Write,
+    sealer: &mut Sealer,
+    disks: &PrimaryDisks,
+    enc: Option<&mut remus_proto::delta::DeltaEncoder>,
+    epoch: Epoch,
+    runs: &[PageRun],
+) -> Result<(CheckpointWriter, u64), ReplError> {
+    let mut bytes = 0;
+    if disks.active() {
+        bytes += sealer.write_records(w, &disks.journal.take())?;
+        sealer.seal(w, Epoch(1))?;
+    }
+    // The guest is stopped: no cap.
+    let (cp, sent) = send_pages(
+        w,
+        (epoch, CheckpointKind::Checkpoint),
+        runs,
+        None,
+        enc,
+        None,
+        &mut |w| {
+            bytes += sealer.write_records(w, &disks.journal.take())?;
+            Ok(())
+        },
+    )?;
+    Ok((cp, sent.wire + bytes))
 }
 
 /// The destination's next disk digests (initial disk sync).

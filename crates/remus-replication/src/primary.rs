@@ -1195,6 +1195,7 @@ impl Session<'_> {
                     &|| self.edges.cut(epoch),
                     last,
                     Vec::new(),
+                    None,
                 )?
             };
             resumed = Instant::now();
@@ -1782,37 +1783,15 @@ pub(crate) fn send_checkpoint<W: Write>(
     paced: Option<Paced<'_>>,
     between: &mut dyn FnMut(&mut W) -> Result<(), ReplError>,
 ) -> Result<Sent, ReplError> {
-    // The protocol's writer keeps the End's counts and digest in step with
-    // what was written.
-    let mut cp = CheckpointWriter::begin(w, s.epoch, s.kind)?;
-    if let Some(e) = enc.as_deref_mut() {
-        e.begin_checkpoint();
-    }
-    let mut sent = Sent::default();
-    for run in &s.runs {
-        sent.wire += write_pages(
-            w,
-            &mut cp,
-            run.first_page,
-            &run.data,
-            enc.as_deref_mut(),
-            paced,
-        )?;
-        sent.raw += run.data.len() as u64;
-        between(w)?;
-    }
-    if let Some(lazy) = &s.lazy {
-        let mut buf = Vec::new();
-        for piece in &lazy.pieces {
-            buf.resize(lazy.ram.range_len(*piece), 0);
-            lazy.ram
-                .read_pages(*piece, &mut buf)
-                .map_err(ReplError::Ram)?;
-            sent.wire += write_pages(w, &mut cp, piece.first, &buf, enc.as_deref_mut(), paced)?;
-            sent.raw += buf.len() as u64;
-            between(w)?;
-        }
-    }
+    let (mut cp, mut sent) = send_pages(
+        w,
+        (s.epoch, s.kind),
+        &s.runs,
+        s.lazy.as_ref(),
+        enc.as_deref_mut(),
+        paced,
+        between,
+    )?;
     if s.kind.has_device_state() {
         sent.wire += cp.device_state(w, &s.device_state, enc.as_deref_mut())?;
         sent.raw += s.device_state.len() as u64;
@@ -1824,6 +1803,52 @@ pub(crate) fn send_checkpoint<W: Write>(
     w.flush()
         .map_err(|e| ReplError::Io("flush checkpoint".into(), e))?;
     Ok(sent)
+}
+
+/// Opens checkpoint `epoch` of `kind` and writes its pages (`runs`, then
+/// `lazy`), with `between` after each run; the writer goes on with its
+/// device state and End.
+pub(crate) fn send_pages<W: Write>(
+    w: &mut W,
+    (epoch, kind): (Epoch, CheckpointKind),
+    runs: &[remus_proto::PageRun],
+    lazy: Option<&staging::LazyPages>,
+    mut enc: Option<&mut remus_proto::delta::DeltaEncoder>,
+    paced: Option<Paced<'_>>,
+    between: &mut dyn FnMut(&mut W) -> Result<(), ReplError>,
+) -> Result<(CheckpointWriter, Sent), ReplError> {
+    // The protocol's writer keeps the End's counts and digest in step with
+    // what was written.
+    let mut cp = CheckpointWriter::begin(w, epoch, kind)?;
+    if let Some(e) = enc.as_deref_mut() {
+        e.begin_checkpoint();
+    }
+    let mut sent = Sent::default();
+    for run in runs {
+        sent.wire += write_pages(
+            w,
+            &mut cp,
+            run.first_page,
+            &run.data,
+            enc.as_deref_mut(),
+            paced,
+        )?;
+        sent.raw += run.data.len() as u64;
+        between(w)?;
+    }
+    if let Some(lazy) = lazy {
+        let mut buf = Vec::new();
+        for piece in &lazy.pieces {
+            buf.resize(lazy.ram.range_len(*piece), 0);
+            lazy.ram
+                .read_pages(*piece, &mut buf)
+                .map_err(ReplError::Ram)?;
+            sent.wire += write_pages(w, &mut cp, piece.first, &buf, enc.as_deref_mut(), paced)?;
+            sent.raw += buf.len() as u64;
+            between(w)?;
+        }
+    }
+    Ok((cp, sent))
 }
 
 /// One run of pages (`data` from `first`): at once, or under `paced` in

@@ -111,7 +111,7 @@ pub fn prepare(qmp: &Qmp) -> Result<(), DevStateError> {
 /// the file). The VM must be stopped; it stays stopped (in
 /// `postmigrate`) and the caller resumes it with `cont`.
 pub fn save(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
-    begin_save(qmp, path, false)?.finish()
+    begin_save(qmp, path, false)?.finish().map(drop)
 }
 
 /// The VM's device state may travel device-only ([`save_devices`]): no
@@ -127,17 +127,23 @@ pub fn devices_only_capable(config: &remus_config::VmConfig) -> bool {
 /// caller resumes it with `cont`. Only for a VM that is
 /// [`devices_only_capable`] and a peer whose standby was started for it.
 pub fn save_devices(qmp: &Qmp, path: &Path) -> Result<(), DevStateError> {
-    begin_save(qmp, path, true)?.finish()
+    begin_save(qmp, path, true)?.finish().map(drop)
 }
 
-/// A save of device state QEMU is running ([`begin_save`]).
+/// A save of device state QEMU is running ([`begin_save`],
+/// [`begin_streamed_save`]).
 #[must_use = "the VM may be resumed only after the save has finished"]
 pub struct Saving<'a> {
     qmp: &'a Qmp,
-    reply: Pending<'a>,
+    /// The command's answer, until it is taken.
+    reply: Option<Pending<'a>>,
+    /// The answer, when [`Saving::next_chunk`] saw it come.
+    answered: Option<Result<serde_json::Value, QmpError>>,
     /// The full stream's MIGRATION events (none for device-only).
     events: Option<Receiver<remus_qmp::Event>>,
     deadline: Instant,
+    /// A streamed save's pipe.
+    stream: Option<SaveStream>,
 }
 
 const SAVE_OP: &str = "save device state";
@@ -155,13 +161,7 @@ pub fn begin_save<'a>(
 ) -> Result<Saving<'a>, DevStateError> {
     let deadline = Instant::now() + STATE_TIMEOUT;
     let sent = if devices_only {
-        // `live: false`: QEMU leaves the disks active (with `true` it
-        // would hand them over, as at the end of a migration).
-        qmp.send(
-            "xen-save-devices-state",
-            Some(json!({"filename": path.display().to_string(), "live": false})),
-        )
-        .map(|reply| (reply, None))
+        send_save_devices(qmp, path).map(|reply| (reply, None))
     } else {
         let events = qmp.subscribe();
         qmp.send(
@@ -170,23 +170,126 @@ pub fn begin_save<'a>(
         )
         .map(|reply| (reply, Some(events)))
     };
-    let (reply, events) = sent.map_err(|source| DevStateError::Qmp {
-        op: SAVE_OP,
-        source,
-    })?;
-    Ok(Saving {
-        qmp,
-        reply,
-        events,
-        deadline,
-    })
+    match sent {
+        Ok((reply, events)) => Saving::started(qmp, Ok(reply), events, deadline, None),
+        Err(e) => Saving::started(qmp, Err(e), None, deadline, None),
+    }
 }
 
-impl Saving<'_> {
-    /// Waits until the state is in the file and the VM may be resumed.
-    pub fn finish(self) -> Result<(), DevStateError> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        self.reply.wait(left).map_err(|source| DevStateError::Qmp {
+fn send_save_devices<'a>(qmp: &'a Qmp, path: &Path) -> Result<Pending<'a>, QmpError> {
+    // `live: false`: QEMU leaves the disks active (with `true` it would
+    // hand them over, as at the end of a migration).
+    qmp.send(
+        "xen-save-devices-state",
+        Some(json!({"filename": path.display().to_string(), "live": false})),
+    )
+}
+
+/// [`begin_save`] device-only into a pipe at `fifo` (created here,
+/// replacing what is there: a path in the agent's private directory),
+/// whose bytes the caller takes as QEMU writes them
+/// ([`Saving::next_chunk`]): a migration's last checkpoint sends them on
+/// while QEMU still saves, and the destination's QEMU loads them as they
+/// arrive, as QEMU's own migration overlaps save and load. QEMU writes in
+/// pieces of its 32 KiB buffer. A state longer than `limit` bytes fails
+/// the save (the pipe is drained to its end all the same, so that QEMU
+/// never waits on it).
+pub fn begin_streamed_save<'a>(
+    qmp: &'a Qmp,
+    fifo: &Path,
+    limit: u64,
+) -> Result<Saving<'a>, DevStateError> {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    let stream = SaveStream::open(fifo, limit)?;
+    // The reading end is open before QEMU opens the writing end, so
+    // QEMU's open does not wait; from here, `Saving`'s drop waits for
+    // QEMU's answer before it closes that end.
+    let reply = send_save_devices(qmp, fifo);
+    Saving::started(qmp, reply, None, deadline, Some(stream))
+}
+
+impl<'a> Saving<'a> {
+    /// A save whose command went (or failed to: then an error, and a
+    /// stream given is closed, QEMU never having been asked).
+    fn started(
+        qmp: &'a Qmp,
+        reply: Result<Pending<'a>, QmpError>,
+        events: Option<Receiver<remus_qmp::Event>>,
+        deadline: Instant,
+        stream: Option<SaveStream>,
+    ) -> Result<Saving<'a>, DevStateError> {
+        let reply = reply.map_err(|source| DevStateError::Qmp {
+            op: SAVE_OP,
+            source,
+        })?;
+        Ok(Saving {
+            qmp,
+            reply: Some(reply),
+            answered: None,
+            events,
+            deadline,
+            stream,
+        })
+    }
+
+    /// Whether QEMU ends this save before it runs the next command sent
+    /// to it (device-only: one synchronous command), so that a `cont`
+    /// sent behind it resumes the guest only once the state is saved. A
+    /// full-stream save's `migrate` answers at once and saves from a
+    /// thread: the guest may be resumed only after [`Saving::finish`].
+    pub fn ends_before_the_next_command(&self) -> bool {
+        self.events.is_none()
+    }
+
+    /// A streamed save ([`begin_streamed_save`]): the next bytes QEMU
+    /// wrote, or `None` once it has written them all. Errors if QEMU's
+    /// save failed (or took too long) before it had.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, DevStateError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            match stream.next(Duration::from_millis(2)) {
+                Some(Ok(Some(chunk))) => return Ok(Some(chunk)),
+                Some(Ok(None)) => return Ok(None),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            // Nothing yet: a save that failed ends the wait (a QEMU that
+            // never opened the pipe would leave it waiting for ever).
+            if self.answered.is_none()
+                && let Some(r) = self.reply.as_ref().and_then(|p| p.try_wait())
+            {
+                self.answered = Some(r);
+            }
+            match self.answered.take() {
+                Some(Err(source)) => {
+                    // Said once here; `finish` says it again in words.
+                    self.answered = Some(Err(QmpError::Protocol(source.to_string())));
+                    return Err(DevStateError::Qmp {
+                        op: SAVE_OP,
+                        source,
+                    });
+                }
+                other => self.answered = other,
+            }
+            if Instant::now() > self.deadline {
+                return Err(DevStateError::Timeout {
+                    op: SAVE_OP,
+                    timeout: STATE_TIMEOUT,
+                    runstate: self.qmp.status().unwrap_or_else(|e| e.to_string()),
+                });
+            }
+        }
+    }
+
+    /// Waits until the state is saved and the VM may be resumed. A
+    /// streamed save returns its whole state (what [`Saving::next_chunk`]
+    /// handed out and what it had not yet); a save to a file, `None`.
+    pub fn finish(mut self) -> Result<Option<Vec<u8>>, DevStateError> {
+        let answer = self.answer();
+        let stream = self.stream.take().map(SaveStream::close);
+        answer.map_err(|source| DevStateError::Qmp {
             op: SAVE_OP,
             source,
         })?;
@@ -194,7 +297,222 @@ impl Saving<'_> {
             wait_completed(self.qmp, SAVE_OP, events, self.deadline, &mut |_| {})?;
             wait_runstate_leaves(self.qmp, SAVE_OP, "finish-migrate", self.deadline)?;
         }
-        Ok(())
+        stream.transpose()
+    }
+
+    /// QEMU's answer to the save, waited for if it has not come.
+    fn answer(&mut self) -> Result<serde_json::Value, QmpError> {
+        if let Some(r) = self.answered.take() {
+            return r;
+        }
+        match self.reply.take() {
+            Some(p) => p.wait(self.deadline.saturating_duration_since(Instant::now())),
+            None => Err(QmpError::Closed),
+        }
+    }
+}
+
+impl Drop for Saving<'_> {
+    /// A streamed save given up: its pipe is read until QEMU has answered
+    /// (QEMU, whose main loop writes it, must never wait on it).
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            let _ = self.answer();
+            let _ = stream.close();
+        }
+    }
+}
+
+/// The reading end of a streamed save's pipe, read by a thread of its
+/// own (which drains it to its end whatever the caller does).
+struct SaveStream {
+    chunks: Receiver<Result<Vec<u8>, std::io::Error>>,
+    /// What was handed out so far.
+    taken: Vec<u8>,
+    ended: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    fifo: PathBuf,
+}
+
+impl SaveStream {
+    fn open(fifo: &Path, limit: u64) -> Result<SaveStream, DevStateError> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |what: &'static str| {
+            move |source| DevStateError::Io {
+                op: SAVE_OP,
+                what,
+                path: fifo.to_path_buf(),
+                source,
+            }
+        };
+        match std::fs::remove_file(fifo) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove")(e)),
+            _ => {}
+        }
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes())
+            .map_err(|e| io("name")(std::io::Error::other(e)))?;
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(io("create the pipe")(std::io::Error::last_os_error()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(io("open the pipe"))?;
+        // Room for a whole device-only state (some 80 KiB), so QEMU
+        // rarely waits for the reader; best effort.
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::F_SETPIPE_SZ,
+                1 << 20,
+            );
+        }
+        let (tx, chunks) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let reader = std::thread::Builder::new()
+            .name("devstate-save".into())
+            .spawn(move || read_pipe(file, &tx, &stopping, limit))
+            .map_err(io("start a thread to read"))?;
+        Ok(SaveStream {
+            chunks,
+            taken: Vec::new(),
+            ended: false,
+            stop,
+            reader: Some(reader),
+            fifo: fifo.to_path_buf(),
+        })
+    }
+
+    /// Within `wait`: `Some(Ok(Some(bytes)))`, the next bytes;
+    /// `Some(Ok(None))`, the end; `Some(Err(_))`, the pipe failed or the
+    /// state outgrew the limit; `None`, nothing yet.
+    fn next(&mut self, wait: Duration) -> Option<Result<Option<Vec<u8>>, DevStateError>> {
+        if self.ended {
+            return Some(Ok(None));
+        }
+        match self.chunks.recv_timeout(wait) {
+            Ok(Ok(chunk)) => {
+                self.taken.extend_from_slice(&chunk);
+                Some(Ok(Some(chunk)))
+            }
+            Ok(Err(source)) => Some(Err(DevStateError::Io {
+                op: SAVE_OP,
+                what: "read the pipe",
+                path: self.fifo.clone(),
+                source,
+            })),
+            Err(RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                Some(Ok(None))
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+        }
+    }
+
+    /// After QEMU's answer: reads what is left, stops the reader and
+    /// removes the pipe; the whole state.
+    fn close(mut self) -> Result<Vec<u8>, DevStateError> {
+        self.stop_reader();
+        let rest = loop {
+            match self.next(Duration::ZERO) {
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None)) => break Ok(()),
+                Some(Err(e)) => break Err(e),
+                // The reader has ended: its channel is closed.
+                None => break Ok(()),
+            }
+        };
+        rest.map(|()| std::mem::take(&mut self.taken))
+    }
+
+    /// Lets the reader end once the pipe is empty (QEMU has closed its
+    /// end, or never opened it) and waits for it.
+    fn stop_reader(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for SaveStream {
+    /// Only once QEMU has answered (or was never asked): see `Saving`'s
+    /// drop.
+    fn drop(&mut self) {
+        self.stop_reader();
+        let _ = std::fs::remove_file(&self.fifo);
+    }
+}
+
+/// Reads the pipe until QEMU closes it, or until `stop` and nothing is
+/// left to read; hands each read on through `tx` (a closed `tx` ends
+/// nothing: the pipe is drained all the same), up to `limit` bytes, and
+/// past them one error and nothing more.
+fn read_pipe(
+    file: std::fs::File,
+    tx: &std::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    stop: &std::sync::atomic::AtomicBool,
+    limit: u64,
+) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+        if !stopping {
+            // Until QEMU opens its end this waits (a pipe no writer has
+            // opened yet is neither readable nor hung up).
+            let mut pfd = libc::pollfd {
+                fd: file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 10) };
+            if n == 0 {
+                continue;
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+        match (&file).read(&mut buf) {
+            // QEMU closed its end (or, stopping, never opened it).
+            Ok(0) => return,
+            Ok(n) => {
+                let before = total;
+                total += n as u64;
+                if total <= limit {
+                    let _ = tx.send(Ok(buf[..n].to_vec()));
+                } else if before <= limit {
+                    let _ = tx.send(Err(std::io::Error::other(format!(
+                        "the device state is larger than {limit} bytes"
+                    ))));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stopping {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
     }
 }
 
@@ -331,16 +649,69 @@ pub fn begin_load(
     socket: &Path,
     to: Option<Incoming>,
 ) -> Result<Loading, DevStateError> {
+    let (state, socket) = (state.to_path_buf(), socket.to_path_buf());
+    spawn_load(qmp, move |deadline| match to {
+        Some(to) => stream_rest(&state, to, deadline),
+        None => stream_state(&state, &socket, deadline),
+    })
+}
+
+/// The device state of a load begun with [`begin_fed_load`], handed
+/// over as it arrives.
+pub struct Feed(std::sync::mpsc::Sender<Option<Vec<u8>>>);
+
+impl Feed {
+    /// The next bytes of the state (they concatenate in order).
+    pub fn push(&self, data: Vec<u8>) {
+        // A load that failed already says so when it is run.
+        let _ = self.0.send(Some(data));
+    }
+
+    /// The state is whole: QEMU gets the end of the stream. Dropping a
+    /// feed without this fails the load (the stream never ends well).
+    pub fn end(self) {
+        let _ = self.0.send(None);
+    }
+}
+
+/// [`begin_load`] for a state that is still arriving: its bytes go to
+/// QEMU as they are handed to the returned [`Feed`] (a migration's
+/// destination, whose last checkpoint streams the source's save), so that
+/// QEMU loads while the source still saves and sends. The VM stays
+/// stopped as with [`begin_load`].
+pub fn begin_fed_load(
+    qmp: &Qmp,
+    socket: &Path,
+    to: Option<Incoming>,
+) -> Result<(Loading, Feed), DevStateError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = socket.to_path_buf();
+    let loading = spawn_load(qmp, move |deadline| {
+        let to = match to {
+            Some(to) => to,
+            None => Incoming {
+                s: UnixStream::connect(&socket)
+                    .map_err(|e| ("connect to QEMU's", socket.clone(), e))?,
+                socket,
+                header_sent: false,
+            },
+        };
+        stream_fed(&rx, to, deadline)
+    })?;
+    Ok((loading, Feed(tx)))
+}
+
+/// Starts the thread that streams a state into QEMU, as `stream` says.
+fn spawn_load(
+    qmp: &Qmp,
+    stream: impl FnOnce(Instant) -> Result<(), StreamError> + Send + 'static,
+) -> Result<Loading, DevStateError> {
     let events = qmp.subscribe();
     let started = Instant::now();
     let deadline = started + STATE_TIMEOUT;
-    let (state, socket) = (state.to_path_buf(), socket.to_path_buf());
     let streaming = std::thread::Builder::new()
         .name("devstate-load".into())
-        .spawn(move || match to {
-            Some(to) => stream_rest(&state, to, deadline),
-            None => stream_state(&state, &socket, deadline),
-        })
+        .spawn(move || stream(deadline))
         .map_err(|e| {
             load_io_err((
                 "start a thread to stream the state into",
@@ -354,6 +725,63 @@ pub fn begin_load(
         deadline,
         streaming,
     })
+}
+
+/// Writes what `rx` hands over into `to` until its end (the header
+/// checked, not sent, when it went ahead), then ends the stream.
+fn stream_fed(
+    rx: &Receiver<Option<Vec<u8>>>,
+    to: Incoming,
+    deadline: Instant,
+) -> Result<(), StreamError> {
+    let (mut s, socket, header_sent) = to.until(deadline)?;
+    let on_socket = |what| on(&socket, what);
+    // The state's own header, while it is checked rather than sent.
+    let mut head = Vec::with_capacity(STREAM_HEADER.len());
+    let checking = |head: &[u8]| header_sent && head.len() < STREAM_HEADER.len();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let data = match rx.recv_timeout(left) {
+            Ok(Some(data)) => data,
+            Ok(None) if checking(&head) => {
+                return Err(not_a_stream(FED_HEADER, &socket, &head));
+            }
+            Ok(None) => break,
+            Err(_) => {
+                return Err((
+                    "receive the state for",
+                    socket,
+                    std::io::Error::other("it stopped arriving before its end"),
+                ));
+            }
+        };
+        let mut rest = &data[..];
+        if checking(&head) {
+            let take = (STREAM_HEADER.len() - head.len()).min(rest.len());
+            head.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if head.len() == STREAM_HEADER.len() && head != STREAM_HEADER {
+                return Err(not_a_stream(FED_HEADER, &socket, &head));
+            }
+        }
+        std::io::Write::write_all(&mut s, rest).map_err(on_socket("stream the state into"))?;
+    }
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(on_socket("end the stream on"))
+}
+
+const FED_HEADER: &str = "check the header of the state for";
+
+/// A state whose first bytes are not QEMU's stream header (`what` was
+/// done, to `path`).
+fn not_a_stream(what: &'static str, path: &Path, head: &[u8]) -> StreamError {
+    (
+        what,
+        path.to_path_buf(),
+        std::io::Error::other(format!(
+            "it does not start as QEMU's migration stream (read {head:02x?})"
+        )),
+    )
 }
 
 impl Loading {
@@ -445,6 +873,27 @@ pub struct Incoming {
     header_sent: bool,
 }
 
+impl Incoming {
+    /// The connection, with writes that give up at `deadline` (a QEMU
+    /// that stops reading must not hold the resume for ever), its path
+    /// and whether the header went ahead.
+    fn until(self, deadline: Instant) -> Result<(UnixStream, PathBuf, bool), StreamError> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        self.s
+            .set_write_timeout(Some(left))
+            .map_err(on(&self.socket, "set a timeout on"))?;
+        Ok((self.s, self.socket, self.header_sent))
+    }
+}
+
+/// An I/O error's mapping for `what` was done to `socket`.
+fn on(socket: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {
+    let socket = socket.to_path_buf();
+    move |e| (what, socket, e)
+}
+
 /// Connects to the incoming migration of a standby QEMU that [`listen`]s
 /// on `socket` and sends it the stream's header ([`STREAM_HEADER`]), so
 /// that QEMU accepts the connection and sets its load up (some 0.2 ms,
@@ -473,35 +922,16 @@ fn stream_rest(state: &Path, to: Incoming, deadline: Instant) -> Result<(), Stre
     use std::io::Read;
     let mut file =
         std::fs::File::open(state).map_err(|e| ("open the saved state", state.into(), e))?;
-    let Incoming {
-        mut s,
-        socket,
-        header_sent,
-    } = to;
-    let on_socket = |what: &'static str| {
-        let socket = socket.clone();
-        move |e| (what, socket, e)
-    };
+    let (mut s, socket, header_sent) = to.until(deadline)?;
+    let on_socket = |what| on(&socket, what);
     if header_sent {
         let mut head = [0u8; STREAM_HEADER.len()];
         file.read_exact(&mut head)
             .map_err(|e| ("read the header of", state.into(), e))?;
         if head != STREAM_HEADER {
-            return Err((
-                "check the header of",
-                state.into(),
-                std::io::Error::other(format!(
-                    "it does not start as QEMU's migration stream (read {head:02x?})"
-                )),
-            ));
+            return Err(not_a_stream("check the header of", state, &head));
         }
     }
-    // A QEMU that stops reading must not hold the resume for ever.
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    s.set_write_timeout(Some(left))
-        .map_err(on_socket("set a timeout on"))?;
     std::io::copy(&mut file, &mut s).map_err(on_socket("stream the state into"))?;
     s.shutdown(std::net::Shutdown::Write)
         .map_err(on_socket("end the stream on"))
@@ -582,6 +1012,9 @@ fn migrate_error(qmp: &Qmp) -> String {
 pub const PROTECT_SAVE: &str = "dev.out";
 /// The device state of a migration's last checkpoint.
 pub const MIGRATE_SAVE: &str = "dev.migrate";
+/// The pipe a migration's last checkpoint streams its device state
+/// through ([`begin_streamed_save`]).
+pub const MIGRATE_PIPE: &str = "dev.migrate.pipe";
 /// What device state is saved for, each to its own file.
 pub const SAVES: [&str; 2] = [PROTECT_SAVE, MIGRATE_SAVE];
 /// A standby's: the device state of its last committed checkpoint,
@@ -607,7 +1040,10 @@ pub fn save_file(ram_file: &Path, what: &str) -> PathBuf {
 
 /// Removes the device state files [`save_file`] names (a VM that goes).
 pub fn remove_save_files(ram_file: &Path) {
-    for what in SAVES.into_iter().chain([COMMITTED, COMMITTED_NEXT]) {
+    for what in SAVES
+        .into_iter()
+        .chain([MIGRATE_PIPE, COMMITTED, COMMITTED_NEXT])
+    {
         let f = save_file(ram_file, what);
         if let Err(e) = std::fs::remove_file(&f)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -627,6 +1063,119 @@ mod tests {
     /// A connection opened ahead carries the header first and then the
     /// state without its own; a state that does not start with the header
     /// is refused before any of it is sent.
+    /// A state fed as it arrives, its header split across chunks, goes
+    /// into a connection opened ahead without its header; one that ends
+    /// early or starts as a stranger is refused, nothing of it sent.
+    #[test]
+    fn a_fed_state_streams_chunk_by_chunk_and_refuses_a_stranger_or_a_short_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("in.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let feed = |chunks: &[&[u8]], end: bool| {
+            let ahead = connect_incoming(&socket).unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            for c in chunks {
+                tx.send(Some(c.to_vec())).unwrap();
+            }
+            if end {
+                tx.send(None).unwrap();
+            }
+            drop(tx);
+            let r = stream_fed(&rx, ahead, deadline);
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).unwrap();
+            (r, got)
+        };
+        let (r, got) = feed(&[b"QEV", b"M\0\0\0\x03sec", b"tions"], true);
+        r.unwrap();
+        assert_eq!(
+            got, b"QEVM\0\0\0\x03sections",
+            "the header once, then the rest"
+        );
+
+        let (r, got) = feed(&[b"XXXX\0\0\0\x03sections"], true);
+        let (what, _, e) = r.unwrap_err();
+        assert_eq!(what, FED_HEADER);
+        assert!(e.to_string().contains("QEMU's migration stream"), "{e}");
+        assert_eq!(got, STREAM_HEADER, "nothing of the refused state was sent");
+
+        // Its sender gone before the end: the load fails, QEMU never
+        // gets an end of stream that would pass for a whole state.
+        let (r, _) = feed(&[b"QEVM\0\0\0\x03sec"], false);
+        let (what, _, e) = r.unwrap_err();
+        assert_eq!(what, "receive the state for");
+        assert!(e.to_string().contains("before its end"), "{e}");
+        let (r, _) = feed(&[b"QEV"], true);
+        assert_eq!(r.unwrap_err().0, FED_HEADER, "too short for a header");
+    }
+
+    /// A streamed save's pipe hands over what its writer wrote, in order,
+    /// then its end; past the limit, an error; a writer that never came
+    /// leaves nothing waiting once stopped.
+    #[test]
+    fn a_save_pipe_hands_over_what_was_written_then_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("vm.dev.migrate.pipe");
+        std::fs::write(&fifo, b"stale").unwrap();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = SaveStream::open(&fifo, 1 << 20).unwrap();
+        let writer = {
+            let (fifo, body) = (fifo.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                for part in body.chunks(32 << 10) {
+                    w.write_all(part).unwrap();
+                }
+            })
+        };
+        let mut got = Vec::new();
+        loop {
+            match stream.next(Duration::from_secs(5)) {
+                Some(Ok(Some(chunk))) => got.extend_from_slice(&chunk),
+                Some(Ok(None)) => break,
+                Some(Err(e)) => panic!("{e}"),
+                None => panic!("nothing within 5 s"),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(got, body);
+        assert_eq!(stream.close().unwrap(), body, "the whole state, once");
+        assert!(!fifo.exists(), "the pipe is removed");
+
+        let mut stream = SaveStream::open(&fifo, 1000).unwrap();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                w.write_all(&[7u8; 5000]).unwrap();
+            })
+        };
+        let too_large = loop {
+            match stream.next(Duration::from_secs(5)) {
+                Some(Ok(Some(_))) => {}
+                Some(Err(e)) => break e,
+                other => panic!(
+                    "no error past the limit: {:?}",
+                    other.map(|r| r.map(|c| c.map(|c| c.len())))
+                ),
+            }
+        };
+        assert!(
+            too_large.to_string().contains("larger than 1000"),
+            "{too_large}"
+        );
+        writer.join().unwrap();
+        let _ = stream.close();
+
+        // No writer ever: stopping returns at once.
+        let stream = SaveStream::open(&fifo, 1000).unwrap();
+        let t = Instant::now();
+        assert_eq!(stream.close().unwrap(), Vec::<u8>::new());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
     #[test]
     fn an_incoming_opened_ahead_gets_the_header_once_and_refuses_a_stranger() {
         let dir = tempfile::tempdir().unwrap();

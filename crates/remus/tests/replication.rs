@@ -132,13 +132,19 @@ fn migration_there_and_back() {
         );
         let log = to.log_text();
         assert!(!log.contains("FAILED"), "{log}");
-        // The destination loaded the device state as the last checkpoint
-        // committed (through the incoming migration opened ahead), and ran
-        // the VM only at the switch-over: QEMU's RESUME there comes after
-        // its STOP at the source.
+        // The source streamed its QEMU's save of the device state, and
+        // the destination loaded it as it arrived (through the incoming
+        // migration opened ahead), and ran the VM only at the switch-over:
+        // QEMU's RESUME there comes after its STOP at the source.
+        let from_log = from.log_text();
+        let taken = from_log
+            .lines()
+            .rfind(|l| l.contains("migration: guest stopped for the last checkpoint"))
+            .unwrap_or_else(|| panic!("no last checkpoint:\n{from_log}"));
+        assert!(taken.contains("streamed=true"), "{taken}");
         let loaded = log
             .lines()
-            .rfind(|l| l.contains("migration: loading the committed device state"))
+            .rfind(|l| l.contains("device state as it arrives"))
             .unwrap_or_else(|| panic!("no early load:\n{log}"));
         assert!(loaded.contains("opened_ahead=true"), "{loaded}");
         let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");

@@ -4,6 +4,7 @@
 
 use super::resync::{create_images, plan_target, target_committed};
 use super::*;
+use remus_replication::backup::BackupEvent;
 
 /// Accepts replication sessions on the `--listen` port (blocking; runs on
 /// its own thread). A connection gets a thread only if the admission caps
@@ -279,12 +280,21 @@ fn backup_session(
         .map_err(|e| format!("{peer}: {e}"))?;
     tracing::info!(vm = %name, %peer, purpose = ?session.purpose, devices_only_state = slot.vm.devices_only_state(), "standby ready; receiving checkpoints");
     let mut replica = replica;
+    // A migration's destination with a device-only standby (`-S`) loads
+    // the last checkpoint's device state as it arrives (the source
+    // streams its QEMU's save), its VM held stopped: the rest of the
+    // save, the End, the ack, the switch-over order and the disks' flush
+    // then overlap the load instead of preceding it. Only a migration: a
+    // protected VM's standby keeps its incoming migration for a failover
+    // from a later epoch.
+    let early_load = session.purpose == Purpose::Migrate && slot.vm.devices_only_state();
     let cfg = BackupConfig {
         timeout,
         heartbeat: timeout / 4,
         changed_sync: plan.as_ref().is_some_and(|p| p.mode == SyncMode::Changed),
         suspendable,
         restarting: suspendable.then(|| restarting.clone()),
+        stream_checkpoints: early_load,
     };
     let copy = std::sync::Mutex::new(copy);
     let protect_purpose = session.purpose == Purpose::Protect;
@@ -302,14 +312,11 @@ fn backup_session(
     let vm_name = name.clone();
     let slot2 = slot.clone();
     let slot3 = slot.clone();
-    // A migration's destination with a device-only standby (`-S`) loads
-    // the last checkpoint's device state as soon as it commits, its VM
-    // held stopped: the ack, the switch-over order and the disks' flush
-    // then overlap the load. Only a migration: a protected VM's standby
-    // keeps its incoming migration for a failover from a later epoch.
-    let early_load = session.purpose == Purpose::Migrate && slot.vm.devices_only_state();
     let early: std::sync::Mutex<Option<Result<remus_replication::failover::EarlyLoad, String>>> =
         std::sync::Mutex::new(None);
+    // The last checkpoint's device state streams in as it arrives, before
+    // its End: this feeds the load until the epoch commits.
+    let feed: std::sync::Mutex<Option<remus_vm::devstate::Feed>> = std::sync::Mutex::new(None);
     let state_path = replica.device_state_path().to_path_buf();
     // Its QEMU sets the load up ahead, while the copy runs.
     let ahead = std::sync::Mutex::new(early_load.then(|| {
@@ -324,8 +331,44 @@ fn backup_session(
         &cfg,
         &|ev| {
             tracing::debug!(vm = %vm_name, event = ?ev, "backup");
-            if let remus_replication::backup::BackupEvent::Committed { epoch, .. } = ev {
-                if early_load {
+            let ev = match ev {
+                BackupEvent::DeviceState { epoch, data } if early_load => {
+                    let mut early = early.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut feed = feed.lock().unwrap_or_else(|p| p.into_inner());
+                    if early.is_none() {
+                        let to = ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        let opened_ahead = to.is_some();
+                        *early = Some(
+                            remus_replication::failover::begin_fed_load(
+                                &slot2.vm,
+                                remus_proto::Epoch(epoch),
+                                to,
+                            )
+                            .map(|(load, f)| {
+                                tracing::info!(vm = %vm_name, epoch, opened_ahead, "migration: loading the last checkpoint's device state as it arrives, before the switch-over; the VM stays paused until it");
+                                *feed = Some(f);
+                                load
+                            })
+                            .map_err(|e| e.to_string()),
+                        );
+                    }
+                    // Without a feed (the load could not begin) the
+                    // switch-over refuses with the reason kept above.
+                    if let Some(f) = feed.as_ref() {
+                        f.push(data.0);
+                    }
+                    return;
+                }
+                ev => ev,
+            };
+            if let BackupEvent::Committed { epoch, .. } = ev {
+                // The state streamed in is whole: QEMU gets its end. (A
+                // state that did not stream, none before this commit,
+                // loads from the committed file.)
+                let fed = feed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(f) = fed {
+                    f.end();
+                } else if early_load {
                     note_commit(
                         &mut early.lock().unwrap_or_else(|p| p.into_inner()),
                         epoch,

@@ -67,6 +67,7 @@ pub fn session_with(
         changed_sync: false,
         suspendable,
         restarting,
+        stream_checkpoints: false,
     };
     let end = receive(
         stream,

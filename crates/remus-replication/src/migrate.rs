@@ -5,8 +5,9 @@
 //!   InitialSync(0): every page with data  ───►   written to the replica
 //!   Round(1..k): pages dirtied meanwhile  ───►   written to the replica
 //!   stop; Checkpoint(k+1): last dirty pages
-//!         + device state                  ───►   committed; its device
-//!                                                state streams into QEMU
+//!         + device state, sent as QEMU    ───►   pages written, device
+//!           saves it                             state into QEMU as it
+//!                                                arrives; committed
 //!                                         ◄───   Ack(k+1)
 //!   SwitchOver(k+1)                       ───►   cont (QEMU runs the VM
 //!                                                once the load ends)

@@ -29,7 +29,10 @@
 //!
 //! A checkpoint starts either save with [`begin_save`] and copies guest
 //! RAM while QEMU writes the file; [`Saving::finish`] waits for the end
-//! before the guest may run.
+//! before the guest may run. A migration's last checkpoint saves
+//! device-only into a pipe instead ([`begin_streamed_save`]) and sends
+//! the state on as QEMU writes it; its destination loads it as it
+//! arrives ([`begin_fed_load`]).
 //!
 //! Save (VM already stopped by the caller):
 //! ```text

@@ -504,14 +504,19 @@ fn backup_session(
     Ok(())
 }
 
-/// A migration's destination at a commit: the first begins the early
-/// load; QEMU takes one incoming stream, so a later one (an honest source
-/// sends one checkpoint) leaves an error the switch-over refuses with.
+/// A migration's destination at a commit whose device state did not
+/// stream in: the first begins the early load; QEMU takes one incoming
+/// stream, so a later one (an honest source sends one checkpoint) leaves
+/// an error the switch-over refuses with. An error already there (a load
+/// that could not begin) stays, as the reason.
 fn note_commit<T>(
     slot: &mut Option<Result<T, String>>,
     epoch: u64,
     begin: impl FnOnce() -> Result<T, String>,
 ) {
+    if matches!(slot, Some(Err(_))) {
+        return;
+    }
     *slot = Some(if slot.is_some() {
         Err(format!(
             "a second checkpoint ({epoch}) committed after the first one's device state was loaded: not resumed"
@@ -972,5 +977,11 @@ mod tests {
         let mut slot: Option<Result<u64, String>> = None;
         note_commit(&mut slot, 1, || Err("no thread".into()));
         assert_eq!(slot, Some(Err("no thread".into())));
+        note_commit(&mut slot, 1, || Ok(1));
+        assert_eq!(
+            slot,
+            Some(Err("no thread".into())),
+            "the first reason stays"
+        );
     }
 }

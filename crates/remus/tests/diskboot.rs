@@ -245,3 +245,72 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
     let out = backup.cli(&["destroy", "uefi"]);
     assert!(out.ok, "{}", out.stderr);
 }
+
+/// A UEFI VM's device state travels as QEMU's full stream (the guest
+/// writes its variable store, RAM outside the shared file), never
+/// device-only: its migration saves the last checkpoint's state to a file
+/// and sends it whole, and the destination loads it at the switch-over.
+/// The guest runs on there from where it was, its disk with it.
+#[test]
+fn uefi_vm_migrates_with_the_full_stream() {
+    let img = GuestImage::find().expect("guest image");
+    let hosts = DiskHosts::new().unwrap();
+    let (pdir, listen) = (&hosts.pdir, &hosts.listen);
+    let disk = pdir.path().join("uefim.raw");
+    make_boot_disk(
+        &img,
+        &disk,
+        64,
+        32,
+        "console=ttyS0 quiet remus.workload=tick",
+    )
+    .expect("boot disk");
+    let dest = hosts.backup(&bins()).expect("destination agent");
+    let src = hosts.primary(&bins()).unwrap();
+    let cfg = src.write_file(
+        "vm.toml",
+        &GuestImage::disk_boot_config("uefim", &disk, "raw", "firmware = \"uefi\"\n"),
+    );
+    let out = src.cli(&["create", cfg.to_str().unwrap()]);
+    assert!(out.ok, "create: {}", out.stderr);
+    src.wait_console("uefim", Duration::from_secs(120), "tick 2", |c| {
+        last_tick(c) >= Some(2)
+    })
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", src.log_text()));
+
+    let before = last_tick(&src.console("uefim")).unwrap();
+    let out = src.cli(&["migrate", "--json", "uefim", listen]);
+    assert!(out.ok, "migrate: {}\n{}", out.stderr, src.log_text());
+    assert!(src.vm("uefim").is_none(), "source still lists the VM");
+    assert!(dest.vm("uefim").is_some(), "destination lists the VM");
+    let text = dest
+        .wait_console(
+            "uefim",
+            Duration::from_secs(60),
+            "ticks after migration",
+            |c| ticks(c).len() >= 3,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", dest.log_text()));
+    let got = ticks(&text);
+    assert!(
+        got[0] >= before,
+        "resumed at {} after {before}: {got:?}",
+        got[0]
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    // The full stream went whole, from a file; nothing loaded early.
+    let src_log = src.log_text();
+    let taken = src_log
+        .lines()
+        .rfind(|l| l.contains("migration: guest stopped for the last checkpoint"))
+        .unwrap_or_else(|| panic!("no last checkpoint:\n{src_log}"));
+    assert!(taken.contains("streamed=false"), "{taken}");
+    let dest_log = dest.log_text();
+    assert!(!dest_log.contains("as it arrives"), "{dest_log}");
+    assert!(
+        dest_log.contains("switch-over: VM resumed here"),
+        "{dest_log}"
+    );
+    let out = dest.cli(&["destroy", "uefim"]);
+    assert!(out.ok, "{}", out.stderr);
+}

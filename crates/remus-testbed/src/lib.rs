@@ -1034,6 +1034,18 @@ pub fn ticks(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Asserts that the ticks on `console` go on from `before` (the last
+/// tick seen where the guest ran until then) and follow each other: the
+/// guest resumed from where it was, once.
+pub fn assert_ticks_go_on(console: &str, before: u64) {
+    let got = ticks(console);
+    assert!(
+        got.first().is_some_and(|&t| t >= before),
+        "resumed after {before}: {got:?}"
+    );
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+}
+
 /// QEMU's RESUME timestamp (µs since the Unix epoch) of the last
 /// switch-over in an agent's log (its `resumed_at_us` field).
 pub fn resumed_at_us(log: &str) -> Option<u64> {

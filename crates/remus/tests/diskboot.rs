@@ -198,16 +198,12 @@ fn qcow2_boot_disk_is_protected_and_fails_over() {
     );
 }
 
-/// The same boot disk through OVMF (`firmware = "uefi"`): it boots from
-/// syslinux.efi, is protected (the backup starts its standby with OVMF
-/// and a variable store of its own) and fails over; the guest runs on
-/// from the acknowledged state.
-#[test]
-fn uefi_boot_disk_is_protected_and_fails_over() {
+/// The backup (listening) and the primary of `hosts`, the primary
+/// running VM `name` from a boot disk through OVMF (`firmware = "uefi"`),
+/// its guest ticking.
+fn uefi_vm(hosts: &DiskHosts, name: &str) -> (Agent, Agent) {
     let img = GuestImage::find().expect("guest image");
-    let hosts = DiskHosts::new().unwrap();
-    let (pdir, listen) = (&hosts.pdir, &hosts.listen);
-    let disk = pdir.path().join("uefi.raw");
+    let disk = hosts.pdir.path().join(format!("{name}.raw"));
     make_boot_disk(
         &img,
         &disk,
@@ -217,18 +213,30 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
     )
     .expect("boot disk");
     let backup = hosts.backup(&bins()).expect("backup agent");
-    let mut primary = hosts.primary(&bins()).unwrap();
+    let primary = hosts.primary(&bins()).unwrap();
     let cfg = primary.write_file(
         "vm.toml",
-        &GuestImage::disk_boot_config("uefi", &disk, "raw", "firmware = \"uefi\"\n"),
+        &GuestImage::disk_boot_config(name, &disk, "raw", "firmware = \"uefi\"\n"),
     );
     let out = primary.cli(&["create", cfg.to_str().unwrap()]);
     assert!(out.ok, "create: {}", out.stderr);
     primary
-        .wait_console("uefi", Duration::from_secs(120), "tick 2", |c| {
+        .wait_console(name, Duration::from_secs(120), "tick 2", |c| {
             last_tick(c) >= Some(2)
         })
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", primary.log_text()));
+    (backup, primary)
+}
+
+/// The same boot disk through OVMF (`firmware = "uefi"`): it boots from
+/// syslinux.efi, is protected (the backup starts its standby with OVMF
+/// and a variable store of its own) and fails over; the guest runs on
+/// from the acknowledged state.
+#[test]
+fn uefi_boot_disk_is_protected_and_fails_over() {
+    let hosts = DiskHosts::new().unwrap();
+    let listen = &hosts.listen;
+    let (backup, mut primary) = uefi_vm(&hosts, "uefi");
     let vars = primary.state_dir.join("vms/uefi/uefi-vars.fd");
     assert!(vars.is_file(), "the VM's own UEFI variable store");
     let qemu_log =
@@ -253,30 +261,9 @@ fn uefi_boot_disk_is_protected_and_fails_over() {
 /// The guest runs on there from where it was, its disk with it.
 #[test]
 fn uefi_vm_migrates_with_the_full_stream() {
-    let img = GuestImage::find().expect("guest image");
     let hosts = DiskHosts::new().unwrap();
-    let (pdir, listen) = (&hosts.pdir, &hosts.listen);
-    let disk = pdir.path().join("uefim.raw");
-    make_boot_disk(
-        &img,
-        &disk,
-        64,
-        32,
-        "console=ttyS0 quiet remus.workload=tick",
-    )
-    .expect("boot disk");
-    let dest = hosts.backup(&bins()).expect("destination agent");
-    let src = hosts.primary(&bins()).unwrap();
-    let cfg = src.write_file(
-        "vm.toml",
-        &GuestImage::disk_boot_config("uefim", &disk, "raw", "firmware = \"uefi\"\n"),
-    );
-    let out = src.cli(&["create", cfg.to_str().unwrap()]);
-    assert!(out.ok, "create: {}", out.stderr);
-    src.wait_console("uefim", Duration::from_secs(120), "tick 2", |c| {
-        last_tick(c) >= Some(2)
-    })
-    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", src.log_text()));
+    let listen = &hosts.listen;
+    let (dest, src) = uefi_vm(&hosts, "uefim");
 
     let before = last_tick(&src.console("uefim")).unwrap();
     let out = src.cli(&["migrate", "--json", "uefim", listen]);
@@ -291,13 +278,7 @@ fn uefi_vm_migrates_with_the_full_stream() {
             |c| ticks(c).len() >= 3,
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", dest.log_text()));
-    let got = ticks(&text);
-    assert!(
-        got[0] >= before,
-        "resumed at {} after {before}: {got:?}",
-        got[0]
-    );
-    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+    remus_testbed::assert_ticks_go_on(&text, before);
     // The full stream went whole, from a file; nothing loaded early.
     let src_log = src.log_text();
     let taken = src_log

@@ -121,6 +121,8 @@ pub(crate) struct Capture<'v> {
     map: staging::RamMap,
     pub(crate) pool: Arc<staging::BufferPool>,
     dev_file: PathBuf,
+    /// Where a streamed save's pipe goes (a migration's last checkpoint).
+    pipe: PathBuf,
     /// Device state is saved without QEMU's RAM blocks.
     devices_only: bool,
 }
@@ -149,6 +151,7 @@ impl<'v> Capture<'v> {
             // dirty pages copies into memory that is already backed.
             pool: Arc::new(staging::BufferPool::new(64)),
             dev_file: devstate::save_file(&vm.ram_file, dev_name),
+            pipe: devstate::save_file(&vm.ram_file, devstate::MIGRATE_PIPE),
             devices_only,
         })
     }
@@ -225,10 +228,9 @@ impl<'v> Capture<'v> {
                 "a streamed device-state save needs device-only state".into(),
             ));
         }
-        let pipe = devstate::save_file(&vm.ram_file, devstate::MIGRATE_PIPE);
         let begin_save = || {
             if streamed {
-                devstate::begin_streamed_save(qmp, &pipe, remus_proto::MAX_DEVICE_STATE)
+                devstate::begin_streamed_save(qmp, &self.pipe, remus_proto::MAX_DEVICE_STATE)
             } else {
                 devstate::begin_save(qmp, &self.dev_file, self.devices_only)
             }

@@ -692,12 +692,7 @@ pub fn begin_fed_load(
     let loading = spawn_load(qmp, move |deadline| {
         let to = match to {
             Some(to) => to,
-            None => Incoming {
-                s: UnixStream::connect(&socket)
-                    .map_err(|e| ("connect to QEMU's", socket.clone(), e))?,
-                socket,
-                header_sent: false,
-            },
+            None => Incoming::connect(&socket)?,
         };
         stream_fed(&rx, to, deadline)
     })?;
@@ -852,14 +847,7 @@ fn finish_load(
 /// Copies the file `state` into the socket QEMU listens on, then ends
 /// the stream (QEMU reads to its end, then loads no more).
 fn stream_state(state: &Path, socket: &Path, deadline: Instant) -> Result<(), StreamError> {
-    let on_socket = |what: &'static str| move |e| (what, socket.to_path_buf(), e);
-    let s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
-    let to = Incoming {
-        s,
-        socket: socket.to_path_buf(),
-        header_sent: false,
-    };
-    stream_rest(state, to, deadline)
+    stream_rest(state, Incoming::connect(socket)?, deadline)
 }
 
 /// The first bytes of every migration stream QEMU writes (its file magic
@@ -877,6 +865,16 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// A connection to the incoming migration on `socket` made now, the
+    /// whole stream still to send (header included).
+    fn connect(socket: &Path) -> Result<Incoming, StreamError> {
+        Ok(Incoming {
+            s: UnixStream::connect(socket).map_err(on(socket, "connect to QEMU's"))?,
+            socket: socket.to_path_buf(),
+            header_sent: false,
+        })
+    }
+
     /// The connection, with writes that give up at `deadline` (a QEMU
     /// that stops reading must not hold the resume for ever), its path
     /// and whether the header went ahead.
@@ -905,17 +903,14 @@ fn on(socket: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Strea
 /// migration's destination with a `-S` standby, which loads early
 /// anyway: a standby that may fail over later keeps its socket free.
 pub fn connect_incoming(socket: &Path) -> Result<Incoming, DevStateError> {
-    let on_socket = |what: &'static str| move |e| load_io_err((what, socket.to_path_buf(), e));
-    let mut s = UnixStream::connect(socket).map_err(on_socket("connect to QEMU's"))?;
-    s.set_write_timeout(Some(STATE_TIMEOUT))
+    let on_socket = |what| move |e| load_io_err(on(socket, what)(e));
+    let mut to = Incoming::connect(socket).map_err(load_io_err)?;
+    to.s.set_write_timeout(Some(STATE_TIMEOUT))
         .map_err(on_socket("set a timeout on"))?;
-    std::io::Write::write_all(&mut s, &STREAM_HEADER)
+    std::io::Write::write_all(&mut to.s, &STREAM_HEADER)
         .map_err(on_socket("send the stream header into"))?;
-    Ok(Incoming {
-        s,
-        socket: socket.to_path_buf(),
-        header_sent: true,
-    })
+    to.header_sent = true;
+    Ok(to)
 }
 
 /// Copies the file `state` into `to` (its header checked, not sent, when

@@ -354,8 +354,8 @@ fn backup_session(
                     }
                     // Without a feed (the load could not begin) the
                     // switch-over refuses with the reason kept above.
-                    if let Some(f) = feed.as_ref() {
-                        f.push(data.0);
+                    if let Some(f) = feed.as_mut() {
+                        f.push(&data.0);
                     }
                     return;
                 }

@@ -101,7 +101,16 @@ fn restore(devices_only: bool) -> u64 {
     let mut tracker = a.dirty_tracker().expect("dirty tracking active");
     let first = tracker.scan().unwrap();
     assert!(first.page_count() > 0, "a booted guest has written pages");
-    a.qmp().execute("stop", None).unwrap();
+    // QEMU offers "oob" on the agent's QMP socket and the client enables
+    // it (QEMU then reads a command while the one before runs); in-band
+    // commands still run one after the other: the status sent right
+    // behind the `stop` is read after it.
+    assert!(a.qmp().oob, "QEMU offers oob on the agent's QMP socket");
+    let stop = a.qmp().send("stop", None).unwrap();
+    let status = a.qmp().send("query-status", None).unwrap();
+    let wait = std::time::Duration::from_secs(30);
+    stop.wait(wait).unwrap();
+    assert_eq!(status.wait(wait).unwrap()["status"], "paused");
     devstate::prepare(a.qmp()).unwrap();
     if devices_only {
         devstate::save_devices(a.qmp(), &dev).unwrap();

@@ -410,11 +410,17 @@ impl Agent {
     /// either side of a session that syncs disks); fails the test with
     /// the log if there is none.
     pub fn last_sync_plan(&self) -> String {
+        self.last_log_line("disk sync plan")
+    }
+
+    /// The last line of this agent's log that contains `what`; fails the
+    /// test with the log if there is none.
+    pub fn last_log_line(&self, what: &str) -> String {
         let log = self.log_text();
         log.lines()
-            .rfind(|l| l.contains("disk sync plan"))
+            .rfind(|l| l.contains(what))
             .map(str::to_string)
-            .unwrap_or_else(|| panic!("no disk sync plan in the agent's log:\n{log}"))
+            .unwrap_or_else(|| panic!("no {what:?} in the agent's log:\n{log}"))
     }
 
     /// Runs the CLI against this agent.

@@ -280,11 +280,7 @@ fn uefi_vm_migrates_with_the_full_stream() {
         .unwrap_or_else(|e| panic!("{e}\n{}", dest.log_text()));
     remus_testbed::assert_ticks_go_on(&text, before);
     // The full stream went whole, from a file; nothing loaded early.
-    let src_log = src.log_text();
-    let taken = src_log
-        .lines()
-        .rfind(|l| l.contains("migration: guest stopped for the last checkpoint"))
-        .unwrap_or_else(|| panic!("no last checkpoint:\n{src_log}"));
+    let taken = src.last_log_line("migration: guest stopped for the last checkpoint");
     assert!(taken.contains("streamed=false"), "{taken}");
     let dest_log = dest.log_text();
     assert!(!dest_log.contains("as it arrives"), "{dest_log}");

@@ -130,16 +130,9 @@ fn migration_there_and_back() {
         // the destination loaded it as it arrived (through the incoming
         // migration opened ahead), and ran the VM only at the switch-over:
         // QEMU's RESUME there comes after its STOP at the source.
-        let from_log = from.log_text();
-        let taken = from_log
-            .lines()
-            .rfind(|l| l.contains("migration: guest stopped for the last checkpoint"))
-            .unwrap_or_else(|| panic!("no last checkpoint:\n{from_log}"));
+        let taken = from.last_log_line("migration: guest stopped for the last checkpoint");
         assert!(taken.contains("streamed=true"), "{taken}");
-        let loaded = log
-            .lines()
-            .rfind(|l| l.contains("device state as it arrives"))
-            .unwrap_or_else(|| panic!("no early load:\n{log}"));
+        let loaded = to.last_log_line("device state as it arrives");
         assert!(loaded.contains("opened_ahead=true"), "{loaded}");
         let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");
         let resumed = remus_testbed::resumed_at_us(&log)

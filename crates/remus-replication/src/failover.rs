@@ -14,6 +14,8 @@ pub struct FailoverStats {
     /// QEMU's timestamp of the VM's RESUME (µs since the Unix epoch, this
     /// host's clock), when seen.
     pub resumed_at_us: Option<u64>,
+    /// QEMU started the VM itself as its load ended.
+    pub started_by_load: bool,
 }
 
 /// Loads the committed device state into the standby QEMU (started with
@@ -114,6 +116,7 @@ pub fn resume_loading(
         load_ms: loaded.load_ms,
         cont_ms: loaded.cont_ms,
         resumed_at_us: loaded.resumed_at_us,
+        started_by_load: loaded.started_by_load,
     })
 }
 

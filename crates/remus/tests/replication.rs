@@ -134,6 +134,11 @@ fn migration_there_and_back() {
         assert!(taken.contains("streamed=true"), "{taken}");
         let loaded = to.last_log_line("device state as it arrives");
         assert!(loaded.contains("opened_ahead=true"), "{loaded}");
+        // QEMU there started the VM itself as its load ended (its RESUME
+        // before its `completed`): the `cont` reached it while the load
+        // waited for the stream's end, held back until then.
+        let switched = to.last_log_line("switch-over: VM resumed here");
+        assert!(switched.contains("started_by_load=true"), "{switched}");
         let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");
         let resumed = remus_testbed::resumed_at_us(&log)
             .unwrap_or_else(|| panic!("no resumed_at_us:\n{log}"));

@@ -362,9 +362,10 @@ fn backup_session(
                 ev => ev,
             };
             if let BackupEvent::Committed { epoch, .. } = ev {
-                // The state streamed in is whole: QEMU gets its end. (A
-                // state that did not stream, none before this commit,
-                // loads from the committed file.)
+                // The state streamed in is whole: its feed ends (QEMU
+                // gets the stream's end at the switch-over). (A state
+                // that did not stream, none before this commit, loads
+                // from the committed file.)
                 let fed = feed.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(f) = fed {
                     f.end();
@@ -463,7 +464,7 @@ fn backup_session(
                 st.common_epoch = Some(stats.epoch);
                 crate::copies::save(&copy_dir, &vm_name, st);
             }
-            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, resumed_at_us = stats.resumed_at_us, "switch-over: VM resumed here");
+            tracing::info!(vm = %slot2.vm.name(), epoch = stats.epoch, load_ms = stats.load_ms, resumed_at_us = stats.resumed_at_us, started_by_load = stats.started_by_load, "switch-over: VM resumed here");
             Ok(())
         },
         &|| slot3.vm.exit_status().is_none(),

@@ -213,3 +213,78 @@ fn device_only_state_needs_a_standby_started_for_it() {
     );
     b.destroy();
 }
+
+/// A migration's early load ([`devstate::begin_load`]): the state goes in
+/// ahead but for its last byte; only the switch-over's
+/// [`devstate::Loading::run`] lets the VM run, and QEMU starts it itself
+/// as the load ends (the `cont` taken while the load waited). A load
+/// dropped instead is one byte short: QEMU's load fails and that QEMU
+/// never runs the VM.
+#[test]
+fn an_early_load_runs_the_vm_only_at_its_switch_over() {
+    let Scratch {
+        tmp,
+        cfg,
+        dirs: (dir_a, dir_b),
+        rams: (ram_a, ram_b),
+        dev,
+    } = Scratch::new();
+    let a = start(&cfg, &dir_a, &ram_a, false, false);
+    let log_a = VmPaths::new(&dir_a).console_log();
+    wait_log(&log_a, "tick 2", |t| last_tick(t) >= Some(2));
+    a.qmp().execute("stop", None).unwrap();
+    devstate::save_devices(a.qmp(), &dev).unwrap();
+    let at_save = last_tick(&std::fs::read_to_string(&log_a).unwrap()).unwrap();
+    std::fs::copy(&ram_a, &ram_b).unwrap();
+    let (dir_c, ram_c) = (tmp.path().join("c"), tmp.path().join("c.ram"));
+    std::fs::copy(&ram_a, &ram_c).unwrap();
+    a.destroy();
+
+    // Switched over: runs, started by QEMU at the end of its load.
+    let b = start(&cfg, &dir_b, &ram_b, true, true);
+    let loading = devstate::begin_load(b.qmp(), &dev, &b.paths.incoming_socket(), None).unwrap();
+    let loaded = loading.run(b.qmp()).unwrap();
+    assert!(
+        loaded.started_by_load,
+        "QEMU started the VM as its load ended: {loaded:?}"
+    );
+    assert_eq!(b.qmp().status().unwrap(), "running");
+    let text = wait_log(
+        &VmPaths::new(&dir_b).console_log(),
+        "ticks on the switched-over copy",
+        |t| ticks(t).len() >= 2,
+    );
+    assert!(ticks(&text)[0] >= at_save, "{text}");
+    b.destroy();
+
+    // Not switched over: the load fails, the VM never runs there.
+    let c = start(&cfg, &dir_c, &ram_c, true, true);
+    let events = c.qmp().subscribe();
+    let loading = devstate::begin_load(c.qmp(), &dev, &c.paths.incoming_socket(), None).unwrap();
+    drop(loading);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let failed = loop {
+        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(ev) => {
+                let failed = ev.name == "MIGRATION" && ev.data["status"] == "failed";
+                seen.push(ev.name);
+                if failed {
+                    break true;
+                }
+            }
+            // QEMU ended (its QMP connection gone) or never said.
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        failed || c.exit_status().is_some(),
+        "the load neither failed nor ended QEMU: {seen:?}"
+    );
+    assert!(!seen.iter().any(|n| n == "RESUME"), "{seen:?}");
+    assert!(
+        c.qmp().status().map_or(true, |s| s != "running"),
+        "the VM runs"
+    );
+    c.destroy();
+}

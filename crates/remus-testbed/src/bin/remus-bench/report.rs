@@ -296,6 +296,12 @@ impl Target {
             note: if met {
                 String::new()
             } else {
+                // A miss too small for `decimals` is not said as "by 0.0".
+                let decimals = if short < 0.5 * 10f64.powi(-(decimals as i32)) {
+                    decimals + 2
+                } else {
+                    decimals
+                };
                 format!("by {short:.decimals$}{unit}")
             },
         }
@@ -426,5 +432,6 @@ mod tests {
         assert_eq!(d.note, "by 0.10×");
         assert!(Target::at_least("w".into(), "m".into(), 0.78, 0.7, "×", 2).met);
         assert_eq!(t(9.0, 5.0).json()["met"], false);
+        assert_eq!(t(2.903, 2.856).note, "by 0.047 ms", "not \"by 0.0\"");
     }
 }

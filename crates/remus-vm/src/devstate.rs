@@ -830,9 +830,8 @@ impl Feed {
 
     /// The state is whole: the feed ends, and the stream, its last byte
     /// and its end held back ([`Held`]), goes to the [`Loading`] for its
-    /// switch-over.
-    /// Dropping a feed without this fails the load (the stream never
-    /// ends well).
+    /// switch-over. Dropping a feed without this fails the load (the
+    /// stream never ends well).
     pub fn end(mut self) {
         if self.done {
             return;
@@ -949,9 +948,10 @@ impl Loading {
     /// Lets the VM run once the load has ended: once the whole state is
     /// in QEMU (a fed state has ended by now; a file's thread is waited
     /// for), `cont`, which QEMU takes while its load waits for the
-    /// state's last byte and the stream's end ([`Held`]), then those: QEMU
-    /// runs the VM itself as the load ends. Then waits for the end of the load as
-    /// [`load_and_run`]. `load_ms` counts from [`begin_load`].
+    /// state's last byte and the stream's end ([`Held`]), then those:
+    /// QEMU runs the VM itself as the load ends. Then waits for the end
+    /// of the load as [`load_and_run`]. `load_ms` counts from
+    /// [`begin_load`].
     pub fn run(self, qmp: &Qmp) -> Result<Loaded, DevStateError> {
         // Known before the VM may run: a failed stream never gets a
         // `cont`.

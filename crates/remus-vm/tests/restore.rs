@@ -72,6 +72,23 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Boots the source, stops it once it has ticked `n` times, saves its
+    /// device state (device-only) and copies its RAM to b's file, then
+    /// ends it: the last tick before the save.
+    fn devices_saved_after(&self, n: u64) -> u64 {
+        let a = start(&self.cfg, &self.dirs.0, &self.rams.0, false, false);
+        let log_a = VmPaths::new(&self.dirs.0).console_log();
+        wait_log(&log_a, &format!("tick {n}"), |t| last_tick(t) >= Some(n));
+        a.qmp().execute("stop", None).unwrap();
+        devstate::save_devices(a.qmp(), &self.dev).unwrap();
+        let at_save = last_tick(&std::fs::read_to_string(&log_a).unwrap()).unwrap();
+        std::fs::copy(&self.rams.0, &self.rams.1).unwrap();
+        a.destroy();
+        at_save
+    }
+}
+
 #[test]
 fn restore_continues_the_guest() {
     let full = restore(false);
@@ -187,24 +204,12 @@ fn restore(devices_only: bool) -> u64 {
 /// an error rather than a hang.
 #[test]
 fn device_only_state_needs_a_standby_started_for_it() {
-    let Scratch {
-        tmp: _tmp,
-        cfg,
-        dirs: (dir_a, dir_b),
-        rams: (ram_a, ram_b),
-        dev,
-    } = Scratch::new();
-    let a = start(&cfg, &dir_a, &ram_a, false, false);
-    wait_log(&VmPaths::new(&dir_a).console_log(), "tick 2", |t| {
-        last_tick(t) >= Some(2)
-    });
-    a.qmp().execute("stop", None).unwrap();
-    devstate::save_devices(a.qmp(), &dev).unwrap();
-    std::fs::copy(&ram_a, &ram_b).unwrap();
-    a.destroy();
-    let b = start(&cfg, &dir_b, &ram_b, true, false);
+    let sc = Scratch::new();
+    sc.devices_saved_after(2);
+    let (cfg, (_, dir_b), (_, ram_b), dev) = (&sc.cfg, &sc.dirs, &sc.rams, &sc.dev);
+    let b = start(cfg, dir_b, ram_b, true, false);
     let t = Instant::now();
-    let e = devstate::load_and_run(b.qmp(), &dev, &b.paths.incoming_socket())
+    let e = devstate::load_and_run(b.qmp(), dev, &b.paths.incoming_socket())
         .expect_err("loaded without the configuration section");
     assert!(
         t.elapsed() < Duration::from_secs(20),
@@ -222,27 +227,15 @@ fn device_only_state_needs_a_standby_started_for_it() {
 /// never runs the VM.
 #[test]
 fn an_early_load_runs_the_vm_only_at_its_switch_over() {
-    let Scratch {
-        tmp,
-        cfg,
-        dirs: (dir_a, dir_b),
-        rams: (ram_a, ram_b),
-        dev,
-    } = Scratch::new();
-    let a = start(&cfg, &dir_a, &ram_a, false, false);
-    let log_a = VmPaths::new(&dir_a).console_log();
-    wait_log(&log_a, "tick 2", |t| last_tick(t) >= Some(2));
-    a.qmp().execute("stop", None).unwrap();
-    devstate::save_devices(a.qmp(), &dev).unwrap();
-    let at_save = last_tick(&std::fs::read_to_string(&log_a).unwrap()).unwrap();
-    std::fs::copy(&ram_a, &ram_b).unwrap();
-    let (dir_c, ram_c) = (tmp.path().join("c"), tmp.path().join("c.ram"));
-    std::fs::copy(&ram_a, &ram_c).unwrap();
-    a.destroy();
+    let sc = Scratch::new();
+    let at_save = sc.devices_saved_after(2);
+    let (cfg, (_, dir_b), (_, ram_b), dev) = (&sc.cfg, &sc.dirs, &sc.rams, &sc.dev);
+    let (dir_c, ram_c) = (sc.tmp.path().join("c"), sc.tmp.path().join("c.ram"));
+    std::fs::copy(ram_b, &ram_c).unwrap();
 
     // Switched over: runs, started by QEMU at the end of its load.
-    let b = start(&cfg, &dir_b, &ram_b, true, true);
-    let loading = devstate::begin_load(b.qmp(), &dev, &b.paths.incoming_socket(), None).unwrap();
+    let b = start(cfg, dir_b, ram_b, true, true);
+    let loading = devstate::begin_load(b.qmp(), dev, &b.paths.incoming_socket(), None).unwrap();
     let loaded = loading.run(b.qmp()).unwrap();
     assert!(
         loaded.started_by_load,
@@ -250,7 +243,7 @@ fn an_early_load_runs_the_vm_only_at_its_switch_over() {
     );
     assert_eq!(b.qmp().status().unwrap(), "running");
     let text = wait_log(
-        &VmPaths::new(&dir_b).console_log(),
+        &VmPaths::new(dir_b).console_log(),
         "ticks on the switched-over copy",
         |t| ticks(t).len() >= 2,
     );
@@ -258,9 +251,9 @@ fn an_early_load_runs_the_vm_only_at_its_switch_over() {
     b.destroy();
 
     // Not switched over: the load fails, the VM never runs there.
-    let c = start(&cfg, &dir_c, &ram_c, true, true);
+    let c = start(cfg, &dir_c, &ram_c, true, true);
     let events = c.qmp().subscribe();
-    let loading = devstate::begin_load(c.qmp(), &dev, &c.paths.incoming_socket(), None).unwrap();
+    let loading = devstate::begin_load(c.qmp(), dev, &c.paths.incoming_socket(), None).unwrap();
     drop(loading);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();

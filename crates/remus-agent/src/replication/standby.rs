@@ -363,7 +363,8 @@ fn backup_session(
             };
             if let BackupEvent::Committed { epoch, .. } = ev {
                 // The state streamed in is whole: its feed ends (QEMU
-                // gets the stream's end at the switch-over). (A state
+                // gets its last byte and the stream's end at the
+                // switch-over). (A state
                 // that did not stream, none before this commit, loads
                 // from the committed file.)
                 let fed = feed.lock().unwrap_or_else(|p| p.into_inner()).take();

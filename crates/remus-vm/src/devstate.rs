@@ -818,14 +818,11 @@ impl Feed {
         let (Some(s), Some((&tail, body))) = (self.s.as_mut(), rest.split_last()) else {
             return Ok(());
         };
-        let on_socket = on(&self.socket, "stream the state into");
-        if let Some(b) = self.last.replace(tail) {
-            std::io::Write::write_all(s, &[b])
-                .and_then(|()| std::io::Write::write_all(s, body))
-                .map_err(on_socket)
-        } else {
-            std::io::Write::write_all(s, body).map_err(on_socket)
-        }
+        // The byte held back from the piece before goes first.
+        let held = self.last.replace(tail);
+        held.map_or(Ok(()), |b| std::io::Write::write_all(s, &[b]))
+            .and_then(|()| std::io::Write::write_all(s, body))
+            .map_err(on(&self.socket, "stream the state into"))
     }
 
     /// The state is whole: the feed ends, and the stream, its last byte

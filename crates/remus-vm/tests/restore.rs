@@ -70,9 +70,7 @@ impl Scratch {
             tmp,
         }
     }
-}
 
-impl Scratch {
     /// Boots the source, stops it once it has ticked `n` times, saves its
     /// device state (device-only) and copies its RAM to b's file, then
     /// ends it: the last tick before the save.

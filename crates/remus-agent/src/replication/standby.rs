@@ -364,9 +364,8 @@ fn backup_session(
             if let BackupEvent::Committed { epoch, .. } = ev {
                 // The state streamed in is whole: its feed ends (QEMU
                 // gets its last byte and the stream's end at the
-                // switch-over). (A state
-                // that did not stream, none before this commit, loads
-                // from the committed file.)
+                // switch-over). (A state that did not stream, none
+                // before this commit, loads from the committed file.)
                 let fed = feed.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(f) = fed {
                     f.end();

@@ -37,7 +37,7 @@ pub struct EarlyLoad {
 /// standby, its VM held stopped until [`resume_loading`] (a migration's
 /// destination, between its commit of the last checkpoint and the
 /// switch-over order). Only for a standby started for device-only state
-/// (`-S`, no `cont` sent): see [`devstate::begin_load`].
+/// (`-S`): see [`devstate::begin_load`].
 ///
 /// `to`: the standby's incoming migration opened ahead
 /// ([`devstate::connect_incoming`]), if it was.
@@ -70,8 +70,9 @@ pub fn begin_fed_load(
     Ok((EarlyLoad { epoch, loading }, feed))
 }
 
-/// Only a standby started for device-only state (`-S`, no `cont` sent)
-/// keeps its VM stopped after a load: see [`devstate::begin_load`].
+/// Only a standby started for device-only state (`-S`) keeps its VM
+/// stopped after a load it took no `cont` for: see
+/// [`devstate::begin_load`].
 fn held_stopped(standby: &Vm) -> Result<(), ReplError> {
     if standby.devices_only_state() {
         Ok(())

@@ -53,17 +53,24 @@
 //! ```
 //! A VM the stream left paused is resumed by [`load_and_run`] itself.
 //! A migration's destination with a `-S` standby streams the state in
-//! earlier ([`begin_load`], no `cont`: the VM stays paused after the
-//! load) but holds back its last byte and the stream's end ([`Held`]),
-//! so that QEMU's load waits for them; at the switch-over
-//! ([`Loading::run`]) it sends the `cont`, which QEMU takes while it
-//! still waits (`inmigrate`), then the rest:
+//! earlier ([`begin_load`]) but holds back its last byte and the
+//! stream's end ([`Held`]), so that QEMU's load cannot end before the
+//! switch-over, which alone sends them. Its `cont` goes ahead, with the
+//! connection opened before the state exists ([`connect_incoming`]):
+//! in `inmigrate` it only notes that the VM is to run once a load ends.
+//! At the switch-over ([`Loading::run`]) the rest goes in and QEMU
+//! starts the VM itself as the load ends, with no round trip to QEMU
+//! between the order and the VM running:
 //! ```text
 //! migrate-incoming {"uri": "unix:SOCKET"}       (at the standby's start)
+//! cont (still inmigrate); connect, the header   (at the session's start)
 //! the state into SOCKET but its last byte        (before the switch-over)
-//! cont (still inmigrate) → its answer; the last byte, the stream's end
+//! the last byte, the stream's end                (at the switch-over)
 //!   → RESUME, MIGRATION completed (QEMU ran the VM itself)
 //! ```
+//! Without a connection opened ahead, the `cont` waits for the
+//! switch-over: sent then while QEMU's load waits for the last byte,
+//! and answered before that byte goes.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -648,6 +655,8 @@ pub struct Loading {
     started: Instant,
     deadline: Instant,
     streaming: Streaming,
+    /// QEMU took its `cont` ahead ([`connect_incoming`]).
+    cont_taken: bool,
 }
 
 /// Where a [`Loading`]'s state goes into QEMU from.
@@ -689,15 +698,16 @@ impl Streaming {
 /// A whole state in QEMU's incoming migration but for its last byte
 /// (QEMU's end-of-stream marker) and the stream's end, both held back
 /// until [`Held::end`]. QEMU's load of everything before them runs, then
-/// waits for the rest. That wait is where a `cont` reaches QEMU while it
-/// is still in `inmigrate` (a load that has every byte runs without
-/// yielding, and QEMU takes no command during it): after the `cont`'s
-/// answer, [`Held::end`] sends the rest and QEMU starts the VM itself
-/// as the load ends, with no round trip of ours between the two.
-/// Measured on the 2-core TCG build machine, a `cont` queued behind a
-/// load that ended on its own ran 0.2-0.3 ms after the load's
+/// waits for the rest: it cannot end, so a `cont` may reach QEMU in
+/// `inmigrate` ahead of the switch-over ([`connect_incoming`]), or
+/// during that wait (a load that has every byte runs without yielding,
+/// and QEMU takes no command during it). Either way [`Held::end`] sends
+/// the rest once QEMU took it and QEMU starts the VM itself as the load
+/// ends. Measured on the 2-core TCG build machine, a `cont` queued
+/// behind a load that ended on its own ran 0.2-0.3 ms after the load's
 /// `completed`. A `Held` dropped instead closes the stream one byte
-/// short: QEMU's load fails, and that QEMU never runs the VM.
+/// short: QEMU's load fails, and that QEMU never runs the VM, `cont` or
+/// not (it runs one only at the end of a load).
 #[derive(Debug)]
 pub struct Held {
     s: UnixStream,
@@ -731,11 +741,11 @@ impl Held {
 /// it). The state's last byte and the stream's end are held back
 /// ([`Held`]): QEMU's load, done but for them, waits until
 /// [`Loading::run`]. Only for a QEMU started with `-S` (a device-only
-/// standby) that has been sent no `cont`, which then leaves the VM
-/// paused whatever the stream says. Dropping the returned [`Loading`]
-/// leaves the stream one byte short: the load fails and the VM never
-/// runs there (a migration that did not switch over discards its
-/// destination).
+/// standby), which leaves the VM paused at the end of a load unless it
+/// took a `cont` ([`connect_incoming`] sends one ahead; otherwise
+/// [`Loading::run`] does). Dropping the returned [`Loading`] leaves the
+/// stream one byte short: the load fails and the VM never runs there (a
+/// migration that did not switch over discards its destination).
 ///
 /// `to`: a connection opened ahead ([`connect_incoming`]); without one,
 /// `socket` is connected to now.
@@ -746,7 +756,8 @@ pub fn begin_load(
     to: Option<Incoming>,
 ) -> Result<Loading, DevStateError> {
     let (state, socket) = (state.to_path_buf(), socket.to_path_buf());
-    spawn_load(qmp, move |deadline| match to {
+    let cont_taken = to.as_ref().is_some_and(|to| to.cont_taken);
+    spawn_load(qmp, cont_taken, move |deadline| match to {
         Some(to) => stream_rest(&state, to, deadline),
         None => stream_state(&state, &socket, deadline),
     })
@@ -891,12 +902,14 @@ pub fn begin_fed_load(
         Some(to) => to,
         None => Incoming::connect(socket).map_err(load_io_err)?,
     };
+    let cont_taken = to.cont_taken;
     let (feed, outcome) = Feed::new(to, deadline).map_err(load_io_err)?;
     let loading = Loading {
         events,
         started,
         deadline,
         streaming: Streaming::Fed(outcome),
+        cont_taken,
     };
     Ok((loading, feed))
 }
@@ -904,6 +917,7 @@ pub fn begin_fed_load(
 /// Starts the thread that streams a state into QEMU, as `stream` says.
 fn spawn_load(
     qmp: &Qmp,
+    cont_taken: bool,
     stream: impl FnOnce(Instant) -> Result<Held, StreamError> + Send + 'static,
 ) -> Result<Loading, DevStateError> {
     let events = qmp.subscribe();
@@ -924,6 +938,7 @@ fn spawn_load(
         started,
         deadline,
         streaming: Streaming::Thread(streaming),
+        cont_taken,
     })
 }
 
@@ -943,20 +958,23 @@ fn not_a_stream(what: &'static str, path: &Path, head: &[u8]) -> StreamError {
 
 impl Loading {
     /// Lets the VM run once the load has ended: once the whole state is
-    /// in QEMU (a fed state has ended by now; a file's thread is waited
-    /// for), `cont`, which QEMU takes while its load waits for the
-    /// state's last byte and the stream's end ([`Held`]), then those:
-    /// QEMU runs the VM itself as the load ends. Then waits for the end
-    /// of the load as [`load_and_run`]. `load_ms` counts from
-    /// [`begin_load`].
+    /// in QEMU but for the state's last byte and the stream's end
+    /// ([`Held`]; a fed state has ended by now, a file's thread is
+    /// waited for), those, and QEMU runs the VM itself as the load ends.
+    /// A QEMU that took no `cont` ahead ([`connect_incoming`]) is sent
+    /// one first, which it takes while its load waits for them, and its
+    /// answer awaited. Then waits for the end of the load as
+    /// [`load_and_run`]. `load_ms` counts from [`begin_load`].
     pub fn run(self, qmp: &Qmp) -> Result<Loaded, DevStateError> {
-        // Known before the VM may run: a failed stream never gets a
-        // `cont`.
+        // Known before the VM may run: a failed stream never ends well,
+        // so its load never ends in a running VM.
         let held = self.streaming.outcome().map_err(load_io_err)?;
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        qmp.send("cont", None)
-            .and_then(|cont| cont.wait(left))
-            .map_err(load_qmp_err)?;
+        if !self.cont_taken {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            qmp.send("cont", None)
+                .and_then(|cont| cont.wait(left))
+                .map_err(load_qmp_err)?;
+        }
         held.end();
         finish_load(qmp, None, &self.events, self.started, self.deadline)
     }
@@ -1027,6 +1045,8 @@ pub struct Incoming {
     socket: PathBuf,
     /// [`STREAM_HEADER`] went ahead: the state's own is checked, not sent.
     header_sent: bool,
+    /// QEMU took a `cont` before this connection was made.
+    cont_taken: bool,
 }
 
 impl Incoming {
@@ -1037,6 +1057,7 @@ impl Incoming {
             s: UnixStream::connect(socket).map_err(on(socket, "connect to QEMU's"))?,
             socket: socket.to_path_buf(),
             header_sent: false,
+            cont_taken: false,
         })
     }
 
@@ -1067,7 +1088,26 @@ fn on(socket: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Strea
 /// still on its way; [`begin_load`] then sends the rest. Only for a
 /// migration's destination with a `-S` standby, which loads early
 /// anyway: a standby that may fail over later keeps its socket free.
-pub fn connect_incoming(socket: &Path) -> Result<Incoming, DevStateError> {
+///
+/// QEMU is sent its `cont` first. In `inmigrate` it only notes that the
+/// VM is to run as a load ends, and this load cannot end before the
+/// switch-over, which alone sends the state's last byte and the stream's
+/// end ([`Held`]): QEMU then starts the VM as the load ends, with no
+/// round trip of the switch-over's to QEMU before it. (Measured on the
+/// 2-core TCG build machine: a `cont` sent at the switch-over and
+/// answered before the last byte went put 0.06-0.12 ms between its
+/// answer and the VM running, besides its own round trip.) A `cont`
+/// taken when the connection then fails is harmless: that load is
+/// begun without this connection, and its `cont` then goes again.
+pub fn connect_incoming(qmp: &Qmp, socket: &Path) -> Result<Incoming, DevStateError> {
+    qmp.execute("cont", None).map_err(load_qmp_err)?;
+    let mut to = open_ahead(socket)?;
+    to.cont_taken = true;
+    Ok(to)
+}
+
+/// [`connect_incoming`] but for the `cont`.
+fn open_ahead(socket: &Path) -> Result<Incoming, DevStateError> {
     let on_socket = |what| move |e| load_io_err(on(socket, what)(e));
     let mut to = Incoming::connect(socket).map_err(load_io_err)?;
     to.s.set_write_timeout(Some(STATE_TIMEOUT))
@@ -1257,7 +1297,7 @@ mod tests {
         // The outcome, what QEMU had before the Held let go and whether
         // it was waiting for more then, and all it got.
         let feed = |chunks: &[&[u8]], how: Finish| {
-            let ahead = connect_incoming(&socket).unwrap();
+            let ahead = open_ahead(&socket).unwrap();
             let (mut peer, _) = listener.accept().unwrap();
             let (mut feed, outcome) = Feed::new(ahead, deadline).unwrap();
             for c in chunks {
@@ -1402,7 +1442,7 @@ mod tests {
         let mut body = STREAM_HEADER.to_vec();
         body.extend_from_slice(b"sections");
         std::fs::write(&state, &body).unwrap();
-        let ahead = connect_incoming(&socket).unwrap();
+        let ahead = open_ahead(&socket).unwrap();
         let (mut peer, _) = listener.accept().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         stream_rest(&state, ahead, deadline).unwrap().end();
@@ -1410,7 +1450,7 @@ mod tests {
         peer.read_to_end(&mut got).unwrap();
         assert_eq!(got, body, "the header once, then the rest");
         // Not ended: one byte short.
-        let ahead = connect_incoming(&socket).unwrap();
+        let ahead = open_ahead(&socket).unwrap();
         let (mut peer, _) = listener.accept().unwrap();
         drop(stream_rest(&state, ahead, deadline).unwrap());
         let mut got = Vec::new();
@@ -1418,7 +1458,7 @@ mod tests {
         assert_eq!(got, body[..body.len() - 1], "all but the last byte");
 
         std::fs::write(&state, b"XXXX\0\0\0\x03sections").unwrap();
-        let ahead = connect_incoming(&socket).unwrap();
+        let ahead = open_ahead(&socket).unwrap();
         let (mut peer, _) = listener.accept().unwrap();
         let (what, path, e) = stream_rest(&state, ahead, deadline).unwrap_err();
         assert_eq!((what, path), ("check the header of", state.clone()));
@@ -1441,13 +1481,24 @@ mod tests {
     /// `qmp_capabilities`) with its arguments and returns the events to
     /// send before the reply, and the reply's `return` value. Every
     /// command is recorded.
-    fn scripted(mut script: Script) -> (Qmp, Arc<Mutex<Vec<String>>>) {
+    fn scripted(script: Script) -> (Qmp, Arc<Mutex<Vec<String>>>) {
+        let (q, seen, _) = scripted_with_events(script);
+        (q, seen)
+    }
+
+    /// Where a scripted QEMU's messages go: its own events may go there
+    /// at any time, between its replies.
+    type Out = Arc<Mutex<UnixStream>>;
+
+    /// [`scripted`], and where to write events of its own at any time.
+    fn scripted_with_events(mut script: Script) -> (Qmp, Arc<Mutex<Vec<String>>>, Out) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let out = Arc::new(Mutex::new(theirs.try_clone().unwrap()));
+        let events = out.clone();
         std::thread::spawn(move || {
-            let mut w = theirs.try_clone().unwrap();
-            w.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n").unwrap();
+            out.lock().unwrap().write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n").unwrap();
             let mut line = String::new();
             let mut r = BufReader::new(theirs);
             while r.read_line(&mut line).unwrap_or(0) > 0 {
@@ -1461,11 +1512,11 @@ mod tests {
                     log.lock().unwrap().push(cmd.clone());
                     script(&cmd, &v["arguments"])
                 };
-                let out = format!("{events}{{\"return\": {ret}, \"id\": {id}}}\n");
-                w.write_all(out.as_bytes()).unwrap();
+                let reply = format!("{events}{{\"return\": {ret}, \"id\": {id}}}\n");
+                out.lock().unwrap().write_all(reply.as_bytes()).unwrap();
             }
         });
-        (Qmp::from_stream(ours).unwrap(), seen)
+        (Qmp::from_stream(ours).unwrap(), seen, events)
     }
 
     /// A streamed save whose caller reads none of it while QEMU writes
@@ -1646,6 +1697,69 @@ mod tests {
             STATE[STATE.len() - 1..],
             "then the last byte, the end"
         );
+    }
+
+    /// An incoming migration opened ahead has its `cont` first, before
+    /// the connection; at the switch-over QEMU, done with all but the
+    /// state's last byte and waiting for more, gets those and the end,
+    /// and no command: it runs the VM itself as the load ends.
+    #[test]
+    fn an_early_load_opened_ahead_sends_qemu_no_command_at_its_switch_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join("incoming.sock");
+        let listener = UnixListener::bind(&incoming).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let probe = listener.try_clone().unwrap();
+        let connected_at_cont: Arc<Mutex<Vec<bool>>> = Default::default();
+        let at_cont = connected_at_cont.clone();
+        let (q, seen, events) = scripted_with_events(Box::new(move |cmd, _| {
+            if cmd == "cont" {
+                at_cont.lock().unwrap().push(probe.accept().is_ok());
+            }
+            (String::new(), "{}".into())
+        }));
+        let state = [&STREAM_HEADER[..], b"sections"].concat();
+
+        let ahead = connect_incoming(&q, &incoming).unwrap();
+        assert_eq!(
+            *connected_at_cont.lock().unwrap(),
+            [false],
+            "one cont, before the connection"
+        );
+        listener.set_nonblocking(false).unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        let (loading, mut feed) = begin_fed_load(&q, &incoming, Some(ahead)).unwrap();
+        feed.push(&state[..5]);
+        feed.push(&state[5..]);
+        feed.end();
+        let mut got = vec![0; state.len() - 1];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, state[..state.len() - 1], "all but the last byte");
+        s.set_nonblocking(true).unwrap();
+        let more = s.read(&mut [0; 1]);
+        assert!(
+            matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the last byte or the end came before the switch-over: {more:?}"
+        );
+        s.set_nonblocking(false).unwrap();
+        // QEMU: the rest, then the VM runs and the load completes.
+        let qemu = std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            let mut out = events.lock().unwrap();
+            out.write_all(ev("RESUME", "{}").as_bytes()).unwrap();
+            out.write_all(ev("MIGRATION", r#"{"status": "completed"}"#).as_bytes())
+                .unwrap();
+            rest
+        });
+        let loaded = loading.run(&q).unwrap();
+        assert_eq!(
+            qemu.join().unwrap(),
+            state[state.len() - 1..],
+            "the last byte, the end"
+        );
+        assert!(loaded.started_by_load, "{loaded:?}");
+        assert_eq!(commands(&seen), ["cont"], "nothing sent at the switch-over");
     }
 
     #[test]

@@ -220,38 +220,54 @@ fn device_only_state_needs_a_standby_started_for_it() {
 /// A migration's early load ([`devstate::begin_load`]): the state goes in
 /// ahead but for its last byte; only the switch-over's
 /// [`devstate::Loading::run`] lets the VM run, and QEMU starts it itself
-/// as the load ends (the `cont` taken while the load waited). A load
-/// dropped instead is one byte short: QEMU's load fails and that QEMU
-/// never runs the VM.
+/// as the load ends, whether it took its `cont` with the connection
+/// opened ahead ([`devstate::connect_incoming`]) or at the switch-over,
+/// while the load waited. A load dropped instead is one byte short:
+/// QEMU's load fails and that QEMU never runs the VM, though it took
+/// its `cont`.
 #[test]
 fn an_early_load_runs_the_vm_only_at_its_switch_over() {
     let sc = Scratch::new();
     let at_save = sc.devices_saved_after(2);
     let (cfg, (_, dir_b), (_, ram_b), dev) = (&sc.cfg, &sc.dirs, &sc.rams, &sc.dev);
-    let (dir_c, ram_c) = (sc.tmp.path().join("c"), sc.tmp.path().join("c.ram"));
-    std::fs::copy(ram_b, &ram_c).unwrap();
+    let copy = |name: &str| {
+        let (dir, ram) = (
+            sc.tmp.path().join(name),
+            sc.tmp.path().join(format!("{name}.ram")),
+        );
+        std::fs::copy(ram_b, &ram).unwrap();
+        (dir, ram)
+    };
+    let ((dir_c, ram_c), (dir_d, ram_d)) = (copy("c"), copy("d"));
 
     // Switched over: runs, started by QEMU at the end of its load.
-    let b = start(cfg, dir_b, ram_b, true, true);
-    let loading = devstate::begin_load(b.qmp(), dev, &b.paths.incoming_socket(), None).unwrap();
-    let loaded = loading.run(b.qmp()).unwrap();
-    assert!(
-        loaded.started_by_load,
-        "QEMU started the VM as its load ended: {loaded:?}"
-    );
-    assert_eq!(b.qmp().status().unwrap(), "running");
-    let text = wait_log(
-        &VmPaths::new(dir_b).console_log(),
-        "ticks on the switched-over copy",
-        |t| ticks(t).len() >= 2,
-    );
-    assert!(ticks(&text)[0] >= at_save, "{text}");
-    b.destroy();
+    for (dir, ram, ahead) in [(dir_b, ram_b, true), (&dir_d, &ram_d, false)] {
+        let b = start(cfg, dir, ram, true, true);
+        let socket = b.paths.incoming_socket();
+        let to = ahead.then(|| devstate::connect_incoming(b.qmp(), &socket).unwrap());
+        let loading = devstate::begin_load(b.qmp(), dev, &socket, to).unwrap();
+        let loaded = loading.run(b.qmp()).unwrap();
+        assert!(
+            loaded.started_by_load,
+            "QEMU started the VM as its load ended (cont ahead: {ahead}): {loaded:?}"
+        );
+        assert_eq!(b.qmp().status().unwrap(), "running");
+        let text = wait_log(
+            &VmPaths::new(dir).console_log(),
+            "ticks on the switched-over copy",
+            |t| ticks(t).len() >= 2,
+        );
+        assert!(ticks(&text)[0] >= at_save, "{text}");
+        b.destroy();
+    }
 
-    // Not switched over: the load fails, the VM never runs there.
+    // Not switched over: the load fails, the VM never runs there, though
+    // QEMU took its `cont` ahead.
     let c = start(cfg, &dir_c, &ram_c, true, true);
     let events = c.qmp().subscribe();
-    let loading = devstate::begin_load(c.qmp(), dev, &c.paths.incoming_socket(), None).unwrap();
+    let socket = c.paths.incoming_socket();
+    let to = devstate::connect_incoming(c.qmp(), &socket).unwrap();
+    let loading = devstate::begin_load(c.qmp(), dev, &socket, Some(to)).unwrap();
     drop(loading);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();

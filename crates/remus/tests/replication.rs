@@ -135,9 +135,9 @@ fn migration_there_and_back() {
         let loaded = to.last_log_line("device state as it arrives");
         assert!(loaded.contains("opened_ahead=true"), "{loaded}");
         // QEMU there started the VM itself as its load ended (its RESUME
-        // before its `completed`): the `cont` reached it while the load
-        // waited for the state's last byte and the stream's end, held
-        // back until then.
+        // before its `completed`): it took the `cont` with the incoming
+        // migration opened ahead, and the load waited for the state's
+        // last byte and the stream's end, held back until then.
         let switched = to.last_log_line("switch-over: VM resumed here");
         assert!(switched.contains("started_by_load=true"), "{switched}");
         let stopped = done["stopped_at_us"].as_u64().expect("stopped_at_us");

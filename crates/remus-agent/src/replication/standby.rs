@@ -318,9 +318,11 @@ fn backup_session(
     // its End: this feeds the load until the epoch commits.
     let feed: std::sync::Mutex<Option<remus_vm::devstate::Feed>> = std::sync::Mutex::new(None);
     let state_path = replica.device_state_path().to_path_buf();
-    // Its QEMU sets the load up ahead, while the copy runs.
+    // Its QEMU sets the load up ahead, while the copy runs, and takes its
+    // `cont` ahead: it runs the VM as the load ends, which only the
+    // switch-over lets it do (the state's last byte is held back for it).
     let ahead = std::sync::Mutex::new(early_load.then(|| {
-        remus_vm::devstate::connect_incoming(&slot.vm.paths.incoming_socket())
+        remus_vm::devstate::connect_incoming(slot.vm.qmp(), &slot.vm.paths.incoming_socket())
             .inspect_err(|e| tracing::warn!(vm = %name, error = %e, "could not open the destination's incoming migration ahead; it is opened at the load"))
             .ok()
     }).flatten());

@@ -1648,6 +1648,19 @@ mod tests {
         assert_eq!(commands(&seen), ["cont", "query-migrate"]);
     }
 
+    /// Reads `n` bytes from `s`, and whether it then waits for more (a
+    /// read would block: neither another byte nor the stream's end is
+    /// there).
+    fn read_then_waiting(s: &mut UnixStream, n: usize) -> (Vec<u8>, bool) {
+        let mut got = vec![0; n];
+        s.read_exact(&mut got).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let more = s.read(&mut [0; 1]);
+        s.set_nonblocking(false).unwrap();
+        let waiting = matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        (got, waiting)
+    }
+
     /// At the switch-over the `cont` reaches QEMU while its load still
     /// waits for the state's last byte and the stream's end, which go only
     /// after the answer: QEMU then starts the VM itself as the load ends.
@@ -1665,12 +1678,8 @@ mod tests {
             let mut events = String::new();
             if cmd == "cont" {
                 let (mut s, _) = listener.accept().unwrap();
-                let mut got = vec![0; STATE.len() - 1];
-                s.read_exact(&mut got).unwrap();
-                s.set_nonblocking(true).unwrap();
-                let ended = !matches!(s.read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-                s.set_nonblocking(false).unwrap();
-                *at_cont2.lock().unwrap() = Some((got, ended, s));
+                let (got, waiting) = read_then_waiting(&mut s, STATE.len() - 1);
+                *at_cont2.lock().unwrap() = Some((got, !waiting, s));
                 events += &ev("RESUME", "{}");
                 events += &ev("MIGRATION", r#"{"status": "completed"}"#);
             }
@@ -1732,16 +1741,12 @@ mod tests {
         feed.push(&state[..5]);
         feed.push(&state[5..]);
         feed.end();
-        let mut got = vec![0; state.len() - 1];
-        s.read_exact(&mut got).unwrap();
+        let (got, waiting) = read_then_waiting(&mut s, state.len() - 1);
         assert_eq!(got, state[..state.len() - 1], "all but the last byte");
-        s.set_nonblocking(true).unwrap();
-        let more = s.read(&mut [0; 1]);
         assert!(
-            matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "the last byte or the end came before the switch-over: {more:?}"
+            waiting,
+            "the last byte or the end came before the switch-over"
         );
-        s.set_nonblocking(false).unwrap();
         // QEMU: the rest, then the VM runs and the load completes.
         let qemu = std::thread::spawn(move || {
             let mut rest = Vec::new();
